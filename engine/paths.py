@@ -1,0 +1,90 @@
+"""Where things live on disk, and how they are written there (atomically).
+
+Every file the engine writes goes through `atomic_write_*`: a temp file in
+the same directory, fsync, then `os.replace`.  A reader never sees half a
+file under its final name, even if the process is killed mid-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import platformdirs
+
+APP_NAME = "tistudio"
+
+
+def home_dir(override: str | os.PathLike | None = None) -> Path:
+    """The data directory: --home, else $TISTUDIO_HOME, else XDG data dir."""
+    raw = override or os.environ.get("TISTUDIO_HOME") or platformdirs.user_data_dir(APP_NAME)
+    path = Path(raw).expanduser().resolve()
+    ensure_private_dir(path)
+    return path
+
+
+def config_dir() -> Path:
+    raw = os.environ.get("TISTUDIO_CONFIG_DIR") or platformdirs.user_config_dir(APP_NAME)
+    return Path(raw).expanduser()
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` (and parents) readable by the user alone (0700)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(PermissionError):
+        os.chmod(path, 0o700)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(final: os.PathLike | str, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path beside `final`; on success fsync it and rename it over `final`.
+
+    On any exception the temp file is removed and `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=suffix + ".tmp", dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.chmod(tmp_path, 0o600)
+        os.replace(tmp_path, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(final: os.PathLike | str, data: bytes) -> None:
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(final: os.PathLike | str, text: str) -> None:
+    atomic_write_bytes(final, text.encode("utf-8"))
+
+
+def atomic_write_json(final: os.PathLike | str, obj: Any) -> None:
+    atomic_write_text(final, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: os.PathLike | str) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

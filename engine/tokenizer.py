@@ -1,0 +1,96 @@
+"""The real CLIP tokenizer, built offline from open_clip's bundled BPE merges.
+
+SD's tokenizer is OpenAI CLIP's BPE.  open_clip ships those merges as
+`bpe_simple_vocab_16e6.txt.gz`; from them we derive the `vocab.json` and
+`merges.txt` that `transformers.CLIPTokenizer` reads, in the same order CLIP
+builds its vocabulary, so ids match SD's (`<|startoftext|>` = 49406).
+The files are derived once and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+from pathlib import Path
+
+import platformdirs
+
+from engine.paths import atomic_write_text
+
+VOCAB_SIZE = 49408
+_MERGE_COUNT = 49152 - 256 - 2
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode table (same as GPT-2's)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _bpe_path() -> Path:
+    import open_clip  # only for the location of its data file
+
+    return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def derive_tokenizer_files(out_dir: Path) -> Path:
+    """Write vocab.json, merges.txt and tokenizer configs for CLIPTokenizer into out_dir."""
+    lines = gzip.open(_bpe_path()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : _MERGE_COUNT + 1]]
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [v + "</w>" for v in base] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == VOCAB_SIZE, len(vocab)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "vocab.json", json.dumps({t: i for i, t in enumerate(vocab)}))
+    atomic_write_text(
+        out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    )
+    config = {
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
+    atomic_write_text(
+        out_dir / "special_tokens_map.json",
+        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}),
+    )
+    return out_dir
+
+
+def tokenizer_dir() -> Path:
+    """The cached folder of derived tokenizer files (created on first use)."""
+    root = Path(os.environ.get("TISTUDIO_CACHE") or platformdirs.user_cache_dir("tistudio"))
+    out = root / "clip-tokenizer-v1"
+    if not (out / "special_tokens_map.json").exists():
+        derive_tokenizer_files(out)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_tokenizer():
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(tokenizer_dir()))
+
+
+def load_clip_tokenizer():
+    """A fresh copy of SD 1.x's CLIP tokenizer (callers may add tokens to it)."""
+    import copy
+
+    return copy.deepcopy(_cached_tokenizer())
