@@ -16,3 +16,7 @@ class NotSupportedError(UserError):
 
 class JobCancelled(Exception):
     """Raised inside a job when its cancel flag is seen."""
+
+
+class EngineError(Exception):
+    """The engine process failed us: it could not start, went away, or reported an internal error."""

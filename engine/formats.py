@@ -27,6 +27,7 @@ import json
 import os
 import pickle
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,9 @@ _WRITE_SUFFIXES = {"diffusers": (".safetensors", ".bin"), "a1111": (".pt",), "ko
 _KNOWN_SUFFIXES = {".safetensors", ".png", *_PICKLE_SUFFIXES}
 _MULTI_ENCODER_KEYS = {"clip_l", "clip_g", "t5"}
 _SIMPLE_TYPES = (str, int, float, bool, type(None))
+# torch's safe_globals() edits a process-wide allowlist and removes on exit, so
+# two overlapping loads could strip each other's entry: serialise our loads.
+_TORCH_LOAD_LOCK = threading.Lock()
 
 
 @dataclass
@@ -183,7 +187,7 @@ def _load_pickle(path: Path) -> tuple[Any, dict]:
     # The original textual_inversion repo pickled an nn.ParameterDict.  Allowing
     # that one class is safe: it is rebuilt by updating __dict__, nothing is called.
     try:
-        with torch.serialization.safe_globals([torch.nn.ParameterDict]):
+        with _TORCH_LOAD_LOCK, torch.serialization.safe_globals([torch.nn.ParameterDict]):
             data = torch.load(path, map_location="cpu", weights_only=True)
     except OSError:
         raise
@@ -193,17 +197,23 @@ def _load_pickle(path: Path) -> tuple[Any, dict]:
 
 
 def _pickle_error(path: Path, exc: Exception) -> UserError:
+    """Turn torch.load's multi-line failure into one line saying what to do."""
     text = str(exc)
-    if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        what = f" ({found.group(1)})" if found else ""
+    if not (isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in text):
         return UserError(
-            f"{path}: refused to load: it contains Python objects beyond tensors{what}, "
-            f"and a pickle can run code; use a .safetensors copy from a trusted source"
+            f"{path}: not a valid PyTorch file{_mismatch_hint(path, 'pickle')}; "
+            f"re-download or re-export it"
         )
+    found = re.search(r"unsupported global:?\s+(?:GLOBAL\s+)?([\w.]+)", text, re.IGNORECASE)
+    if found:
+        return UserError(
+            f"{path}: refused to load: it references {found.group(1)}, not just tensors, and a "
+            f"pickle can run code; use a .safetensors copy from a trusted source"
+        )
+    # Garbage bytes and exotic pickles fail the same way; name both.
     return UserError(
-        f"{path}: not a valid PyTorch file{_mismatch_hint(path, 'pickle')}; "
-        f"re-download or re-export it"
+        f"{path}: not a valid PyTorch file, or one using pickle features that safe loading "
+        f"refuses{_mismatch_hint(path, 'pickle')}; use a .safetensors copy from a trusted source"
     )
 
 

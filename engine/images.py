@@ -74,9 +74,13 @@ def _check_pixel_count(path: Path, size: tuple[int, int]) -> None:
     w, h = size
     if w * h > MAX_PIXELS:
         raise UserError(
-            f"{path} is {w}×{h} px ({w * h / 1e6:.0f} MP), over the {MAX_PIXELS / 1e6:.0f} MP limit; "
+            f"{path} is {w}×{h} px ({_mp(w * h)} MP), over the {_mp(MAX_PIXELS)} MP limit; "
             "downscale it or remove it"
         )
+
+
+def _mp(pixels: int) -> str:
+    return f"{pixels / 1e6:.0f}" if pixels >= 10e6 else f"{pixels / 1e6:.2g}"
 
 
 def _check_min_size(path: Path, size: tuple[int, int]) -> None:
@@ -104,10 +108,12 @@ def _has_alpha(img: Image.Image) -> bool:
 def _wide_grey_to_rgb(img: Image.Image) -> Image.Image:
     # Pillow's own convert("RGB") clips 16-bit values at 255, turning most
     # 16-bit greyscale photos pure white; scale them down instead.
-    arr = np.asarray(img, dtype=np.float64)
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64))
     top = float(arr.max()) if arr.size else 0.0
     if img.mode.startswith("I;16") or 255 < top <= 65535:
         arr = arr / 257.0
+    elif img.mode == "F" and top <= 1.0:
+        arr = arr * 255.0  # float images are usually 0..1
     elif top > 65535:
         arr = (arr - arr.min()) * (255.0 / max(top - arr.min(), 1.0))
     grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)

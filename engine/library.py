@@ -33,7 +33,7 @@ from .paths import atomic_write_text, ensure_private_dir
 PROPERTIES = ("object", "style")
 TOML_NAME = "concept.toml"
 MAX_NAME_LEN = 64
-MAX_TOKEN_LEN = 64
+MAX_TOKEN_LEN = MAX_NAME_LEN + 2  # room for the default <name>
 EDITABLE_FIELDS = ("description", "init", "property", "token")
 
 
@@ -419,7 +419,7 @@ class Library:
         os.rename(directory, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def update(self, name: str, *, tokenizer=None, **fields: Any) -> Concept:
+    def update(self, name: str, /, *, tokenizer=None, **fields: Any) -> Concept:
         """Change editable fields (description, init, property, token) and rewrite concept.toml."""
         concept = self.get(name)
         unknown = sorted(set(fields) - set(EDITABLE_FIELDS))
