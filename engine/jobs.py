@@ -279,7 +279,8 @@ def set_status(run_dir: os.PathLike | str, status: str, log: EventLog | None = N
     event = {"type": "status", "status": status}
     if error:
         event["error"] = error
-    event.update({k: v for k, v in fields.items() if k in ("resume", "reason")})
+    # `result` goes to both: a subscriber learns what the job made from the log alone.
+    event.update({k: v for k, v in fields.items() if k in ("resume", "reason", "result") and v is not None})
     try:
         record = log.append(event)
     finally:

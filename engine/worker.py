@@ -1,0 +1,222 @@
+"""The worker: the one process that runs jobs, one at a time, and keeps models warm.
+
+The engine server starts it as a child (`python -m engine.worker --home DIR`) and
+talks to it in JSON lines:
+
+    server -> worker (stdin)    {"op": "run", "job": {run_id, kind, concept, params, run_dir, resumed}}
+                                {"op": "cancel", "run_id": ...}
+                                {"op": "status"}
+    worker -> server (stdout)   {"msg": "hello", "pid": ...}
+                                {"msg": "event", "run_id": ..., "event": {...}}   (already in events.jsonl)
+                                {"msg": "progress", "run_id": ..., "step": ..., "steps": ..., ...}
+                                {"msg": "finished", "run_id": ..., "status": ..., "error": ...}
+                                {"msg": "status", "device": {...}}
+
+A handler's failure never ends the worker; a crash (os._exit, a signal, the OOM
+killer) does, and the server then marks the job interrupted.  When the server
+goes away the worker goes too (stdin EOF, and PR_SET_PDEATHSIG on Linux), so an
+orphan never keeps the GPU or writes to a run the next engine will recover.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from engine.errors import JobCancelled, UserError
+from engine.jobs import EventLog, JobContext, set_status
+from engine.paths import atomic_write_text, home_dir
+
+ERROR_LOG = "error.log"
+
+
+class Worker:
+    def __init__(self, home: Path, out):
+        self.home = home
+        self._out = out  # the protocol pipe (the original stdout)
+        self._out_lock = threading.Lock()
+        self._inbox: queue.Queue = queue.Queue()
+        self._cancelled: set[str] = set()
+        self.cache: dict = {}  # survives between jobs: this is where warm models live
+
+    # -- talking to the server
+
+    def send(self, msg: dict) -> None:
+        line = (json.dumps(msg, separators=(",", ":"), default=str) + "\n").encode()
+        try:
+            with self._out_lock:
+                self._out.write(line)
+                self._out.flush()
+        except OSError:
+            os._exit(3)  # the server is gone; nobody will read what we do next
+
+    def _read_stdin(self) -> None:
+        for raw in sys.stdin.buffer:
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                continue
+            if msg.get("op") == "cancel":
+                # Set here, not via the inbox: the main thread is busy in the handler.
+                self._cancelled.add(msg.get("run_id"))
+                continue
+            if msg.get("op") == "run":
+                # A stale cancel of an earlier attempt must not cancel this one; a cancel
+                # sent after this line arrives after it, so it is kept.
+                self._cancelled.discard(msg["job"]["run_id"])
+            self._inbox.put(msg)
+        os._exit(0)  # stdin closed: the server stopped us or died
+
+    def serve(self) -> None:
+        threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
+        self.send({"msg": "hello", "pid": os.getpid()})
+        while True:
+            msg = self._inbox.get()
+            if msg.get("op") == "run":
+                self.run_job(msg["job"])
+            elif msg.get("op") == "status":
+                self.send({"msg": "status", "device": device_info()})
+
+    # -- running one job
+
+    def run_job(self, job: dict) -> None:
+        run_id, run_dir = job["run_id"], Path(job["run_dir"])
+        log = EventLog(run_dir / "events.jsonl")
+        ctx = JobContext(
+            spec={k: job.get(k) for k in ("kind", "concept", "params", "run_id")},
+            run_id=run_id,
+            run_dir=run_dir,
+            home=self.home,
+            cache=self.cache,
+            resumed=bool(job.get("resumed")),
+            send=self.send,
+            is_cancelled=lambda: run_id in self._cancelled,
+            log=log,
+        )
+        self._status(ctx, "running", pid=os.getpid(), started=time.time())
+        status, error, result = self._call_handler(ctx)
+        try:
+            ctx.flush()
+        except OSError:
+            pass
+        self._status(ctx, status, error=error, result=result)
+        self.send({"msg": "finished", "run_id": run_id, "status": status, "error": error})
+        log.close()
+        if status == "failed":
+            _free_memory()
+
+    def _call_handler(self, ctx: JobContext) -> tuple[str, str | None, dict | None]:
+        try:
+            result = load_handler(ctx.spec["kind"])(ctx)
+            return "done", None, _plain(result)
+        except JobCancelled:
+            return "cancelled", None, None
+        except UserError as exc:
+            return "failed", _one_line(str(exc)), None
+        except Exception as exc:  # a bug or an OOM: report it, keep the worker
+            atomic_write_text(ctx.run_dir / ERROR_LOG, traceback.format_exc())
+            return "failed", _one_line(f"{type(exc).__name__}: {exc}") + f" (traceback in {ERROR_LOG})", None
+
+    def _status(self, ctx: JobContext, status: str, **fields) -> None:
+        event = set_status(ctx.run_dir, status, log=ctx.log, **fields)
+        self.send({"msg": "event", "run_id": ctx.run_id, "event": event})
+
+
+def load_handler(kind: str):
+    """engine.handlers.HANDLERS[kind], plus engine.testing_handlers when
+    TISTUDIO_TEST_HANDLERS=1.  Imported on first use so test kinds never pay for torch."""
+    if os.environ.get("TISTUDIO_TEST_HANDLERS") == "1":
+        from engine.testing_handlers import HANDLERS as test_handlers
+
+        if kind in test_handlers:
+            return test_handlers[kind]
+    try:
+        from engine.handlers import HANDLERS
+    except ModuleNotFoundError as exc:
+        if exc.name != "engine.handlers":
+            raise
+        HANDLERS = {}
+    if kind not in HANDLERS:
+        known = ", ".join(sorted(HANDLERS)) or "none"
+        raise UserError(f"unknown job kind {kind!r} (known: {known})")
+    return HANDLERS[kind]
+
+
+def device_info() -> dict:
+    """What the status screen shows about the accelerator (torch is imported here, lazily)."""
+    try:
+        from engine.gpu import device_info as gpu_device_info
+
+        return gpu_device_info()
+    except UserError as exc:
+        return {"device": "unavailable", "error": str(exc)}
+    except Exception as exc:  # no torch, a broken driver: still answer
+        return {"device": "cpu", "error": _one_line(f"{type(exc).__name__}: {exc}")}
+
+
+def _free_memory() -> None:
+    # After a failure the handler's tensors are garbage; give their VRAM back now.
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _plain(result) -> dict | None:
+    if result is None:
+        return None
+    if not isinstance(result, dict):
+        result = {"value": result}
+    return json.loads(json.dumps(result, default=str))
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _claim_stdout():
+    """Keep the real stdout for the protocol and point fd 1 at stderr, so a stray
+    print() in a handler or a library cannot corrupt the message stream."""
+    out = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return out
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    expected = os.environ.get("TISTUDIO_ENGINE_PID")
+    if expected and os.getppid() != int(expected):
+        os._exit(0)  # the server died before we could ask to die with it
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.worker")
+    parser.add_argument("--home", required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
+    out = _claim_stdout()
+    Worker(home_dir(args.home), out).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

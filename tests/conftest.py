@@ -1,0 +1,34 @@
+"""Shared fixtures: an isolated data home per test, tiny model, sample images."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path, monkeypatch):
+    """Never touch the user's real library or config from a test."""
+    monkeypatch.setenv("TISTUDIO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TISTUDIO_CONFIG_DIR", str(tmp_path / "config"))
+    monkeypatch.delenv("TISTUDIO_MODEL", raising=False)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from engine.models import load_model
+
+    return load_model("builtin:tiny")
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    from helpers import make_images
+
+    return make_images(tmp_path / "images", count=3)
