@@ -241,15 +241,19 @@ def _claim_run_dir(home: Path, parent: Path) -> Path:
     raise RuntimeError("could not find a free run id")
 
 
-def _versions() -> dict:
-    import platform
+def tistudio_version() -> str:
     from importlib import metadata
 
     try:
-        version = metadata.version("tistudio")
+        return metadata.version("tistudio")
     except metadata.PackageNotFoundError:
-        version = "unknown"
-    return {"tistudio": version, "python": platform.python_version()}
+        return "unknown"
+
+
+def _versions() -> dict:
+    import platform
+
+    return {"tistudio": tistudio_version(), "python": platform.python_version()}
 
 
 def load_run(run_dir: os.PathLike | str) -> dict:

@@ -61,6 +61,7 @@ class TrainConfig:
     resolution: int | None = None  # None: the model's own
     center_crop: bool = False
     flip_p: float = 0.5
+    templates: list[str] | None = None  # custom prompt templates with "{}" for the token
     fixed_timestep: int | None = None  # tests: overfit one timestep
     fixed_noise: bool = False  # tests: one fixed noise sample
 
@@ -79,6 +80,8 @@ class TrainConfig:
             (self.log_every >= 1, "--log-every must be at least 1"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (0.0 <= self.flip_p <= 1.0, "--flip must be between 0 and 1"),
+            (self.templates is None or (len(self.templates) > 0 and all(t.count("{}") == 1 for t in self.templates)),
+             "each prompt template must contain exactly one {} where the token goes"),
         ]
         for ok, message in checks:
             if not ok:
@@ -161,7 +164,8 @@ class Inversion:
 
     def _tokenize_templates(self, k: int) -> torch.Tensor:
         slot = slot_tokens(self.k)[k]
-        prompts = [t.format(slot) for t in templates_for(self.slots[k].config.property)]
+        cfg = self.slots[k].config
+        prompts = [t.format(slot) for t in (cfg.templates or templates_for(cfg.property))]
         ids = self.tokenizer(
             prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
