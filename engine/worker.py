@@ -102,7 +102,7 @@ class Worker:
             is_cancelled=lambda: run_id in self._cancelled,
             log=log,
         )
-        self._status(ctx, "running", pid=os.getpid(), started=time.time())
+        self._status(ctx, "running", pid=os.getpid(), started=time.time(), attempts=int(job.get("attempts") or 0) + 1)
         status, error, result = self._call_handler(ctx)
         try:
             ctx.flush()
