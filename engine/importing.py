@@ -1,0 +1,52 @@
+"""Importing an embedding file as a concept without images, ready for generation.
+
+The imported vectors become a finished run of kind "import", so everything that
+looks for "the concept's latest finished run" (generate, export, eval) finds it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from engine.embeddings import FINAL_NAME
+from engine.errors import UserError
+from engine.formats import check_width, read_embedding, write_embedding
+from engine.jobs import create_run, set_status
+from engine.library import default_token, validate_name
+from engine.models import load_tokenizer, model_info
+
+IMPORT_INIT = "*"  # an imported vector has no initializer word
+
+
+def import_embedding_file(library, path: Path, *, name: str | None = None, token: str | None = None,
+                          description: str | None = None, property: str = "object"):
+    emb = read_embedding(path)
+    info = model_info()
+    check_width(emb, info.text_width, info.spec)
+    name = validate_name(name or _name_from(emb.token, path))
+    token = token or (emb.token if _usable_token(emb.token) else default_token(name))
+    concept = library.add(name, None, IMPORT_INIT, token=token, property=property,
+                          description=description or name, tokenizer=load_tokenizer())
+    try:
+        run_dir = create_run(library.home,
+                             {"kind": "import", "concept": concept.name,
+                              "params": {"source": str(Path(path).resolve()), "format": emb.format}})
+        final = write_embedding(run_dir / FINAL_NAME, emb.vectors, concept.token, "diffusers", step=emb.step)
+        set_status(run_dir, "done", embedding=str(final), step=emb.step or 0, steps=emb.step or 0)
+    except BaseException:
+        library.delete(concept.name)  # all or nothing: no concept without its embedding
+        raise
+    return concept, run_dir.name
+
+
+def _name_from(token: str | None, path: Path) -> str:
+    raw = token if token and token != "*" else Path(path).stem
+    cleaned = re.sub(r"[^\w\-. ]+", "", raw.strip("<>")).strip(" .")
+    if not cleaned:
+        raise UserError(f"cannot make a concept name from {Path(path).name}; pass --name NAME")
+    return cleaned[:64]
+
+
+def _usable_token(token: str | None) -> bool:
+    return bool(token) and token != "*" and len(token.split()) == 1 and len(token) <= 64

@@ -1,0 +1,67 @@
+"""A rich progress bar fed by a run's events (replayed history, then live)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+class RunProgress:
+    def __init__(self, run_id: str, raw: bool = False):
+        from rich.console import Console
+
+        self.run_id = run_id
+        self.raw = raw
+        self.console = Console(stderr=False)
+        self.status = None
+        self.error = None
+        self._progress = None
+        self._task = None
+
+    def __enter__(self):
+        if not self.raw:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(),
+                TextColumn("{task.completed}/{task.total} steps"),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} steps/s"),
+                TimeRemainingColumn(), console=self.console, transient=False,
+            )
+            self._progress.__enter__()
+            self._task = self._progress.add_task(self.run_id, total=None, loss="-", speed="-")
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress:
+            self._progress.__exit__(*exc)
+
+    def update(self, event: dict) -> None:
+        if self.raw:
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+        kind = event.get("type")
+        if kind == "status" and event.get("status") == self.status and not event.get("error"):
+            return  # the worker and the trainer both announce "running"
+        if kind == "status":
+            self.status = event.get("status")
+            self.error = event.get("error") or self.error
+            self._say(f"status: {self.status}" + (f" ({self.error})" if event.get("error") else ""))
+        elif kind == "step" and self._progress:
+            self._progress.update(
+                self._task, completed=event["step"], total=event.get("steps"),
+                loss=f"{event['loss']:.4f}", speed=f"{event.get('steps_per_s', 0):.1f}",
+            )
+        elif kind in ("preview", "log", "result"):
+            self._say(f"{kind}: {event.get('path') or event.get('message') or ''}")
+
+    def _say(self, text: str) -> None:
+        if self._progress:
+            self._progress.console.print(text)
+
+    def exit_code(self) -> int:
+        if self.status == "done":
+            return 0
+        if self.status == "cancelled":
+            return 130
+        return 1
