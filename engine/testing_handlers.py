@@ -27,8 +27,8 @@ def sleep(ctx: JobContext) -> dict:
         if ctx.params.get("check_cancel", True):
             ctx.check_cancel()
         time.sleep(seconds / steps)
+        atomic_write_json(checkpoint, {"step": step})  # before the event: a step seen is a step kept
         ctx.emit("step", step=step, loss=1.0 / step)
-        atomic_write_json(checkpoint, {"step": step})
         ctx.set_progress(step=step)
     return {"steps": steps, "started_at": start}
 

@@ -156,6 +156,9 @@ def test_clients_in_separate_processes_starting_it_at_once_share_one_engine(home
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
     pids = {int(p.communicate(timeout=30)[0]) for p in procs}
     assert len(pids) == 1
+    deadline = time.monotonic() + 10
+    while len(engine_pids(home, (b"engine.server",))) > 1 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the losers exit as soon as they see the lock taken
     assert engine_pids(home, (b"engine.server",)) == list(pids)
     call("stop")
 
@@ -402,7 +405,7 @@ async def test_the_engine_replays_100k_events_quickly(home):
     events = await collect(client, run_id)
     elapsed = time.perf_counter() - started
     assert len(events) == 100_004 and events[-1]["seq"] == 100_004
-    assert elapsed < 2.0, f"engine replay of 100k events took {elapsed:.2f}s"
+    assert elapsed < 1.0, f"engine replay of 100k events took {elapsed:.2f}s"
     await client.stop()
 
 
