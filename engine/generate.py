@@ -1,38 +1,571 @@
-"""Prompts -> images.  (Sampling core; the full generation job builds on it.)"""
+"""Prompts -> images: SD alone, SD with learned words (SD+TI), or both side by side.
+
+SD+TI never edits the shared, warm model.  A copy of the tokenizer learns each
+concept's token exactly as diffusers' `load_textual_inversion` adds it (same
+strings, same order, same ids), and `placeholders_installed` routes those ids to
+the learned vectors for the length of the job.  The text encoder therefore sees
+the very rows a resized diffusers table would hold, so our images equal what a
+plain diffusers pipeline gives after `load_textual_inversion` of the same file
+(tests/test_generate.py checks this bit for bit), and afterwards the model is
+exactly as it was: same tokenizer, same embedding module.
+
+Every image is a PNG carrying an A1111-style `parameters` text chunk plus the
+full record (JSON) in a `tistudio` chunk and in a sidecar `<name>.json`.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
+import json
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
 import torch
+
+from engine.errors import JobCancelled, UserError
+from engine.formats import Embedding, check_width, embedding_sha256, read_embedding
+from engine.paths import atomic_write_bytes, atomic_write_json, ensure_private_dir, read_json
+from engine.placeholder import placeholders_installed
+
+MODES = ("ti", "sd", "compare")
+FINAL_EMBEDDING = "learned_embeds.safetensors"
+SAMPLER = "DPM++ 2M"  # A1111's name for DPM-Solver++ (2nd-order multistep)
+SCHEDULER = "DPMSolverMultistepScheduler(algorithm_type=dpmsolver++)"
+GENERATOR = "torch.Generator('cpu').manual_seed(seed), one per image"
+
+Progress = Callable[[str, float], None]
+Cancelled = Callable[[], bool]
+
+
+# --- sampling core ----------------------------------------------------------------------------
 
 
 def generation_scheduler(model, name: str = "dpm++"):
     """DPM-Solver++ (multistep) built from the model's own noise schedule."""
     from diffusers import DPMSolverMultistepScheduler
 
+    if name != "dpm++":
+        raise UserError(f"unknown sampler {name!r}; dpm++ is the one offered")
     return DPMSolverMultistepScheduler.from_config(model.pipe.scheduler.config, algorithm_type="dpmsolver++")
 
 
-def _pipeline_with(model, scheduler):
+def _pipeline_with(model, scheduler, tokenizer=None):
+    """A pipeline over the shared components, with its own scheduler (and tokenizer, for TI)."""
     from diffusers import StableDiffusionPipeline
 
     components = dict(model.pipe.components)
     components["scheduler"] = scheduler
+    if tokenizer is not None:
+        components["tokenizer"] = tokenizer
     pipe = StableDiffusionPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
+def _generators(seeds: list[int]) -> list[torch.Generator]:
+    # CPU generators: a seed gives the same starting noise on every device.
+    return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+
+
 @torch.no_grad()
 def sample_images(model, prompt_embeds: torch.Tensor, seeds: list[int], steps: int = 25, guidance: float = 7.5,
                   negative_prompt: str = "", resolution: int | None = None):
-    """One image per seed from precomputed prompt embeddings ([1 or N, 77, dim])."""
+    """One image per seed from precomputed prompt embeddings ([1 or N, 77, dim]); training previews."""
     pipe = _pipeline_with(model, generation_scheduler(model))
     if prompt_embeds.shape[0] == 1 and len(seeds) > 1:
         prompt_embeds = prompt_embeds.expand(len(seeds), -1, -1)
-    gens = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
     size = resolution or model.info.resolution
     return pipe(
         prompt_embeds=prompt_embeds.to(model.dtype), negative_prompt=[negative_prompt] * len(seeds),
-        num_inference_steps=steps, guidance_scale=guidance, generator=gens, height=size, width=size,
+        num_inference_steps=steps, guidance_scale=guidance, generator=_generators(seeds), height=size, width=size,
         output_type="pil",
     ).images
+
+
+# --- which learned words a prompt uses ----------------------------------------------------------
+
+
+@dataclass
+class UsedEmbedding:
+    """One learned word a generation used: where it came from and what it was."""
+
+    concept: str
+    token: str
+    run: str
+    step: int | None  # the training step of the vectors; None if the run does not say
+    final: bool  # the run's final embedding (not a numbered checkpoint)
+    path: Path
+    sha256: str  # embedding_sha256 of the vectors: the same whatever the file format
+    description: str
+    vectors: torch.Tensor = field(repr=False)
+
+    def to_dict(self) -> dict:
+        return {
+            "concept": self.concept, "token": self.token, "run": self.run, "step": self.step,
+            "final": self.final, "path": str(self.path), "sha256": self.sha256, "description": self.description,
+            "vectors": int(self.vectors.shape[0]),
+        }
+
+    @property
+    def ref(self) -> str:
+        """The --use string that picks exactly these vectors again."""
+        return f"{self.concept}@{self.run}" + ("" if self.final else f":{self.step}")
+
+
+def _created(record: dict) -> float:
+    value = record.get("created")
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        import datetime as dt
+
+        return dt.datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _read_record(run_dir: Path) -> dict | None:
+    try:
+        record = read_json(run_dir / "run.json")
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def done_runs(concept) -> list[tuple[str, Path, dict]]:
+    """A concept's finished training runs as (id, dir, run.json), oldest first."""
+    runs = []
+    for run_json in concept.runs_dir.glob("*/run.json"):
+        run_dir = run_json.parent
+        record = _read_record(run_dir)
+        if record and record.get("status") == "done" and (run_dir / FINAL_EMBEDDING).is_file():
+            runs.append((run_dir.name, run_dir, record))
+    runs.sort(key=lambda r: (_created(r[2]), r[0]))
+    return runs
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps with a saved `embeddings/learned_embeds-steps-N.safetensors`, ascending."""
+    found = []
+    for path in (Path(run_dir) / "embeddings").glob("learned_embeds-steps-*.safetensors"):
+        match = re.fullmatch(r"learned_embeds-steps-(\d+)\.safetensors", path.name)
+        if match:
+            found.append(int(match.group(1)))
+    return sorted(found)
+
+
+def step_file(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "embeddings" / f"learned_embeds-steps-{step}.safetensors"
+
+
+def _final_step(record: dict) -> int | None:
+    for source in (record, record.get("params") or {}, record.get("spec") or {}):
+        value = source.get("steps") if isinstance(source, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+_USE = re.compile(r"^(?P<name>.+?)(?:@(?P<run>[^@:]*))?(?::(?P<step>[^@:]*))?$")
+_SAFE_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def parse_use(spec: str, library=None) -> tuple[str, str | None, int | None]:
+    """`NAME[@RUN][:STEP]` -> (name, run or None, step or None)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise UserError("--use is empty; write NAME, NAME@RUN or NAME@RUN:STEP")
+    spec = spec.strip()
+    if library is not None and library.exists(spec):
+        return spec, None, None  # a concept whose name holds '@' or ':'
+    match = _USE.match(spec)
+    name, run, step = match.group("name"), match.group("run"), match.group("step")
+    if run is not None and not _SAFE_RUN.match(run):
+        raise UserError(f"--use {spec}: {run!r} is not a run id; write NAME@RUN:STEP (see `tistudio runs`)")
+    if step is not None and not step.isdigit():
+        raise UserError(f"--use {spec}: step {step!r} is not a number; write NAME@RUN:STEP, e.g. {name}@RUN:500")
+    return name, run, None if step is None else int(step)
+
+
+def token_spans(text: str, concepts) -> list[tuple[int, int, object]]:
+    """Where concept tokens occur in `text`: (start, end, concept).
+
+    Matches the way the tokenizer finds added tokens: anywhere, ignoring case,
+    longest token first, without overlaps.
+    """
+    by_length = sorted(concepts, key=lambda c: -len(c.token))
+    spans, i = [], 0
+    while i < len(text):
+        for concept in by_length:
+            end = i + len(concept.token)
+            if text[i:end].lower() == concept.token.lower():
+                spans.append((i, end, concept))
+                i = end
+                break
+        else:
+            i += 1
+    return spans
+
+
+def concepts_in(text: str, concepts) -> list:
+    """Concepts whose token appears in `text`, in order of first appearance."""
+    found = []
+    for _, _, concept in token_spans(text, concepts):
+        if concept.name not in [c.name for c in found]:
+            found.append(concept)
+    return found
+
+
+def with_descriptions(text: str, concepts) -> str:
+    """SD-only prompts: each concept token replaced by the concept's description."""
+    out, last = [], 0
+    for start, end, concept in token_spans(text, concepts):
+        out += [text[last:start], concept.description]
+        last = end
+    return "".join(out + [text[last:]])
+
+
+def resolve_embeddings(library, prompt: str, uses: list[str]) -> list[UsedEmbedding]:
+    """The learned words `prompt` uses: a concept's latest finished run unless a --use picks one."""
+    picked: dict[str, tuple[str | None, int | None]] = {}
+    for spec in uses or []:
+        name, run, step = parse_use(spec, library)
+        concept = library.get(name)
+        if concept.name in picked:
+            raise UserError(f"--use names concept {concept.name!r} twice; keep one")
+        picked[concept.name] = (run, step)
+    found = concepts_in(prompt, library.list())
+    for name in picked:
+        if name not in [c.name for c in found]:
+            token = library.get(name).token
+            raise UserError(f"--use {name}: its token {token} is not in the prompt; put {token} where the concept goes")
+    return [load_used(c, *picked.get(c.name, (None, None))) for c in found]
+
+
+def load_used(concept, run: str | None = None, step: int | None = None) -> UsedEmbedding:
+    """The vectors of `concept` from run `run` (latest finished) at `step` (final)."""
+    if run is None:
+        runs = done_runs(concept)
+        if not runs:
+            raise UserError(
+                f"concept {concept.name!r} ({concept.token}) has no finished training run; "
+                f"train it first or pass --use {concept.name}@RUN:STEP"
+            )
+        run, run_dir, record = runs[-1]
+    else:
+        run_dir = concept.runs_dir / run
+        record = _read_record(run_dir) if _SAFE_RUN.match(run) else None
+        if record is None:
+            raise UserError(f"concept {concept.name!r} has no run {run!r}; `tistudio runs` lists them")
+    if step is None:
+        path = run_dir / FINAL_EMBEDDING
+        if record.get("status") != "done" or not path.is_file():
+            steps = ", ".join(map(str, checkpoint_steps(run_dir))) or "none yet"
+            raise UserError(
+                f"run {run} of {concept.name!r} has not finished (status {record.get('status')}); "
+                f"pick a checkpoint with --use {concept.name}@{run}:STEP (steps: {steps})"
+            )
+        step = _final_step(record)
+        final = True
+    else:
+        path = step_file(run_dir, step)
+        if not path.is_file():
+            steps = ", ".join(map(str, checkpoint_steps(run_dir))) or "none"
+            raise UserError(f"run {run} of {concept.name!r} has no embedding at step {step}; steps saved: {steps}")
+        final = False
+    emb = read_embedding(path)
+    return UsedEmbedding(
+        concept=concept.name, token=concept.token, run=run, step=step, final=final, path=path,
+        sha256=embedding_sha256(emb.vectors), description=concept.description, vectors=emb.vectors,
+    )
+
+
+# --- the learned words inside a pipeline ---------------------------------------------------------
+
+
+def _tokenizer_with(model, used: list[UsedEmbedding]) -> tuple[object, torch.Tensor | None]:
+    """A tokenizer copy that knows the tokens, and their vectors in id order.
+
+    Token names follow diffusers: an n-vector embedding is `tok`, `tok_1` ... `tok_{n-1}`,
+    and the pipeline's `maybe_convert_prompt` expands `tok` in prompts to all of them.
+    """
+    if not used:
+        return model.tokenizer, None
+    tokenizer = copy.deepcopy(model.tokenizer)
+    base = len(tokenizer)
+    rows: list[torch.Tensor] = []
+    for u in used:
+        check_width(Embedding(u.vectors, u.token, "diffusers", meta={"path": str(u.path)}),
+                    model.info.text_width, model.info.spec)
+        names = [u.token] + [f"{u.token}_{i}" for i in range(1, u.vectors.shape[0])]
+        for name, row in zip(names, u.vectors):
+            if name in tokenizer.get_vocab():
+                raise UserError(f"token {name} is already a word of this model; give concept {u.concept!r} another token")
+            tokenizer.add_tokens(name)
+            if tokenizer.convert_tokens_to_ids(name) != base + len(rows):
+                raise RuntimeError(f"token {name} did not get the next free id")
+            rows.append(row)
+    return tokenizer, torch.stack(rows)
+
+
+def _installed(model, vectors: torch.Tensor | None):
+    if vectors is None:
+        return contextlib.nullcontext()
+    return placeholders_installed(model.text_encoder, vectors.to(model.device))
+
+
+@torch.no_grad()
+def render(model, prompt: str, seeds: list[int], *, negative: str = "", steps: int = 25, guidance: float = 7.5,
+           resolution: int | None = None, batch_size: int = 4, used: list[UsedEmbedding] = (),
+           output_type: str = "pil", progress: Progress | None = None, cancelled: Cancelled | None = None) -> list:
+    """One image per seed, `batch_size` at a time; `used` words are live only inside this call."""
+    tokenizer, vectors = _tokenizer_with(model, list(used))
+    pipe = _pipeline_with(model, generation_scheduler(model), tokenizer)
+    size = resolution or model.info.resolution
+    total, images = len(seeds) * steps, []
+
+    def on_step(_pipe, i, _t, kwargs):
+        if cancelled and cancelled():
+            raise JobCancelled("generation cancelled")
+        if progress:
+            progress("sampling", (len(images) * steps + (i + 1) * len(chunk)) / total)
+        return kwargs
+
+    with _installed(model, vectors):
+        for start in range(0, len(seeds), batch_size):
+            if cancelled and cancelled():
+                raise JobCancelled("generation cancelled")
+            chunk = seeds[start : start + batch_size]
+            out = pipe(
+                prompt=prompt, negative_prompt=negative, num_images_per_prompt=len(chunk),
+                num_inference_steps=steps, guidance_scale=guidance, generator=_generators(chunk),
+                height=size, width=size, output_type=output_type, callback_on_step_end=on_step,
+            )
+            images.extend(list(out.images))
+    return images
+
+
+# --- requests, files and metadata ------------------------------------------------------------------
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str
+    negative: str = ""
+    n: int = 1
+    seed: int = 0  # images use seeds seed, seed+1, ...
+    steps: int = 25
+    guidance: float = 7.5
+    mode: str = "ti"  # ti | sd | compare
+    uses: list[str] = field(default_factory=list)
+    out_dir: Path | None = None  # default <home>/outputs/<timestamp>-<slug>/
+    resolution: int | None = None  # default: the model's
+    batch_size: int = 4
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n)]
+
+    def validate(self) -> None:
+        checks = [
+            (self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}"),
+            (self.n >= 1, "-n must be at least 1"),
+            (self.seed >= 0, "--seed must be 0 or more"),
+            (self.steps >= 1, "--steps must be at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.guidance >= 0 and self.guidance == self.guidance, "--guidance must be 0 or more"),
+            (self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
+             "--resolution must be a multiple of 8"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+
+def timestamp_id() -> str:
+    """UTC time then randomness, e.g. 20261126-031500-ab12: sorts by creation."""
+    return time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + secrets.token_hex(2)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower())[:limit].strip("-") or "image"
+
+
+def new_output_dir(home: Path, prompt: str) -> Path:
+    root = ensure_private_dir(Path(home) / "outputs")
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for n in range(1, 1000):
+        path = root / (f"{stamp}-{slug(prompt)}" + (f"-{n}" if n > 1 else ""))
+        try:
+            path.mkdir(mode=0o700)
+            return path
+        except FileExistsError:
+            continue
+    raise UserError(f"too many outputs named {stamp}-{slug(prompt)}; pass --out")
+
+
+def image_record(model, *, mode: str, prompt: str, negative: str, seed: int, steps: int, guidance: float,
+                 size: int, used: list[UsedEmbedding]) -> dict:
+    """Everything needed to make the image again."""
+    return {
+        "prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance": guidance,
+        "sampler": SAMPLER, "scheduler": SCHEDULER, "generator": GENERATOR, "width": size, "height": size,
+        "mode": mode, "model": model.info.identity(), "dtype": str(model.dtype).replace("torch.", ""),
+        "embeddings": [u.to_dict() for u in used],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _a1111_value(value) -> str:
+    text = str(value)
+    return json.dumps(text) if any(c in text for c in ',:"\n') else text
+
+
+def a1111_parameters(record: dict) -> str:
+    """The `parameters` text A1111 writes (and Civitai, ComfyUI readers parse)."""
+    lines = [record["prompt"]]
+    if record["negative_prompt"]:
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    model = record["model"]
+    fields = [
+        ("Steps", record["steps"]), ("Sampler", record["sampler"]), ("CFG scale", f"{record['guidance']:g}"),
+        ("Seed", record["seed"]), ("Size", f"{record['width']}x{record['height']}"),
+        ("Model hash", model["fingerprint"][:10]), ("Model", _a1111_value(model["spec"])),
+    ]
+    used = record["embeddings"]
+    if used:
+        fields.append(("TI hashes", json.dumps(", ".join(f"{e['token']}: {e['sha256'][:12]}" for e in used))))
+        runs = ", ".join(
+            f"{e['token']}: {e['concept']}@{e['run']}:{'final' if e['final'] else e['step']}" for e in used
+        )
+        fields.append(("TI runs", json.dumps(runs)))
+    fields.append(("Version", "tistudio"))
+    lines.append(", ".join(f"{k}: {v}" for k, v in fields))
+    return "\n".join(lines)
+
+
+def write_image(path: Path, image, record: dict) -> Path:
+    """PNG with metadata chunks, sidecar JSON first (so a visible PNG always has its record)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", a1111_parameters(record))
+    info.add_text("tistudio", json.dumps(record, sort_keys=True))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    atomic_write_json(path.with_suffix(".json"), record)
+    atomic_write_bytes(path, buf.getvalue())
+    return path
+
+
+def _scaled(progress: Progress | None, start: float, span: float) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda msg, f: progress(msg, start + span * f)
+
+
+def generate(model, library, request: GenerateRequest, progress: Progress | None = None,
+             cancelled: Cancelled | None = None) -> list[dict]:
+    """Render the request and write the images; one dict per image: path, json, prompt, seed, mode."""
+    request.validate()
+    concepts = library.list()
+    # Resolve every learned word before the first image, so a mistake costs nothing.
+    jobs = []
+    for mode in (["sd", "ti"] if request.mode == "compare" else [request.mode]):
+        if mode == "sd":
+            jobs.append((mode, with_descriptions(request.prompt, concepts),
+                         with_descriptions(request.negative, concepts), []))
+        else:
+            used = resolve_embeddings(library, f"{request.prompt}\n{request.negative}", request.uses)
+            jobs.append((mode, request.prompt, request.negative, used))
+    out_dir = Path(request.out_dir) if request.out_dir else new_output_dir(library.home, request.prompt)
+    size = request.resolution or model.info.resolution
+    results, rendered = [], {}
+    for k, (mode, prompt, negative, used) in enumerate(jobs):
+        images = render(
+            model, prompt, request.seeds, negative=negative, steps=request.steps, guidance=request.guidance,
+            resolution=size, batch_size=request.batch_size, used=used,
+            progress=_scaled(progress, k / len(jobs), 1 / len(jobs)), cancelled=cancelled,
+        )
+        rendered[mode] = images
+        for seed, image in zip(request.seeds, images):
+            record = image_record(model, mode=mode, prompt=prompt, negative=negative, seed=seed,
+                                  steps=request.steps, guidance=request.guidance, size=size, used=used)
+            path = write_image(out_dir / f"{mode}-{seed:04d}.png", image, record)
+            results.append({"path": str(path), "json": str(path.with_suffix(".json")), "prompt": prompt,
+                            "seed": seed, "mode": mode})
+    if request.mode == "compare":
+        labels = [f"SD {s}" for s in request.seeds] + [f"SD+TI {s}" for s in request.seeds]
+        grid = make_grid(rendered["sd"] + rendered["ti"], 2, request.n, labels)
+        save_png(out_dir / "compare.png", grid)
+    if progress:
+        progress("done", 1.0)
+    return results
+
+
+# --- grids -----------------------------------------------------------------------------------------
+
+
+def save_png(path: Path, image) -> Path:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def _fit(draw, text: str, font, width: int) -> str:
+    """Shorten `text` with an ellipsis until it fits in `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def make_grid(images: list, rows: int, cols: int, labels: list[str] | None = None, *,
+              row_labels: list[str] | None = None, col_labels: list[str] | None = None, pad: int = 4):
+    """Images in a rows x cols grid (row-major) on white, with optional captions.
+
+    labels: one caption under each image; row_labels / col_labels: a left column / header row.
+    """
+    from PIL import Image, ImageDraw
+
+    if len(images) > rows * cols:
+        raise ValueError(f"{len(images)} images do not fit a {rows}x{cols} grid")
+    w, h = images[0].size if images else (64, 64)
+    font = _font(max(10, h // 14))
+    line = font.getbbox("Ag")[3] + 4
+    cap = line if labels else 0
+    top = line + pad if col_labels else 0
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    left = 0
+    if row_labels:
+        left = min(int(max(probe.textlength(t, font=font) for t in row_labels)) + 2 * pad, 2 * w)
+    grid = Image.new("RGB", (left + cols * (w + pad) + pad, top + rows * (h + cap + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for c, text in enumerate(col_labels or []):
+        draw.text((left + pad + c * (w + pad), pad // 2), _fit(draw, text, font, w), fill="black", font=font)
+    for r, text in enumerate(row_labels or []):
+        y = top + pad + r * (h + cap + pad) + h // 2 - line // 2
+        draw.text((pad, y), _fit(draw, text, font, left - 2 * pad), fill="black", font=font)
+    for i, image in enumerate(images):
+        r, c = divmod(i, cols)
+        x, y = left + pad + c * (w + pad), top + pad + r * (h + cap + pad)
+        grid.paste(image.convert("RGB").resize((w, h)) if image.size != (w, h) else image.convert("RGB"), (x, y))
+        if labels and i < len(labels):
+            draw.text((x, y + h + 2), _fit(draw, labels[i], font, w), fill="black", font=font)
+    return grid

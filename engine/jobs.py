@@ -404,6 +404,9 @@ class JobContext:
         self._sent_at = 0.0
         self._written_at = 0.0
         self._dirty = False
+        # Held across append+send so that events reach the server in seq order even when
+        # a handler emits from several threads (subscribers drop any seq they have passed).
+        self.emit_lock = threading.Lock()
 
     @property
     def params(self) -> dict:
@@ -411,9 +414,10 @@ class JobContext:
 
     def emit(self, type: str, **fields: Any) -> dict:
         """Append an event to the run's log and forward it to live subscribers."""
-        record = self.log.append({"type": type, **fields})
-        if self.send:
-            self.send({"msg": "event", "run_id": self.run_id, "event": record})
+        with self.emit_lock:
+            record = self.log.append({"type": type, **fields})
+            if self.send:
+                self.send({"msg": "event", "run_id": self.run_id, "event": record})
         return record
 
     def set_progress(self, step: int | None = None, steps: int | None = None, **run_fields: Any) -> None:

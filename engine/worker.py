@@ -127,8 +127,9 @@ class Worker:
             return "failed", _one_line(f"{type(exc).__name__}: {exc}") + f" (traceback in {ERROR_LOG})", None
 
     def _status(self, ctx: JobContext, status: str, **fields) -> None:
-        event = set_status(ctx.run_dir, status, log=ctx.log, **fields)
-        self.send({"msg": "event", "run_id": ctx.run_id, "event": event})
+        with ctx.emit_lock:  # in seq order with the handler's own events
+            event = set_status(ctx.run_dir, status, log=ctx.log, **fields)
+            self.send({"msg": "event", "run_id": ctx.run_id, "event": event})
 
 
 def load_handler(kind: str):

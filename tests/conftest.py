@@ -32,3 +32,20 @@ def image_dir(tmp_path):
     from helpers import make_images
 
     return make_images(tmp_path / "images", count=3)
+
+
+@pytest.fixture
+def engine_home(monkeypatch):
+    """A short home under /tmp (Unix socket paths are limited to ~108 bytes) whose engine
+    processes are all killed when the test ends, whatever happened."""
+    import shutil
+    import tempfile
+
+    from helpers import kill_engines
+
+    path = Path(tempfile.mkdtemp(prefix="tis-"))
+    monkeypatch.setenv("TISTUDIO_HOME", str(path))
+    monkeypatch.setenv("TISTUDIO_ENGINE_IDLE", "60")
+    yield path
+    kill_engines(path)
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,310 @@
+"""The study's ablations (section 4) and prompt batches (section 5), as reports on disk.
+
+* steps  one run, every saved checkpoint: a grid (prompts x checkpoints) and the
+         reconstruction / editability curve over steps;
+* init   one run per initializer word (Building vs Tower, Fish vs Dragon);
+* seeds  one run per training seed.
+
+init and seeds train their runs together with `train_many` (K runs in one UNet
+call, each ending where its solo run would), then measure each run the way
+`metrics.evaluate` does.  Reports live in `<concept>/experiments/<kind>-<id>/`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from engine.errors import JobCancelled, UserError
+from engine.generate import (
+    FINAL_EMBEDDING, GenerateRequest, _scaled, checkpoint_steps, done_runs, make_grid, save_png, timestamp_id,
+)
+from engine.library import check_initializer
+from engine.metrics import (
+    NOTES, check_templates, load_clip, measure, scores_only, training_images,
+)
+from engine.paths import atomic_write_json, atomic_write_text, ensure_private_dir
+from engine.prompts import edit_prompts, fill, neutral_prompt, synthesis_prompts  # noqa: F401 (re-exported)
+
+
+def _experiment_dir(concept, kind: str) -> tuple[str, Path]:
+    exp_id = f"{kind}-{timestamp_id()}"
+    return exp_id, ensure_private_dir(concept.path / "experiments" / exp_id)
+
+
+def _setup(model, library, name, prompts, clip, clip_weights):
+    """What every experiment needs before its first image: concept, prompts, CLIP, training embeddings."""
+    concept = library.get(name)
+    prompts = check_templates(prompts) if prompts is not None else edit_prompts(concept.property)
+    clip_model = load_clip(clip, clip_weights, model.device)
+    train_embs = clip_model.images(training_images(concept))
+    return concept, prompts, clip_model, train_embs
+
+
+def _measure_columns(model, library, concept, refs: list[str], prompts, clip_model, train_embs, exp_dir: Path,
+                     names: list[str], images: int, seed: int, sample_steps: int, guidance: float,
+                     batch_size: int, progress, cancelled) -> list[dict]:
+    """Measure each embedding (a --use string); one result per column of the grid."""
+    columns = []
+    for k, (ref, folder) in enumerate(zip(refs, names)):
+        columns.append(measure(
+            model, library, concept, ref, prompts, clip_model, train_embs, out_dir=exp_dir / "images" / folder,
+            images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
+            progress=_scaled(progress, k / len(refs), 1 / len(refs)), cancelled=cancelled,
+        ))
+    return columns
+
+
+def _grid(columns: list[dict], col_labels: list[str], templates: list[str], token: str):
+    """Rows are prompts, columns are checkpoints or runs; each cell the first seed's image."""
+    rows = len(templates)
+    images = [columns[c]["first_images"][r] for r in range(rows) for c in range(len(columns))]
+    return make_grid(images, rows, len(columns), row_labels=[fill(t, token) for t in templates],
+                     col_labels=col_labels)
+
+
+def _common(concept, model, clip_model, prompts, images, seed, sample_steps, guidance) -> dict:
+    return {
+        "concept": concept.name, "token": concept.token, "model": model.info.identity(),
+        "clip": clip_model.describe(), "neutral_prompt": neutral_prompt(concept.property), "prompts": prompts,
+        "seeds": list(range(seed, seed + images)), "images_per_set": images,
+        "generation": {"steps": sample_steps, "guidance": guidance}, "notes": NOTES,
+    }
+
+
+# --- steps ------------------------------------------------------------------------------------------
+
+
+def steps_experiment(model, library, name: str, run_id: str | None = None, at: list[int] | None = None,
+                     prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32",
+                     clip_weights=None, seed: int = 0, sample_steps: int = 25, guidance: float = 7.5,
+                     batch_size: int = 4, progress=None, cancelled=None) -> dict:
+    """Reconstruction and editability at each saved checkpoint of one run (section 4.1)."""
+    concept = library.get(name)
+    if run_id is None:
+        runs = done_runs(concept)
+        if not runs:
+            raise UserError(f"concept {name!r} has no finished run; train it first or pass the run id")
+        run_id = runs[-1][0]
+    run_dir = concept.runs_dir / run_id
+    if not (run_dir / "run.json").is_file():
+        raise UserError(f"concept {name!r} has no run {run_id!r}; `tistudio runs` lists them")
+    saved = checkpoint_steps(run_dir)
+    steps = sorted(set(at)) if at else saved
+    missing = [s for s in steps if s not in saved]
+    if missing or not steps:
+        raise UserError(f"run {run_id} has no embedding at step(s) {', '.join(map(str, missing)) or 'any'}; "
+                        f"saved: {', '.join(map(str, saved)) or 'none'}")
+    concept, prompts, clip_model, train_embs = _setup(model, library, name, prompts, clip, clip_weights)
+    exp_id, exp_dir = _experiment_dir(concept, "steps")
+    columns = _measure_columns(
+        model, library, concept, [f"{concept.name}@{run_id}:{s}" for s in steps], prompts, clip_model, train_embs,
+        exp_dir, [f"step-{s}" for s in steps], images, seed, sample_steps, guidance, batch_size, progress, cancelled,
+    )
+    templates = [neutral_prompt(concept.property)] + prompts
+    save_png(exp_dir / "grid.png", _grid(columns, [f"step {s}" for s in steps], templates, concept.token))
+    points = [{"step": s, **scores_only(c), "per_prompt": c["per_prompt"]} for s, c in zip(steps, columns)]
+    curve = {"id": exp_id, "kind": "steps", "run": run_id, "steps": steps, "points": points,
+             **_common(concept, model, clip_model, prompts, images, seed, sample_steps, guidance)}
+    atomic_write_json(exp_dir / "curve.json", curve)
+    atomic_write_text(exp_dir / "curve.txt", curve_text(points))
+    if progress:
+        progress("done", 1.0)
+    return {**curve, "dir": str(exp_dir), "grid": str(exp_dir / "grid.png"),
+            "curve_json": str(exp_dir / "curve.json"), "curve_txt": str(exp_dir / "curve.txt")}
+
+
+def curve_text(points: list[dict]) -> str:
+    """The curve as terminal text: a plotext chart when plotext is installed, and always a table."""
+    table = ["step      reconstruction  editability  editability/image"]
+    table += [f"{p['step']:<9} {p['reconstruction']:>14.4f}  {p['editability']:>11.4f}  "
+              f"{p['editability_per_image']:>17.4f}" for p in points]
+    try:
+        import plotext as plt
+    except ImportError:
+        return "\n".join(table) + "\n"
+    plt.clear_figure()
+    x = [p["step"] for p in points]
+    plt.plot(x, [p["reconstruction"] for p in points], label="reconstruction", marker="braille")
+    plt.plot(x, [p["editability"] for p in points], label="editability", marker="braille")
+    plt.title("CLIP scores over training steps")
+    plt.xlabel("step")
+    plt.plotsize(78, 20)
+    chart = plt.uncolorize(plt.build())
+    plt.clear_figure()
+    return chart + "\n\n" + "\n".join(table) + "\n"
+
+
+# --- init words and seeds: K runs trained together ---------------------------------------------------
+
+
+class _SweepReporter:
+    """Turns one slot's training events into progress(msg, fraction) and polls cancelled()."""
+
+    def __init__(self, progress, cancelled, speak: bool):
+        self.progress, self._cancelled, self.speak = progress, cancelled, speak
+
+    def emit(self, type: str, **fields) -> None:
+        if self.speak and self.progress and type == "step":
+            self.progress(f"training step {fields['step']}/{fields['steps']}", fields["step"] / fields["steps"])
+
+    def cancelled(self) -> bool:
+        return bool(self._cancelled and self._cancelled())
+
+
+def _claim_run_dir(runs_dir: Path) -> Path:
+    ensure_private_dir(runs_dir)
+    while True:
+        path = runs_dir / timestamp_id()
+        try:
+            path.mkdir(mode=0o700)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _run_record(run_dir: Path, concept, config, model, exp_id: str, label: str) -> dict:
+    now = time.time()
+    spec = asdict(config)
+    return {
+        "id": run_dir.name, "kind": "train", "concept": concept.name, "status": "running",
+        "spec": spec, "params": spec, "experiment": exp_id, "label": label, "model": model.info.identity(),
+        "images": [str(p) for p in concept.images], "created": now, "started": now, "finished": None,
+        "step": 0, "steps": config.steps, "error": None, "embedding": None,
+    }
+
+
+def _finish(run_dir: Path, record: dict, status: str, error: str | None = None) -> None:
+    record.update(status=status, finished=time.time(), error=error)
+    if status == "done":
+        record.update(step=record["steps"], embedding=str(run_dir / FINAL_EMBEDDING))
+    atomic_write_json(run_dir / "run.json", record)
+
+
+def train_sweep(model, concept, exp_id: str, configs: list[tuple[str, object]], progress=None,
+                cancelled=None) -> list[str]:
+    """Train K runs in one batched job; each gets its own run directory and run.json. Returns run ids."""
+    from engine.train import RunSlot, train_many
+
+    for _, config in configs:
+        config.validate()
+        check_initializer(model.tokenizer, config.init)  # before any directory exists
+    images = concept.images
+    dirs = [_claim_run_dir(concept.runs_dir) for _ in configs]
+    records = [_run_record(d, concept, cfg, model, exp_id, label) for d, (label, cfg) in zip(dirs, configs)]
+    for d, record in zip(dirs, records):
+        atomic_write_json(d / "run.json", record)
+    slots = [RunSlot(cfg, d, images, _SweepReporter(progress, cancelled, speak=k == 0))
+             for k, (d, (_, cfg)) in enumerate(zip(dirs, configs))]
+    try:
+        train_many(model, slots, resume=False)
+    except JobCancelled:
+        for d, record in zip(dirs, records):
+            _finish(d, record, "cancelled")
+        raise
+    except BaseException as exc:
+        for d, record in zip(dirs, records):
+            _finish(d, record, "failed", f"{type(exc).__name__}: {exc}")
+        raise
+    for d, record in zip(dirs, records):
+        _finish(d, record, "done")
+    return [d.name for d in dirs]
+
+
+def _sweep(model, library, name: str, kind: str, configs_for, labels: list[str], *, prompts, images, clip,
+           clip_weights, seed, sample_steps, guidance, batch_size, progress, cancelled) -> dict:
+    concept, prompts, clip_model, train_embs = _setup(model, library, name, prompts, clip, clip_weights)
+    configs = list(zip(labels, configs_for(concept)))
+    exp_id, exp_dir = _experiment_dir(concept, kind)
+    run_ids = train_sweep(model, concept, exp_id, configs, _scaled(progress, 0.0, 0.6), cancelled)
+    columns = _measure_columns(
+        model, library, concept, [f"{concept.name}@{r}" for r in run_ids], prompts, clip_model, train_embs,
+        exp_dir, [f"run-{r}" for r in run_ids], images, seed, sample_steps, guidance, batch_size,
+        _scaled(progress, 0.6, 0.4), cancelled,
+    )
+    templates = [neutral_prompt(concept.property)] + prompts
+    save_png(exp_dir / "grid.png", _grid(columns, labels, templates, concept.token))
+    runs = [
+        {"run": r, "label": label, "init": cfg.init, "seed": cfg.seed, **scores_only(c), "per_prompt": c["per_prompt"]}
+        for r, (label, cfg), c in zip(run_ids, configs, columns)
+    ]
+    train = {k: v for k, v in asdict(configs[0][1]).items() if k not in ("init", "seed", "token")}
+    table = {"id": exp_id, "kind": kind, "runs": runs, "train": train,
+             **_common(concept, model, clip_model, prompts, images, seed, sample_steps, guidance)}
+    atomic_write_json(exp_dir / "table.json", table)
+    atomic_write_text(exp_dir / "table.md", sweep_markdown(table))
+    if progress:
+        progress("done", 1.0)
+    return {**table, "dir": str(exp_dir), "grid": str(exp_dir / "grid.png"),
+            "table_json": str(exp_dir / "table.json"), "table_md": str(exp_dir / "table.md")}
+
+
+def _train_config(concept, steps: int, init: str, seed: int, options: dict | None):
+    from engine.train import TrainConfig
+
+    # Previews are off by default: the grid shows every run side by side anyway.
+    base = {"preview_every": 0, **(options or {})}
+    return TrainConfig(token=concept.token, init=init, property=concept.property, steps=steps, seed=seed, **base)
+
+
+def init_experiment(model, library, name: str, words: list[str], steps: int, seed: int = 0, *,
+                    prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
+                    sample_seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int = 4,
+                    train_options: dict | None = None, progress=None, cancelled=None) -> dict:
+    """One run per initializer word, same seed and settings (section 4.2)."""
+    words = list(dict.fromkeys(w.strip() for w in words))
+    if not words or not all(words):
+        raise UserError("give at least one initializer word, e.g. --words building,tower")
+    return _sweep(
+        model, library, name, "init", lambda c: [_train_config(c, steps, w, seed, train_options) for w in words],
+        [f"init {w}" for w in words], prompts=prompts, images=images, clip=clip, clip_weights=clip_weights,
+        seed=sample_seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
+        progress=progress, cancelled=cancelled,
+    )
+
+
+def seeds_experiment(model, library, name: str, seeds: list[int], steps: int, init: str | None = None, *,
+                     prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
+                     sample_seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int = 4,
+                     train_options: dict | None = None, progress=None, cancelled=None) -> dict:
+    """One run per training seed, same initializer and settings (section 4.3)."""
+    seeds = list(dict.fromkeys(int(s) for s in seeds))
+    if not seeds:
+        raise UserError("give at least one seed, e.g. --seeds 0,1")
+    return _sweep(
+        model, library, name, "seeds",
+        lambda c: [_train_config(c, steps, init or c.init, s, train_options) for s in seeds],
+        [f"seed {s}" for s in seeds], prompts=prompts, images=images, clip=clip, clip_weights=clip_weights,
+        seed=sample_seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
+        progress=progress, cancelled=cancelled,
+    )
+
+
+def sweep_markdown(table: dict) -> str:
+    kind = {"init": "initializer word", "seeds": "training seed"}[table["kind"]]
+    lines = [
+        f"# {table['concept']} ({table['token']}): effect of the {kind}", "",
+        "| Run | | Reconstruction | Editability | Editability (per image) |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    for r in table["runs"]:
+        lines.append(f"| {r['run']} | {r['label']} | {r['reconstruction']:.4f} | {r['editability']:.4f} | "
+                     f"{r['editability_per_image']:.4f} |")
+    lines += [
+        "", f"- Training: {table['train']['steps']} steps, lr {table['train']['lr']:g}, "
+        f"batch {table['train']['batch_size']}; runs trained together, each as its solo run would.",
+        f"- {table['images_per_set']} images per prompt, seeds {table['seeds'][0]}–{table['seeds'][-1]}; "
+        f"grid.png: rows are prompts, columns runs.",
+        f"- Note: {table['notes']}.", "",
+    ]
+    return "\n".join(lines)
+
+
+# --- section 5: prompt batches -------------------------------------------------------------------
+
+
+def synthesis_requests(concept, n: int = 4, seed: int = 0, mode: str = "compare", **request) -> list[GenerateRequest]:
+    """Text-guided synthesis (objects) or style transfer (styles): one generation batch per prompt."""
+    return [GenerateRequest(prompt=fill(t, concept.token), n=n, seed=seed, mode=mode, **request)
+            for t in synthesis_prompts(concept.property)]
