@@ -423,7 +423,7 @@ def image_record(model, *, mode: str, prompt: str, negative: str, seed: int, ste
 
 def _a1111_value(value) -> str:
     text = str(value)
-    return json.dumps(text) if any(c in text for c in ',:"\n') else text
+    return json.dumps(text) if any(c in text for c in ',"\n') else text
 
 
 def a1111_parameters(record: dict) -> str:

@@ -11,6 +11,9 @@ A spec is one of:
 Everything is returned as a diffusers `StableDiffusionPipeline` (safety checker
 off) wrapped in `LoadedModel`, so training, generation and parity tests all
 share the exact components diffusers itself would use.
+
+torch is imported inside the functions that load weights: the studio reads
+specs, widths and tokenizers from here without paying for torch.
 """
 
 from __future__ import annotations
@@ -19,10 +22,9 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import Any
 
 from engine.errors import NotSupportedError, UserError
 
@@ -60,9 +62,9 @@ class ModelInfo:
 @dataclass
 class LoadedModel:
     info: ModelInfo
-    pipe: object  # diffusers.StableDiffusionPipeline
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dtype: torch.dtype = torch.float32
+    pipe: Any  # diffusers.StableDiffusionPipeline
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
 
     tokenizer = property(lambda self: self.pipe.tokenizer)
     text_encoder = property(lambda self: self.pipe.text_encoder)
@@ -162,6 +164,8 @@ def _single_file_keys(path: Path) -> list[str]:
         except Exception:
             raise UserError(f"{path} is not a readable .safetensors checkpoint; is the file complete?") from None
     if path.suffix == ".ckpt":
+        import torch
+
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:
@@ -217,7 +221,10 @@ def load_tokenizer(spec: str | None = None):
     return CLIPTokenizer.from_pretrained(info.location, subfolder="tokenizer")
 
 
-def load_model(spec: str | None = None, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(spec: str | None = None, device="cpu", dtype=None) -> LoadedModel:
+    import torch
+
+    dtype = dtype or torch.float32
     info = model_info(spec)
     loader = {"builtin": _build_builtin, "diffusers": _load_dir, "hub": _load_dir, "single_file": _load_single_file}
     from diffusers.utils import logging as diffusers_logging
@@ -244,6 +251,7 @@ def _assemble(unet, vae, text_encoder, tokenizer, scheduler):
 
 def _build_builtin(info: ModelInfo):
     """Random weights from a fixed seed: the same weights on every call and machine."""
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 

@@ -38,9 +38,13 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def _bpe_path() -> Path:
-    import open_clip  # only for the location of its data file
+    # find the data file without importing open_clip (which imports torch)
+    import importlib.util
 
-    return Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("open_clip_torch is not installed; it ships the CLIP vocabulary we need")
+    return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
 
 def derive_tokenizer_files(out_dir: Path) -> Path:
