@@ -68,11 +68,16 @@ class EngineClient:
         while True:
             try:
                 self._reader, self._writer = await self._open()
-                hello = await self._call({"op": "ping"})
+                # Bounded: an engine that accepts but never answers must not hang us.
+                hello = await asyncio.wait_for(self._call({"op": "ping"}), max(1.0, deadline - loop.time()))
                 self.server_pid = hello.get("pid")
                 return self
             except _NOT_THERE:
                 await self._drop()
+            except asyncio.TimeoutError:
+                await self._drop()
+                raise EngineError(f"the engine for {self.home} accepts connections but does not answer; "
+                                  f"see {log_path(self.home)}") from None
             if not start:
                 raise EngineNotRunning(f"no engine is running for {self.home}")
             now = loop.time()

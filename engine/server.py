@@ -141,7 +141,7 @@ class WorkerProcess:
 
     async def send(self, msg: dict) -> None:
         # A dead worker is noticed by its reader (stdout EOF); a failed write changes nothing.
-        with contextlib.suppress(ConnectionError, RuntimeError, AttributeError):
+        with contextlib.suppress(ConnectionError, RuntimeError):
             self.proc.stdin.write((json.dumps(msg, default=str) + "\n").encode())
             await self.proc.stdin.drain()
 
@@ -176,6 +176,8 @@ class EngineServer:
         self._stopping = False
         self._stop_reason = ""
         self._writers: set[asyncio.StreamWriter] = set()
+        self._background: set[asyncio.Task] = set()  # held so the loop does not drop them
+        self._connections: set[asyncio.Task] = set()
 
     # -- lifecycle
 
@@ -227,6 +229,10 @@ class EngineServer:
             await asyncio.sleep(0.02)
         for writer in list(self._writers):
             writer.close()
+        # Let each connection handler see its EOF and return, rather than be cancelled
+        # by asyncio.run (which logs a traceback per connection on Python 3.11).
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=1.0)
 
     def _recover(self) -> None:
         """Mark runs that a dead engine left queued or running as interrupted."""
@@ -259,6 +265,10 @@ class EngineServer:
             job = self.current = self.queue.popleft()
             try:
                 await self._run(job)
+            except Exception:  # a bug here must not stall the queue behind this job
+                log.exception("run %s: engine error", job.run_id)
+                with contextlib.suppress(Exception):
+                    self._finish(job, "interrupted", error="engine error (see engine.log); resume this run", write=True)
             finally:
                 self.current = None
                 self._last_busy = time.monotonic()
@@ -342,7 +352,10 @@ class EngineServer:
                 except ValueError:
                     log.warning("worker %d said something unreadable: %r", worker.pid, line[:200])
                     continue
-                self._on_worker_message(msg)
+                try:
+                    self._on_worker_message(msg)
+                except Exception:  # keep reading: this task is how we notice the worker die
+                    log.exception("could not handle worker message %r", msg)
         except (ValueError, ConnectionError) as exc:  # an over-long line: protocol broken
             log.error("worker %d: %s; killing it", worker.pid, exc)
             worker.kill()
@@ -386,7 +399,10 @@ class EngineServer:
         elif job.cancel_requested:
             self._finish(job, "cancelled", error="killed: it did not stop in time after the cancel", write=True)
         else:
-            why = f"the engine stopped ({self._stop_reason})" if self._stopping else f"the worker died ({_describe_exit(code)})"
+            if self._stopping:
+                why = f"the engine stopped ({self._stop_reason})"
+            else:
+                why = f"the worker died ({_describe_exit(code)})"
             self._finish(job, "interrupted", error=f"{why}; resume this run", write=True)
 
     # -- clients
@@ -397,13 +413,15 @@ class EngineServer:
             return
         self.clients += 1
         self._writers.add(writer)
+        self._connections.add(asyncio.current_task())
         try:
             while line := await reader.readline():
                 try:
                     req = json.loads(line)
                     op = req["op"]
                 except (ValueError, KeyError, TypeError):
-                    await _send(writer, {"error": "bad request: send one JSON object with an 'op' per line", "user": False})
+                    await _send(writer, {"error": "bad request: one JSON object with an 'op' per line",
+                                         "user": False})
                     continue
                 if op == "subscribe":
                     await self._subscribe(req, writer)
@@ -418,6 +436,7 @@ class EngineServer:
             self.clients -= 1
             self._last_busy = time.monotonic()
             self._writers.discard(writer)
+            self._connections.discard(asyncio.current_task())
             writer.close()
 
     async def _answer(self, op: str, req: dict) -> dict:
@@ -515,14 +534,17 @@ class EngineServer:
         job.cancel_requested = True
         if job.worker:
             await job.worker.send({"op": "cancel", "run_id": run_id})
-            asyncio.create_task(self._enforce_cancel(job))
+            task = asyncio.create_task(self._enforce_cancel(job))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
         return {"ok": True, "status": "cancelling"}
 
     async def _enforce_cancel(self, job: Job) -> None:
         # A handler stuck in a long call (a model load) never reaches check_cancel.
         await asyncio.sleep(self.cancel_grace)
         if not job.finished and job.worker:
-            log.warning("run %s ignored its cancel for %ss; killing worker %d", job.run_id, self.cancel_grace, job.worker.pid)
+            log.warning("run %s ignored its cancel for %ss; killing worker %d",
+                        job.run_id, self.cancel_grace, job.worker.pid)
             job.worker.kill()
 
     async def _op_jobs(self, req: dict) -> dict:

@@ -16,6 +16,7 @@ What must stay true (see docs/architecture.md):
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -37,6 +38,7 @@ from engine.paths import atomic_write_bytes
 from engine.placeholder import add_slots, initial_vectors, placeholders_installed, slot_tokens
 
 LR_SCHEDULES = ("constant", "warmup", "cosine")
+COMPILE_MODES = ("off", "default", "reduce-overhead")
 
 
 @dataclass
@@ -63,6 +65,8 @@ class TrainConfig:
     center_crop: bool = False
     flip_p: float = 0.5
     templates: list[str] | None = None  # custom prompt templates with "{}" for the token
+    low_vram: bool = False  # gradient checkpointing through the UNet: less memory, ~2x slower
+    compile: str = "off"  # off | default | reduce-overhead (CUDA graphs): torch.compile the UNet
     fixed_timestep: int | None = None  # tests: overfit one timestep
     fixed_noise: bool = False  # tests: one fixed noise sample
 
@@ -81,6 +85,7 @@ class TrainConfig:
             (self.log_every >= 1, "--log-every must be at least 1"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"),
             (0.0 <= self.flip_p <= 1.0, "--flip must be between 0 and 1"),
+            (self.compile in COMPILE_MODES, f"--compile must be one of {', '.join(COMPILE_MODES)}"),
             (self.templates is None or (len(self.templates) > 0 and all(t.count("{}") == 1 for t in self.templates)),
              "each prompt template must contain exactly one {} where the token goes"),
         ]
@@ -151,6 +156,7 @@ class Inversion:
         ]
         self.generators = [torch.Generator().manual_seed(s.config.seed) for s in slots]
         self.start_step = 0
+        self.unet = compiled_unet(model, self.cfg0.compile)
 
     # --- setup -------------------------------------------------------------------------------
 
@@ -238,7 +244,7 @@ class Inversion:
         dtype = self.model.dtype
         noisy = self.scheduler.add_noise(latents, noise, t)
         hidden = self.model.text_encoder(ids)[0]
-        pred = self.model.unet(noisy.to(dtype), t, encoder_hidden_states=hidden).sample
+        pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=hidden).sample
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, t)
         else:
@@ -255,16 +261,13 @@ class Inversion:
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         logged, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
-        with placeholders_installed(self.model.text_encoder, self.vectors):
+        with self.installed():
             for step in range(self.start_step, cfg.steps):
                 if any(s.reporter.cancelled() for s in self.slots):
                     self._checkpoint(step)
                     raise JobCancelled(f"cancelled at step {step}")
-                loss = self._loss_rows()
-                (loss * self.state["loss_scale"]).sum().backward()
-                self.optimizer.step(self.vectors.data, self.vectors.grad, self.state, cfg.lr_at(step))
-                self.vectors.grad = None
-                loss_sum += loss.detach()
+                loss = self.train_step(step)
+                loss_sum += loss
                 bad |= ~torch.isfinite(loss.detach()).all()
                 logged += 1
                 done = step + 1
@@ -283,6 +286,27 @@ class Inversion:
                     self._preview(done)
         self._save_embedding(cfg.steps, final=True)
         return [s.run_dir / "learned_embeds.safetensors" for s in self.slots]
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """Forward, backward, one AdamW update of the vectors; returns the [K] loss (no sync)."""
+        loss = self._loss_rows()
+        (loss * self.state["loss_scale"]).sum().backward()
+        self.optimizer.step(self.vectors.data, self.vectors.grad, self.state, self.cfg0.lr_at(step))
+        self.vectors.grad = None
+        return loss.detach()
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The placeholder rows (and low-VRAM checkpointing) on the shared model, for the run only."""
+        unet = self.model.unet
+        if self.cfg0.low_vram:
+            unet.enable_gradient_checkpointing()
+        try:
+            with placeholders_installed(self.model.text_encoder, self.vectors):
+                yield
+        finally:
+            if self.cfg0.low_vram:
+                unet.disable_gradient_checkpointing()
 
     def _log(self, step: int, loss: torch.Tensor, steps_per_s: float, elapsed: float, lr: float) -> None:
         losses = loss.tolist()
@@ -322,6 +346,16 @@ class Inversion:
             path = slot.run_dir / "previews" / f"step-{step}.png"
             atomic_write_bytes(path, buf.getvalue())
             slot.reporter.emit("preview", step=step, path=str(path), prompt=prompt.replace(slot_tokens(self.k)[k], cfg.token))
+
+
+def compiled_unet(model, mode: str):
+    """The UNet, or a torch.compile'd wrapper kept on the warm model so later runs skip the warm-up."""
+    if mode == "off":
+        return model.unet
+    cache = model.__dict__.setdefault("_compiled", {})
+    if mode not in cache:
+        cache[mode] = torch.compile(model.unet, mode=None if mode == "default" else mode)
+    return cache[mode]
 
 
 def _tokenizer_copy(tokenizer):

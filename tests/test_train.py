@@ -137,3 +137,11 @@ def test_nan_loss_stops_and_keeps_last_good_embedding(tiny_model, image_dir, tmp
     good = tmp_path / "run" / "embeddings" / "learned_embeds-steps-10.safetensors"
     assert torch.isfinite(read_embedding(good).vectors).all()
     assert not (tmp_path / "run" / "learned_embeds.safetensors").exists()
+
+
+def test_low_vram_checkpointing_gives_the_same_run(tiny_model, image_dir, tmp_path):
+    images = _images(image_dir)
+    plain = read_embedding(train(tiny_model, _cfg(steps=5), tmp_path / "a", images)).vectors
+    low = read_embedding(train(tiny_model, _cfg(steps=5, low_vram=True), tmp_path / "b", images)).vectors
+    torch.testing.assert_close(plain, low, rtol=1e-5, atol=1e-6)
+    assert not tiny_model.unet.is_gradient_checkpointing  # the shared model is left as it was

@@ -1,0 +1,137 @@
+"""Train the demo's small CLIP (the judge, and the generator's text encoder) on the world.
+
+    python -m demo.train_clip            # ~1 h on 1 CPU thread; resumes from its checkpoint
+
+open_clip's CLIP architecture from engine/demo_weights/clip_config.json, trained
+contrastively (symmetric InfoNCE, learnable temperature) on world images and
+their captions *with* the toy and style names (the judge knows more words than
+the generator).  Writes engine/demo_weights/clip.safetensors (fp16) and the loss
+curve and evaluations to demo/logs/clip.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from demo import world as W
+from demo.common import BUILD, LOGS, Log, clip_text_ids, encode_text_short, judge_report, roundtrip, save_fp16, to_tensor
+from engine import demo_model
+
+
+def param_groups(model, weight_decay: float):
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.ndim < 2 or "embedding" in name or "logit_scale" in name or name.endswith("class_embedding"):
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pool", type=int, default=80000, help="world images rendered up front (seed 1)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--build", default=str(BUILD))
+    ap.add_argument("--out", default=str(demo_model.CLIP_WEIGHTS))
+    ap.add_argument("--log", default=str(LOGS / "clip.json"))
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    build = __import__("pathlib").Path(args.build)
+    build.mkdir(parents=True, exist_ok=True)
+    ckpt_path = build / "clip_ckpt.pt"
+
+    model = demo_model.build_clip()
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
+    rng = np.random.default_rng(args.seed)
+    start = 0
+    log = Log(args.log, {"script": "demo/train_clip.py", "args": vars(args), "pool_seed": 1, "eval_seed": 99,
+                         "params": sum(p.numel() for p in model.parameters())})
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        rng.bit_generator.state = ck["rng"]
+        torch.set_rng_state(ck["torch_rng"])
+        start = ck["step"]
+        print(f"resumed at step {start}", flush=True)
+
+    t = time.time()
+    pool_scenes = W.scenes(1, args.pool)
+    pool = W.render_batch(pool_scenes)
+    print(f"rendered {args.pool} images in {time.time() - t:.0f}s", flush=True)
+
+    def lr_at(step):
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - args.warmup) / max(1, args.steps - args.warmup)))
+
+    model.train()
+    t_log, loss_acc, n_acc = time.time(), 0.0, 0
+    for step in range(start, args.steps):
+        idx = rng.integers(0, args.pool, args.batch)
+        images = pool[idx]
+        rt = rng.random(args.batch) < 0.25
+        if rt.any():
+            images = images.copy()
+            images[rt] = roundtrip(images[rt])
+        caps = [W.caption(pool_scenes[i], rng, names=True) for i in idx]
+        img_f = model.encode_image(to_tensor(images))
+        txt_f = encode_text_short(model, clip_text_ids(caps))
+        img_f = F.normalize(img_f, dim=-1)
+        txt_f = F.normalize(txt_f, dim=-1)
+        logits = model.logit_scale.exp().clamp(max=100) * img_f @ txt_f.T
+        # captions can describe several images of a batch: identical captions are not negatives
+        same = torch.tensor([[a == b for b in caps] for a in caps])
+        target = same.float() / same.float().sum(1, keepdim=True)
+        loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target.T))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        loss_acc += loss.item()
+        n_acc += 1
+        done = step + 1
+        if done % 25 == 0:
+            rate = n_acc / (time.time() - t_log)
+            log.loss(done, loss_acc / n_acc, lr=round(lr_at(step), 6), steps_per_s=round(rate, 3),
+                     temperature=round(float(model.logit_scale.exp()), 2))
+            print(f"step {done} loss {loss_acc / n_acc:.4f} {rate:.2f} it/s", flush=True)
+            t_log, loss_acc, n_acc = time.time(), 0.0, 0
+        if done % args.eval_every == 0 or done == args.steps:
+            model.eval()
+            report = judge_report(model)
+            model.train()
+            log.eval(done, **report)
+            print(f"eval {done}: {report}", flush=True)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
+                        "torch_rng": torch.get_rng_state(), "step": done}, ckpt_path.with_suffix(".tmp"))
+            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+            log.save()
+    model.eval()
+    save_fp16(model.state_dict(), __import__("pathlib").Path(args.out), {"steps": args.steps, "seed": args.seed})
+    log.save(finished=True)
+    print("saved", args.out, flush=True)
+
+
+if __name__ == "__main__":
+    main()

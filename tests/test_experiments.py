@@ -1,0 +1,125 @@
+"""The section 4 ablations end to end on the tiny model: reports, run directories, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from engine.errors import JobCancelled, UserError
+from engine.experiments import (
+    init_experiment, seeds_experiment, steps_experiment, synthesis_prompts, synthesis_requests,
+)
+from engine.formats import read_embedding
+from engine.generate import GenerateRequest, done_runs, generate
+from engine.library import Library
+from engine.paths import atomic_write_json, home_dir
+from engine.train import TrainConfig, train
+
+FAST = dict(images=2, clip="builtin:tiny", sample_steps=1)
+OPTIONS = {"save_every": 1, "log_every": 1}
+
+
+@pytest.fixture
+def library(image_dir):
+    lib = Library(home_dir())
+    lib.add("cat", image_dir, "cat", description="a small grey cat")
+    return lib
+
+
+def _trained_run(model, concept, run_id="r1", steps=3):
+    cfg = TrainConfig(token=concept.token, init="cat", steps=steps, save_every=1, preview_every=0, log_every=1)
+    train(model, cfg, concept.runs_dir / run_id, concept.images)
+    atomic_write_json(concept.runs_dir / run_id / "run.json",
+                      {"id": run_id, "kind": "train", "status": "done", "created": 1.0, "steps": steps})
+
+
+def test_steps_experiment_reports_every_checkpoint(tiny_model, library):
+    concept = library.get("cat")
+    _trained_run(tiny_model, concept)
+    result = steps_experiment(tiny_model, library, "cat", prompts=["a {} in space", "a {} on a boat"], **FAST)
+    exp_dir = concept.path / "experiments" / result["id"]
+    assert result["dir"] == str(exp_dir) and result["id"].startswith("steps-")
+    curve = json.loads((exp_dir / "curve.json").read_text())
+    assert curve["run"] == "r1" and curve["steps"] == [1, 2, 3]
+    assert [p["step"] for p in curve["points"]] == [1, 2, 3]
+    assert all(len(p["per_prompt"]) == 2 and -1 <= p["reconstruction"] <= 1 for p in curve["points"])
+    text = (exp_dir / "curve.txt").read_text()
+    assert "reconstruction" in text and "editability" in text and "\x1b[" not in text
+    with Image.open(exp_dir / "grid.png") as grid:
+        assert grid.width > 3 * 64 and grid.height > 3 * 64  # 3 prompt rows (neutral + 2) x 3 checkpoints
+    assert len(list((exp_dir / "images").rglob("ti-*.png"))) == 3 * 3 * 2
+
+
+def test_steps_experiment_at_chosen_steps_and_errors(tiny_model, library):
+    concept = library.get("cat")
+    _trained_run(tiny_model, concept, steps=2)
+    result = steps_experiment(tiny_model, library, "cat", at=[2], prompts=["a {} in space"], **FAST)
+    assert result["steps"] == [2]
+    with pytest.raises(UserError, match="no embedding at step.*7.*saved: 1, 2"):
+        steps_experiment(tiny_model, library, "cat", at=[7], **FAST)
+    with pytest.raises(UserError, match="no run 'nope'"):
+        steps_experiment(tiny_model, library, "cat", run_id="nope", **FAST)
+    library.add("dog", concept.path / "images", "dog")
+    with pytest.raises(UserError, match="no finished run"):
+        steps_experiment(tiny_model, library, "dog", **FAST)
+
+
+def test_init_experiment_trains_one_run_per_word(tiny_model, library):
+    concept = library.get("cat")
+    seen = []
+    result = init_experiment(tiny_model, library, "cat", ["cat", "dog"], steps=2, seed=3, prompts=["a {} in space"],
+                             train_options=OPTIONS, progress=lambda m, f: seen.append(f), **FAST)
+    assert result["id"].startswith("init-") and [r["label"] for r in result["runs"]] == ["init cat", "init dog"]
+    assert [r["init"] for r in result["runs"]] == ["cat", "dog"] and {r["seed"] for r in result["runs"]} == {3}
+    exp_dir = concept.path / "experiments" / result["id"]
+    for name in ("grid.png", "table.json", "table.md"):
+        assert (exp_dir / name).is_file()
+    table = json.loads((exp_dir / "table.json").read_text())
+    assert table["train"]["steps"] == 2 and len(table["runs"]) == 2
+    vectors = []
+    for r in result["runs"]:
+        run_dir = concept.runs_dir / r["run"]
+        record = json.loads((run_dir / "run.json").read_text())
+        assert (record["status"], record["kind"], record["experiment"]) == ("done", "train", result["id"])
+        assert record["spec"]["init"] == r["init"] and record["spec"]["steps"] == 2
+        assert (run_dir / "embeddings" / "learned_embeds-steps-1.safetensors").is_file()
+        vectors.append(read_embedding(run_dir / "learned_embeds.safetensors").vectors)
+    assert not vectors[0].equal(vectors[1])
+    assert "init dog" in (exp_dir / "table.md").read_text()
+    assert seen == sorted(seen) and seen[-1] == 1.0
+    # The runs are ordinary finished runs: generation finds them.
+    assert {r[0] for r in done_runs(concept)} == {r["run"] for r in result["runs"]}
+    assert generate(tiny_model, library, GenerateRequest("a photo of <cat>", steps=1))
+
+
+def test_seeds_experiment_one_run_per_seed(tiny_model, library):
+    concept = library.get("cat")
+    result = seeds_experiment(tiny_model, library, "cat", [0, 1], steps=1, prompts=["a {} in space"], **FAST)
+    assert [r["seed"] for r in result["runs"]] == [0, 1] and {r["init"] for r in result["runs"]} == {"cat"}
+    assert result["id"].startswith("seeds-")
+    assert (concept.path / "experiments" / result["id"] / "grid.png").is_file()
+
+
+def test_bad_initializer_is_refused_before_any_run_exists(tiny_model, library):
+    concept = library.get("cat")
+    with pytest.raises(UserError, match="initializer"):
+        init_experiment(tiny_model, library, "cat", ["cat", "xqzvbn"], steps=1, **FAST)
+    assert not list(concept.runs_dir.glob("*/run.json"))
+
+
+def test_cancel_marks_the_runs_cancelled(tiny_model, library):
+    concept = library.get("cat")
+    with pytest.raises(JobCancelled):
+        seeds_experiment(tiny_model, library, "cat", [0, 1], steps=3, cancelled=lambda: True, **FAST)
+    records = [json.loads(p.read_text()) for p in concept.runs_dir.glob("*/run.json")]
+    assert len(records) == 2 and {r["status"] for r in records} == {"cancelled"}
+
+
+def test_synthesis_prompt_batches(library):
+    concept = library.get("cat")
+    assert all("{}" in p for p in synthesis_prompts("object") + synthesis_prompts("style"))
+    requests = synthesis_requests(concept, n=2, steps=5)
+    assert len(requests) == len(synthesis_prompts("object"))
+    assert all("<cat>" in r.prompt and r.mode == "compare" and r.steps == 5 for r in requests)
