@@ -243,6 +243,9 @@ def _sweep(model, library, name: str, kind: str, configs_for, labels: list[str],
 def _train_config(concept, steps: int, init: str, seed: int, options: dict | None):
     from engine.train import TrainConfig
 
+    fixed = {"token", "init", "property", "steps", "seed"} & set(options or {})
+    if fixed:
+        raise UserError(f"train options cannot set {', '.join(sorted(fixed))}: the experiment sets them")
     # Previews are off by default: the grid shows every run side by side anyway.
     base = {"preview_every": 0, **(options or {})}
     return TrainConfig(token=concept.token, init=init, property=concept.property, steps=steps, seed=seed, **base)

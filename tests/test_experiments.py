@@ -38,18 +38,18 @@ def _trained_run(model, concept, run_id="r1", steps=3):
 def test_steps_experiment_reports_every_checkpoint(tiny_model, library):
     concept = library.get("cat")
     _trained_run(tiny_model, concept)
-    result = steps_experiment(tiny_model, library, "cat", prompts=["a {} in space", "a {} on a boat"], **FAST)
+    result = steps_experiment(tiny_model, library, "cat", prompts=["a {} in space"], **FAST)
     exp_dir = concept.path / "experiments" / result["id"]
     assert result["dir"] == str(exp_dir) and result["id"].startswith("steps-")
     curve = json.loads((exp_dir / "curve.json").read_text())
     assert curve["run"] == "r1" and curve["steps"] == [1, 2, 3]
     assert [p["step"] for p in curve["points"]] == [1, 2, 3]
-    assert all(len(p["per_prompt"]) == 2 and -1 <= p["reconstruction"] <= 1 for p in curve["points"])
+    assert all(len(p["per_prompt"]) == 1 and -1 <= p["reconstruction"] <= 1 for p in curve["points"])
     text = (exp_dir / "curve.txt").read_text()
     assert "reconstruction" in text and "editability" in text and "\x1b[" not in text
     with Image.open(exp_dir / "grid.png") as grid:
-        assert grid.width > 3 * 64 and grid.height > 3 * 64  # 3 prompt rows (neutral + 2) x 3 checkpoints
-    assert len(list((exp_dir / "images").rglob("ti-*.png"))) == 3 * 3 * 2
+        assert grid.width > 3 * 64 and grid.height > 2 * 64  # 2 prompt rows (neutral + 1) x 3 checkpoints
+    assert len(list((exp_dir / "images").rglob("ti-*.png"))) == 3 * 2 * 2
 
 
 def test_steps_experiment_at_chosen_steps_and_errors(tiny_model, library):

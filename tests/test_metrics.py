@@ -180,18 +180,14 @@ def test_evaluate_writes_table_1(tiny_model, trained):
     assert seen == sorted(seen) and seen[-1] == 1.0
     assert PAPER_TABLE["SD+TI"] == (0.8077, 0.1611)
 
-
-def test_evaluate_numbers_follow_from_the_saved_images(tiny_model, trained):
-    lib, concept, run_dir = trained
-    result = evaluate(tiny_model, lib, "cat", images=2, clip="builtin:tiny", sample_steps=2)
+    # The numbers follow from the saved images.
     clip = load_clip("builtin:tiny")
-    eval_dir = run_dir / "eval" / result["id"]
 
     def embs(folder):
         return clip.images([Image.open(p).convert("RGB") for p in sorted((eval_dir / "images" / folder).glob("*.png"))])
 
     train = clip.images([Image.open(p).convert("RGB") for p in concept.images])
-    ti = result["rows"][1]
+    ti = table["rows"][1]
     assert ti["reconstruction"] == pytest.approx(reconstruction(embs("ti/reconstruction"), train), abs=1e-6)
     texts = clip.texts([without_placeholder(p) for p in result["prompts"]])
     sets = [embs(f"ti/edit-{i}") for i in (1, 2, 3)]

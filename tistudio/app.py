@@ -1,0 +1,357 @@
+"""The studio: `tistudio` with no command.
+
+    StudioApp(home, model)      four screens as Textual modes (keys 1-4), help on ?,
+                                every action in the command palette (ctrl+p)
+    run_app()                   what `tistudio` runs: config → images → app
+
+The App owns the `EngineBridge` (all engine traffic, in App-owned workers) and the
+`StudioState` the screens draw from.  Bridge messages land in the handlers below,
+update the state and go out to the screens on the `changed` signal, whose payload
+says what changed ("engine", "status", "jobs", "run:<id>", "library", "metrics",
+"submitted:<origin>:<run id>", "tokenizer", "images").
+
+Imports no torch: nothing here or in the screens does; GPU work is the engine's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Iterable
+
+from textual import work
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import ModalScreen, Screen
+from textual.signal import Signal
+
+from engine.jobs import FINAL
+from engine.paths import home_dir
+from tistudio.config import DEFAULT_THEME, PROTOCOLS, Config
+from tistudio.engine_bridge import (
+    BridgeNotice, CommandFinished, EngineBridge, EngineSnapshot, EngineStateChanged, JobSubmitted, RunEvents,
+    StudioState, one_line,
+)
+from tistudio.screens.generate import GenerateScreen
+from tistudio.screens.help import HelpScreen
+from tistudio.screens.library import LibraryScreen
+from tistudio.screens.metrics import MetricsScreen
+from tistudio.screens.train import TrainScreen
+from tistudio.themes import load_themes, theme_dirs
+
+SCREEN_NAMES = {"library": "Library", "train": "Train", "generate": "Generate", "metrics": "Metrics"}
+
+
+class StudioApp(App):
+    CSS_PATH = "studio.tcss"
+    TITLE = "tistudio"
+    MODES = {"library": LibraryScreen, "train": TrainScreen, "generate": GenerateScreen, "metrics": MetricsScreen}
+    DEFAULT_MODE = "library"
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
+    BINDINGS = [
+        Binding("1", "show_screen('library')", "Library", show=False),
+        Binding("2", "show_screen('train')", "Train", show=False),
+        Binding("3", "show_screen('generate')", "Generate", show=False),
+        Binding("4", "show_screen('metrics')", "Metrics", show=False),
+        Binding("question_mark", "help", "Help", key_display="?"),
+        Binding("q", "quit", "Quit"),
+    ]
+
+    def __init__(self, home: os.PathLike | str | None = None, model: str | None = None, *, engine: bool = True,
+                 image_protocol: str | None = None, clip: str | None = None, eval_images: int | None = None,
+                 add_sample: bool = True, config: Config | None = None, theme: str | None = None,
+                 poll_seconds: float | None = None):
+        """`home`/`model`: the data directory and model spec (default: --home/$TISTUDIO_HOME and
+        $TISTUDIO_MODEL or builtin:tiny).  `engine=False` never starts or asks the engine (the
+        studio reads the data directory alone; snapshot tests use it).  `clip`/`eval_images`:
+        what evaluations use (tests: builtin:tiny, 2).  `theme` overrides the config's theme."""
+        from engine.models import resolve_spec
+
+        super().__init__()
+        self.home = home_dir(home)
+        self.model = resolve_spec(model)
+        self.config = config or Config.load()
+        self.image_protocol = image_protocol or self.config.effective_protocol()
+        self.clip = clip or os.environ.get("TISTUDIO_CLIP") or None
+        self.eval_images = eval_images
+        self.add_sample = add_sample
+        self._theme_override = theme
+        self.state = StudioState()
+        self.changed: Signal[str] = Signal(self, "changed")
+        self.bridge = EngineBridge(self, self.home, enabled=engine,
+                                   **({"poll_seconds": poll_seconds} if poll_seconds else {}))
+        self.tokenizer = None
+        self.selected_concept: str | None = None
+        self.prompt_hint: str | None = None
+        self.watched: set[str] = set()
+        self.started_at = time.monotonic()
+        self.first_screen_at: float | None = None
+        self._theme_problems: list[str] = []
+
+    # -- start-up
+
+    def on_load(self) -> None:
+        themes, self._theme_problems = load_themes()
+        for theme in themes:
+            self.register_theme(theme)
+        if self.add_sample:
+            from tistudio.samples import ensure_sample_concept
+
+            try:
+                added = ensure_sample_concept(self.home)
+            except Exception:  # noqa: BLE001 - the sample is a courtesy, never a reason not to open
+                added = None
+            if added:
+                self.selected_concept = added
+
+    def on_mount(self) -> None:
+        wanted = self._theme_override or self.config.theme
+        self.theme = wanted if wanted in self.available_themes else DEFAULT_THEME
+        self.theme_changed_signal.subscribe(self, self._theme_changed)
+        for problem in self._theme_problems + ([self.config.problem] if self.config.problem else []):
+            self.notify(problem, severity="warning", title="Settings")
+        self.bridge.start()
+        self._load_tokenizer()
+        self.call_after_refresh(self._first_screen)
+
+    def _first_screen(self) -> None:
+        self.first_screen_at = time.monotonic()
+
+    @work(thread=True, group="tokenizer", exit_on_error=False)
+    def _load_tokenizer(self) -> None:
+        from engine.models import load_tokenizer
+
+        try:
+            tokenizer = load_tokenizer(self.model)
+        except Exception as exc:  # noqa: BLE001 - the live check is a help, not a requirement
+            message = f"cannot load the tokenizer of {self.model} ({one_line(exc, 160)}); initializers are checked " \
+                      "when the concept is created"
+            self._from_thread(self.notify, message, severity="warning")
+            return
+        self._from_thread(self._tokenizer_ready, tokenizer)
+
+    def _from_thread(self, callback, *args, **kwargs) -> None:
+        try:
+            self.call_from_thread(callback, *args, **kwargs)
+        except RuntimeError:
+            pass  # the app has gone meanwhile
+
+    def _tokenizer_ready(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.changed.publish("tokenizer")
+
+    def _theme_changed(self, theme) -> None:
+        if self.config.theme != theme.name:
+            self.config.theme = theme.name
+            self._save_config()
+
+    def _save_config(self) -> None:
+        try:
+            self.config.save()
+        except OSError as exc:
+            self.notify(f"cannot save settings: {one_line(exc)}", severity="warning")
+
+    # -- bridge messages → state → screens
+
+    def on_engine_state_changed(self, message: EngineStateChanged) -> None:
+        previous = self.state.engine
+        self.state.engine, self.state.engine_detail = message.state, message.detail
+        self.changed.publish("engine")
+        if message.state == "online" and previous != "online":
+            for run_id in list(self.watched):
+                track = self.state.tracks.get(run_id)
+                if track is None or not track.complete:
+                    self.bridge.follow(run_id)
+
+    def on_engine_snapshot(self, message: EngineSnapshot) -> None:
+        if message.status is not None:
+            self.state.status = message.status
+            self.changed.publish("status")
+        if message.jobs is None:
+            return
+        before = {j.get("id"): j.get("status") for j in self.state.jobs}
+        self.state.jobs = message.jobs
+        finished_kinds = set()
+        for job in message.jobs:
+            old, new = before.get(job.get("id")), job.get("status")
+            if old is not None and old != new and new in FINAL:
+                finished_kinds.add(job.get("kind"))
+                self._announce(job)
+            if new == "running" or (job.get("id") in self.watched and new not in FINAL):
+                self.watch_run(job["id"])
+        self.changed.publish("jobs")
+        if finished_kinds & {"train", "eval", "experiment"} or len(before) != len(message.jobs):
+            self.changed.publish("library")
+        if finished_kinds & {"eval", "experiment"}:
+            self.changed.publish("metrics")
+
+    def _announce(self, job: dict) -> None:
+        status, kind = job.get("status"), job.get("kind")
+        what = f"{kind} {job.get('concept') or ''} ({job.get('id')})".replace("  ", " ")
+        if status == "done":
+            self.notify(f"{what} finished.", title="Engine")
+        elif status == "failed":
+            self.notify(f"{what} failed: {job.get('error') or 'see the run'}", severity="error", title="Engine",
+                        timeout=10)
+        elif status == "interrupted":
+            self.notify(f"{what} was interrupted: {job.get('error') or ''} (resume it on 2 Train)",
+                        severity="warning", title="Engine")
+
+    def on_run_events(self, message: RunEvents) -> None:
+        track = self.state.track(message.run_id)
+        was_final = track.status in FINAL
+        track.apply(message.events)
+        if message.ended and track.status in FINAL:
+            track.complete = True
+        self.changed.publish(f"run:{message.run_id}")
+        if track.status in FINAL and not was_final:
+            self.bridge.poll_now()
+            self.bridge.refresh_offline() if not self.bridge.enabled else None
+
+    def on_job_submitted(self, message: JobSubmitted) -> None:
+        self.watched.add(message.run_id)
+        verb = "resumed" if message.resumed else "queued"
+        what = message.kind or "run"
+        self.notify(f"{what} {message.concept or ''} {verb}: {message.run_id}".replace("  ", " "), title="Engine")
+        self.changed.publish(f"submitted:{message.origin or message.kind}:{message.run_id}")
+
+    def on_bridge_notice(self, message: BridgeNotice) -> None:
+        self.notify(message.text, severity=message.severity, title=message.title or "Engine",
+                    timeout=10 if message.severity == "error" else 5)
+
+    def on_command_finished(self, message: CommandFinished) -> None:
+        if message.returncode == 0:
+            if message.origin == "import":
+                self.notify("Embedding imported.", title="Library")
+                self.library_changed()
+            elif message.origin == "export":
+                self.notify(f"Exported: {message.stdout.strip().splitlines()[-1] if message.stdout.strip() else 'done'}",
+                            title="Library")
+            return
+        lines = [ln for ln in message.stderr.strip().splitlines() if ln.strip()]
+        text = lines[-1] if lines else f"exit code {message.returncode}"
+        self.notify(text.removeprefix("tistudio: error: "), severity="error", title=message.origin.capitalize(),
+                    timeout=10)
+
+    # -- used by the screens
+
+    def watch_run(self, run_id: str) -> None:
+        """Make sure `run_id`'s events are (being) read: history, then live."""
+        self.watched.add(run_id)
+        track = self.state.tracks.get(run_id)
+        if track is not None and track.complete:
+            return
+        self.bridge.follow(run_id)
+
+    def library_changed(self) -> None:
+        self.changed.publish("library")
+        self.bridge.poll_now()
+        self.bridge.refresh_offline()
+
+    def describe_settings(self) -> list[str]:
+        from tistudio.config import config_path
+        from tistudio.widgets.images import resolved_protocol
+
+        try:
+            resolved = resolved_protocol(self.image_protocol)
+        except Exception:  # noqa: BLE001
+            resolved = self.image_protocol
+        return [
+            f"data home: {self.home}",
+            f"model: {self.model}",
+            f"settings: {config_path()}",
+            f"themes: {', '.join(str(d) for d in theme_dirs())}",
+            f"images: {self.image_protocol}" + (f" (using {resolved})" if resolved != self.image_protocol else "")
+            + "  — set TISTUDIO_IMAGE_PROTOCOL=auto|kitty|sixel|halfblock or image_protocol in the settings file",
+            f"engine: {self.state.engine} {self.state.engine_detail}".rstrip(),
+        ]
+
+    # -- actions
+
+    def _modal_open(self) -> bool:
+        return isinstance(self.screen, ModalScreen)
+
+    def action_show_screen(self, mode: str) -> None:
+        if mode not in self.MODES or self._modal_open():
+            return
+        if self.current_mode != mode:
+            self.switch_mode(mode)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen())
+
+    async def action_quit(self) -> None:
+        """Leave the studio; the engine and its runs keep going."""
+        await self.bridge.stop()
+        self.exit()
+
+    async def _screen_action(self, mode: str, action: str) -> None:
+        if self._modal_open():
+            self.pop_screen()
+        if self.current_mode != mode:
+            await self.switch_mode(mode)
+        await self.screen.run_action(action)
+
+    def set_image_protocol(self, protocol: str) -> None:
+        from tistudio.widgets.images import setup_images
+
+        self.config.image_protocol = protocol
+        self._save_config()
+        if protocol == "auto":
+            self.notify("Image protocol: auto (detected when the studio starts).", title="Images")
+            return
+        setup_images(protocol)
+        self.image_protocol = protocol
+        self.changed.publish("images")
+        self.notify(f"Images now use {protocol}.", title="Images")
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for key, (mode, name) in enumerate(SCREEN_NAMES.items(), start=1):
+            yield SystemCommand(f"Screen: {name}", f"Show the {name} screen (key {key})",
+                                lambda m=mode: self.action_show_screen(m))
+        actions = [
+            ("Library: new concept", "Create a concept from a folder of images", "library", "new_concept"),
+            ("Library: import embedding", "Import an embedding file as a concept", "library", "import_embedding"),
+            ("Library: export concept", "Write the selected concept's embedding for other tools", "library",
+             "export_concept"),
+            ("Library: rename concept", "Rename the selected concept", "library", "rename_concept"),
+            ("Library: delete concept", "Delete the selected concept (asks first)", "library", "delete_concept"),
+            ("Train: start run", "Start a training run with the form's settings", "train", "start"),
+            ("Train: resume run", "Resume the selected failed, cancelled or interrupted run", "train", "resume"),
+            ("Train: cancel run", "Cancel the selected (or the running) run", "train", "cancel_run"),
+            ("Generate: generate images", "Generate with the prompt and settings on the Generate screen",
+             "generate", "generate"),
+            ("Generate: edit prompt", "Move to the prompt field", "generate", "edit_prompt"),
+            ("Metrics: evaluate concept", "Table 1 for the concept's latest finished run", "metrics", "evaluate"),
+            ("Metrics: steps experiment", "Reconstruction and editability over the run's checkpoints", "metrics",
+             "steps_experiment"),
+        ]
+        for title, help_text, mode, action in actions:
+            yield SystemCommand(title, help_text, lambda m=mode, a=action: self._screen_action(m, a))
+        for name in sorted(self.available_themes):
+            if name.startswith("tistudio"):
+                yield SystemCommand(f"Theme: {name}", "Switch to this theme (remembered)",
+                                    lambda n=name: setattr(self, "theme", n))
+        for protocol in PROTOCOLS:
+            yield SystemCommand(f"Images: {protocol}", "Draw images with this protocol (remembered)",
+                                lambda p=protocol: self.set_image_protocol(p))
+        yield SystemCommand("Help", "Keys and settings", self.action_help)
+
+
+def run_app(home: os.PathLike | str | None = None, model: str | None = None) -> int:
+    """Open the studio in this terminal; returns the exit code."""
+    from tistudio.widgets.images import setup_images
+
+    config = Config.load()
+    protocol = config.effective_protocol()
+    setup_images(protocol)  # before App.run: textual-image may ask the terminal what it supports
+    app = StudioApp(home, model, config=config, image_protocol=protocol)
+    app.run()
+    return app.return_code or 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_app())

@@ -1,0 +1,62 @@
+"""`?`: the keys of every screen, where settings live, what the image protocol is."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Label, Markdown
+
+HELP = """\
+**Anywhere** (when no text field has the focus; **Esc** leaves a field)
+
+| key | does |
+| --- | --- |
+| 1 2 3 4 | Library, Train, Generate, Metrics |
+| ? | this help |
+| ctrl+p | command palette: every action, themes, image protocol |
+| q | quit (runs keep going in the engine) |
+| tab / shift+tab | move between fields |
+
+**1 Library**: n new concept · i import an embedding · x export · r rename ·
+d delete · t train the selected concept · g generate with it · m its metrics
+
+**2 Train**: s start a run with the form's settings · r resume the selected
+run · c cancel it · enter on a run shows its history · f edit the form
+
+**3 Generate**: p edit the prompt (tab completes a concept's token) ·
+enter or g generates · SD on the left, SD+TI on the right
+
+**4 Metrics**: e evaluate the concept's latest run (Table 1) · x run the
+steps experiment (the curve over checkpoints) · c choose the concept
+
+Closing the studio never stops a run: the engine keeps it going, and the
+studio shows its whole history when it opens again.
+"""
+
+
+class HelpScreen(ModalScreen):
+    BINDINGS = [Binding("escape", "close", "Close"), Binding("question_mark", "close", "Close", show=False),
+                Binding("q", "close", "Close", show=False)]
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; background: $background 60%; }
+    HelpScreen > #help { width: 84; max-width: 100%; height: 100%; max-height: 40; border: round $primary;
+                         background: $surface; padding: 0 1; }
+    HelpScreen #help-title { text-style: bold; color: $primary; height: 1; }
+    HelpScreen #help-info { color: $text-muted; height: auto; }
+    """
+
+    def compose(self) -> ComposeResult:
+        app = self.app
+        info = []
+        if hasattr(app, "describe_settings"):
+            info = app.describe_settings()
+        with Vertical(id="help"):
+            yield Label("tistudio — help (Esc closes)", id="help-title")
+            with VerticalScroll():
+                yield Markdown(HELP)
+                yield Label("\n".join(info), id="help-info", markup=False)
+
+    def action_close(self) -> None:
+        self.dismiss(None)

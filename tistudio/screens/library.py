@@ -1,0 +1,346 @@
+"""1 Library: the concepts, with thumbnails of their training images; create, import,
+export, rename, delete.  Reads the library straight from disk (no engine needed)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import DataTable, Static
+
+from tistudio.engine_bridge import one_line
+from tistudio.screens.base import StudioScreen
+from tistudio.screens.modals import ConfirmModal, ExportModal, ImportModal, NewConceptModal, TextModal
+from tistudio.widgets.images import ImagePreview
+
+MAX_THUMBS = 8
+
+
+@dataclass
+class ConceptRow:
+    name: str
+    token: str
+    init: str
+    property: str
+    description: str
+    path: Path
+    images: list[Path]
+    runs: list[dict] = field(default_factory=list)  # train runs, oldest first
+    best_reconstruction: float | None = None
+    problem: str | None = None
+
+    @property
+    def done_runs(self) -> list[dict]:
+        return [r for r in self.runs if r.get("status") == "done"]
+
+
+def eval_tables(concept_path: Path) -> list[dict]:
+    """Every Table 1 written for the concept (`runs/<run>/eval/<id>/table.json`), oldest first."""
+    tables = []
+    for path in sorted(Path(concept_path).glob("runs/*/eval/*/table.json")):
+        try:
+            table = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(table, dict):
+            table.setdefault("dir", str(path.parent))
+            tables.append(table)
+    tables.sort(key=lambda t: (str(t.get("id", "")), t.get("dir", "")))
+    return tables
+
+
+def ti_reconstruction(table: dict) -> float | None:
+    for row in table.get("rows", []):
+        if row.get("model") == "SD+TI" and isinstance(row.get("reconstruction"), (int, float)):
+            return float(row["reconstruction"])
+    return None
+
+
+def read_library(home: Path) -> list[ConceptRow]:
+    from engine.embeddings import concept_runs
+    from engine.library import Library
+
+    rows = []
+    for concept in Library(home).list():
+        runs = [r for r in concept_runs(concept.path) if r.get("kind", "train") == "train"]
+        scores = [s for s in (ti_reconstruction(t) for t in eval_tables(concept.path)) if s is not None]
+        rows.append(ConceptRow(concept.name, concept.token, concept.init, concept.property, concept.description,
+                               concept.path, concept.images, runs, max(scores) if scores else None))
+    return rows
+
+
+class LibraryScreen(StudioScreen):
+    MODE = "library"
+    HOME_FOCUS = "#concepts"
+    AUTO_FOCUS = "#concepts"
+    BINDINGS = [
+        Binding("n", "new_concept", "New"),
+        Binding("i", "import_embedding", "Import"),
+        Binding("x", "export_concept", "Export"),
+        Binding("r", "rename_concept", "Rename"),
+        Binding("d", "delete_concept", "Delete"),
+        Binding("t", "train_concept", "Train"),
+        Binding("g", "generate_with", "Generate", show=False),
+        Binding("m", "concept_metrics", "Metrics", show=False),
+    ]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rows: list[ConceptRow] = []
+        self._shown: tuple | None = None
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="lib-body"):
+            table = DataTable(id="concepts", cursor_type="row", zebra_stripes=True)
+            table.border_title = "Concepts"
+            yield table
+            with VerticalScroll(id="concept-detail") as detail:
+                detail.border_title = "Concept"
+                yield Static("", id="detail-text")
+                yield Horizontal(id="thumbs")
+                yield Static("", id="detail-runs")
+
+    def on_mount(self) -> None:
+        table = self.query_one("#concepts", DataTable)
+        for key, label in (("name", "Name"), ("token", "Token"), ("init", "Init"), ("type", "Type"),
+                           ("images", "Imgs"), ("runs", "Runs"), ("best", "Best rec.")):
+            table.add_column(label, key=key)
+        super().on_mount()
+
+    # -- drawing
+
+    def redraw(self, what: set[str]) -> None:
+        if what & {"all", "library", "jobs"}:
+            self.reload()
+
+    def reload(self) -> None:
+        try:
+            rows = read_library(self.app.home)
+        except Exception as exc:  # noqa: BLE001 - a damaged library must not take the studio down
+            self.notify(f"cannot read the library: {one_line(exc)}", severity="error")
+            rows = []
+        signature = tuple((r.name, r.token, r.init, r.property, len(r.images), len(r.runs), r.best_reconstruction,
+                           r.description) for r in rows)
+        self.rows = rows
+        table = self.query_one("#concepts", DataTable)
+        if signature != getattr(self, "_signature", None):
+            self._signature = signature
+            current = self.selected_name() or self.app.selected_concept
+            table.clear()
+            for r in rows:
+                best = f"{r.best_reconstruction:.3f}" if r.best_reconstruction is not None else "–"
+                done = len(r.done_runs)
+                runs = f"{len(r.runs)}" + (f" ({done}✓)" if done and done != len(r.runs) else "")
+                table.add_row(r.name, r.token, r.init, r.property, str(len(r.images)), runs, best, key=r.name)
+            names = [r.name for r in rows]
+            if current in names:
+                table.move_cursor(row=names.index(current))
+        table.border_subtitle = f"{len(rows)} concept{'s' if len(rows) != 1 else ''}"
+        self.show_detail()
+
+    def selected_name(self) -> str | None:
+        table = self.query_one("#concepts", DataTable)
+        if not self.rows or table.row_count == 0:
+            return None
+        row = table.cursor_row
+        if 0 <= row < len(self.rows):
+            return self.rows[row].name
+        return None
+
+    def selected(self) -> ConceptRow | None:
+        name = self.selected_name()
+        return next((r for r in self.rows if r.name == name), None)
+
+    @on(DataTable.RowHighlighted, "#concepts")
+    def _highlighted(self) -> None:
+        name = self.selected_name()
+        if name:
+            self.app.selected_concept = name
+        self.show_detail()
+
+    @on(DataTable.RowSelected, "#concepts")
+    def _selected(self) -> None:
+        self.action_train_concept()
+
+    def show_detail(self) -> None:
+        row = self.selected()
+        text = self.query_one("#detail-text", Static)
+        runs_text = self.query_one("#detail-runs", Static)
+        key = (row.name, tuple(row.images), tuple((r.get("id"), r.get("status"), r.get("step")) for r in row.runs),
+               row.description, row.best_reconstruction) if row else None
+        if key == self._shown:
+            return
+        self._shown = key
+        thumbs = self.query_one("#thumbs", Horizontal)
+        thumbs.remove_children()
+        if row is None:
+            text.update("No concepts yet.  Press n to create one from a folder of 3-5 images,\n"
+                        "or i to import an embedding file.")
+            runs_text.update("")
+            return
+        self.query_one("#concept-detail").border_title = row.name
+        text.update(
+            f"[b]{row.token}[/b]  initializer [b]{row.init}[/b]  ({row.property})\n"
+            f"[dim]{_escape(row.description)}[/dim]\n"
+            f"{len(row.images)} training image{'s' if len(row.images) != 1 else ''} in "
+            f"[dim]{_escape(self._short(row.path / 'images'))}[/dim]")
+        thumbs.mount_all([ImagePreview(p, p.name, classes="thumb") for p in row.images[:MAX_THUMBS]])
+        if row.runs:
+            last = row.runs[-1]
+            best = f"best SD+TI reconstruction {row.best_reconstruction:.3f}" if row.best_reconstruction is not None \
+                else "not evaluated yet (4 Metrics, e)"
+            runs_text.update(f"{len(row.runs)} training run{'s' if len(row.runs) != 1 else ''}; latest "
+                             f"{last.get('id')} {last.get('status')} at step {last.get('step') or 0}"
+                             f"/{last.get('steps') or '?'}\n{best}")
+        else:
+            runs_text.update("Not trained yet: press t to train it.")
+
+    def _short(self, path: Path) -> str:
+        from tistudio.widgets.forms import shorten_path
+
+        return shorten_path(path, self.app.home)
+
+    # -- actions
+
+    def _need(self) -> ConceptRow | None:
+        row = self.selected()
+        if row is None:
+            self.notify("No concept selected: create one with n.", severity="warning")
+        return row
+
+    def _busy(self, name: str) -> bool:
+        active = [j for j in self.app.state.jobs if j.get("concept") == name and j.get("status") in ("queued",
+                                                                                                     "running")]
+        if active:
+            self.notify(f"{name} has {len(active)} job(s) queued or running; cancel them first (2 Train, c).",
+                        severity="error")
+        return bool(active)
+
+    def action_new_concept(self) -> None:
+        def done(name: str | None) -> None:
+            if name:
+                self.app.selected_concept = name
+                self.notify(f"Concept {name} created.", title="Library")
+                self.app.library_changed()
+
+        self.app.push_screen(NewConceptModal(self.app.home), done)
+
+    def action_import_embedding(self) -> None:
+        def done(values: dict | None) -> None:
+            if not values:
+                return
+            args = ["import", values["file"], "--json"]
+            if values.get("name"):
+                args += ["--name", values["name"]]
+            if values.get("style"):
+                args.append("--style")
+            self.notify(f"Importing {Path(values['file']).name}…", title="Library")
+            self.app.bridge.run_cli(args, origin="import")
+
+        self.app.push_screen(ImportModal(), done)
+
+    def action_export_concept(self) -> None:
+        row = self._need()
+        if row is None:
+            return
+        if not row.done_runs:
+            self.notify(f"{row.name} has no finished run to export; train it first (t).", severity="warning")
+            return
+        runs = [(f"{r['id']} ({r.get('steps') or '?'} steps)", r["id"]) for r in row.done_runs]
+        out = str(Path.cwd() / f"{row.name}.safetensors")
+
+        def done(values: dict | None) -> None:
+            if not values:
+                return
+            args = ["export", row.name, "--out", values["out"], "--format", values["format"], "--run", values["run"]]
+            if values.get("step") is not None:
+                args += ["--step", str(values["step"])]
+            self.app.bridge.run_cli(args, origin="export")
+
+        self.app.push_screen(ExportModal(row.name, runs, out), done)
+
+    def action_rename_concept(self) -> None:
+        row = self._need()
+        if row is None or self._busy(row.name):
+            return
+        from engine.errors import UserError
+        from engine.library import Library, validate_name
+
+        def check(value: str) -> str | None:
+            try:
+                validate_name(value)
+            except UserError as exc:
+                return str(exc)
+            return None
+
+        def done(new: str | None) -> None:
+            if not new or new == row.name:
+                return
+            try:
+                renamed = Library(self.app.home).rename(row.name, new, tokenizer=self.app.tokenizer)
+            except (UserError, OSError) as exc:
+                self.notify(one_line(exc), severity="error", title="Rename")
+                return
+            self.app.selected_concept = renamed.name
+            self.notify(f"{row.name} is now {renamed.name} ({renamed.token}).", title="Library")
+            self.app.library_changed()
+
+        self.app.push_screen(TextModal(f"Rename {row.name}", "New name", row.name, "Rename", check,
+                                       hint="Its images and runs come along; a default token follows the name."),
+                             done)
+
+    def action_delete_concept(self) -> None:
+        row = self._need()
+        if row is None or self._busy(row.name):
+            return
+        from engine.errors import UserError
+        from engine.library import Library
+
+        def done(yes: bool) -> None:
+            if not yes:
+                return
+            try:
+                Library(self.app.home).delete(row.name)
+            except (UserError, OSError) as exc:
+                self.notify(one_line(exc), severity="error", title="Delete")
+                return
+            self.notify(f"Deleted {row.name}.", title="Library")
+            self.app.library_changed()
+
+        runs = len(row.runs)
+        self.app.push_screen(ConfirmModal(
+            f"Delete {row.name}?",
+            f"This deletes {row.name} ({row.token}), its {len(row.images)} training images and its {runs} "
+            f"run{'s' if runs != 1 else ''} with every embedding they saved.  It cannot be undone.",
+            "Delete", danger=True), done)
+
+    def action_train_concept(self) -> None:
+        row = self._need()
+        if row:
+            self.app.selected_concept = row.name
+            self.app.action_show_screen("train")
+
+    def action_generate_with(self) -> None:
+        row = self._need()
+        if row:
+            self.app.selected_concept = row.name
+            self.app.prompt_hint = f"a photo of {row.token}" if row.property == "object" else \
+                f"a painting in the style of {row.token}"
+            self.app.action_show_screen("generate")
+
+    def action_concept_metrics(self) -> None:
+        row = self._need()
+        if row:
+            self.app.selected_concept = row.name
+            self.app.action_show_screen("metrics")
+
+
+def _escape(text: str) -> str:
+    from textual.markup import escape
+
+    return escape(text)

@@ -1,0 +1,262 @@
+"""4 Metrics: Table 1 for a concept (SD vs SD+TI reconstruction and editability, with the
+difference), the per-prompt detail, and the curve over checkpoints from the steps
+experiment; e starts an evaluation, x the steps experiment.  Reads the tables the engine
+wrote (`runs/<run>/eval/<id>/table.json`, `experiments/steps-*/curve.json`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Label, Select, Static
+
+from tistudio.screens.base import StudioScreen
+from tistudio.screens.library import eval_tables
+from tistudio.widgets.charts import CurveChart
+from tistudio.widgets.forms import shorten_path
+
+METRIC_JOBS = ("eval", "experiment")
+
+
+def steps_curves(concept_path: Path) -> list[dict]:
+    curves = []
+    for path in sorted(Path(concept_path).glob("experiments/steps-*/curve.json")):
+        try:
+            curve = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(curve, dict):
+            curve.setdefault("dir", str(path.parent))
+            curves.append(curve)
+    return curves
+
+
+def curve_points(curve: dict) -> list[dict]:
+    points = curve.get("points") or curve.get("curve") or []
+    return [p for p in points if isinstance(p, dict) and "step" in p]
+
+
+def _num(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
+
+
+def _diff(a, b) -> str:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return f"{b - a:+.4f}"
+    return "–"
+
+
+class MetricsScreen(StudioScreen):
+    MODE = "metrics"
+    HOME_FOCUS = "#table1"
+    AUTO_FOCUS = "#table1"
+    BINDINGS = [
+        Binding("e", "evaluate", "Evaluate"),
+        Binding("x", "steps_experiment", "Steps experiment"),
+        Binding("c", "choose_concept", "Concept", show=False),
+    ]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._concepts: tuple = ()
+        self._drawn: tuple | None = None
+        self.table: dict | None = None
+        self.curve: dict | None = None
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="metrics-top"):
+            yield Label("Concept", classes="gen-label")
+            yield Select([], id="metrics-concept", compact=True, prompt="(none)")
+            yield Static("", id="metrics-source")
+        with Horizontal(id="metrics-body"):
+            with Vertical(id="metrics-tables"):
+                table1 = DataTable(id="table1", cursor_type="row", zebra_stripes=False)
+                table1.border_title = "Table 1"
+                yield table1
+                detail = DataTable(id="per-prompt", cursor_type="row", zebra_stripes=True)
+                detail.border_title = "Editability per prompt"
+                yield detail
+            curve = CurveChart(id="curve")
+            curve.border_title = "Over checkpoints (steps experiment)"
+            yield curve
+        yield Static("", id="metrics-jobs")
+
+    def on_mount(self) -> None:
+        t1 = self.query_one("#table1", DataTable)
+        t1.add_column("Model", key="model")
+        t1.add_column("Reconstruction", key="rec")
+        t1.add_column("Editability", key="edit")
+        t1.add_column("Edit./image", key="edit_img")
+        pp = self.query_one("#per-prompt", DataTable)
+        pp.add_column("Prompt", key="prompt")
+        pp.add_column("SD", key="sd")
+        pp.add_column("SD+TI", key="ti")
+        pp.add_column("Δ", key="diff")
+        super().on_mount()
+
+    def concept(self) -> str | None:
+        value = self.query_one("#metrics-concept", Select).value
+        return value if isinstance(value, str) else None
+
+    # -- state → screen
+
+    def redraw(self, what: set[str]) -> None:
+        if what & {"all", "library"}:
+            self._refresh_concepts()
+        jobs = self._metric_jobs()
+        for job in jobs:
+            if job.get("status") in ("queued", "running"):
+                self.app.watch_run(job["id"])
+        if what & {"all", "library", "jobs", "metrics"} or any(w.startswith("submitted:") for w in what):
+            self._load()
+        self._draw_jobs(jobs)
+
+    def _refresh_concepts(self) -> None:
+        from engine.library import Library
+
+        try:
+            names = tuple(c.name for c in Library(self.app.home).list())
+        except Exception:  # noqa: BLE001
+            names = ()
+        select = self.query_one("#metrics-concept", Select)
+        if names != self._concepts:
+            self._concepts = names
+            select.set_options([(n, n) for n in names])
+        wanted = self.app.selected_concept
+        if wanted in names and select.value != wanted:
+            select.value = wanted
+        elif select.value is Select.NULL and names:
+            select.value = names[0]
+
+    def _metric_jobs(self) -> list[dict]:
+        name = self.concept()
+        return [j for j in self.app.state.jobs if j.get("kind") in METRIC_JOBS and j.get("concept") == name]
+
+    def _load(self) -> None:
+        name = self.concept()
+        table = curve = None
+        if name:
+            path = self.app.home / "concepts" / name
+            tables = eval_tables(path)
+            table = tables[-1] if tables else None
+            curves = steps_curves(path)
+            curve = curves[-1] if curves else None
+            # a finished job's own result, if the disk has nothing newer (or nothing)
+            for job in self._metric_jobs():
+                result = job.get("result") or {}
+                if job.get("kind") == "eval" and isinstance(result.get("table"), dict) and table is None:
+                    table = result["table"]
+                if job.get("kind") == "experiment" and curve is None and (result.get("points") or
+                                                                           result.get("curve")):
+                    curve = result
+        key = (name, json.dumps(table, sort_keys=True, default=str)[:100000] if table else None,
+               json.dumps(curve, sort_keys=True, default=str)[:100000] if curve else None)
+        if key == self._drawn:
+            return
+        self._drawn = key
+        self.table, self.curve = table, curve
+        self._draw_table(name, table)
+        self.query_one("#curve", CurveChart).set_points(curve_points(curve) if curve else [])
+
+    def _draw_table(self, name: str | None, table: dict | None) -> None:
+        t1 = self.query_one("#table1", DataTable)
+        pp = self.query_one("#per-prompt", DataTable)
+        t1.clear()
+        pp.clear()
+        source = self.query_one("#metrics-source", Static)
+        if not table:
+            source.update("no evaluation yet: press e to evaluate" if name else "no concept: create one on 1")
+            return
+        rows = {r.get("model"): r for r in table.get("rows", []) if isinstance(r, dict)}
+        sd, ti = rows.get("SD", {}), rows.get("SD+TI", {})
+        for label, row in (("SD", sd), ("SD+TI", ti)):
+            t1.add_row(label, _num(row.get("reconstruction")), _num(row.get("editability")),
+                       _num(row.get("editability_per_image")), key=label)
+        t1.add_row("Δ (TI − SD)", _diff(sd.get("reconstruction"), ti.get("reconstruction")),
+                   _diff(sd.get("editability"), ti.get("editability")),
+                   _diff(sd.get("editability_per_image"), ti.get("editability_per_image")), key="diff")
+        for i, p in enumerate(table.get("per_prompt", [])):
+            if not isinstance(p, dict):
+                continue
+            a = (p.get("SD") or {}).get("editability")
+            b = (p.get("SD+TI") or {}).get("editability")
+            pp.add_row(p.get("clip_text") or p.get("prompt") or f"prompt {i + 1}", _num(a), _num(b), _diff(a, b),
+                       key=str(i))
+        step = "final" if table.get("final", True) else f"step {table.get('step')}"
+        where = shorten_path(table["dir"], self.app.home) if table.get("dir") else ""
+        clip = (table.get("clip") or {}).get("name") if isinstance(table.get("clip"), dict) else table.get("clip")
+        source.update(f"run {table.get('run', '?')} ({step}) · {table.get('images_per_set', '?')} images/set"
+                      + (f" · CLIP {clip}" if clip else "") + (f" · {where}" if where else ""))
+
+    def _draw_jobs(self, jobs: list[dict]) -> None:
+        line = self.query_one("#metrics-jobs", Static)
+        active = [j for j in jobs if j.get("status") in ("queued", "running")]
+        if active:
+            parts = []
+            for j in active:
+                track = self.app.state.tracks.get(j["id"])
+                progress = f" {track.progress:.0%}" if track and track.progress is not None else ""
+                what = "evaluation" if j.get("kind") == "eval" else "steps experiment"
+                parts.append(f"{what} {j['id']}: {j.get('status')}{progress}")
+            line.update(" · ".join(parts))
+            return
+        failed = [j for j in jobs[-1:] if j.get("status") == "failed"]
+        if failed:
+            line.update(f"[red]last {failed[0].get('kind')} failed: {_escape(failed[0].get('error') or '')}[/red]")
+        else:
+            line.update("e: evaluate the latest finished run · x: steps experiment over its saved checkpoints")
+
+    @on(Select.Changed, "#metrics-concept")
+    def _concept_changed(self, event: Select.Changed) -> None:
+        if isinstance(event.value, str):
+            self.app.selected_concept = event.value
+            self._load()
+            self._draw_jobs(self._metric_jobs())
+
+    # -- user → engine
+
+    def _latest_done_run(self, name: str) -> str | None:
+        from engine.embeddings import concept_runs
+
+        runs = [r for r in concept_runs(self.app.home / "concepts" / name)
+                if r.get("status") == "done" and r.get("kind", "train") == "train"]
+        return runs[-1]["id"] if runs else None
+
+    def _common(self) -> dict | None:
+        name = self.concept()
+        if not name:
+            self.notify("Choose a concept first.", severity="warning")
+            return None
+        run = self._latest_done_run(name)
+        if not run:
+            self.notify(f"{name} has no finished training run yet; train it on 2 Train.", severity="warning")
+            return None
+        params = {"run": run, "model": self.app.model}
+        if self.app.clip:
+            params["clip"] = self.app.clip
+        if self.app.eval_images:
+            params["images"] = self.app.eval_images
+        return params
+
+    def action_evaluate(self) -> None:
+        params = self._common()
+        if params is not None:
+            self.app.bridge.submit("eval", self.concept(), params, origin="eval")
+
+    def action_steps_experiment(self) -> None:
+        params = self._common()
+        if params is not None:
+            self.app.bridge.submit("experiment", self.concept(), {"kind": "steps", **params}, origin="experiment")
+
+    def action_choose_concept(self) -> None:
+        self.query_one("#metrics-concept", Select).focus()
+
+
+def _escape(text: str) -> str:
+    from textual.markup import escape
+
+    return escape(str(text))

@@ -1,0 +1,314 @@
+"""Modal dialogs: confirm, one text value, new concept, import, export, error details.
+
+Each fits an 80×24 terminal (one-line compact fields) and answers through
+`dismiss(result)`; Escape cancels (result None / False).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.widgets import Button, Input, Label, Select, Static
+
+from tistudio.widgets.forms import FieldRow, PathSuggester
+
+
+class _Dialog(ModalScreen):
+    BINDINGS = [Binding("escape", "cancel", "Cancel")]
+    DEFAULT_CSS = """
+    _Dialog { align: center middle; background: $background 60%; }
+    _Dialog > #dialog { width: 72; max-width: 100%; height: auto; max-height: 100%; border: round $primary;
+                        background: $surface; padding: 0 1; }
+    _Dialog #dialog-title { text-style: bold; color: $primary; width: 100%; height: 1; margin-bottom: 1; }
+    _Dialog .dialog-text { width: 100%; height: auto; margin-bottom: 1; }
+    _Dialog .dialog-hint { width: 100%; height: auto; color: $text-muted; }
+    _Dialog .dialog-error { width: 100%; height: auto; color: $error; }
+    _Dialog .dialog-ok { width: 100%; height: auto; color: $success; }
+    _Dialog #dialog-buttons { height: auto; width: 100%; align-horizontal: right; margin-top: 1; }
+    _Dialog #dialog-buttons Button { margin-left: 2; }
+    _Dialog VerticalScroll { height: auto; max-height: 16; }
+    """
+    cancel_result: object = None
+
+    def action_cancel(self) -> None:
+        self.dismiss(self.cancel_result)
+
+    def buttons(self, ok: str, variant: str = "primary") -> Horizontal:
+        return Horizontal(Button(ok, variant=variant, id="ok", compact=True),
+                          Button("Cancel", id="cancel", compact=True), id="dialog-buttons")
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel_pressed(self) -> None:
+        self.action_cancel()
+
+
+class ConfirmModal(_Dialog):
+    """Yes or no; `dismiss(True)` only on the confirm button."""
+
+    cancel_result = False
+
+    def __init__(self, title: str, message: str, confirm: str = "OK", danger: bool = False):
+        super().__init__()
+        self._title, self._message, self._confirm, self._danger = title, message, confirm, danger
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self._title, id="dialog-title")
+            yield Static(self._message, classes="dialog-text", markup=False)
+            yield self.buttons(self._confirm, "error" if self._danger else "primary")
+
+    def on_mount(self) -> None:
+        self.query_one("#cancel" if self._danger else "#ok").focus()
+
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        self.dismiss(True)
+
+
+class MessageModal(_Dialog):
+    """Details of an error that does not fit a notification (e.g. the engine's log tail)."""
+
+    def __init__(self, title: str, message: str):
+        super().__init__()
+        self._title, self._message = title, message
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self._title, id="dialog-title")
+            with VerticalScroll():
+                yield Static(self._message, classes="dialog-text", markup=False)
+            yield Horizontal(Button("Close", id="cancel", variant="primary", compact=True), id="dialog-buttons")
+
+    def on_mount(self) -> None:
+        self.query_one("#cancel").focus()
+
+
+class TextModal(_Dialog):
+    """One text value (rename): `dismiss(str)`; `check(value)` may return an error to show."""
+
+    def __init__(self, title: str, label: str, value: str = "", ok: str = "OK", check=None, hint: str = ""):
+        super().__init__()
+        self._title, self._label, self._value, self._ok_label, self._check, self._hint = (
+            title, label, value, ok, check, hint)
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(self._title, id="dialog-title")
+            yield FieldRow(self._label, Input(self._value, id="value", compact=True))
+            yield Static(self._hint, classes="dialog-hint", id="hint")
+            yield Static("", classes="dialog-error", id="error")
+            yield self.buttons(self._ok_label)
+
+    def on_mount(self) -> None:
+        self.query_one("#value", Input).focus()
+
+    @on(Input.Submitted, "#value")
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        value = self.query_one("#value", Input).value.strip()
+        problem = self._check(value) if self._check else None
+        if problem:
+            self.query_one("#error", Static).update(problem)
+            return
+        self.dismiss(value)
+
+
+class NewConceptModal(_Dialog):
+    """Create a concept: name, image folder, initializer (checked live as one token), type, description.
+
+    Dismisses with the new concept's name once the library has it."""
+
+    def __init__(self, home: Path, folder: str = ""):
+        super().__init__()
+        self.home = home
+        self._folder = folder
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("New concept", id="dialog-title")
+            yield FieldRow("Name", Input(placeholder="e.g. my-cat", id="name", compact=True))
+            yield FieldRow("Image folder", Input(self._folder, placeholder="folder with 3-5 images", id="folder",
+                                                 compact=True, suggester=PathSuggester(dirs_only=True)))
+            yield FieldRow("Initializer", Input(placeholder="one word, e.g. cat", id="init", compact=True))
+            yield Static("", classes="dialog-hint", id="init-check")
+            yield FieldRow("Type", Select([("object", "object"), ("style", "style")], value="object",
+                                         allow_blank=False, id="property", compact=True))
+            yield FieldRow("Description", Input(placeholder="words SD uses instead of the token (optional)",
+                                                id="description", compact=True))
+            yield Static("The token will be <name>.  Tab moves between fields.", classes="dialog-hint",
+                         id="token-hint")
+            yield Static("", classes="dialog-error", id="error")
+            yield self.buttons("Create")
+
+    def on_mount(self) -> None:
+        self.query_one("#name", Input).focus()
+        self.app.changed.subscribe(self, self._on_changed)
+
+    def _on_changed(self, what: str) -> None:
+        if what == "tokenizer":
+            self._check_init()
+
+    @on(Input.Changed, "#name")
+    def _name_changed(self, event: Input.Changed) -> None:
+        from engine.library import default_token
+
+        name = event.value.strip()
+        self.query_one("#token-hint", Static).update(
+            f"The token will be {default_token(name)}." if name else "The token will be <name>.")
+
+    @on(Input.Changed, "#init")
+    def _init_changed(self) -> None:
+        self._check_init()
+
+    def _check_init(self) -> bool:
+        """Show whether the initializer is one token; True if it is (or cannot be checked yet)."""
+        label = self.query_one("#init-check", Static)
+        word = self.query_one("#init", Input).value.strip()
+        label.remove_class("dialog-error", "dialog-ok")
+        label.add_class("dialog-hint")
+        if not word:
+            label.update("")
+            return False
+        tokenizer = getattr(self.app, "tokenizer", None)
+        if tokenizer is None:
+            label.update("checking… (the tokenizer is loading)")
+            return True
+        from engine.errors import UserError
+        from engine.library import check_initializer
+
+        try:
+            token_id = check_initializer(tokenizer, word)
+        except UserError as exc:
+            label.remove_class("dialog-hint")
+            label.add_class("dialog-error")
+            label.update(f"✗ {exc}")
+            return False
+        label.remove_class("dialog-hint")
+        label.add_class("dialog-ok")
+        label.update(f"✓ {word!r} is a single token (id {token_id})")
+        return True
+
+    @on(Input.Submitted)
+    def _submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "description":
+            self._create()
+        else:
+            self.focus_next()
+
+    @on(Button.Pressed, "#ok")
+    def _create(self) -> None:
+        values = {
+            "name": self.query_one("#name", Input).value.strip(),
+            "folder": self.query_one("#folder", Input).value.strip(),
+            "init": self.query_one("#init", Input).value.strip(),
+            "property": self.query_one("#property", Select).value,
+            "description": self.query_one("#description", Input).value.strip() or None,
+        }
+        error = self.query_one("#error", Static)
+        if not values["name"]:
+            error.update("Give the concept a name.")
+            return
+        if not values["folder"]:
+            error.update("Give the folder that holds the training images.")
+            return
+        if not values["init"]:
+            error.update("Give an initializer word (one token, e.g. cat).")
+            return
+        error.update("creating…")
+        self.query_one("#ok", Button).disabled = True
+        self._add(values)
+
+    @work(thread=True, exclusive=True, group="new-concept")
+    def _add(self, values: dict) -> None:
+        from engine.errors import UserError
+        from engine.library import Library
+
+        try:
+            concept = Library(self.home).add(
+                values["name"], Path(values["folder"]).expanduser(), values["init"],
+                property=values["property"], description=values["description"],
+                tokenizer=getattr(self.app, "tokenizer", None))
+        except (UserError, OSError) as exc:
+            self.app.call_from_thread(self._failed, str(exc))
+            return
+        self.app.call_from_thread(self.dismiss, concept.name)
+
+    def _failed(self, message: str) -> None:
+        self.query_one("#error", Static).update(message)
+        self.query_one("#ok", Button).disabled = False
+
+
+class ImportModal(_Dialog):
+    """Import an embedding file (diffusers, A1111, kohya, OneTrainer): `dismiss({"file", "name", "style"})`."""
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label("Import an embedding", id="dialog-title")
+            yield FieldRow("File", Input(placeholder="path/to/embedding.safetensors|.pt|.bin", id="file",
+                                         compact=True, suggester=PathSuggester(
+                                             suffixes=(".safetensors", ".pt", ".bin", ".ckpt"))))
+            yield FieldRow("Name", Input(placeholder="(default: from the file)", id="name", compact=True))
+            yield FieldRow("Type", Select([("object", "object"), ("style", "style")], value="object",
+                                         allow_blank=False, id="property", compact=True))
+            yield Static("The file is read by `tistudio import` in a separate process.", classes="dialog-hint")
+            yield Static("", classes="dialog-error", id="error")
+            yield self.buttons("Import")
+
+    def on_mount(self) -> None:
+        self.query_one("#file", Input).focus()
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        file = self.query_one("#file", Input).value.strip()
+        if not file or not Path(file).expanduser().is_file():
+            self.query_one("#error", Static).update("Give the path of an existing embedding file.")
+            return
+        self.dismiss({"file": str(Path(file).expanduser()), "name": self.query_one("#name", Input).value.strip(),
+                      "style": self.query_one("#property", Select).value == "style"})
+
+
+class ExportModal(_Dialog):
+    """Write a concept's embedding for other tools: `dismiss({"out", "format", "run", "step", "force"})`."""
+
+    FORMATS = [("diffusers (.safetensors)", "diffusers"), ("A1111 (.pt/.safetensors)", "a1111"),
+               ("kohya (.safetensors)", "kohya")]
+
+    def __init__(self, concept: str, runs: list[tuple[str, str]], default_out: str):
+        super().__init__()
+        self.concept, self.runs, self.default_out = concept, runs, default_out
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="dialog"):
+            yield Label(f"Export {self.concept}", id="dialog-title")
+            yield FieldRow("Run", Select(self.runs, value=self.runs[-1][1], allow_blank=False, id="run",
+                                        compact=True))
+            yield FieldRow("Step", Input(placeholder="(final)", id="step", compact=True))
+            yield FieldRow("Format", Select(self.FORMATS, value="diffusers", allow_blank=False, id="format",
+                                           compact=True))
+            yield FieldRow("Write to", Input(self.default_out, id="out", compact=True, suggester=PathSuggester()))
+            yield Static("", classes="dialog-error", id="error")
+            yield self.buttons("Export")
+
+    def on_mount(self) -> None:
+        self.query_one("#out", Input).focus()
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        out = self.query_one("#out", Input).value.strip()
+        step = self.query_one("#step", Input).value.strip()
+        error = self.query_one("#error", Static)
+        if not out:
+            error.update("Give the file to write.")
+            return
+        if step and not step.isdigit():
+            error.update("Step must be a whole number (or empty for the final embedding).")
+            return
+        self.dismiss({"out": str(Path(out).expanduser()), "format": self.query_one("#format", Select).value,
+                      "run": self.query_one("#run", Select).value, "step": int(step) if step else None})

@@ -1,0 +1,330 @@
+"""2 Train: the run form (the study's defaults), start/resume/cancel, and the live view of a
+run: loss (raw and smoothed), VRAM, steps/s, ETA, progress, the latest preview, the queue
+and past runs.  Everything shown comes from the run's events, so a run started before the
+studio opened shows its whole history and then follows live."""
+
+from __future__ import annotations
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widgets import Button, DataTable, Input, ProgressBar, Select, Static
+
+from tistudio.engine_bridge import fmt_duration, is_active
+from tistudio.screens.base import StudioScreen
+from tistudio.widgets.charts import LossChart, VramChart
+from tistudio.widgets.forms import FieldRow, parse_float, parse_int, shorten_path
+from tistudio.widgets.images import ImagePreview
+
+# The study's defaults (lr 5e-4, batch 1, AdamW; 1500-2400 steps recommended; saves every 500).
+DEFAULTS = {"steps": "2000", "lr": "5e-4", "seed": "0", "batch_size": "1", "save_every": "500",
+            "preview_every": "500", "warmup_steps": "0"}
+RESUMABLE = ("failed", "cancelled", "interrupted")
+STATUS_MARK = {"running": "▶", "queued": "…", "done": "✓", "failed": "✗", "cancelled": "■", "interrupted": "⚠"}
+
+
+class TrainScreen(StudioScreen):
+    MODE = "train"
+    HOME_FOCUS = "#runs"
+    AUTO_FOCUS = "#runs"
+    BINDINGS = [
+        Binding("s", "start", "Start"),
+        Binding("r", "resume", "Resume"),
+        Binding("c", "cancel_run", "Cancel run"),
+        Binding("f", "edit_form", "Form", show=False),
+    ]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.run_id: str | None = None
+        self.pinned = False  # the user chose a run: do not jump to another on our own
+        self._drawn: tuple | None = None
+        self._runs_sig: tuple | None = None
+        self._concepts: tuple = ()
+
+    def compose_body(self) -> ComposeResult:
+        with Horizontal(id="train-body"):
+            with Vertical(id="train-form") as form:
+                form.border_title = "New run"
+                with VerticalScroll(id="train-fields"):
+                    yield FieldRow("Concept", Select([], id="concept", compact=True, prompt="(none)"))
+                    yield FieldRow("Steps", Input(DEFAULTS["steps"], id="steps", compact=True, type="integer"))
+                    yield FieldRow("Learning rate", Input(DEFAULTS["lr"], id="lr", compact=True))
+                    yield FieldRow("Seed", Input(DEFAULTS["seed"], id="seed", compact=True, type="integer"))
+                    yield FieldRow("Batch size", Input(DEFAULTS["batch_size"], id="batch_size", compact=True,
+                                                       type="integer"))
+                    yield FieldRow("Initializer", Input("", id="init", compact=True, placeholder="(concept's)"))
+                    yield FieldRow("Save every", Input(DEFAULTS["save_every"], id="save_every", compact=True,
+                                                       type="integer"))
+                    yield FieldRow("Preview every", Input(DEFAULTS["preview_every"], id="preview_every",
+                                                          compact=True, type="integer"))
+                    yield FieldRow("Preview prompt", Input("", id="preview_prompt", compact=True,
+                                                           placeholder="(a photo of <token>)"))
+                    yield FieldRow("LR schedule", Select([(s, s) for s in ("constant", "warmup", "cosine")],
+                                                         value="constant", allow_blank=False, id="lr_schedule",
+                                                         compact=True))
+                    yield FieldRow("Warmup steps", Input(DEFAULTS["warmup_steps"], id="warmup_steps", compact=True,
+                                                         type="integer"))
+                    yield FieldRow("Precision", Select([(s, s) for s in ("auto", "fp32", "fp16", "bf16")],
+                                                       value="auto", allow_blank=False, id="precision",
+                                                       compact=True))
+                with Horizontal(id="train-buttons"):
+                    yield Button("Start", id="start", variant="primary", compact=True)
+                    yield Button("Resume", id="resume", compact=True)
+                    yield Button("Cancel", id="cancel", variant="error", compact=True)
+            with Vertical(id="train-live"):
+                yield Static("", id="run-title")
+                with Horizontal(id="run-progress"):
+                    yield ProgressBar(total=None, show_eta=False, id="progress")
+                    yield Static("", id="run-stats")
+                loss = LossChart(id="loss")
+                loss.border_title = "Loss"
+                yield loss
+                vram = VramChart(id="vram")
+                vram.border_title = "VRAM (GiB)"
+                yield vram
+                with Horizontal(id="train-bottom"):
+                    yield ImagePreview(None, "", empty="no preview yet", id="preview")
+                    runs = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+                    runs.border_title = "Queue and past runs"
+                    yield runs
+
+    def on_mount(self) -> None:
+        runs = self.query_one("#runs", DataTable)
+        for key, label in (("mark", " "), ("concept", "Concept"), ("status", "Status"), ("step", "Step"),
+                           ("id", "Run")):
+            runs.add_column(label, key=key)
+        super().on_mount()
+
+    # -- state → screen
+
+    def redraw(self, what: set[str]) -> None:
+        if what & {"all", "library"}:
+            self._refresh_concepts()
+        if what & {"all", "jobs", "engine"} or any(w.startswith("submitted:train") for w in what):
+            for w in what:
+                if w.startswith("submitted:train:"):
+                    self.run_id, self.pinned = w.split(":", 2)[2], False
+            self._refresh_runs()
+        self._pick_run()
+        self._draw_run()
+
+    def _refresh_concepts(self) -> None:
+        from engine.library import Library
+
+        try:
+            names = tuple(c.name for c in Library(self.app.home).list())
+        except Exception:  # noqa: BLE001
+            names = ()
+        select = self.query_one("#concept", Select)
+        if names != self._concepts:
+            self._concepts = names
+            select.set_options([(n, n) for n in names])
+        wanted = self.app.selected_concept
+        if wanted in names and select.value != wanted:
+            select.value = wanted
+        elif select.value is Select.NULL and names:
+            select.value = names[0]
+
+    def train_jobs(self) -> list[dict]:
+        """Running first, then the queue in order, then past runs newest first."""
+        state = self.app.state
+        jobs = state.jobs_of("train")
+        running = [j for j in jobs if j.get("status") == "running"]
+        queued = sorted((j for j in jobs if j.get("status") == "queued"),
+                        key=lambda j: (j.get("position") or 10 ** 6, j.get("created") or 0))
+        past = [j for j in reversed(jobs) if j.get("status") not in ("running", "queued")]
+        return running + queued + past
+
+    def _refresh_runs(self) -> None:
+        jobs = self.train_jobs()
+        sig = tuple((j.get("id"), j.get("status"), j.get("step"), j.get("position")) for j in jobs)
+        if sig == self._runs_sig:
+            return
+        same_rows = self._runs_sig is not None and tuple(s[0] for s in sig) == tuple(s[0] for s in self._runs_sig)
+        self._runs_sig = sig
+        table = self.query_one("#runs", DataTable)
+        rows = [(j["id"], self._cells(j)) for j in jobs]
+        if same_rows:
+            for run_id, cells in rows:
+                for column, value in zip(("mark", "concept", "status", "step", "id"), cells):
+                    table.update_cell(run_id, column, value)
+        else:
+            at = None
+            if table.row_count and 0 <= table.cursor_row < table.row_count:
+                at = table.coordinate_to_cell_key((table.cursor_row, 0)).row_key.value
+            keep = self.run_id if self.run_id else at
+            table.clear()
+            for run_id, cells in rows:
+                table.add_row(*cells, key=run_id)
+            ids = [r for r, _ in rows]
+            if keep in ids:
+                table.move_cursor(row=ids.index(keep), animate=False)
+        table.border_subtitle = f"{len(jobs)} run{'s' if len(jobs) != 1 else ''}"
+
+    @staticmethod
+    def _cells(j: dict) -> tuple:
+        status = j.get("status") or "?"
+        if status == "queued" and j.get("position"):
+            status = f"queued #{j['position']}"
+        step = f"{j.get('step') or 0}/{j.get('steps') or '?'}"
+        return (STATUS_MARK.get(j.get("status"), "?"), j.get("concept") or "", status, step, j["id"])
+
+    def _pick_run(self) -> None:
+        jobs = self.train_jobs()
+        ids = [j["id"] for j in jobs]
+        if self.run_id in ids and (self.pinned or is_active(self.app.state.job(self.run_id))):
+            pass
+        elif jobs and not self.pinned:
+            # follow what is running (or next in the queue), else the newest run
+            self.run_id = jobs[0]["id"]
+        if self.run_id:
+            self.app.watch_run(self.run_id)
+
+    def _draw_run(self) -> None:
+        state = self.app.state
+        run_id = self.run_id
+        job = state.job(run_id) or {}
+        track = state.tracks.get(run_id) if run_id else None
+        key = (run_id, track.version if track else None, job.get("status"), self.app.theme)
+        if key == self._drawn:
+            return
+        self._drawn = key
+        title = self.query_one("#run-title", Static)
+        stats = self.query_one("#run-stats", Static)
+        bar = self.query_one("#progress", ProgressBar)
+        if not run_id:
+            title.update("No runs yet: fill in the form and press s to start one.")
+            stats.update("")
+            bar.update(total=None, progress=0)
+            self.query_one("#loss", LossChart).set_data([], [])
+            self.query_one("#vram", VramChart).set_data([], [], [], None)
+            self.run_worker(self.query_one("#preview", ImagePreview).set_image(None, ""), group="preview")
+            return
+        status = (track.status if track and track.status else None) or job.get("status") or "?"
+        steps = (track.steps if track else None) or job.get("steps")
+        step = (track.step if track and track.xs else None) or job.get("step") or 0
+        mark = STATUS_MARK.get(status, "")
+        error = (track.error if track else None) or job.get("error")
+        title.update(f"[b]{job.get('concept') or (track.concept if track else '') or ''}[/b] · {run_id} · "
+                     f"{mark} {status}" + (f" — [red]{_escape(error)}[/red]" if error and status != "done" else ""))
+        bar.update(total=steps or None, progress=min(step, steps) if steps else 0)
+        parts = [f"{step}/{steps or '?'}"]
+        if track and track.steps_per_s and status == "running":
+            parts.append(f"{track.steps_per_s:.2f} it/s")
+            parts.append(f"ETA {fmt_duration(track.eta)}")
+        elif track and track.elapsed is not None:
+            parts.append(f"took {fmt_duration(track.elapsed)}" if status == "done" else
+                         f"{fmt_duration(track.elapsed)} in")
+        if track and track.loss:
+            smooth = track.smoothed_loss()
+            parts.append(f"loss {track.loss[-1]:.4f}" + (f" (~{smooth:.4f})" if smooth is not None else ""))
+        stats.update(" · ".join(parts))
+        if track:
+            self.query_one("#loss", LossChart).set_data(track.xs, track.loss)
+            self.query_one("#vram", VramChart).set_data(track.vram_steps, track.vram_allocated,
+                                                         track.vram_reserved, track.vram_total)
+            preview = track.previews[-1] if track.previews else None
+        else:
+            preview = None
+        image = self.query_one("#preview", ImagePreview)
+        if preview:
+            self.run_worker(image.set_image(preview["path"], f"step {preview.get('step')}"), group="preview")
+        else:
+            self.run_worker(image.set_image(None, "no preview yet"), group="preview")
+
+    # -- user → engine
+
+    @on(DataTable.RowSelected, "#runs")
+    def _run_chosen(self, event) -> None:
+        run_id = event.row_key.value if event.row_key else None
+        if run_id and run_id != self.run_id:
+            self.run_id, self.pinned = run_id, True
+            self.app.watch_run(run_id)
+            self._draw_run()
+
+    @on(Select.Changed, "#concept")
+    def _concept_changed(self, event: Select.Changed) -> None:
+        if isinstance(event.value, str):
+            self.app.selected_concept = event.value
+
+    def params(self) -> dict:
+        """The form as job params; ValueError naming the field that is wrong."""
+        get = lambda i: self.query_one(f"#{i}", Input).value  # noqa: E731
+        params = {
+            "steps": parse_int(get("steps"), "Steps", 1),
+            "lr": parse_float(get("lr"), "Learning rate", positive=True),
+            "seed": parse_int(get("seed"), "Seed"),
+            "batch_size": parse_int(get("batch_size"), "Batch size", 1),
+            "save_every": parse_int(get("save_every"), "Save every", 1),
+            "preview_every": parse_int(get("preview_every"), "Preview every", 0),
+            "lr_schedule": self.query_one("#lr_schedule", Select).value,
+            "warmup_steps": parse_int(get("warmup_steps"), "Warmup steps", 0),
+            "precision": self.query_one("#precision", Select).value,
+            "model": self.app.model,
+        }
+        if get("init").strip():
+            params["init"] = get("init").strip()
+        if get("preview_prompt").strip():
+            params["preview_prompt"] = get("preview_prompt").strip()
+        return params
+
+    def action_start(self) -> None:
+        concept = self.query_one("#concept", Select).value
+        if not isinstance(concept, str):
+            self.notify("Choose a concept first (or create one on 1 Library).", severity="warning")
+            return
+        try:
+            params = self.params()
+        except ValueError as exc:
+            self.notify(str(exc), severity="error", title="Train")
+            return
+        self.pinned = False
+        self.app.bridge.submit("train", concept, params, origin="train")
+
+    def action_resume(self) -> None:
+        job = self.app.state.job(self.run_id)
+        if not job:
+            self.notify("Select a run to resume in the runs table.", severity="warning")
+            return
+        if job.get("status") not in RESUMABLE:
+            self.notify(f"Run {job['id']} is {job.get('status')}; only a failed, cancelled or interrupted run "
+                        "can be resumed.", severity="warning")
+            return
+        self.pinned = True
+        self.app.bridge.submit(None, resume=job["id"], origin="train")
+
+    def action_cancel_run(self) -> None:
+        job = self.app.state.job(self.run_id)
+        if not job or not is_active(job):
+            running = self.app.state.running()
+            job = running if running and running.get("kind") == "train" else None
+        if not job:
+            self.notify("No queued or running run to cancel.", severity="warning")
+            return
+        self.app.bridge.cancel(job["id"])
+
+    def action_edit_form(self) -> None:
+        self.query_one("#steps", Input).focus()
+
+    @on(Button.Pressed, "#start")
+    def _start_pressed(self) -> None:
+        self.action_start()
+
+    @on(Button.Pressed, "#resume")
+    def _resume_pressed(self) -> None:
+        self.action_resume()
+
+    @on(Button.Pressed, "#cancel")
+    def _cancel_pressed(self) -> None:
+        self.action_cancel_run()
+
+    def preview_caption(self, path: str) -> str:
+        return shorten_path(path, self.app.home)
+
+
+def _escape(text: str) -> str:
+    from textual.markup import escape
+
+    return escape(str(text))

@@ -1,0 +1,1 @@
+"""The studio's widgets: charts, inline images, the status and navigation bars, form pieces."""

@@ -1,0 +1,165 @@
+"""Charts drawn with plotext (textual-plotext): loss, VRAM, metric curves.
+
+Each chart keeps its own copy of the data and redraws only when `set_*` is
+given something new; callers throttle (the Train screen redraws at most a
+few times a second however fast events come).
+"""
+
+from __future__ import annotations
+
+import math
+
+from textual_plotext import PlotextPlot
+
+from tistudio.themes import chart_colours
+
+GIB = 1024 ** 3
+MAX_POINTS = 600  # plotted points per series; longer histories are thinned evenly
+
+
+def ema(values: list[float], weight: float = 0.9) -> list[float]:
+    """TensorBoard-style smoothing: an exponential moving average, debiased at the start."""
+    out, last, n = [], 0.0, 0
+    for v in values:
+        if not math.isfinite(v):
+            out.append(out[-1] if out else 0.0)
+            continue
+        n += 1
+        last = weight * last + (1 - weight) * v
+        out.append(last / (1 - weight ** n))
+    return out
+
+
+def thin(xs: list, *series: list, limit: int = MAX_POINTS) -> tuple[list, ...]:
+    """Keep at most `limit` evenly spaced points (always the last one)."""
+    if len(xs) <= limit:
+        return (xs, *series)
+    stride = len(xs) / limit
+    idx = sorted({int(i * stride) for i in range(limit)} | {len(xs) - 1})
+    return ([xs[i] for i in idx], *[[s[i] for i in idx] for s in series])
+
+
+def _rgb(colour: str) -> tuple[int, int, int]:
+    from textual.color import Color
+
+    return Color.parse(colour).rgb
+
+
+class _Chart(PlotextPlot):
+    DEFAULT_CSS = "_Chart { height: 1fr; width: 1fr; min-height: 4; }"
+
+    empty_text = "no data yet"
+
+    def _colours(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+        theme = self.app.get_theme(self.app.theme) if self.is_attached else None
+        raw, smooth = chart_colours(theme)
+        return _rgb(raw), _rgb(smooth)
+
+    def _start(self) -> None:
+        plt = self.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.xfrequency(3)
+        plt.yfrequency(3)
+
+    def _empty(self) -> None:
+        self._start()
+        self.plt.title(self.empty_text)
+        self.refresh()
+
+
+class LossChart(_Chart):
+    """Training loss per logged step, raw and smoothed."""
+
+    empty_text = "loss: waiting for the first steps"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._key: tuple | None = None
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self._empty()
+
+    def set_data(self, steps: list[int], loss: list[float]) -> None:
+        key = (len(steps), steps[-1] if steps else None, self.app.theme)
+        if key == self._key:
+            return
+        self._key = key
+        if not steps:
+            self._empty()
+            return
+        smooth = ema(loss)
+        xs, raw_y, smooth_y = thin(steps, loss, smooth)
+        raw_c, smooth_c = self._colours()
+        self._start()
+        plt = self.plt
+        plt.plot(xs, raw_y, label="raw", color=raw_c, marker="braille")
+        plt.plot(xs, smooth_y, label="smoothed", color=smooth_c, marker="braille")
+        self.refresh()
+
+
+class VramChart(_Chart):
+    """VRAM in GiB over steps: allocated and reserved, with the device total as a line."""
+
+    empty_text = "VRAM: reported on CUDA devices only"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._key: tuple | None = None
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self._empty()
+
+    def set_data(self, steps: list[int], allocated: list[float], reserved: list[float],
+                 total: float | None) -> None:
+        key = (len(steps), steps[-1] if steps else None, total, self.app.theme)
+        if key == self._key:
+            return
+        self._key = key
+        if not steps:
+            self._empty()
+            return
+        xs, alloc_y, res_y = thin(steps, [a / GIB for a in allocated], [r / GIB for r in reserved])
+        raw_c, smooth_c = self._colours()
+        self._start()
+        plt = self.plt
+        plt.plot(xs, alloc_y, label="allocated", color=raw_c, marker="braille")
+        plt.plot(xs, res_y, label="reserved", color=smooth_c, marker="braille")
+        if total:
+            plt.hline(total / GIB, "red")
+            plt.ylim(0, total / GIB * 1.05)
+        self.refresh()
+
+
+class CurveChart(_Chart):
+    """Reconstruction and editability over checkpoints (the steps experiment)."""
+
+    empty_text = "no steps experiment yet (x runs one)"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._key: tuple | None = None
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self._empty()
+
+    def set_points(self, points: list[dict]) -> None:
+        key = (tuple((p.get("step"), p.get("reconstruction"), p.get("editability")) for p in points), self.app.theme)
+        if key == self._key:
+            return
+        self._key = key
+        if not points:
+            self._empty()
+            return
+        steps = [p.get("step", 0) for p in points]
+        raw_c, smooth_c = self._colours()
+        self._start()
+        plt = self.plt
+        plt.plot(steps, [p.get("reconstruction", 0.0) for p in points], label="reconstruction",
+                 color=raw_c, marker="braille")
+        plt.plot(steps, [p.get("editability", 0.0) for p in points], label="editability",
+                 color=smooth_c, marker="braille")
+        self.refresh()

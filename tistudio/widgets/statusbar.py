@@ -1,0 +1,97 @@
+"""The top navigation line (keys 1-4) and the bottom status bar (engine, device, VRAM, jobs)."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual.widgets import Static
+
+from tistudio.engine_bridge import fmt_bytes
+
+SCREENS = (("library", "1", "Library"), ("train", "2", "Train"), ("generate", "3", "Generate"),
+           ("metrics", "4", "Metrics"))
+
+ENGINE_LABELS = {
+    "online": ("●", "success", "engine: online"),
+    "starting": ("◌", "warning", "engine: starting"),
+    "lost": ("○", "warning", "engine: lost, reconnecting"),
+    "failed": ("○", "error", "engine: not running"),
+    "offline": ("○", "text-muted", "engine: offline"),
+    "disabled": ("○", "text-muted", "engine: offline"),
+}
+
+
+class NavBar(Static):
+    """`tistudio  1 Library  2 Train  3 Generate  4 Metrics   ? help`; the current one highlighted."""
+
+    DEFAULT_CSS = """
+    NavBar { height: 1; width: 100%; background: $panel; color: $text-muted; }
+    """
+
+    def __init__(self, current: str, **kwargs):
+        super().__init__(**kwargs)
+        self.current = current
+
+    def render(self) -> str:
+        parts = ["[b $accent] tistudio [/]"]
+        for mode, key, label in SCREENS:
+            if mode == self.current:
+                parts.append(f"[reverse $primary] {key} {label} [/]")
+            else:
+                parts.append(f"[@click=app.show_screen('{mode}')] [b $primary]{key}[/] {label} [/]")
+        wide = self.size.width >= 70
+        parts.append("  [@click=app.help][b $primary]?[/] help[/]" if wide else "")
+        return " ".join(p for p in parts if p)
+
+
+class StatusBar(Static):
+    """One line: engine state · device · VRAM in use · jobs running/queued."""
+
+    DEFAULT_CSS = """
+    StatusBar { height: 1; width: 100%; background: $panel; color: $foreground; padding: 0 1;
+                text-wrap: nowrap; text-overflow: ellipsis; }
+    """
+
+    def on_mount(self) -> None:
+        signal = getattr(self.app, "changed", None)
+        if signal is not None:
+            signal.subscribe(self, self._on_changed)
+        self.update(self.describe())
+
+    def _on_changed(self, what: str) -> None:
+        if what in ("engine", "status", "jobs") or what.startswith("run:"):
+            self.update(self.describe())
+
+    def describe(self) -> Text:
+        state = self.app.state
+        symbol, colour, label = ENGINE_LABELS.get(state.engine, ("○", "text-muted", f"engine: {state.engine}"))
+        theme = self.app.current_theme
+        colours = {"success": theme.success, "warning": theme.warning, "error": theme.error}
+        text = Text()
+        text.append(symbol + " ", style=colours.get(colour) or "")
+        text.append(label)
+        device = (state.status or {}).get("device") or {}
+        name = device.get("device")
+        if name and name != "unknown":
+            label = name + (f" {device['name']}" if device.get("name") else "")
+            text.append("  │  device: " + label)
+        else:
+            text.append("  │  device: –")
+        text.append("  │  VRAM: " + self._vram(device))
+        running = state.running()
+        queued = len(state.queued())
+        text.append(f"  │  jobs: {'1 running, ' if running else ''}{queued} queued")
+        return text
+
+    def _vram(self, device: dict) -> str:
+        state = self.app.state
+        running = state.running()
+        if running:
+            track = state.tracks.get(running["id"])
+            if track and track.vram_allocated:
+                total = f" / {fmt_bytes(track.vram_total)}" if track.vram_total else ""
+                return fmt_bytes(track.vram_allocated[-1]) + total
+        used = device.get("vram_used_device", device.get("vram_allocated"))
+        if isinstance(used, (int, float)):
+            total = f" / {fmt_bytes(device['vram_total'])}" if device.get("vram_total") else ""
+            return fmt_bytes(used) + total
+        return "–"
