@@ -34,6 +34,32 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
+
+
+def freeze_text_tower(model, export) -> None:
+    """Freeze the text tower (what the generator's CLIPTextModel holds); the image side trains on.
+
+    The tower is exported (the whole CLIP, fp16) so the UNet can train on it while
+    the judge's image tower finishes: the shipped clip.safetensors then holds
+    exactly these text weights."""
+    for name, p in model.named_parameters():
+        if name.startswith(TEXT_TOWER):
+            p.requires_grad_(False)
+            p.grad = None
+    if not __import__("pathlib").Path(export).exists():
+        save_fp16(model.state_dict(), __import__("pathlib").Path(export))
+        # train on from the fp16-rounded values, as the pipeline will load them
+        from safetensors.torch import load_file
+
+        state = load_file(str(export))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.startswith(TEXT_TOWER):
+                    p.copy_(state[name].float())
+    print(f"text tower frozen, exported to {export}", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--steps", type=int, default=3000)
@@ -45,6 +71,8 @@ def main(argv=None) -> None:
     ap.add_argument("--pool", type=int, default=80000, help="world images rendered up front (seed 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--freeze-text-from", type=int, default=1000,
+                    help="from this step on the text tower is frozen and exported for the generator's UNet")
     ap.add_argument("--build", default=str(BUILD))
     ap.add_argument("--out", default=str(demo_model.CLIP_WEIGHTS))
     ap.add_argument("--log", default=str(LOGS / "clip.json"))
@@ -84,6 +112,8 @@ def main(argv=None) -> None:
     model.train()
     t_log, loss_acc, n_acc = time.time(), 0.0, 0
     for step in range(start, args.steps):
+        if step == args.freeze_text_from or (step == start and step > args.freeze_text_from):
+            freeze_text_tower(model, build / "clip_text_tower.safetensors")
         idx = rng.integers(0, args.pool, args.batch)
         images = pool[idx]
         rt = rng.random(args.batch) < 0.25

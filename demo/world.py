@@ -365,3 +365,63 @@ def upsample(image: np.ndarray, factor: int = 4) -> np.ndarray:
 
 def with_style(scene: Scene, style: str) -> Scene:
     return replace(scene, style=style)
+
+
+# --- the sample library -------------------------------------------------------------------------
+
+SAMPLE_SCALE = 4  # 32 px -> 128 px, NEAREST (the library refuses images under 64 px)
+
+
+def edit_prompts(concept: Concept) -> list[str]:
+    """Three edits in the generator's words ("{}" is the concept's token)."""
+    if concept.property == "style":
+        return [
+            "a painting of a red circle in the style of {}",
+            "a painting of a big blue star on the left in the style of {}",
+            "a painting of a small yellow heart on a night background in the style of {}",
+        ]
+    return [
+        "a photo of a {} on a blue background",
+        "a photo of a small {} on the left",
+        "a photo of a big {} at the top on a night background",
+    ]
+
+
+def write_samples(root) -> list[dict]:
+    """Write demo/samples/<concept>/*.png and concepts.json; returns the concept records."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    records = []
+    for concept in CONCEPTS:
+        folder = root / concept.name
+        folder.mkdir(parents=True, exist_ok=True)
+        names = []
+        for i, scene in enumerate(concept_scenes(concept)):
+            name = f"{concept.name}-{i + 1}.png"
+            Image.fromarray(upsample(render(scene), SAMPLE_SCALE)).save(folder / name, optimize=True)
+            names.append(name)
+        records.append({
+            "name": concept.name,
+            "init": concept.init,
+            "property": concept.property,
+            "description": concept.description,
+            "images": names,
+            "edit_prompts": edit_prompts(concept),
+            "source": f"demo/world.py: {'toy ' + concept.toy if concept.toy else 'style ' + concept.style}, "
+                      f"seed {concept.seed}, {SIZE} px shown at {SIZE * SAMPLE_SCALE} px (NEAREST)",
+        })
+    (root / "concepts.json").write_text(json.dumps(records, indent=2) + "\n")
+    return records
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "samples"
+    for record in write_samples(out):
+        print(record["name"], record["images"])

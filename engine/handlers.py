@@ -33,13 +33,19 @@ def warm_model(ctx, spec: str | None, precision: str = "auto", device: str | Non
 class _ContextReporter:
     """Adapts a JobContext to the trainer's Reporter (events + progress in run.json)."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, mirror=None):
         self.ctx = ctx
+        self.mirror = mirror  # a sweep: its first member's progress is the sweep's progress
 
     def emit(self, type: str, **fields) -> None:
+        if type == "status":  # the worker owns the job's status; the trainer's is informative
+            return
         self.ctx.emit(type, **fields)
         if type == "step":
             self.ctx.set_progress(step=fields["step"], steps=fields["steps"])
+            if self.mirror is not None:
+                self.mirror.emit("step", run=self.ctx.run_id, **fields)
+                self.mirror.set_progress(step=fields["step"], steps=fields["steps"])
         elif type == "embedding" and fields.get("final"):
             self.ctx.set_progress(embedding=fields["path"])
 
@@ -94,7 +100,36 @@ def _asdict(config) -> dict:
     return asdict(config)
 
 
+def handle_sweep(ctx) -> dict:
+    """K runs of one concept (seeds x initializer words) batched into one UNet call per step."""
+    from engine.jobs import set_status
+    from engine.library import Library
+    from engine.sweeps import create_members, member_contexts
+    from engine.train import RunSlot, train_many
+
+    concept = Library(ctx.home).get(ctx.spec["concept"])
+    if not concept.images:
+        raise UserError(f"concept {concept.name!r} has no training images; add images to it first")
+    members = member_contexts(ctx, create_members(ctx))
+    slots = []
+    for k, member in enumerate(members):
+        config = train_config_from(member.params, concept)
+        config.validate()
+        reporter = _ContextReporter(member, mirror=ctx if k == 0 else None)
+        slots.append(RunSlot(config, member.run_dir, concept.images, reporter))
+    model = warm_model(ctx, ctx.params.get("model"), ctx.params.get("precision", "auto"), ctx.params.get("device"))
+    ctx.set_progress(step=0, steps=slots[0].config.steps, model=model.info.identity())
+    with _friendly_failures():
+        finals = train_many(model, slots, resume=True)
+    for member, final in zip(members, finals):
+        member.flush()
+        set_status(member.run_dir, "done", log=member.log, embedding=str(final), result={"embedding": str(final)})
+    ctx.set_progress(step=slots[0].config.steps)
+    return {"members": [m.run_id for m in members], "embeddings": [str(f) for f in finals]}
+
+
 HANDLERS = {
     "train": handle_train,
+    "sweep": handle_sweep,
 }
 

@@ -11,6 +11,7 @@ worker died, the worker while the run is running.  Nothing here imports torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -351,6 +352,25 @@ def pid_alive(pid: int | None) -> bool:
     except OSError:
         return True  # no /proc (macOS): trust kill(0)
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+def settle_members(run_dir: os.PathLike | str, status: str, error: str | None = None) -> list[tuple[str, str]]:
+    """A sweep's members (runs trained together in one job) end with it: any member
+    not yet final takes the parent's final status.  Returns (member id, status) pairs."""
+    if status not in FINAL:
+        return []
+    try:
+        members = load_run(run_dir).get("members") or []
+    except (OSError, ValueError):
+        return []
+    settled = []
+    for member_id in members:
+        member_dir = Path(run_dir).parent / member_id
+        with contextlib.suppress(OSError, ValueError):
+            if load_run(member_dir).get("status") not in FINAL:
+                set_status(member_dir, status, error=error)
+                settled.append((member_id, status))
+    return settled
 
 
 def last_status(run_dir: os.PathLike | str) -> str | None:

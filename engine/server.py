@@ -299,6 +299,10 @@ class EngineServer:
             self._broadcast(job.run_id, jobs.set_status(job.run_dir, status, error=error))
         job.finished, job.status, job.pid = True, status, None
         self.active.pop(job.run_id, None)
+        for member_id, member_status in jobs.settle_members(job.run_dir, status, error):
+            self._broadcast(member_id, {"type": "status", "status": member_status})
+            for q in self.subs.get(member_id, ()):
+                q.put_nowait(("end", member_status))
         for q in self.subs.get(job.run_id, ()):
             q.put_nowait(("end", status))
         if job.done and not job.done.done():
@@ -576,6 +580,8 @@ class EngineServer:
         except UserError as exc:
             await _send(writer, {"error": str(exc), "user": True})
             return
+        if job is None:  # a member of a running sweep follows its parent's life
+            job = self.active.get(jobs.load_run(run_dir).get("parent") or "")
         q: asyncio.Queue = asyncio.Queue()
         self.subs[run_id].add(q)
         try:

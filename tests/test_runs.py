@@ -119,3 +119,23 @@ def test_two_clients_submitting_at_once_both_run_in_order(engine_home, image_dir
         assert read_embedding(run["embedding"]).vectors.shape == (1, 32)
         log = Path(run["run_dir"]) / "events.jsonl"
         assert all(json.loads(line) for line in log.read_text().splitlines())
+
+
+def test_a_sweep_trains_members_together_survives_kill_9_and_resumes(engine_home, image_dir, tmp_path, monkeypatch):
+    _add_concept(engine_home, "toy", image_dir)
+    monkeypatch.setenv("TISTUDIO_FAULTS", "step@12")
+    monkeypatch.setenv("TISTUDIO_FAULTS_STATE", str(tmp_path / "faults"))
+    sweep_id = call("submit", "sweep", concept="toy", params={**PARAMS, "seeds": [1, 2], "inits": ["cat", "dog"]},
+                    home=engine_home)
+    assert call("wait", sweep_id, home=engine_home) == "interrupted"
+    members = _run(engine_home, sweep_id)["members"]
+    assert len(members) == 4
+    assert {_run(engine_home, m)["status"] for m in members} == {"interrupted"}  # settled with their parent
+    call("submit", resume=sweep_id, home=engine_home)
+    assert call("wait", sweep_id, home=engine_home) == "done"
+    runs = [_run(engine_home, m) for m in members]
+    assert {r["status"] for r in runs} == {"done"}
+    assert sorted((r["params"]["seed"], r["params"]["init"]) for r in runs) == [
+        (1, "cat"), (1, "dog"), (2, "cat"), (2, "dog")]
+    vectors = [read_embedding(r["embedding"]).vectors for r in runs]
+    assert all(not torch.equal(vectors[0], v) for v in vectors[1:])

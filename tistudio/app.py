@@ -55,7 +55,7 @@ class StudioApp(App):
         Binding("3", "show_screen('generate')", "Generate", show=False),
         Binding("4", "show_screen('metrics')", "Metrics", show=False),
         Binding("question_mark", "help", "Help", key_display="?"),
-        Binding("q", "quit", "Quit"),
+        Binding("q", "quit", "Quit", show=False),
     ]
 
     def __init__(self, home: os.PathLike | str | None = None, model: str | None = None, *, engine: bool = True,
@@ -207,7 +207,7 @@ class StudioApp(App):
         self.changed.publish(f"run:{message.run_id}")
         if track.status in FINAL and not was_final:
             self.bridge.poll_now()
-            self.bridge.refresh_offline() if not self.bridge.enabled else None
+            self.bridge.refresh_offline()
 
     def on_job_submitted(self, message: JobSubmitted) -> None:
         self.watched.add(message.run_id)

@@ -18,6 +18,27 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_list(text: str) -> list[int]:
+    import argparse
+
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of whole numbers") from None
+    if not values:
+        raise argparse.ArgumentTypeError("give at least one number")
+    return values
+
+
+def _word_list(text: str) -> list[str]:
+    import argparse
+
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if not words:
+        raise argparse.ArgumentTypeError("give at least one word")
+    return words
+
+
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train a concept's word (a job in the engine; survives a closed terminal)")
     p.add_argument("name")
@@ -25,6 +46,8 @@ def add_commands(sub) -> None:
     p.add_argument("--lr", type=float, default=5e-4, help="learning rate (default 5e-4, the study's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init", help="initializer word for this run (default: the concept's)")
+    p.add_argument("--seeds", type=_int_list, help="a sweep: one run per seed, trained together (e.g. 1,2,3,4)")
+    p.add_argument("--inits", type=_word_list, help="a sweep: one run per initializer word (e.g. fish,dragon)")
     p.add_argument("--batch-size", type=_positive_int, default=1)
     p.add_argument("--lr-schedule", choices=("constant", "warmup", "cosine"), default="constant")
     p.add_argument("--warmup-steps", type=int, default=0)
@@ -67,6 +90,10 @@ def _train_params(args) -> dict:
     }
     if args.init:
         params["init"] = args.init
+    if args.seeds:
+        params["seeds"] = args.seeds
+    if args.inits:
+        params["inits"] = args.inits
     if args.preview_prompt:
         params["preview_prompt"] = args.preview_prompt
     return params
@@ -85,14 +112,23 @@ def _check_before_submit(args) -> None:
     if args.lr <= 0:
         raise UserError("--lr must be a positive number, e.g. 5e-4")
     model_info()  # a bad --model fails here, with its own message
-    check_initializer(load_tokenizer(), args.init or concept.init)
+    tokenizer = load_tokenizer()
+    for word in args.inits or [args.init or concept.init]:
+        check_initializer(tokenizer, word)
 
 
 def train(args) -> int:
     from engine.client import call
 
     _check_before_submit(args)
-    run_id = call("submit", "train", concept=args.name, params=_train_params(args))
+    kind = "sweep" if (args.seeds and len(args.seeds) > 1) or (args.inits and len(args.inits) > 1) else "train"
+    params = _train_params(args)
+    if kind == "train":  # a "sweep" of one is a plain run
+        params["seed"] = (args.seeds or [args.seed])[0]
+        params.pop("seeds", None)
+        if args.inits:
+            params["init"] = params.pop("inits")[0]
+    run_id = call("submit", kind, concept=args.name, params=params)
     return _after_submit(run_id, args.detach)
 
 

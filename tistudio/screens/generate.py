@@ -54,9 +54,9 @@ class GenerateScreen(StudioScreen):
         yield Static("", id="gen-status")
         with Horizontal(id="gen-columns"):
             with Vertical(id="col-sd", classes="gen-col"):
-                yield Label("SD (the description stands for the token)", classes="gen-col-title")
+                yield Label("SD", classes="gen-col-title")
             with Vertical(id="col-ti", classes="gen-col"):
-                yield Label("SD+TI (the learned word)", classes="gen-col-title")
+                yield Label("SD+TI", classes="gen-col-title")
         yield VerticalScroll(Horizontal(Vertical(id="imgs-sd", classes="gen-imgs"),
                                         Vertical(id="imgs-ti", classes="gen-imgs"), id="gen-grid"),
                              id="gen-results")

@@ -19,7 +19,7 @@ from tistudio.widgets.images import ImagePreview
 
 # The study's defaults (lr 5e-4, batch 1, AdamW; 1500-2400 steps recommended; saves every 500).
 DEFAULTS = {"steps": "2000", "lr": "5e-4", "seed": "0", "batch_size": "1", "save_every": "500",
-            "preview_every": "500", "warmup_steps": "0"}
+            "preview_every": "500", "warmup_steps": "0", "log_every": "10"}
 RESUMABLE = ("failed", "cancelled", "interrupted")
 STATUS_MARK = {"running": "▶", "queued": "…", "done": "✓", "failed": "✗", "cancelled": "■", "interrupted": "⚠"}
 
@@ -50,21 +50,23 @@ class TrainScreen(StudioScreen):
                 with VerticalScroll(id="train-fields"):
                     yield FieldRow("Concept", Select([], id="concept", compact=True, prompt="(none)"))
                     yield FieldRow("Steps", Input(DEFAULTS["steps"], id="steps", compact=True, type="integer"))
-                    yield FieldRow("Learning rate", Input(DEFAULTS["lr"], id="lr", compact=True))
+                    yield FieldRow("LR", Input(DEFAULTS["lr"], id="lr", compact=True))
                     yield FieldRow("Seed", Input(DEFAULTS["seed"], id="seed", compact=True, type="integer"))
-                    yield FieldRow("Batch size", Input(DEFAULTS["batch_size"], id="batch_size", compact=True,
+                    yield FieldRow("Batch", Input(DEFAULTS["batch_size"], id="batch_size", compact=True,
                                                        type="integer"))
-                    yield FieldRow("Initializer", Input("", id="init", compact=True, placeholder="(concept's)"))
+                    yield FieldRow("Init word", Input("", id="init", compact=True, placeholder="(concept's)"))
+                    yield FieldRow("Log every", Input(DEFAULTS["log_every"], id="log_every", compact=True,
+                                                      type="integer"))
                     yield FieldRow("Save every", Input(DEFAULTS["save_every"], id="save_every", compact=True,
                                                        type="integer"))
                     yield FieldRow("Preview every", Input(DEFAULTS["preview_every"], id="preview_every",
                                                           compact=True, type="integer"))
-                    yield FieldRow("Preview prompt", Input("", id="preview_prompt", compact=True,
-                                                           placeholder="(a photo of <token>)"))
-                    yield FieldRow("LR schedule", Select([(s, s) for s in ("constant", "warmup", "cosine")],
+                    yield FieldRow("Preview text", Input("", id="preview_prompt", compact=True,
+                                                           placeholder="(default)"))
+                    yield FieldRow("Schedule", Select([(s, s) for s in ("constant", "warmup", "cosine")],
                                                          value="constant", allow_blank=False, id="lr_schedule",
                                                          compact=True))
-                    yield FieldRow("Warmup steps", Input(DEFAULTS["warmup_steps"], id="warmup_steps", compact=True,
+                    yield FieldRow("Warmup", Input(DEFAULTS["warmup_steps"], id="warmup_steps", compact=True,
                                                          type="integer"))
                     yield FieldRow("Precision", Select([(s, s) for s in ("auto", "fp32", "fp16", "bf16")],
                                                        value="auto", allow_blank=False, id="precision",
@@ -76,14 +78,15 @@ class TrainScreen(StudioScreen):
             with Vertical(id="train-live"):
                 yield Static("", id="run-title")
                 with Horizontal(id="run-progress"):
-                    yield ProgressBar(total=None, show_eta=False, id="progress")
+                    yield ProgressBar(total=1, show_eta=False, id="progress")
                     yield Static("", id="run-stats")
                 loss = LossChart(id="loss")
                 loss.border_title = "Loss"
                 yield loss
                 vram = VramChart(id="vram")
-                vram.border_title = "VRAM (GiB)"
+                vram.border_title = "VRAM (GiB): allocated, reserved, device total"
                 yield vram
+                yield Static("VRAM: no figures yet (reported on CUDA devices)", id="vram-note")
                 with Horizontal(id="train-bottom"):
                     yield ImagePreview(None, "", empty="no preview yet", id="preview")
                     runs = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
@@ -195,11 +198,12 @@ class TrainScreen(StudioScreen):
         stats = self.query_one("#run-stats", Static)
         bar = self.query_one("#progress", ProgressBar)
         if not run_id:
-            title.update("No runs yet: fill in the form and press s to start one.")
+            title.update("No runs yet: press s to start one.")
             stats.update("")
-            bar.update(total=None, progress=0)
+            bar.update(total=1, progress=0)
             self.query_one("#loss", LossChart).set_data([], [])
             self.query_one("#vram", VramChart).set_data([], [], [], None)
+            self._show_vram(False)
             self.run_worker(self.query_one("#preview", ImagePreview).set_image(None, ""), group="preview")
             return
         status = (track.status if track and track.status else None) or job.get("status") or "?"
@@ -209,7 +213,7 @@ class TrainScreen(StudioScreen):
         error = (track.error if track else None) or job.get("error")
         title.update(f"[b]{job.get('concept') or (track.concept if track else '') or ''}[/b] · {run_id} · "
                      f"{mark} {status}" + (f" — [red]{_escape(error)}[/red]" if error and status != "done" else ""))
-        bar.update(total=steps or None, progress=min(step, steps) if steps else 0)
+        bar.update(total=steps or 1, progress=min(step, steps) if steps else 0)
         parts = [f"{step}/{steps or '?'}"]
         if track and track.steps_per_s and status == "running":
             parts.append(f"{track.steps_per_s:.2f} it/s")
@@ -228,11 +232,21 @@ class TrainScreen(StudioScreen):
             preview = track.previews[-1] if track.previews else None
         else:
             preview = None
+        self._show_vram(bool(track and track.vram_steps))
         image = self.query_one("#preview", ImagePreview)
         if preview:
             self.run_worker(image.set_image(preview["path"], f"step {preview.get('step')}"), group="preview")
         else:
             self.run_worker(image.set_image(None, "no preview yet"), group="preview")
+
+    def _show_vram(self, has_data: bool) -> None:
+        self.query_one("#vram", VramChart).display = has_data
+        note = self.query_one("#vram-note", Static)
+        note.display = not has_data
+        if not has_data:
+            device = ((self.app.state.status or {}).get("device") or {}).get("device")
+            note.update(f"VRAM: not reported on {device}" if device and not device.startswith("cuda")
+                        else "VRAM: no figures yet (reported on CUDA devices)")
 
     # -- user → engine
 
@@ -257,6 +271,7 @@ class TrainScreen(StudioScreen):
             "lr": parse_float(get("lr"), "Learning rate", positive=True),
             "seed": parse_int(get("seed"), "Seed"),
             "batch_size": parse_int(get("batch_size"), "Batch size", 1),
+            "log_every": parse_int(get("log_every"), "Log every", 1),
             "save_every": parse_int(get("save_every"), "Save every", 1),
             "preview_every": parse_int(get("preview_every"), "Preview every", 0),
             "lr_schedule": self.query_one("#lr_schedule", Select).value,

@@ -39,7 +39,8 @@ class NavBar(Static):
             else:
                 parts.append(f"[@click=app.show_screen('{mode}')] [b $primary]{key}[/] {label} [/]")
         wide = self.size.width >= 70
-        parts.append("  [@click=app.help][b $primary]?[/] help[/]" if wide else "")
+        if wide:
+            parts.append("  [@click=app.help][b $primary]?[/] help[/]  [@click=app.quit][b $primary]q[/] quit[/]")
         return " ".join(p for p in parts if p)
 
 

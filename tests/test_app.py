@@ -1,0 +1,445 @@
+"""The studio, driven by Textual's Pilot.
+
+The engine tests run the REAL engine on builtin:tiny (one engine per module, under a
+short /tmp home): create a concept through the form, train and watch the loss chart get
+points, quit mid-run and reopen to see the whole history, cancel and resume, generate,
+evaluate.  The rest need no engine: keys, help, palette, themes, settings, start-up time.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from textual.widgets import DataTable, Input, Select, Static
+
+from helpers import kill_engines, make_images
+from tistudio.app import StudioApp
+from tistudio.config import Config
+from tistudio.screens.generate import GenerateScreen
+from tistudio.screens.help import HelpScreen
+from tistudio.screens.library import LibraryScreen
+from tistudio.screens.metrics import MetricsScreen
+from tistudio.screens.modals import ConfirmModal, NewConceptModal, TextModal
+from tistudio.screens.train import TrainScreen
+from tistudio.widgets.charts import LossChart
+from tistudio.widgets.images import ImagePreview
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZE = (100, 30)
+
+
+async def wait_for(pilot, predicate, timeout: float, what: str, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await pilot.pause(step)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+
+
+def offline_app(home, **kwargs) -> StudioApp:
+    return StudioApp(home, "builtin:tiny", engine=False, image_protocol="halfblock", theme="tistudio-dark",
+                     **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Start-up: no torch, fast
+
+
+def test_importing_the_studio_does_not_import_torch():
+    code = "import tistudio.app, sys; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
+
+
+def test_the_studio_reaches_its_first_screen_quickly_and_never_imports_torch(tmp_path):
+    """Import + mount in a fresh process, then wait for the tokenizer too: still no torch."""
+    script = f"""
+import asyncio, sys, time
+t0 = time.perf_counter()
+from tistudio.app import StudioApp
+async def main():
+    app = StudioApp({str(tmp_path / 'home')!r}, engine=False, image_protocol='halfblock')
+    async with app.run_test(size=(80, 24)) as pilot:
+        while app.first_screen_at is None:
+            await pilot.pause(0.01)
+        first = time.perf_counter() - t0
+        assert type(app.screen).__name__ == 'LibraryScreen', app.screen
+        for _ in range(300):
+            if app.tokenizer is not None:
+                break
+            await pilot.pause(0.05)
+        assert app.tokenizer is not None, 'tokenizer never loaded'
+        print(f'FIRST_SCREEN {{first:.3f}}')
+asyncio.run(main())
+assert 'torch' not in sys.modules, 'torch was imported'
+"""
+    out = subprocess.run([sys.executable, "-c", script], check=True, cwd=ROOT, timeout=120, capture_output=True,
+                         text=True, env={**os.environ, "TISTUDIO_CONFIG_DIR": str(tmp_path / "cfg")})
+    first = float(out.stdout.split("FIRST_SCREEN")[1].split()[0])
+    print(f"first screen after {first:.2f}s (import + mount)")
+    assert first < 3.0, f"the studio took {first:.2f}s to show its first screen"
+
+
+# ---------------------------------------------------------------------------
+# Keys, help, palette (no engine)
+
+
+async def test_keys_1_to_4_switch_screens_but_not_while_typing(tmp_path):
+    app = offline_app(tmp_path / "home")
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert isinstance(app.screen, LibraryScreen)
+        for key, screen in (("2", TrainScreen), ("3", GenerateScreen), ("4", MetricsScreen), ("1", LibraryScreen)):
+            await pilot.press(key)
+            await pilot.pause()
+            assert isinstance(app.screen, screen), (key, app.screen)
+        await pilot.press("3", "p")  # p: into the prompt field
+        prompt = app.screen.query_one("#prompt", Input)
+        assert app.screen.focused is prompt
+        await pilot.press("1", "2", "q")
+        assert isinstance(app.screen, GenerateScreen) and prompt.value.endswith("12q")
+        await pilot.press("escape", "4")
+        await pilot.pause()
+        assert isinstance(app.screen, MetricsScreen)
+
+
+async def test_help_and_the_command_palette_list_every_action(tmp_path):
+    app = offline_app(tmp_path / "home")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.press("question_mark")
+        await pilot.pause()
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("2")  # keys 1-4 do nothing under a modal
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape")
+        assert isinstance(app.screen, LibraryScreen)
+        titles = {c.title for c in app.get_system_commands(app.screen)}
+        for wanted in ("Screen: Library", "Screen: Train", "Screen: Generate", "Screen: Metrics",
+                       "Library: new concept", "Library: import embedding", "Library: export concept",
+                       "Library: rename concept", "Library: delete concept", "Train: start run",
+                       "Train: resume run", "Train: cancel run", "Generate: generate images",
+                       "Metrics: evaluate concept", "Metrics: steps experiment", "Theme: tistudio-dark",
+                       "Theme: tistudio-light", "Images: auto", "Images: kitty", "Images: sixel",
+                       "Images: halfblock", "Help"):
+            assert wanted in titles, wanted
+        # a palette command runs its screen's action
+        palette_new = next(c for c in app.get_system_commands(app.screen) if c.title == "Library: new concept")
+        await pilot.press("3")
+        await app._screen_action("library", "new_concept")
+        await pilot.pause()
+        assert isinstance(app.screen, NewConceptModal) and callable(palette_new.callback)
+        await pilot.press("escape")
+
+
+async def test_themes_load_from_files_switch_and_persist(tmp_path):
+    from tistudio.themes import load_themes
+
+    themes, problems = load_themes()
+    assert problems == []
+    by_name = {t.name: t for t in themes}
+    assert any(t.dark for t in themes) and any(not t.dark for t in themes)
+    assert {"tistudio-dark", "tistudio-light"} <= set(by_name)
+
+    app = StudioApp(tmp_path / "home", engine=False, image_protocol="halfblock", add_sample=False)
+    async with app.run_test(size=(80, 24)) as pilot:
+        assert app.theme == "tistudio-dark"  # the default
+        light = next(c for c in app.get_system_commands(app.screen) if c.title == "Theme: tistudio-light")
+        light.callback()
+        await pilot.pause()
+        assert app.theme == "tistudio-light"
+    assert Config.load().theme == "tistudio-light"
+    again = StudioApp(tmp_path / "home", engine=False, image_protocol="halfblock", add_sample=False)
+    async with again.run_test(size=(80, 24)):
+        assert again.theme == "tistudio-light"
+
+
+def test_a_broken_theme_file_is_skipped_with_a_reason(tmp_path):
+    from tistudio.themes import load_themes
+
+    (tmp_path / "bad.toml").write_text('name = "bad"\nprimary = "not a colour"\n')
+    (tmp_path / "worse.toml").write_text("this is not toml")
+    (tmp_path / "good.toml").write_text('name = "good"\nprimary = "#112233"\ndark = false\n')
+    themes, problems = load_themes([tmp_path])
+    assert [t.name for t in themes] == ["good"] and len(problems) == 2
+
+
+def test_image_protocol_comes_from_env_then_config(tmp_path, monkeypatch):
+    from tistudio.widgets.images import image_class
+
+    path = tmp_path / "config.toml"
+    path.write_text('image_protocol = "sixel"\ntheme = "tistudio-light"\nother = 1\n')
+    config = Config.load(path)
+    assert config.image_protocol == "sixel" and config.theme == "tistudio-light"
+    assert config.effective_protocol({}) == "sixel"
+    assert config.effective_protocol({"TISTUDIO_IMAGE_PROTOCOL": "halfblock"}) == "halfblock"
+    assert config.effective_protocol({"TISTUDIO_IMAGE_PROTOCOL": "bogus"}) == "sixel"
+    config.image_protocol = "kitty"
+    config.save()
+    assert "other = 1" in path.read_text() and Config.load(path).image_protocol == "kitty"
+    path.write_text('image_protocol = "nonsense"\n')
+    assert Config.load(path).problem and Config.load(path).image_protocol == "auto"
+    import textual_image.widget as tiw
+
+    assert image_class("halfblock") is tiw.HalfcellImage
+    assert image_class("kitty") is tiw.TGPImage
+    assert image_class("sixel") is tiw.SixelImage
+
+
+async def test_the_sample_concept_is_offered_once_on_an_empty_library(tmp_path):
+    from engine.library import Library
+    from tistudio.samples import SAMPLE_DIR
+
+    shipped = sorted(SAMPLE_DIR.glob("*.png"))
+    assert len(shipped) >= 4
+    home = tmp_path / "home"
+    app = offline_app(home)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        table = app.screen.query_one("#concepts", DataTable)
+        assert table.row_count == 1
+        assert len(app.screen.query("#thumbs ImagePreview")) == len(shipped)
+    concept = Library(home).get("sample")
+    assert concept.init == "toy" and len(concept.images) == len(shipped)
+    Library(home).delete("sample")
+    async with offline_app(home).run_test(size=SIZE):
+        assert Library(home).list() == []  # not forced on the user again
+
+
+async def test_rename_and_delete_ask_and_change_the_library(tmp_path):
+    from engine.library import Library
+
+    home = tmp_path / "home"
+    Library(home).add("cat", make_images(tmp_path / "imgs"), "cat")
+    app = offline_app(home, add_sample=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("r")
+        await pilot.pause()
+        assert isinstance(app.screen, TextModal)
+        app.screen.query_one("#value", Input).value = "kitty"
+        await pilot.press("enter")
+        await pilot.pause()
+        assert [c.name for c in Library(home).list()] == ["kitty"]
+        assert Library(home).get("kitty").token == "<kitty>"
+        await wait_for(pilot, lambda: app.screen.query_one("#concepts", DataTable).get_row_at(0)[0] == "kitty",
+                       5, "the table to show the new name")
+        await pilot.press("d")
+        await pilot.pause()
+        assert isinstance(app.screen, ConfirmModal)
+        await pilot.press("escape")  # cancel: nothing happens
+        assert Library(home).list()
+        await pilot.press("d")
+        await pilot.pause()
+        await pilot.click("#ok")
+        await pilot.pause()
+        assert Library(home).list() == []
+
+
+async def test_the_train_form_rejects_bad_numbers_with_a_notification(tmp_path):
+    app = offline_app(tmp_path / "home")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        app.screen.query_one("#steps", Input).value = "lots"
+        await pilot.press("s")
+        await pilot.pause()
+        assert any("Steps must be a whole number" in n.message for n in app._notifications)
+
+
+# ---------------------------------------------------------------------------
+# Against the real engine (builtin:tiny), one engine for the module
+
+
+@pytest.fixture(scope="module")
+def studio_home():
+    path = Path(tempfile.mkdtemp(prefix="tis-app-"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TISTUDIO_ENGINE_IDLE", "120")
+        yield path
+    kill_engines(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def engine_app(home, **kwargs) -> StudioApp:
+    return StudioApp(home, "builtin:tiny", image_protocol="halfblock", theme="tistudio-dark", clip="builtin:tiny",
+                     eval_images=2, poll_seconds=0.5, **kwargs)
+
+
+async def online(app, pilot):
+    await wait_for(pilot, lambda: app.state.engine == "online", 40, "the engine to come online")
+
+
+def _notes(app) -> list[str]:
+    return [n.message for n in app._notifications]
+
+
+def fill_train_form(screen, **values):
+    for key, value in values.items():
+        screen.query_one(f"#{key}", Input).value = str(value)
+
+
+@pytest.mark.timeout(240)
+async def test_create_a_concept_in_the_form_with_a_live_initializer_check(studio_home, tmp_path):
+    images = make_images(tmp_path / "robot-pics", count=3)
+    app = engine_app(studio_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        await wait_for(pilot, lambda: app.tokenizer is not None, 30, "the tokenizer")
+        assert app.screen.query_one("#concepts", DataTable).row_count == 1  # the sample
+        await pilot.press("n")
+        await pilot.pause()
+        modal = app.screen
+        assert isinstance(modal, NewConceptModal)
+        modal.query_one("#init", Input).value = "xylophonesque"
+        await pilot.pause()
+        assert "splits into" in str(modal.query_one("#init-check", Static).render())
+        modal.query_one("#name", Input).value = "bot"
+        modal.query_one("#folder", Input).value = str(images)
+        modal.query_one("#init", Input).value = "robot"
+        await pilot.pause()
+        assert "single token" in str(modal.query_one("#init-check", Static).render())
+        modal.query_one("#description", Input).value = "a small robot"
+        await pilot.click("#ok")
+        await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen), 20, "the form to close")
+        table = app.screen.query_one("#concepts", DataTable)
+        await wait_for(pilot, lambda: table.row_count == 2, 5, "the new concept in the table")
+        assert "Concept bot created." in _notes(app)
+
+
+@pytest.mark.timeout(300)
+async def test_train_streams_loss_and_reopening_shows_the_history_and_follows_live(studio_home):
+    app = engine_app(studio_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        await pilot.press("2")
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#concept", Select).value = "sample"
+        fill_train_form(screen, steps=16, log_every=2, save_every=8, preview_every=0, seed=3)
+        await pilot.press("s")
+        run_id = await wait_for(pilot, lambda: screen.run_id and app.state.job(screen.run_id) and screen.run_id,
+                                20, "the run to be queued")
+        track = await wait_for(pilot, lambda: (t := app.state.tracks.get(run_id)) and len(t.xs) >= 1 and t,
+                               120, "the first loss points")
+        chart = screen.query_one("#loss", LossChart)
+        assert chart._key is not None and chart._key[0] >= 1  # the chart drew them
+        seen = list(track.xs)
+        await pilot.press("q")  # quitting never stops a run
+    from engine.client import EngineClient
+
+    async with EngineClient(studio_home) as client:
+        status = {j["id"]: j["status"] for j in await client.jobs()}[run_id]
+    assert status in ("running", "done"), status
+
+    app = engine_app(studio_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        await pilot.press("2")
+        screen = app.screen
+        await wait_for(pilot, lambda: screen.run_id == run_id, 10, "the train screen to show the run")
+        track = await wait_for(pilot, lambda: (t := app.state.tracks.get(run_id)) and t.status == "done" and t,
+                               180, "the run to finish")
+        assert track.xs == list(range(2, 17, 2))  # the whole history: before the reopen and after
+        assert track.xs[: len(seen)] == seen
+        await pilot.pause(0.5)
+        title = str(screen.query_one("#run-title", Static).render())
+        assert run_id in title and "done" in title
+        assert screen.query_one("#loss", LossChart)._key[0] == len(track.xs)
+
+
+@pytest.mark.timeout(240)
+async def test_cancel_and_resume_from_the_train_screen(studio_home):
+    app = engine_app(studio_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        await pilot.press("2")
+        screen = app.screen
+        screen.query_one("#concept", Select).value = "sample"
+        fill_train_form(screen, steps=2000, log_every=1, save_every=2, preview_every=0)
+        await pilot.press("s")
+        run_id = await wait_for(pilot, lambda: screen.run_id and app.state.job(screen.run_id) and screen.run_id,
+                                20, "the run")
+        await wait_for(pilot, lambda: len(app.state.track(run_id).xs) >= 2, 120, "some steps")
+        await pilot.press("c")
+        await wait_for(pilot, lambda: (app.state.job(run_id) or {}).get("status") == "cancelled", 30,
+                       "the run to be cancelled")
+        await pilot.press("r")
+        await wait_for(pilot, lambda: (app.state.job(run_id) or {}).get("status") == "running", 60,
+                       "the run to resume")
+        await pilot.press("c")
+        await wait_for(pilot, lambda: (app.state.job(run_id) or {}).get("status") == "cancelled", 30,
+                       "the resumed run to be cancelled")
+        # the engine's own complaint about a wrong request is a notification, not a crash
+        app.bridge.submit("train", "no-such-concept", {"steps": 1})
+        await wait_for(pilot, lambda: any("no concept named" in m for m in _notes(app)), 10, "the error")
+        await pilot.press("r")  # a cancelled run is resumable; a finished one is not
+        assert app.is_running
+
+
+def _skip_if_unknown_kind(app, kind: str) -> None:
+    for message in _notes(app):
+        if "unknown job kind" in message and kind in message:
+            pytest.skip(f"the engine does not run {kind!r} jobs yet ({message})")
+
+
+@pytest.mark.timeout(300)
+async def test_generate_shows_sd_and_ti_images_with_their_paths(studio_home):
+    app = engine_app(studio_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
+            pytest.skip("needs the finished run of the training test")
+        await pilot.press("3", "p")
+        screen = app.screen
+        screen.query_one("#prompt", Input).value = "a photo of <sample>"
+        for key, value in (("count", 1), ("steps", 2), ("seed", 5)):
+            screen.query_one(f"#{key}", Input).value = str(value)
+        await pilot.press("enter")
+
+        def shown():
+            _skip_if_unknown_kind(app, "generate")
+            job = app.state.job(screen.run_id) if screen.run_id else None
+            if job and job.get("status") == "failed":
+                raise AssertionError(f"generate failed: {job.get('error')}")
+            sd = screen.query("#imgs-sd ImagePreview")
+            ti = screen.query("#imgs-ti ImagePreview")
+            return sd and ti and all(p.path and p.path.is_file() for p in [*sd, *ti])
+
+        await wait_for(pilot, shown, 180, "SD and SD+TI images")
+        status = str(screen.query_one("#gen-status", Static).render())
+        assert "saved in" in status
+        previews = list(screen.query("#imgs-ti ImagePreview"))
+        assert previews[0].query(".image")  # a textual-image widget, not the placeholder
+
+
+@pytest.mark.timeout(300)
+async def test_evaluate_fills_table_1(studio_home):
+    app = engine_app(studio_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
+            pytest.skip("needs the finished run of the training test")
+        app.selected_concept = "sample"
+        await pilot.press("4")
+        await pilot.pause()
+        screen = app.screen
+        assert screen.concept() == "sample"
+        await pilot.press("e")
+
+        def filled():
+            _skip_if_unknown_kind(app, "eval")
+            failed = [j for j in app.state.jobs_of("eval", "sample") if j.get("status") == "failed"]
+            if failed:
+                raise AssertionError(f"eval failed: {failed[-1].get('error')}")
+            return screen.query_one("#table1", DataTable).row_count == 3
+
+        await wait_for(pilot, filled, 240, "Table 1")
+        table = screen.query_one("#table1", DataTable)
+        assert [table.get_row_at(i)[0] for i in range(3)] == ["SD", "SD+TI", "Δ (TI − SD)"]
+        assert screen.query_one("#per-prompt", DataTable).row_count >= 1
