@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     ap.add_argument("--pool", type=int, default=80000, help="world images rendered up front (seed 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--freeze-text-from", type=int, default=1000,
+    ap.add_argument("--freeze-text-from", type=int, default=750,
                     help="from this step on the text tower is frozen and exported for the generator's UNet")
     ap.add_argument("--build", default=str(BUILD))
     ap.add_argument("--out", default=str(demo_model.CLIP_WEIGHTS))

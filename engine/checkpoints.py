@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.faults import maybe_crash
+from engine.faults import maybe_fault
 from engine.paths import _fsync_dir
 
 STATE_FILE = "state.safetensors"
@@ -74,7 +74,7 @@ def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: d
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=root))
     try:
         save_file(tensors, str(tmp / STATE_FILE), metadata={"step": str(step)})
-        maybe_crash("checkpoint.mid_write", step)
+        maybe_fault("checkpoint.mid_write", step)
         (tmp / "meta.json").write_text(json.dumps({"step": step, "format": 1}))
         for name in (STATE_FILE, "meta.json"):
             with open(tmp / name, "rb") as fh:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from engine.errors import JobCancelled, UserError
 from engine.generate import (
-    FINAL_EMBEDDING, GenerateRequest, _scaled, checkpoint_steps, done_runs, make_grid, save_png, timestamp_id,
+    FINAL_EMBEDDING, GenerateRequest, checkpoint_steps, done_runs, make_grid, save_png, sub_progress, timestamp_id,
 )
 from engine.library import check_initializer
 from engine.metrics import (
@@ -51,7 +51,7 @@ def _measure_columns(model, library, concept, refs: list[str], prompts, clip_mod
         columns.append(measure(
             model, library, concept, ref, prompts, clip_model, train_embs, out_dir=exp_dir / "images" / folder,
             images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
-            progress=_scaled(progress, k / len(refs), 1 / len(refs)), cancelled=cancelled,
+            progress=sub_progress(progress, k / len(refs), 1 / len(refs)), cancelled=cancelled,
         ))
     return columns
 
@@ -217,11 +217,11 @@ def _sweep(model, library, name: str, kind: str, configs_for, labels: list[str],
     concept, prompts, clip_model, train_embs = _setup(model, library, name, prompts, clip, clip_weights)
     configs = list(zip(labels, configs_for(concept)))
     exp_id, exp_dir = _experiment_dir(concept, kind)
-    run_ids = train_sweep(model, concept, exp_id, configs, _scaled(progress, 0.0, 0.6), cancelled)
+    run_ids = train_sweep(model, concept, exp_id, configs, sub_progress(progress, 0.0, 0.6), cancelled)
     columns = _measure_columns(
         model, library, concept, [f"{concept.name}@{r}" for r in run_ids], prompts, clip_model, train_embs,
         exp_dir, [f"run-{r}" for r in run_ids], images, seed, sample_steps, guidance, batch_size,
-        _scaled(progress, 0.6, 0.4), cancelled,
+        sub_progress(progress, 0.6, 0.4), cancelled,
     )
     templates = [neutral_prompt(concept.property)] + prompts
     save_png(exp_dir / "grid.png", _grid(columns, labels, templates, concept.token))

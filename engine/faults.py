@@ -1,30 +1,52 @@
-"""Fault injection for the crash tests: kill this process at a named point.
+"""Fault injection for the crash tests: fail this process at a named point.
 
-Off unless $TISTUDIO_FAULTS is set, e.g. `checkpoint.mid_write@20,step@35`:
-when the named point is reached at that step, the process SIGKILLs itself —
-the same as `kill -9` from outside, but at an exact instant (say, halfway
-through writing a checkpoint).  Each fault fires once: a marker file in
-$TISTUDIO_FAULTS_STATE (required) remembers it, so the resumed run passes.
+Off unless $TISTUDIO_FAULTS is set, e.g. `checkpoint.mid_write@20,step@35:oom`.
+Each entry is POINT@STEP with an optional :ACTION —
+  kill    (default) SIGKILL ourselves: the same as `kill -9`, at an exact instant
+  oom     raise torch.OutOfMemoryError, as a GPU out of memory would
+  enospc  raise OSError(ENOSPC), as a full disk would
+  nan     return "nan": the caller poisons its loss
+Each fault fires once: a marker in $TISTUDIO_FAULTS_STATE (required) remembers
+it, so the resumed run passes the same point.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 from pathlib import Path
 
 
-def maybe_crash(point: str, step: int) -> None:
+def maybe_fault(point: str, step: int = 0) -> str | None:
     spec = os.environ.get("TISTUDIO_FAULTS")
     if not spec:
-        return
-    wanted = f"{point}@{step}"
-    if wanted not in (s.strip() for s in spec.split(",")):
-        return
+        return None
+    for entry in (s.strip() for s in spec.split(",")):
+        where, _, action = entry.partition(":")
+        if where == f"{point}@{step}" and _first_time(entry):
+            return _fire(action or "kill", point)
+    return None
+
+
+def _first_time(entry: str) -> bool:
     state = Path(os.environ["TISTUDIO_FAULTS_STATE"])
-    marker = state / wanted
+    marker = state / entry.replace(":", "_")
     if marker.exists():
-        return
+        return False
     state.mkdir(parents=True, exist_ok=True)
     marker.write_text(str(os.getpid()))
-    os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def _fire(action: str, point: str) -> str | None:
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory (injected at {point})")
+    if action == "enospc":
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+    return action
+

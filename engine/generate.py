@@ -297,15 +297,18 @@ def _tokenizer_with(model, used: list[UsedEmbedding]) -> tuple[object, torch.Ten
     if not used:
         return model.tokenizer, None
     tokenizer = copy.deepcopy(model.tokenizer)
-    base = len(tokenizer)
+    base, taken = len(tokenizer), set(tokenizer.get_vocab())
     rows: list[torch.Tensor] = []
     for u in used:
         check_width(Embedding(u.vectors, u.token, "diffusers", meta={"path": str(u.path)}),
                     model.info.text_width, model.info.spec)
         names = [u.token] + [f"{u.token}_{i}" for i in range(1, u.vectors.shape[0])]
         for name, row in zip(names, u.vectors):
-            if name in tokenizer.get_vocab():
-                raise UserError(f"token {name} is already a word of this model; give concept {u.concept!r} another token")
+            if name in taken:
+                raise UserError(
+                    f"token {name} is already a word of this model; give concept {u.concept!r} another token"
+                )
+            taken.add(name)
             tokenizer.add_tokens(name)
             if tokenizer.convert_tokens_to_ids(name) != base + len(rows):
                 raise RuntimeError(f"token {name} did not get the next free id")
@@ -410,10 +413,11 @@ def new_output_dir(home: Path, prompt: str) -> Path:
 
 
 def image_record(model, *, mode: str, prompt: str, negative: str, seed: int, steps: int, guidance: float,
-                 size: int, used: list[UsedEmbedding]) -> dict:
-    """Everything needed to make the image again."""
+                 size: int, used: list[UsedEmbedding], batch_size: int = 1) -> dict:
+    """Everything needed to make the image again (batch size too: batched kernels may round differently)."""
     return {
         "prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance": guidance,
+        "batch_size": batch_size,
         "sampler": SAMPLER, "scheduler": SCHEDULER, "generator": GENERATOR, "width": size, "height": size,
         "mode": mode, "model": model.info.identity(), "dtype": str(model.dtype).replace("torch.", ""),
         "embeddings": [u.to_dict() for u in used],
@@ -463,7 +467,8 @@ def write_image(path: Path, image, record: dict) -> Path:
     return path
 
 
-def _scaled(progress: Progress | None, start: float, span: float) -> Progress | None:
+def sub_progress(progress: Progress | None, start: float, span: float) -> Progress | None:
+    """Report a part of a job as [start, start + span] of the whole."""
     if progress is None:
         return None
     return lambda msg, f: progress(msg, start + span * f)
@@ -490,12 +495,15 @@ def generate(model, library, request: GenerateRequest, progress: Progress | None
         images = render(
             model, prompt, request.seeds, negative=negative, steps=request.steps, guidance=request.guidance,
             resolution=size, batch_size=request.batch_size, used=used,
-            progress=_scaled(progress, k / len(jobs), 1 / len(jobs)), cancelled=cancelled,
+            progress=sub_progress(progress, k / len(jobs), 1 / len(jobs)), cancelled=cancelled,
         )
         rendered[mode] = images
-        for seed, image in zip(request.seeds, images):
+        b = request.batch_size
+        for i, (seed, image) in enumerate(zip(request.seeds, images)):
+            batch = min(b, request.n - i // b * b)  # the size of the batch this image was drawn in
             record = image_record(model, mode=mode, prompt=prompt, negative=negative, seed=seed,
-                                  steps=request.steps, guidance=request.guidance, size=size, used=used)
+                                  steps=request.steps, guidance=request.guidance, size=size, used=used,
+                                  batch_size=batch)
             path = write_image(out_dir / f"{mode}-{seed:04d}.png", image, record)
             results.append({"path": str(path), "json": str(path.with_suffix(".json")), "prompt": prompt,
                             "seed": seed, "mode": mode})

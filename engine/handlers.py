@@ -9,6 +9,7 @@ from __future__ import annotations
 
 
 import contextlib
+import errno
 
 from engine.errors import UserError
 
@@ -90,6 +91,10 @@ def _friendly_failures():
         yield
     except torch.OutOfMemoryError:
         raise UserError("out of GPU memory; try --low-vram, a smaller --batch-size, or close other GPU programs") from None
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise UserError("the disk is full (no space left while saving); free some space, then resume this run") from None
     except FloatingPointError as exc:
         raise UserError(f"{exc}; the last good checkpoint is kept — resume with a lower --lr or --precision fp32") from None
 

@@ -25,7 +25,7 @@ import torch
 
 from engine.errors import UserError
 from engine.generate import (
-    SAMPLER, GenerateRequest, _scaled, generate, load_used, timestamp_id,
+    SAMPLER, GenerateRequest, generate, load_used, sub_progress, timestamp_id,
 )
 from engine.paths import atomic_write_json, atomic_write_text
 from engine.prompts import edit_prompts, fill, load_prompts, neutral_prompt, without_placeholder
@@ -97,7 +97,9 @@ def load_clip(name: str = "ViT-B-32", weights: os.PathLike | str | None = None, 
         try:
             tokenizer = open_clip.get_tokenizer(name)
         except Exception as exc:  # hub-backed tokenizers would need a download
-            raise UserError(f"CLIP {name}'s tokenizer is not available offline ({type(exc).__name__}); use a CLIP ViT model") from None
+            raise UserError(
+                f"CLIP {name}'s tokenizer is not available offline ({type(exc).__name__}); use a CLIP ViT model"
+            ) from None
     model.to(device).eval().requires_grad_(False)
     return Clip(model, preprocess, tokenizer, name, None if weights is None else str(weights), device)
 
@@ -132,7 +134,9 @@ def _read_state_dict(path: Path) -> dict:
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
-        raise UserError(f"{path} could not be loaded safely as CLIP weights; give a .safetensors open_clip checkpoint") from None
+        raise UserError(
+            f"{path} could not be loaded safely as CLIP weights; give a .safetensors open_clip checkpoint"
+        ) from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if not isinstance(data, dict) or not data:
@@ -239,7 +243,8 @@ def measure(model, library, concept, ref: str | None, prompts: list[str], clip: 
             mode=mode, uses=[ref] if ref else [], out_dir=out_dir / ("reconstruction" if i == 0 else f"edit-{i}"),
             batch_size=batch_size,
         )
-        results = generate(model, library, request, _scaled(progress, i / len(templates), 1 / len(templates)), cancelled)
+        set_progress = sub_progress(progress, i / len(templates), 1 / len(templates))
+        results = generate(model, library, request, set_progress, cancelled)
         sets.append((results, _load_pngs(results)))
     embs = [clip.images(pils) for _, pils in sets]
     texts = clip.texts([without_placeholder(t) for t in prompts])
@@ -292,7 +297,7 @@ def evaluate(model, library, concept_name: str, run_id: str | None = None, step:
             model, library, concept, ref, prompts, clip_model, train_embs,
             out_dir=eval_dir / "images" / ("sd" if ref is None else "ti"), images=images, seed=seed,
             sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
-            progress=_scaled(progress, k / 2, 1 / 2), cancelled=cancelled,
+            progress=sub_progress(progress, k / 2, 1 / 2), cancelled=cancelled,
         )
     table = {
         "id": eval_id,
@@ -301,7 +306,8 @@ def evaluate(model, library, concept_name: str, run_id: str | None = None, step:
         "neutral_prompt": neutral_prompt(concept.property),
         "clip_texts": [without_placeholder(p) for p in prompts],
         "per_prompt": [
-            {"prompt": p, "clip_text": without_placeholder(p), **{label: rows[label]["per_prompt"][i] for label in rows}}
+            {"prompt": p, "clip_text": without_placeholder(p),
+             **{label: row["per_prompt"][i] for label, row in rows.items()}}
             for i, p in enumerate(prompts)
         ],
         "rendered": {label: row["rendered"] for label, row in rows.items()},

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 import platformdirs
 
+from engine.faults import maybe_fault
+
 APP_NAME = "tistudio"
 
 
@@ -53,6 +55,7 @@ def atomic_path(final: os.PathLike | str, suffix: str = "") -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        maybe_fault("write." + final.name)  # crash tests: die with the data written but not renamed
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.chmod(tmp_path, 0o600)

@@ -95,5 +95,7 @@ def load_prompts(path: os.PathLike | str) -> list[str]:
         raise UserError(f"prompts file {path} holds no prompts; write one prompt per line, each with {{}}")
     for number, prompt in enumerate(prompts, 1):
         if "{}" not in prompt:
-            raise UserError(f"prompts file {path}: prompt {number} ({prompt[:40]!r}) has no {{}}; mark where the token goes")
+            raise UserError(
+                f"prompts file {path}: prompt {number} ({prompt[:40]!r}) has no {{}}; mark where the token goes"
+            )
     return prompts

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from engine import checkpoints
 from engine.data import default_preview_prompt, encode_images, load_images, templates_for
 from engine.errors import JobCancelled, UserError
-from engine.faults import maybe_crash
+from engine.faults import maybe_fault
 from engine.gpu import memory_figures
 from engine.optim import RowAdamW
 from engine.paths import atomic_write_bytes
@@ -267,11 +267,13 @@ class Inversion:
                     self._checkpoint(step)
                     raise JobCancelled(f"cancelled at step {step}")
                 loss = self.train_step(step)
+                if maybe_fault("loss", step + 1) == "nan":
+                    loss = loss * float("nan")
                 loss_sum += loss
                 bad |= ~torch.isfinite(loss.detach()).all()
                 logged += 1
                 done = step + 1
-                maybe_crash("step", done)
+                maybe_fault("step", done)
                 if done % cfg.log_every == 0 or done == cfg.steps:
                     if bool(bad):  # the one host sync per logging interval
                         raise FloatingPointError(f"loss became NaN/inf by step {done}")

@@ -32,6 +32,7 @@ from tistudio.widgets.charts import LossChart
 from tistudio.widgets.images import ImagePreview
 
 ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.filterwarnings("ignore:Image.Image.getdata:DeprecationWarning")
 SIZE = (100, 30)
 
 
@@ -328,7 +329,7 @@ async def test_train_streams_loss_and_reopening_shows_the_history_and_follows_li
         track = await wait_for(pilot, lambda: (t := app.state.tracks.get(run_id)) and len(t.xs) >= 1 and t,
                                120, "the first loss points")
         chart = screen.query_one("#loss", LossChart)
-        assert chart._key is not None and chart._key[0] >= 1  # the chart drew them
+        await wait_for(pilot, lambda: chart._key is not None and chart._key[0] >= 1, 5, "the chart to draw them")
         seen = list(track.xs)
         await pilot.press("q")  # quitting never stops a run
     from engine.client import EngineClient
@@ -347,10 +348,10 @@ async def test_train_streams_loss_and_reopening_shows_the_history_and_follows_li
                                180, "the run to finish")
         assert track.xs == list(range(2, 17, 2))  # the whole history: before the reopen and after
         assert track.xs[: len(seen)] == seen
-        await pilot.pause(0.5)
-        title = str(screen.query_one("#run-title", Static).render())
-        assert run_id in title and "done" in title
-        assert screen.query_one("#loss", LossChart)._key[0] == len(track.xs)
+        await wait_for(pilot, lambda: screen.query_one("#loss", LossChart)._key[0] == len(track.xs), 5,
+                       "the chart to show every point")
+        title = lambda: str(screen.query_one("#run-title", Static).render())  # noqa: E731
+        await wait_for(pilot, lambda: run_id in title() and "done" in title(), 5, "the title to say done")
 
 
 @pytest.mark.timeout(240)
@@ -367,8 +368,12 @@ async def test_cancel_and_resume_from_the_train_screen(studio_home):
                                 20, "the run")
         await wait_for(pilot, lambda: len(app.state.track(run_id).xs) >= 2, 120, "some steps")
         await pilot.press("c")
-        await wait_for(pilot, lambda: (app.state.job(run_id) or {}).get("status") == "cancelled", 30,
+        try:
+            await wait_for(pilot, lambda: (app.state.job(run_id) or {}).get("status") == "cancelled", 30,
                        "the run to be cancelled")
+        except AssertionError:
+            print("NOTES", _notes(app), app.state.job(run_id), app.screen.focused)
+            raise
         await pilot.press("r")
         await wait_for(pilot, lambda: (app.state.job(run_id) or {}).get("status") == "running", 60,
                        "the run to resume")

@@ -135,7 +135,7 @@ def test_png_parameters_chunk_and_sidecar(tiny_model, library):
     sidecar = json.loads(open(result["json"]).read())
     assert sidecar == stored
     assert sidecar["prompt"] == PROMPT and sidecar["negative_prompt"] == "blurry"
-    assert (sidecar["seed"], sidecar["steps"], sidecar["guidance"]) == (42, 2, 7.5)
+    assert (sidecar["seed"], sidecar["steps"], sidecar["guidance"], sidecar["batch_size"]) == (42, 2, 7.5, 1)
     assert "DPMSolverMultistep" in sidecar["scheduler"] and "dpmsolver++" in sidecar["scheduler"]
     assert sidecar["model"] == tiny_model.info.identity()
     [emb] = sidecar["embeddings"]
