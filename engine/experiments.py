@@ -3,7 +3,8 @@
 * steps  one run, every saved checkpoint: a grid (prompts x checkpoints) and the
          reconstruction / editability curve over steps;
 * init   one run per initializer word (Building vs Tower, Fish vs Dragon);
-* seeds  one run per training seed.
+* seeds  one run per training seed;
+* runs   finished runs side by side (e.g. the members of a sweep job).
 
 init and seeds train their runs together with `train_many` (K runs in one UNet
 call, each ending where its solo run would), then measure each run the way
@@ -18,13 +19,14 @@ from pathlib import Path
 
 from engine.errors import JobCancelled, UserError
 from engine.generate import (
-    FINAL_EMBEDDING, GenerateRequest, checkpoint_steps, done_runs, make_grid, save_png, sub_progress, timestamp_id,
+    FINAL_EMBEDDING, GenerateRequest, checkpoint_steps, done_runs, load_used, make_grid, save_png, sub_progress,
+    timestamp_id,
 )
 from engine.library import check_initializer
 from engine.metrics import (
     NOTES, check_templates, load_clip, measure, scores_only, training_images,
 )
-from engine.paths import atomic_write_json, atomic_write_text, ensure_private_dir
+from engine.paths import atomic_write_json, atomic_write_text, ensure_private_dir, read_json
 from engine.prompts import edit_prompts, fill, neutral_prompt, synthesis_prompts  # noqa: F401 (re-exported)
 
 
@@ -33,8 +35,10 @@ def _experiment_dir(concept, kind: str) -> tuple[str, Path]:
     return exp_id, ensure_private_dir(concept.path / "experiments" / exp_id)
 
 
-def _setup(model, library, name, prompts, clip, clip_weights):
+def _setup(model, library, name, prompts, clip, clip_weights, images):
     """What every experiment needs before its first image: concept, prompts, CLIP, training embeddings."""
+    if images < 1:
+        raise UserError("--images must be at least 1")
     concept = library.get(name)
     prompts = check_templates(prompts) if prompts is not None else edit_prompts(concept.property)
     clip_model = load_clip(clip, clip_weights, model.device)
@@ -96,7 +100,7 @@ def steps_experiment(model, library, name: str, run_id: str | None = None, at: l
     if missing or not steps:
         raise UserError(f"run {run_id} has no embedding at step(s) {', '.join(map(str, missing)) or 'any'}; "
                         f"saved: {', '.join(map(str, saved)) or 'none'}")
-    concept, prompts, clip_model, train_embs = _setup(model, library, name, prompts, clip, clip_weights)
+    concept, prompts, clip_model, train_embs = _setup(model, library, name, prompts, clip, clip_weights, images)
     exp_id, exp_dir = _experiment_dir(concept, "steps")
     columns = _measure_columns(
         model, library, concept, [f"{concept.name}@{run_id}:{s}" for s in steps], prompts, clip_model, train_embs,
@@ -214,22 +218,66 @@ def train_sweep(model, concept, exp_id: str, configs: list[tuple[str, object]], 
 
 def _sweep(model, library, name: str, kind: str, configs_for, labels: list[str], *, prompts, images, clip,
            clip_weights, seed, sample_steps, guidance, batch_size, progress, cancelled) -> dict:
-    concept, prompts, clip_model, train_embs = _setup(model, library, name, prompts, clip, clip_weights)
+    concept, prompts, clip_model, train_embs = _setup(model, library, name, prompts, clip, clip_weights, images)
     configs = list(zip(labels, configs_for(concept)))
     exp_id, exp_dir = _experiment_dir(concept, kind)
     run_ids = train_sweep(model, concept, exp_id, configs, sub_progress(progress, 0.0, 0.6), cancelled)
+    return _report_runs(
+        model, library, concept, kind, exp_id, exp_dir, run_ids, labels, prompts, clip_model, train_embs,
+        images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
+        progress=sub_progress(progress, 0.6, 0.4), cancelled=cancelled,
+    )
+
+
+def runs_experiment(model, library, name: str, run_ids: list[str], labels: list[str] | None = None, *,
+                    prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
+                    seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int = 4,
+                    progress=None, cancelled=None) -> dict:
+    """Finished runs of one concept side by side (e.g. the members of a sweep job): grid and table."""
+    concept = library.get(name)
+    if not run_ids:
+        raise UserError("give at least one run id to compare")
+    labels = list(labels) if labels else [f"run {r}" for r in run_ids]
+    if len(labels) != len(run_ids):
+        raise UserError(f"{len(labels)} labels for {len(run_ids)} runs; give one label per run")
+    for run_id in run_ids:
+        load_used(concept, run_id)  # each must be a finished run of this concept
+    concept, prompts, clip_model, train_embs = _setup(model, library, name, prompts, clip, clip_weights, images)
+    exp_id, exp_dir = _experiment_dir(concept, "runs")
+    return _report_runs(
+        model, library, concept, "runs", exp_id, exp_dir, list(run_ids), labels, prompts, clip_model, train_embs,
+        images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
+        progress=progress, cancelled=cancelled,
+    )
+
+
+def _run_spec(concept, run_id: str) -> dict:
+    """The training settings a run recorded (ours write `spec`, jobs write `params`)."""
+    try:
+        record = read_json(concept.runs_dir / run_id / "run.json")
+    except (OSError, ValueError):
+        return {}
+    spec = record.get("spec") or record.get("params") or {}
+    return spec if isinstance(spec, dict) else {}
+
+
+def _report_runs(model, library, concept, kind: str, exp_id: str, exp_dir: Path, run_ids: list[str],
+                 labels: list[str], prompts, clip_model, train_embs, *, images, seed, sample_steps, guidance,
+                 batch_size, progress, cancelled) -> dict:
+    """Measure each run, then write grid.png (prompts x runs), table.json and table.md."""
     columns = _measure_columns(
         model, library, concept, [f"{concept.name}@{r}" for r in run_ids], prompts, clip_model, train_embs,
-        exp_dir, [f"run-{r}" for r in run_ids], images, seed, sample_steps, guidance, batch_size,
-        sub_progress(progress, 0.6, 0.4), cancelled,
+        exp_dir, [f"run-{r}" for r in run_ids], images, seed, sample_steps, guidance, batch_size, progress, cancelled,
     )
     templates = [neutral_prompt(concept.property)] + prompts
     save_png(exp_dir / "grid.png", _grid(columns, labels, templates, concept.token))
+    specs = [_run_spec(concept, r) for r in run_ids]
     runs = [
-        {"run": r, "label": label, "init": cfg.init, "seed": cfg.seed, **scores_only(c), "per_prompt": c["per_prompt"]}
-        for r, (label, cfg), c in zip(run_ids, configs, columns)
+        {"run": r, "label": label, "init": spec.get("init"), "seed": spec.get("seed"), **scores_only(c),
+         "per_prompt": c["per_prompt"]}
+        for r, label, spec, c in zip(run_ids, labels, specs, columns)
     ]
-    train = {k: v for k, v in asdict(configs[0][1]).items() if k not in ("init", "seed", "token")}
+    train = {k: v for k, v in specs[0].items() if k not in ("init", "seed", "token")}
     table = {"id": exp_id, "kind": kind, "runs": runs, "train": train,
              **_common(concept, model, clip_model, prompts, images, seed, sample_steps, guidance)}
     atomic_write_json(exp_dir / "table.json", table)
@@ -285,7 +333,7 @@ def seeds_experiment(model, library, name: str, seeds: list[int], steps: int, in
 
 
 def sweep_markdown(table: dict) -> str:
-    kind = {"init": "initializer word", "seeds": "training seed"}[table["kind"]]
+    kind = {"init": "initializer word", "seeds": "training seed", "runs": "training run"}[table["kind"]]
     lines = [
         f"# {table['concept']} ({table['token']}): effect of the {kind}", "",
         "| Run | | Reconstruction | Editability | Editability (per image) |",
@@ -294,9 +342,12 @@ def sweep_markdown(table: dict) -> str:
     for r in table["runs"]:
         lines.append(f"| {r['run']} | {r['label']} | {r['reconstruction']:.4f} | {r['editability']:.4f} | "
                      f"{r['editability_per_image']:.4f} |")
+    train = table["train"]
+    lines.append("")
+    if table["kind"] != "runs":
+        lines.append(f"- Training: {train.get('steps')} steps, lr {train.get('lr')}, batch {train.get('batch_size')}; "
+                     "runs trained together, each as its solo run would.")
     lines += [
-        "", f"- Training: {table['train']['steps']} steps, lr {table['train']['lr']:g}, "
-        f"batch {table['train']['batch_size']}; runs trained together, each as its solo run would.",
         f"- {table['images_per_set']} images per prompt, seeds {table['seeds'][0]}–{table['seeds'][-1]}; "
         f"grid.png: rows are prompts, columns runs.",
         f"- Note: {table['notes']}.", "",

@@ -285,6 +285,14 @@ def fill_train_form(screen, **values):
         screen.query_one(f"#{key}", Input).value = str(value)
 
 
+async def start_run(app, pilot, screen) -> str:
+    """Press s on the Train screen; the id of the run it queued (the screen follows it)."""
+    before = {j["id"] for j in app.state.jobs}
+    await pilot.press("s")
+    return await wait_for(pilot, lambda: screen.run_id not in before and app.state.job(screen.run_id)
+                          and screen.run_id, 20, "the new run to be queued")
+
+
 @pytest.mark.timeout(240)
 async def test_create_a_concept_in_the_form_with_a_live_initializer_check(studio_home, tmp_path):
     images = make_images(tmp_path / "robot-pics", count=3)
@@ -323,9 +331,7 @@ async def test_train_streams_loss_and_reopening_shows_the_history_and_follows_li
         screen = app.screen
         screen.query_one("#concept", Select).value = "sample"
         fill_train_form(screen, steps=16, log_every=2, save_every=8, preview_every=0, seed=3)
-        await pilot.press("s")
-        run_id = await wait_for(pilot, lambda: screen.run_id and app.state.job(screen.run_id) and screen.run_id,
-                                20, "the run to be queued")
+        run_id = await start_run(app, pilot, screen)
         track = await wait_for(pilot, lambda: (t := app.state.tracks.get(run_id)) and len(t.xs) >= 1 and t,
                                120, "the first loss points")
         chart = screen.query_one("#loss", LossChart)
@@ -363,17 +369,11 @@ async def test_cancel_and_resume_from_the_train_screen(studio_home):
         screen = app.screen
         screen.query_one("#concept", Select).value = "sample"
         fill_train_form(screen, steps=2000, log_every=1, save_every=2, preview_every=0)
-        await pilot.press("s")
-        run_id = await wait_for(pilot, lambda: screen.run_id and app.state.job(screen.run_id) and screen.run_id,
-                                20, "the run")
+        run_id = await start_run(app, pilot, screen)
         await wait_for(pilot, lambda: len(app.state.track(run_id).xs) >= 2, 120, "some steps")
         await pilot.press("c")
-        try:
-            await wait_for(pilot, lambda: (app.state.job(run_id) or {}).get("status") == "cancelled", 30,
+        await wait_for(pilot, lambda: (app.state.job(run_id) or {}).get("status") == "cancelled", 30,
                        "the run to be cancelled")
-        except AssertionError:
-            print("NOTES", _notes(app), app.state.job(run_id), app.screen.focused)
-            raise
         await pilot.press("r")
         await wait_for(pilot, lambda: (app.state.job(run_id) or {}).get("status") == "running", 60,
                        "the run to resume")
@@ -400,8 +400,11 @@ async def test_generate_shows_sd_and_ti_images_with_their_paths(studio_home):
         await online(app, pilot)
         if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
             pytest.skip("needs the finished run of the training test")
-        await pilot.press("3", "p")
+        await pilot.press("3")
+        await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), 5, "the Generate screen")
+        await pilot.press("p")
         screen = app.screen
+        assert isinstance(screen.focused, Input)
         screen.query_one("#prompt", Input).value = "a photo of <sample>"
         for key, value in (("count", 1), ("steps", 2), ("seed", 5)):
             screen.query_one(f"#{key}", Input).value = str(value)
@@ -432,7 +435,7 @@ async def test_evaluate_fills_table_1(studio_home):
             pytest.skip("needs the finished run of the training test")
         app.selected_concept = "sample"
         await pilot.press("4")
-        await pilot.pause()
+        await wait_for(pilot, lambda: isinstance(app.screen, MetricsScreen), 5, "the Metrics screen")
         screen = app.screen
         assert screen.concept() == "sample"
         await pilot.press("e")

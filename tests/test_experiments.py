@@ -9,7 +9,7 @@ from PIL import Image
 
 from engine.errors import JobCancelled, UserError
 from engine.experiments import (
-    init_experiment, seeds_experiment, steps_experiment, synthesis_prompts, synthesis_requests,
+    init_experiment, runs_experiment, seeds_experiment, steps_experiment, synthesis_prompts, synthesis_requests,
 )
 from engine.formats import read_embedding
 from engine.generate import GenerateRequest, done_runs, generate
@@ -100,6 +100,17 @@ def test_seeds_experiment_one_run_per_seed(tiny_model, library):
     assert [r["seed"] for r in result["runs"]] == [0, 1] and {r["init"] for r in result["runs"]} == {"cat"}
     assert result["id"].startswith("seeds-")
     assert (concept.path / "experiments" / result["id"] / "grid.png").is_file()
+    # The same runs, compared again as plain finished runs.
+    ids = [r["run"] for r in result["runs"]]
+    again = runs_experiment(tiny_model, library, "cat", ids, ["A", "B"], prompts=["a {} in space"], **FAST)
+    assert again["id"].startswith("runs-") and [r["label"] for r in again["runs"]] == ["A", "B"]
+    assert [r["seed"] for r in again["runs"]] == [0, 1]
+    assert [r["reconstruction"] for r in again["runs"]] == [r["reconstruction"] for r in result["runs"]]
+    assert "| A |" in (concept.path / "experiments" / again["id"] / "table.md").read_text()
+    with pytest.raises(UserError, match="one label per run"):
+        runs_experiment(tiny_model, library, "cat", ids, ["A"], **FAST)
+    with pytest.raises(UserError, match="no run 'nope'"):
+        runs_experiment(tiny_model, library, "cat", ["nope"], **FAST)
 
 
 def test_bad_initializer_is_refused_before_any_run_exists(tiny_model, library):

@@ -84,7 +84,9 @@ class StudioApp(App):
         self.tokenizer = None
         self.selected_concept: str | None = None
         self.prompt_hint: str | None = None
-        self.watched: set[str] = set()
+        self.watched: set[str] = set()  # runs a screen shows: followed until complete
+        self.submitted: set[str] = set()  # runs this studio queued: their end is announced
+        self._announced: set[str] = set()
         self.started_at = time.monotonic()
         self.first_screen_at: float | None = None
         self._theme_problems: list[str] = []
@@ -178,6 +180,8 @@ class StudioApp(App):
             if old is not None and old != new and new in FINAL:
                 finished_kinds.add(job.get("kind"))
                 self._announce(job)
+            elif old is None and new in FINAL and job.get("id") in self.submitted:
+                self._announce(job)  # it ended before a poll saw it queued
             if new == "running" or (job.get("id") in self.watched and new not in FINAL):
                 self.watch_run(job["id"])
         self.changed.publish("jobs")
@@ -187,6 +191,9 @@ class StudioApp(App):
             self.changed.publish("metrics")
 
     def _announce(self, job: dict) -> None:
+        if job.get("id") in self._announced:
+            return
+        self._announced.add(job.get("id"))
         status, kind = job.get("status"), job.get("kind")
         what = f"{kind} {job.get('concept') or ''} ({job.get('id')})".replace("  ", " ")
         if status == "done":
@@ -200,17 +207,21 @@ class StudioApp(App):
 
     def on_run_events(self, message: RunEvents) -> None:
         track = self.state.track(message.run_id)
-        was_final = track.status in FINAL
+        was_final, was_live = track.status in FINAL, track.live
         track.apply(message.events)
         if message.ended and track.status in FINAL:
             track.complete = True
         self.changed.publish(f"run:{message.run_id}")
         if track.status in FINAL and not was_final:
+            if message.run_id in self.submitted or was_live:
+                self._announce({"id": message.run_id, "kind": track.kind, "concept": track.concept,
+                                "status": track.status, "error": track.error})
             self.bridge.poll_now()
             self.bridge.refresh_offline()
 
     def on_job_submitted(self, message: JobSubmitted) -> None:
         self.watched.add(message.run_id)
+        self.submitted.add(message.run_id)
         verb = "resumed" if message.resumed else "queued"
         what = message.kind or "run"
         self.notify(f"{what} {message.concept or ''} {verb}: {message.run_id}".replace("  ", " "), title="Engine")

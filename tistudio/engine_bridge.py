@@ -76,9 +76,11 @@ class RunTrack:
     progress: float | None = None  # 0..1 for jobs that report a fraction
     logs: list[str] = field(default_factory=list)
     complete: bool = False  # its final status is known and its log fully read
+    live: bool = False  # seen queued or running: its end happens while we watch
     version: int = 0  # bumped on every change: screens redraw when it moves
 
     def apply(self, events: list[dict]) -> bool:
+        """Fold events in (a seq already seen is skipped); True if anything changed."""
         changed = False
         for event in events:
             seq = event.get("seq")
@@ -90,6 +92,9 @@ class RunTrack:
             changed = True
         if changed:
             self.version += 1
+            # the last status of a batch says whether the run is live: a replayed history
+            # holds old running/queued events that must not count
+            self.live = self.status in ACTIVE
         return changed
 
     def _apply_one(self, event: dict) -> None:

@@ -1,0 +1,145 @@
+"""Does an inversion on builtin:demo learn its concept?  The demo's Table 1, measured directly.
+
+    python -m demo.inversion_check [--concept mushroom] [--steps 1500] [--images 16]
+
+For each held-out concept (demo/samples): train one new word with the engine's
+own inversion (engine.train, the paper's defaults but for the step count), then
+generate with it (SD+TI) and with the concept's plain description (SD), and
+score both with the demo judge (CLIP):
+
+* reconstruction: mean pairwise cosine between the judge's embeddings of the
+  generated pictures (neutral prompt) and of the training pictures;
+* editability: for each of the concept's edit prompts, the cosine between the
+  mean image embedding of its pictures and the prompt's text embedding with
+  the placeholder removed (the paper's definition; the original TI code's
+  placeholder handling); the mean over the prompts.
+
+Results go to demo/logs/inversion_check.json.  This is the project's own
+check of the demo; the studio's metrics module measures the same things.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from demo.common import LOGS
+
+SAMPLES = Path(__file__).parent / "samples"
+NEUTRAL = {"object": "a photo of {}", "style": "a painting in the style of {}"}
+
+
+def demo_model_loaded():
+    from engine import demo_model
+    from engine.models import LoadedModel, ModelInfo
+
+    pipe = demo_model.build_demo_pipeline()
+    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
+        m.requires_grad_(False).eval()
+    info = ModelInfo(spec="builtin:demo", kind="builtin", family="sd1", text_width=pipe.text_encoder.config.hidden_size,
+                     prediction_type="epsilon", resolution=demo_model.RESOLUTION)
+    return LoadedModel(info=info, pipe=pipe)
+
+
+@torch.no_grad()
+def generate(pipe, prompt: str, n: int, seed: int, steps: int = 20, guidance: float = 5.0):
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    gens = [torch.Generator().manual_seed(seed + i) for i in range(n)]
+    return pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
+
+
+@torch.no_grad()
+def embed_images(clip, preprocess, images) -> torch.Tensor:
+    x = torch.stack([preprocess(im.convert("RGB")) for im in images])
+    return torch.nn.functional.normalize(clip.encode_image(x).float(), dim=-1)
+
+
+@torch.no_grad()
+def embed_texts(clip, tokenizer, texts) -> torch.Tensor:
+    return torch.nn.functional.normalize(clip.encode_text(tokenizer(texts)).float(), dim=-1)
+
+
+def scores(pipe, clip, preprocess, tokenizer, train_embs, word: str, prop: str, edits: list[str], n: int, seed: int):
+    neutral = generate(pipe, NEUTRAL[prop].replace("{}", word), n, seed)
+    recon = float((embed_images(clip, preprocess, neutral) @ train_embs.T).mean())
+    per_prompt = []
+    for template in edits:
+        images = generate(pipe, template.replace("{}", word), n, seed + 1000)
+        mean = embed_images(clip, preprocess, images).mean(0, keepdim=True)
+        text = embed_texts(clip, tokenizer, [" ".join(template.replace("{}", "").split())])
+        per_prompt.append(float(torch.nn.functional.cosine_similarity(mean, text).item()))
+    return recon, float(np.mean(per_prompt)), per_prompt, neutral
+
+
+def run_concept(record: dict, steps: int, n: int, seed: int, lr: float, out_dir: Path) -> dict:
+    from PIL import Image
+
+    from engine import demo_model
+    from engine.train import TrainConfig, train
+
+    model = demo_model_loaded()
+    clip, preprocess, tokenizer = demo_model.load_demo_clip()
+    paths = [SAMPLES / record["name"] / name for name in record["images"]]
+    train_embs = embed_images(clip, preprocess, [Image.open(p) for p in paths])
+
+    token = f"<{record['name']}>"
+    config = TrainConfig(token=token, init=record["init"], property=record["property"], steps=steps, lr=lr,
+                         seed=seed, save_every=max(steps, 1), preview_every=0, log_every=50)
+    t = time.time()
+    run_dir = out_dir / record["name"]
+    embedding = train(model, config, run_dir, paths, resume=False)
+    train_s = time.time() - t
+
+    pipe = model.pipe
+    sd = scores(pipe, clip, preprocess, tokenizer, train_embs, record["description"], record["property"],
+                record["edit_prompts"], n, seed)
+    pipe.load_textual_inversion(str(embedding), token=token)
+    ti = scores(pipe, clip, preprocess, tokenizer, train_embs, token, record["property"], record["edit_prompts"], n, seed)
+    pipe.unload_textual_inversion(token)
+    for tag, images in (("sd", sd[3]), ("ti", ti[3])):
+        grid = np.concatenate([np.asarray(im) for im in images[:8]], axis=1)
+        Image.fromarray(grid.repeat(3, 0).repeat(3, 1)).save(out_dir / f"{record['name']}-{tag}.png")
+    return {
+        "concept": record["name"], "property": record["property"], "steps": steps, "lr": lr, "seed": seed,
+        "train_seconds": round(train_s, 1), "images_per_prompt": n,
+        "SD": {"reconstruction": round(sd[0], 4), "editability": round(sd[1], 4), "per_prompt": [round(x, 4) for x in sd[2]]},
+        "SD+TI": {"reconstruction": round(ti[0], 4), "editability": round(ti[1], 4), "per_prompt": [round(x, 4) for x in ti[2]]},
+    }
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--concept", action="append", default=None)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None, help="folder for runs and grids (default: a temporary one)")
+    ap.add_argument("--log", default=str(LOGS / "inversion_check.json"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    records = json.loads((SAMPLES / "concepts.json").read_text())
+    if args.concept:
+        records = [r for r in records if r["name"] in args.concept]
+    out_dir = Path(args.out or tempfile.mkdtemp(prefix="demo-inversion-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for record in records:
+        result = run_concept(record, args.steps, args.images, args.seed, args.lr, out_dir)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    Path(args.log).write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
+    print("grids in", out_dir)
+
+
+if __name__ == "__main__":
+    main()
