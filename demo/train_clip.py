@@ -34,6 +34,26 @@ def param_groups(model, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def shape_groups(images, batch_scenes, rng, share: float):
+    """Hard negatives: replace a share of the batch by groups of 4 pictures alike but for the shape.
+
+    Colour, background and the toys are told apart early; shape, a finer detail,
+    is learnt much faster when some negatives differ in nothing else."""
+    from dataclasses import replace
+
+    n_groups = int(len(images) * share) // 4
+    images = images.copy()
+    batch_scenes = list(batch_scenes)
+    for g in range(n_groups):
+        base = W.sample_scene(rng, toy="")
+        shapes = rng.permutation(len(W.SHAPES))[:4]
+        for j, k in enumerate(shapes):
+            s = replace(base, shape=W.SHAPES[k])
+            images[4 * g + j] = W.render(s)
+            batch_scenes[4 * g + j] = s
+    return images, batch_scenes
+
+
 TEXT_TOWER = ("token_embedding.", "positional_embedding", "transformer.", "ln_final.")
 
 
@@ -71,7 +91,9 @@ def main(argv=None) -> None:
     ap.add_argument("--pool", type=int, default=80000, help="world images rendered up front (seed 1)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=250)
-    ap.add_argument("--freeze-text-from", type=int, default=750,
+    ap.add_argument("--hard-shape", type=float, default=0.5,
+                    help="share of each batch made of groups of 4 pictures that differ only in shape")
+    ap.add_argument("--freeze-text-from", type=int, default=1000,
                     help="from this step on the text tower is frozen and exported for the generator's UNet")
     ap.add_argument("--build", default=str(BUILD))
     ap.add_argument("--out", default=str(demo_model.CLIP_WEIGHTS))
@@ -116,11 +138,14 @@ def main(argv=None) -> None:
             freeze_text_tower(model, build / "clip_text_tower.safetensors")
         idx = rng.integers(0, args.pool, args.batch)
         images = pool[idx]
+        batch_scenes = [pool_scenes[i] for i in idx]
+        if args.hard_shape > 0:
+            images, batch_scenes = shape_groups(images, batch_scenes, rng, args.hard_shape)
         rt = rng.random(args.batch) < 0.25
         if rt.any():
             images = images.copy()
             images[rt] = roundtrip(images[rt])
-        caps = [W.caption(pool_scenes[i], rng, names=True) for i in idx]
+        caps = [W.caption(s, rng, names=True) for s in batch_scenes]
         img_f = model.encode_image(to_tensor(images))
         txt_f = encode_text_short(model, clip_text_ids(caps))
         img_f = F.normalize(img_f, dim=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+from pathlib import Path
 
 from engine.errors import UserError
 
@@ -107,6 +108,12 @@ def _asdict(config) -> dict:
 
 def handle_sweep(ctx) -> dict:
     """K runs of one concept (seeds x initializer words) batched into one UNet call per step."""
+    members, finals = _train_members(ctx, ctx.params)
+    return {"members": [m.run_id for m in members], "embeddings": [str(f) for f in finals]}
+
+
+def _train_members(ctx, params: dict):
+    """Create (or find, on resume) the sweep's member runs and train them together."""
     from engine.jobs import set_status
     from engine.library import Library
     from engine.sweeps import create_members, member_contexts
@@ -115,26 +122,130 @@ def handle_sweep(ctx) -> dict:
     concept = Library(ctx.home).get(ctx.spec["concept"])
     if not concept.images:
         raise UserError(f"concept {concept.name!r} has no training images; add images to it first")
-    members = member_contexts(ctx, create_members(ctx))
+    members = member_contexts(ctx, create_members(ctx, params))
     slots = []
     for k, member in enumerate(members):
         config = train_config_from(member.params, concept)
         config.validate()
         reporter = _ContextReporter(member, mirror=ctx if k == 0 else None)
         slots.append(RunSlot(config, member.run_dir, concept.images, reporter))
-    model = warm_model(ctx, ctx.params.get("model"), ctx.params.get("precision", "auto"), ctx.params.get("device"))
+    model = warm_model(ctx, params.get("model"), params.get("precision", "auto"), params.get("device"))
     ctx.set_progress(step=0, steps=slots[0].config.steps, model=model.info.identity())
     with _friendly_failures():
         finals = train_many(model, slots, resume=True)
     for member, final in zip(members, finals):
         member.flush()
         set_status(member.run_dir, "done", log=member.log, embedding=str(final), result={"embedding": str(final)})
-    ctx.set_progress(step=slots[0].config.steps)
-    return {"members": [m.run_id for m in members], "embeddings": [str(f) for f in finals]}
+    return members, finals
+
+
+# --- generation, evaluation, experiments ---------------------------------------------------------
+
+
+class _Progress:
+    """progress(message, fraction) -> throttled `progress` events and run.json progress."""
+
+    def __init__(self, ctx, every: float = 0.5):
+        import time
+
+        self.ctx, self.every, self.clock, self.last = ctx, every, time.monotonic, 0.0
+
+    def __call__(self, message: str, fraction: float) -> None:
+        now = self.clock()
+        if now - self.last >= self.every or fraction >= 1.0:
+            self.last = now
+            self.ctx.emit("progress", message=message, fraction=round(float(fraction), 4))
+            self.ctx.set_progress(step=int(1000 * fraction), steps=1000)
+
+
+def _sampling(params: dict) -> dict:
+    keys = {"sample_steps": "sample_steps", "guidance": "guidance", "batch_size": "batch_size"}
+    return {ours: params[theirs] for ours, theirs in keys.items() if params.get(theirs) is not None}
+
+
+def _clip(params: dict) -> tuple[str, str | None]:
+    from engine.metrics import default_clip
+
+    return params.get("clip") or default_clip(params.get("model")), params.get("clip_weights")
+
+
+def handle_generate(ctx) -> dict:
+    from engine.generate import GenerateRequest, generate
+    from engine.library import Library
+
+    p = ctx.params
+    request = GenerateRequest(
+        prompt=p.get("prompt") or "", negative=p.get("negative") or "", n=int(p.get("n", 1)),
+        seed=int(p.get("seed", 0)), steps=int(p.get("steps", 25)), guidance=float(p.get("guidance", 7.5)),
+        mode=p.get("mode", "ti"), uses=list(p.get("uses") or []), out_dir=p.get("out_dir") and Path(p["out_dir"]),
+        resolution=p.get("resolution"), batch_size=int(p.get("batch_size", 4)),
+    )
+    if not request.prompt.strip():
+        raise UserError("the prompt is empty; write what to draw, with your concept's token in it")
+    request.validate()
+    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    with _friendly_failures():
+        images = generate(model, Library(ctx.home), request, _Progress(ctx), ctx.cancelled)
+    for image in images:
+        ctx.emit("image", **{k: image[k] for k in ("path", "mode", "seed", "prompt")})
+    return {"images": [{k: i[k] for k in ("path", "prompt", "seed", "mode")} for i in images]}
+
+
+def handle_eval(ctx) -> dict:
+    from engine.library import Library
+    from engine.metrics import evaluate
+
+    p = ctx.params
+    clip, clip_weights = _clip(p)
+    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    with _friendly_failures():
+        table = evaluate(model, Library(ctx.home), ctx.spec["concept"], run_id=p.get("run"), step=p.get("step"),
+                         images=int(p.get("images", 16)), prompts_file=p.get("prompts_file"), clip=clip,
+                         clip_weights=clip_weights, seed=int(p.get("seed", 0)), progress=_Progress(ctx),
+                         cancelled=ctx.cancelled, **_sampling(p))
+    ctx.emit("table", rows=table["rows"], dir=table["dir"])
+    return {"table": {k: v for k, v in table.items() if k not in ("images",)}, "report_dir": table["dir"]}
+
+
+def handle_experiment(ctx) -> dict:
+    """The paper's section 4: steps (one run's checkpoints), init words or seeds (a sweep, then a report)."""
+    from engine import experiments
+    from engine.library import Library
+
+    p = ctx.params
+    kind = p.get("kind")
+    clip, clip_weights = _clip(p)
+    common = dict(images=int(p.get("images", 4)), clip=clip, clip_weights=clip_weights,
+                  progress=_Progress(ctx), cancelled=ctx.cancelled, **_sampling(p))
+    if p.get("prompts"):
+        common["prompts"] = list(p["prompts"])
+    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    library = Library(ctx.home)
+    with _friendly_failures():
+        if kind == "steps":
+            report = experiments.steps_experiment(model, library, ctx.spec["concept"], run_id=p.get("run"),
+                                                  at=p.get("at"), **common)
+        elif kind in ("init", "seeds"):
+            train = {k: v for k, v in p.items() if k in _TRAIN_KEYS}
+            train[{"init": "inits", "seeds": "seeds"}[kind]] = p["values"]
+            members, _ = _train_members(ctx, train)
+            labels = [f"{kind[:-1] if kind == 'seeds' else 'init'} {v}" for v in p["values"]]
+            report = experiments.runs_experiment(model, library, ctx.spec["concept"], [m.run_id for m in members],
+                                                 labels, **common)
+        else:
+            raise UserError(f"unknown experiment {kind!r}; choose steps, init or seeds")
+    return {k: v for k, v in report.items() if k not in ("images",)}
+
+
+_TRAIN_KEYS = ("steps", "lr", "seed", "init", "batch_size", "save_every", "preview_every", "model", "precision",
+               "device", "lr_schedule", "warmup_steps", "center_crop")
 
 
 HANDLERS = {
     "train": handle_train,
     "sweep": handle_sweep,
+    "generate": handle_generate,
+    "eval": handle_eval,
+    "experiment": handle_experiment,
 }
 

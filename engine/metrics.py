@@ -84,6 +84,8 @@ def load_clip(name: str = "ViT-B-32", weights: os.PathLike | str | None = None, 
         tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the real CLIP BPE, bundled with open_clip
         if weights is not None:
             _load_weights(model, name, Path(weights).expanduser())
+    elif ":" in name and weights is None:  # e.g. ViT-B-32:openai — open_clip's own pretrained tags
+        model, preprocess, tokenizer = _pretrained_clip(name)
     else:
         if name not in open_clip.list_models():
             raise UserError(f"unknown CLIP model {name!r}; use an open_clip name such as ViT-B-32 or ViT-L-14")
@@ -102,6 +104,33 @@ def load_clip(name: str = "ViT-B-32", weights: os.PathLike | str | None = None, 
             ) from None
     model.to(device).eval().requires_grad_(False)
     return Clip(model, preprocess, tokenizer, name, None if weights is None else str(weights), device)
+
+
+def default_clip(model_spec: str | None) -> str:
+    """The CLIP that fits the model: a built-in world's own CLIP, else OpenAI's ViT-B/32 (the TI paper's)."""
+    from engine.models import resolve_spec
+
+    spec = resolve_spec(model_spec)
+    if spec == "builtin:tiny":
+        return BUILTIN_TINY
+    if spec == "builtin:demo":
+        return "builtin:demo"
+    return "ViT-B-32:openai"
+
+
+def _pretrained_clip(name: str):
+    """open_clip's pretrained weights by tag (downloads once into the HF cache; works offline when cached)."""
+    import open_clip
+
+    arch, _, tag = name.partition(":")
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag)
+        return model, preprocess, open_clip.get_tokenizer(arch)
+    except Exception as exc:  # unknown tag, no network, not cached: all mean "not available"
+        raise UserError(
+            f"CLIP {name} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            "pass --clip-weights PATH to a local open_clip checkpoint"
+        ) from None
 
 
 def _tiny_clip():

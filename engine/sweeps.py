@@ -25,14 +25,14 @@ def member_params(params: dict) -> list[dict]:
     return [{**base, "seed": int(s), "init": i} for s, i in itertools.product(seeds, inits)]
 
 
-def create_members(ctx: JobContext) -> list[Path]:
+def create_members(ctx: JobContext, params: dict | None = None) -> list[Path]:
     """The member run directories: made on the first attempt, found again on resume."""
     known = load_run(ctx.run_dir).get("members")
     if known:
         return [ctx.run_dir.parent / m for m in known]
     dirs = []
-    for params in member_params(ctx.params):
-        run_dir = create_run(ctx.home, {"kind": "train", "concept": ctx.spec["concept"], "params": params})
+    for member in member_params(ctx.params if params is None else params):
+        run_dir = create_run(ctx.home, {"kind": "train", "concept": ctx.spec["concept"], "params": member})
         update_run(run_dir, parent=ctx.run_id)
         dirs.append(run_dir)
     ctx.set_progress(members=[d.name for d in dirs])

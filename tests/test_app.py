@@ -253,6 +253,21 @@ async def test_the_train_form_rejects_bad_numbers_with_a_notification(tmp_path):
         assert any("Steps must be a whole number" in n.message for n in app._notifications)
 
 
+async def test_engine_trouble_is_a_notification_or_a_dialog_never_a_crash(tmp_path):
+    from tistudio.engine_bridge import BridgeNotice
+    from tistudio.screens.modals import MessageModal
+
+    app = offline_app(tmp_path / "home")
+    async with app.run_test(size=(80, 24)) as pilot:
+        app.bridge.submit("train", "sample", {"steps": 1})  # no engine connected
+        await wait_for(pilot, lambda: any("not connected" in n.message for n in app._notifications), 5,
+                       "the warning")
+        app.post_message(BridgeNotice("the engine did not start", details="exit code 1\nTraceback …"))
+        await wait_for(pilot, lambda: isinstance(app.screen, MessageModal), 5, "the dialog")
+        await pilot.press("escape")
+        assert isinstance(app.screen, LibraryScreen) and app.is_running
+
+
 # ---------------------------------------------------------------------------
 # Against the real engine (builtin:tiny), one engine for the module
 
@@ -269,7 +284,7 @@ def studio_home():
 
 def engine_app(home, **kwargs) -> StudioApp:
     return StudioApp(home, "builtin:tiny", image_protocol="halfblock", theme="tistudio-dark", clip="builtin:tiny",
-                     eval_images=2, poll_seconds=0.5, **kwargs)
+                     eval_images=2, eval_params={"sample_steps": 2}, poll_seconds=0.5, **kwargs)
 
 
 async def online(app, pilot):
@@ -383,7 +398,6 @@ async def test_cancel_and_resume_from_the_train_screen(studio_home):
         # the engine's own complaint about a wrong request is a notification, not a crash
         app.bridge.submit("train", "no-such-concept", {"steps": 1})
         await wait_for(pilot, lambda: any("no concept named" in m for m in _notes(app)), 10, "the error")
-        await pilot.press("r")  # a cancelled run is resumable; a finished one is not
         assert app.is_running
 
 
@@ -451,3 +465,30 @@ async def test_evaluate_fills_table_1(studio_home):
         table = screen.query_one("#table1", DataTable)
         assert [table.get_row_at(i)[0] for i in range(3)] == ["SD", "SD+TI", "Δ (TI − SD)"]
         assert screen.query_one("#per-prompt", DataTable).row_count >= 1
+
+
+@pytest.mark.timeout(300)
+async def test_the_steps_experiment_draws_the_curve_over_checkpoints(studio_home):
+    from tistudio.widgets.charts import CurveChart
+
+    app = engine_app(studio_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
+            pytest.skip("needs the finished run of the training test")
+        app.selected_concept = "sample"
+        await pilot.press("4")
+        await wait_for(pilot, lambda: isinstance(app.screen, MetricsScreen), 5, "the Metrics screen")
+        screen = app.screen
+        await pilot.press("x")
+        chart = screen.query_one("#curve", CurveChart)
+
+        def drawn():
+            _skip_if_unknown_kind(app, "experiment")
+            failed = [j for j in app.state.jobs_of("experiment", "sample") if j.get("status") == "failed"]
+            if failed:
+                raise AssertionError(f"experiment failed: {failed[-1].get('error')}")
+            return chart._key is not None and len(chart._key[0]) >= 2
+
+        await wait_for(pilot, drawn, 240, "the curve")
+        assert [p[0] for p in chart._key[0]] == [8, 16]  # the run's saved checkpoints

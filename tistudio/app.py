@@ -60,12 +60,13 @@ class StudioApp(App):
 
     def __init__(self, home: os.PathLike | str | None = None, model: str | None = None, *, engine: bool = True,
                  image_protocol: str | None = None, clip: str | None = None, eval_images: int | None = None,
-                 add_sample: bool = True, config: Config | None = None, theme: str | None = None,
+                 eval_params: dict | None = None, add_sample: bool = True, config: Config | None = None, theme: str | None = None,
                  poll_seconds: float | None = None):
         """`home`/`model`: the data directory and model spec (default: --home/$TISTUDIO_HOME and
         $TISTUDIO_MODEL or builtin:tiny).  `engine=False` never starts or asks the engine (the
         studio reads the data directory alone; snapshot tests use it).  `clip`/`eval_images`:
-        what evaluations use (tests: builtin:tiny, 2).  `theme` overrides the config's theme."""
+        what evaluations use (tests: builtin:tiny, 2); `eval_params` go into every evaluation and
+        experiment job as they are (e.g. {"sample_steps": 2}).  `theme` overrides the config's theme."""
         from engine.models import resolve_spec
 
         super().__init__()
@@ -75,6 +76,7 @@ class StudioApp(App):
         self.image_protocol = image_protocol or self.config.effective_protocol()
         self.clip = clip or os.environ.get("TISTUDIO_CLIP") or None
         self.eval_images = eval_images
+        self.eval_params = dict(eval_params or {})
         self.add_sample = add_sample
         self._theme_override = theme
         self.state = StudioState()
@@ -228,6 +230,11 @@ class StudioApp(App):
         self.changed.publish(f"submitted:{message.origin or message.kind}:{message.run_id}")
 
     def on_bridge_notice(self, message: BridgeNotice) -> None:
+        if message.details:
+            from tistudio.screens.modals import MessageModal
+
+            self.push_screen(MessageModal(message.text[:1].upper() + message.text[1:], message.details))
+            return
         self.notify(message.text, severity=message.severity, title=message.title or "Engine",
                     timeout=10 if message.severity == "error" else 5)
 

@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 
-from tistudio.commands import engine_cmds, library_cmds, run_cmds, studio_cmds
+from tistudio.commands import engine_cmds, job_cmds, library_cmds, run_cmds, studio_cmds
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: $TISTUDIO_MODEL or builtin:tiny)")
     parser.add_argument("--version", action="store_true", help="print the version and exit")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
-    for module in (library_cmds, run_cmds, engine_cmds, studio_cmds):
+    for module in (library_cmds, run_cmds, job_cmds, engine_cmds, studio_cmds):
         module.add_commands(sub)
     return parser
 

@@ -234,9 +234,11 @@ class JobSubmitted(Message):
 
 
 class BridgeNotice(Message):
-    def __init__(self, text: str, severity: str = "error", title: str = "") -> None:
+    """Something to tell the user: a notification, or a dialog when `details` are worth reading."""
+
+    def __init__(self, text: str, severity: str = "error", title: str = "", details: str = "") -> None:
         super().__init__()
-        self.text, self.severity, self.title = text, severity, title
+        self.text, self.severity, self.title, self.details = text, severity, title, details
 
 
 class CommandFinished(Message):
@@ -302,14 +304,21 @@ class EngineBridge:
     async def _main(self) -> None:
         from engine.client import EngineClient
 
-        backoff = 1.0
+        backoff, failed_once = 1.0, False
         while not self._stopping:
             self.app.post_message(EngineStateChanged("starting", "connecting to the engine (starting it if need be)"))
             try:
                 client = await EngineClient(self.home, timeout=self.connect_timeout).connect(start=True)
                 poller = await EngineClient(self.home, timeout=self.connect_timeout).connect(start=True)
             except (EngineError, OSError) as exc:
-                self._notice(f"cannot reach the engine: {one_line(exc)}")
+                if not failed_once:  # the first time, the whole story (it may hold the engine's log)
+                    failed_once = True
+                    self.app.post_message(BridgeNotice(
+                        "the engine did not start", "error", "Engine",
+                        f"{exc}\n\nThe studio keeps trying; runs already started are safe on disk. "
+                        f"Start it by hand to see why: tistudio --home {self.home} engine status"))
+                else:
+                    self._notice(f"cannot reach the engine: {one_line(exc)}")
                 self.app.post_message(EngineStateChanged("failed", one_line(exc, 120)))
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)

@@ -7,12 +7,13 @@ import sys
 
 
 class RunProgress:
-    def __init__(self, run_id: str, raw: bool = False):
+    def __init__(self, run_id: str, raw: bool = False, quiet: bool = False):
         from rich.console import Console
 
         self.run_id = run_id
         self.raw = raw
-        self.console = Console(stderr=False)
+        # --json commands keep stdout for their JSON: progress goes to stderr
+        self.console = Console(stderr=quiet)
         self.status = None
         self.error = None
         self._progress = None
@@ -52,6 +53,9 @@ class RunProgress:
                 self._task, completed=event["step"], total=event.get("steps"),
                 loss=f"{event['loss']:.4f}", speed=f"{event.get('steps_per_s', 0):.1f}",
             )
+        elif kind == "progress" and self._progress:
+            self._progress.update(self._task, completed=round(1000 * event["fraction"]), total=1000,
+                                  description=f"{self.run_id} {event.get('message', '')}"[:60])
         elif kind in ("preview", "log", "result"):
             self._say(f"{kind}: {event.get('path') or event.get('message') or ''}")
 

@@ -174,7 +174,7 @@ def attach(args) -> int:
     return asyncio.run(_follow(args.run, cancel_on_interrupt=False, raw=args.json))
 
 
-async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False) -> int:
+async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, quiet: bool = False) -> int:
     """Replay and follow a run with a progress bar; Ctrl-C cancels (train) or detaches (attach)."""
     from engine.client import EngineClient
 
@@ -182,7 +182,7 @@ async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False) -> 
 
     client = EngineClient()
     await client.connect()
-    view = RunProgress(run_id, raw=raw)
+    view = RunProgress(run_id, raw=raw, quiet=quiet)
     try:
         with view:
             async for event in client.events(run_id):

@@ -9,11 +9,7 @@ def add_commands(sub) -> None:
 
 
 def open_studio(args) -> int:
-    try:
-        from tistudio.app import run_app
-    except ImportError:  # the studio lands with its own issue; until then, the commands
-        from tistudio.cli import build_parser
+    # --home and --model reach the studio through TISTUDIO_HOME / TISTUDIO_MODEL (set by cli.main).
+    from tistudio.app import run_app
 
-        build_parser().print_help()
-        return 0
     return run_app()

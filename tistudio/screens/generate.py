@@ -109,7 +109,7 @@ class GenerateScreen(StudioScreen):
         self._drawn = key
         status = self.query_one("#gen-status", Static)
         if not self.run_id:
-            status.update("Write a prompt with a concept's token (tab completes it) and press enter.")
+            status.update("p: write a prompt with a concept's token (→ completes it), then enter.")
             self.run_worker(self._show([]), group="gen-images", exclusive=True)
             return
         images = list(track.images) if track else []
@@ -120,7 +120,7 @@ class GenerateScreen(StudioScreen):
         prompt = job.get("params", {}).get("prompt") if isinstance(job.get("params"), dict) else None
         prompt = prompt or next((i.get("prompt") for i in images if i.get("prompt")), "")
         folder = shorten_path(Path(images[0]["path"]).parent, self.app.home) if images else ""
-        parts = [f"{self.run_id} · {run_status}"]
+        parts = [run_status]
         if run_status in ("queued", "running"):
             expected = (job.get("params") or {}).get("n")
             parts.append(f"{len(images)} image{'s' if len(images) != 1 else ''} so far"
@@ -129,6 +129,7 @@ class GenerateScreen(StudioScreen):
                 parts[-1] += f" of {expected} per column"
         elif run_status == "failed":
             parts.append(f"[red]{_escape((track.error if track else None) or job.get('error') or 'failed')}[/red]")
+        parts.insert(1, f"run {self.run_id}")
         if folder:
             parts.append(f"saved in {_escape(folder)}/")
         status.update(" · ".join(parts))
@@ -146,8 +147,8 @@ class GenerateScreen(StudioScreen):
                 await column.mount(Static("–", classes="gen-empty"))
                 continue
             await column.mount_all([
-                ImagePreview(i["path"], f"seed {i.get('seed')} · {shorten_path(i['path'], self.app.home)}",
-                             classes="gen-image") for i in wanted])
+                ImagePreview(i["path"], Path(i["path"]).name, classes="gen-image")
+                for i in wanted])
 
     # -- user → engine
 

@@ -25,7 +25,7 @@ d delete · t train the selected concept · g generate with it · m its metrics
 **2 Train**: s start a run with the form's settings · r resume the selected
 run · c cancel it · enter on a run shows its history · f edit the form
 
-**3 Generate**: p edit the prompt (tab completes a concept's token) ·
+**3 Generate**: p edit the prompt (→ accepts the suggested concept token) ·
 enter or g generates · SD on the left, SD+TI on the right
 
 **4 Metrics**: e evaluate the concept's latest run (Table 1) · x run the

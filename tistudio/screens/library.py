@@ -115,7 +115,10 @@ class LibraryScreen(StudioScreen):
     # -- drawing
 
     def redraw(self, what: set[str]) -> None:
-        if what & {"all", "library", "jobs"}:
+        jobs = tuple((j.get("id"), j.get("status")) for j in self.app.state.jobs
+                     if j.get("kind") in ("train", "eval", "experiment"))
+        if what & {"all", "library"} or ("jobs" in what and jobs != getattr(self, "_jobs_seen", None)):
+            self._jobs_seen = jobs
             self.reload()
 
     def reload(self) -> None:

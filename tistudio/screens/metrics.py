@@ -81,7 +81,6 @@ class MetricsScreen(StudioScreen):
                 detail.border_title = "Editability per prompt"
                 yield detail
             curve = CurveChart(id="curve")
-            curve.border_title = "Over checkpoints (steps experiment)"
             yield curve
         yield Static("", id="metrics-jobs")
 
@@ -187,10 +186,9 @@ class MetricsScreen(StudioScreen):
             pp.add_row(p.get("clip_text") or p.get("prompt") or f"prompt {i + 1}", _num(a), _num(b), _diff(a, b),
                        key=str(i))
         step = "final" if table.get("final", True) else f"step {table.get('step')}"
-        where = shorten_path(table["dir"], self.app.home) if table.get("dir") else ""
         clip = (table.get("clip") or {}).get("name") if isinstance(table.get("clip"), dict) else table.get("clip")
         source.update(f"run {table.get('run', '?')} ({step}) · {table.get('images_per_set', '?')} images/set"
-                      + (f" · CLIP {clip}" if clip else "") + (f" · {where}" if where else ""))
+                      + (f" · CLIP {clip}" if clip else ""))
 
     def _draw_jobs(self, jobs: list[dict]) -> None:
         line = self.query_one("#metrics-jobs", Static)
@@ -208,7 +206,7 @@ class MetricsScreen(StudioScreen):
         if failed:
             line.update(f"[red]last {failed[0].get('kind')} failed: {_escape(failed[0].get('error') or '')}[/red]")
         else:
-            line.update("e: evaluate the latest finished run · x: steps experiment over its saved checkpoints")
+            line.update("e evaluates the latest finished run · x runs the steps experiment")
 
     @on(Select.Changed, "#metrics-concept")
     def _concept_changed(self, event: Select.Changed) -> None:
@@ -235,7 +233,7 @@ class MetricsScreen(StudioScreen):
         if not run:
             self.notify(f"{name} has no finished training run yet; train it on 2 Train.", severity="warning")
             return None
-        params = {"run": run, "model": self.app.model}
+        params = {"run": run, "model": self.app.model, **self.app.eval_params}
         if self.app.clip:
             params["clip"] = self.app.clip
         if self.app.eval_images:

@@ -79,24 +79,22 @@ class TrainScreen(StudioScreen):
                 yield Static("", id="run-title")
                 with Horizontal(id="run-progress"):
                     yield ProgressBar(total=1, show_eta=False, id="progress")
-                    yield Static("", id="run-stats")
-                loss = LossChart(id="loss")
-                loss.border_title = "Loss"
-                yield loss
+                    yield Static("", id="run-step")
+                yield Static("", id="run-stats")
+                with Horizontal(id="train-charts"):
+                    loss = LossChart(id="loss")
+                    yield loss
+                    yield ImagePreview(None, "", empty="no preview yet", id="preview")
                 vram = VramChart(id="vram")
-                vram.border_title = "VRAM (GiB): allocated, reserved, device total"
                 yield vram
                 yield Static("VRAM: no figures yet (reported on CUDA devices)", id="vram-note")
-                with Horizontal(id="train-bottom"):
-                    yield ImagePreview(None, "", empty="no preview yet", id="preview")
-                    runs = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
-                    runs.border_title = "Queue and past runs"
-                    yield runs
+                runs = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
+                runs.border_title = "Queue and past runs"
+                yield runs
 
     def on_mount(self) -> None:
         runs = self.query_one("#runs", DataTable)
-        for key, label in (("mark", " "), ("concept", "Concept"), ("status", "Status"), ("step", "Step"),
-                           ("id", "Run")):
+        for key, label in (("when", "Created"), ("concept", "Concept"), ("status", "Status"), ("step", "Step")):
             runs.add_column(label, key=key)
         super().on_mount()
 
@@ -151,7 +149,7 @@ class TrainScreen(StudioScreen):
         rows = [(j["id"], self._cells(j)) for j in jobs]
         if same_rows:
             for run_id, cells in rows:
-                for column, value in zip(("mark", "concept", "status", "step", "id"), cells):
+                for column, value in zip(("when", "concept", "status", "step"), cells):
                     table.update_cell(run_id, column, value)
         else:
             at = None
@@ -171,8 +169,9 @@ class TrainScreen(StudioScreen):
         status = j.get("status") or "?"
         if status == "queued" and j.get("position"):
             status = f"queued #{j['position']}"
+        status = f"{STATUS_MARK.get(j.get('status'), '?')} {status}"
         step = f"{j.get('step') or 0}/{j.get('steps') or '?'}"
-        return (STATUS_MARK.get(j.get("status"), "?"), j.get("concept") or "", status, step, j["id"])
+        return (short_when(j["id"]), j.get("concept") or "", status, step)
 
     def _pick_run(self) -> None:
         jobs = self.train_jobs()
@@ -200,6 +199,7 @@ class TrainScreen(StudioScreen):
         if not run_id:
             title.update("No runs yet: press s to start one.")
             stats.update("")
+            self.query_one("#run-step", Static).update("")
             bar.update(total=1, progress=0)
             self.query_one("#loss", LossChart).set_data([], [])
             self.query_one("#vram", VramChart).set_data([], [], [], None)
@@ -214,7 +214,8 @@ class TrainScreen(StudioScreen):
         title.update(f"[b]{job.get('concept') or (track.concept if track else '') or ''}[/b] · {run_id} · "
                      f"{mark} {status}" + (f" — [red]{_escape(error)}[/red]" if error and status != "done" else ""))
         bar.update(total=steps or 1, progress=min(step, steps) if steps else 0)
-        parts = [f"{step}/{steps or '?'}"]
+        self.query_one("#run-step", Static).update(f"{step}/{steps or '?'}")
+        parts = []
         if track and track.steps_per_s and status == "running":
             parts.append(f"{track.steps_per_s:.2f} it/s")
             parts.append(f"ETA {fmt_duration(track.eta)}")
@@ -223,7 +224,9 @@ class TrainScreen(StudioScreen):
                          f"{fmt_duration(track.elapsed)} in")
         if track and track.loss:
             smooth = track.smoothed_loss()
-            parts.append(f"loss {track.loss[-1]:.4f}" + (f" (~{smooth:.4f})" if smooth is not None else ""))
+            parts.append(f"loss {track.loss[-1]:.4f}" + (f" (smoothed {smooth:.4f})" if smooth is not None else ""))
+        if track and track.lr is not None:
+            parts.append(f"lr {track.lr:.2g}")
         stats.update(" · ".join(parts))
         if track:
             self.query_one("#loss", LossChart).set_data(track.xs, track.loss)
@@ -237,7 +240,7 @@ class TrainScreen(StudioScreen):
         if preview:
             self.run_worker(image.set_image(preview["path"], f"step {preview.get('step')}"), group="preview")
         else:
-            self.run_worker(image.set_image(None, "no preview yet"), group="preview")
+            self.run_worker(image.set_image(None, ""), group="preview")
 
     def _show_vram(self, has_data: bool) -> None:
         self.query_one("#vram", VramChart).display = has_data
@@ -337,6 +340,13 @@ class TrainScreen(StudioScreen):
 
     def preview_caption(self, path: str) -> str:
         return shorten_path(path, self.app.home)
+
+
+def short_when(run_id: str) -> str:
+    """`20260101-093000-ab12` → `01-01 09:30` (run ids start with their UTC creation time)."""
+    if len(run_id) >= 15 and run_id[:8].isdigit() and run_id[9:13].isdigit():
+        return f"{run_id[4:6]}-{run_id[6:8]} {run_id[9:11]}:{run_id[11:13]}"
+    return run_id[:11]
 
 
 def _escape(text: str) -> str:

@@ -50,20 +50,31 @@ class _Chart(PlotextPlot):
 
     empty_text = "no data yet"
 
+    title = ""
+    series: tuple[str, str] = ("", "")
+
     def _colours(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         theme = self.app.get_theme(self.app.theme) if self.is_attached else None
         raw, smooth = chart_colours(theme)
+        self._legend(raw, smooth)
         return _rgb(raw), _rgb(smooth)
+
+    def _legend(self, first: str, second: str) -> None:
+        """The series names go in the border title (in their colours): the plot keeps every row."""
+        a, b = self.series
+        self.border_title = f"{self.title}  [{first}]━ {a}[/]  [{second}]━ {b}[/]"
 
     def _start(self) -> None:
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
+        plt.frame(False)
         plt.xfrequency(3)
         plt.yfrequency(3)
 
     def _empty(self) -> None:
         self._start()
+        self.border_title = self.title
         self.plt.title(self.empty_text)
         self.refresh()
 
@@ -71,7 +82,9 @@ class _Chart(PlotextPlot):
 class LossChart(_Chart):
     """Training loss per logged step, raw and smoothed."""
 
-    empty_text = "loss: waiting for the first steps"
+    empty_text = "waiting for the first steps"
+    title = "Loss"
+    series = ("raw", "smoothed")
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -94,8 +107,8 @@ class LossChart(_Chart):
         raw_c, smooth_c = self._colours()
         self._start()
         plt = self.plt
-        plt.plot(xs, raw_y, label="raw", color=raw_c, marker="braille")
-        plt.plot(xs, smooth_y, label="smoothed", color=smooth_c, marker="braille")
+        plt.plot(xs, raw_y, color=raw_c, marker="braille")
+        plt.plot(xs, smooth_y, color=smooth_c, marker="braille")
         self.refresh()
 
 
@@ -103,6 +116,8 @@ class VramChart(_Chart):
     """VRAM in GiB over steps: allocated and reserved, with the device total as a line."""
 
     empty_text = "VRAM: reported on CUDA devices only"
+    title = "VRAM GiB"
+    series = ("allocated", "reserved")
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -125,11 +140,13 @@ class VramChart(_Chart):
         raw_c, smooth_c = self._colours()
         self._start()
         plt = self.plt
-        plt.plot(xs, alloc_y, label="allocated", color=raw_c, marker="braille")
-        plt.plot(xs, res_y, label="reserved", color=smooth_c, marker="braille")
+        plt.plot(xs, alloc_y, color=raw_c, marker="braille")
+        plt.plot(xs, res_y, color=smooth_c, marker="braille")
         if total:
-            plt.hline(total / GIB, "red")
+            plt.hline(total / GIB, "red")  # the device's total
             plt.ylim(0, total / GIB * 1.05)
+        self.border_subtitle = (f"{alloc_y[-1]:.1f} allocated · {res_y[-1]:.1f} reserved"
+                                + (f" · {total / GIB:.1f} total" if total else ""))
         self.refresh()
 
 
@@ -137,6 +154,8 @@ class CurveChart(_Chart):
     """Reconstruction and editability over checkpoints (the steps experiment)."""
 
     empty_text = "no steps experiment yet (x runs one)"
+    title = "Over checkpoints"
+    series = ("reconstruction", "editability")
 
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
@@ -158,8 +177,6 @@ class CurveChart(_Chart):
         raw_c, smooth_c = self._colours()
         self._start()
         plt = self.plt
-        plt.plot(steps, [p.get("reconstruction", 0.0) for p in points], label="reconstruction",
-                 color=raw_c, marker="braille")
-        plt.plot(steps, [p.get("editability", 0.0) for p in points], label="editability",
-                 color=smooth_c, marker="braille")
+        plt.plot(steps, [p.get("reconstruction", 0.0) for p in points], color=raw_c, marker="braille")
+        plt.plot(steps, [p.get("editability", 0.0) for p in points], color=smooth_c, marker="braille")
         self.refresh()

@@ -1,0 +1,174 @@
+"""Snapshots of every screen at 80×24 and 100×30 (and the wide layout at 160×45).
+
+The studio runs without the engine here (`engine=False`: it reads the data directory
+alone) over a data home made below with fixed run ids, losses and scores, so every
+picture is the same on every machine.  Images are drawn as half-blocks.
+
+    pytest tests/test_app_snapshots.py --snapshot-update    # after a deliberate change
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tistudio.app import StudioApp
+
+pytestmark = pytest.mark.filterwarnings("ignore:Image.Image.getdata:DeprecationWarning")
+
+RUN = "20260101-000000-abcd"
+OLD_RUN = "20251231-230000-beef"
+GEN = "20260101-040000-cafe"
+T0 = 1767225600.0  # 2026-01-01 00:00 UTC
+GIB = 1024 ** 3
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+
+
+def _events(path: Path, events: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        for seq, event in enumerate(events, start=1):
+            fh.write(json.dumps({"seq": seq, "t": T0 + seq, **event}) + "\n")
+
+
+def make_demo_home(home: Path) -> Path:
+    """A library with the sample concept, a finished and an interrupted run, Table 1,
+    a steps curve and one generation: what a user sees after an afternoon."""
+    from engine.library import Library
+    from tistudio.samples import SAMPLE_DESCRIPTION, sample_images
+
+    images = sample_images()
+    concept = Library(home).add("sample", images[0].parent, "toy", description=SAMPLE_DESCRIPTION)
+    (home / ".sample-offered").write_text("")
+
+    run_dir = concept.runs_dir / RUN
+    params = {"steps": 200, "lr": 5e-4, "seed": 0, "save_every": 50, "preview_every": 100, "log_every": 10}
+    steps = list(range(10, 201, 10))
+    events = [{"type": "status", "status": "queued"}, {"type": "status", "status": "running"},
+              {"type": "log", "message": "loading model builtin:tiny on cuda (float16)"}]
+    for s in steps:
+        events.append({"type": "step", "step": s, "steps": 200, "loss": 0.08 + 0.3 * math.exp(-s / 60)
+                       + 0.04 * math.sin(s / 7), "lr": 5e-4, "steps_per_s": 4.0, "elapsed": s / 4.0,
+                       "eta": (200 - s) / 4.0, "vram_allocated": (2.1 + 0.002 * s) * GIB,
+                       "vram_reserved": 3.0 * GIB, "vram_peak": 2.6 * GIB, "vram_total": 8.0 * GIB})
+        if s % 100 == 0:
+            preview = run_dir / "previews" / f"step-{s}.png"
+            preview.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(images[2 if s == 200 else 1], preview)
+            events.append({"type": "preview", "step": s, "path": str(preview), "prompt": "a photo of a <sample>"})
+    events.append({"type": "embedding", "step": 200, "path": str(run_dir / "learned_embeds.safetensors"),
+                   "final": True})
+    events.append({"type": "status", "status": "done"})
+    _events(run_dir / "events.jsonl", events)
+    _write_json(run_dir / "run.json", {"id": RUN, "kind": "train", "concept": "sample", "params": params,
+                                       "status": "done", "step": 200, "steps": 200, "created": T0,
+                                       "error": None, "result": None})
+    old_dir = concept.runs_dir / OLD_RUN
+    _events(old_dir / "events.jsonl", [{"type": "status", "status": "queued"}, {"type": "status", "status": "running"},
+                                       {"type": "step", "step": 40, "steps": 2000, "loss": 0.3},
+                                       {"type": "status", "status": "interrupted",
+                                        "error": "the engine stopped; resume this run"}])
+    _write_json(old_dir / "run.json", {"id": OLD_RUN, "kind": "train", "concept": "sample", "params": {},
+                                       "status": "interrupted", "step": 40, "steps": 2000, "created": T0 - 3600,
+                                       "error": "the engine stopped; resume this run", "result": None})
+
+    prompts = ["a {} on the beach", "a {} in the jungle", "an oil painting of a {}"]
+    table = {
+        "id": "20260101-020000", "run": RUN, "step": 200, "final": True, "images_per_set": 16,
+        "clip": {"name": "ViT-B-32", "weights": None}, "concept": "sample", "token": "<sample>",
+        "rows": [{"model": "SD", "reconstruction": 0.6125, "editability": 0.2711, "editability_per_image": 0.2598},
+                 {"model": "SD+TI", "reconstruction": 0.7418, "editability": 0.2433,
+                  "editability_per_image": 0.2321}],
+        "per_prompt": [{"prompt": p, "clip_text": p.format("toy"),
+                        "SD": {"editability": 0.27 + 0.01 * i, "editability_per_image": 0.26},
+                        "SD+TI": {"editability": 0.24 + 0.005 * i, "editability_per_image": 0.23}}
+                       for i, p in enumerate(prompts)],
+    }
+    _write_json(run_dir / "eval" / "20260101-020000" / "table.json", table)
+    points = [{"step": s, "reconstruction": 0.55 + 0.2 * (1 - math.exp(-s / 80)),
+               "editability": 0.28 - 0.04 * (1 - math.exp(-s / 80))} for s in (50, 100, 150, 200)]
+    _write_json(concept.path / "experiments" / "steps-20260101-030000" / "curve.json",
+                {"id": "steps-20260101-030000", "kind": "steps", "run": RUN, "points": points})
+
+    out = home / "outputs" / "20260101-040000-a-photo-of-sample"
+    out.mkdir(parents=True)
+    made = []
+    for i in range(2):
+        for mode, src in (("sd", images[3 + i]), ("ti", images[i])):
+            path = out / f"{mode}-{i:03d}.png"
+            shutil.copy(src, path)
+            made.append({"path": str(path), "mode": mode, "seed": i, "prompt": "a photo of <sample>"})
+    gen_dir = home / "jobs" / GEN
+    _events(gen_dir / "events.jsonl", [{"type": "status", "status": "queued"}, {"type": "status", "status": "running"},
+                                       *[{"type": "image", **m} for m in made],
+                                       {"type": "status", "status": "done", "result": {"images": made}}])
+    _write_json(gen_dir / "run.json", {"id": GEN, "kind": "generate", "concept": None, "status": "done",
+                                       "params": {"prompt": "a photo of <sample>", "n": 2, "mode": "compare"},
+                                       "created": T0 + 7200, "result": {"images": made}})
+    return home
+
+
+@pytest.fixture
+def demo_home(tmp_path):
+    return make_demo_home(tmp_path / "home")
+
+
+def app_for(home: Path, theme: str = "tistudio-dark") -> StudioApp:
+    return StudioApp(home, "builtin:tiny", engine=False, image_protocol="halfblock", theme=theme)
+
+
+def settle(*keys: str):
+    async def run_before(pilot) -> None:
+        await pilot.pause(0.3)
+        for key in keys:
+            await pilot.press(key)
+            await pilot.pause(0.3)
+        await pilot.pause(0.7)  # the throttled redraw and the image workers
+        for widget in pilot.app.screen.query("Input"):
+            widget.cursor_blink = False
+        await pilot.wait_for_scheduled_animations()
+        await pilot.pause(0.2)
+
+    return run_before
+
+
+SCREENS = {"library": "1", "train": "2", "generate": "3", "metrics": "4"}
+
+
+@pytest.mark.parametrize("size", [(80, 24), (100, 30)], ids=["80x24", "100x30"])
+@pytest.mark.parametrize("screen", list(SCREENS))
+def test_screen(snap_compare, demo_home, screen, size):
+    assert snap_compare(app_for(demo_home), terminal_size=size, run_before=settle(SCREENS[screen]))
+
+
+@pytest.mark.parametrize("screen", ["library", "train"])
+def test_wide_layout(snap_compare, demo_home, screen):
+    assert snap_compare(app_for(demo_home), terminal_size=(160, 45), run_before=settle(SCREENS[screen]))
+
+
+def test_empty_library(snap_compare, tmp_path):
+    app = StudioApp(tmp_path / "home", "builtin:tiny", engine=False, image_protocol="halfblock",
+                    theme="tistudio-dark", add_sample=False)
+    assert snap_compare(app, terminal_size=(80, 24), run_before=settle())
+
+
+def test_light_theme(snap_compare, demo_home):
+    assert snap_compare(app_for(demo_home, "tistudio-light"), terminal_size=(80, 24), run_before=settle("2"))
+
+
+def test_help(snap_compare, demo_home, monkeypatch):
+    monkeypatch.setattr(StudioApp, "describe_settings", lambda self: ["data home: /data/tistudio",
+                                                                      "images: halfblock"])
+    assert snap_compare(app_for(demo_home), terminal_size=(80, 24), run_before=settle("question_mark"))
+
+
+def test_new_concept_form(snap_compare, demo_home):
+    assert snap_compare(app_for(demo_home), terminal_size=(80, 24), run_before=settle("n"))

@@ -1,0 +1,150 @@
+"""generate, eval, experiment: engine jobs whose result the command prints."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from tistudio.commands.output import print_json, print_table
+from tistudio.commands.run_cmds import _int_list, _positive_int, _word_list
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("generate", help="images from a prompt; library tokens load their embeddings")
+    p.add_argument("prompt")
+    p.add_argument("--use", action="append", default=[], metavar="NAME@RUN:STEP",
+                   help="which embedding a concept uses (default: its latest finished run's final one)")
+    p.add_argument("-n", type=_positive_int, default=4, help="images (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; images use seed, seed+1, …")
+    p.add_argument("--steps", type=_positive_int, default=25, help="DPM-Solver++ steps (default 25)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--negative", default="", help="negative prompt")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--compare", action="store_true", help="SD and SD+TI with the same seeds, side by side")
+    mode.add_argument("--sd", action="store_true", help="plain SD: tokens replaced by the concepts' descriptions")
+    p.add_argument("--out", help="output folder (default: <home>/outputs/<time>-<prompt>/)")
+    p.add_argument("--json", action="store_true", help="print a list of {path, prompt, seed, mode}")
+    p.set_defaults(func=generate)
+
+    p = sub.add_parser("eval", help="the paper's Table 1: SD vs SD+TI reconstruction and editability")
+    p.add_argument("name")
+    p.add_argument("--run", help="run id (default: the latest finished run)")
+    p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
+    p.add_argument("--images", type=_positive_int, default=16, help="images per set (default 16, the paper's)")
+    p.add_argument("--prompts", help="a file of edit prompts, one per line, {} where the token goes")
+    _clip_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=evaluate)
+
+    exp = sub.add_parser("experiment", help="the paper's ablations: steps, initializer word, seed").add_subparsers(
+        dest="experiment", metavar="KIND", required=True)
+    p = exp.add_parser("steps", help="reconstruction/editability over a run's saved steps, with a grid")
+    p.add_argument("name")
+    p.add_argument("--run")
+    p.add_argument("--at", type=_int_list, help="steps to compare (default: every saved step)")
+    _experiment_args(p)
+    p = exp.add_parser("init", help="one run per initializer word (trained together), grid and table")
+    p.add_argument("name")
+    p.add_argument("--words", type=_word_list, required=True, help="e.g. fish,dragon")
+    p.add_argument("--steps", type=_positive_int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    _experiment_args(p)
+    p = exp.add_parser("seeds", help="one run per seed (trained together), grid and table")
+    p.add_argument("name")
+    p.add_argument("--seeds", type=_int_list, required=True, help="e.g. 1,2")
+    p.add_argument("--steps", type=_positive_int, default=2000)
+    _experiment_args(p)
+
+
+def _clip_args(p) -> None:
+    p.add_argument("--clip", help="open_clip model (e.g. ViT-B-32:openai, ViT-L-14) or builtin:tiny/builtin:demo "
+                   "(default: the model's own for built-ins, else ViT-B-32:openai)")
+    p.add_argument("--clip-weights", help="a local open_clip checkpoint for --clip (offline use)")
+
+
+def _experiment_args(p) -> None:
+    p.add_argument("--images", type=_positive_int, default=4, help="images per prompt and column (default 4)")
+    _clip_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=experiment)
+
+
+def _model_param() -> dict:
+    return {"model": os.environ.get("TISTUDIO_MODEL") or None}
+
+
+def _clip_params(args) -> dict:
+    return {"clip": args.clip, "clip_weights": args.clip_weights and os.path.abspath(args.clip_weights)}
+
+
+def generate(args) -> int:
+    mode = "compare" if args.compare else "sd" if args.sd else "ti"
+    params = {"prompt": args.prompt, "negative": args.negative, "n": args.n, "seed": args.seed, "steps": args.steps,
+              "guidance": args.guidance, "mode": mode, "uses": args.use,
+              "out_dir": args.out and os.path.abspath(args.out), **_model_param()}
+    result = run_job("generate", None, params, quiet=args.json)
+    if args.json:
+        print_json(result["images"])
+    else:
+        for image in result["images"]:
+            print(f"{image['mode']:3} seed {image['seed']:<6} {image['path']}")
+    return 0
+
+
+def evaluate(args) -> int:
+    params = {"run": args.run, "step": args.step, "images": args.images,
+              "prompts_file": args.prompts and os.path.abspath(args.prompts), **_clip_params(args), **_model_param()}
+    result = run_job("eval", args.name, params, quiet=args.json)
+    table = result["table"]
+    if args.json:
+        print_json(table)
+        return 0
+    rows = {r["model"]: r for r in table["rows"]}
+    print_table(f"Table 1 — {args.name} ({table.get('images_per_set', args.images)} images per set)",
+                ["model", "reconstruction", "editability", "editability (per image)"],
+                [[r["model"], f"{r['reconstruction']:.4f}", f"{r['editability']:.4f}",
+                  f"{r.get('editability_per_image', float('nan')):.4f}"] for r in table["rows"]]
+                + [["paper: SD / SD+TI", "0.5622 / 0.8077", "0.2639 / 0.1611", ""]])
+    if "SD" in rows and "SD+TI" in rows:
+        gain = rows["SD+TI"]["reconstruction"] - rows["SD"]["reconstruction"]
+        cost = rows["SD+TI"]["editability"] - rows["SD"]["editability"]
+        print(f"the word bought {gain:+.4f} reconstruction and cost {-cost:+.4f} editability")
+    print(f"report: {result['report_dir']}")
+    return 0
+
+
+def experiment(args) -> int:
+    params = {"kind": args.experiment, "images": args.images, **_clip_params(args), **_model_param()}
+    if args.experiment == "steps":
+        params.update(run=args.run, at=args.at)
+    elif args.experiment == "init":
+        params.update(values=args.words, steps=args.steps, seed=args.seed, preview_every=0,
+                      save_every=args.steps)
+    else:
+        params.update(values=args.seeds, steps=args.steps, preview_every=0, save_every=args.steps)
+    result = run_job("experiment", args.name, params, quiet=args.json)
+    if args.json:
+        print_json(result)
+        return 0
+    for key in ("curve_txt", "table_md"):
+        if result.get(key) and os.path.isfile(result[key]):
+            print(open(result[key], encoding="utf-8").read())
+    for key in ("grid", "table_md", "curve_json", "dir"):
+        if result.get(key):
+            print(f"{key:10} {result[key]}")
+    return 0
+
+
+def run_job(kind: str, concept: str | None, params: dict, quiet: bool = False) -> dict:
+    """Submit, follow with a progress bar (Ctrl-C cancels), and return the job's result."""
+    from engine.client import call
+    from engine.errors import UserError
+
+    from tistudio.commands.run_cmds import _follow
+
+    run_id = call("submit", kind, concept=concept, params=params)
+    code = asyncio.run(_follow(run_id, cancel_on_interrupt=True, quiet=quiet))
+    record = next((j for j in call("jobs") if j["id"] == run_id), {})
+    if code != 0 or record.get("status") != "done":
+        raise UserError(f"{kind} {record.get('status', 'failed')}: {record.get('error') or 'see the engine log'}")
+    return record.get("result") or {}
