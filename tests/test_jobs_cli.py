@@ -56,6 +56,6 @@ def test_train_generate_eval_experiment_end_to_end(engine_home, image_dir, capsy
 def test_job_errors_are_one_line_user_errors(engine_home, image_dir, capsys):
     assert cli(capsys, "concept", "add", "toy", "--images", str(image_dir), "--init", "cat")[0] == 0
     code, _, err = cli(capsys, "eval", "toy", "--images", "2", "--clip", "builtin:tiny")
-    assert code == 2 and "no finished run" in err and err.count("\n") == 1
+    assert code == 2 and "no finished" in err and err.count("\n") == 1
     code, _, err = cli(capsys, "generate", "a photo of <toy>", "--steps", "2")
     assert code == 2 and "train" in err
