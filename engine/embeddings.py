@@ -1,72 +1,70 @@
-"""Which embedding file a concept (and optional run and step) refers to."""
+"""A concept's runs and the embedding files they saved (no torch: the studio reads these too).
+
+Reading the vectors themselves, and choosing one by NAME@RUN:STEP, is
+`engine.generate.load_used`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import datetime as dt
+import re
 from pathlib import Path
 
-from engine.errors import UserError
 from engine.paths import read_json
 
 FINAL_NAME = "learned_embeds.safetensors"
+_STEP_FILE = re.compile(r"learned_embeds-steps-(\d+)\.safetensors")
 
 
-@dataclass
-class EmbeddingRef:
-    concept: str
-    run_id: str
-    run_dir: Path
-    step: int | None  # None: the run's final embedding
-    path: Path
+def read_record(run_dir: Path) -> dict | None:
+    """A run's run.json, or None when it is missing or damaged."""
+    try:
+        record = read_json(Path(run_dir) / "run.json")
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def created_time(record: dict) -> float:
+    value = record.get("created")
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return dt.datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def concept_runs(concept_dir: Path) -> list[dict]:
-    """The concept's runs (oldest first), each run.json plus `run_dir`."""
+    """Every run of a concept (oldest first): its run.json plus `run_dir`."""
     runs = []
-    for path in sorted((Path(concept_dir) / "runs").glob("*/run.json")):
-        try:
-            record = read_json(path)
-        except (OSError, ValueError):
-            continue
-        record["run_dir"] = str(path.parent)
-        runs.append(record)
-    runs.sort(key=lambda r: (r.get("created") or 0, r.get("id", "")))
+    for path in (Path(concept_dir) / "runs").glob("*/run.json"):
+        record = read_record(path.parent)
+        if record is not None:
+            record["run_dir"] = str(path.parent)
+            runs.append(record)
+    runs.sort(key=lambda r: (created_time(r), r.get("id", "")))
     return runs
 
 
-def latest_done_run(concept) -> dict | None:
-    done = [r for r in concept_runs(concept.path) if r.get("status") == "done"]
-    return done[-1] if done else None
+def done_runs(concept) -> list[tuple[str, Path, dict]]:
+    """A concept's finished runs that have a final embedding, as (id, dir, run.json), oldest first."""
+    return [
+        (Path(r["run_dir"]).name, Path(r["run_dir"]), r)
+        for r in concept_runs(concept.path)
+        if r.get("status") == "done" and (Path(r["run_dir"]) / FINAL_NAME).is_file()
+    ]
 
 
-def find_embedding(concept, run_id: str | None = None, step: int | None = None) -> EmbeddingRef:
-    """The final embedding of the latest finished run, or of `run_id`, or its step-`step` save."""
-    if run_id:
-        matches = [r for r in concept_runs(concept.path) if r.get("id") == run_id]
-        if not matches:
-            raise UserError(f"concept {concept.name!r} has no run {run_id!r}; `tistudio concept show {concept.name}` lists its runs")
-        run = matches[0]
-    else:
-        run = latest_done_run(concept)
-        if run is None:
-            raise UserError(f"concept {concept.name!r} has no finished run; train it (`tistudio train {concept.name}`) or import an embedding")
-    run_dir = Path(run["run_dir"])
-    if step is None:
-        path = run_dir / FINAL_NAME
-        if not path.is_file():
-            raise UserError(f"run {run['id']} has no final embedding (status {run.get('status')}); pass --step N for a saved step")
-    else:
-        path = run_dir / "embeddings" / f"learned_embeds-steps-{step}.safetensors"
-        if not path.is_file():
-            saved = saved_steps(run_dir)
-            raise UserError(f"run {run['id']} has no embedding at step {step}; saved steps: {saved or 'none'}")
-    return EmbeddingRef(concept.name, run["id"], run_dir, step, path)
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps with a saved `embeddings/learned_embeds-steps-N.safetensors`, ascending."""
+    found = []
+    for path in (Path(run_dir) / "embeddings").glob("learned_embeds-steps-*.safetensors"):
+        match = _STEP_FILE.fullmatch(path.name)
+        if match:
+            found.append(int(match.group(1)))
+    return sorted(found)
 
 
-def saved_steps(run_dir: Path) -> list[int]:
-    steps = []
-    for p in (Path(run_dir) / "embeddings").glob("learned_embeds-steps-*.safetensors"):
-        tail = p.name.removeprefix("learned_embeds-steps-").removesuffix(".safetensors")
-        if tail.isdigit():
-            steps.append(int(tail))
-    return sorted(steps)
+def step_file(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "embeddings" / f"learned_embeds-steps-{step}.safetensors"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from engine.errors import JobCancelled, UserError
 from engine.generate import (
-    FINAL_EMBEDDING, GenerateRequest, checkpoint_steps, done_runs, load_used, make_grid, save_png, sub_progress,
+    FINAL_NAME, GenerateRequest, checkpoint_steps, done_runs, load_used, make_grid, save_png, sub_progress,
     timestamp_id,
 )
 from engine.library import check_initializer
@@ -182,7 +182,7 @@ def _run_record(run_dir: Path, concept, config, model, exp_id: str, label: str) 
 def _finish(run_dir: Path, record: dict, status: str, error: str | None = None) -> None:
     record.update(status=status, finished=time.time(), error=error)
     if status == "done":
-        record.update(step=record["steps"], embedding=str(run_dir / FINAL_EMBEDDING))
+        record.update(step=record["steps"], embedding=str(run_dir / FINAL_NAME))
     atomic_write_json(run_dir / "run.json", record)
 
 

@@ -28,13 +28,13 @@ from typing import Callable
 
 import torch
 
+from engine.embeddings import FINAL_NAME, checkpoint_steps, done_runs, read_record, step_file  # noqa: F401
 from engine.errors import JobCancelled, UserError
 from engine.formats import Embedding, check_width, embedding_sha256, read_embedding
 from engine.paths import atomic_write_bytes, atomic_write_json, ensure_private_dir, read_json
 from engine.placeholder import placeholders_installed
 
 MODES = ("ti", "sd", "compare")
-FINAL_EMBEDDING = "learned_embeds.safetensors"
 SAMPLER = "DPM++ 2M"  # A1111's name for DPM-Solver++ (2nd-order multistep)
 SCHEDULER = "DPMSolverMultistepScheduler(algorithm_type=dpmsolver++)"
 GENERATOR = "torch.Generator('cpu').manual_seed(seed), one per image"
@@ -116,52 +116,6 @@ class UsedEmbedding:
     def ref(self) -> str:
         """The --use string that picks exactly these vectors again."""
         return f"{self.concept}@{self.run}" + ("" if self.final else f":{self.step}")
-
-
-def _created(record: dict) -> float:
-    value = record.get("created")
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        import datetime as dt
-
-        return dt.datetime.fromisoformat(str(value)).timestamp()
-    except ValueError:
-        return 0.0
-
-
-def _read_record(run_dir: Path) -> dict | None:
-    try:
-        record = read_json(run_dir / "run.json")
-    except (OSError, ValueError):
-        return None
-    return record if isinstance(record, dict) else None
-
-
-def done_runs(concept) -> list[tuple[str, Path, dict]]:
-    """A concept's finished training runs as (id, dir, run.json), oldest first."""
-    runs = []
-    for run_json in concept.runs_dir.glob("*/run.json"):
-        run_dir = run_json.parent
-        record = _read_record(run_dir)
-        if record and record.get("status") == "done" and (run_dir / FINAL_EMBEDDING).is_file():
-            runs.append((run_dir.name, run_dir, record))
-    runs.sort(key=lambda r: (_created(r[2]), r[0]))
-    return runs
-
-
-def checkpoint_steps(run_dir: Path) -> list[int]:
-    """Steps with a saved `embeddings/learned_embeds-steps-N.safetensors`, ascending."""
-    found = []
-    for path in (Path(run_dir) / "embeddings").glob("learned_embeds-steps-*.safetensors"):
-        match = re.fullmatch(r"learned_embeds-steps-(\d+)\.safetensors", path.name)
-        if match:
-            found.append(int(match.group(1)))
-    return sorted(found)
-
-
-def step_file(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "embeddings" / f"learned_embeds-steps-{step}.safetensors"
 
 
 def _final_step(record: dict) -> int | None:
@@ -259,11 +213,11 @@ def load_used(concept, run: str | None = None, step: int | None = None) -> UsedE
         run, run_dir, record = runs[-1]
     else:
         run_dir = concept.runs_dir / run
-        record = _read_record(run_dir) if _SAFE_RUN.match(run) else None
+        record = read_record(run_dir) if _SAFE_RUN.match(run) else None
         if record is None:
             raise UserError(f"concept {concept.name!r} has no run {run!r}; `tistudio runs` lists them")
     if step is None:
-        path = run_dir / FINAL_EMBEDDING
+        path = run_dir / FINAL_NAME
         if record.get("status") != "done" or not path.is_file():
             steps = ", ".join(map(str, checkpoint_steps(run_dir))) or "none yet"
             raise UserError(

@@ -154,10 +154,10 @@ def test_exports_round_trip_through_import(capsys, tmp_path, fmt, suffix):
     assert run_cli(capsys, "export", "orig", "--format", fmt, "--out", str(out_file))[0] == 0
     code, _, err = run_cli(capsys, "import", str(out_file), "--name", "again", "--token", "<again>")
     assert code == 0, err
-    from engine.embeddings import find_embedding
+    from engine.generate import load_used
     from engine.library import Library
 
-    again = read_embedding(find_embedding(Library(_home()).get("again")).path).vectors
+    again = load_used(Library(_home()).get("again")).vectors
     assert torch.equal(again, vec)
 
 
@@ -176,10 +176,10 @@ def test_old_1d_diffusers_file_imports(capsys, tmp_path):
     vec = _vector()[0]
     save_file({"<old>": vec}, str(tmp_path / "old.safetensors"))
     assert run_cli(capsys, "import", str(tmp_path / "old.safetensors"))[0] == 0
-    from engine.embeddings import find_embedding
+    from engine.generate import load_used
     from engine.library import Library
 
-    assert torch.equal(read_embedding(find_embedding(Library(_home()).get("old")).path).vectors, vec[None])
+    assert torch.equal(load_used(Library(_home()).get("old")).vectors, vec[None])
 
 
 def test_import_wrong_width_names_both_and_writes_nothing(capsys, tmp_path):

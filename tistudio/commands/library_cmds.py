@@ -157,19 +157,18 @@ def import_embedding(args) -> int:
 
 
 def export_embedding(args) -> int:
-    from engine.embeddings import find_embedding
     from engine.errors import UserError
-    from engine.formats import read_embedding, write_embedding
+    from engine.formats import write_embedding
+    from engine.generate import load_used
 
     concept = _library().get(args.name)
-    ref = find_embedding(concept, args.run, args.step)
+    used = load_used(concept, args.run, args.step)
     out = Path(args.out).expanduser()
     if out.exists() and not args.force:
         raise UserError(f"{out} already exists; choose another --out or add --force to overwrite")
     if out.is_dir():
         raise UserError(f"{out} is a folder; give a file name for --out")
-    emb = read_embedding(ref.path)
-    written = write_embedding(out, emb.vectors, concept.token, args.format, step=emb.step or ref.step)
-    print(f"wrote {written} ({args.format}, token {concept.token}, run {ref.run_id}"
-          f"{'' if ref.step is None else f', step {ref.step}'})")
+    written = write_embedding(out, used.vectors, concept.token, args.format, step=used.step)
+    print(f"wrote {written} ({args.format}, token {concept.token}, run {used.run}"
+          f"{'' if used.final else f', step {used.step}'})")
     return 0
