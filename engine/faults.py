@@ -7,7 +7,9 @@ Each entry is POINT@STEP with an optional :ACTION —
   enospc  raise OSError(ENOSPC), as a full disk would
   nan     return "nan": the caller poisons its loss
 Each fault fires once: a marker in $TISTUDIO_FAULTS_STATE (required) remembers
-it, so the resumed run passes the same point.
+it, so the resumed run passes the same point.  Only a process that called
+`arm()` (the engine's worker) fires: the server and clients pass the same points
+(run.json writes) and must not die there.
 """
 
 from __future__ import annotations
@@ -18,9 +20,17 @@ import signal
 from pathlib import Path
 
 
+_armed = False
+
+
+def arm() -> None:
+    global _armed
+    _armed = True
+
+
 def maybe_fault(point: str, step: int = 0) -> str | None:
     spec = os.environ.get("TISTUDIO_FAULTS")
-    if not spec:
+    if not spec or not _armed:
         return None
     for entry in (s.strip() for s in spec.split(",")):
         where, _, action = entry.partition(":")

@@ -33,6 +33,7 @@ import traceback
 from pathlib import Path
 
 from engine.errors import JobCancelled, UserError
+from engine import faults
 from engine.jobs import EventLog, JobContext, set_status
 from engine.paths import atomic_write_text, home_dir
 
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     _die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when we stop
     out = _claim_stdout()
+    faults.arm()  # crash tests inject faults into job work, never into the server
     Worker(home_dir(args.home), out).serve()
     return 0
 

@@ -268,6 +268,19 @@ async def test_engine_trouble_is_a_notification_or_a_dialog_never_a_crash(tmp_pa
         assert isinstance(app.screen, LibraryScreen) and app.is_running
 
 
+def test_prompt_and_path_completion():
+    from tistudio.widgets.forms import complete_path, complete_token
+
+    tokens = ["<sample>", "<robot-copy>", "<Bot>"]
+    assert complete_token("a photo of <sa", tokens) == "a photo of <sample>"
+    assert complete_token("a photo of (<ro", tokens) == "a photo of (<robot-copy>"
+    assert complete_token("a photo of <bo", tokens) == "a photo of <bot>"
+    assert complete_token("a photo of <sample>", tokens) is None
+    assert complete_token("a photo of ", tokens) is None
+    assert complete_path(str(ROOT / "themes" / "tistudio-da")) == str(ROOT / "themes" / "tistudio-dark.toml")
+    assert complete_path(str(ROOT / "tistu"), dirs_only=True) == str(ROOT / "tistudio") + "/"
+
+
 # ---------------------------------------------------------------------------
 # Against the real engine (builtin:tiny), one engine for the module
 
@@ -399,6 +412,45 @@ async def test_cancel_and_resume_from_the_train_screen(studio_home):
         app.bridge.submit("train", "no-such-concept", {"steps": 1})
         await wait_for(pilot, lambda: any("no concept named" in m for m in _notes(app)), 10, "the error")
         assert app.is_running
+
+
+@pytest.mark.timeout(240)
+async def test_export_then_import_through_the_dialogs(studio_home, tmp_path):
+    from engine.library import Library
+    from tistudio.screens.modals import ExportModal, ImportModal
+
+    out = tmp_path / "sample-export.safetensors"
+    app = engine_app(studio_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
+            pytest.skip("needs the finished run of the training test")
+        table = app.screen.query_one("#concepts", DataTable)
+        table.move_cursor(row=[r.name for r in app.screen.rows].index("sample"))
+        await pilot.press("x")
+        await wait_for(pilot, lambda: isinstance(app.screen, ExportModal), 5, "the export dialog")
+        app.screen.query_one("#out", Input).value = str(out)
+        await pilot.click("#ok")
+        await wait_for(pilot, lambda: out.is_file() and any("Exported" in m for m in _notes(app)), 90, "the export")
+        await pilot.press("i")
+        await wait_for(pilot, lambda: isinstance(app.screen, ImportModal), 5, "the import dialog")
+        app.screen.query_one("#file", Input).value = str(out)
+        app.screen.query_one("#name", Input).value = "robot-copy"
+        await pilot.click("#ok")
+        try:
+            await wait_for(pilot, lambda: any("imported" in m for m in _notes(app)), 90, "the import")
+        except AssertionError:
+            print("NOTES", _notes(app))
+            raise
+        await wait_for(pilot, lambda: "robot-copy" in [r.name for r in app.screen.rows], 5, "the new row")
+        # a failing command (importing it again under the same name) is a notification
+        await pilot.press("i")
+        await wait_for(pilot, lambda: isinstance(app.screen, ImportModal), 5, "the import dialog")
+        app.screen.query_one("#file", Input).value = str(out)
+        app.screen.query_one("#name", Input).value = "robot-copy"
+        await pilot.click("#ok")
+        await wait_for(pilot, lambda: any("already exists" in m for m in _notes(app)), 90, "the error")
+    assert Library(studio_home).get("robot-copy").token
 
 
 def _skip_if_unknown_kind(app, kind: str) -> None:
