@@ -108,6 +108,31 @@ def generation(model, device, args) -> dict:
     return {"images": args.gen_images, "steps": 25, "seconds": elapsed, "images_per_s": args.gen_images / elapsed}
 
 
+def table1(model, paths, device, args) -> dict:
+    """Wall time of a Table-1 evaluation: 2 rows x (16 + 3 x 16) images, plus CLIP."""
+    import os
+
+    from engine.formats import write_embedding
+    from engine.jobs import create_run, set_status
+    from engine.library import Library
+    from engine.metrics import evaluate
+
+    home = Path(tempfile.mkdtemp())
+    os.environ["TISTUDIO_HOME"] = str(home)
+    library = Library(home)
+    library.add("bench", paths[0].parent, "cat")
+    run_dir = create_run(home, {"kind": "import", "concept": "bench", "params": {}})
+    table = model.text_encoder.get_input_embeddings().weight
+    write_embedding(run_dir / "learned_embeds.safetensors", table[2368:2369].float().cpu(), "<bench>")
+    set_status(run_dir, "done")
+    sync(device)
+    t0 = time.perf_counter()
+    evaluate(model, library, "bench", images=args.eval_images, clip=args.clip, batch_size=16)
+    sync(device)
+    return {"images_per_set": args.eval_images, "images": 2 * 4 * args.eval_images, "clip": args.clip,
+            "seconds": time.perf_counter() - t0}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="default: builtin:sd15-arch on CUDA, builtin:tiny on CPU")
@@ -117,6 +142,9 @@ def main() -> int:
                         help="comma list of: low-vram, compile, reduce-overhead, batched (auto: all on CUDA)")
     parser.add_argument("--batched", type=int, default=8, help="K for the batched variant")
     parser.add_argument("--gen-images", type=int, default=16)
+    parser.add_argument("--eval-images", type=int, default=16, help="images per set in the Table-1 timing")
+    parser.add_argument("--clip", default="builtin:tiny", help="CLIP for the Table-1 timing (default builtin:tiny: "
+                        "no weights to download; a real ViT-B-32 adds well under a second)")
     parser.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     args = parser.parse_args()
 
@@ -128,7 +156,7 @@ def main() -> int:
         ["low-vram", "reduce-overhead", "batched"] if cuda else ["low-vram", "batched"])
     model = load_model(spec, device, frozen_dtype(device))
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
-    print(f"device: {device} ({name}), model {spec}, {model.info.resolution} px, {model.dtype}, "
+    print(f"device: {device} ({name}, {torch.get_num_threads()} threads), model {spec}, {model.info.resolution} px, {model.dtype}, "
           f"{args.steps} timed steps after {args.warmup} warm-up")
 
     folder = Path(tempfile.mkdtemp())
@@ -147,6 +175,7 @@ def main() -> int:
         k = args.batched if cuda else min(args.batched, 4)
         results[f"ours_batched_{k}"] = ours(model, paths, device, args, k=k)
     results["generation"] = generation(model, device, args)
+    results["table1_eval"] = table1(model, paths, device, args)
 
     for key, r in results.items():
         if "steps_per_s" in r:
@@ -155,6 +184,8 @@ def main() -> int:
             print(f"{key:28} {r['steps_per_s']:8.2f} steps/s {r['ms_per_step']:8.1f} ms/step  peak {peak}{extra}")
     g = results["generation"]
     print(f"{'generation':28} {g['images']} images x 25 steps in {g['seconds']:.2f} s ({g['images_per_s']:.2f} images/s)")
+    e = results["table1_eval"]
+    print(f"{'table-1 evaluation':28} {e['images']} images + CLIP ({e['clip']}) in {e['seconds']:.1f} s")
     speedup = results["ours"]["steps_per_s"] / results["reference"]["steps_per_s"]
     print(f"speedup (ours / reference): {speedup:.2f}x")
     summary = {
@@ -164,7 +195,7 @@ def main() -> int:
         "reference_steps_per_s": results["reference"]["steps_per_s"], "speedup": speedup,
         "ours_peak_gib": results["ours"]["peak_gib"], "reference_peak_gib": results["reference"]["peak_gib"],
         "process_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "torch": torch.__version__, "variants": results,
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "variants": results,
     }
     if not args.no_save:
         out = ROOT / "bench" / "results" / f"{device.type}-{summary['date']}.json"

@@ -44,7 +44,7 @@ SCREEN_NAMES = {"library": "Library", "train": "Train", "generate": "Generate", 
 
 
 class StudioApp(App):
-    CSS_PATH = "studio.tcss"
+    CSS_PATH = Path(__file__).parent / "studio.tcss"  # absolute: subclasses elsewhere find it too
     TITLE = "tistudio"
     MODES = {"library": LibraryScreen, "train": TrainScreen, "generate": GenerateScreen, "metrics": MetricsScreen}
     DEFAULT_MODE = "library"
