@@ -136,11 +136,14 @@ def vae_report(vae, n: int = 512) -> dict:
 
 
 @torch.no_grad()
-def encode_pool(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    out = []
+def encode_pool(vae, images: np.ndarray, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior (mean, std) of every picture; training draws a fresh sample each time, as SD's does."""
+    means, stds = [], []
     for i in range(0, len(images), batch):
-        out.append(vae.encode(to_tensor(images[i : i + batch])).latent_dist.mean)
-    return torch.cat(out)
+        dist = vae.encode(to_tensor(images[i : i + batch])).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std.half())
+    return torch.cat(means), torch.cat(stds)
 
 
 def _threads(build: Path, default: int) -> int:
@@ -187,11 +190,11 @@ def train_unet(args) -> None:
     latents_path = build / f"latents_{args.pool}.pt"
     scenes, pool = _render_pool(args.pool, POOL_SEED)
     if latents_path.exists():
-        latents = torch.load(latents_path)
+        latents, latent_stds = torch.load(latents_path)
     else:
         t = time.time()
-        latents = encode_pool(vae, pool)
-        torch.save(latents, latents_path)
+        latents, latent_stds = encode_pool(vae, pool)
+        torch.save((latents, latent_stds), latents_path)
         print(f"encoded the pool in {time.time() - t:.0f}s", flush=True)
     del pool
     scale = 1.0 / float(latents.std())
@@ -214,7 +217,7 @@ def train_unet(args) -> None:
         ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             hidden = text_encoder(ids)[0]
-        x0 = latents[idx] * scale
+        x0 = (latents[idx] + latent_stds[idx].float() * torch.randn_like(latents[idx])) * scale
         noise = torch.randn_like(x0)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,))
         a = alphas[t].view(-1, 1, 1, 1)

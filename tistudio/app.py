@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from pathlib import Path
 from typing import Iterable
 
@@ -60,12 +61,12 @@ class StudioApp(App):
 
     def __init__(self, home: os.PathLike | str | None = None, model: str | None = None, *, engine: bool = True,
                  image_protocol: str | None = None, clip: str | None = None, eval_images: int | None = None,
-                 eval_params: dict | None = None, add_sample: bool = True, config: Config | None = None, theme: str | None = None,
-                 poll_seconds: float | None = None):
+                 eval_params: dict | None = None, add_sample: bool = True, config: Config | None = None,
+                 theme: str | None = None, poll_seconds: float | None = None):
         """`home`/`model`: the data directory and model spec (default: --home/$TISTUDIO_HOME and
         $TISTUDIO_MODEL or builtin:tiny).  `engine=False` never starts or asks the engine (the
         studio reads the data directory alone; snapshot tests use it).  `clip`/`eval_images`:
-        what evaluations use (tests: builtin:tiny, 2); `eval_params` go into every evaluation and
+        what evaluations use (None: the engine's defaults; tests: builtin:tiny, 2); `eval_params` go into every evaluation and
         experiment job as they are (e.g. {"sample_steps": 2}).  `theme` overrides the config's theme."""
         from engine.models import resolve_spec
 
@@ -74,7 +75,7 @@ class StudioApp(App):
         self.model = resolve_spec(model)
         self.config = config or Config.load()
         self.image_protocol = image_protocol or self.config.effective_protocol()
-        self.clip = clip or os.environ.get("TISTUDIO_CLIP") or None
+        self.clip = clip  # None: the engine's default CLIP for the model
         self.eval_images = eval_images
         self.eval_params = dict(eval_params or {})
         self.add_sample = add_sample
@@ -92,6 +93,12 @@ class StudioApp(App):
         self.started_at = time.monotonic()
         self.first_screen_at: float | None = None
         self._theme_problems: list[str] = []
+        self.notices: deque[tuple[str, str]] = deque(maxlen=200)  # (severity, message), newest last
+
+    def notify(self, message: str, *, title: str = "", severity: str = "information", **kwargs) -> None:
+        """Textual's notify, remembering the message (notifications vanish; tests and help keep them)."""
+        self.notices.append((severity, str(message)))
+        super().notify(message, title=title, severity=severity, **kwargs)
 
     # -- start-up
 
@@ -111,7 +118,8 @@ class StudioApp(App):
 
     def on_mount(self) -> None:
         wanted = self._theme_override or self.config.theme
-        self.theme = wanted if wanted in self.available_themes else DEFAULT_THEME
+        fallback = DEFAULT_THEME if DEFAULT_THEME in self.available_themes else "textual-dark"
+        self.theme = wanted if wanted in self.available_themes else fallback
         self.theme_changed_signal.subscribe(self, self._theme_changed)
         for problem in self._theme_problems + ([self.config.problem] if self.config.problem else []):
             self.notify(problem, severity="warning", title="Settings")
@@ -224,6 +232,7 @@ class StudioApp(App):
     def on_job_submitted(self, message: JobSubmitted) -> None:
         self.watched.add(message.run_id)
         self.submitted.add(message.run_id)
+        self._announced.discard(message.run_id)  # a resumed run ends again
         verb = "resumed" if message.resumed else "queued"
         what = message.kind or "run"
         self.notify(f"{what} {message.concept or ''} {verb}: {message.run_id}".replace("  ", " "), title="Engine")
@@ -244,8 +253,8 @@ class StudioApp(App):
                 self.notify("Embedding imported.", title="Library")
                 self.library_changed()
             elif message.origin == "export":
-                self.notify(f"Exported: {message.stdout.strip().splitlines()[-1] if message.stdout.strip() else 'done'}",
-                            title="Library")
+                out = message.stdout.strip().splitlines()
+                self.notify(f"Exported: {out[-1] if out else 'done'}", title="Library")
             return
         lines = [ln for ln in message.stderr.strip().splitlines() if ln.strip()]
         text = lines[-1] if lines else f"exit code {message.returncode}"
@@ -317,13 +326,14 @@ class StudioApp(App):
 
         self.config.image_protocol = protocol
         self._save_config()
-        if protocol == "auto":
-            self.notify("Image protocol: auto (detected when the studio starts).", title="Images")
-            return
         setup_images(protocol)
         self.image_protocol = protocol
         self.changed.publish("images")
-        self.notify(f"Images now use {protocol}.", title="Images")
+        if protocol == "auto":
+            self.notify("Images: auto — what the terminal said it supports when the studio started "
+                        "(it asks again at the next start).", title="Images")
+        else:
+            self.notify(f"Images now use {protocol}.", title="Images")
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

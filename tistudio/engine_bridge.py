@@ -88,7 +88,10 @@ class RunTrack:
                 if seq <= self.last_seq:
                     continue
                 self.last_seq = seq
-            self._apply_one(event)
+            try:
+                self._apply_one(event)
+            except (TypeError, ValueError, AttributeError, KeyError):
+                continue  # an event of a shape we do not know (a newer engine, a hand edit): skip it
             changed = True
         if changed:
             self.version += 1

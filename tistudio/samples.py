@@ -10,7 +10,6 @@ On the first start with an empty library the studio adds them as the concept
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 

@@ -59,6 +59,9 @@ class RunProgress:
         elif kind in ("preview", "log", "result"):
             self._say(f"{kind}: {event.get('path') or event.get('message') or ''}")
 
+    def note(self, text: str) -> None:
+        self._say(text)
+
     def _say(self, text: str) -> None:
         if self._progress:
             self._progress.console.print(text)

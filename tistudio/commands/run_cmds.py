@@ -185,8 +185,7 @@ async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, qui
     view = RunProgress(run_id, raw=raw, quiet=quiet)
     try:
         with view:
-            async for event in client.events(run_id):
-                view.update(event)
+            await _stream(client, run_id, view)
     except (KeyboardInterrupt, asyncio.CancelledError):
         if not cancel_on_interrupt:
             print(f"detached; the run goes on (`tistudio attach {run_id}` to follow it again)")
@@ -198,3 +197,22 @@ async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, qui
     finally:
         await client.close()
     return view.exit_code()
+
+
+async def _stream(client, run_id: str, view, retries: int = 3) -> None:
+    """Feed the view; if the engine restarts under us, reconnect and go on from the last seq."""
+    from engine.errors import EngineError
+
+    last_seq = 0
+    for attempt in range(retries + 1):
+        try:
+            async for event in client.events(run_id, after_seq=last_seq):
+                last_seq = event.get("seq", last_seq)
+                view.update(event)
+            return
+        except EngineError:
+            if attempt == retries:
+                raise
+            view.note("the engine went away; reconnecting (a run it was running becomes interrupted)")
+            await asyncio.sleep(0.5)
+            await client.connect()

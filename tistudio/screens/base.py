@@ -15,8 +15,8 @@ REDRAW_SECONDS = 0.25  # at most four redraws a second, however fast events arri
 
 
 class StudioScreen(Screen):
-    MODE = ""
-    TITLE_TEXT = ""
+    MODE = ""  # the App mode this screen is (library, train, generate, metrics)
+    HOME_FOCUS: str | None = None  # where Escape sends the focus from a text field
     BINDINGS = [Binding("escape", "leave_field", "Leave field", show=False)]
 
     def __init__(self, *args, **kwargs):
@@ -36,11 +36,11 @@ class StudioScreen(Screen):
     def on_mount(self) -> None:
         self.app.changed.subscribe(self, self._on_changed)
         self.set_interval(REDRAW_SECONDS, self._tick, name=f"{self.MODE}-redraw")
-        self.redraw(set(("all",)))
+        self._update(set(("all",)))
 
     def on_screen_resume(self) -> None:
-        self.redraw(set(("all",)) | self._dirty)
-        self._dirty.clear()
+        dirty, self._dirty = self._dirty, set()
+        self._update(set(("all",)) | dirty)
 
     def _on_changed(self, what: str) -> None:
         self._dirty.add(what)
@@ -48,7 +48,23 @@ class StudioScreen(Screen):
     def _tick(self) -> None:
         if self._dirty and self.is_current:
             dirty, self._dirty = self._dirty, set()
-            self.redraw(dirty)
+            self._update(dirty)
+
+    def _update(self, what: set[str]) -> None:
+        try:
+            self.redraw(what)
+        except Exception as exc:  # noqa: BLE001 - odd data on disk must not take the studio down
+            from tistudio.engine_bridge import one_line
+
+            message = f"could not draw the {self.MODE} screen: {type(exc).__name__}: {one_line(exc)}"
+            if message != getattr(self, "_last_problem", None):
+                self._last_problem = message
+                self.notify(message, severity="error")
+        if "images" in what:  # another image protocol: draw every image again with it
+            from tistudio.widgets.images import ImagePreview
+
+            for preview in self.query(ImagePreview):
+                self.run_worker(preview.reload(), group="reload-images")
 
     def redraw(self, what: set[str]) -> None:
         """Bring the screen up to date with the App's state; `what` says what changed."""
@@ -57,9 +73,3 @@ class StudioScreen(Screen):
         """Escape in a text field gives the keys (1-4, letters) back to the screen."""
         if isinstance(self.focused, Input):
             self.set_focus(self.query_one(self.HOME_FOCUS) if self.HOME_FOCUS else None)
-
-    HOME_FOCUS: str | None = None
-
-    @property
-    def studio(self):
-        return self.app

@@ -10,7 +10,7 @@ from pathlib import Path
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Static
 
 from tistudio.engine_bridge import one_line
@@ -92,7 +92,7 @@ class LibraryScreen(StudioScreen):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rows: list[ConceptRow] = []
-        self._shown: tuple | None = None
+        self._shown: object = object()  # what the detail pane shows (nothing yet)
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="lib-body"):
@@ -240,6 +240,8 @@ class LibraryScreen(StudioScreen):
             args = ["import", values["file"], "--json"]
             if values.get("name"):
                 args += ["--name", values["name"]]
+            if values.get("token"):
+                args += ["--token", values["token"]]
             if values.get("style"):
                 args.append("--style")
             self.notify(f"Importing {Path(values['file']).name}…", title="Library")

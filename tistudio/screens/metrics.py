@@ -17,7 +17,6 @@ from textual.widgets import DataTable, Label, Select, Static
 from tistudio.screens.base import StudioScreen
 from tistudio.screens.library import eval_tables
 from tistudio.widgets.charts import CurveChart
-from tistudio.widgets.forms import shorten_path
 
 METRIC_JOBS = ("eval", "experiment")
 
@@ -66,6 +65,7 @@ class MetricsScreen(StudioScreen):
         self._drawn: tuple | None = None
         self.table: dict | None = None
         self.curve: dict | None = None
+        self._jobs_seen: tuple | None = None
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="metrics-top"):
@@ -110,7 +110,9 @@ class MetricsScreen(StudioScreen):
         for job in jobs:
             if job.get("status") in ("queued", "running"):
                 self.app.watch_run(job["id"])
-        if what & {"all", "library", "jobs", "metrics"} or any(w.startswith("submitted:") for w in what):
+        seen = tuple((j.get("id"), j.get("status")) for j in jobs)
+        if what & {"all", "library", "metrics"} or ("jobs" in what and seen != self._jobs_seen):
+            self._jobs_seen = seen
             self._load()
         self._draw_jobs(jobs)
 

@@ -253,6 +253,8 @@ class ImportModal(_Dialog):
                                          compact=True, suggester=PathSuggester(
                                              suffixes=(".safetensors", ".pt", ".bin", ".ckpt"))))
             yield FieldRow("Name", Input(placeholder="(default: from the file)", id="name", compact=True))
+            yield FieldRow("Token", Input(placeholder="(default: the file's, else <name>)", id="token",
+                                          compact=True))
             yield FieldRow("Type", Select([("object", "object"), ("style", "style")], value="object",
                                          allow_blank=False, id="property", compact=True))
             yield Static("The file is read by `tistudio import` in a separate process.", classes="dialog-hint")
@@ -270,6 +272,7 @@ class ImportModal(_Dialog):
             self.query_one("#error", Static).update("Give the path of an existing embedding file.")
             return
         self.dismiss({"file": str(Path(file).expanduser()), "name": self.query_one("#name", Input).value.strip(),
+                      "token": self.query_one("#token", Input).value.strip(),
                       "style": self.query_one("#property", Select).value == "style"})
 
 

@@ -14,7 +14,7 @@ from textual.widgets import Button, DataTable, Input, ProgressBar, Select, Stati
 from tistudio.engine_bridge import fmt_duration, is_active
 from tistudio.screens.base import StudioScreen
 from tistudio.widgets.charts import LossChart, VramChart
-from tistudio.widgets.forms import FieldRow, parse_float, parse_int, shorten_path
+from tistudio.widgets.forms import FieldRow, parse_float, parse_int
 from tistudio.widgets.images import ImagePreview
 
 # The study's defaults (lr 5e-4, batch 1, AdamW; 1500-2400 steps recommended; saves every 500).
@@ -337,9 +337,6 @@ class TrainScreen(StudioScreen):
     @on(Button.Pressed, "#cancel")
     def _cancel_pressed(self) -> None:
         self.action_cancel_run()
-
-    def preview_caption(self, path: str) -> str:
-        return shorten_path(path, self.app.home)
 
 
 def short_when(run_id: str) -> str:

@@ -103,6 +103,11 @@ class LossChart(_Chart):
             self._empty()
             return
         smooth = ema(loss)
+        finite = [i for i, v in enumerate(loss) if math.isfinite(v)]
+        if not finite:
+            self._empty()
+            return
+        steps, loss, smooth = ([seq[i] for i in finite] for seq in (steps, loss, smooth))
         xs, raw_y, smooth_y = thin(steps, loss, smooth)
         raw_c, smooth_c = self._colours()
         self._start()

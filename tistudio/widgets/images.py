@@ -9,6 +9,7 @@ probe times out needs (`TISTUDIO_IMAGE_PROTOCOL=halfblock` or the config file).
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -108,6 +109,7 @@ class ImagePreview(Vertical):
         self._caption = caption
         self._empty = empty
         self._protocol = protocol
+        self._lock = asyncio.Lock()  # one swap at a time: updates may come faster than a remount
 
     @property
     def path(self) -> Path | None:
@@ -128,13 +130,20 @@ class ImagePreview(Vertical):
         if self._caption:
             yield Static(self._caption, classes="caption", markup=False)
 
+    async def reload(self) -> None:
+        """Draw the image again (after the image protocol changed)."""
+        async with self._lock:
+            await self.remove_children()
+            await self.mount_all(list(self.compose()))
+
     async def set_image(self, path: str | Path | None, caption: str | None = None) -> None:
         """Show another image (or the placeholder); cheap when nothing changed."""
-        new = Path(path) if path else None
-        if new == self._path and (caption is None or caption == self._caption):
-            return
-        self._path = new
-        if caption is not None:
-            self._caption = caption
-        await self.remove_children()
-        await self.mount_all(list(self.compose()))
+        async with self._lock:
+            new = Path(path) if path else None
+            if new == self._path and (caption is None or caption == self._caption) and self.children:
+                return
+            self._path = new
+            if caption is not None:
+                self._caption = caption
+            await self.remove_children()
+            await self.mount_all(list(self.compose()))

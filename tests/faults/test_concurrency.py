@@ -1,0 +1,74 @@
+"""The engine restarted while a client follows a run; two CLIs and the studio's client at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from engine.client import EngineClient, call
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def test_kinds(monkeypatch):
+    monkeypatch.setenv("TISTUDIO_TEST_HANDLERS", "1")
+
+
+def _kill_9_server(home):
+    import signal
+
+    pid = int((home / "engine" / "engine.pid").read_text())
+    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["stop --force", "kill -9"])
+def test_attach_survives_an_engine_restart_and_reports_the_run_interrupted(engine_home, test_kinds, how):
+    run_id = call("submit", "sleep", params={"seconds": 30, "steps": 300}, home=engine_home)
+    env = {**os.environ, "TISTUDIO_HOME": str(engine_home)}
+    attach = subprocess.Popen([sys.executable, "-m", "tistudio.cli", "attach", run_id, "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(2.0)
+    if how == "kill -9":  # the attached client reconnects, which starts a fresh engine
+        _kill_9_server(engine_home)
+    else:
+        call("stop", force=True, home=engine_home)
+    out, err = attach.communicate(timeout=60)
+    assert attach.returncode == 1, err  # the run ended interrupted: not a success, not a crash
+    assert "Traceback" not in err
+    statuses = [line for line in out.splitlines() if '"status"' in line]
+    assert statuses and '"interrupted"' in statuses[-1]
+    # a fresh engine serves the whole history, and the run resumes
+    assert call("wait", run_id, home=engine_home) == "interrupted"
+    call("submit", resume=run_id, params={"seconds": 0.2, "steps": 2}, home=engine_home)
+    assert call("wait", run_id, home=engine_home) == "done"
+
+
+def test_two_clis_and_an_async_client_submit_at_once(engine_home, test_kinds, tmp_path):
+    call("ping", home=engine_home)
+    env = {**os.environ, "TISTUDIO_HOME": str(engine_home)}
+    target = tmp_path / "order.txt"
+
+    def cli_submit(tag):
+        code = ("from engine.client import call; import sys; "
+                f"print(call('submit', 'counter', params={{'file': {str(target)!r}, 'tag': {tag!r}, 'seconds': 0.3}}))")
+        return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+
+    async def studio_submit():
+        async with EngineClient(engine_home) as client:
+            return await client.submit("counter", params={"file": str(target), "tag": "studio", "seconds": 0.3})
+
+    procs = [cli_submit("cli-a"), cli_submit("cli-b")]
+    studio_id = asyncio.run(studio_submit())
+    ids = [p.communicate(timeout=60)[0].strip() for p in procs] + [studio_id]
+    assert len(set(ids)) == 3
+    assert {call("wait", i, home=engine_home) for i in ids} == {"done"}
+    lines = target.read_text().splitlines()
+    assert sorted(lines) == sorted(f"{w} {t}" for w in ("start", "end") for t in ("cli-a", "cli-b", "studio"))
+    for i in range(0, 6, 2):  # one job at a time: every start is followed by its own end
+        assert lines[i].split()[1] == lines[i + 1].split()[1] and lines[i].startswith("start")
