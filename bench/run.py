@@ -79,7 +79,6 @@ def ours(model, paths, device, args, k: int = 1, **cfg) -> dict:
     with inv.installed():
         result = timed(lambda: inv.train_step(next(counter)), device, args.warmup, args.steps)
     result["run_steps_per_s"] = result["steps_per_s"] * k
-    del inv
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result

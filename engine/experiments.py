@@ -13,13 +13,12 @@ call, each ending where its solo run would), then measure each run the way
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict
 from pathlib import Path
 
-from engine.errors import JobCancelled, UserError
+from engine.errors import UserError
 from engine.generate import (
-    FINAL_NAME, GenerateRequest, checkpoint_steps, done_runs, load_used, make_grid, save_png, sub_progress,
+    GenerateRequest, checkpoint_steps, done_runs, load_used, make_grid, save_png, sub_progress,
     timestamp_id,
 )
 from engine.library import check_initializer
@@ -143,76 +142,24 @@ def curve_text(points: list[dict]) -> str:
 # --- init words and seeds: K runs trained together ---------------------------------------------------
 
 
-class _SweepReporter:
-    """Turns one slot's training events into progress(msg, fraction) and polls cancelled()."""
-
-    def __init__(self, progress, cancelled, speak: bool):
-        self.progress, self._cancelled, self.speak = progress, cancelled, speak
-
-    def emit(self, type: str, **fields) -> None:
-        if self.speak and self.progress and type == "step":
-            self.progress(f"training step {fields['step']}/{fields['steps']}", fields["step"] / fields["steps"])
-
-    def cancelled(self) -> bool:
-        return bool(self._cancelled and self._cancelled())
-
-
-def _claim_run_dir(runs_dir: Path) -> Path:
-    ensure_private_dir(runs_dir)
-    while True:
-        path = runs_dir / timestamp_id()
-        try:
-            path.mkdir(mode=0o700)
-            return path
-        except FileExistsError:
-            continue
-
-
-def _run_record(run_dir: Path, concept, config, model, exp_id: str, label: str) -> dict:
-    now = time.time()
-    spec = asdict(config)
-    return {
-        "id": run_dir.name, "kind": "train", "concept": concept.name, "status": "running",
-        "spec": spec, "params": spec, "experiment": exp_id, "label": label, "model": model.info.identity(),
-        "images": [str(p) for p in concept.images], "created": now, "started": now, "finished": None,
-        "step": 0, "steps": config.steps, "error": None, "embedding": None,
-    }
-
-
-def _finish(run_dir: Path, record: dict, status: str, error: str | None = None) -> None:
-    record.update(status=status, finished=time.time(), error=error)
-    if status == "done":
-        record.update(step=record["steps"], embedding=str(run_dir / FINAL_NAME))
-    atomic_write_json(run_dir / "run.json", record)
-
-
 def train_sweep(model, concept, exp_id: str, configs: list[tuple[str, object]], progress=None,
                 cancelled=None) -> list[str]:
-    """Train K runs in one batched job; each gets its own run directory and run.json. Returns run ids."""
-    from engine.train import RunSlot, train_many
+    """Train K runs together (engine.runs), each a full run directory with its own event log."""
+    from engine import runs
 
     for _, config in configs:
         config.validate()
         check_initializer(model.tokenizer, config.init)  # before any directory exists
-    images = concept.images
-    dirs = [_claim_run_dir(concept.runs_dir) for _ in configs]
-    records = [_run_record(d, concept, cfg, model, exp_id, label) for d, (label, cfg) in zip(dirs, configs)]
-    for d, record in zip(dirs, records):
-        atomic_write_json(d / "run.json", record)
-    slots = [RunSlot(cfg, d, images, _SweepReporter(progress, cancelled, speak=k == 0))
-             for k, (d, (_, cfg)) in enumerate(zip(dirs, configs))]
-    try:
-        train_many(model, slots, resume=False)
-    except JobCancelled:
-        for d, record in zip(dirs, records):
-            _finish(d, record, "cancelled")
-        raise
-    except BaseException as exc:
-        for d, record in zip(dirs, records):
-            _finish(d, record, "failed", f"{type(exc).__name__}: {exc}")
-        raise
-    for d, record in zip(dirs, records):
-        _finish(d, record, "done")
+    home = concept.path.parent.parent  # <home>/concepts/<name>
+    dirs = runs.create_members(home, concept.name, [asdict(config) for _, config in configs],
+                               extra=[{"experiment": exp_id, "label": label} for label, _ in configs])
+    members = runs.start_members(home, dirs, is_cancelled=cancelled)
+
+    def on_step(fields: dict) -> None:
+        if progress:
+            progress(f"training step {fields['step']}/{fields['steps']}", fields["step"] / fields["steps"])
+
+    runs.train_members(model, concept, members, on_step=on_step)
     return [d.name for d in dirs]
 
 

@@ -32,42 +32,9 @@ def warm_model(ctx, spec: str | None, precision: str = "auto", device: str | Non
     return ctx.cache["model"][1]
 
 
-class _ContextReporter:
-    """Adapts a JobContext to the trainer's Reporter (events + progress in run.json)."""
-
-    def __init__(self, ctx, mirror=None):
-        self.ctx = ctx
-        self.mirror = mirror  # a sweep: its first member's progress is the sweep's progress
-
-    def emit(self, type: str, **fields) -> None:
-        if type == "status":  # the worker owns the job's status; the trainer's is informative
-            return
-        self.ctx.emit(type, **fields)
-        if type == "step":
-            self.ctx.set_progress(step=fields["step"], steps=fields["steps"])
-            if self.mirror is not None:
-                self.mirror.emit("step", run=self.ctx.run_id, **fields)
-                self.mirror.set_progress(step=fields["step"], steps=fields["steps"])
-        elif type == "embedding" and fields.get("final"):
-            self.ctx.set_progress(embedding=fields["path"])
-
-    def cancelled(self) -> bool:
-        return self.ctx.cancelled()
-
-
-def train_config_from(params: dict, concept):
-    """A TrainConfig from job params, filling token/init/property from the concept."""
-    from engine.train import TrainConfig
-
-    settings = {k: v for k, v in params.items() if k not in ("model", "precision", "device")}
-    settings.setdefault("token", concept.token)
-    settings["init"] = settings.get("init") or concept.init
-    settings.setdefault("property", concept.property)
-    return TrainConfig.from_dict(settings)
-
-
 def handle_train(ctx) -> dict:
     from engine.library import Library
+    from engine.runs import ContextReporter, train_config_from
     from engine.train import train
 
     params = ctx.params
@@ -79,7 +46,7 @@ def handle_train(ctx) -> dict:
     model = warm_model(ctx, params.get("model"), params.get("precision", "auto"), params.get("device"))
     ctx.set_progress(step=0, steps=config.steps, model=model.info.identity(), config=_asdict(config))
     with _friendly_failures():
-        final = train(model, config, ctx.run_dir, concept.images, _ContextReporter(ctx), resume=True)
+        final = train(model, config, ctx.run_dir, concept.images, ContextReporter(ctx), resume=True)
     return {"embedding": str(final)}
 
 
@@ -113,30 +80,36 @@ def handle_sweep(ctx) -> dict:
 
 
 def _train_members(ctx, params: dict):
-    """Create (or find, on resume) the sweep's member runs and train them together."""
-    from engine.jobs import set_status
+    """Create (or find, on resume) the job's member runs and train them together."""
+    from engine import runs
     from engine.library import Library
-    from engine.sweeps import create_members, member_contexts
-    from engine.train import RunSlot, train_many
 
     concept = Library(ctx.home).get(ctx.spec["concept"])
     if not concept.images:
         raise UserError(f"concept {concept.name!r} has no training images; add images to it first")
-    members = member_contexts(ctx, create_members(ctx, params))
-    slots = []
-    for k, member in enumerate(members):
-        config = train_config_from(member.params, concept)
-        config.validate()
-        reporter = _ContextReporter(member, mirror=ctx if k == 0 else None)
-        slots.append(RunSlot(config, member.run_dir, concept.images, reporter))
+    names = load_members(ctx)
+    if names:
+        dirs = [ctx.run_dir.parent / n for n in names]
+    else:
+        dirs = runs.create_members(ctx.home, concept.name, runs.sweep_params(params), parent=ctx.run_id)
+        ctx.set_progress(members=[d.name for d in dirs])
+    members = runs.start_members(ctx.home, dirs, send=ctx.send, is_cancelled=ctx.is_cancelled)
     model = warm_model(ctx, params.get("model"), params.get("precision", "auto"), params.get("device"))
-    ctx.set_progress(step=0, steps=slots[0].config.steps, model=model.info.identity())
+    ctx.set_progress(step=0, model=model.info.identity())
+
+    def mirror(fields: dict) -> None:  # the sweep's own log and progress follow its first member
+        ctx.emit("step", **fields)
+        ctx.set_progress(step=fields["step"], steps=fields["steps"])
+
     with _friendly_failures():
-        finals = train_many(model, slots, resume=True)
-    for member, final in zip(members, finals):
-        member.flush()
-        set_status(member.run_dir, "done", log=member.log, embedding=str(final), result={"embedding": str(final)})
+        finals = runs.train_members(model, concept, members, on_step=mirror)
     return members, finals
+
+
+def load_members(ctx) -> list[str]:
+    from engine.jobs import load_run
+
+    return load_run(ctx.run_dir).get("members") or []
 
 
 # --- generation, evaluation, experiments ---------------------------------------------------------

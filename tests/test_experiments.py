@@ -83,7 +83,7 @@ def test_init_experiment_trains_one_run_per_word(tiny_model, library):
         run_dir = concept.runs_dir / r["run"]
         record = json.loads((run_dir / "run.json").read_text())
         assert (record["status"], record["kind"], record["experiment"]) == ("done", "train", result["id"])
-        assert record["spec"]["init"] == r["init"] and record["spec"]["steps"] == 2
+        assert record["params"]["init"] == r["init"] and record["params"]["steps"] == 2
         assert (run_dir / "embeddings" / "learned_embeds-steps-1.safetensors").is_file()
         vectors.append(read_embedding(run_dir / "learned_embeds.safetensors").vectors)
     assert not vectors[0].equal(vectors[1])

@@ -1,0 +1,113 @@
+"""Training runs driven by job records: settings from params, events to the run's log,
+and sweeps — K member runs trained together, one UNet call per step.
+
+A sweep member is a full run directory of kind "train" (`parent` names the job
+that trains it, when there is one), so export, generate and eval treat it like
+any other run.  Members get their own events.jsonl; if the process dies, the
+engine settles them with their parent job.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+from typing import Callable
+
+from engine.errors import JobCancelled
+from engine.jobs import FINAL, JobContext, create_run, load_run, set_status, update_run
+
+
+def train_config_from(params: dict, concept):
+    """A TrainConfig from job params, filling token/init/property from the concept."""
+    from engine.train import TrainConfig
+
+    settings = {k: v for k, v in params.items() if k not in ("model", "precision", "device")}
+    settings.setdefault("token", concept.token)
+    settings["init"] = settings.get("init") or concept.init
+    settings.setdefault("property", concept.property)
+    return TrainConfig.from_dict(settings)
+
+
+class ContextReporter:
+    """Adapts a JobContext to the trainer's Reporter: events to the log, progress to run.json."""
+
+    def __init__(self, ctx: JobContext, on_step: Callable[[dict], None] | None = None):
+        self.ctx = ctx
+        self.on_step = on_step
+
+    def emit(self, type: str, **fields) -> None:
+        if type == "status":  # the worker (or the sweep) owns the run's status
+            return
+        self.ctx.emit(type, **fields)
+        if type == "step":
+            self.ctx.set_progress(step=fields["step"], steps=fields["steps"])
+            if self.on_step:
+                self.on_step({"run": self.ctx.run_id, **fields})
+        elif type == "embedding" and fields.get("final"):
+            self.ctx.set_progress(embedding=fields["path"])
+
+    def cancelled(self) -> bool:
+        return self.ctx.cancelled()
+
+
+def sweep_params(params: dict) -> list[dict]:
+    """The cartesian product of `seeds` x `inits` over the shared training params."""
+    base = {k: v for k, v in params.items() if k not in ("seeds", "inits")}
+    seeds = params.get("seeds") or [base.get("seed", 0)]
+    inits = params.get("inits") or [base.get("init")]
+    return [{**base, "seed": int(s), "init": i} for s, i in itertools.product(seeds, inits)]
+
+
+def create_members(home: Path, concept: str, params_list: list[dict], parent: str | None = None,
+                   extra: list[dict] | None = None) -> list[Path]:
+    """One queued run per params dict; `parent` and `extra` fields go into each run.json."""
+    dirs = []
+    for k, params in enumerate(params_list):
+        run_dir = create_run(home, {"kind": "train", "concept": concept, "params": params})
+        fields = {**({"parent": parent} if parent else {}), **(extra[k] if extra else {})}
+        if fields:
+            update_run(run_dir, **fields)
+        dirs.append(run_dir)
+    return dirs
+
+
+def start_members(home: Path, dirs: list[Path], send=None, is_cancelled=None) -> list[JobContext]:
+    """A JobContext per member (its own log; live events to its subscribers), marked running."""
+    members = []
+    for run_dir in dirs:
+        record = load_run(run_dir)
+        member = JobContext({"kind": "train", "concept": record["concept"], "params": record["params"]},
+                            run_dir.name, run_dir, home, send=send, is_cancelled=is_cancelled)
+        set_status(run_dir, "running", log=member.log, pid=os.getpid())
+        members.append(member)
+    return members
+
+
+def train_members(model, concept, members: list[JobContext], on_step=None) -> list[Path]:
+    """Train the members together (resuming from their checkpoints); each ends done, or
+    cancelled/failed with the sweep — never left running."""
+    from engine.train import RunSlot, train_many
+
+    slots = []
+    for k, member in enumerate(members):
+        config = train_config_from(member.params, concept)
+        config.validate()
+        reporter = ContextReporter(member, on_step=on_step if k == 0 else None)
+        slots.append(RunSlot(config, member.run_dir, concept.images, reporter))
+    try:
+        finals = train_many(model, slots, resume=True)
+    except BaseException as exc:
+        status = "cancelled" if isinstance(exc, JobCancelled) else "failed"
+        _settle(members, status, None if status == "cancelled" else f"{type(exc).__name__}: {exc}")
+        raise
+    for member, final in zip(members, finals):
+        member.flush()
+        set_status(member.run_dir, "done", log=member.log, embedding=str(final), result={"embedding": str(final)})
+    return finals
+
+
+def _settle(members: list[JobContext], status: str, error: str | None) -> None:
+    for member in members:
+        if load_run(member.run_dir).get("status") not in FINAL:
+            set_status(member.run_dir, status, log=member.log, error=error)
