@@ -32,6 +32,7 @@ import torch
 from demo.common import LOGS
 
 SAMPLES = Path(__file__).parent / "samples"
+PREVIEW_ROWS: dict[str, dict[str, list]] = {}
 NEUTRAL = {"object": "a photo of {}", "style": "a painting in the style of {}"}
 
 
@@ -103,16 +104,37 @@ def run_concept(record: dict, steps: int, n: int, seed: int, lr: float, out_dir:
                 record["edit_prompts"], n, seed)
     pipe.load_textual_inversion(str(embedding), token=token)
     ti = scores(pipe, clip, preprocess, tokenizer, train_embs, token, record["property"], record["edit_prompts"], n, seed)
+    edited = generate(pipe, record["edit_prompts"][0].replace("{}", token), 8, seed + 2000)
     pipe.unload_textual_inversion(token)
-    for tag, images in (("sd", sd[3]), ("ti", ti[3])):
-        grid = np.concatenate([np.asarray(im) for im in images[:8]], axis=1)
-        Image.fromarray(grid.repeat(3, 0).repeat(3, 1)).save(out_dir / f"{record['name']}-{tag}.png")
+    train_small = [Image.open(p).convert("RGB").resize((32, 32), Image.Resampling.NEAREST) for p in paths]
+    rows = {"training": train_small, "SD": sd[3][:8], "SD+TI": ti[3][:8], "SD+TI edit": edited}
+    PREVIEW_ROWS[record["name"]] = rows
     return {
         "concept": record["name"], "property": record["property"], "steps": steps, "lr": lr, "seed": seed,
         "train_seconds": round(train_s, 1), "images_per_prompt": n,
         "SD": {"reconstruction": round(sd[0], 4), "editability": round(sd[1], 4), "per_prompt": [round(x, 4) for x in sd[2]]},
         "SD+TI": {"reconstruction": round(ti[0], 4), "editability": round(ti[1], 4), "per_prompt": [round(x, 4) for x in ti[2]]},
     }
+
+
+def write_preview(path: Path, scale: int = 3) -> None:
+    """Per concept, four rows of 32-px pictures: training | SD (description) | SD+TI | SD+TI, first edit."""
+    from PIL import Image
+
+    tile, cols = 32, 8
+    rows = [r for concept in PREVIEW_ROWS.values() for r in concept.values()]
+    gap = 4
+    height = len(rows) * tile + (len(PREVIEW_ROWS) - 1) * gap
+    canvas = np.full((height, cols * tile, 3), 255, np.uint8)
+    y = 0
+    for concept in PREVIEW_ROWS.values():
+        for images in concept.values():
+            for i, im in enumerate(images[:cols]):
+                canvas[y : y + tile, i * tile : (i + 1) * tile] = np.asarray(im.convert("RGB"))
+            y += tile
+        y += gap
+    Image.fromarray(canvas.repeat(scale, 0).repeat(scale, 1)).save(path, optimize=True)
+    print("preview", path, "rows per concept:", list(next(iter(PREVIEW_ROWS.values())).keys()))
 
 
 def main(argv=None) -> None:
@@ -125,6 +147,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None, help="folder for runs and grids (default: a temporary one)")
     ap.add_argument("--log", default=str(LOGS / "inversion_check.json"))
+    ap.add_argument("--preview", default=str(Path(__file__).parent / "preview.png"))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     records = json.loads((SAMPLES / "concepts.json").read_text())
@@ -138,6 +161,7 @@ def main(argv=None) -> None:
         print(json.dumps(result), flush=True)
         results.append(result)
     Path(args.log).write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")
+    write_preview(Path(args.preview))
     print("grids in", out_dir)
 
 
