@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator
 
 import engine
 from engine.errors import EngineError, UserError
-from engine.jobs import FINAL, pid_alive
+from engine.jobs import FINAL, code_version, pid_alive
 from engine.paths import ensure_private_dir, home_dir
 from engine.server import STREAM_LIMIT, engine_dir, log_path, socket_address, socket_path
 
@@ -48,6 +48,7 @@ class EngineClient:
         self._writer: asyncio.StreamWriter | None = None
         self._lock = asyncio.Lock()  # one request in flight per connection
         self._spawned: subprocess.Popen | None = None
+        self._version_checked = False
 
     async def __aenter__(self) -> "EngineClient":
         return await self.connect()
@@ -71,6 +72,8 @@ class EngineClient:
                 # Bounded: an engine that accepts but never answers must not hang us.
                 hello = await asyncio.wait_for(self._call({"op": "ping"}), max(1.0, deadline - loop.time()))
                 self.server_pid = hello.get("pid")
+                if start and await self._replaced_stale(hello):
+                    continue  # an idle engine from older code stopped: start ours
                 return self
             except _NOT_THERE:
                 await self._drop()
@@ -88,6 +91,18 @@ class EngineClient:
                 spawned_at = now
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.25)
+
+    async def _replaced_stale(self, hello: dict) -> bool:
+        """Stop an idle engine whose code differs from ours (an upgrade or an edit since it
+        started); a busy one is left alone, its jobs matter more."""
+        if self._version_checked or hello.get("version") == code_version():
+            return False
+        self._version_checked = True
+        status = await self._call({"op": "status", "device": False})
+        if status.get("running") or status.get("queue"):
+            return False
+        await self.stop(force=False, wait=True)
+        return True
 
     def _may_spawn(self, since_last: float) -> bool:
         proc = self._spawned

@@ -242,6 +242,18 @@ def _claim_run_dir(home: Path, parent: Path) -> Path:
     raise RuntimeError("could not find a free run id")
 
 
+def code_version() -> str:
+    """The package version plus a fingerprint of the engine's source files: an engine left
+    running from before an upgrade (or an edit) answers with a different one."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        st = path.stat()
+        digest.update(f"{path.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"{tistudio_version()}+{digest.hexdigest()[:10]}"
+
+
 def tistudio_version() -> str:
     from importlib import metadata
 

@@ -163,7 +163,7 @@ class EngineServer:
         self.home = Path(home)
         self.idle_seconds = idle_seconds
         self.cancel_grace = cancel_grace
-        self.version = jobs.tistudio_version()
+        self.version = jobs.code_version()
         self.queue: collections.deque[Job] = collections.deque()
         self.active: dict[str, Job] = {}  # queued and running
         self.current: Job | None = None

@@ -72,3 +72,19 @@ def test_two_clis_and_an_async_client_submit_at_once(engine_home, test_kinds, tm
     assert sorted(lines) == sorted(f"{w} {t}" for w in ("start", "end") for t in ("cli-a", "cli-b", "studio"))
     for i in range(0, 6, 2):  # one job at a time: every start is followed by its own end
         assert lines[i].split()[1] == lines[i + 1].split()[1] and lines[i].startswith("start")
+
+
+def test_an_idle_engine_from_older_code_is_replaced_but_a_busy_one_is_kept(engine_home, test_kinds, monkeypatch):
+    import engine.client as client_mod
+
+    real = client_mod.code_version
+    first = call("ping", home=engine_home)["pid"]
+    monkeypatch.setattr(client_mod, "code_version", lambda: "0.0.0+newer")  # as if we were upgraded
+    second = call("ping", home=engine_home)["pid"]
+    assert second != first  # the idle stale engine made way
+    monkeypatch.setattr(client_mod, "code_version", real)
+    assert call("ping", home=engine_home)["pid"] == second  # same code: kept
+    run_id = call("submit", "sleep", params={"seconds": 3, "steps": 3}, home=engine_home)
+    monkeypatch.setattr(client_mod, "code_version", lambda: "0.0.0+newest")
+    assert call("ping", home=engine_home)["pid"] == second  # busy: its job matters more
+    assert call("wait", run_id, home=engine_home) == "done"
