@@ -253,3 +253,27 @@ def test_builtin_specs_are_told_apart():
     assert model_info("builtin:sd15-arch").text_width == 768
     sd2 = model_info("builtin:sd21-arch")
     assert (sd2.family, sd2.text_width, sd2.prediction_type) == ("sd2", 1024, "v_prediction")
+
+
+def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch, tiny_model):
+    """A hub id works with HF_HUB_OFFLINE=1 when the Hugging Face cache holds it."""
+    from engine.models import load_model, model_info
+
+    hub = tmp_path / "hf" / "hub"
+    repo = hub / "models--someone--tiny-sd"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    tiny_model.pipe.save_pretrained(snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    info = model_info("someone/tiny-sd")
+    assert info.kind == "hub" and info.text_width == 32
+    loaded = load_model("someone/tiny-sd")
+    assert torch.equal(next(loaded.unet.parameters()), next(tiny_model.unet.parameters()))
+    with pytest.raises(Exception, match="not in the local Hugging Face cache"):
+        model_info("someone/absent")
