@@ -123,7 +123,8 @@ def test_many_small_generation_jobs_all_complete_once(engine_home, concept, tmp_
     """Load: a burst of queued generation jobs; none lost, none duplicated."""
     count = 200
     ids = [call("submit", "generate", params={"prompt": f"a photo of a cat number {i}", "n": 1, "steps": 1,
-                                              "seed": i, "mode": "sd", "out_dir": str(tmp_path / "out" / str(i))},
+                                              "seed": i, "mode": "sd", "resolution": 16,
+                                              "out_dir": str(tmp_path / "out" / str(i))},
                 home=engine_home) for i in range(count)]
     assert len(set(ids)) == count
     statuses = [call("wait", i, home=engine_home) for i in ids]
