@@ -298,11 +298,7 @@ def generation_check(pipe, clip_model, n: int = 32, steps: int = 20, guidance: f
 
 def check(args) -> None:
     torch.set_num_threads(args.threads)
-    pipe = demo_model.build_demo_pipeline()
-    if args.unet:
-        from safetensors.torch import load_file
-
-        pipe.unet.load_state_dict({k: v.float() for k, v in load_file(args.unet).items()})
+    pipe = demo_model.build_demo_pipeline(args.unet)
     clip_model, _, _ = demo_model.load_demo_clip()
     t = time.time()
     report, images = generation_check(pipe, clip_model, n=args.n, steps=args.sample_steps, guidance=args.guidance)

@@ -46,8 +46,8 @@ def weights_present() -> bool:
     return all(p.is_file() for p in (CLIP_CONFIG, CLIP_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS))
 
 
-def _require_weights() -> None:
-    if not weights_present():
+def _require_weights(*paths: Path) -> None:
+    if not all(p.is_file() for p in (paths or (CLIP_CONFIG, CLIP_WEIGHTS, UNET_WEIGHTS, VAE_WEIGHTS))):
         from engine.errors import UserError
 
         raise UserError(
@@ -83,7 +83,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 @functools.lru_cache(maxsize=1)
 def _clip_state() -> dict[str, torch.Tensor]:
-    _require_weights()
+    _require_weights(CLIP_CONFIG, CLIP_WEIGHTS)
     return _load_safetensors(CLIP_WEIGHTS)
 
 
@@ -209,20 +209,22 @@ def build_scheduler():
     return DDPMScheduler.from_config(_read_json(CONFIGS / "scheduler" / "scheduler_config.json"))
 
 
-def build_demo_pipeline():
-    """The `builtin:demo` StableDiffusionPipeline (fp32, CPU, safety checker off), from the shipped weights."""
+def build_demo_pipeline(unet_weights: str | Path | None = None):
+    """The `builtin:demo` StableDiffusionPipeline (fp32, CPU, safety checker off), from the shipped weights.
+
+    unet_weights: another UNet safetensors (a checkpoint while training)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     from engine.tokenizer import load_clip_tokenizer
 
-    _require_weights()
+    _require_weights(CLIP_CONFIG, CLIP_WEIGHTS, VAE_WEIGHTS, Path(unet_weights or UNET_WEIGHTS))
     diffusers_logging.set_verbosity_error()
     pipe = StableDiffusionPipeline(
         vae=build_vae(_load_safetensors(VAE_WEIGHTS)),
         text_encoder=build_text_encoder(),
         tokenizer=load_clip_tokenizer(),
-        unet=build_unet(_load_safetensors(UNET_WEIGHTS)),
+        unet=build_unet(_load_safetensors(Path(unet_weights or UNET_WEIGHTS))),
         scheduler=build_scheduler(),
         safety_checker=None,
         feature_extractor=None,

@@ -19,8 +19,12 @@ def make_images(folder: Path, count: int = 3, size: int = 80, seed: int = 0) -> 
     return folder
 
 
-def engine_pids(home: Path) -> list[int]:
-    """Live engine processes (server or worker) serving `home`."""
+def engine_pids(home: Path, which: tuple[bytes, ...] = (b"engine.server", b"engine.worker")) -> list[int]:
+    """Live engine processes serving `home` or a home inside it (its path is unique to the test)."""
+    import os
+
+    from engine.jobs import pid_alive
+
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -29,7 +33,8 @@ def engine_pids(home: Path) -> list[int]:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(b"engine.server" in a or b"engine.worker" in a for a in argv) and str(home).encode() in argv:
+        ours = any(arg.startswith(os.fsencode(str(home))) for arg in argv)
+        if ours and any(w in argv for w in which) and pid_alive(int(entry.name)):
             found.append(int(entry.name))
     return found
 

@@ -27,6 +27,7 @@ from engine import jobs, server
 from engine.client import EngineClient, EngineNotRunning, call
 from engine.errors import UserError
 from engine.jobs import EventLog
+from helpers import engine_pids
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,22 +48,6 @@ def home(monkeypatch):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     shutil.rmtree(path, ignore_errors=True)
-
-
-def engine_pids(home: Path, which: tuple[bytes, ...] = (b"engine.server", b"engine.worker")) -> list[int]:
-    """Live engine processes serving `home` or a home inside it (its path is unique to the test)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ours = any(arg.startswith(os.fsencode(str(home))) for arg in argv)
-        if ours and any(w in argv for w in which) and jobs.pid_alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
 
 
 async def connect(home: Path) -> EngineClient:

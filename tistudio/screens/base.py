@@ -69,6 +69,26 @@ class StudioScreen(Screen):
     def redraw(self, what: set[str]) -> None:
         """Bring the screen up to date with the App's state; `what` says what changed."""
 
+    def sync_concept_select(self, select, shown: tuple) -> tuple:
+        """Keep a concept picker in step with the library and the app's selected concept;
+        returns the names now shown."""
+        from textual.widgets import Select
+
+        from engine.library import Library
+
+        try:
+            names = tuple(c.name for c in Library(self.app.home).list())
+        except Exception:  # noqa: BLE001 - a damaged library must not break drawing
+            names = ()
+        if names != shown:
+            select.set_options([(n, n) for n in names])
+        wanted = self.app.selected_concept
+        if wanted in names and select.value != wanted:
+            select.value = wanted
+        elif select.value is Select.NULL and names:
+            select.value = names[0]
+        return names
+
     def action_leave_field(self) -> None:
         """Escape in a text field gives the keys (1-4, letters) back to the screen."""
         if isinstance(self.focused, Input):

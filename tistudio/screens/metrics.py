@@ -117,21 +117,7 @@ class MetricsScreen(StudioScreen):
         self._draw_jobs(jobs)
 
     def _refresh_concepts(self) -> None:
-        from engine.library import Library
-
-        try:
-            names = tuple(c.name for c in Library(self.app.home).list())
-        except Exception:  # noqa: BLE001
-            names = ()
-        select = self.query_one("#metrics-concept", Select)
-        if names != self._concepts:
-            self._concepts = names
-            select.set_options([(n, n) for n in names])
-        wanted = self.app.selected_concept
-        if wanted in names and select.value != wanted:
-            select.value = wanted
-        elif select.value is Select.NULL and names:
-            select.value = names[0]
+        self._concepts = self.sync_concept_select(self.query_one("#metrics-concept", Select), self._concepts)
 
     def _metric_jobs(self) -> list[dict]:
         name = self.concept()

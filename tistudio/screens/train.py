@@ -112,21 +112,7 @@ class TrainScreen(StudioScreen):
         self._draw_run()
 
     def _refresh_concepts(self) -> None:
-        from engine.library import Library
-
-        try:
-            names = tuple(c.name for c in Library(self.app.home).list())
-        except Exception:  # noqa: BLE001
-            names = ()
-        select = self.query_one("#concept", Select)
-        if names != self._concepts:
-            self._concepts = names
-            select.set_options([(n, n) for n in names])
-        wanted = self.app.selected_concept
-        if wanted in names and select.value != wanted:
-            select.value = wanted
-        elif select.value is Select.NULL and names:
-            select.value = names[0]
+        self._concepts = self.sync_concept_select(self.query_one("#concept", Select), self._concepts)
 
     def train_jobs(self) -> list[dict]:
         """Running first, then the queue in order, then past runs newest first."""
