@@ -53,6 +53,28 @@ class _Chart(PlotextPlot):
     title = ""
     series: tuple[str, str] = ("", "")
 
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self._key: tuple | None = None
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self._empty()
+
+    def _unchanged(self, key: tuple) -> bool:
+        """Redraw only when the data (or the theme) changed: plotting is the costly part."""
+        if key == self._key:
+            return True
+        self._key = key
+        return False
+
+    def _plot_pair(self, xs: list, first: list, second: list) -> None:
+        """The two series, in the theme's colours, on a fresh figure."""
+        first_c, second_c = self._colours()
+        self._start()
+        self.plt.plot(xs, first, color=first_c, marker="braille")
+        self.plt.plot(xs, second, color=second_c, marker="braille")
+
     def _colours(self) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
         theme = self.app.get_theme(self.app.theme) if self.is_attached else None
         raw, smooth = chart_colours(theme)
@@ -86,19 +108,9 @@ class LossChart(_Chart):
     title = "Loss"
     series = ("raw", "smoothed")
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._key: tuple | None = None
-
-    def on_mount(self) -> None:
-        super().on_mount()
-        self._empty()
-
     def set_data(self, steps: list[int], loss: list[float]) -> None:
-        key = (len(steps), steps[-1] if steps else None, self.app.theme)
-        if key == self._key:
+        if self._unchanged((len(steps), steps[-1] if steps else None, self.app.theme)):
             return
-        self._key = key
         if not steps:
             self._empty()
             return
@@ -108,12 +120,7 @@ class LossChart(_Chart):
             self._empty()
             return
         steps, loss, smooth = ([seq[i] for i in finite] for seq in (steps, loss, smooth))
-        xs, raw_y, smooth_y = thin(steps, loss, smooth)
-        raw_c, smooth_c = self._colours()
-        self._start()
-        plt = self.plt
-        plt.plot(xs, raw_y, color=raw_c, marker="braille")
-        plt.plot(xs, smooth_y, color=smooth_c, marker="braille")
+        self._plot_pair(*thin(steps, loss, smooth))
         self.refresh()
 
 
@@ -124,29 +131,16 @@ class VramChart(_Chart):
     title = "VRAM GiB"
     series = ("allocated", "reserved")
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._key: tuple | None = None
-
-    def on_mount(self) -> None:
-        super().on_mount()
-        self._empty()
-
     def set_data(self, steps: list[int], allocated: list[float], reserved: list[float],
                  total: float | None) -> None:
-        key = (len(steps), steps[-1] if steps else None, total, self.app.theme)
-        if key == self._key:
+        if self._unchanged((len(steps), steps[-1] if steps else None, total, self.app.theme)):
             return
-        self._key = key
         if not steps:
             self._empty()
             return
         xs, alloc_y, res_y = thin(steps, [a / GIB for a in allocated], [r / GIB for r in reserved])
-        raw_c, smooth_c = self._colours()
-        self._start()
+        self._plot_pair(xs, alloc_y, res_y)
         plt = self.plt
-        plt.plot(xs, alloc_y, color=raw_c, marker="braille")
-        plt.plot(xs, res_y, color=smooth_c, marker="braille")
         if total:
             plt.hline(total / GIB, "red")  # the device's total
             plt.ylim(0, total / GIB * 1.05)
@@ -162,26 +156,13 @@ class CurveChart(_Chart):
     title = "Over checkpoints"
     series = ("reconstruction", "editability")
 
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self._key: tuple | None = None
-
-    def on_mount(self) -> None:
-        super().on_mount()
-        self._empty()
-
     def set_points(self, points: list[dict]) -> None:
-        key = (tuple((p.get("step"), p.get("reconstruction"), p.get("editability")) for p in points), self.app.theme)
-        if key == self._key:
+        if self._unchanged((tuple((p.get("step"), p.get("reconstruction"), p.get("editability")) for p in points),
+                            self.app.theme)):
             return
-        self._key = key
         if not points:
             self._empty()
             return
-        steps = [p.get("step", 0) for p in points]
-        raw_c, smooth_c = self._colours()
-        self._start()
-        plt = self.plt
-        plt.plot(steps, [p.get("reconstruction", 0.0) for p in points], color=raw_c, marker="braille")
-        plt.plot(steps, [p.get("editability", 0.0) for p in points], color=smooth_c, marker="braille")
+        self._plot_pair([p.get("step", 0) for p in points], [p.get("reconstruction", 0.0) for p in points],
+                        [p.get("editability", 0.0) for p in points])
         self.refresh()
