@@ -8,6 +8,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
+# the studio opens on the demo world once its weights are built (demo/README.md), else on builtin:tiny
+MODEL ?= $(shell test -f engine/demo_weights/unet.safetensors && echo builtin:demo || echo builtin:tiny)
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test bench clean
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/tistudio
+	$(VENV)/bin/tistudio --model $(MODEL)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -84,6 +84,10 @@ def load_clip(name: str = "ViT-B-32", weights: os.PathLike | str | None = None, 
         tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the real CLIP BPE, bundled with open_clip
         if weights is not None:
             _load_weights(model, name, Path(weights).expanduser())
+    elif name == "builtin:demo":  # the demo world's own CLIP (engine/demo_weights)
+        from engine.demo_model import load_demo_clip
+
+        model, preprocess, tokenizer = load_demo_clip(device)
     elif ":" in name and weights is None:  # e.g. ViT-B-32:openai — open_clip's own pretrained tags
         model, preprocess, tokenizer = _pretrained_clip(name)
     else:

@@ -2,6 +2,7 @@
 
 A spec is one of:
   builtin:tiny        SD-shaped, random weights from a fixed seed, 64 px; seconds on a CPU
+  builtin:demo        a miniature SD trained by this project on its own procedural world (demo/)
   builtin:sd15-arch   SD 1.5's real shapes with random weights (benchmarks, memory checks)
   builtin:sd21-arch   SD 2.1's real shapes (768 px, v-prediction) with random weights
   DIR                 a diffusers folder (model_index.json), as written by save_pretrained
@@ -29,7 +30,7 @@ from typing import Any
 from engine.errors import NotSupportedError, UserError
 
 CONFIGS = Path(__file__).parent / "configs"
-BUILTINS = {"builtin:tiny": "tiny", "builtin:sd15-arch": "sd15", "builtin:sd21-arch": "sd21"}
+BUILTINS = {"builtin:tiny": "tiny", "builtin:demo": "demo", "builtin:sd15-arch": "sd15", "builtin:sd21-arch": "sd21"}
 BUILTIN_SEED = 0
 DEFAULT_SPEC = "builtin:tiny"
 SDXL_MARKERS = ("StableDiffusionXL", "conditioner.embedders.1", "add_embedding")
@@ -257,6 +258,10 @@ def _build_builtin(info: ModelInfo):
 
     from engine.tokenizer import load_clip_tokenizer
 
+    if info.spec == "builtin:demo":  # trained, shipped weights (engine/demo_weights)
+        from engine.demo_model import build_demo_pipeline
+
+        return build_demo_pipeline()
     root = Path(info.location)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILTIN_SEED)
