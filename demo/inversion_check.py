@@ -36,16 +36,16 @@ PREVIEW_ROWS: dict[str, dict[str, list]] = {}
 NEUTRAL = {"object": "a photo of {}", "style": "a painting in the style of {}"}
 
 
-def demo_model_loaded():
+def demo_model_loaded(unet_weights=None):
     from engine import demo_model
     from engine.models import LoadedModel, ModelInfo
 
-    pipe = demo_model.build_demo_pipeline()
+    pipe = demo_model.build_demo_pipeline(unet_weights)
     for m in (pipe.unet, pipe.vae, pipe.text_encoder):
         m.requires_grad_(False).eval()
     info = ModelInfo(spec="builtin:demo", kind="builtin", family="sd1", text_width=pipe.text_encoder.config.hidden_size,
                      prediction_type="epsilon", resolution=demo_model.RESOLUTION)
-    return LoadedModel(info=info, pipe=pipe)
+    return LoadedModel(info=info, pipe=pipe, device=torch.device("cpu"), dtype=torch.float32)
 
 
 @torch.no_grad()
@@ -80,13 +80,13 @@ def scores(pipe, clip, preprocess, tokenizer, train_embs, word: str, prop: str, 
     return recon, float(np.mean(per_prompt)), per_prompt, neutral
 
 
-def run_concept(record: dict, steps: int, n: int, seed: int, lr: float, out_dir: Path) -> dict:
+def run_concept(record: dict, steps: int, n: int, seed: int, lr: float, out_dir: Path, unet_weights=None) -> dict:
     from PIL import Image
 
     from engine import demo_model
     from engine.train import TrainConfig, train
 
-    model = demo_model_loaded()
+    model = demo_model_loaded(unet_weights)
     clip, preprocess, tokenizer = demo_model.load_demo_clip()
     paths = [SAMPLES / record["name"] / name for name in record["images"]]
     train_embs = embed_images(clip, preprocess, [Image.open(p) for p in paths])
@@ -145,6 +145,7 @@ def main(argv=None) -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--unet", default=None, help="a UNet safetensors instead of the shipped one")
     ap.add_argument("--out", default=None, help="folder for runs and grids (default: a temporary one)")
     ap.add_argument("--log", default=str(LOGS / "inversion_check.json"))
     ap.add_argument("--preview", default=str(Path(__file__).parent / "preview.png"))
@@ -157,7 +158,7 @@ def main(argv=None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for record in records:
-        result = run_concept(record, args.steps, args.images, args.seed, args.lr, out_dir)
+        result = run_concept(record, args.steps, args.images, args.seed, args.lr, out_dir, args.unet)
         print(json.dumps(result), flush=True)
         results.append(result)
     Path(args.log).write_text(json.dumps({"args": vars(args), "results": results}, indent=1) + "\n")

@@ -110,7 +110,7 @@ class StudioApp(App):
             from tistudio.samples import ensure_sample_concept
 
             try:
-                added = ensure_sample_concept(self.home)
+                added = ensure_sample_concept(self.home, model=self.model)
             except Exception:  # noqa: BLE001 - the sample is a courtesy, never a reason not to open
                 added = None
             if added:

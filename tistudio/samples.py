@@ -100,8 +100,22 @@ def sample_images() -> list[Path]:
     return paths
 
 
-def ensure_sample_concept(home: os.PathLike | str, tokenizer=None) -> str | None:
-    """Add the sample concept to an empty library, once per data home.
+DEMO_SAMPLES = Path(__file__).resolve().parent.parent / "demo" / "samples"
+
+
+def _demo_concepts() -> list[dict]:
+    """The demo world's held-out concepts (demo/samples/concepts.json), if shipped."""
+    import json
+
+    try:
+        return json.loads((DEMO_SAMPLES / "concepts.json").read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def ensure_sample_concept(home: os.PathLike | str, tokenizer=None, model: str | None = None) -> str | None:
+    """Add the sample concept to an empty library, once per data home (on builtin:demo,
+    the demo world's held-out concepts instead).
 
     Returns the concept's name when it was added, else None.  Never raises for
     an ordinary failure (a read-only package folder, a clash): the studio opens anyway.
@@ -114,7 +128,13 @@ def ensure_sample_concept(home: os.PathLike | str, tokenizer=None) -> str | None
     library = Library(home)
     if marker.exists() or library.list() or library.exists(SAMPLE_NAME):
         return None
+    demo = _demo_concepts() if model == "builtin:demo" else []
     try:
+        if demo:
+            for c in demo:
+                library.add(c["name"], DEMO_SAMPLES / c["name"], c["init"], property=c["property"],
+                            description=c["description"], tokenizer=tokenizer)
+            return demo[0]["name"]
         images = sample_images()
         library.add(SAMPLE_NAME, images[0].parent, SAMPLE_INIT, property="object",
                     description=SAMPLE_DESCRIPTION, tokenizer=tokenizer)
