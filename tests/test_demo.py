@@ -154,3 +154,13 @@ def test_generated_pictures_show_the_prompted_shape_and_colour(judge):
     print("generation", report)
     assert images.shape == (48, 32, 32, 3)
     assert report["both"] >= 0.8, report
+
+
+def test_bundled_text_encoder_config_matches_the_judge():
+    config = json.loads((demo_model.CONFIGS / "text_encoder" / "config.json").read_text())
+    expected = demo_model.text_encoder_config()
+    assert {k: config[k] for k in expected} == expected
+    from engine.models import model_info
+
+    info = model_info("builtin:demo")
+    assert (info.resolution, info.text_width, info.family) == (32, 64, "sd1")
