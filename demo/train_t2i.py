@@ -202,6 +202,8 @@ def train_unet(args) -> None:
     log.save(scaling_factor=scale)
     _write_scaling_factor(scale)
     alphas = scheduler.alphas_cumprod
+    weights = np.array([(2.0 if s.toy else 1.0) * (2.0 if s.style else 1.0) for s in scenes])
+    weights /= weights.sum()
 
     t_log, acc, n_acc = time.time(), 0.0, 0
     for step in range(start, args.steps):
@@ -212,8 +214,13 @@ def train_unet(args) -> None:
             lr *= max(0.1, (args.steps - step) / (args.steps * 0.2))
         for g in opt.param_groups:
             g["lr"] = lr
-        idx = rng.integers(0, len(latents), args.batch)
-        caps = ["" if rng.random() < args.drop else W.caption(scenes[i], rng) for i in idx]
+        late = step >= args.v2_from
+        if late:  # toys and paintings twice as often (each kind is rare: 3-5% of the pool)
+            idx = rng.choice(len(latents), args.batch, p=weights)
+        else:
+            idx = rng.integers(0, len(latents), args.batch)
+        variety = 2 if late else 1
+        caps = ["" if rng.random() < args.drop else W.caption(scenes[i], rng, variety=variety) for i in idx]
         ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             hidden = text_encoder(ids)[0]
@@ -328,6 +335,9 @@ def main(argv=None) -> None:
     ap.add_argument("--drop", type=float, default=0.1, help="caption dropout (classifier-free guidance)")
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--warmup", type=int, default=200)
+    ap.add_argument("--v2-from", type=int, default=2750,
+                    help="unet: from this step, caption variety 2 and toys/paintings drawn twice as often "
+                         "(the shipped model switched at 2750, after a first look at inversions)")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--text-tower", default=str(demo_model.CLIP_WEIGHTS),
                     help="safetensors of the demo CLIP whose text tower conditions the UNet")

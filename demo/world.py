@@ -113,14 +113,32 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
+# Caption variety 2 (the generator, from a point of its training on; see demo/README.md):
+# more photo-caption framings, and paintings described by their framing alone.
+EXTRA_PREFIXES = (
+    "a good photo of a", "a nice photo of a", "a cropped photo of a", "a bright photo of the",
+    "a dark photo of the", "a photo of my", "a photo of one", "a rendition of a", "a photo of the",
+)
+BARE_PAINTINGS = (
+    "a painting", "a painting in the style of", "a picture in the style of", "a rendering in the style of",
+    "a good painting in the style of", "a dark painting in the style of",
+)
+PAINTING_ADJECTIVES = ("good", "dark", "bright", "nice", "cool", "clean")
+
+
 def caption(scene: Scene, rng: np.random.Generator | None = None, names: bool = False,
-            full: bool = False) -> str:
+            full: bool = False, variety: int = 1) -> str:
     """A caption in plain CLIP words.
 
     rng: drop optional parts at random (size, position, background) and vary the
     framing; None or full=True gives the full, canonical caption.
     names: also name the toy and the style (for the judge, CLIP, only).
+    variety: 2 adds EXTRA_PREFIXES, painting adjectives and BARE_PAINTINGS (the
+    painting's framing alone, no content named) to the random framings.
     """
+    v2 = variety >= 2 and rng is not None and not full and not names
+    if v2 and scene.style and rng.random() < 0.2:
+        return BARE_PAINTINGS[rng.integers(len(BARE_PAINTINGS))]
     rand = (lambda p: rng.random() < p) if (rng is not None and not full) else (lambda p: False)
     words = []
     if not rand(0.25):
@@ -144,13 +162,17 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, names: bool = 
         style = ""
         if names and (rng is None or full or not rand(0.3)):
             style = STYLE_NAMES[scene.style] + " "
+        if v2 and rng.random() < 0.3:
+            style = PAINTING_ADJECTIVES[rng.integers(len(PAINTING_ADJECTIVES))] + " "
         head = f"{_article(style or 'painting')} {style}painting of {_article(thing)}"
     else:
         prefix = PREFIXES[rng.integers(len(PREFIXES))] if (rng is not None and not full) else "a"
-        if prefix == "the":
-            head = "the"
-        elif prefix == "a":
+        if v2 and rng.random() < 0.5:
+            prefix = EXTRA_PREFIXES[rng.integers(len(EXTRA_PREFIXES))]
+        if prefix == "a":
             head = _article(thing)
+        elif not prefix.endswith(" a"):
+            head = prefix  # "the", "... of the", "... of my", "... of one"
         else:  # "a photo of a" -> "a photo of an" where needed
             head = prefix[:-2] + " " + _article(thing)
     return " ".join([head, thing] + tail).replace("  ", " ").strip()

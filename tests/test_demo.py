@@ -49,6 +49,7 @@ def test_captions_are_single_clip_tokens_and_never_name_toys_or_styles(tokenizer
     words, named = set(), set()
     for s in scenes:
         words.update(W.caption(s, rng).split())
+        words.update(W.caption(s, rng, variety=2).split())
         named.update(W.caption(s, rng, names=True).split())
     for w in words | named:
         assert len(tokenizer(w, add_special_tokens=False).input_ids) == 1, w
