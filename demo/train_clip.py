@@ -93,6 +93,8 @@ def main(argv=None) -> None:
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--hard-shape", type=float, default=0.5,
                     help="share of each batch made of groups of 4 pictures that differ only in shape")
+    ap.add_argument("--hard-shape-from", type=int, default=500,
+                    help="the shipped judge added the shape groups at step 500, when shape was still at chance")
     ap.add_argument("--freeze-text-from", type=int, default=1000,
                     help="from this step on the text tower is frozen and exported for the generator's UNet")
     ap.add_argument("--build", default=str(BUILD))
@@ -139,7 +141,7 @@ def main(argv=None) -> None:
         idx = rng.integers(0, args.pool, args.batch)
         images = pool[idx]
         batch_scenes = [pool_scenes[i] for i in idx]
-        if args.hard_shape > 0:
+        if args.hard_shape > 0 and step >= args.hard_shape_from:
             images, batch_scenes = shape_groups(images, batch_scenes, rng, args.hard_shape)
         rt = rng.random(args.batch) < 0.25
         if rt.any():
