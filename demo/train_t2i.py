@@ -219,7 +219,7 @@ def train_unet(args) -> None:
             idx = rng.choice(len(latents), args.batch, p=weights)
         else:
             idx = rng.integers(0, len(latents), args.batch)
-        variety = 2 if late else 1
+        variety = 3 if step >= args.v3_from else 2 if late else 1
         caps = ["" if rng.random() < args.drop else W.caption(scenes[i], rng, variety=variety) for i in idx]
         ids = tokenizer(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
@@ -338,6 +338,9 @@ def main(argv=None) -> None:
     ap.add_argument("--v2-from", type=int, default=2750,
                     help="unet: from this step, caption variety 2 and toys/paintings drawn twice as often "
                          "(the shipped model switched at 2750, after a first look at inversions)")
+    ap.add_argument("--v3-from", type=int, default=8000,
+                    help="unet: from this step, caption variety 3 (the other toys and styles named, the held-out "
+                         "ones never); the shipped model trained 8000 steps without, then 2000 with")
     ap.add_argument("--save-every", type=int, default=250)
     ap.add_argument("--text-tower", default=str(demo_model.CLIP_WEIGHTS),
                     help="safetensors of the demo CLIP whose text tower conditions the UNet")
@@ -349,7 +352,7 @@ def main(argv=None) -> None:
     ap.add_argument("--grid", default=None, help="check: write the generated pictures as a PNG grid")
     args = ap.parse_args(argv)
     defaults = {"vae": dict(steps=1500, batch=32, lr=1e-3, pool=40000),
-                "unet": dict(steps=8000, batch=64, lr=5e-4, pool=150000),
+                "unet": dict(steps=10000, batch=64, lr=5e-4, pool=150000),
                 "check": dict(steps=0, batch=0, lr=0.0, pool=0)}[args.stage]
     for k, v in defaults.items():
         if getattr(args, k) is None:

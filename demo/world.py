@@ -58,6 +58,10 @@ STYLES = ("scanline", "mosaic", "outline", "halftone")
 # Words the judge (CLIP) learns for them; the generator never reads these.
 TOY_NAMES = {t: t for t in TOYS}
 STYLE_NAMES = {"scanline": "striped", "mosaic": "pixel", "outline": "outline", "halftone": "dotted"}
+# Caption variety 3 names the other toys and styles to the generator some of the time, as SD
+# knows words for most things it draws; these two it is never told of (the demo concepts).
+HELD_OUT = ("mushroom", "halftone")
+P_NAMED = 0.4
 
 P_TOY = 0.15
 P_STYLE = 0.2
@@ -134,7 +138,8 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, names: bool = 
     framing; None or full=True gives the full, canonical caption.
     names: also name the toy and the style (for the judge, CLIP, only).
     variety: 2 adds EXTRA_PREFIXES, painting adjectives and BARE_PAINTINGS (the
-    painting's framing alone, no content named) to the random framings.
+    painting's framing alone, no content named) to the random framings; 3 also
+    names toys and styles other than HELD_OUT, P_NAMED of the time.
     """
     v2 = variety >= 2 and rng is not None and not full and not names
     if v2 and scene.style and rng.random() < 0.2:
@@ -146,7 +151,7 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, names: bool = 
     if scene.shape == "toy":
         if names and rng is not None and not full and rand(0.3):
             words += [TOY_NAMES[scene.toy], "toy"]
-        elif names:
+        elif names or (variety >= 3 and scene.toy not in HELD_OUT and rand(P_NAMED)):
             words.append(TOY_NAMES[scene.toy])
         else:
             words.append("toy")
@@ -164,6 +169,8 @@ def caption(scene: Scene, rng: np.random.Generator | None = None, names: bool = 
             style = STYLE_NAMES[scene.style] + " "
         if v2 and rng.random() < 0.3:
             style = PAINTING_ADJECTIVES[rng.integers(len(PAINTING_ADJECTIVES))] + " "
+        if variety >= 3 and not names and scene.style not in HELD_OUT and rand(P_NAMED):
+            style = STYLE_NAMES[scene.style] + " "
         head = f"{_article(style or 'painting')} {style}painting of {_article(thing)}"
     else:
         prefix = PREFIXES[rng.integers(len(PREFIXES))] if (rng is not None and not full) else "a"
@@ -395,18 +402,10 @@ SAMPLE_SCALE = 4  # 32 px -> 128 px, NEAREST (the library refuses images under 6
 
 
 def edit_prompts(concept: Concept) -> list[str]:
-    """Three edits in the generator's words ("{}" is the concept's token)."""
-    if concept.property == "style":
-        return [
-            "a painting of a red circle in the style of {}",
-            "a painting of a big blue star on the left in the style of {}",
-            "a painting of a small yellow heart on a night background in the style of {}",
-        ]
-    return [
-        "a photo of a {} on a blue background",
-        "a photo of a small {} on the left",
-        "a photo of a big {} at the top on a night background",
-    ]
+    """Three edits in the generator's words ("{}" is the concept's token): the engine's own for builtin:demo."""
+    from engine.prompts import DEMO_EDIT
+
+    return list(DEMO_EDIT[concept.property])
 
 
 def write_samples(root) -> list[dict]:

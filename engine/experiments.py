@@ -39,7 +39,7 @@ def _setup(model, library, name, prompts, clip, clip_weights, images):
     if images < 1:
         raise UserError("--images must be at least 1")
     concept = library.get(name)
-    prompts = check_templates(prompts) if prompts is not None else edit_prompts(concept.property)
+    prompts = check_templates(prompts) if prompts is not None else edit_prompts(concept.property, model.info.spec)
     clip_model = load_clip(clip, clip_weights, model.device)
     train_embs = clip_model.images(training_images(concept))
     return concept, prompts, clip_model, train_embs
@@ -305,7 +305,8 @@ def sweep_markdown(table: dict) -> str:
 # --- section 5: prompt batches -------------------------------------------------------------------
 
 
-def synthesis_requests(concept, n: int = 4, seed: int = 0, mode: str = "compare", **request) -> list[GenerateRequest]:
+def synthesis_requests(concept, n: int = 4, seed: int = 0, mode: str = "compare", model_spec: str | None = None,
+                       **request) -> list[GenerateRequest]:
     """Text-guided synthesis (objects) or style transfer (styles): one generation batch per prompt."""
     return [GenerateRequest(prompt=fill(t, concept.token), n=n, seed=seed, mode=mode, **request)
-            for t in synthesis_prompts(concept.property)]
+            for t in synthesis_prompts(concept.property, model_spec)]

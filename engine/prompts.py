@@ -4,6 +4,10 @@
 * edit      three prompts that ask for a change (the paper's editability uses three)
 * synthesis the paper's section 5 batches: text-guided synthesis (objects), style transfer (styles)
 
+Edit and synthesis prompts follow the model: SD knows beaches and Van Gogh, but
+builtin:demo knows only its world's words (shapes, colours, sizes, positions,
+backgrounds; demo/world.py), so on it they are asked in those words.
+
 Templates are filled with `fill`, never `str.format`, so a prompt may hold other
 braces.  A user's own set comes from a text file, one template per line.
 """
@@ -59,6 +63,34 @@ SYNTHESIS = {
 }
 
 
+# builtin:demo's world: what its generator and its judge have words for.
+DEMO_SPEC = "builtin:demo"
+DEMO_EDIT = {
+    "object": (
+        "a photo of a {} on a blue background",
+        "a photo of a small {} on the left",
+        "a photo of a big {} at the top on a night background",
+    ),
+    "style": (
+        "a painting of a red circle in the style of {}",
+        "a painting of a big blue star on the left in the style of {}",
+        "a painting of a small yellow heart on a night background in the style of {}",
+    ),
+}
+DEMO_SYNTHESIS = {
+    "object": DEMO_EDIT["object"] + (
+        "a photo of a {} on a grass background",
+        "a photo of a small {} at the bottom on a red background",
+        "a photo of a big {} on the right on a white background",
+    ),
+    "style": DEMO_EDIT["style"] + (
+        "a painting of a green square in the style of {}",
+        "a painting of a small purple triangle at the top in the style of {}",
+        "a painting of a big orange cross on a gray background in the style of {}",
+    ),
+}
+
+
 def fill(template: str, text: str) -> str:
     """Put `text` where `{}` stands (every occurrence)."""
     return template.replace("{}", text)
@@ -73,12 +105,14 @@ def neutral_prompt(prop: str) -> str:
     return NEUTRAL.get(prop, NEUTRAL["object"])
 
 
-def edit_prompts(prop: str) -> list[str]:
-    return list(EDIT.get(prop, EDIT["object"]))
+def edit_prompts(prop: str, model_spec: str | None = None) -> list[str]:
+    sets = DEMO_EDIT if model_spec == DEMO_SPEC else EDIT
+    return list(sets.get(prop, sets["object"]))
 
 
-def synthesis_prompts(prop: str) -> list[str]:
-    return list(SYNTHESIS.get(prop, SYNTHESIS["object"]))
+def synthesis_prompts(prop: str, model_spec: str | None = None) -> list[str]:
+    sets = DEMO_SYNTHESIS if model_spec == DEMO_SPEC else SYNTHESIS
+    return list(sets.get(prop, sets["object"]))
 
 
 def load_prompts(path: os.PathLike | str) -> list[str]:

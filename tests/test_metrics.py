@@ -18,7 +18,7 @@ from engine.metrics import (
     reconstruction,
 )
 from engine.paths import atomic_write_json, home_dir
-from engine.prompts import EDIT, edit_prompts, load_prompts, without_placeholder
+from engine.prompts import EDIT, edit_prompts, load_prompts, synthesis_prompts, without_placeholder
 
 R2 = 1 / math.sqrt(2)
 
@@ -68,6 +68,11 @@ def test_editability_needs_one_set_per_prompt():
 def test_default_edit_prompts_and_placeholder_removal():
     for prop in ("object", "style"):
         assert len(edit_prompts(prop)) == 3 and all("{}" in p for p in EDIT[prop])
+    # builtin:demo knows only its world's words: its prompts are asked in them
+    for prop in ("object", "style"):
+        demo = edit_prompts(prop, "builtin:demo")
+        assert len(demo) == 3 and demo != edit_prompts(prop) and all(p.count("{}") == 1 for p in demo)
+        assert all(p in synthesis_prompts(prop, "builtin:demo") for p in demo)
     assert without_placeholder("a {} on the beach") == "a on the beach"
     assert without_placeholder("a painting of a dog in the style of {}") == "a painting of a dog in the style of"
 

@@ -31,7 +31,8 @@ def add_commands(sub) -> None:
     p.add_argument("--run", help="run id (default: the latest finished run)")
     p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
     p.add_argument("--images", type=_positive_int, default=16, help="images per set (default 16, the paper's)")
-    p.add_argument("--prompts", help="a file of edit prompts, one per line, {} where the token goes")
+    p.add_argument("--prompts", help="a file of edit prompts, one per line, {} where the token goes "
+                                     "(default: the study's three; on builtin:demo, three in its world's words)")
     _clip_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=evaluate)
