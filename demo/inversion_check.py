@@ -1,6 +1,6 @@
 """Does an inversion on builtin:demo learn its concept?  The demo's Table 1, measured directly.
 
-    python -m demo.inversion_check [--concept mushroom] [--steps 500] [--lr 5e-4] [--images 16]
+    python -m demo.inversion_check [--concept mushroom] [--steps 2000] [--lr 5e-4] [--images 16]
 
 For each held-out concept (demo/samples): train one new word with the engine's
 own inversion (engine.train, the paper's defaults but for the step count), then
@@ -140,7 +140,7 @@ def write_preview(path: Path, scale: int = 3) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--concept", action="append", default=None)
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)

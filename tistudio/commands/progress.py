@@ -25,12 +25,11 @@ class RunProgress:
 
             self._progress = Progress(
                 TextColumn("[bold]{task.description}"), BarColumn(),
-                TextColumn("{task.completed}/{task.total} steps"),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[speed]} steps/s"),
+                TextColumn("{task.fields[count]}"), TextColumn("{task.fields[detail]}"),
                 TimeRemainingColumn(), console=self.console, transient=False,
             )
             self._progress.__enter__()
-            self._task = self._progress.add_task(self.run_id, total=None, loss="-", speed="-")
+            self._task = self._progress.add_task(self.run_id, total=None, count="", detail="")
         return self
 
     def __exit__(self, *exc):
@@ -49,13 +48,15 @@ class RunProgress:
             self.error = event.get("error") or self.error
             self._say(f"status: {self.status}" + (f" ({self.error})" if event.get("error") else ""))
         elif kind == "step" and self._progress:
+            steps = event.get("steps")
             self._progress.update(
-                self._task, completed=event["step"], total=event.get("steps"),
-                loss=f"{event['loss']:.4f}", speed=f"{event.get('steps_per_s', 0):.1f}",
+                self._task, completed=event["step"], total=steps, count=f"{event['step']}/{steps} steps",
+                detail=f"loss {event['loss']:.4f} · {event.get('steps_per_s', 0):.1f} steps/s",
             )
-        elif kind == "progress" and self._progress:
-            self._progress.update(self._task, completed=round(1000 * event["fraction"]), total=1000,
-                                  description=f"{self.run_id} {event.get('message', '')}"[:60])
+        elif kind == "progress" and self._progress:  # jobs without steps (generate, eval): a fraction
+            fraction = event["fraction"]
+            self._progress.update(self._task, completed=round(1000 * fraction), total=1000,
+                                  count=f"{100 * fraction:.0f}%", detail=str(event.get("message", ""))[:40])
         elif kind in ("preview", "log", "result"):
             self._say(f"{kind}: {event.get('path') or event.get('message') or ''}")
 

@@ -136,7 +136,7 @@ class TrainScreen(StudioScreen):
         if same_rows:
             for run_id, cells in rows:
                 for column, value in zip(("when", "concept", "status", "step"), cells):
-                    table.update_cell(run_id, column, value)
+                    table.update_cell(run_id, column, value, update_width=True)
         else:
             at = None
             if table.row_count and 0 <= table.cursor_row < table.row_count:
