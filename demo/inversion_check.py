@@ -3,9 +3,10 @@
     python -m demo.inversion_check [--concept mushroom] [--steps 2000] [--lr 5e-4] [--images 16]
 
 For each held-out concept (demo/samples): train one new word with the engine's
-own inversion (engine.train, the paper's defaults but for the step count), then
-generate with it (SD+TI) and with the concept's plain description (SD), and
-score both with the demo judge (CLIP):
+own inversion (engine.train, its defaults), then generate with it (SD+TI) and
+with the concept's plain description (SD) straight through the pipeline (no
+library, no engine server; DPM++ 20 steps, CFG 5), and score both with the
+engine's metrics and the demo judge (CLIP):
 
 * reconstruction: mean pairwise cosine between the judge's embeddings of the
   generated pictures (neutral prompt) and of the training pictures;
@@ -14,8 +15,7 @@ score both with the demo judge (CLIP):
   the placeholder removed (the paper's definition; the original TI code's
   placeholder handling); the mean over the prompts.
 
-Results go to demo/logs/inversion_check.json.  This is the project's own
-check of the demo; the studio's metrics module measures the same things.
+Results go to demo/logs/inversion_check.json, pictures to demo/preview.png.
 """
 
 from __future__ import annotations
@@ -33,19 +33,18 @@ from demo.common import LOGS
 
 SAMPLES = Path(__file__).parent / "samples"
 PREVIEW_ROWS: dict[str, dict[str, list]] = {}
-NEUTRAL = {"object": "a photo of {}", "style": "a painting in the style of {}"}
 
 
 def demo_model_loaded(unet_weights=None):
-    from engine import demo_model
-    from engine.models import LoadedModel, ModelInfo
+    """builtin:demo as the engine loads it; unet_weights: another UNet (a checkpoint while training)."""
+    from engine.models import load_model
 
-    pipe = demo_model.build_demo_pipeline(unet_weights)
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        m.requires_grad_(False).eval()
-    info = ModelInfo(spec="builtin:demo", kind="builtin", family="sd1", text_width=pipe.text_encoder.config.hidden_size,
-                     prediction_type="epsilon", resolution=demo_model.RESOLUTION)
-    return LoadedModel(info=info, pipe=pipe, device=torch.device("cpu"), dtype=torch.float32)
+    model = load_model("builtin:demo")
+    if unet_weights:
+        from safetensors.torch import load_file
+
+        model.pipe.unet.load_state_dict(load_file(str(unet_weights)))  # copied into the fp32 parameters
+    return model
 
 
 @torch.no_grad()
@@ -57,39 +56,30 @@ def generate(pipe, prompt: str, n: int, seed: int, steps: int = 20, guidance: fl
     return pipe([prompt] * n, num_inference_steps=steps, guidance_scale=guidance, generator=gens).images
 
 
-@torch.no_grad()
-def embed_images(clip, preprocess, images) -> torch.Tensor:
-    x = torch.stack([preprocess(im.convert("RGB")) for im in images])
-    return torch.nn.functional.normalize(clip.encode_image(x).float(), dim=-1)
+def scores(pipe, clip, train_embs, word: str, prop: str, edits: list[str], n: int, seed: int):
+    """The engine's reconstruction and (paper) editability, on pictures made with `word` for the concept."""
+    from engine.metrics import editability_paper_per_prompt, reconstruction
+    from engine.prompts import fill, neutral_prompt, without_placeholder
 
-
-@torch.no_grad()
-def embed_texts(clip, tokenizer, texts) -> torch.Tensor:
-    return torch.nn.functional.normalize(clip.encode_text(tokenizer(texts)).float(), dim=-1)
-
-
-def scores(pipe, clip, preprocess, tokenizer, train_embs, word: str, prop: str, edits: list[str], n: int, seed: int):
-    neutral = generate(pipe, NEUTRAL[prop].replace("{}", word), n, seed)
-    recon = float((embed_images(clip, preprocess, neutral) @ train_embs.T).mean())
-    per_prompt = []
-    for template in edits:
-        images = generate(pipe, template.replace("{}", word), n, seed + 1000)
-        mean = embed_images(clip, preprocess, images).mean(0, keepdim=True)
-        text = embed_texts(clip, tokenizer, [" ".join(template.replace("{}", "").split())])
-        per_prompt.append(float(torch.nn.functional.cosine_similarity(mean, text).item()))
+    neutral = generate(pipe, fill(neutral_prompt(prop), word), n, seed)
+    recon = reconstruction(clip.images(neutral), train_embs)
+    edit_embs = [clip.images(generate(pipe, fill(template, word), n, seed + 1000)) for template in edits]
+    per_prompt = editability_paper_per_prompt(edit_embs, clip.texts([without_placeholder(t) for t in edits]))
     return recon, float(np.mean(per_prompt)), per_prompt, neutral
 
 
 def run_concept(record: dict, steps: int, n: int, seed: int, lr: float, out_dir: Path, unet_weights=None) -> dict:
     from PIL import Image
 
-    from engine import demo_model
+    from engine.metrics import load_clip
+    from engine.prompts import DEMO_SPEC, edit_prompts
     from engine.train import TrainConfig, train
 
     model = demo_model_loaded(unet_weights)
-    clip, preprocess, tokenizer = demo_model.load_demo_clip()
+    clip = load_clip(DEMO_SPEC)
     paths = [SAMPLES / record["name"] / name for name in record["images"]]
-    train_embs = embed_images(clip, preprocess, [Image.open(p) for p in paths])
+    train_embs = clip.images([Image.open(p) for p in paths])
+    edits = edit_prompts(record["property"], DEMO_SPEC)
 
     token = f"<{record['name']}>"
     config = TrainConfig(token=token, init=record["init"], property=record["property"], steps=steps, lr=lr,
@@ -100,11 +90,10 @@ def run_concept(record: dict, steps: int, n: int, seed: int, lr: float, out_dir:
     train_s = time.time() - t
 
     pipe = model.pipe
-    sd = scores(pipe, clip, preprocess, tokenizer, train_embs, record["description"], record["property"],
-                record["edit_prompts"], n, seed)
+    sd = scores(pipe, clip, train_embs, record["description"], record["property"], edits, n, seed)
     pipe.load_textual_inversion(str(embedding), token=token)
-    ti = scores(pipe, clip, preprocess, tokenizer, train_embs, token, record["property"], record["edit_prompts"], n, seed)
-    edited = generate(pipe, record["edit_prompts"][0].replace("{}", token), 8, seed + 2000)
+    ti = scores(pipe, clip, train_embs, token, record["property"], edits, n, seed)
+    edited = generate(pipe, edits[0].replace("{}", token), 8, seed + 2000)
     pipe.unload_textual_inversion(token)
     train_small = [Image.open(p).convert("RGB").resize((32, 32), Image.Resampling.NEAREST) for p in paths]
     rows = {"training": train_small, "SD": sd[3][:8], "SD+TI": ti[3][:8], "SD+TI edit": edited}
