@@ -13,12 +13,12 @@ Directories starting with "." (build and trash areas) are never concepts.
 
 from __future__ import annotations
 
+import sys
 import contextlib
 import datetime as _dt
 import os
 import secrets
 import shutil
-import tomllib
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +29,11 @@ import tomli_w
 from . import images as _images
 from .errors import UserError
 from .paths import atomic_write_text, ensure_private_dir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 PROPERTIES = ("object", "style")
 TOML_NAME = "concept.toml"
@@ -418,6 +423,36 @@ class Library:
         trash = self.root / f".trash-{directory.name}-{secrets.token_hex(4)}"
         os.rename(directory, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+    def add_images(self, name: str, sources: list[os.PathLike | str]) -> list[Path]:
+        """Copy more training images in (files, or folders of them); all are checked before any is written."""
+        concept = self.get(name)
+        paths: list[Path] = []
+        for source in sources:
+            source = Path(source).expanduser()
+            if source.is_dir():
+                paths += _images.collect_images(source)
+            elif source.is_file():
+                paths.append(source)
+            else:
+                raise UserError(f"{source}: no such file or folder; give image files or a folder of them")
+        if not paths:
+            raise UserError("no images given; name image files or a folder of them")
+        _images.validate_images(paths)
+        return _images.write_images(paths, concept.path / "images")
+
+    def remove_images(self, name: str, image_names: list[str]) -> list[Path]:
+        """Delete training images by file name (as `concept show` lists them); all must exist first."""
+        concept = self.get(name)
+        stored = {p.name: p for p in concept.images}
+        missing = [n for n in image_names if Path(n).name not in stored]
+        if missing:
+            raise UserError(f"concept {concept.name!r} has no image {missing[0]!r}; "
+                            f"it has {', '.join(sorted(stored)) or 'none'}")
+        removed = [stored[Path(n).name] for n in dict.fromkeys(image_names)]
+        for path in removed:
+            path.unlink()
+        return removed
 
     def update(self, name: str, /, *, tokenizer=None, **fields: Any) -> Concept:
         """Change editable fields (description, init, property, token) and rewrite concept.toml."""

@@ -34,6 +34,17 @@ def add_commands(sub) -> None:
     p.add_argument("--yes", action="store_true", help="really delete (required)")
     p.set_defaults(func=concept_rm)
 
+    images = concept.add_parser("images", help="add or remove a concept's training images").add_subparsers(
+        dest="images_action", metavar="ACTION", required=True)
+    p = images.add_parser("add", help="copy image files (or folders of them) into the concept")
+    p.add_argument("name", help="the concept")
+    p.add_argument("files", nargs="+", metavar="FILE", help="image files or folders")
+    p.set_defaults(func=concept_images_add)
+    p = images.add_parser("rm", help="delete training images by their stored name (see `concept show`)")
+    p.add_argument("name", help="the concept")
+    p.add_argument("files", nargs="+", metavar="IMAGE", help="stored image names, e.g. 003.png")
+    p.set_defaults(func=concept_images_rm)
+
     p = concept.add_parser("rename", help="rename a concept (its runs come along)")
     p.add_argument("old")
     p.add_argument("new")
@@ -117,7 +128,7 @@ def concept_show(args) -> int:
         return 0
     for key in ("name", "token", "init", "property", "description", "created", "path"):
         print(f"{key:12} {data[key]}")
-    print(f"{'images':12} {len(data['image_files'])}")
+    print(f"{'images':12} {len(data['image_files'])}: {', '.join(Path(p).name for p in data['image_files'])}")
     if data["runs"]:
         print_table("runs", ["id", "kind", "status", "step", "embedding"],
                     [[r["id"], r["kind"], r["status"], f"{r['step']}/{r['steps']}", r["embedding"]] for r in data["runs"]])
@@ -133,6 +144,22 @@ def concept_rm(args) -> int:
         raise UserError(f"deleting {concept.name!r} removes its images and runs; add --yes to confirm")
     library.delete(concept.name)
     print(f"deleted {concept.name}")
+    return 0
+
+
+def concept_images_add(args) -> int:
+    library = _library()
+    written = library.add_images(args.name, [Path(f) for f in args.files])
+    total = len(library.get(args.name).images)
+    print(f"added {len(written)} image(s) to {args.name}: {', '.join(p.name for p in written)} ({total} in all)")
+    return 0
+
+
+def concept_images_rm(args) -> int:
+    library = _library()
+    removed = library.remove_images(args.name, args.files)
+    left = len(library.get(args.name).images)
+    print(f"removed {', '.join(p.name for p in removed)} from {args.name} ({left} left)")
     return 0
 
 
@@ -162,7 +189,7 @@ def export_embedding(args) -> int:
     from engine.generate import load_used
 
     concept = _library().get(args.name)
-    used = load_used(concept, args.run, args.step)
+    used = load_used(concept, args.run, args.step, option="run-step")
     out = Path(args.out).expanduser()
     if out.exists() and not args.force:
         raise UserError(f"{out} already exists; choose another --out or add --force to overwrite")
