@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from engine import checkpoints
 from engine.data import default_preview_prompt, encode_images, load_images, templates_for
-from engine.errors import JobCancelled, UserError
+from engine.errors import JobCancelled, NotSupportedError, UserError
 from engine.faults import maybe_fault
 from engine.gpu import memory_figures
 from engine.optim import RowAdamW
@@ -74,6 +74,7 @@ class Inversion:
         self.device = model.device
         for slot in slots:
             slot.config.validate()
+            _refuse_unbuilt(slot.config)
         self._check_compatible()
         self.cfg0 = slots[0].config
         self.tokenizer = _tokenizer_copy(model.tokenizer)
@@ -293,6 +294,16 @@ def compiled_unet(model, mode: str):
     if mode not in cache:
         cache[mode] = torch.compile(model.unet, mode=None if mode == "default" else mode)
     return cache[mode]
+
+
+def _refuse_unbuilt(config: TrainConfig) -> None:
+    """Settings the CLI accepts that this loop does not honour yet: refuse rather than ignore."""
+    unbuilt = {"--vectors": config.vectors != 1, "--grad-accum": config.grad_accum != 1,
+               "--init-from": bool(config.init_from), "--keep-checkpoints": config.keep_checkpoints is not None,
+               "--regularize": config.regularize != "none"}
+    for option, used in unbuilt.items():
+        if used:
+            raise NotSupportedError(f"{option} is not supported by this build yet; leave it out")
 
 
 def _tokenizer_copy(tokenizer):
