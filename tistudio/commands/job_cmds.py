@@ -14,10 +14,10 @@ def add_commands(sub) -> None:
     p.add_argument("prompt")
     p.add_argument("--use", action="append", default=[], metavar="NAME@RUN:STEP",
                    help="which embedding a concept uses (default: its latest finished run's final one)")
-    p.add_argument("-n", type=positive_int, default=4, help="images (default 4)")
+    p.add_argument("-n", type=positive_int, default=4, help="images to make")
     p.add_argument("--seed", type=int, default=0, help="first seed; images use seed, seed+1, …")
-    p.add_argument("--steps", type=positive_int, default=25, help="DPM-Solver++ steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=positive_int, default=25, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative", default="", help="negative prompt")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compare", action="store_true", help="SD and SD+TI with the same seeds, side by side")
@@ -30,30 +30,30 @@ def add_commands(sub) -> None:
     p.add_argument("name")
     p.add_argument("--run", help="run id (default: the latest finished run)")
     p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
-    p.add_argument("--images", type=positive_int, default=16, help="images per set (default 16, the paper's)")
+    p.add_argument("--images", type=positive_int, default=16, help="images per set (the paper's 16)")
     p.add_argument("--prompts", help="a file of edit prompts, one per line, {} where the token goes "
                                      "(default: the study's three; on builtin:demo, three in its world's words)")
     _clip_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=evaluate)
 
     exp = sub.add_parser("experiment", help="the paper's ablations: steps, initializer word, seed").add_subparsers(
         dest="experiment", metavar="KIND", required=True)
     p = exp.add_parser("steps", help="reconstruction/editability over a run's saved steps, with a grid")
     p.add_argument("name")
-    p.add_argument("--run")
+    p.add_argument("--run", help="run id (default: the latest finished run)")
     p.add_argument("--at", type=int_list, help="steps to compare (default: every saved step)")
     _experiment_args(p)
     p = exp.add_parser("init", help="one run per initializer word (trained together), grid and table")
     p.add_argument("name")
     p.add_argument("--words", type=word_list, required=True, help="e.g. fish,dragon")
-    p.add_argument("--steps", type=positive_int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
+    p.add_argument("--seed", type=int, default=0, help="random seed of every run")
     _experiment_args(p)
     p = exp.add_parser("seeds", help="one run per seed (trained together), grid and table")
     p.add_argument("name")
     p.add_argument("--seeds", type=int_list, required=True, help="e.g. 1,2")
-    p.add_argument("--steps", type=positive_int, default=2000)
+    p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
     _experiment_args(p)
 
 
@@ -64,9 +64,9 @@ def _clip_args(p) -> None:
 
 
 def _experiment_args(p) -> None:
-    p.add_argument("--images", type=positive_int, default=4, help="images per prompt and column (default 4)")
+    p.add_argument("--images", type=positive_int, default=4, help="images per prompt and column")
     _clip_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=experiment)
 
 

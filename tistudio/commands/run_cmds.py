@@ -11,7 +11,7 @@ RUN_FIELDS = ("id", "concept", "kind", "status", "step", "steps", "pid", "embedd
 
 def add_commands(sub) -> None:
     p = sub.add_parser("runs", help="list runs and jobs")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=runs)
 
     p = sub.add_parser("cancel", help="cancel a queued or running job (training leaves a resumable checkpoint)")

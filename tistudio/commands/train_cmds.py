@@ -24,6 +24,11 @@ def add_commands(sub) -> None:
                       help="token slots the word expands to (the paper: 1)")
     what.add_argument("--init-from", metavar="FILE|NAME@RUN:STEP",
                       help="start from an existing embedding (a file from any tool, or a saved step)")
+    what.add_argument("--regularize", choices=("none", "init-l2", "norm", "directional"), default="none",
+                      help="keep the word editable: none (the paper), init-l2 (pull toward the initializer), "
+                           "norm (penalise a norm above the vocabulary's), directional (fixed norm, learn the direction)")
+    what.add_argument("--reg-weight", type=float_arg, default=0.0,
+                      help="strength of init-l2 / norm (0: the method's default)")
     what.add_argument("--templates", metavar="FILE",
                       help="prompt templates, one per line with {} where the token goes "
                            "(default: the study's object or style templates)")
@@ -80,7 +85,8 @@ def train_params(args) -> dict:
     params = {
         "steps": args.steps, "lr": args.lr, "seed": args.seed, "batch_size": args.batch_size,
         "grad_accum": args.grad_accum, "weight_decay": args.weight_decay, "lr_schedule": args.lr_schedule,
-        "warmup_steps": args.warmup_steps, "vectors": args.vectors, "save_every": args.save_every,
+        "warmup_steps": args.warmup_steps, "vectors": args.vectors, "regularize": args.regularize,
+        "reg_weight": args.reg_weight, "save_every": args.save_every,
         "keep_checkpoints": args.keep_checkpoints, "preview_every": args.preview_every,
         "preview_steps": args.preview_steps, "log_every": args.log_every, "resolution": args.resolution,
         "center_crop": args.center_crop, "flip_p": args.flip, "low_vram": args.low_vram, "compile": args.compile,
