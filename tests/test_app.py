@@ -272,7 +272,7 @@ async def test_the_train_form_rejects_bad_numbers_with_a_notification(tmp_path):
 
 
 async def test_engine_trouble_is_a_notification_or_a_dialog_never_a_crash(tmp_path):
-    from tistudio.engine_bridge import BridgeNotice
+    from tistudio.messages import BridgeNotice
     from tistudio.screens.modals import MessageModal
 
     app = offline_app(tmp_path / "home")
@@ -284,6 +284,46 @@ async def test_engine_trouble_is_a_notification_or_a_dialog_never_a_crash(tmp_pa
         await wait_for(pilot, lambda: isinstance(app.screen, MessageModal), 5, "the dialog")
         await pilot.press("escape")
         assert isinstance(app.screen, LibraryScreen) and app.is_running
+
+
+async def test_a_submitted_run_is_followed_by_the_screen_that_asked_for_it(tmp_path):
+    from tistudio.messages import JobSubmitted
+
+    app = offline_app(tmp_path / "home")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, TrainScreen)
+        app.post_message(JobSubmitted("20260101-000000-ab12", "generate", None, "generate"))
+        await pilot.pause(0.5)
+        assert screen.run_id != "20260101-000000-ab12"  # the Generate screen's, not ours
+        app.post_message(JobSubmitted("20260101-000000-cd34", "train", "sample", "train"))
+        await wait_for(pilot, lambda: screen.run_id == "20260101-000000-cd34", 5, "the train screen to follow it")
+        assert any("train sample queued: 20260101-000000-cd34" in m for m in _notes(app))
+
+
+def test_changes_reach_the_screens_typed_and_once():
+    from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunChanged, RunSubmitted
+
+    changes = Changes({RunChanged("a"), RunChanged("a"), RunChanged("b"), RunSubmitted("r1", "train", "train"),
+                       JobsChanged(), JobsChanged()})
+    assert len(changes.items) == 4  # equal changes are one
+    assert changes.any(JobsChanged) and changes.any(LibraryChanged, RunChanged) and not changes.any(LibraryChanged)
+    assert Changes(everything=True).any(LibraryChanged)
+    assert sorted(c.run_id for c in changes.of(RunChanged)) == ["a", "b"]
+    assert [(c.run_id, c.origin) for c in changes.of(RunSubmitted)] == [("r1", "train")]
+
+
+def test_the_import_and_export_dialogs_answer_with_requests_for_the_cli():
+    from tistudio.screens.modals import ExportRequest, ImportRequest
+
+    assert ImportRequest(Path("/x/e.pt")).cli_args() == ["/x/e.pt", "--json"]
+    assert ImportRequest(Path("/x/e.pt"), "cat", "<c>", True).cli_args() == [
+        "/x/e.pt", "--json", "--name", "cat", "--token", "<c>", "--style"]
+    assert ExportRequest(Path("/o.pt"), "a1111", "run1", 8).cli_args("cat") == [
+        "cat", "--out", "/o.pt", "--format", "a1111", "--run", "run1", "--step", "8"]
+    assert "--step" not in ExportRequest(Path("/o.pt"), "kohya", "run1").cli_args("cat")
 
 
 def test_prompt_and_path_completion():
@@ -311,6 +351,21 @@ def studio_home():
         yield path
     kill_engines(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def trained_run(studio_home) -> str:
+    """A finished run of the sample concept (16 steps on builtin:tiny, saved at 8 and 16),
+    trained once for the tests that need one, whichever of them runs first or alone."""
+    from engine.client import call
+    from tistudio.samples import SAMPLE_NAME, ensure_sample_concept
+
+    ensure_sample_concept(studio_home, model="builtin:tiny")
+    params = {"steps": 16, "log_every": 2, "save_every": 8, "preview_every": 0, "seed": 3, "model": "builtin:tiny"}
+    run_id = call("submit", "train", concept=SAMPLE_NAME, params=params, home=studio_home)
+    status = call("wait", run_id, home=studio_home)
+    assert status == "done", f"the fixture's training run {run_id} ended {status}"
+    return run_id
 
 
 def engine_app(home, **kwargs) -> StudioApp:
@@ -433,7 +488,7 @@ async def test_cancel_and_resume_from_the_train_screen(studio_home):
 
 
 @pytest.mark.timeout(240)
-async def test_export_then_import_through_the_dialogs(studio_home, tmp_path):
+async def test_export_then_import_through_the_dialogs(studio_home, trained_run, tmp_path):
     from engine.library import Library
     from tistudio.screens.modals import ExportModal, ImportModal
 
@@ -441,8 +496,6 @@ async def test_export_then_import_through_the_dialogs(studio_home, tmp_path):
     app = engine_app(studio_home)
     async with app.run_test(size=SIZE) as pilot:
         await online(app, pilot)
-        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
-            pytest.skip("needs the finished run of the training test")
         table = app.screen.query_one("#concepts", DataTable)
         table.move_cursor(row=[r.name for r in app.screen.rows].index("sample"))
         await pilot.press("x")
@@ -466,19 +519,11 @@ async def test_export_then_import_through_the_dialogs(studio_home, tmp_path):
     assert Library(studio_home).get("robot-copy").token == "<robot-copy>"
 
 
-def _skip_if_unknown_kind(app, kind: str) -> None:
-    for message in _notes(app):
-        if "unknown job kind" in message and kind in message:
-            pytest.skip(f"the engine does not run {kind!r} jobs yet ({message})")
-
-
 @pytest.mark.timeout(300)
-async def test_generate_shows_sd_and_ti_images_with_their_paths(studio_home):
+async def test_generate_shows_sd_and_ti_images_with_their_paths(studio_home, trained_run):
     app = engine_app(studio_home)
     async with app.run_test(size=SIZE) as pilot:
         await online(app, pilot)
-        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
-            pytest.skip("needs the finished run of the training test")
         await pilot.press("3")
         await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), 5, "the Generate screen")
         await pilot.press("p")
@@ -490,7 +535,6 @@ async def test_generate_shows_sd_and_ti_images_with_their_paths(studio_home):
         await pilot.press("enter")
 
         def shown():
-            _skip_if_unknown_kind(app, "generate")
             job = app.state.job(screen.run_id) if screen.run_id else None
             if job and job.get("status") == "failed":
                 raise AssertionError(f"generate failed: {job.get('error')}")
@@ -506,12 +550,10 @@ async def test_generate_shows_sd_and_ti_images_with_their_paths(studio_home):
 
 
 @pytest.mark.timeout(300)
-async def test_evaluate_fills_table_1(studio_home):
+async def test_evaluate_fills_table_1(studio_home, trained_run):
     app = engine_app(studio_home)
     async with app.run_test(size=SIZE) as pilot:
         await online(app, pilot)
-        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
-            pytest.skip("needs the finished run of the training test")
         app.selected_concept = "sample"
         await pilot.press("4")
         await wait_for(pilot, lambda: isinstance(app.screen, MetricsScreen), 5, "the Metrics screen")
@@ -520,7 +562,6 @@ async def test_evaluate_fills_table_1(studio_home):
         await pilot.press("e")
 
         def filled():
-            _skip_if_unknown_kind(app, "eval")
             failed = [j for j in app.state.jobs_of("eval", "sample") if j.get("status") == "failed"]
             if failed:
                 raise AssertionError(f"eval failed: {failed[-1].get('error')}")
@@ -533,14 +574,12 @@ async def test_evaluate_fills_table_1(studio_home):
 
 
 @pytest.mark.timeout(300)
-async def test_the_steps_experiment_draws_the_curve_over_checkpoints(studio_home):
+async def test_the_steps_experiment_draws_the_curve_over_checkpoints(studio_home, trained_run):
     from tistudio.widgets.charts import CurveChart
 
     app = engine_app(studio_home)
     async with app.run_test(size=SIZE) as pilot:
         await online(app, pilot)
-        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
-            pytest.skip("needs the finished run of the training test")
         app.selected_concept = "sample"
         await pilot.press("4")
         await wait_for(pilot, lambda: isinstance(app.screen, MetricsScreen), 5, "the Metrics screen")
@@ -549,7 +588,6 @@ async def test_the_steps_experiment_draws_the_curve_over_checkpoints(studio_home
         chart = screen.query_one("#curve", CurveChart)
 
         def drawn():
-            _skip_if_unknown_kind(app, "experiment")
             failed = [j for j in app.state.jobs_of("experiment", "sample") if j.get("status") == "failed"]
             if failed:
                 raise AssertionError(f"experiment failed: {failed[-1].get('error')}")
@@ -557,3 +595,5 @@ async def test_the_steps_experiment_draws_the_curve_over_checkpoints(studio_home
 
         await wait_for(pilot, drawn, 240, "the curve")
         assert [p[0] for p in chart._key[0]] == [8, 16]  # the run's saved checkpoints
+        experiment = app.state.jobs_of("experiment", "sample")[-1]
+        assert (experiment.get("params") or {}).get("run") == trained_run  # the latest finished run

@@ -49,14 +49,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(handler, args) -> int:
     from engine.errors import EngineError, UserError
+    from engine.text import one_line
 
     try:
         return handler(args) or 0
     except UserError as exc:
-        print(f"tistudio: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"tistudio: error: {one_line(exc, 500)}", file=sys.stderr)
         return 2
     except EngineError as exc:
-        print(f"tistudio: engine error: {_one_line(exc)}", file=sys.stderr)
+        print(f"tistudio: engine error: {one_line(exc, 500)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tistudio: interrupted", file=sys.stderr)
@@ -66,14 +67,9 @@ def _run(handler, args) -> int:
     except Exception as exc:  # an internal failure: one line, plus where to look
         if os.environ.get("TISTUDIO_DEBUG"):
             raise
-        print(f"tistudio: internal error: {type(exc).__name__}: {_one_line(exc)} "
+        print(f"tistudio: internal error: {type(exc).__name__}: {one_line(exc, 500)} "
               "(set TISTUDIO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:500] or type(exc).__name__
 
 
 def _version() -> str:

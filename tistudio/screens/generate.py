@@ -11,6 +11,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 
+from tistudio.formatting import escape
+from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
 from tistudio.widgets.forms import TokenSuggester, parse_float, parse_int, shorten_path
 from tistudio.widgets.images import ImagePreview
@@ -63,13 +65,13 @@ class GenerateScreen(StudioScreen):
 
     # -- state → screen
 
-    def redraw(self, what: set[str]) -> None:
-        if what & {"all", "library"}:
+    def redraw(self, changes: Changes) -> None:
+        if changes.any(LibraryChanged):
             self._load_tokens()
-        for w in what:
-            if w.startswith("submitted:generate:"):
-                self.run_id = w.split(":", 2)[2]
-        if self.run_id is None and what & {"all", "jobs"}:
+        for submitted in changes.of(RunSubmitted):
+            if submitted.origin == self.MODE:
+                self.run_id = submitted.run_id
+        if self.run_id is None and changes.any(JobsChanged):
             gens = self.app.state.jobs_of("generate")
             if gens:
                 self.run_id = gens[-1]["id"]
@@ -128,10 +130,10 @@ class GenerateScreen(StudioScreen):
             if expected:
                 parts[-1] += f" of {expected} per column"
         elif run_status == "failed":
-            parts.append(f"[red]{_escape((track.error if track else None) or job.get('error') or 'failed')}[/red]")
+            parts.append(f"[red]{escape((track.error if track else None) or job.get('error') or 'failed')}[/red]")
         parts.insert(1, f"run {self.run_id}")
         if folder:
-            parts.append(f"saved in {_escape(folder)}/")
+            parts.append(f"saved in {escape(folder)}/")
         status.update(" · ".join(parts))
         self.run_worker(self._show(images), group="gen-images", exclusive=True)
 
@@ -191,10 +193,4 @@ class GenerateScreen(StudioScreen):
             return
         if not self.query_one("#prompt", Input).value.strip():
             self.query_one("#prompt", Input).value = params["prompt"]
-        self.app.bridge.submit("generate", None, params, origin="generate")
-
-
-def _escape(text: str) -> str:
-    from textual.markup import escape
-
-    return escape(str(text))
+        self.app.bridge.submit("generate", None, params, origin=self.MODE)

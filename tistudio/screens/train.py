@@ -11,8 +11,10 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, DataTable, Input, ProgressBar, Select, Static
 
-from tistudio.engine_bridge import fmt_duration, is_active
+from tistudio.formatting import escape, fmt_duration, short_when
+from tistudio.messages import Changes, EngineChanged, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
+from tistudio.state import is_active
 from tistudio.widgets.charts import LossChart, VramChart
 from tistudio.widgets.forms import FieldRow, parse_float, parse_int
 from tistudio.widgets.images import ImagePreview
@@ -100,13 +102,13 @@ class TrainScreen(StudioScreen):
 
     # -- state → screen
 
-    def redraw(self, what: set[str]) -> None:
-        if what & {"all", "library"}:
+    def redraw(self, changes: Changes) -> None:
+        if changes.any(LibraryChanged):
             self._refresh_concepts()
-        if what & {"all", "jobs", "engine"} or any(w.startswith("submitted:train") for w in what):
-            for w in what:
-                if w.startswith("submitted:train:"):
-                    self.run_id, self.pinned = w.split(":", 2)[2], False
+        ours = [c for c in changes.of(RunSubmitted) if c.origin == self.MODE]
+        for submitted in ours:
+            self.run_id, self.pinned = submitted.run_id, False
+        if ours or changes.any(JobsChanged, EngineChanged):
             self._refresh_runs()
         self._pick_run()
         self._draw_run()
@@ -198,7 +200,7 @@ class TrainScreen(StudioScreen):
         mark = STATUS_MARK.get(status, "")
         error = (track.error if track else None) or job.get("error")
         title.update(f"[b]{job.get('concept') or (track.concept if track else '') or ''}[/b] · {run_id} · "
-                     f"{mark} {status}" + (f" — [red]{_escape(error)}[/red]" if error and status != "done" else ""))
+                     f"{mark} {status}" + (f" — [red]{escape(error)}[/red]" if error and status != "done" else ""))
         bar.update(total=steps or 1, progress=min(step, steps) if steps else 0)
         self.query_one("#run-step", Static).update(f"{step}/{steps or '?'}")
         parts = []
@@ -285,7 +287,7 @@ class TrainScreen(StudioScreen):
             self.notify(str(exc), severity="error", title="Train")
             return
         self.pinned = False
-        self.app.bridge.submit("train", concept, params, origin="train")
+        self.app.bridge.submit("train", concept, params, origin=self.MODE)
 
     def action_resume(self) -> None:
         job = self.app.state.job(self.run_id)
@@ -297,7 +299,7 @@ class TrainScreen(StudioScreen):
                         "can be resumed.", severity="warning")
             return
         self.pinned = True
-        self.app.bridge.submit(None, resume=job["id"], origin="train")
+        self.app.bridge.submit(None, resume=job["id"], origin=self.MODE)
 
     def action_cancel_run(self) -> None:
         job = self.app.state.job(self.run_id)
@@ -323,16 +325,3 @@ class TrainScreen(StudioScreen):
     @on(Button.Pressed, "#cancel")
     def _cancel_pressed(self) -> None:
         self.action_cancel_run()
-
-
-def short_when(run_id: str) -> str:
-    """`20260101-093000-ab12` → `01-01 09:30` (run ids start with their UTC creation time)."""
-    if len(run_id) >= 15 and run_id[:8].isdigit() and run_id[9:13].isdigit():
-        return f"{run_id[4:6]}-{run_id[6:8]} {run_id[9:11]}:{run_id[11:13]}"
-    return run_id[:11]
-
-
-def _escape(text: str) -> str:
-    from textual.markup import escape
-
-    return escape(str(text))
