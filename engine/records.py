@@ -5,6 +5,7 @@
     eval_tables(concept_dir)  every Table 1 (`runs/<run>/eval/<id>/table.json`), oldest first
     steps_curves(concept_dir) every steps curve (`experiments/steps-*/curve.json`), oldest first
     latest_done_run(...)      the id of a concept's newest finished training run
+    ConceptSummary.pins()     the NAME@RUN[:STEP] strings that pick one of its saved embeddings
 
 The CLI and the studio both read concepts through here, so neither knows where the
 engine keeps these files.  No torch and no Textual: cheap enough for a screen redraw.
@@ -19,7 +20,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.embeddings import concept_runs
+from engine.embeddings import FINAL_NAME, checkpoint_steps, concept_runs
 
 if TYPE_CHECKING:  # engine.library brings numpy and Pillow: the studio imports this module before its first draw
     from engine.library import Concept
@@ -102,6 +103,18 @@ class ConceptSummary:
     @property
     def done_train_runs(self) -> list[dict]:
         return [r for r in self.train_runs if r.get("status") == "done"]
+
+    def pins(self) -> list[str]:
+        """Every saved embedding as the string that picks it (generate's `uses`, train's `init_from`):
+        `NAME@RUN:STEP` for each checkpoint, `NAME@RUN` for a finished run's final one."""
+        pins = []
+        for run in self.runs:
+            run_dir = Path(run["run_dir"])
+            prefix = f"{self.name}@{run_dir.name}"
+            pins += [f"{prefix}:{step}" for step in checkpoint_steps(run_dir)]
+            if run.get("status") == "done" and (run_dir / FINAL_NAME).is_file():
+                pins.append(prefix)
+        return pins
 
     @cached_property
     def best_reconstruction(self) -> float | None:

@@ -271,6 +271,60 @@ async def test_the_train_form_rejects_bad_numbers_with_a_notification(tmp_path):
         assert any("Steps must be a whole number" in m for m in _notes(app))
 
 
+async def test_the_train_form_offers_every_training_option(tmp_path):
+    from engine.jobs import create_run, set_status
+    from engine.library import Library
+
+    home = tmp_path / "home"
+    Library(home).add("cat", make_images(tmp_path / "imgs"), "cat")
+    run_dir = create_run(home, {"kind": "train", "concept": "cat", "params": {}})
+    (run_dir / "embeddings").mkdir()
+    (run_dir / "embeddings" / "learned_embeds-steps-8.safetensors").write_bytes(b"")
+    set_status(run_dir, "failed")
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of {}\n# a comment\n\na {} on a table\n")
+    embedding = tmp_path / "other.safetensors"
+    embedding.write_bytes(b"")
+    app = offline_app(home, add_sample=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        screen = app.screen
+        defaults = screen.params()
+        assert defaults["grad_accum"] == 1 and defaults["vectors"] == 1 and defaults["low_vram"] is False
+        assert defaults["compile"] == "off" and defaults["weight_decay"] == 0.01
+        assert not {"resolution", "templates", "device", "init_from", "keep_checkpoints"} & set(defaults)
+        await pilot.press("l")  # --low-vram, one key away
+        await pilot.pause()
+        assert screen.params()["low_vram"] is True and any("Low VRAM on" in m for m in _notes(app))
+        fill_train_form(screen, batch_size=2, grad_accum=4, weight_decay="0", vectors=3, keep_checkpoints=2,
+                        resolution=256, templates=str(templates), device="cuda:1",
+                        init_from=f"cat@{run_dir.name}:8")
+        screen.query_one("#compile", Select).value = "reduce-overhead"
+        await pilot.pause()
+        assert "8 (2×4)" in str(screen.query_one("#effective-batch", Static).render())
+        params = screen.params()
+        assert {k: params[k] for k in ("batch_size", "grad_accum", "weight_decay", "vectors", "keep_checkpoints",
+                                       "resolution", "templates", "device", "init_from", "compile", "low_vram")} == {
+            "batch_size": 2, "grad_accum": 4, "weight_decay": 0.0, "vectors": 3, "keep_checkpoints": 2,
+            "resolution": 256, "templates": ["a photo of {}", "a {} on a table"], "device": "cuda:1",
+            "init_from": f"cat@{run_dir.name}:8", "compile": "reduce-overhead", "low_vram": True}
+        fill_train_form(screen, init_from=str(embedding))
+        assert screen.params()["init_from"] == str(embedding.resolve())
+        bad = {"init_from": "cat@nope:3", "resolution": "100", "weight_decay": "-1", "grad_accum": "0",
+               "templates": str(tmp_path / "missing.txt"), "vectors": "0", "keep_checkpoints": "0"}
+        for key, value in bad.items():
+            fill_train_form(screen, **{key: value})
+            with pytest.raises(ValueError):
+                screen.params()
+            fill_train_form(screen, **{key: ""} if key in ("init_from", "resolution", "templates",
+                                                           "keep_checkpoints") else {key: "1"})
+        templates.write_text("a photo of {} and {}\n")
+        fill_train_form(screen, templates=str(templates))
+        with pytest.raises(ValueError, match="exactly one"):
+            screen.params()
+
+
 async def test_engine_trouble_is_a_notification_or_a_dialog_never_a_crash(tmp_path):
     from tistudio.messages import BridgeNotice
     from tistudio.screens.modals import MessageModal

@@ -65,6 +65,14 @@ def test_a_summary_holds_the_concept_its_runs_and_its_best_evaluation(library):
     assert [s.name for s in library_summaries(home)] == ["cat"]
     assert latest_done_run(concept.path) == first.name  # the import is not a training run
 
+    # the saved embeddings, as the strings that pick them (NAME@RUN final, NAME@RUN:STEP checkpoints)
+    assert summary.pins() == []  # run.json says done, but no file is there yet
+    (first / "learned_embeds.safetensors").write_bytes(b"")
+    (failed / "embeddings").mkdir()
+    for step in (16, 8):
+        (failed / "embeddings" / f"learned_embeds-steps-{step}.safetensors").write_bytes(b"")
+    assert summarize(concept).pins() == [f"cat@{first.name}", f"cat@{failed.name}:8", f"cat@{failed.name}:16"]
+
 
 def test_tables_and_curves_are_read_in_order_and_damaged_ones_skipped(library):
     concept = library.get("cat")

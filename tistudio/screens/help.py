@@ -23,7 +23,8 @@ HELP = """\
 d delete · t train the selected concept · g generate with it · m its metrics
 
 **2 Train**: s start a run with the form's settings · r resume the selected
-run · c cancel it · enter on a run shows its history · f edit the form
+run · c cancel it · enter on a run shows its history · f edit the form ·
+l low VRAM on/off (for cards with little memory: about half the speed)
 
 **3 Generate**: p edit the prompt (→ accepts the suggested concept token) ·
 enter or g generates · SD on the left, SD+TI on the right
