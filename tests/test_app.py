@@ -325,6 +325,50 @@ async def test_the_train_form_offers_every_training_option(tmp_path):
             screen.params()
 
 
+async def test_the_generate_form_takes_size_sampler_batch_negative_and_pins(tmp_path):
+    from engine.jobs import create_run, set_status
+    from engine.library import Library
+
+    home = tmp_path / "home"
+    Library(home).add("cat", make_images(tmp_path / "imgs"), "cat")
+    run_dir = create_run(home, {"kind": "train", "concept": "cat", "params": {}})
+    (run_dir / "learned_embeds.safetensors").write_bytes(b"")
+    (run_dir / "embeddings").mkdir()
+    (run_dir / "embeddings" / "learned_embeds-steps-8.safetensors").write_bytes(b"")
+    set_status(run_dir, "done")
+    app = offline_app(home, add_sample=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("3")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, GenerateScreen)
+        defaults = screen.params()
+        assert defaults["sampler"] == "dpm++2m" and defaults["uses"] == [] and defaults["negative"] == ""
+        assert defaults["batch_size"] == 4 and "width" not in defaults and "height" not in defaults
+        screen.query_one("#uses", Input).value = "cat@"
+        await pilot.pause()
+        assert await screen.query_one("#uses", Input).suggester.get_suggestion("cat@") == f"cat@{run_dir.name}"
+
+        def fill(**values):
+            for key, value in values.items():
+                screen.query_one(f"#{key}", Input).value = str(value)
+
+        fill(prompt="a photo of <cat>", negative="blurry, <cat>", width=512, height=768, batch_size=2,
+             uses=f"cat@{run_dir.name}:8")
+        screen.query_one("#sampler", Select).value = "euler-a"
+        params = screen.params()
+        assert {k: params[k] for k in ("prompt", "negative", "width", "height", "batch_size", "sampler", "uses")} == {
+            "prompt": "a photo of <cat>", "negative": "blurry, <cat>", "width": 512, "height": 768, "batch_size": 2,
+            "sampler": "euler-a", "uses": [f"cat@{run_dir.name}:8"]}
+        for key, value, problem in (("uses", "cat@nope:8", "no saved embedding"),
+                                    ("uses", f"cat@{run_dir.name}, cat@{run_dir.name}:8", "pinned twice"),
+                                    ("width", "500", "multiple of 8"), ("batch_size", "0", "at least 1")):
+            fill(**{key: value})
+            with pytest.raises(ValueError, match=problem):
+                screen.params()
+            fill(uses="", width="", batch_size=4)
+
+
 async def test_engine_trouble_is_a_notification_or_a_dialog_never_a_crash(tmp_path):
     from tistudio.messages import BridgeNotice
     from tistudio.screens.modals import MessageModal

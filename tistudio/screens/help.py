@@ -27,7 +27,9 @@ run · c cancel it · enter on a run shows its history · f edit the form ·
 l low VRAM on/off (for cards with little memory: about half the speed)
 
 **3 Generate**: p edit the prompt (→ accepts the suggested concept token) ·
-enter or g generates · SD on the left, SD+TI on the right
+enter or g generates · SD on the left, SD+TI on the right · below the prompt:
+the negative prompt, size, sampler, batch size and Use: NAME@RUN:STEP pins a
+concept to a saved embedding (→ completes them; empty: its latest)
 
 **4 Metrics**: e evaluate the concept's latest run (Table 1) · x run the
 steps experiment (the curve over checkpoints) · c choose the concept
