@@ -123,7 +123,8 @@ async def test_help_and_the_command_palette_list_every_action(tmp_path):
         titles = {c.title for c in app.get_system_commands(app.screen)}
         for wanted in ("Screen: Library", "Screen: Train", "Screen: Generate", "Screen: Metrics",
                        "Library: new concept", "Library: import embedding", "Library: export concept",
-                       "Library: rename concept", "Library: delete concept", "Train: start run",
+                       "Library: rename concept", "Library: delete concept", "Library: concept images",
+                       "Train: start run",
                        "Train: resume run", "Train: cancel run", "Generate: generate images",
                        "Metrics: evaluate concept", "Metrics: steps experiment", "Theme: tistudio-dark",
                        "Theme: tistudio-light", "Images: auto", "Images: kitty", "Images: sixel",
@@ -258,6 +259,42 @@ async def test_rename_and_delete_ask_and_change_the_library(tmp_path):
         await pilot.click("#ok")
         await pilot.pause()
         assert Library(home).list() == []
+
+
+async def test_images_of_a_concept_are_added_and_removed_in_the_library(tmp_path):
+    from engine.library import Library
+    from tistudio.screens.modals import ImagesModal
+
+    home = tmp_path / "home"
+    Library(home).add("imp", None, "cat")  # as an imported embedding arrives: no images
+    more = make_images(tmp_path / "more", count=2, seed=1)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    app = offline_app(home, add_sample=False)
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.screen.query_one("#concepts", DataTable)
+        assert table.get_row_at(0)[4] == "0"
+        assert "press e to add some" in str(app.screen.query_one("#detail-text", Static).render())
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, ImagesModal), 5, "the images dialog")
+        app.screen.query_one("#add", Input).value = f"{more}, {broken}"
+        await pilot.click("#ok")
+        error = lambda: str(app.screen.query_one("#error", Static).render())  # noqa: E731
+        await wait_for(pilot, lambda: "broken.png" in error(), 10, "the refusal")
+        assert Library(home).get("imp").images == []  # nothing written
+        app.screen.query_one("#add", Input).value = str(more)
+        await pilot.click("#ok")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 10, "the dialog to close")
+        assert [p.name for p in Library(home).get("imp").images] == ["000.png", "001.png"]
+        await wait_for(pilot, lambda: table.get_row_at(0)[4] == "2", 5, "the new count")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, ImagesModal), 5, "the images dialog")
+        app.screen.query_one("#remove").select("000.png")
+        await pilot.click("#ok")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 10, "the dialog to close")
+        assert [p.name for p in Library(home).get("imp").images] == ["001.png"]
+        assert any("Images of imp: 2 added" in m for m in _notes(app))
+        assert any("Images of imp: 1 removed" in m for m in _notes(app))
 
 
 async def test_the_train_form_rejects_bad_numbers_with_a_notification(tmp_path):

@@ -350,6 +350,8 @@ class StudioApp(App):
             ("Library: export concept", "Write the selected concept's embedding for other tools", "library",
              "export_concept"),
             ("Library: rename concept", "Rename the selected concept", "library", "rename_concept"),
+            ("Library: concept images", "Add or remove the selected concept's training images", "library",
+             "edit_images"),
             ("Library: delete concept", "Delete the selected concept (asks first)", "library", "delete_concept"),
             ("Train: start run", "Start a training run with the form's settings", "train", "start"),
             ("Train: resume run", "Resume the selected failed, cancelled or interrupted run", "train", "resume"),

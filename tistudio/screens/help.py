@@ -20,7 +20,8 @@ HELP = """\
 | tab / shift+tab | move between fields |
 
 **1 Library**: n new concept · i import an embedding · x export · r rename ·
-d delete · t train the selected concept · g generate with it · m its metrics
+d delete · e add or remove its training images · t train the selected concept ·
+g generate with it · m its metrics
 
 **2 Train**: s start a run with the form's settings · r resume the selected
 run · c cancel it · enter on a run shows its history · f edit the form ·

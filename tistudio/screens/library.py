@@ -1,5 +1,5 @@
 """1 Library: the concepts, with thumbnails of their training images; create, import,
-export, rename, delete.  Reads the library straight from disk through engine.records
+export, rename, delete, add and remove images.  Reads the library straight from disk through engine.records
 (no engine needed)."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged
 from tistudio.screens.base import StudioScreen
 from tistudio.screens.modals import (
-    ConfirmModal, ExportModal, ExportRequest, ImportModal, ImportRequest, NewConceptModal, TextModal,
+    ConfirmModal, ExportModal, ExportRequest, ImagesEdited, ImagesModal, ImportModal, ImportRequest, NewConceptModal,
+    TextModal,
 )
 from tistudio.widgets.images import ImagePreview
 
@@ -35,6 +36,7 @@ class LibraryScreen(StudioScreen):
         Binding("x", "export_concept", "Export"),
         Binding("r", "rename_concept", "Rename"),
         Binding("d", "delete_concept", "Delete"),
+        Binding("e", "edit_images", "Images", show=False),  # the footer is full at 80 columns
         Binding("t", "train_concept", "Train"),
         Binding("g", "generate_with", "Generate", show=False),
         Binding("m", "concept_metrics", "Metrics", show=False),
@@ -144,8 +146,9 @@ class LibraryScreen(StudioScreen):
         text.update(
             f"[b]{concept.token}[/b]  initializer [b]{concept.init}[/b]  ({concept.property})\n"
             f"[dim]{escape(concept.description)}[/dim]\n"
-            f"{len(row.images)} training image{'s' if len(row.images) != 1 else ''} in "
-            f"[dim]{escape(self._short(concept.path / 'images'))}[/dim]")
+            + (f"{len(row.images)} training image{'s' if len(row.images) != 1 else ''} in "
+               f"[dim]{escape(self._short(concept.path / 'images'))}[/dim]" if row.images else
+               "No training images yet: press e to add some."))
         thumbs.mount_all([ImagePreview(p, p.name, classes="thumb") for p in row.images[:MAX_THUMBS]])
         if runs:
             last = runs[-1]
@@ -266,6 +269,21 @@ class LibraryScreen(StudioScreen):
             f"This deletes {row.name} ({row.concept.token}), its {len(row.images)} training images and its {runs} "
             f"run{'s' if runs != 1 else ''} with every embedding they saved.  It cannot be undone.",
             "Delete", danger=True), done)
+
+    def action_edit_images(self) -> None:
+        row = self._need()
+        if row is None:
+            return
+
+        def done(edited: ImagesEdited | None) -> None:
+            if edited is None:
+                return
+            parts = [f"{len(edited.added)} added" if edited.added else "",
+                     f"{len(edited.removed)} removed" if edited.removed else ""]
+            self.notify(f"Images of {row.name}: {', '.join(p for p in parts if p)}.", title="Library")
+            self.app.library_changed()
+
+        self.app.push_screen(ImagesModal(self.app.home, row.name, row.images), done)
 
     def action_train_concept(self) -> None:
         row = self._need()

@@ -1,8 +1,8 @@
-"""Modal dialogs: confirm, one text value, new concept, import, export, error details.
+"""Modal dialogs: confirm, one text value, new concept, a concept's images, import, export, error details.
 
 Each fits an 80×24 terminal (one-line compact fields) and answers through
 `dismiss(result)`; Escape cancels (result None / False).  A dialog with several
-answers returns a dataclass (ImportRequest, ExportRequest).
+answers returns a dataclass (ImportRequest, ExportRequest, ImagesEdited).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select, Static
+from textual.widgets import Button, Input, Label, Select, SelectionList, Static
 
 from tistudio.messages import StudioChange, TokenizerReady
-from tistudio.widgets.forms import FieldRow, PathSuggester
+from tistudio.widgets.forms import FieldRow, PathSuggester, split_list
 
 ResultT = TypeVar("ResultT")
 
@@ -73,6 +73,14 @@ class ExportRequest:
         return args
 
 
+@dataclass(frozen=True)
+class ImagesEdited:
+    """What the Images dialog changed: the files it stored and the ones it removed."""
+
+    added: tuple[Path, ...] = ()
+    removed: tuple[Path, ...] = ()
+
+
 class _Dialog(ModalScreen[ResultT]):
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
     DEFAULT_CSS = """
@@ -87,6 +95,7 @@ class _Dialog(ModalScreen[ResultT]):
     _Dialog #dialog-buttons { height: auto; width: 100%; align-horizontal: right; margin-top: 1; }
     _Dialog #dialog-buttons Button { margin-left: 2; }
     _Dialog VerticalScroll { height: auto; max-height: 16; }
+    _Dialog SelectionList { height: auto; max-height: 10; }
     """
     cancel_result: object = None
 
@@ -287,6 +296,68 @@ class NewConceptModal(_Dialog[str | None]):
             self.app.call_from_thread(self._failed, str(exc))
             return
         self.app.call_from_thread(self.dismiss, concept.name)
+
+    def _failed(self, message: str) -> None:
+        self.query_one("#error", Static).update(message)
+        self.query_one("#ok", Button).disabled = False
+
+
+class ImagesModal(_Dialog[ImagesEdited | None]):
+    """A concept's training images: add files or folders, tick stored ones to remove them.
+
+    The library decodes every new image before writing any, and removes all ticked
+    images or none; a refusal stays in the dialog.  Dismisses with `ImagesEdited`."""
+
+    def __init__(self, home: Path, concept: str, images: list[Path]):
+        super().__init__()
+        self.home, self.concept, self.images = home, concept, images
+
+    def compose(self) -> ComposeResult:
+        from engine.images import IMAGE_EXTENSIONS
+
+        with Vertical(id="dialog"):
+            yield Label(f"Images of {self.concept}", id="dialog-title")
+            yield FieldRow("Add", Input(placeholder="image file or folder (more: comma-separated)", id="add",
+                                        compact=True, suggester=PathSuggester(suffixes=tuple(IMAGE_EXTENSIONS))))
+            yield Static("Tick the images to remove (space):" if self.images else
+                         "No training images yet (an imported embedding has none).", classes="dialog-hint")
+            yield SelectionList[str](*[(p.name, p.name) for p in self.images], id="remove")
+            yield Static("", classes="dialog-error", id="error")
+            yield self.buttons("Apply")
+
+    def on_mount(self) -> None:
+        self.query_one("#add", Input).focus()
+        self.query_one("#remove", SelectionList).display = bool(self.images)
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        add = [Path(p).expanduser() for p in split_list(self.query_one("#add", Input).value)]
+        remove = list(self.query_one("#remove", SelectionList).selected)
+        if not add and not remove:
+            self.query_one("#error", Static).update("Nothing to change: give images to add or tick some to remove.")
+            return
+        self.query_one("#error", Static).update("checking the images…" if add else "removing…")
+        self.query_one("#ok", Button).disabled = True
+        self._apply(add, remove)
+
+    @work(thread=True, exclusive=True, group="images")
+    def _apply(self, add: list[Path], remove: list[str]) -> None:
+        from engine.errors import UserError
+        from engine.library import Library
+
+        library = Library(self.home)
+        added: list[Path] = []
+        try:
+            if add:
+                added = library.add_images(self.concept, add)
+            removed = library.remove_images(self.concept, remove) if remove else []
+        except (UserError, OSError) as exc:
+            # what was added stays (and is listed); the removal is all or none
+            message = str(exc) + (f" ({len(added)} image(s) were added)" if added else "")
+            self.app.call_from_thread(self._failed, message)
+            return
+        self.app.call_from_thread(self.dismiss, ImagesEdited(tuple(added), tuple(removed)))
 
     def _failed(self, message: str) -> None:
         self.query_one("#error", Static).update(message)
