@@ -144,10 +144,10 @@ def _run(handler, args) -> int:
     try:
         return handler(args) or 0
     except UserError as exc:
-        print(f"tistudio: error: {one_line(exc)}", file=sys.stderr)
+        print(f"tistudio: error: {one_line(exc, 500)}", file=sys.stderr)
         return 2
     except EngineError as exc:
-        print(f"tistudio: engine error: {one_line(exc)}", file=sys.stderr)
+        print(f"tistudio: engine error: {one_line(exc, 500)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tistudio: interrupted", file=sys.stderr)
@@ -172,7 +172,7 @@ def _internal(exc: BaseException) -> int:
 
     if os.environ.get("TISTUDIO_DEBUG"):
         raise exc
-    print(f"tistudio: internal error: {type(exc).__name__}: {one_line(exc)} "
+    print(f"tistudio: internal error: {type(exc).__name__}: {one_line(exc, 500)} "
           "(set TISTUDIO_DEBUG=1 for the traceback)", file=sys.stderr)
     return 1
 

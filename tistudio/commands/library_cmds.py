@@ -94,16 +94,16 @@ def concept_add(args) -> int:
     return 0
 
 
-def _concept_row(concept) -> dict:
-    from engine.embeddings import concept_runs
-
-    data = concept.to_dict()
-    data["runs"] = len(concept_runs(concept.path))
+def _concept_row(summary) -> dict:
+    data = summary.concept.to_dict()
+    data["runs"] = len(summary.runs)
     return data
 
 
 def concept_list(args) -> int:
-    rows = [_concept_row(c) for c in _library().list()]
+    from engine.records import library_summaries
+
+    rows = [_concept_row(s) for s in library_summaries(home())]
     if args.json:
         print_json(rows)
         return 0
@@ -117,13 +117,13 @@ def concept_list(args) -> int:
 
 
 def concept_show(args) -> int:
-    from engine.embeddings import concept_runs
+    from engine.records import summarize
 
-    concept = _library().get(args.name)
-    data = concept.to_dict()
-    data["image_files"] = [str(p) for p in concept.images]
+    summary = summarize(_library().get(args.name))
+    data = summary.concept.to_dict()
+    data["image_files"] = [str(p) for p in summary.images]
     data["runs"] = [{k: r.get(k) for k in ("id", "kind", "status", "step", "steps", "embedding")}
-                    for r in concept_runs(concept.path)]
+                    for r in summary.runs]
     if args.json:
         print_json(data)
         return 0

@@ -114,19 +114,16 @@ def _init_from(value: str | None) -> str | None:
 
 
 def _templates(path: str | None) -> list[str] | None:
+    """The --templates file's lines, read by the same code as eval's --prompts."""
     from engine.errors import UserError
+    from engine.prompts import load_prompts
 
     if not path:
         return None
     try:
-        with open(path, encoding="utf-8") as fh:
-            lines = [line.strip() for line in fh]
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--templates {path}: cannot read it ({exc.__class__.__name__}); give a text file") from None
-    templates = [line for line in lines if line and not line.startswith("#")]
-    if not templates:
-        raise UserError(f"--templates {path} holds no templates; write one per line with {{}} for the token")
-    return templates
+        return load_prompts(path)
+    except UserError as exc:
+        raise UserError(f"--templates: {exc}") from None
 
 
 def sweep_members(params: dict) -> list[dict]:
