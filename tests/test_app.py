@@ -280,18 +280,18 @@ async def test_images_of_a_concept_are_added_and_removed_in_the_library(tmp_path
         app.screen.query_one("#add", Input).value = f"{more}, {broken}"
         await pilot.click("#ok")
         error = lambda: str(app.screen.query_one("#error", Static).render())  # noqa: E731
-        await wait_for(pilot, lambda: "broken.png" in error(), 10, "the refusal")
+        await wait_for(pilot, lambda: "broken.png" in error(), 60, "the refusal")
         assert Library(home).get("imp").images == []  # nothing written
         app.screen.query_one("#add", Input).value = str(more)
         await pilot.click("#ok")
-        await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 10, "the dialog to close")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 60, "the dialog to close")
         assert [p.name for p in Library(home).get("imp").images] == ["000.png", "001.png"]
         await wait_for(pilot, lambda: table.get_row_at(0)[4] == "2", 5, "the new count")
         await pilot.press("e")
         await wait_for(pilot, lambda: isinstance(app.screen, ImagesModal), 5, "the images dialog")
         app.screen.query_one("#remove").select("000.png")
         await pilot.click("#ok")
-        await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 10, "the dialog to close")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 60, "the dialog to close")
         assert [p.name for p in Library(home).get("imp").images] == ["001.png"]
         assert any("Images of imp: 2 added" in m for m in _notes(app))
         assert any("Images of imp: 1 removed" in m for m in _notes(app))
