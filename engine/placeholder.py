@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-
 Rows = "torch.Tensor | Callable[[], torch.Tensor]"
 
 

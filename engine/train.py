@@ -36,13 +36,24 @@ import torch
 import torch.nn.functional as F
 
 from engine import checkpoints
-from engine.data import default_preview_prompt, encode_images, load_images, templates_for
+from engine.data import (
+    default_preview_prompt,
+    encode_images,
+    load_images,
+    templates_for,
+)
 from engine.errors import JobCancelled, UserError
 from engine.faults import maybe_fault
 from engine.gpu import memory_figures
 from engine.optim import RowAdamW
 from engine.paths import atomic_write_bytes
-from engine.placeholder import WordLayout, add_slots, initial_vectors, installed_in_all, slot_tokens
+from engine.placeholder import (
+    WordLayout,
+    add_slots,
+    initial_vectors,
+    installed_in_all,
+    slot_tokens,
+)
 from engine.train_config import COMPILE_MODES, LR_SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
 
 
