@@ -344,6 +344,7 @@ def load_model(spec: str | None = None, device="cpu", dtype=None) -> LoadedModel
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # its dtype-cast notices are noise for our users
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars, likewise
     pipe = loader[info.kind](info)
     pipe.set_progress_bar_config(disable=True)
     device = torch.device(device)

@@ -145,3 +145,32 @@ def test_low_vram_checkpointing_gives_the_same_run(tiny_model, image_dir, tmp_pa
     low = read_embedding(train(tiny_model, _cfg(steps=5, low_vram=True), tmp_path / "b", images)).vectors
     torch.testing.assert_close(plain, low, rtol=1e-5, atol=1e-6)
     assert not tiny_model.unet.is_gradient_checkpointing  # the shared model is left as it was
+
+
+# --- SDXL: one word in both text encoders ------------------------------------------------------------
+
+
+def test_sdxl_trains_the_word_in_both_encoders_and_freezes_everything_else(sdxl_model, image_dir, tmp_path):
+    modules = ("unet", "vae", "text_encoder", "text_encoder_2")
+    before = {f"{m}.{k}": v.clone() for m in modules for k, v in getattr(sdxl_model.pipe, m).state_dict().items()}
+    reporter = QuietReporter()
+    out = train(sdxl_model, _cfg(steps=6, lr=5e-2, save_every=6), tmp_path / "run", _images(image_dir), reporter)
+    after = {f"{m}.{k}": v for m in modules for k, v in getattr(sdxl_model.pipe, m).state_dict().items()}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    learned = read_embedding(out)
+    assert learned.widths == (32, 64) and learned.format == "sdxl"  # one clip_l + clip_g file per run
+    for (encoder, tokenizer), block in zip(sdxl_model.encoders, learned.blocks):
+        [cat] = tokenizer("cat", add_special_tokens=False).input_ids
+        assert not torch.equal(block[0], encoder.get_input_embeddings().weight[cat].float())
+    header = next(e for e in reporter.events if e["type"] == "train")
+    assert (header["family"], header["widths"], header["vectors"]) == ("sdxl", [32, 64], 1)
+
+
+def test_sdxl_low_vram_gives_the_same_run(sdxl_model, image_dir, tmp_path):
+    images = _images(image_dir)
+    plain = read_embedding(train(sdxl_model, _cfg(steps=3), tmp_path / "a", images))
+    low = read_embedding(train(sdxl_model, _cfg(steps=3, low_vram=True), tmp_path / "b", images))
+    for a, b in zip(plain.blocks, low.blocks):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not sdxl_model.unet.is_gradient_checkpointing
