@@ -135,7 +135,10 @@ def read_embedding(path: os.PathLike | str) -> Embedding:
     partner = _diffusers_partner(path, emb)
     if partner is not None:
         first, second = sorted((path, partner), key=lambda p: p.stem.endswith("_2"))
-        return _read_diffusers_pair(first, second)
+        try:
+            return _read_diffusers_pair(first, second)
+        except UserError:
+            return emb  # a neighbour with a similar name, not this word's other half
     return emb
 
 

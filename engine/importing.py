@@ -51,7 +51,8 @@ def import_embedding(library, path: Path, *, name: str | None = None, token: str
         run_dir = create_run(library.home,
                              {"kind": "import", "concept": concept.name,
                               "params": {"source": str(Path(path).resolve()), "format": emb.format,
-                                         "vectors": emb.num_vectors, "ignored": emb.meta.get("ignored", [])}})
+                                         "vectors": emb.num_vectors, "family": info.family,
+                                         "ignored": emb.meta.get("ignored", [])}})
         final = write_embedding(run_dir / FINAL_NAME, emb.blocks, concept.token, run_format(emb.blocks),
                                 step=emb.step)
         set_status(run_dir, "done", embedding=str(final), step=emb.step or 0, steps=emb.step or 0)

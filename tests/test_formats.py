@@ -379,6 +379,9 @@ def test_diffusers_pair_of_different_words_refused(tmp_path):
     safetensors.torch.save_file({"<cat>": vecs(1, 768)}, str(tmp_path / "learned_embeds.safetensors"))
     safetensors.torch.save_file({"<dog>": vecs(1, 1280)}, str(tmp_path / "learned_embeds_2.safetensors"))
     refused(UserError, read_embedding, tmp_path, match="same word")
+    # given one file, a neighbour that is not its other half is left alone
+    emb = read_embedding(tmp_path / "learned_embeds.safetensors")
+    assert (emb.token, emb.widths) == ("<cat>", (768,))
     (tmp_path / "other").mkdir()
     refused(UserError, read_embedding, tmp_path / "other", match="nor a folder holding diffusers' SDXL pair")
 

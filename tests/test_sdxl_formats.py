@@ -100,6 +100,10 @@ def test_import_sdxl_file_into_an_sdxl_model(xl_library, tmp_path):
 
     used = load_used(xl_library.get("cat"))
     assert torch.equal(used.vectors, blocks[0]) and torch.equal(used.vectors_2, blocks[1])
+    from engine.embeddings import read_record, run_vectors
+
+    record = read_record(xl_library.get("cat").runs_dir / result.run)
+    assert run_vectors(record) == 2 and record["params"]["family"] == "sdxl"
 
 
 def test_import_diffusers_pair_folder(xl_library, tmp_path):
