@@ -4,6 +4,7 @@ in the original layout, SD 2.x tokenization, and clear refusals for refiners and
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -99,8 +100,11 @@ def test_sdxl_arch_has_sdxl_base_shapes():
 
     info = model_info("builtin:sdxl-arch")
     assert (info.family, info.text_widths, info.resolution) == ("sdxl", (768, 1280), 1024)
-    root = __import__("pathlib").Path(info.location)
-    read = lambda name: json.loads((root / name / "config.json").read_text())  # noqa: E731
+    root = Path(info.location)
+
+    def read(name):
+        return json.loads((root / name / "config.json").read_text())
+
     with torch.device("meta"):
         counts = [sum(p.numel() for p in m.parameters()) for m in (
             UNet2DConditionModel.from_config(read("unet")), AutoencoderKL.from_config(read("vae")),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from engine.experiments import seeds_experiment, steps_experiment
 from engine.library import Library
@@ -42,5 +43,5 @@ def test_seed_ablation_on_sdxl_trains_runs_together(sdxl_model, image_dir):
     result = seeds_experiment(sdxl_model, lib, "cat", [0, 1], steps=2, prompts=["a {} in space"],
                               train_options={"save_every": 1, "log_every": 1, "vectors": 2}, **FAST)
     assert [r["seed"] for r in result["runs"]] == [0, 1]
-    table = json.loads((__import__("pathlib").Path(result["dir"]) / "table.json").read_text())
+    table = json.loads((Path(result["dir"]) / "table.json").read_text())
     assert table["model"]["family"] == "sdxl"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,5 +200,5 @@ def test_sdxl_generation_with_an_n_vector_word_writes_images(sdxl_model, library
     assert [r["mode"] for r in results] == ["sd", "ti"]
     with Image.open(results[1]["path"]) as im:
         assert im.size == (64, 64)
-    record = __import__("json").loads(open(results[1]["json"]).read())
+    record = json.loads(Path(results[1]["json"]).read_text())
     assert record["model"]["family"] == "sdxl" and record["embeddings"][0]["vectors"] == 2
