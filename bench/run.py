@@ -2,6 +2,8 @@
 
 On CUDA: builtin:sd15-arch (SD 1.5 shapes, random weights) at 512 px, fp16, batch 1.
 On CPU:  builtin:tiny (64 px, fp32) — ratios only; absolute times count only on a GPU.
+SDXL:    --model builtin:sdxl-arch (CUDA, 1024 px) or builtin:sdxl-tiny (CPU) against
+         bench/reference_sdxl.py, the diffusers textual_inversion_sdxl.py step.
 
 Prints steps/s, ms/step and peak memory per variant, then the ratio, and ends
 with one JSON line (also saved under bench/results/<device>-<date>.json).
@@ -84,8 +86,17 @@ def ours(model, paths, device, args, k: int = 1, **cfg) -> dict:
     return result
 
 
+def reference_loop(model, images):
+    """The diffusers example our step is measured against: textual_inversion(_sdxl).py's, by family."""
+    if model.info.family == "sdxl":
+        from bench.reference_sdxl import ReferenceLoopSDXL
+
+        return ReferenceLoopSDXL(model, images)
+    return ReferenceLoop(model, images)
+
+
 def reference(model, images, device, args) -> dict:
-    loop = ReferenceLoop(model, images)
+    loop = reference_loop(model, images)
     result = timed(loop.step, device, args.warmup, args.steps)
     del loop
     if device.type == "cuda":
@@ -94,14 +105,13 @@ def reference(model, images, device, args) -> dict:
 
 
 def generation(model, device, args) -> dict:
-    from engine.generate import sample_images
+    from engine.generate import sample_prompt
 
-    ids = model.tokenizer(["a photo of a cat"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-    embeds = model.text_encoder(ids.to(device))[0]
-    sample_images(model, embeds, seeds=[0], steps=2)  # warm
+    tokenizers = [tok for _, tok in model.encoders]
+    sample_prompt(model, "a photo of a cat", tokenizers, seeds=[0], steps=2)  # warm
     sync(device)
     t0 = time.perf_counter()
-    sample_images(model, embeds, seeds=list(range(args.gen_images)), steps=25)
+    sample_prompt(model, "a photo of a cat", tokenizers, seeds=list(range(args.gen_images)), steps=25)
     sync(device)
     elapsed = time.perf_counter() - t0
     return {"images": args.gen_images, "steps": 25, "seconds": elapsed, "images_per_s": args.gen_images / elapsed}
@@ -121,8 +131,8 @@ def table1(model, paths, device, args) -> dict:
     library = Library(home)
     library.add("bench", paths[0].parent, "cat")
     run_dir = create_run(home, {"kind": "import", "concept": "bench", "params": {}})
-    table = model.text_encoder.get_input_embeddings().weight
-    write_embedding(run_dir / "learned_embeds.safetensors", table[2368:2369].float().cpu(), "<bench>")
+    blocks = tuple(enc.get_input_embeddings().weight[2368:2369].float().cpu() for enc, _ in model.encoders)
+    write_embedding(run_dir / "learned_embeds.safetensors", blocks, "<bench>", "diffusers" if len(blocks) == 1 else "kohya")
     set_status(run_dir, "done")
     sync(device)
     t0 = time.perf_counter()

@@ -3,6 +3,13 @@
 A checkpoint is written into a hidden temp folder and renamed into place, so
 `step-N/` either exists whole or not at all — a kill -9 mid-write leaves only
 a `.tmp` folder that resume ignores (and removes).
+
+`vector` is the run's whole word as one row (N vectors per text encoder, see
+engine.placeholder.WordLayout); meta.json says its shape, so a resume with
+another --vectors or model family stops with a message instead of mixing them.
+With --keep-checkpoints N, older step folders are pruned after each new one is
+in place: renamed to a hidden name first (atomic), then removed, so a kill at
+any instant leaves whole checkpoints and hidden litter that resume clears.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.errors import UserError
 from engine.faults import maybe_fault
 from engine.paths import _fsync_dir
 
@@ -62,8 +70,9 @@ def _remove_partial(run_dir: Path) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
-def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: dict, generator: torch.Generator) -> Path:
-    """Save run `row`'s vector, optimizer row and RNG state as `step-N/` (atomically)."""
+def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: dict, generator: torch.Generator,
+             layout=None) -> Path:
+    """Save run `row`'s vectors, optimizer row and RNG state as `step-N/` (atomically)."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     final = root / f"step-{step}"
@@ -75,7 +84,10 @@ def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: d
     try:
         save_file(tensors, str(tmp / STATE_FILE), metadata={"step": str(step)})
         maybe_fault("checkpoint.mid_write", step)
-        (tmp / "meta.json").write_text(json.dumps({"step": step, "format": 1}))
+        meta = {"step": step, "format": 2}
+        if layout is not None:
+            meta.update(vectors=layout.n, widths=list(layout.widths))
+        (tmp / "meta.json").write_text(json.dumps(meta))
         for name in (STATE_FILE, "meta.json"):
             with open(tmp / name, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -91,8 +103,40 @@ def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: d
 
 def restore_row(ckpt: Checkpoint, row: int, vectors: torch.Tensor, state: dict, generator: torch.Generator) -> None:
     tensors = load_file(str(ckpt.path / STATE_FILE))
+    saved, wanted = tuple(tensors["vector"].shape[1:]), tuple(vectors.shape[1:])
+    if saved != wanted:
+        raise UserError(
+            f"checkpoint {ckpt.path} holds a word of {saved[0]} floats but this run trains {wanted[0]} "
+            f"({_described(ckpt)}); resume with the --vectors and model it was started with"
+        )
     with torch.no_grad():
         vectors[row : row + 1].copy_(tensors["vector"].to(vectors.device))
         for key in ROW_KEYS:
             state[key][row : row + 1].copy_(tensors[key].to(state[key].device))
     generator.set_state(tensors["rng"])
+
+
+def _described(ckpt: Checkpoint) -> str:
+    try:
+        meta = json.loads((ckpt.path / "meta.json").read_text())
+        return f"it was saved with {meta['vectors']} vector(s) of widths {meta['widths']}"
+    except (OSError, ValueError, KeyError):
+        return "another word size"
+
+
+def prune(run_dir: Path, keep: int) -> list[int]:
+    """Remove all but the newest `keep` (>= 1) checkpoints; return the steps removed.
+
+    Each old folder is first renamed to a hidden name (one atomic step: it stops being a
+    checkpoint at once), then deleted; the newest is never touched."""
+    keep = max(1, int(keep))
+    old = list_checkpoints(run_dir)[:-keep]
+    root = checkpoints_dir(run_dir)
+    for ckpt in old:
+        hidden = root / f".pruned-{ckpt.path.name}"
+        shutil.rmtree(hidden, ignore_errors=True)
+        os.replace(ckpt.path, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+    if old:
+        _fsync_dir(root)
+    return [c.step for c in old]

@@ -4,10 +4,16 @@ The latent cache is the main speed trick of the fast path: every training
 image is encoded by the VAE once per flip (not once per step, as the diffusers
 example does) and we keep the latent distribution's mean and std, so each step
 still samples a fresh latent exactly as the reference does, for free.
+
+It also keeps each image's SDXL size conditioning (`add_time_ids`: original
+height and width, crop top and left, target height and width), which SD 1.x/2.x
+simply do not read.  SDXL's VAE overflows in fp16 (its config says
+`force_upcast`), so the cache is then encoded with the VAE in fp32, once.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,25 +53,44 @@ def default_preview_prompt(prop: str, token: str) -> str:
     return templates_for(prop)[0].format(token)
 
 
+def _center_square(image: Image.Image) -> tuple[int, int, int]:
+    """(left, top, side) of the largest centred square."""
+    side = min(image.size)
+    return (image.width - side) // 2, (image.height - side) // 2, side
+
+
 def preprocess(image: Image.Image, resolution: int, center_crop: bool = False) -> torch.Tensor:
     """RGB PIL image -> [3, R, R] float tensor in [-1, 1] (bicubic, like the reference)."""
     image = image.convert("RGB")
     if center_crop:
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
+        left, top, side = _center_square(image)
         image = image.crop((left, top, left + side, top + side))
     image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def size_conditioning(image: Image.Image, resolution: int, center_crop: bool = False) -> list[float]:
+    """SDXL's add_time_ids for one image: (orig h, orig w, crop top, crop left, target h, target w).
+
+    As diffusers' textual_inversion_sdxl.py: the source image's size, and the crop
+    offset in target pixels (0, 0 when the whole image is resized)."""
+    top = left = 0
+    if center_crop:
+        crop_left, crop_top, side = _center_square(image)
+        top, left = round(crop_top * resolution / side), round(crop_left * resolution / side)
+    return [image.height, image.width, top, left, resolution, resolution]
+
+
 @dataclass
 class LatentCache:
-    """Per image and flip: the VAE posterior's mean and std, [N, 2, C, h, w]."""
+    """Per image and flip: the VAE posterior's mean and std, [N, 2, C, h, w]; per image its
+    size conditioning, [N, 6] (SDXL's add_time_ids)."""
 
     mean: torch.Tensor
     std: torch.Tensor
     scaling_factor: float
+    micro: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -83,18 +108,34 @@ def encode_images(vae, images: list[Image.Image], resolution: int, center_crop: 
     """Encode every image and its mirror once; keep the posterior (not a sample)."""
     pixels = torch.stack([preprocess(im, resolution, center_crop) for im in images])
     pixels = torch.stack([pixels, pixels.flip(-1)], dim=1)  # [N, 2, 3, R, R]
-    flat = pixels.flatten(0, 1).to(vae.device, vae.dtype)
     means, stds = [], []
-    for chunk in flat.split(8):
-        dist = vae.encode(chunk).latent_dist
-        means.append(dist.mean.float())
-        stds.append(dist.std.float())
+    with _vae_in_fp32_if_needed(vae):
+        flat = pixels.flatten(0, 1).to(vae.device, vae.dtype)
+        for chunk in flat.split(8):
+            dist = vae.encode(chunk).latent_dist
+            means.append(dist.mean.float())
+            stds.append(dist.std.float())
     shape = (len(images), 2) + means[0].shape[1:]
     return LatentCache(
         mean=torch.cat(means).reshape(shape),
         std=torch.cat(stds).reshape(shape),
         scaling_factor=float(vae.config.scaling_factor),
+        micro=torch.tensor([size_conditioning(im, resolution, center_crop) for im in images], dtype=torch.float32),
     )
+
+
+@contextlib.contextmanager
+def _vae_in_fp32_if_needed(vae):
+    """SDXL's VAE overflows in fp16 (config `force_upcast`): encode in fp32, then cast back.
+    fp16 -> fp32 -> fp16 is exact, so the shared VAE ends bit for bit as it was."""
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        yield
+    finally:
+        if upcast:
+            vae.to(torch.float16)
 
 
 def load_images(paths: list[Path]) -> list[Image.Image]:

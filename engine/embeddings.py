@@ -59,6 +59,15 @@ def done_runs(concept) -> list[tuple[str, Path, dict]]:
     ]
 
 
+def run_vectors(record: dict) -> int:
+    """How many vectors (per text encoder) a run's word has: its params say (1, the default, if not)."""
+    for source in (record.get("params") or {}, record.get("config") or {}):
+        value = source.get("vectors") if isinstance(source, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+    return 1
+
+
 def checkpoint_steps(run_dir: Path) -> list[int]:
     """Steps with a saved `embeddings/learned_embeds-steps-N.safetensors`, ascending."""
     found = []

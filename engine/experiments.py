@@ -21,7 +21,7 @@ from engine.generate import (
     GenerateRequest, checkpoint_steps, done_runs, load_used, make_grid, save_png, sub_progress,
     timestamp_id,
 )
-from engine.library import check_initializer
+from engine.library import initializer_ids
 from engine.metrics import (
     NOTES, check_templates, load_clip, measure, scores_only, training_images,
 )
@@ -149,7 +149,7 @@ def train_sweep(model, concept, exp_id: str, configs: list[tuple[str, object]], 
 
     for _, config in configs:
         config.validate()
-        check_initializer(model.tokenizer, config.init)  # before any directory exists
+        initializer_ids(model.tokenizer, config.init, config.vectors)  # before any directory exists
     home = concept.path.parent.parent  # <home>/concepts/<name>
     dirs = runs.create_members(home, concept.name, [asdict(config) for _, config in configs],
                                extra=[{"experiment": exp_id, "label": label} for label, _ in configs])

@@ -1,21 +1,27 @@
-"""Textual Inversion embedding files: read every common layout, write three.
+"""Textual Inversion embedding files: read every common layout, write what each tool loads.
 
 Embeddings come from many trainers, each with its own dict layout, and often
 as pickles, which can run arbitrary code when loaded naively.  This module is
-the one place that turns a file into a validated float32 ``[n, dim]`` tensor,
-and a tensor back into a file that diffusers, A1111 or kohya can load.
+the one place that turns a file into validated float32 ``[n, dim]`` blocks
+(one per text encoder: SDXL has two), and blocks back into files that
+diffusers, A1111, kohya and ComfyUI load.
 
 Layouts recognised on read (by their keys):
 
-* diffusers       ``{token: [n, dim]}`` (old files: ``[dim]``), .safetensors or .bin
+* diffusers       ``{token: [n, dim]}`` (old files: ``[dim]``), .safetensors or .bin;
+                  SDXL: two such files, ``learned_embeds.safetensors`` (768) and
+                  ``learned_embeds_2.safetensors`` (1280), given as either file or their folder
 * a1111           ``{"string_to_param": {"*": [n, dim]}, "name": ..., "step": ...}``
                   as .pt, or the same dict in a PNG ``sd-ti-embedding`` text chunk
 * textual_inversion  the original repo: like a1111 but with no ``name``
 * kohya           ``{"emb_params": [n, dim]}`` (also invoke-training)
-* onetrainer      ``{"emp_params": [n, dim]}`` (sic)
+* onetrainer      ``{"emp_params": [n, dim]}`` (sic), optionally ``emp_params_out`` (ignored)
+* sdxl            ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` (kohya, A1111, ComfyUI;
+                  OneTrainer adds ``clip_l_out``/``clip_g_out``, ignored)
 
-SDXL / SD3 / Flux embeddings (``clip_l``, ``clip_g``, ``t5`` keys) are
-recognised only to be refused with a clear message.
+kohya XTI (16 per-layer keys IN01…OUT11) and SD3/Flux embeddings (``t5``) are
+recognised only to be refused with a clear message.  The widths say the
+family: 768 is SD 1.x, 1024 SD 2.x, 768 + 1280 SDXL (engine.family).
 """
 
 from __future__ import annotations
@@ -39,10 +45,16 @@ import safetensors.torch
 import torch
 
 from engine.errors import NotSupportedError, UserError
+from engine.family import describe_widths, family_of_widths
 from engine.paths import atomic_path
 
-FORMATS_READ = ("diffusers", "a1111", "kohya", "onetrainer", "textual_inversion")
-FORMATS_WRITE = ("diffusers", "a1111", "kohya")
+FORMATS_READ = ("diffusers", "a1111", "kohya", "onetrainer", "textual_inversion", "sdxl")
+FORMATS_WRITE = ("diffusers", "a1111", "kohya", "comfy")
+SDXL_KEYS = ("clip_l", "clip_g")  # encoder 1 (CLIP ViT-L, 768), encoder 2 (OpenCLIP bigG, 1280)
+DIFFUSERS_SDXL_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
+# kohya's XTI (P+): one vector set per UNet cross-attention layer.
+XTI_KEYS = frozenset(["IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05",
+                      "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"])
 
 # CLIP's context is 77 tokens including BOS/EOS, so a prompt can never hold
 # more than 75 vectors of one embedding; anything bigger is not an embedding.
@@ -57,11 +69,16 @@ A1111_TOKEN_ID = 265
 PNG_CHUNK = "sd-ti-embedding"
 
 _SUPPORTED = (
-    "supported: diffusers ({token: tensor}), A1111 .pt/.png, kohya/invoke-training "
-    "(emb_params), OneTrainer (emp_params), original textual_inversion .pt"
+    "supported: diffusers ({token: tensor}; SDXL: learned_embeds + learned_embeds_2), A1111 .pt/.png, "
+    "kohya/invoke-training (emb_params), OneTrainer (emp_params), SDXL clip_l + clip_g, original "
+    "textual_inversion .pt"
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt")
-_WRITE_SUFFIXES = {"diffusers": (".safetensors", ".bin"), "a1111": (".pt",), "kohya": (".safetensors",)}
+_WRITE_SUFFIXES = {"diffusers": (".safetensors", ".bin"), "a1111": (".pt",), "kohya": (".safetensors",),
+                   "comfy": (".safetensors",)}
+# SDXL's two blocks fit no .pt layout: every tool reads them from clip_l/clip_g safetensors.
+_WRITE_SUFFIXES_SDXL = {"diffusers": (".safetensors", ".bin"), "a1111": (".safetensors",),
+                        "kohya": (".safetensors",), "comfy": (".safetensors",)}
 _KNOWN_SUFFIXES = {".safetensors", ".png", *_PICKLE_SUFFIXES}
 _MULTI_ENCODER_KEYS = {"clip_l", "clip_g", "t5"}
 _SIMPLE_TYPES = (str, int, float, bool, type(None))
@@ -72,37 +89,106 @@ _TORCH_LOAD_LOCK = threading.Lock()
 
 @dataclass
 class Embedding:
-    """A validated embedding: float32 ``[n, dim]`` vectors plus what the file said."""
+    """A validated embedding: float32 ``[n, dim]`` blocks, one per text encoder, plus what the file said."""
 
-    vectors: torch.Tensor  # float32, [n, dim], contiguous, CPU, owns its storage
+    vectors: torch.Tensor  # encoder 1's block: float32, [n, dim], contiguous, CPU, owns its storage
     token: str | None  # token/name stored in the file (diffusers key, A1111 "name")
     format: str  # one of FORMATS_READ
     step: int | None = None
-    meta: dict = field(default_factory=dict)  # "path", file metadata, A1111 extras
+    meta: dict = field(default_factory=dict)  # "path", file metadata, A1111 extras, "ignored" keys
+    vectors_2: torch.Tensor | None = None  # SDXL: encoder 2's (clip_g) block, [n, 1280]
+
+    @property
+    def blocks(self) -> tuple[torch.Tensor, ...]:
+        """One [n, width] block per text encoder, in pipeline order."""
+        return (self.vectors,) if self.vectors_2 is None else (self.vectors, self.vectors_2)
 
     @property
     def width(self) -> int:
         return int(self.vectors.shape[1])
 
     @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(int(b.shape[1]) for b in self.blocks)
+
+    @property
     def num_vectors(self) -> int:
         return int(self.vectors.shape[0])
+
+    @property
+    def family(self) -> str | None:
+        """sd1 / sd2 / sdxl by the widths; None for widths no released model has."""
+        return family_of_widths(self.widths)
 
 
 # --------------------------------------------------------------------------- read
 
 
 def read_embedding(path: os.PathLike | str) -> Embedding:
-    """Load and validate an embedding file; every problem is a one-line UserError."""
+    """Load and validate an embedding file; every problem is a one-line UserError.
+
+    diffusers' SDXL pair is read from its folder, or from either of its two files."""
     path = Path(path)
+    if path.is_dir():
+        return _read_diffusers_pair(*_pair_in_folder(path))
+    emb = _read_one(path)
+    partner = _diffusers_partner(path, emb)
+    if partner is not None:
+        first, second = sorted((path, partner), key=lambda p: p.stem.endswith("_2"))
+        try:
+            return _read_diffusers_pair(first, second)
+        except UserError:
+            return emb  # a neighbour with a similar name, not this word's other half
+    return emb
+
+
+def _read_one(path: Path) -> Embedding:
     _check_file(path)
     data, file_meta = _load(path)
-    fmt, tensor, token, step, meta = _parse_layout(data, path)
-    vectors = _validated_vectors(tensor, path)
+    fmt, tensors, token, step, meta = _parse_layout(data, path)
+    blocks = [_validated_vectors(t, path) for t in tensors]
+    if len(blocks) == 2 and blocks[0].shape[0] != blocks[1].shape[0]:
+        raise UserError(f"{path}: clip_l has {blocks[0].shape[0]} vectors but clip_g {blocks[1].shape[0]}; "
+                        "an SDXL word has as many in both; re-export it")
     meta = {"path": str(path), **meta}
     if file_meta:
         meta["file_metadata"] = file_meta
-    return Embedding(vectors=vectors, token=token, format=fmt, step=step, meta=meta)
+    return Embedding(vectors=blocks[0], token=token, format=fmt, step=step, meta=meta,
+                     vectors_2=blocks[1] if len(blocks) == 2 else None)
+
+
+def _diffusers_partner(path: Path, emb: Embedding) -> Path | None:
+    """For one file of diffusers' SDXL pair (`X` + `X_2`), the other one, when it is beside it."""
+    if emb.format != "diffusers" or emb.vectors_2 is not None:
+        return None
+    stem = path.stem
+    other = path.with_name(stem[:-2] + path.suffix) if stem.endswith("_2") else path.with_name(stem + "_2" + path.suffix)
+    return other if other.is_file() else None
+
+
+def _pair_in_folder(folder: Path) -> tuple[Path, Path]:
+    for suffix in (".safetensors", ".bin"):
+        first, second = (folder / name.replace(".safetensors", suffix) for name in DIFFUSERS_SDXL_FILES)
+        if first.is_file() and second.is_file():
+            return first, second
+    raise UserError(
+        f"{folder}: not a file, nor a folder holding diffusers' SDXL pair ({' + '.join(DIFFUSERS_SDXL_FILES)}); "
+        "give the path of an embedding file"
+    )
+
+
+def _read_diffusers_pair(first: Path, second: Path) -> Embedding:
+    """diffusers' SDXL embedding: {token: [n, 768]} and {token: [n, 1280]} in two files."""
+    one, two = _read_one(first), _read_one(second)
+    for emb, path in ((one, first), (two, second)):
+        if emb.format != "diffusers" or emb.vectors_2 is not None:
+            raise UserError(f"{path}: expected diffusers' {{token: tensor}} layout beside {first.name}; "
+                            "give a matching pair of files")
+    if one.token != two.token or one.num_vectors != two.num_vectors:
+        raise UserError(f"{first} and {second} do not hold the same word ({one.token} x{one.num_vectors} vs "
+                        f"{two.token} x{two.num_vectors}); give a matching pair")
+    meta = {**one.meta, "path": str(first), "path_2": str(second)}
+    return Embedding(vectors=one.vectors, token=one.token, format="diffusers", meta=meta, vectors_2=two.vectors)
 
 
 def _check_file(path: Path) -> None:
@@ -250,22 +336,34 @@ def _decode_png_tensor(obj: dict) -> Any:
 # --------------------------------------------------------------------------- layouts
 
 
-def _parse_layout(data: Any, path: Path) -> tuple[str, Any, str | None, int | None, dict]:
-    """Identify the producer by its keys; return (format, tensor, token, step, meta)."""
+def _parse_layout(data: Any, path: Path) -> tuple[str, tuple, str | None, int | None, dict]:
+    """Identify the producer by its keys; return (format, tensors (one per encoder), token, step, meta)."""
     if not isinstance(data, Mapping):
         raise UserError(f"{path}: holds a {type(data).__name__}, not a dict of tensors; {_SUPPORTED}")
     keys = list(data.keys())
     if "string_to_param" in data:
-        return _parse_a1111(data, path)
+        fmt, tensor, token, step, meta = _parse_a1111(data, path)
+        return fmt, (tensor,), token, step, meta
+    if len(keys) > 1 and set(keys) <= XTI_KEYS:
+        raise NotSupportedError(
+            f"{path}: a kohya XTI (P+) embedding: {len(keys)} per-layer vector sets ({_key_list(sorted(keys), 3)}) "
+            "that need a hook in every UNet cross-attention layer; only plain embeddings are supported"
+        )
+    if set(SDXL_KEYS) <= set(keys) and "t5" not in keys:
+        ignored = [k for k in ("clip_l_out", "clip_g_out") if k in data]
+        _refuse_extra_keys(data, [*SDXL_KEYS, *ignored], path)
+        meta = {"ignored": ignored} if ignored else {}
+        return ("onetrainer" if ignored else "sdxl"), (data["clip_l"], data["clip_g"]), None, None, meta
     if _MULTI_ENCODER_KEYS & set(keys):
         _refuse_multi_encoder(keys, path)
-    for key, fmt in (("emb_params", "kohya"), ("emp_params", "onetrainer")):
+    for key, fmt, optional in (("emb_params", "kohya", []), ("emp_params", "onetrainer", ["emp_params_out"])):
         if key in data:
-            _refuse_extra_keys(data, key, path)
-            return fmt, data[key], None, None, {}
+            ignored = [k for k in optional if k in data]
+            _refuse_extra_keys(data, [key, *ignored], path)
+            return fmt, (data[key],), None, None, ({"ignored": ignored} if ignored else {})
     tensor_keys = [k for k, v in data.items() if isinstance(v, torch.Tensor)]
     if len(keys) == 1 and len(tensor_keys) == 1 and isinstance(keys[0], str):
-        return "diffusers", data[keys[0]], keys[0], None, {}
+        return "diffusers", (data[keys[0]],), keys[0], None, {}
     if len(tensor_keys) > 1:
         raise UserError(
             f"{path}: holds {len(tensor_keys)} tensors ({_key_list(tensor_keys)}) but an embedding "
@@ -300,23 +398,22 @@ def _parse_a1111(data: Mapping, path: Path) -> tuple[str, Any, str | None, int |
 
 
 def _refuse_multi_encoder(keys: list, path: Path) -> None:
-    if {"clip_l", "clip_g"} <= set(keys):
-        raise NotSupportedError(
-            f"{path}: this is an SDXL embedding (clip_l + clip_g); SDXL models are not "
-            f"supported yet, use an SD 1.x/2.x embedding"
-        )
+    if set(keys) & set(SDXL_KEYS) and not set(keys) - {*SDXL_KEYS, "clip_l_out", "clip_g_out"}:
+        raise UserError(f"{path}: holds {_key_list(keys)} but an SDXL embedding needs both clip_l and clip_g; "
+                        "re-export it")
     raise NotSupportedError(
         f"{path}: this is a multi-text-encoder embedding ({_key_list(keys)}) for SDXL/SD3/Flux; "
-        f"only SD 1.x/2.x embeddings are supported"
+        f"only SD 1.x, SD 2.x and SDXL embeddings are supported"
     )
 
 
-def _refuse_extra_keys(data: Mapping, expected: str, path: Path) -> None:
-    extra = [k for k in data if k != expected]
+def _refuse_extra_keys(data: Mapping, expected: list[str], path: Path) -> None:
+    extra = [k for k in data if k not in expected]
     if extra:
+        names = " + ".join(expected)
         raise UserError(
-            f"{path}: unexpected keys beside {expected}: {_key_list(extra)}; "
-            f"an embedding file holds only {expected}"
+            f"{path}: unexpected keys beside {names}: {_key_list(extra)}; "
+            f"an embedding file holds only {names}"
         )
 
 
@@ -365,26 +462,42 @@ def _as_matrix(tensor: torch.Tensor, where: os.PathLike | str) -> torch.Tensor:
     return tensor
 
 
-def check_width(emb: Embedding, model_width: int, model_name: str = "the active model") -> None:
-    """Refuse an embedding whose width does not match the model's text encoder."""
-    if emb.width == model_width:
+def check_width(emb: Embedding, model_widths, model_name: str = "the active model",
+                model_family: str | None = None) -> None:
+    """Refuse an embedding whose widths (one per encoder) are not the model's text encoders'.
+
+    One line naming both families, e.g. "x.pt: an SD 1.x (768) embedding does not fit
+    sdxl-base, an SDXL model (768 + 1280); ..."."""
+    widths = (int(model_widths),) if isinstance(model_widths, int) else tuple(int(w) for w in model_widths)
+    if emb.widths == widths:
         return
+    from engine.family import FAMILY_LABELS
+
     source = emb.meta.get("path") or emb.token or "the embedding"
+    model = describe_widths(widths)
+    if model_family and not family_of_widths(widths):
+        model = f"{FAMILY_LABELS.get(model_family, model_family)} ({model})"
     raise UserError(
-        f"{source}: embedding width {emb.width}{_family(emb.width)} does not match "
-        f"{model_name} width {model_width}{_family(model_width)}; use a model of the same family"
+        f"{source}: an embedding for {describe_widths(emb.widths)} does not fit {model_name}, a model of "
+        f"{model}; use an embedding made for this model's family, or a model of the embedding's family"
     )
 
 
-def _family(width: int) -> str:
-    families = {768: "SD 1.x", 1024: "SD 2.x", 1280: "SDXL clip_g"}
-    return f" ({families[width]})" if width in families else ""
+def check_fits(emb: Embedding, info) -> None:
+    """check_width against a ModelInfo (engine.models)."""
+    check_width(emb, info.text_widths, info.spec, info.family)
 
 
-def embedding_sha256(vectors: torch.Tensor) -> str:
-    """sha256 of the float32 little-endian bytes, row-major (the shape is not hashed)."""
-    flat = vectors.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    return hashlib.sha256(flat.numpy().astype("<f4", copy=False).tobytes()).hexdigest()
+def embedding_sha256(vectors) -> str:
+    """sha256 of the float32 little-endian bytes, row-major (the shape is not hashed).
+
+    vectors: one [n, dim] tensor, or SDXL's blocks (hashed one after the other)."""
+    blocks = [vectors] if isinstance(vectors, torch.Tensor) else list(vectors)
+    h = hashlib.sha256()
+    for block in blocks:
+        flat = block.detach().to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(flat.numpy().astype("<f4", copy=False).tobytes())
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- write
@@ -392,42 +505,90 @@ def embedding_sha256(vectors: torch.Tensor) -> str:
 
 def write_embedding(
     path: os.PathLike | str,
-    vectors: torch.Tensor,
+    vectors,
     token: str,
     fmt: str = "diffusers",
     *,
     step: int | None = None,
     model_name: str | None = None,
 ) -> Path:
-    """Write atomically in `fmt`; return the final path.
+    """Write atomically in `fmt`; return the (first) final path.
 
-    A path without a known embedding extension gets the format's default one
-    appended (``.safetensors``, or ``.pt`` for a1111); a known but wrong one is
-    refused, because the reader picks its loader by extension.
+    vectors: one [n, dim] tensor (SD 1.x/2.x), or a tuple of blocks, one per text
+    encoder (SDXL: clip_l, clip_g).  A path without a known embedding extension gets
+    the format's default one appended (``.safetensors``, or ``.pt`` for a1111 on
+    SD 1.x/2.x); a known but wrong one is refused, because the reader picks its
+    loader by extension.  diffusers on SDXL writes two files: ``X`` and ``X_2``.
     """
+    return write_embedding_files(path, vectors, token, fmt, step=step, model_name=model_name)[0]
+
+
+def write_embedding_files(path: os.PathLike | str, vectors, token: str, fmt: str = "diffusers", *,
+                          step: int | None = None, model_name: str | None = None) -> list[Path]:
+    """write_embedding, returning every file written (two for diffusers on SDXL)."""
     if fmt not in FORMATS_WRITE:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS_WRITE)}")
     if not isinstance(token, str) or not token.strip():
         raise UserError("the embedding token is empty; give a token name")
-    final = _target_path(Path(path), fmt)
-    tensor = _validated_vectors(vectors, final)
-    writer = {"diffusers": _write_diffusers, "a1111": _write_a1111, "kohya": _write_kohya}[fmt]
+    blocks = [vectors] if isinstance(vectors, torch.Tensor) else list(vectors)
+    if len(blocks) not in (1, 2):
+        raise UserError(f"an embedding has one block per text encoder (1 or 2), not {len(blocks)}")
+    final = _target_path(Path(path), fmt, sdxl=len(blocks) == 2)
+    blocks = [_validated_vectors(b, final) for b in blocks]
+    if len(blocks) == 2:
+        return _write_sdxl(final, blocks, token, fmt)
+    writer = {"diffusers": _write_diffusers, "a1111": _write_a1111, "kohya": _write_kohya, "comfy": _write_kohya}[fmt]
     with atomic_path(final) as tmp:
-        writer(tmp, final, tensor, token, step, model_name)
-    return final
+        writer(tmp, final, blocks[0], token, step, model_name)
+    return [final]
 
 
-def _target_path(path: Path, fmt: str) -> Path:
-    allowed = _WRITE_SUFFIXES[fmt]
+def _target_path(path: Path, fmt: str, sdxl: bool = False) -> Path:
+    allowed = (_WRITE_SUFFIXES_SDXL if sdxl else _WRITE_SUFFIXES)[fmt]
     suffix = path.suffix.lower()
     if suffix in allowed:
         return path
     if suffix in _KNOWN_SUFFIXES:
+        what = f"an SDXL {fmt}" if sdxl else f"a {fmt}"
         raise UserError(
-            f"{path}: a {fmt} embedding is written as {' or '.join(allowed)}, not {suffix}; "
+            f"{path}: {what} embedding is written as {' or '.join(allowed)}, not {suffix}; "
             f"change the file name or the format"
         )
     return path.with_name(path.name + allowed[0])
+
+
+def run_format(blocks) -> str:
+    """How a run keeps its embeddings: diffusers' {token: [n, d]} (SD 1.x/2.x), or one
+    clip_l + clip_g file (SDXL), which every SDXL tool reads."""
+    return "diffusers" if len(list(blocks)) == 1 else "kohya"
+
+
+def second_file(path: Path) -> Path:
+    """diffusers' SDXL pair: `learned_embeds.safetensors` -> `learned_embeds_2.safetensors`."""
+    return path.with_name(path.stem + "_2" + path.suffix)
+
+
+def _write_sdxl(final: Path, blocks: list[torch.Tensor], token: str, fmt: str) -> list[Path]:
+    if blocks[0].shape[0] != blocks[1].shape[0]:
+        raise UserError(f"an SDXL word has as many vectors in both encoders, not {blocks[0].shape[0]} and "
+                        f"{blocks[1].shape[0]}")
+    if fmt != "diffusers":  # kohya, A1111, ComfyUI, OneTrainer all read this one file
+        with atomic_path(final) as tmp:
+            safetensors.torch.save_file(dict(zip(SDXL_KEYS, blocks)), str(tmp))
+        return [final]
+    # diffusers' textual_inversion_sdxl.py layout: two files, each {token: [n, d]}.  Both are
+    # written to temp files first; if the second rename fails the first is removed again.
+    paths = [final, second_file(final)]
+    existed = final.exists()
+    try:
+        with atomic_path(paths[1]) as tmp_2, atomic_path(paths[0]) as tmp_1:
+            for tmp, path, block in ((tmp_1, paths[0], blocks[0]), (tmp_2, paths[1], blocks[1])):
+                _write_diffusers(tmp, path, block, token)
+    except BaseException:
+        if not existed and paths[0].exists() and not paths[1].exists():
+            paths[0].unlink()
+        raise
+    return paths
 
 
 def _write_diffusers(tmp: Path, final: Path, tensor: torch.Tensor, token: str, *_: Any) -> None:

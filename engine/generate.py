@@ -1,6 +1,6 @@
 """Prompts -> images: SD alone, SD with learned words (SD+TI), or both side by side.
 
-SD+TI never edits the shared, warm model.  A copy of the tokenizer learns each
+SD+TI never edits the shared, warm model.  A copy of each tokenizer learns each
 concept's token exactly as diffusers' `load_textual_inversion` adds it (same
 strings, same order, same ids), and `placeholders_installed` routes those ids to
 the learned vectors for the length of the job.  The text encoder therefore sees
@@ -8,6 +8,10 @@ the very rows a resized diffusers table would hold, so our images equal what a
 plain diffusers pipeline gives after `load_textual_inversion` of the same file
 (tests/test_generate.py checks this bit for bit), and afterwards the model is
 exactly as it was: same tokenizer, same embedding module.
+
+The pipeline is the model family's (engine.family): `StableDiffusionPipeline`
+for SD 1.x/2.x, `StableDiffusionXLPipeline` for SDXL, whose two encoders each
+get their block of every learned word.
 
 Every image is a PNG carrying an A1111-style `parameters` text chunk plus the
 full record (JSON) in a `tistudio` chunk and in a sidecar `<name>.json`.
@@ -38,9 +42,9 @@ from engine.embeddings import (  # noqa: F401 (re-exported for callers of engine
     step_file,
 )
 from engine.errors import JobCancelled, UserError
-from engine.formats import Embedding, check_width, embedding_sha256, read_embedding
+from engine.formats import Embedding, check_fits, embedding_sha256, read_embedding
 from engine.paths import atomic_write_bytes, atomic_write_json, ensure_private_dir
-from engine.placeholder import placeholders_installed
+from engine.placeholder import installed_in_all
 
 MODES = ("ti", "sd", "compare")
 SAMPLER = "DPM++ 2M"  # A1111's name for DPM-Solver++ (2nd-order multistep)
@@ -63,17 +67,9 @@ def generation_scheduler(model, name: str = "dpm++"):
     return DPMSolverMultistepScheduler.from_config(model.pipe.scheduler.config, algorithm_type="dpmsolver++")
 
 
-def _pipeline_with(model, scheduler, tokenizer=None):
-    """A pipeline over the shared components, with its own scheduler (and tokenizer, for TI)."""
-    from diffusers import StableDiffusionPipeline
-
-    components = dict(model.pipe.components)
-    components["scheduler"] = scheduler
-    if tokenizer is not None:
-        components["tokenizer"] = tokenizer
-    pipe = StableDiffusionPipeline(**components)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+def _pipeline_with(model, scheduler, tokenizers=None):
+    """The family's pipeline over the shared components, with its own scheduler (and tokenizers, for TI)."""
+    return model.family.pipeline(model, scheduler, tokenizers or [tok for _, tok in model.encoders])
 
 
 def _generators(seeds: list[int]) -> list[torch.Generator]:
@@ -82,9 +78,22 @@ def _generators(seeds: list[int]) -> list[torch.Generator]:
 
 
 @torch.no_grad()
+def sample_prompt(model, prompt: str, tokenizers: list, seeds: list[int], steps: int = 25, guidance: float = 7.5,
+                  negative_prompt: str = "", resolution: int | None = None):
+    """One image per seed for `prompt`, tokenized by `tokenizers` (one per encoder): training
+    previews, where the tokenizers know the run's slot tokens and the rows are installed."""
+    pipe = _pipeline_with(model, generation_scheduler(model), tokenizers)
+    size = resolution or model.info.resolution
+    return pipe(
+        prompt=[prompt] * len(seeds), negative_prompt=[negative_prompt] * len(seeds), num_inference_steps=steps,
+        guidance_scale=guidance, generator=_generators(seeds), height=size, width=size, output_type="pil",
+    ).images
+
+
+@torch.no_grad()
 def sample_images(model, prompt_embeds: torch.Tensor, seeds: list[int], steps: int = 25, guidance: float = 7.5,
                   negative_prompt: str = "", resolution: int | None = None):
-    """One image per seed from precomputed prompt embeddings ([1 or N, 77, dim]); training previews."""
+    """One image per seed from precomputed SD 1.x/2.x prompt embeddings ([1 or N, 77, dim])."""
     pipe = _pipeline_with(model, generation_scheduler(model))
     if prompt_embeds.shape[0] == 1 and len(seeds) > 1:
         prompt_embeds = prompt_embeds.expand(len(seeds), -1, -1)
@@ -111,7 +120,13 @@ class UsedEmbedding:
     path: Path
     sha256: str  # embedding_sha256 of the vectors: the same whatever the file format
     description: str
-    vectors: torch.Tensor = field(repr=False)
+    vectors: torch.Tensor = field(repr=False)  # encoder 1's [n, width] block
+    vectors_2: torch.Tensor | None = field(default=None, repr=False)  # SDXL: encoder 2's block
+
+    @property
+    def blocks(self) -> tuple[torch.Tensor, ...]:
+        """One [n, width] block per text encoder (SDXL: clip_l, clip_g)."""
+        return (self.vectors,) if self.vectors_2 is None else (self.vectors, self.vectors_2)
 
     def to_dict(self) -> dict:
         return {
@@ -206,45 +221,54 @@ def load_used(concept, run: str | None = None, step: int | None = None, option: 
     emb = read_embedding(choice.path)
     return UsedEmbedding(
         concept=concept.name, token=concept.token, run=choice.run, step=choice.step, final=choice.final,
-        path=choice.path, sha256=embedding_sha256(emb.vectors), description=concept.description, vectors=emb.vectors,
+        path=choice.path, sha256=embedding_sha256(emb.blocks), description=concept.description, vectors=emb.vectors,
+        vectors_2=emb.vectors_2,
     )
 
 
 # --- the learned words inside a pipeline ---------------------------------------------------------
 
 
-def _tokenizer_with(model, used: list[UsedEmbedding]) -> tuple[object, torch.Tensor | None]:
-    """A tokenizer copy that knows the tokens, and their vectors in id order.
+def _tokenizers_with(model, used: list[UsedEmbedding]) -> tuple[list, list[torch.Tensor] | None]:
+    """Per text encoder: a tokenizer copy that knows the tokens, and their rows in id order.
 
     Token names follow diffusers: an n-vector embedding is `tok`, `tok_1` ... `tok_{n-1}`,
     and the pipeline's `maybe_convert_prompt` expands `tok` in prompts to all of them.
+    SDXL's two tokenizers learn the same names; each encoder gets its own block's rows.
     """
+    encoders = model.encoders
     if not used:
-        return model.tokenizer, None
-    tokenizer = copy.deepcopy(model.tokenizer)
-    base, taken = len(tokenizer), set(tokenizer.get_vocab())
-    rows: list[torch.Tensor] = []
+        return [tok for _, tok in encoders], None
     for u in used:
-        check_width(Embedding(u.vectors, u.token, "diffusers", meta={"path": str(u.path)}),
-                    model.info.text_width, model.info.spec)
-        names = [u.token] + [f"{u.token}_{i}" for i in range(1, u.vectors.shape[0])]
-        for name, row in zip(names, u.vectors):
-            if name in taken:
-                raise UserError(
-                    f"token {name} is already a word of this model; give concept {u.concept!r} another token"
-                )
-            taken.add(name)
-            tokenizer.add_tokens(name)
-            if tokenizer.convert_tokens_to_ids(name) != base + len(rows):
-                raise RuntimeError(f"token {name} did not get the next free id")
-            rows.append(row)
-    return tokenizer, torch.stack(rows)
+        check_fits(Embedding(u.vectors, u.token, "diffusers", meta={"path": str(u.path)}, vectors_2=u.vectors_2),
+                   model.info)
+    tokenizers, tables = [], []
+    for e, (_, original) in enumerate(encoders):
+        tokenizer = copy.deepcopy(original)
+        base, taken = len(tokenizer), set(tokenizer.get_vocab())
+        rows: list[torch.Tensor] = []
+        for u in used:
+            block = u.blocks[e]
+            names = [u.token] + [f"{u.token}_{i}" for i in range(1, block.shape[0])]
+            for name, row in zip(names, block):
+                if name in taken:
+                    raise UserError(
+                        f"token {name} is already a word of this model; give concept {u.concept!r} another token"
+                    )
+                taken.add(name)
+                tokenizer.add_tokens(name)
+                if tokenizer.convert_tokens_to_ids(name) != base + len(rows):
+                    raise RuntimeError(f"token {name} did not get the next free id")
+                rows.append(row)
+        tokenizers.append(tokenizer)
+        tables.append(torch.stack(rows))
+    return tokenizers, tables
 
 
-def _installed(model, vectors: torch.Tensor | None):
-    if vectors is None:
+def _installed(model, tables: list[torch.Tensor] | None):
+    if tables is None:
         return contextlib.nullcontext()
-    return placeholders_installed(model.text_encoder, vectors.to(model.device))
+    return installed_in_all(model.encoders, [t.to(model.device) for t in tables])
 
 
 @torch.no_grad()
@@ -252,8 +276,8 @@ def render(model, prompt: str, seeds: list[int], *, negative: str = "", steps: i
            resolution: int | None = None, batch_size: int = 4, used: list[UsedEmbedding] = (),
            output_type: str = "pil", progress: Progress | None = None, cancelled: Cancelled | None = None) -> list:
     """One image per seed, `batch_size` at a time; `used` words are live only inside this call."""
-    tokenizer, vectors = _tokenizer_with(model, list(used))
-    pipe = _pipeline_with(model, generation_scheduler(model), tokenizer)
+    tokenizers, tables = _tokenizers_with(model, list(used))
+    pipe = _pipeline_with(model, generation_scheduler(model), tokenizers)
     size = resolution or model.info.resolution
     total, images = len(seeds) * steps, []
 
@@ -264,7 +288,7 @@ def render(model, prompt: str, seeds: list[int], *, negative: str = "", steps: i
             progress("sampling", (len(images) * steps + (i + 1) * len(chunk)) / total)
         return kwargs
 
-    with _installed(model, vectors):
+    with _installed(model, tables):
         for start in range(0, len(seeds), batch_size):
             if cancelled and cancelled():
                 raise JobCancelled("generation cancelled")

@@ -44,7 +44,8 @@ def handle_train(ctx) -> dict:
     config = train_config_from(params, concept)
     config.validate()
     model = warm_model(ctx, params.get("model"), params.get("precision", "auto"), params.get("device"))
-    ctx.set_progress(step=0, steps=config.steps, model=model.info.identity(), config=_asdict(config))
+    ctx.set_progress(step=0, steps=config.steps, model=model.info.identity(), config=_asdict(config),
+                     effective_batch=config.effective_batch())
     with _friendly_failures():
         final = train(model, config, ctx.run_dir, concept.images, ContextReporter(ctx), resume=True)
     return {"embedding": str(final)}

@@ -2,16 +2,19 @@
 
 The imported vectors become a finished run of kind "import", so everything that
 looks for "the concept's latest finished run" (generate, export, eval) finds it.
+The file must fit the active model's family (its widths: 768 SD 1.x, 1024 SD 2.x,
+768 + 1280 SDXL); one that does not is refused before anything is written.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.embeddings import FINAL_NAME
 from engine.errors import UserError
-from engine.formats import check_width, read_embedding, write_embedding
+from engine.formats import check_fits, read_embedding, run_format, write_embedding
 from engine.jobs import create_run, set_status
 from engine.library import default_token, validate_name
 from engine.models import load_tokenizer, model_info
@@ -19,11 +22,27 @@ from engine.models import load_tokenizer, model_info
 IMPORT_INIT = "*"  # an imported vector has no initializer word
 
 
+@dataclass
+class Imported:
+    concept: object  # engine.library.Concept
+    run: str
+    vectors: int  # vectors per encoder
+    family: str  # the model family the embedding was checked against
+    notes: list[str] = field(default_factory=list)  # e.g. what in the file was ignored
+
+
 def import_embedding_file(library, path: Path, *, name: str | None = None, token: str | None = None,
                           description: str | None = None, property: str = "object"):
+    """Import `path` as a concept; returns (concept, run id).  `import_embedding` says more."""
+    result = import_embedding(library, path, name=name, token=token, description=description, property=property)
+    return result.concept, result.run
+
+
+def import_embedding(library, path: Path, *, name: str | None = None, token: str | None = None,
+                     description: str | None = None, property: str = "object") -> Imported:
     emb = read_embedding(path)
     info = model_info()
-    check_width(emb, info.text_width, info.spec)
+    check_fits(emb, info)
     name = validate_name(name or _name_from(emb.token, path))
     token = token or (emb.token if _usable_token(emb.token) else default_token(name))
     concept = library.add(name, None, IMPORT_INIT, token=token, property=property,
@@ -31,13 +50,17 @@ def import_embedding_file(library, path: Path, *, name: str | None = None, token
     try:
         run_dir = create_run(library.home,
                              {"kind": "import", "concept": concept.name,
-                              "params": {"source": str(Path(path).resolve()), "format": emb.format}})
-        final = write_embedding(run_dir / FINAL_NAME, emb.vectors, concept.token, "diffusers", step=emb.step)
+                              "params": {"source": str(Path(path).resolve()), "format": emb.format,
+                                         "vectors": emb.num_vectors, "family": info.family,
+                                         "ignored": emb.meta.get("ignored", [])}})
+        final = write_embedding(run_dir / FINAL_NAME, emb.blocks, concept.token, run_format(emb.blocks),
+                                step=emb.step)
         set_status(run_dir, "done", embedding=str(final), step=emb.step or 0, steps=emb.step or 0)
     except BaseException:
         library.delete(concept.name)  # all or nothing: no concept without its embedding
         raise
-    return concept, run_dir.name
+    notes = [f"ignored {key} (output-side vectors this model has no place for)" for key in emb.meta.get("ignored", [])]
+    return Imported(concept, run_dir.name, emb.num_vectors, info.family, notes)
 
 
 def _name_from(token: str | None, path: Path) -> str:

@@ -184,11 +184,35 @@ def check_initializer(tokenizer, word: str) -> int:
         pieces = " + ".join(_token_strings(tokenizer, ids)) or "nothing"
         raise UserError(
             f"initializer {word!r} splits into {len(ids)} tokens ({pieces}); "
-            "pick a simpler single word such as cat, dog, toy or painting"
+            "pick a simpler single word (single-token) such as cat, dog, toy or painting"
         )
     if ids[0] == getattr(tokenizer, "unk_token_id", None):
         raise UserError(f"initializer {word!r} is unknown to the tokenizer; pick a common English word such as cat")
     return ids[0]
+
+
+def initializer_ids(tokenizer, init: str, vectors: int = 1) -> list[int]:
+    """The token ids that start a word of `vectors` vectors, one per vector.
+
+    One vector: `init` must be a single-token word (check_initializer).  N vectors:
+    a single-token word repeated N times, or a phrase of exactly N tokens
+    ("red teapot" for --vectors 2), each vector starting from its own token.
+    """
+    if vectors == 1:
+        return [check_initializer(tokenizer, init)]
+    if not isinstance(init, str) or not init.strip() or any(_is_control(c) for c in init):
+        raise UserError("initializer is empty; give a word (or a phrase of --vectors tokens), e.g. cat")
+    init = " ".join(init.split())
+    ids = _encode(tokenizer, init)
+    if len(ids) == 1 or len(ids) == vectors:
+        if getattr(tokenizer, "unk_token_id", None) in ids:
+            raise UserError(f"initializer {init!r} holds a token unknown to the tokenizer; use common English words")
+        return ids * vectors if len(ids) == 1 else ids
+    pieces = " + ".join(_token_strings(tokenizer, ids)) or "nothing"
+    raise UserError(
+        f"initializer {init!r} is {len(ids)} tokens ({pieces}) but --vectors is {vectors}; give one single-token "
+        f"word (repeated) or a phrase of exactly {vectors} tokens"
+    )
 
 
 def token_in_vocab(tokenizer, token: str) -> bool:

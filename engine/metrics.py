@@ -33,6 +33,7 @@ from engine.prompts import edit_prompts, fill, load_prompts, neutral_prompt, wit
 PAPER_TABLE = {"SD": (0.5622, 0.2639), "SD+TI": (0.8077, 0.1611)}  # reconstruction, editability
 NOTES = "placeholder removed from edit prompts before CLIP text encoding"
 BUILTIN_TINY = "builtin:tiny"
+TINY_SPECS = ("builtin:tiny", "builtin:sd2-tiny", "builtin:sdxl-tiny")
 
 # A small CLIP with the real tokenizer (vocab 49408, context 77): random weights, seconds on a CPU.
 TINY_CLIP = dict(
@@ -115,7 +116,7 @@ def default_clip(model_spec: str | None) -> str:
     from engine.models import resolve_spec
 
     spec = resolve_spec(model_spec)
-    if spec == "builtin:tiny":
+    if spec in TINY_SPECS:  # random-weight test models: a random CLIP measures them as well as any
         return BUILTIN_TINY
     if spec == "builtin:demo":
         return "builtin:demo"

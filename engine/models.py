@@ -5,13 +5,18 @@ A spec is one of:
   builtin:demo        a miniature SD trained by this project on its own procedural world (demo/)
   builtin:sd15-arch   SD 1.5's real shapes with random weights (benchmarks, memory checks)
   builtin:sd21-arch   SD 2.1's real shapes (768 px, v-prediction) with random weights
+  builtin:sd2-tiny    SD 2.x-shaped (v-prediction, '!' padding), tiny, random weights
+  builtin:sdxl-tiny   SDXL-shaped (two text encoders, add_time_ids), tiny, random weights; seconds on a CPU
+  builtin:sdxl-arch   SDXL base 1.0's real shapes (1024 px) with random weights (benchmarks)
   DIR                 a diffusers folder (model_index.json), as written by save_pretrained
-  FILE.safetensors / FILE.ckpt   a single SD 1.x/2.x checkpoint, loaded offline from bundled configs
+  FILE.safetensors / FILE.ckpt   a single SD 1.x/2.x/SDXL checkpoint, loaded offline from bundled configs
   owner/name          a hub id, from the local Hugging Face cache (HF_HUB_OFFLINE=1 works)
 
-Everything is returned as a diffusers `StableDiffusionPipeline` (safety checker
-off) wrapped in `LoadedModel`, so training, generation and parity tests all
-share the exact components diffusers itself would use.
+Everything is returned as a diffusers pipeline (`StableDiffusionPipeline` with
+the safety checker off, or `StableDiffusionXLPipeline` without watermark)
+wrapped in `LoadedModel`, so training, generation and parity tests all share
+the exact components diffusers itself would use.  What differs between the
+families (encoders, conditioning, file layouts) lives in engine.family.
 
 torch is imported inside the functions that load weights: the studio reads
 specs, widths and tokenizers from here without paying for torch.
@@ -19,6 +24,7 @@ specs, widths and tokenizers from here without paying for torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,10 +36,29 @@ from typing import Any
 from engine.errors import NotSupportedError, UserError
 
 CONFIGS = Path(__file__).parent / "configs"
-BUILTINS = {"builtin:tiny": "tiny", "builtin:demo": "demo", "builtin:sd15-arch": "sd15", "builtin:sd21-arch": "sd21"}
+# spec -> (bundled config folder, family)
+BUILTIN_SPECS = {
+    "builtin:tiny": ("tiny", "sd1"),
+    "builtin:demo": ("demo", "sd1"),
+    "builtin:sd15-arch": ("sd15", "sd1"),
+    "builtin:sd21-arch": ("sd21", "sd2"),
+    "builtin:sd2-tiny": ("sd2-tiny", "sd2"),
+    "builtin:sdxl-tiny": ("sdxl-tiny", "sdxl"),
+    "builtin:sdxl-arch": ("sdxl", "sdxl"),
+}
+BUILTINS = {spec: folder for spec, (folder, _) in BUILTIN_SPECS.items()}
 BUILTIN_SEED = 0
 DEFAULT_SPEC = "builtin:demo"  # trained weights: the default that means something
-SDXL_MARKERS = ("StableDiffusionXL", "conditioner.embedders.1", "add_embedding")
+SUPPORTED = "SD 1.x, SD 2.x and SDXL base models are"
+# Bundled configs a single-file checkpoint may fit: (family, text width) -> folder.
+SINGLE_FILE_CONFIGS = {("sd1", 768): "sd15", ("sd1", 32): "tiny", ("sd2", 1024): "sd21", ("sd2", 32): "sd2-tiny",
+                       ("sdxl", 768): "sdxl", ("sdxl", 32): "sdxl-tiny"}
+# The token-embedding key of encoder 1 in each family's original (single-file) layout.
+SINGLE_FILE_TEXT_KEY = {
+    "sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+    "sd2": "cond_stage_model.model.token_embedding.weight",
+    "sdxl": "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+}
 
 
 @dataclass
@@ -42,11 +67,21 @@ class ModelInfo:
 
     spec: str
     kind: str  # builtin | diffusers | single_file | hub
-    family: str  # sd1 | sd2
-    text_width: int
+    family: str  # sd1 | sd2 | sdxl (engine.family)
+    text_width: int  # encoder 1's width (the only encoder of SD 1.x/2.x)
     prediction_type: str  # epsilon | v_prediction
     resolution: int
     location: str = ""
+    text_widths: tuple[int, ...] = ()  # every text encoder's width, in pipeline order (SDXL: 768, 1280)
+
+    def __post_init__(self):
+        self.text_widths = tuple(self.text_widths) or (self.text_width,)
+
+    @property
+    def family_label(self) -> str:
+        from engine.family import FAMILY_LABELS
+
+        return FAMILY_LABELS.get(self.family, self.family)
 
     def identity(self) -> dict:
         return {
@@ -54,6 +89,7 @@ class ModelInfo:
             "kind": self.kind,
             "family": self.family,
             "text_width": self.text_width,
+            "text_widths": list(self.text_widths),
             "prediction_type": self.prediction_type,
             "resolution": self.resolution,
             "fingerprint": fingerprint(self),
@@ -63,7 +99,7 @@ class ModelInfo:
 @dataclass
 class LoadedModel:
     info: ModelInfo
-    pipe: Any  # diffusers.StableDiffusionPipeline
+    pipe: Any  # diffusers.StableDiffusionPipeline or StableDiffusionXLPipeline
     device: Any  # torch.device
     dtype: Any  # torch.dtype
 
@@ -71,6 +107,18 @@ class LoadedModel:
     text_encoder = property(lambda self: self.pipe.text_encoder)
     unet = property(lambda self: self.pipe.unet)
     vae = property(lambda self: self.pipe.vae)
+
+    @property
+    def family(self):
+        """The engine.family object: how this model's prompts become conditioning."""
+        from engine.family import family
+
+        return family(self.info.family)
+
+    @property
+    def encoders(self) -> list:
+        """(text_encoder, tokenizer) pairs that take placeholder rows, in pipeline order."""
+        return self.family.encoders(self.pipe)
 
     def noise_scheduler(self):
         """The training-time scheduler (DDPM family) from the model's own schedule config."""
@@ -89,9 +137,10 @@ def resolve_spec(spec: str | None) -> str:
 def model_info(spec: str | None = None) -> ModelInfo:
     spec = resolve_spec(spec)
     if spec.startswith("builtin:"):
-        if spec not in BUILTINS:
-            raise UserError(f"unknown built-in model {spec!r}; choose one of {', '.join(BUILTINS)}")
-        return _info_from_config_dir(spec, "builtin", CONFIGS / BUILTINS[spec])
+        if spec not in BUILTIN_SPECS:
+            raise UserError(f"unknown built-in model {spec!r}; choose one of {', '.join(BUILTIN_SPECS)}")
+        folder, family = BUILTIN_SPECS[spec]
+        return _info_from_config_dir(spec, "builtin", CONFIGS / folder, family)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
@@ -108,34 +157,79 @@ def model_info(spec: str | None = None) -> ModelInfo:
     )
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, what: str = "the model") -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {path}: {exc}; is the model folder complete?") from None
+        raise UserError(f"cannot read {path}: {exc}; is {what} folder complete?") from None
 
 
-def _info_from_config_dir(spec: str, kind: str, root: Path) -> ModelInfo:
+def _component(index: dict, name: str) -> str | None:
+    """The class a model_index.json names for a component (None when absent or null)."""
+    entry = index.get(name)
+    return entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[1] else None
+
+
+def pipeline_family(index: dict, unet: dict | None = None) -> str:
+    """sdxl, or sd (1.x/2.x, told apart by the text encoder); refuse refiners and other families."""
+    name = str(index.get("_class_name", ""))
+    xl = "StableDiffusionXL" in name or (unet or {}).get("addition_embed_type") == "text_time"
+    if xl and (not _component(index, "text_encoder") or index.get("requires_aesthetics_score")):
+        raise NotSupportedError(
+            "this is an SDXL refiner (one OpenCLIP encoder, aesthetic score); refiners are not supported, "
+            "use an SDXL base model"
+        )
+    if xl:
+        return "sdxl"
+    if name and (not name.startswith("StableDiffusion") or name.startswith("StableDiffusion3")):
+        raise NotSupportedError(f"{name} models are not supported; {SUPPORTED}")
+    return "sd"
+
+
+def _info_from_config_dir(spec: str, kind: str, root: Path, family: str | None = None) -> ModelInfo:
     index = _read_json(root / "model_index.json")
-    if any(m in index.get("_class_name", "") for m in SDXL_MARKERS):
-        raise NotSupportedError(f"{spec} is an SDXL model; SDXL is not supported yet (SD 1.x and 2.x are)")
-    unet = _read_json(root / "unet" / "config.json")
-    text = _read_json(root / "text_encoder" / "config.json")
-    sched = _read_json(root / "scheduler" / "scheduler_config.json")
-    vae = _read_json(root / "vae" / "config.json")
-    if unet.get("addition_embed_type") or unet.get("cross_attention_dim") not in (text.get("hidden_size"),):
-        raise NotSupportedError(f"{spec} is not an SD 1.x/2.x pipeline; only those are supported yet")
-    width = int(text["hidden_size"])
+    unet_path = root / "unet" / "config.json"
+    unet = json.loads(unet_path.read_text()) if unet_path.is_file() else None
+    kind_of = pipeline_family(index, unet)
+    what = "the SDXL model" if kind_of == "sdxl" else "the model"
+    unet = _read_json(unet_path, what)
+    texts = [_read_json(root / "text_encoder" / "config.json", what)]
+    if kind_of == "sdxl":
+        texts.append(_read_json(root / "text_encoder_2" / "config.json", what))
+    sched = _read_json(root / "scheduler" / "scheduler_config.json", what)
+    vae = _read_json(root / "vae" / "config.json", what)
+    widths = tuple(int(t["hidden_size"]) for t in texts)
+    if kind_of == "sdxl":
+        family = "sdxl"
+        if unet.get("cross_attention_dim") != sum(widths):
+            raise NotSupportedError(f"{spec}: its UNet does not read both text encoders as SDXL's does; {SUPPORTED}")
+    else:
+        if unet.get("addition_embed_type") or unet.get("cross_attention_dim") != widths[0]:
+            raise NotSupportedError(f"{spec} is not an SD 1.x/2.x or SDXL pipeline; {SUPPORTED}")
+        family = family or ("sd2" if widths[0] == 1024 or _pads_with_bang(root) else "sd1")
     scale = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
     return ModelInfo(
         spec=spec,
         kind=kind,
-        family="sd2" if width == 1024 else "sd1",
-        text_width=width,
+        family=family,
+        text_width=widths[0],
+        text_widths=widths,
         prediction_type=sched.get("prediction_type", "epsilon"),
         resolution=int(unet.get("sample_size", 64)) * scale,
         location=str(root),
     )
+
+
+def _pads_with_bang(root: Path) -> bool:
+    """SD 2.x's tokenizer pads with '!' (OpenCLIP's way); SD 1.x's with <|endoftext|>."""
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = root / "tokenizer" / name
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                pad = json.loads(path.read_text()).get("pad_token")
+                pad = pad.get("content") if isinstance(pad, dict) else pad
+                return pad == "!"
+    return False
 
 
 def _hub_snapshot(repo_id: str) -> Path:
@@ -155,13 +249,14 @@ def _hub_snapshot(repo_id: str) -> Path:
     return Path(path)
 
 
-def _single_file_keys(path: Path) -> list[str]:
+def _single_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape, without reading the weights."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as fh:
-                return list(fh.keys())
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
         except Exception:
             raise UserError(f"{path} is not a readable .safetensors checkpoint; is the file complete?") from None
     if path.suffix == ".ckpt":
@@ -172,25 +267,41 @@ def _single_file_keys(path: Path) -> list[str]:
         except Exception:
             raise UserError(f"{path} could not be loaded safely (weights_only); convert it to .safetensors") from None
         data = data.get("state_dict", data) if isinstance(data, dict) else {}
-        return list(data.keys())
+        return {k: tuple(v.shape) for k, v in data.items() if hasattr(v, "shape")}
     raise UserError(f"{path}: unknown checkpoint type; use a .safetensors or .ckpt file")
 
 
-def family_from_keys(keys: list[str]) -> str:
-    """Tell SD 1.x from SD 2.x (and refuse SDXL) by the checkpoint's text-encoder keys."""
-    joined = set(k.split(".weight")[0] for k in keys)
-    if any(k.startswith("conditioner.embedders") for k in joined):
-        raise NotSupportedError("this checkpoint is SDXL; SDXL is not supported yet (SD 1.x and 2.x are)")
-    if any(k.startswith("cond_stage_model.model.") for k in joined):
+def family_from_keys(keys) -> str:
+    """Tell SD 1.x, SD 2.x and SDXL apart by the checkpoint's text-encoder keys; refuse the rest."""
+    keys = list(keys)
+
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in keys)
+
+    if has("conditioner.embedders.0.transformer.") and has("conditioner.embedders.1.model."):
+        return "sdxl"
+    if has("conditioner.embedders.0.model."):
+        raise NotSupportedError("this checkpoint is an SDXL refiner; refiners are not supported, use an SDXL base model")
+    if has("conditioner.embedders"):
+        raise NotSupportedError(f"this checkpoint's text encoders are not SDXL base's; {SUPPORTED} supported")
+    if has("text_encoders.") or has("double_blocks.") or has("model.diffusion_model.joint_blocks."):
+        raise NotSupportedError(f"this checkpoint is an SD3/Flux-family model; {SUPPORTED} supported")
+    if has("cond_stage_model.model."):
         return "sd2"
-    if any(k.startswith("cond_stage_model.transformer.") for k in joined):
+    if has("cond_stage_model.transformer."):
         return "sd1"
-    raise NotSupportedError("this checkpoint is not a Stable Diffusion 1.x/2.x model; only those are supported")
+    raise NotSupportedError(f"this checkpoint is not a Stable Diffusion model; {SUPPORTED} supported")
 
 
 def _single_file_info(spec: str, path: Path) -> ModelInfo:
-    family = family_from_keys(_single_file_keys(path))
-    info = _info_from_config_dir(spec, "single_file", CONFIGS / ("sd21" if family == "sd2" else "sd15"))
+    shapes = _single_file_shapes(path)
+    family = family_from_keys(shapes)
+    width = (shapes.get(SINGLE_FILE_TEXT_KEY[family]) or (0, 0))[-1]
+    folder = SINGLE_FILE_CONFIGS.get((family, width))
+    if folder is None:
+        raise UserError(f"{path}: a {family} checkpoint with text width {width}, which no bundled config fits; "
+                        "convert it to a diffusers folder and pass that folder")
+    info = _info_from_config_dir(spec, "single_file", CONFIGS / folder, family)
     info.location = str(path)
     return info
 
@@ -211,12 +322,12 @@ def fingerprint(info: ModelInfo) -> str:
 
 
 def load_tokenizer(spec: str | None = None):
-    """The model's tokenizer alone (cheap: no weights)."""
+    """The model's (first) tokenizer alone (cheap: no weights)."""
     info = model_info(spec)
     if info.kind in ("builtin", "single_file"):
-        from engine.tokenizer import load_clip_tokenizer
+        from engine.family import family
 
-        return load_clip_tokenizer()
+        return family(info.family).derived_tokenizers()[0]
     from transformers import CLIPTokenizer
 
     return CLIPTokenizer.from_pretrained(info.location, subfolder="tokenizer")
@@ -225,38 +336,49 @@ def load_tokenizer(spec: str | None = None):
 def load_model(spec: str | None = None, device="cpu", dtype=None) -> LoadedModel:
     import torch
 
+    from engine.family import pool_at_eos
+
     dtype = dtype or torch.float32
     info = model_info(spec)
     loader = {"builtin": _build_builtin, "diffusers": _load_dir, "hub": _load_dir, "single_file": _load_single_file}
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # its dtype-cast notices are noise for our users
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars, likewise
     pipe = loader[info.kind](info)
     pipe.set_progress_bar_config(disable=True)
     device = torch.device(device)
     pipe.to(device=device, dtype=dtype)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder):
+    model = LoadedModel(info=info, pipe=pipe, device=device, dtype=dtype)
+    for module in (pipe.unet, pipe.vae, *(encoder for encoder, _ in model.encoders)):
         module.requires_grad_(False)
         module.eval()
-    return LoadedModel(info=info, pipe=pipe, device=device, dtype=dtype)
+    for encoder, tokenizer in model.encoders:
+        pool_at_eos(encoder, tokenizer)
+    return model
 
 
-def _assemble(unet, vae, text_encoder, tokenizer, scheduler):
-    from diffusers import StableDiffusionPipeline
+def _pipeline_class(family: str):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def _pipeline_kwargs(family: str) -> dict:
+    """What we pass every pipeline we build: no safety checker (SD), no watermark (SDXL)."""
+    if family == "sdxl":
+        return {"add_watermarker": False}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
 def _build_builtin(info: ModelInfo):
     """Random weights from a fixed seed: the same weights on every call and machine."""
+    import diffusers
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from engine.tokenizer import load_clip_tokenizer
+    from engine.family import family
 
     if info.spec == "builtin:demo":  # trained, shipped weights (engine/demo_weights)
         from engine.demo_model import build_demo_pipeline
@@ -265,45 +387,54 @@ def _build_builtin(info: ModelInfo):
     root = Path(info.location)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILTIN_SEED)
-        unet = UNet2DConditionModel.from_config(_read_json(root / "unet" / "config.json"))
-        vae = AutoencoderKL.from_config(_read_json(root / "vae" / "config.json"))
-        text_encoder = CLIPTextModel(CLIPTextConfig(**_read_json(root / "text_encoder" / "config.json")))
-    scheduler = DDPMScheduler.from_config(_read_json(root / "scheduler" / "scheduler_config.json"))
-    return _assemble(unet, vae, text_encoder, load_clip_tokenizer(), scheduler)
+        parts = {
+            "unet": UNet2DConditionModel.from_config(_read_json(root / "unet" / "config.json")),
+            "vae": AutoencoderKL.from_config(_read_json(root / "vae" / "config.json")),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**_read_json(root / "text_encoder" / "config.json"))),
+        }
+        if info.family == "sdxl":
+            config = CLIPTextConfig(**_read_json(root / "text_encoder_2" / "config.json"))
+            parts["text_encoder_2"] = CLIPTextModelWithProjection(config)
+    tokenizers = family(info.family).derived_tokenizers()
+    parts["tokenizer"] = tokenizers[0]
+    if info.family == "sdxl":
+        parts["tokenizer_2"] = tokenizers[1]
+    sched_config = _read_json(root / "scheduler" / "scheduler_config.json")
+    parts["scheduler"] = getattr(diffusers, sched_config["_class_name"]).from_config(sched_config)
+    return _pipeline_class(info.family)(**parts, **_pipeline_kwargs(info.family))
 
 
 def _load_dir(info: ModelInfo):
-    from diffusers import StableDiffusionPipeline
-
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            info.location, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            local_files_only=True,
+        return _pipeline_class(info.family).from_pretrained(
+            info.location, local_files_only=True, **_pipeline_kwargs(info.family)
         )
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the pipeline in {info.location}: {str(exc).splitlines()[0]}") from None
 
 
-def single_file_config_dir(family: str) -> Path:
-    """Bundled JSON configs plus the derived tokenizer, as the folder from_single_file wants."""
+def single_file_config_dir(folder: str, family_name: str) -> Path:
+    """Bundled JSON configs plus the derived tokenizer(s), as the folder from_single_file wants."""
+    from engine.family import family
     from engine.tokenizer import tokenizer_dir
 
-    src = CONFIGS / ("sd21" if family == "sd2" else "sd15")
-    dest = tokenizer_dir().parent / f"single-file-config-{src.name}"
-    if not (dest / "tokenizer" / "vocab.json").exists():
+    src = CONFIGS / folder
+    dest = tokenizer_dir().parent / f"single-file-config-v2-{folder}"
+    names = ["tokenizer", "tokenizer_2"][: len(family(family_name).tokenizer_pads)]
+    if not all((dest / name / "vocab.json").exists() for name in names):
         shutil.copytree(src, dest, dirs_exist_ok=True)
-        shutil.copytree(tokenizer_dir(), dest / "tokenizer", dirs_exist_ok=True)
+        for name, pad in zip(names, family(family_name).tokenizer_pads):
+            shutil.copytree(tokenizer_dir(pad), dest / name, dirs_exist_ok=True)
     return dest
 
 
 def _load_single_file(info: ModelInfo):
-    from diffusers import StableDiffusionPipeline
-
-    config = single_file_config_dir(info.family)
+    family = family_from_keys(_single_file_shapes(Path(info.location)))
+    width = info.text_width
+    config = single_file_config_dir(SINGLE_FILE_CONFIGS[(family, width)], family)
     try:
-        return StableDiffusionPipeline.from_single_file(
-            info.location, config=str(config), local_files_only=True,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        return _pipeline_class(family).from_single_file(
+            info.location, config=str(config), local_files_only=True, **_pipeline_kwargs(family)
         )
     except (OSError, ValueError, KeyError) as exc:
         raise UserError(f"cannot load checkpoint {info.location}: {str(exc).splitlines()[0]}") from None

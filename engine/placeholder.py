@@ -6,22 +6,37 @@ of a small `vectors` tensor (one per placeholder).  Only `vectors` is ever
 trained, so the 49k-row table stays bit-for-bit frozen and the optimizer
 touches K vectors, not the whole table.  With K rows, K independent runs
 (seeds, initializer words, concepts) share one text-encoder and UNet call.
+
+A word of N vectors is N consecutive placeholder ids, in every text encoder
+of the model (SDXL has two).  Training keeps run k's whole word as one row of
+a [K, P] matrix (`WordLayout`): its N vectors for encoder 1, then its N
+vectors for encoder 2.  The optimizer treats a row as one run (one step count,
+one overflow skip), and each encoder reads its [K*N, width] block of that
+matrix at every forward.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+Rows = "torch.Tensor | Callable[[], torch.Tensor]"
+
 
 class PlaceholderEmbedding(nn.Module):
-    def __init__(self, base: nn.Embedding, vectors: torch.Tensor):
+    def __init__(self, base: nn.Embedding, vectors: Rows):
         super().__init__()
         self.base = base
         self.base_size = base.num_embeddings
-        self.vectors = vectors  # [K, dim] fp32, usually a leaf with requires_grad
+        # [S, dim] fp32 (usually a leaf with requires_grad), or a function returning it,
+        # called at every forward so that it reads the trained matrix as it is now.
+        self.vectors = vectors
+
+    def rows(self) -> torch.Tensor:
+        return self.vectors() if callable(self.vectors) else self.vectors
 
     @property
     def weight(self) -> torch.Tensor:  # some callers read .weight.dtype / .device
@@ -30,8 +45,9 @@ class PlaceholderEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         is_new = input_ids >= self.base_size
         frozen = self.base(input_ids.masked_fill(is_new, 0))
-        slot = (input_ids - self.base_size).clamp(min=0, max=self.vectors.shape[0] - 1)
-        new = self.vectors.to(frozen.dtype)[slot]
+        rows = self.rows()
+        slot = (input_ids - self.base_size).clamp(min=0, max=rows.shape[0] - 1)
+        new = rows.to(frozen.dtype)[slot]
         return torch.where(is_new.unsqueeze(-1), new, frozen)
 
 
@@ -51,7 +67,7 @@ def add_slots(tokenizer, count: int) -> list[int]:
 
 
 @contextlib.contextmanager
-def placeholders_installed(text_encoder, vectors: torch.Tensor):
+def placeholders_installed(text_encoder, vectors: Rows):
     """Temporarily route new ids to `vectors`; the shared model is restored afterwards."""
     original = text_encoder.get_input_embeddings()
     text_encoder.set_input_embeddings(PlaceholderEmbedding(original, vectors))
@@ -65,3 +81,45 @@ def initial_vectors(text_encoder, token_ids: list[int]) -> torch.Tensor:
     """fp32 copies of the initializer words' rows: the starting point of each run."""
     table = text_encoder.get_input_embeddings().weight
     return table[torch.tensor(token_ids, device=table.device)].detach().float().clone()
+
+
+@contextlib.contextmanager
+def installed_in_all(encoders, rows: list[Rows]):
+    """`placeholders_installed` on each text encoder of a model (SDXL: both), with its rows."""
+    with contextlib.ExitStack() as stack:
+        for (text_encoder, _), block in zip(encoders, rows, strict=True):
+            stack.enter_context(placeholders_installed(text_encoder, block))
+        yield
+
+
+@dataclass(frozen=True)
+class WordLayout:
+    """Where a word of `n` vectors per encoder sits in one flat row of P floats."""
+
+    widths: tuple[int, ...]  # one per text encoder
+    n: int  # vectors per encoder
+
+    @property
+    def size(self) -> int:
+        return self.n * sum(self.widths)
+
+    def _span(self, e: int) -> tuple[int, int]:
+        start = self.n * sum(self.widths[:e])
+        return start, start + self.n * self.widths[e]
+
+    def block(self, rows: torch.Tensor, e: int) -> torch.Tensor:
+        """[K, P] -> encoder e's [K*n, width]: run k's vector j is row k*n + j (differentiable)."""
+        start, end = self._span(e)
+        return rows[:, start:end].reshape(-1, self.widths[e])
+
+    def split(self, row: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One run's row [P] -> its [n, width] block per encoder."""
+        return tuple(row[slice(*self._span(e))].reshape(self.n, w) for e, w in enumerate(self.widths))
+
+    def join(self, blocks) -> torch.Tensor:
+        """[n, width] per encoder -> one row [P]."""
+        blocks = list(blocks)
+        shapes = [tuple(b.shape) for b in blocks]
+        if shapes != [(self.n, w) for w in self.widths]:
+            raise ValueError(f"blocks {shapes} do not fit a word of {self.n} vectors of widths {self.widths}")
+        return torch.cat([b.reshape(-1) for b in blocks])

@@ -5,6 +5,10 @@ SD's tokenizer is OpenAI CLIP's BPE.  open_clip ships those merges as
 `merges.txt` that `transformers.CLIPTokenizer` reads, in the same order CLIP
 builds its vocabulary, so ids match SD's (`<|startoftext|>` = 49406).
 The files are derived once and cached.
+
+Two paddings exist in the wild: SD 1.x (and SDXL's first tokenizer) pad with
+`<|endoftext|>`; SD 2.x and SDXL's second tokenizer pad with `!` (id 0), as
+OpenCLIP did.  Padded positions reach the UNet, so the choice matters.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import platformdirs
 from engine.paths import atomic_write_text
 
 VOCAB_SIZE = 49408
+EOS = "<|endoftext|>"
+PAD_BANG = "!"  # OpenCLIP's padding (SD 2.x, SDXL's tokenizer_2): id 0
 _MERGE_COUNT = 49152 - 256 - 2
 
 
@@ -47,7 +53,7 @@ def _bpe_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
 
-def derive_tokenizer_files(out_dir: Path) -> Path:
+def derive_tokenizer_files(out_dir: Path, pad: str = EOS) -> Path:
     """Write vocab.json, merges.txt and tokenizer configs for CLIPTokenizer into out_dir."""
     lines = gzip.open(_bpe_path()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : _MERGE_COUNT + 1]]
@@ -65,7 +71,7 @@ def derive_tokenizer_files(out_dir: Path) -> Path:
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad,
         "do_lower_case": True,
         "tokenizer_class": "CLIPTokenizer",
     }
@@ -77,24 +83,28 @@ def derive_tokenizer_files(out_dir: Path) -> Path:
     return out_dir
 
 
-def tokenizer_dir() -> Path:
-    """The cached folder of derived tokenizer files (created on first use)."""
+def tokenizer_dir(pad: str = EOS) -> Path:
+    """The cached folder of derived tokenizer files padding with `pad` (created on first use)."""
+    if pad not in (EOS, PAD_BANG):
+        raise ValueError(f"unknown CLIP padding {pad!r}")
     root = Path(os.environ.get("TISTUDIO_CACHE") or platformdirs.user_cache_dir("tistudio"))
-    out = root / "clip-tokenizer-v1"
+    out = root / ("clip-tokenizer-v1" if pad == EOS else "clip-tokenizer-v1-pad-bang")
     if not (out / "special_tokens_map.json").exists():
-        derive_tokenizer_files(out)
+        derive_tokenizer_files(out, pad)
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _cached_tokenizer():
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(pad: str):
     from transformers import CLIPTokenizer
 
-    return CLIPTokenizer.from_pretrained(str(tokenizer_dir()))
+    return CLIPTokenizer.from_pretrained(str(tokenizer_dir(pad)))
 
 
-def load_clip_tokenizer():
-    """A fresh copy of SD 1.x's CLIP tokenizer (callers may add tokens to it)."""
+def load_clip_tokenizer(pad: str = EOS):
+    """A fresh copy of SD's CLIP tokenizer (callers may add tokens to it).
+
+    pad: EOS for SD 1.x and SDXL's first encoder, PAD_BANG for SD 2.x and SDXL's second."""
     import copy
 
-    return copy.deepcopy(_cached_tokenizer())
+    return copy.deepcopy(_cached_tokenizer(pad))

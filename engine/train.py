@@ -1,22 +1,30 @@
-"""The inversion: learn one new word's vector, everything else frozen.
+"""The inversion: learn one new word's vectors, everything else frozen.
 
 Read `Inversion.run` top to bottom: it is the whole training loop.  K runs
 (K >= 1) train together: row k of every batch belongs to run k, with its own
-token slot, vector, optimizer state and random streams, so a batched run ends
+token slots, vectors, optimizer state and random streams, so a batched run ends
 where its solo run would.
 
+A word is N vectors (`--vectors`) in each text encoder the model family names
+(engine.family: one for SD 1.x/2.x, two for SDXL).  Run k's whole word is row k
+of the trained matrix `vectors` [K, P] (engine.placeholder.WordLayout), so one
+optimizer row is one run, however many vectors and encoders it has.
+
 What must stay true (see docs/architecture.md):
-  * only the placeholder vectors (fp32) are optimized; UNet, VAE, text encoder
-    and every row of the token table are frozen, bit for bit;
+  * only the placeholder vectors (fp32) are optimized; UNet, VAE, text encoders
+    and every row of the token tables are frozen, bit for bit;
   * loss = MSE(UNet prediction, noise or velocity) at a random training timestep
     on a cached latent of a random image/flip, under a random prompt template;
   * a run killed anywhere resumes from its last checkpoint and ends exactly where
-    an uninterrupted run with the same seed ends (all RNG state is checkpointed).
+    an uninterrupted run with the same seed ends (all RNG state is checkpointed);
+  * with --grad-accum G, one optimizer step averages G micro-batches, each drawn
+    from the run's own stream, so resume stays exact at any step boundary.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import time
@@ -28,13 +36,24 @@ import torch
 import torch.nn.functional as F
 
 from engine import checkpoints
-from engine.data import default_preview_prompt, encode_images, load_images, templates_for
-from engine.errors import JobCancelled, NotSupportedError, UserError
+from engine.data import (
+    default_preview_prompt,
+    encode_images,
+    load_images,
+    templates_for,
+)
+from engine.errors import JobCancelled, UserError
 from engine.faults import maybe_fault
 from engine.gpu import memory_figures
 from engine.optim import RowAdamW
 from engine.paths import atomic_write_bytes
-from engine.placeholder import add_slots, initial_vectors, placeholders_installed, slot_tokens
+from engine.placeholder import (
+    WordLayout,
+    add_slots,
+    initial_vectors,
+    installed_in_all,
+    slot_tokens,
+)
 from engine.train_config import COMPILE_MODES, LR_SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
 
 
@@ -64,6 +83,7 @@ class RunSlot:
     run_dir: Path
     images: list[Path]
     reporter: Reporter = field(default_factory=QuietReporter)
+    home: Path | None = None  # the library, for --init-from NAME@RUN:STEP (default: the run's own)
 
 
 class Inversion:
@@ -74,13 +94,19 @@ class Inversion:
         self.device = model.device
         for slot in slots:
             slot.config.validate()
-            _refuse_unbuilt(slot.config)
         self._check_compatible()
         self.cfg0 = slots[0].config
-        self.tokenizer = _tokenizer_copy(model.tokenizer)
-        self.slot_ids = add_slots(self.tokenizer, self.k)
-        init_ids = [_single_token_id(self.tokenizer, s.config.init) for s in slots]
-        self.vectors = initial_vectors(model.text_encoder, init_ids).requires_grad_(True)
+        self.family = model.family
+        self.encoders = model.encoders
+        self.n = self.cfg0.vectors
+        self.layout = WordLayout(tuple(model.info.text_widths), self.n)
+        self.tokenizers = [copy.deepcopy(tok) for _, tok in self.encoders]
+        for tok in self.tokenizers:
+            add_slots(tok, self.k * self.n)
+        names = slot_tokens(self.k * self.n)
+        self.words = [" ".join(names[k * self.n : (k + 1) * self.n]) for k in range(self.k)]
+        rows = [self._initial_row(slot) for slot in slots]
+        self.vectors = torch.stack(rows).to(self.device).requires_grad_(True)  # [K, P] fp32
         self.optimizer = RowAdamW(lr=self.cfg0.lr, weight_decay=self.cfg0.weight_decay)
         scale = 2.0**16 if model.dtype == torch.float16 else 1.0
         self.state = self.optimizer.init_state(self.vectors.detach(), loss_scale=scale)
@@ -98,22 +124,31 @@ class Inversion:
 
     def _check_compatible(self) -> None:
         """Batched runs share one step counter and schedule; only seed, init word and data differ."""
-        shared = ("steps", "lr", "batch_size", "weight_decay", "lr_schedule", "warmup_steps", "resolution")
+        shared = ("steps", "lr", "batch_size", "grad_accum", "weight_decay", "lr_schedule", "warmup_steps",
+                  "resolution", "vectors")
         first = self.slots[0].config
         for slot in self.slots[1:]:
             for name in shared:
                 if getattr(slot.config, name) != getattr(first, name):
                     raise UserError(f"batched runs must share --{name.replace('_', '-')}; run them separately")
 
-    def _tokenize_templates(self, k: int) -> torch.Tensor:
-        slot = slot_tokens(self.k)[k]
+    def _initial_row(self, slot: RunSlot) -> torch.Tensor:
+        """Run k's starting word as one row: the initializer's rows, or an existing embedding."""
+        cfg = slot.config
+        if cfg.init_from:
+            from engine.init_from import starting_blocks
+
+            blocks = starting_blocks(cfg.init_from, self.model.info, self.n, slot.home or _library_home(slot.run_dir))
+        else:
+            blocks = [initial_vectors(encoder, _init_ids(tok, cfg.init, self.n))
+                      for (encoder, _), tok in zip(self.encoders, self.tokenizers)]
+        return self.layout.join([b.float().cpu() for b in blocks])
+
+    def _tokenize_templates(self, k: int) -> list[torch.Tensor]:
+        """Run k's prompt templates with its word, tokenized once per encoder: [T, 77] each."""
         cfg = self.slots[k].config
-        prompts = [t.format(slot) for t in (cfg.templates or templates_for(cfg.property))]
-        ids = self.tokenizer(
-            prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids
-        return ids.to(self.device)
+        prompts = [t.format(self.words[k]) for t in (cfg.templates or templates_for(cfg.property))]
+        return [ids.to(self.device) for ids in self.family.tokenize(self.tokenizers, prompts)]
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -132,33 +167,37 @@ class Inversion:
 
     def _checkpoint(self, step: int) -> None:
         for k, slot in enumerate(self.slots):
-            path = checkpoints.save_row(slot.run_dir, step, k, self.vectors, self.state, self.generators[k])
+            path = checkpoints.save_row(slot.run_dir, step, k, self.vectors, self.state, self.generators[k],
+                                        layout=self.layout)
             slot.reporter.emit("checkpoint", step=step, path=str(path))
+            if slot.config.keep_checkpoints:
+                checkpoints.prune(slot.run_dir, slot.config.keep_checkpoints)
 
     def _save_embedding(self, step: int, final: bool = False) -> None:
-        from engine.formats import write_embedding
+        from engine.formats import run_format, write_embedding
 
         for k, slot in enumerate(self.slots):
-            vec = self.vectors.detach()[k : k + 1].float().cpu()
-            if not torch.isfinite(vec).all():
+            row = self.vectors.detach()[k].float().cpu()
+            if not torch.isfinite(row).all():
                 raise FloatingPointError("the embedding is not finite")
+            blocks = self.layout.split(row)
             name = "learned_embeds.safetensors" if final else f"embeddings/learned_embeds-steps-{step}.safetensors"
-            path = write_embedding(slot.run_dir / name, vec, slot.config.token, "diffusers", step=step)
+            path = write_embedding(slot.run_dir / name, blocks, slot.config.token, run_format(blocks), step=step)
             slot.reporter.emit("embedding", step=step, path=str(path), final=final)
 
     # --- one step ----------------------------------------------------------------------------
 
-    def _draw(self) -> tuple[torch.Tensor, ...]:
+    def _draw(self) -> tuple:
         """Each run draws its own image, flip, template, timestep and noise from its own stream."""
         b = self.cfg0.batch_size
         cache0 = self.latents[0]
         latent_shape = cache0.mean.shape[2:]
-        lat, noise, ids, ts = [], [], [], []
+        lat, noise, ids, ts, micro = [], [], [[] for _ in self.encoders], [], []
         for k, slot in enumerate(self.slots):
             g, cfg, cache = self.generators[k], slot.config, self.latents[k]
             index = torch.randint(0, cache.num_images, (b,), generator=g)
             flip = (torch.rand((b,), generator=g) < cfg.flip_p).long()
-            template = torch.randint(0, self.prompt_ids[k].shape[0], (b,), generator=g)
+            template = torch.randint(0, self.prompt_ids[k][0].shape[0], (b,), generator=g)
             t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=g)
             if cfg.fixed_timestep is not None:
                 t.fill_(cfg.fixed_timestep)
@@ -169,18 +208,20 @@ class Inversion:
                 n = torch.randn((b, *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
             lat.append(cache.sample(index, flip, posterior_noise.to(cache.mean.device)))
             noise.append(n)
-            ids.append(self.prompt_ids[k][template.to(self.device)])
+            for e, encoder_ids in enumerate(self.prompt_ids[k]):
+                ids[e].append(encoder_ids[template.to(self.device)])
             ts.append(t)
+            micro.append(cache.micro[index])
         cat = lambda xs: torch.cat(xs).to(self.device)  # noqa: E731
-        return cat(lat), cat(noise), cat(ids), cat(ts)
+        return cat(lat), cat(noise), [cat(x) for x in ids], cat(ts), cat(micro)
 
     def _loss_rows(self) -> torch.Tensor:
         """Per-run MSE loss, [K] fp32, still on the device (no host sync)."""
-        latents, noise, ids, t = self._draw()
+        latents, noise, ids, t, micro = self._draw()
         dtype = self.model.dtype
         noisy = self.scheduler.add_noise(latents, noise, t)
-        hidden = self.model.text_encoder(ids)[0]
-        pred = self.unet(noisy.to(dtype), t, encoder_hidden_states=hidden).sample
+        conditioning = self.family.condition(self.encoders, ids, micro)
+        pred = self.unet(noisy.to(dtype), t, **conditioning).sample
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, t)
         else:
@@ -193,6 +234,7 @@ class Inversion:
     def run(self) -> list[Path]:
         cfg = self.cfg0
         self._status("running", step=self.start_step, steps=cfg.steps)
+        self._header()
         loss_sum = torch.zeros(self.k, device=self.device)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         logged, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
@@ -226,12 +268,18 @@ class Inversion:
         return [s.run_dir / "learned_embeds.safetensors" for s in self.slots]
 
     def train_step(self, step: int) -> torch.Tensor:
-        """Forward, backward, one AdamW update of the vectors; returns the [K] loss (no sync)."""
-        loss = self._loss_rows()
-        (loss * self.state["loss_scale"]).sum().backward()
+        """Forward and backward over --grad-accum micro-batches, then one AdamW update of the
+        vectors; returns the [K] loss averaged over the micro-batches (no sync)."""
+        accum = self.cfg0.grad_accum
+        total = None
+        for _ in range(accum):
+            loss = self._loss_rows()
+            # Dividing by a power of two is exact; any other G rounds the same way on every resume.
+            (loss * (self.state["loss_scale"] / accum)).sum().backward()
+            total = loss.detach() if total is None else total + loss.detach()
         self.optimizer.step(self.vectors.data, self.vectors.grad, self.state, self.cfg0.lr_at(step))
         self.vectors.grad = None
-        return loss.detach()
+        return total / accum
 
     @contextlib.contextmanager
     def installed(self):
@@ -239,12 +287,24 @@ class Inversion:
         unet = self.model.unet
         if self.cfg0.low_vram:
             unet.enable_gradient_checkpointing()
+        blocks = [lambda e=e: self.layout.block(self.vectors, e) for e in range(len(self.encoders))]
         try:
-            with placeholders_installed(self.model.text_encoder, self.vectors):
+            with installed_in_all(self.encoders, blocks):
                 yield
         finally:
             if self.cfg0.low_vram:
                 unet.disable_gradient_checkpointing()
+
+    def _header(self) -> None:
+        """The run's header event: what is trained, and how (clients show it above the loss)."""
+        cfg = self.cfg0
+        for slot in self.slots:
+            slot.reporter.emit(
+                "train", step=self.start_step, steps=cfg.steps, family=self.model.info.family,
+                vectors=self.n, widths=list(self.layout.widths), batch_size=cfg.batch_size,
+                grad_accum=cfg.grad_accum, effective_batch=cfg.effective_batch(), resolution=self.resolution,
+                runs=self.k, init_from=slot.config.init_from,
+            )
 
     def _log(self, step: int, loss: torch.Tensor, steps_per_s: float, elapsed: float, lr: float) -> None:
         losses = loss.tolist()
@@ -264,26 +324,22 @@ class Inversion:
     @torch.no_grad()
     def _preview(self, step: int) -> None:
         """One image per run from a fixed prompt and seed; never touches the training RNG."""
-        from engine.generate import sample_images
+        from engine.generate import sample_prompt
 
         for k, slot in enumerate(self.slots):
             cfg = slot.config
+            word = self.words[k]
             prompt = (cfg.preview_prompt or default_preview_prompt(cfg.property, "{token}")).replace(
-                "{token}", slot_tokens(self.k)[k]
-            ).replace(cfg.token, slot_tokens(self.k)[k])
-            ids = self.tokenizer(
-                [prompt], padding="max_length", max_length=self.tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
-            ).input_ids.to(self.device)
-            embeds = self.model.text_encoder(ids)[0]
-            image = sample_images(
-                self.model, embeds, seeds=[cfg.preview_seed], steps=cfg.preview_steps, guidance=7.5
+                "{token}", word
+            ).replace(cfg.token, word)
+            image = sample_prompt(
+                self.model, prompt, self.tokenizers, seeds=[cfg.preview_seed], steps=cfg.preview_steps, guidance=7.5
             )[0]
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             path = slot.run_dir / "previews" / f"step-{step}.png"
             atomic_write_bytes(path, buf.getvalue())
-            slot.reporter.emit("preview", step=step, path=str(path), prompt=prompt.replace(slot_tokens(self.k)[k], cfg.token))
+            slot.reporter.emit("preview", step=step, path=str(path), prompt=prompt.replace(word, cfg.token))
 
 
 def compiled_unet(model, mode: str):
@@ -296,27 +352,21 @@ def compiled_unet(model, mode: str):
     return cache[mode]
 
 
-def _refuse_unbuilt(config: TrainConfig) -> None:
-    """Settings the CLI accepts that this loop does not honour yet: refuse rather than ignore."""
-    unbuilt = {"--vectors": config.vectors != 1, "--grad-accum": config.grad_accum != 1,
-               "--init-from": bool(config.init_from), "--keep-checkpoints": config.keep_checkpoints is not None,
-               "--regularize": config.regularize != "none"}
-    for option, used in unbuilt.items():
-        if used:
-            raise NotSupportedError(f"{option} is not supported by this build yet; leave it out")
+def _init_ids(tokenizer, init: str, n: int) -> list[int]:
+    """The initializer's token ids, one per vector (engine.library.initializer_ids: one rule everywhere)."""
+    from engine.library import initializer_ids
+
+    return initializer_ids(tokenizer, init, n)
 
 
-def _tokenizer_copy(tokenizer):
-    import copy
+def _library_home(run_dir: Path) -> Path:
+    """The library a run directory belongs to (<home>/concepts/<name>/runs/<id>), else $TISTUDIO_HOME."""
+    run_dir = Path(run_dir).resolve()
+    if len(run_dir.parents) > 3 and run_dir.parent.name == "runs" and run_dir.parents[2].name == "concepts":
+        return run_dir.parents[3]
+    from engine.paths import home_dir
 
-    return copy.deepcopy(tokenizer)
-
-
-def _single_token_id(tokenizer, word: str) -> int:
-    ids = tokenizer(word, add_special_tokens=False).input_ids
-    if len(ids) != 1:
-        raise UserError(f"initializer {word!r} is {len(ids)} tokens for this model; choose a single-token word")
-    return ids[0]
+    return home_dir()
 
 
 def train(model, config: TrainConfig, run_dir: Path, images: list[Path], reporter: Reporter | None = None,

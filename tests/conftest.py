@@ -29,6 +29,14 @@ def tiny_model():
     return load_model("builtin:tiny")
 
 
+@pytest.fixture(scope="session")
+def sdxl_model():
+    """builtin:sdxl-tiny: SDXL-shaped (two text encoders, 32 and 64 wide), random weights."""
+    from engine.models import load_model
+
+    return load_model("builtin:sdxl-tiny")
+
+
 @pytest.fixture
 def image_dir(tmp_path):
     from helpers import make_images

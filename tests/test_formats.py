@@ -326,11 +326,100 @@ def test_malicious_pickle_newer_protocol_refused_without_running(tmp_path, proto
     assert not marker.exists()
 
 
-def test_sdxl_embedding_not_supported(tmp_path):
+def test_sdxl_clip_l_clip_g_file_reads_as_two_blocks(tmp_path):
+    """kohya, A1111, ComfyUI: one safetensors with clip_l [n, 768] and clip_g [n, 1280]."""
     path = tmp_path / "sdxl.safetensors"
-    safetensors.torch.save_file({"clip_l": vecs(2, 768), "clip_g": vecs(2, 1280)}, str(path))
-    message = refused(NotSupportedError, read_embedding, path)
-    assert "SDXL" in message and "not supported" in message
+    l, g = vecs(2, 768, seed=1), vecs(2, 1280, seed=2)
+    safetensors.torch.save_file({"clip_l": l, "clip_g": g}, str(path))
+    emb = read_embedding(path)
+    assert (emb.format, emb.widths, emb.num_vectors, emb.family) == ("sdxl", (768, 1280), 2, "sdxl")
+    assert torch.equal(emb.blocks[0], l) and torch.equal(emb.blocks[1], g)
+
+
+def test_onetrainer_sdxl_output_embeddings_are_ignored_and_said(tmp_path):
+    path = tmp_path / "ot.safetensors"
+    safetensors.torch.save_file({"clip_l": vecs(1, 768), "clip_g": vecs(1, 1280), "clip_l_out": vecs(1, 768),
+                                 "clip_g_out": vecs(1, 1280)}, str(path))
+    emb = read_embedding(path)
+    assert emb.format == "onetrainer" and emb.widths == (768, 1280)
+    assert emb.meta["ignored"] == ["clip_l_out", "clip_g_out"]
+
+
+def test_onetrainer_sd_emp_params_out_is_ignored_and_said(tmp_path):
+    path = tmp_path / "ot.safetensors"
+    safetensors.torch.save_file({"emp_params": vecs(3), "emp_params_out": vecs(3)}, str(path))
+    emb = read_embedding(path)
+    assert (emb.format, emb.widths, emb.meta["ignored"]) == ("onetrainer", (768,), ["emp_params_out"])
+
+
+def test_sdxl_blocks_of_different_lengths_refused(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    safetensors.torch.save_file({"clip_l": vecs(2, 768), "clip_g": vecs(3, 1280)}, str(path))
+    refused(UserError, read_embedding, path, match="clip_l has 2 vectors but clip_g 3")
+
+
+def test_half_an_sdxl_file_refused(tmp_path):
+    path = tmp_path / "half.safetensors"
+    safetensors.torch.save_file({"clip_g": vecs(2, 1280)}, str(path))
+    refused(UserError, read_embedding, path, match="needs both clip_l and clip_g")
+
+
+def test_diffusers_sdxl_pair_reads_from_either_file_or_its_folder(tmp_path):
+    """diffusers' textual_inversion_sdxl.py: learned_embeds (768) + learned_embeds_2 (1280), {token: [n, d]}."""
+    l, g = vecs(3, 768, seed=3), vecs(3, 1280, seed=4)
+    safetensors.torch.save_file({"<cat>": l}, str(tmp_path / "learned_embeds.safetensors"))
+    safetensors.torch.save_file({"<cat>": g}, str(tmp_path / "learned_embeds_2.safetensors"))
+    for source in (tmp_path, tmp_path / "learned_embeds.safetensors", tmp_path / "learned_embeds_2.safetensors"):
+        emb = read_embedding(source)
+        assert (emb.format, emb.token, emb.widths, emb.family) == ("diffusers", "<cat>", (768, 1280), "sdxl")
+        assert torch.equal(emb.vectors, l) and torch.equal(emb.vectors_2, g)
+
+
+def test_diffusers_pair_of_different_words_refused(tmp_path):
+    safetensors.torch.save_file({"<cat>": vecs(1, 768)}, str(tmp_path / "learned_embeds.safetensors"))
+    safetensors.torch.save_file({"<dog>": vecs(1, 1280)}, str(tmp_path / "learned_embeds_2.safetensors"))
+    refused(UserError, read_embedding, tmp_path, match="same word")
+    # given one file, a neighbour that is not its other half is left alone
+    emb = read_embedding(tmp_path / "learned_embeds.safetensors")
+    assert (emb.token, emb.widths) == ("<cat>", (768,))
+    (tmp_path / "other").mkdir()
+    refused(UserError, read_embedding, tmp_path / "other", match="nor a folder holding diffusers' SDXL pair")
+
+
+def test_kohya_xti_recognised_and_refused(tmp_path):
+    path = tmp_path / "xti.safetensors"
+    keys = ["IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07",
+            "OUT08", "OUT09", "OUT10", "OUT11"]
+    safetensors.torch.save_file({k: vecs(1, 768, seed=i) for i, k in enumerate(keys)}, str(path))
+    message = refused(NotSupportedError, read_embedding, path, match="XTI")
+    assert "16 per-layer" in message and "UNet" in message
+
+
+@pytest.mark.parametrize("fmt", ["a1111", "kohya", "comfy"])
+def test_sdxl_writes_clip_l_clip_g_for_a1111_kohya_comfy(tmp_path, fmt):
+    l, g = vecs(2, 768, seed=5), vecs(2, 1280, seed=6)
+    out = write_embedding(tmp_path / f"{fmt}-xl", (l, g), "<cat>", fmt)
+    assert out == tmp_path / f"{fmt}-xl.safetensors"
+    raw = safetensors.torch.load_file(str(out))
+    assert set(raw) == {"clip_l", "clip_g"}
+    assert torch.equal(raw["clip_l"], l) and torch.equal(raw["clip_g"], g)
+    refused(UserError, write_embedding, tmp_path / "x.pt", (l, g), "<cat>", fmt, match="SDXL")
+
+
+def test_sdxl_writes_diffusers_pair(tmp_path):
+    l, g = vecs(2, 768, seed=7), vecs(2, 1280, seed=8)
+    paths = formats.write_embedding_files(tmp_path / "learned_embeds.safetensors", (l, g), "<cat>", "diffusers")
+    assert paths == [tmp_path / "learned_embeds.safetensors", tmp_path / "learned_embeds_2.safetensors"]
+    assert torch.equal(safetensors.torch.load_file(str(paths[0]))["<cat>"], l)
+    assert torch.equal(safetensors.torch.load_file(str(paths[1]))["<cat>"], g)
+    back = read_embedding(paths[0])
+    assert torch.equal(back.vectors, l) and torch.equal(back.vectors_2, g)
+
+
+def test_comfy_writes_a_file_comfy_reads_for_sd(tmp_path):
+    out = write_embedding(tmp_path / "c", vecs(2), "<cat>", "comfy")
+    assert set(safetensors.torch.load_file(str(out))) == {"emb_params"}
+    assert read_embedding(out).widths == (768,)
 
 
 def test_other_multi_encoder_embedding_not_supported(tmp_path):
@@ -489,6 +578,19 @@ def test_check_width_names_both_widths():
     assert "768" in message and "1024" in message and "sd2-base" in message
 
 
+@pytest.mark.parametrize(("widths", "model_widths", "file_family", "model_family"), [
+    ((768,), (768, 1280), "SD 1.x", "SDXL"),
+    ((1024,), (768,), "SD 2.x", "SD 1.x"),
+    ((768, 1280), (1024,), "SDXL", "SD 2.x"),
+    ((768, 1280), (768,), "SDXL", "SD 1.x"),
+])
+def test_width_decides_the_family_and_a_mismatch_names_both(widths, model_widths, file_family, model_family):
+    blocks = [vecs(1, w) for w in widths]
+    emb = Embedding(vectors=blocks[0], token="<t>", format="x", vectors_2=blocks[1] if len(blocks) > 1 else None)
+    message = refused(UserError, check_width, emb, model_widths, "my-model")
+    assert f"for {file_family} (" in message and f"a model of {model_family} (" in message and "my-model" in message
+
+
 def test_embedding_sha256_is_stable_and_dtype_independent():
     v = vecs()
     assert embedding_sha256(v) == embedding_sha256(v.clone())
@@ -501,4 +603,4 @@ def test_embedding_sha256_is_stable_and_dtype_independent():
 
 
 def test_formats_write_constant():
-    assert FORMATS_WRITE == ("diffusers", "a1111", "kohya")
+    assert FORMATS_WRITE == ("diffusers", "a1111", "kohya", "comfy")

@@ -145,3 +145,150 @@ def test_low_vram_checkpointing_gives_the_same_run(tiny_model, image_dir, tmp_pa
     low = read_embedding(train(tiny_model, _cfg(steps=5, low_vram=True), tmp_path / "b", images)).vectors
     torch.testing.assert_close(plain, low, rtol=1e-5, atol=1e-6)
     assert not tiny_model.unet.is_gradient_checkpointing  # the shared model is left as it was
+
+
+# --- SDXL: one word in both text encoders ------------------------------------------------------------
+
+
+def test_sdxl_trains_the_word_in_both_encoders_and_freezes_everything_else(sdxl_model, image_dir, tmp_path):
+    modules = ("unet", "vae", "text_encoder", "text_encoder_2")
+    before = {f"{m}.{k}": v.clone() for m in modules for k, v in getattr(sdxl_model.pipe, m).state_dict().items()}
+    reporter = QuietReporter()
+    out = train(sdxl_model, _cfg(steps=6, lr=5e-2, save_every=6), tmp_path / "run", _images(image_dir), reporter)
+    after = {f"{m}.{k}": v for m in modules for k, v in getattr(sdxl_model.pipe, m).state_dict().items()}
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    learned = read_embedding(out)
+    assert learned.widths == (32, 64) and learned.format == "sdxl"  # one clip_l + clip_g file per run
+    for (encoder, tokenizer), block in zip(sdxl_model.encoders, learned.blocks):
+        [cat] = tokenizer("cat", add_special_tokens=False).input_ids
+        assert not torch.equal(block[0], encoder.get_input_embeddings().weight[cat].float())
+    header = next(e for e in reporter.events if e["type"] == "train")
+    assert (header["family"], header["widths"], header["vectors"]) == ("sdxl", [32, 64], 1)
+
+
+def test_sdxl_low_vram_gives_the_same_run(sdxl_model, image_dir, tmp_path):
+    images = _images(image_dir)
+    plain = read_embedding(train(sdxl_model, _cfg(steps=3), tmp_path / "a", images))
+    low = read_embedding(train(sdxl_model, _cfg(steps=3, low_vram=True), tmp_path / "b", images))
+    for a, b in zip(plain.blocks, low.blocks):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not sdxl_model.unet.is_gradient_checkpointing
+
+
+# --- gradient accumulation, keeping checkpoints, starting from an embedding -----------------------------
+
+
+def _one_sample(**kw):
+    """One latent, timestep, noise and template: every micro-batch is the same sample."""
+    return _cfg(steps=4, save_every=4, lr=5e-2, fixed_timestep=500, fixed_noise=True, flip_p=0.0,
+                templates=["a photo of a {}"], **kw)
+
+
+def test_grad_accum_averages_micro_batches(tiny_model, image_dir, tmp_path):
+    one = _images(image_dir)[:1]
+    plain = read_embedding(train(tiny_model, _one_sample(), tmp_path / "a", one)).vectors
+    # two identical micro-batches averaged give the same gradient, bit for bit (a sum would not)
+    accum = read_embedding(train(tiny_model, _one_sample(grad_accum=2), tmp_path / "b", one)).vectors
+    assert torch.equal(plain, accum)
+    # with random draws, the second micro-batch changes the result
+    images = _images(image_dir)
+    a = read_embedding(train(tiny_model, _cfg(steps=4, seed=1), tmp_path / "c", images)).vectors
+    b = read_embedding(train(tiny_model, _cfg(steps=4, seed=1, grad_accum=2), tmp_path / "d", images)).vectors
+    assert not torch.equal(a, b)
+
+
+def test_grad_accum_resumes_bit_exact_and_reports_the_effective_batch(tiny_model, image_dir, tmp_path):
+    images = _images(image_dir)
+    cfg = {"seed": 9, "grad_accum": 3, "batch_size": 2, "steps": 10, "save_every": 5}
+    reporter = QuietReporter()
+    full = read_embedding(train(tiny_model, _cfg(**cfg), tmp_path / "full", images, reporter)).vectors
+    header = next(e for e in reporter.events if e["type"] == "train")
+    assert (header["batch_size"], header["grad_accum"], header["effective_batch"]) == (2, 3, 6)
+    with pytest.raises(JobCancelled):
+        train(tiny_model, _cfg(**cfg), tmp_path / "cut", images, _CancelAt(after_steps=5))
+    resumed = read_embedding(train(tiny_model, _cfg(**cfg), tmp_path / "cut", images)).vectors
+    assert torch.equal(full, resumed)
+
+
+def test_effective_batch_in_the_run_record(tiny_model, image_dir):
+    from engine.handlers import handle_train
+    from engine.jobs import JobContext, create_run, load_run
+    from engine.library import Library
+    from engine.paths import home_dir
+
+    home = home_dir()
+    Library(home).add("toy", image_dir, "cat")
+    params = {"steps": 2, "save_every": 2, "preview_every": 0, "log_every": 1, "batch_size": 2, "grad_accum": 2}
+    spec = {"kind": "train", "concept": "toy", "params": params}
+    run_dir = create_run(home, spec)
+    ctx = JobContext(spec, run_dir.name, run_dir, home)
+    ctx.cache["model"] = (("builtin:tiny", "cpu", "torch.float32"), tiny_model)
+    handle_train(ctx)
+    ctx.flush()
+    assert load_run(run_dir)["effective_batch"] == 4
+
+
+def test_keep_checkpoints_prunes_the_oldest_and_resume_is_unaffected(tiny_model, image_dir, tmp_path):
+    images = _images(image_dir)
+    cfg = {"steps": 12, "save_every": 2, "seed": 5}
+    full = read_embedding(train(tiny_model, _cfg(**cfg), tmp_path / "full", images)).vectors
+    with pytest.raises(JobCancelled):
+        train(tiny_model, _cfg(**cfg, keep_checkpoints=2), tmp_path / "cut", images, _CancelAt(after_steps=5))
+    assert [c.step for c in checkpoints.list_checkpoints(tmp_path / "cut")] == [4, 5]
+    # a kill in the middle of a prune leaves a hidden folder; resume ignores and clears it
+    (tmp_path / "cut" / "checkpoints" / ".pruned-step-2").mkdir()
+    resumed = read_embedding(train(tiny_model, _cfg(**cfg, keep_checkpoints=1), tmp_path / "cut", images)).vectors
+    assert torch.equal(full, resumed)
+    assert [c.step for c in checkpoints.list_checkpoints(tmp_path / "cut")] == [12]
+    assert not (tmp_path / "cut" / "checkpoints" / ".pruned-step-2").exists()
+    # the embeddings of every saved step stay (the steps ablation reads them)
+    assert len(list((tmp_path / "cut" / "embeddings").glob("*.safetensors"))) == 6
+
+
+def test_init_from_a_file_in_any_layout(tiny_model, image_dir, tmp_path):
+    from engine.formats import write_embedding
+    from engine.train import Inversion
+
+    start = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
+    source = write_embedding(tmp_path / "from-a1111.pt", start, "other", "a1111")
+    slot = RunSlot(_cfg(vectors=2, init_from=str(source)), tmp_path / "run", _images(image_dir))
+    assert torch.equal(Inversion(tiny_model, [slot]).vectors.detach()[0], start.reshape(-1))
+    out = read_embedding(train(tiny_model, _cfg(vectors=2, init_from=str(source), steps=2, save_every=2),
+                               tmp_path / "run2", _images(image_dir)))
+    assert out.num_vectors == 2 and not torch.equal(out.vectors, start)
+
+
+def test_init_from_a_library_run_and_step(tiny_model, image_dir, tmp_path):
+    from engine.library import Library
+    from engine.paths import atomic_write_json, home_dir
+    from engine.train import Inversion
+
+    library = Library(home_dir())
+    concept = library.add("toy", image_dir, "cat")
+    run_dir = concept.runs_dir / "r1"
+    train(tiny_model, _cfg(steps=4, save_every=2), run_dir, concept.images)
+    atomic_write_json(run_dir / "run.json", {"id": "r1", "status": "done", "created": 1.0, "steps": 4})
+    at_2 = read_embedding(run_dir / "embeddings" / "learned_embeds-steps-2.safetensors").vectors
+    inv = Inversion(tiny_model, [RunSlot(_cfg(init_from="toy@r1:2"), tmp_path / "run", concept.images)])
+    assert torch.equal(inv.vectors.detach()[0], at_2[0])
+    with pytest.raises(UserError, match="no embedding at step 3"):
+        Inversion(tiny_model, [RunSlot(_cfg(init_from="toy@r1:3"), tmp_path / "x", concept.images)])
+
+
+def test_init_from_must_fit_family_and_vectors(tiny_model, sdxl_model, image_dir, tmp_path):
+    from engine.formats import write_embedding
+    from engine.train import Inversion
+
+    images = _images(image_dir)
+    one = write_embedding(tmp_path / "one.safetensors", torch.randn(1, 32), "<a>")
+    xl = write_embedding(tmp_path / "xl.safetensors", (torch.randn(2, 32), torch.randn(2, 64)), "<a>", "kohya")
+    with pytest.raises(UserError, match=r"holds 1 vector\(s\) per encoder but --vectors is 2; pass --vectors 1"):
+        Inversion(tiny_model, [RunSlot(_cfg(vectors=2, init_from=str(one)), tmp_path / "a", images)])
+    with pytest.raises(UserError, match=r"for widths 32 \+ 64 does not fit builtin:tiny, a model of SD 1.x \(width 32\)"):
+        Inversion(tiny_model, [RunSlot(_cfg(vectors=2, init_from=str(xl)), tmp_path / "b", images)])
+    with pytest.raises(UserError, match="no such file, and not NAME@RUN:STEP"):
+        Inversion(tiny_model, [RunSlot(_cfg(init_from=str(tmp_path / "missing.pt")), tmp_path / "c", images)])
+    inv = Inversion(sdxl_model, [RunSlot(_cfg(vectors=2, init_from=str(xl)), tmp_path / "d", images)])
+    blocks = inv.layout.split(inv.vectors.detach()[0])
+    assert torch.equal(blocks[1], read_embedding(xl).vectors_2)

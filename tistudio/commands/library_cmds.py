@@ -63,8 +63,8 @@ def add_commands(sub) -> None:
     p.add_argument("name")
     p.add_argument("--run", help="run id (default: the latest finished run)")
     p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
-    p.add_argument("--format", default="diffusers", choices=("diffusers", "a1111", "kohya"),
-                   help="the file layout: diffusers, A1111 (.pt or .safetensors), kohya/invoke")
+    p.add_argument("--format", default="diffusers", choices=("diffusers", "a1111", "kohya", "comfy"),
+                   help="diffusers (SDXL: two files, X and X_2), a1111, kohya, comfy (SDXL: clip_l + clip_g)")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=export_embedding)
@@ -171,22 +171,26 @@ def concept_rename(args) -> int:
 
 
 def import_embedding(args) -> int:
-    from engine.importing import import_embedding_file
+    from engine.importing import import_embedding
 
-    concept, run_id = import_embedding_file(
+    result = import_embedding(
         _library(), Path(args.file), name=args.name, token=args.token, description=args.description,
         property="style" if args.style else "object",
     )
+    concept, run_id = result.concept, result.run
     if args.json:
-        print_json({**concept.to_dict(), "run": run_id})
+        print_json({**concept.to_dict(), "run": run_id, "vectors": result.vectors, "notes": result.notes})
     else:
-        print(f"imported {args.file} as concept {concept.name} (token {concept.token}, run {run_id})")
+        print(f"imported {args.file} as concept {concept.name} (token {concept.token}, run {run_id}, "
+              f"{result.vectors} vector{'s' if result.vectors != 1 else ''})")
+        for note in result.notes:
+            print(f"note: {note}")
     return 0
 
 
 def export_embedding(args) -> int:
     from engine.errors import UserError
-    from engine.formats import write_embedding
+    from engine.formats import write_embedding_files
     from engine.generate import load_used
 
     concept = _library().get(args.name)
@@ -196,7 +200,7 @@ def export_embedding(args) -> int:
         raise UserError(f"{out} already exists; choose another --out or add --force to overwrite")
     if out.is_dir():
         raise UserError(f"{out} is a folder; give a file name for --out")
-    written = write_embedding(out, used.vectors, concept.token, args.format, step=used.step)
+    written = ", ".join(map(str, write_embedding_files(out, used.blocks, concept.token, args.format, step=used.step)))
     print(f"wrote {written} ({args.format}, token {concept.token}, run {used.run}"
           f"{'' if used.final else f', step {used.step}'})")
     return 0

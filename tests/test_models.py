@@ -1,0 +1,149 @@
+"""Model specs per family: SDXL (builtin, diffusers folder, single file, hub cache), single-file SD 1.x/2.x
+in the original layout, SD 2.x tokenization, and clear refusals for refiners and other families."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ldm_layout import pipeline_to_single_file
+from safetensors.torch import save_file
+
+from engine.errors import NotSupportedError, UserError
+from engine.models import family_from_keys, load_model, load_tokenizer, model_info
+
+SPECS = {"sd1": "builtin:tiny", "sd2": "builtin:sd2-tiny", "sdxl": "builtin:sdxl-tiny"}
+
+
+def _components(pipe, family):
+    return ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if family == "sdxl" else [])
+
+
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
+def test_single_file_in_the_original_layout_equals_the_diffusers_folder_it_came_from(family, tmp_path):
+    """A diffusers folder (save_pretrained) written out as one original-layout checkpoint
+    (model.diffusion_model.*, first_stage_model.*, and the family's text-encoder keys) loads
+    offline from the bundled configs with every tensor equal."""
+    source = load_model(SPECS[family])
+    folder = tmp_path / "folder"
+    source.pipe.save_pretrained(folder)
+    from_folder = load_model(str(folder))
+    checkpoint = tmp_path / f"{family}.safetensors"
+    save_file(pipeline_to_single_file(from_folder.pipe, family), str(checkpoint))
+    info = model_info(str(checkpoint))
+    assert (info.kind, info.family, info.text_widths) == ("single_file", family, source.info.text_widths)
+    loaded = load_model(str(checkpoint))
+    for name in _components(loaded.pipe, family):
+        theirs, ours = getattr(from_folder.pipe, name).state_dict(), getattr(loaded.pipe, name).state_dict()
+        assert theirs.keys() == ours.keys(), name
+        for key in theirs:
+            assert torch.equal(theirs[key], ours[key]), f"{name}.{key}"
+    assert info.prediction_type == ("v_prediction" if family == "sd2" else "epsilon")
+    # every tokenizer pads as the family's own does
+    prompts = ["a photo of a cat", "a red teapot on a table, studio light"]
+    for (_, ours_tok), (_, theirs_tok) in zip(loaded.encoders, from_folder.encoders):
+        assert ours_tok(prompts, padding="max_length", max_length=77).input_ids == \
+            theirs_tok(prompts, padding="max_length", max_length=77).input_ids
+
+
+def test_sd2_prompts_tokenize_as_the_sd2_diffusers_tokenizer_pads_with_bang(tmp_path):
+    """SD 2.x's tokenizer pads with '!' (id 0), not <|endoftext|>: built-ins and single files alike."""
+    expected = [49406, 320, 1125, 539, 320, 2368, 49407] + [0] * 70  # "a photo of a cat", then "!" padding
+    for spec in ("builtin:sd21-arch", "builtin:sd2-tiny"):
+        assert load_tokenizer(spec)("a photo of a cat", padding="max_length", max_length=77).input_ids == expected
+    assert load_tokenizer("builtin:tiny")("a cat", padding="max_length", max_length=77).input_ids[3:] == [49407] * 74
+
+
+def test_sdxl_diffusers_folder_trains_and_generates(sdxl_model, tmp_path, image_dir):
+    """A folder written by diffusers' own StableDiffusionXLPipeline.save_pretrained."""
+    from engine.formats import read_embedding
+    from engine.generate import render
+    from engine.train import TrainConfig, train
+
+    assert type(sdxl_model.pipe).__name__ == "StableDiffusionXLPipeline"
+    sdxl_model.pipe.save_pretrained(tmp_path / "xl")
+    index = json.loads((tmp_path / "xl" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionXLPipeline"
+    info = model_info(str(tmp_path / "xl"))
+    assert (info.kind, info.family, info.text_widths, info.resolution) == ("diffusers", "sdxl", (32, 64), 64)
+    model = load_model(str(tmp_path / "xl"))
+    cfg = TrainConfig(token="<t>", init="cat", steps=2, save_every=2, preview_every=0, log_every=1)
+    learned = read_embedding(train(model, cfg, tmp_path / "run", sorted(image_dir.glob("*.png"))))
+    assert learned.widths == (32, 64)
+    [image] = render(model, "a photo of a cat", [0], steps=2)
+    assert image.size == (64, 64)
+
+
+def test_sdxl_hub_id_from_the_local_cache_offline(sdxl_model, tmp_path, monkeypatch):
+    import huggingface_hub.constants as c
+
+    hub = tmp_path / "hf" / "hub"
+    repo = hub / "models--someone--tiny-xl"
+    sdxl_model.pipe.save_pretrained(repo / "snapshots" / ("b" * 40))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("b" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
+    info = model_info("someone/tiny-xl")
+    assert (info.kind, info.family) == ("hub", "sdxl")
+    loaded = load_model("someone/tiny-xl")
+    assert torch.equal(next(loaded.pipe.text_encoder_2.parameters()), next(sdxl_model.pipe.text_encoder_2.parameters()))
+
+
+def test_sdxl_arch_has_sdxl_base_shapes():
+    """builtin:sdxl-arch is SDXL base 1.0's architecture: its parameter counts, 1024 px (built on the meta device)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    info = model_info("builtin:sdxl-arch")
+    assert (info.family, info.text_widths, info.resolution) == ("sdxl", (768, 1280), 1024)
+    root = Path(info.location)
+
+    def read(name):
+        return json.loads((root / name / "config.json").read_text())
+
+    with torch.device("meta"):
+        counts = [sum(p.numel() for p in m.parameters()) for m in (
+            UNet2DConditionModel.from_config(read("unet")), AutoencoderKL.from_config(read("vae")),
+            CLIPTextModel(CLIPTextConfig(**read("text_encoder"))),
+            CLIPTextModelWithProjection(CLIPTextConfig(**read("text_encoder_2"))))]
+    assert counts == [2_567_463_684, 83_653_863, 123_060_480, 694_659_840]
+
+
+def test_family_from_checkpoint_keys_and_refusals():
+    xl = ["conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",
+          "conditioner.embedders.1.model.token_embedding.weight"]
+    assert family_from_keys(xl) == "sdxl"
+    with pytest.raises(NotSupportedError, match="refiner"):
+        family_from_keys(["conditioner.embedders.0.model.token_embedding.weight"])
+    with pytest.raises(NotSupportedError, match="SD3/Flux"):
+        family_from_keys(["text_encoders.clip_l.transformer.text_model.embeddings.token_embedding.weight"])
+    with pytest.raises(NotSupportedError, match="not a Stable Diffusion"):
+        family_from_keys(["lora_unet_down.weight"])
+
+
+def test_refiner_and_other_family_folders_are_refused_clearly(tmp_path):
+    cases = {
+        "refiner": ({"_class_name": "StableDiffusionXLImg2ImgPipeline", "text_encoder": [None, None],
+                     "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                     "requires_aesthetics_score": True}, "refiner"),
+        "sd3": ({"_class_name": "StableDiffusion3Pipeline"}, "StableDiffusion3Pipeline models are not supported"),
+        "flux": ({"_class_name": "FluxPipeline"}, "FluxPipeline models are not supported"),
+    }
+    for name, (index, needle) in cases.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model_index.json").write_text(json.dumps(index))
+        with pytest.raises(NotSupportedError, match=needle) as info:
+            model_info(str(tmp_path / name))
+        assert "\n" not in str(info.value)
+
+
+def test_single_file_without_a_fitting_bundled_config_is_refused(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_file({"cond_stage_model.transformer.text_model.embeddings.token_embedding.weight": torch.zeros(10, 48)},
+              str(path))
+    with pytest.raises(UserError, match="text width 48, which no bundled config fits"):
+        model_info(str(path))

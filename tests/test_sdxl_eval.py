@@ -1,0 +1,47 @@
+"""Table 1 and the ablations on an SDXL model (builtin:sdxl-tiny): unchanged in meaning, with the family on record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from engine.experiments import seeds_experiment, steps_experiment
+from engine.library import Library
+from engine.metrics import default_clip, evaluate
+from engine.paths import atomic_write_json, home_dir
+from engine.train import TrainConfig, train
+
+FAST = {"images": 1, "clip": "builtin:tiny", "sample_steps": 1}
+
+
+def _library(image_dir):
+    lib = Library(home_dir())
+    lib.add("cat", image_dir, "cat", description="a small grey cat")
+    return lib
+
+
+def test_table_1_on_sdxl(sdxl_model, image_dir):
+    lib = _library(image_dir)
+    concept = lib.get("cat")
+    cfg = TrainConfig(token=concept.token, init="cat", steps=2, save_every=1, preview_every=0, log_every=1,
+                      vectors=2)
+    train(sdxl_model, cfg, concept.runs_dir / "r1", concept.images)
+    atomic_write_json(concept.runs_dir / "r1" / "run.json",
+                      {"id": "r1", "kind": "train", "status": "done", "created": 1.0, "steps": 2})
+    table = evaluate(sdxl_model, lib, "cat", **FAST)
+    assert [r["model"] for r in table["rows"]] == ["SD", "SD+TI"]
+    assert table["model"]["family"] == "sdxl" and table["model"]["text_widths"] == [32, 64]
+    assert table["rendered"]["SD+TI"][0] == "a photo of <cat>" and table["rendered"]["SD"][0] == "a photo of a small grey cat"
+    assert all(-1 <= r["reconstruction"] <= 1 and -1 <= r["editability"] <= 1 for r in table["rows"])
+    steps = steps_experiment(sdxl_model, lib, "cat", run_id="r1", prompts=["a {} in space"], **FAST)
+    assert [p["step"] for p in steps["points"]] == [1, 2]
+    assert default_clip("builtin:sdxl-tiny") == "builtin:tiny"
+
+
+def test_seed_ablation_on_sdxl_trains_runs_together(sdxl_model, image_dir):
+    lib = _library(image_dir)
+    result = seeds_experiment(sdxl_model, lib, "cat", [0, 1], steps=2, prompts=["a {} in space"],
+                              train_options={"save_every": 1, "log_every": 1, "vectors": 2}, **FAST)
+    assert [r["seed"] for r in result["runs"]] == [0, 1]
+    table = json.loads((Path(result["dir"]) / "table.json").read_text())
+    assert table["model"]["family"] == "sdxl"
