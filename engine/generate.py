@@ -43,12 +43,12 @@ from engine.embeddings import (  # noqa: F401 (re-exported for callers of engine
 )
 from engine.errors import JobCancelled, UserError
 from engine.formats import Embedding, check_fits, embedding_sha256, read_embedding
+from engine.generate_request import MODES, GenerateRequest  # noqa: F401 (re-exported)
 from engine.paths import atomic_write_bytes, atomic_write_json, ensure_private_dir
+from engine.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 from engine.placeholder import installed_in_all
 
-MODES = ("ti", "sd", "compare")
-SAMPLER = "DPM++ 2M"  # A1111's name for DPM-Solver++ (2nd-order multistep)
-SCHEDULER = "DPMSolverMultistepScheduler(algorithm_type=dpmsolver++)"
+SAMPLER = get_sampler(DEFAULT_SAMPLER).label  # previews and evaluations sample with the default
 GENERATOR = "torch.Generator('cpu').manual_seed(seed), one per image"
 
 Progress = Callable[[str, float], None]
@@ -58,13 +58,9 @@ Cancelled = Callable[[], bool]
 # --- sampling core ----------------------------------------------------------------------------
 
 
-def generation_scheduler(model, name: str = "dpm++"):
-    """DPM-Solver++ (multistep) built from the model's own noise schedule."""
-    from diffusers import DPMSolverMultistepScheduler
-
-    if name != "dpm++":
-        raise UserError(f"unknown sampler {name!r}; dpm++ is the one offered")
-    return DPMSolverMultistepScheduler.from_config(model.pipe.scheduler.config, algorithm_type="dpmsolver++")
+def generation_scheduler(model, name: str | None = None):
+    """The sampler `name` (default DPM++ 2M), built from the model's own noise schedule."""
+    return make_scheduler(name, model.pipe.scheduler.config)
 
 
 def _pipeline_with(model, scheduler, tokenizers=None):
@@ -274,11 +270,13 @@ def _installed(model, tables: list[torch.Tensor] | None):
 @torch.no_grad()
 def render(model, prompt: str, seeds: list[int], *, negative: str = "", steps: int = 25, guidance: float = 7.5,
            resolution: int | None = None, batch_size: int = 4, used: list[UsedEmbedding] = (),
-           output_type: str = "pil", progress: Progress | None = None, cancelled: Cancelled | None = None) -> list:
+           output_type: str = "pil", progress: Progress | None = None, cancelled: Cancelled | None = None,
+           sampler: str | None = None, width: int | None = None, height: int | None = None) -> list:
     """One image per seed, `batch_size` at a time; `used` words are live only inside this call."""
     tokenizers, tables = _tokenizers_with(model, list(used))
-    pipe = _pipeline_with(model, generation_scheduler(model), tokenizers)
+    pipe = _pipeline_with(model, generation_scheduler(model, sampler), tokenizers)
     size = resolution or model.info.resolution
+    width, height = width or size, height or size
     total, images = len(seeds) * steps, []
 
     def on_step(_pipe, i, _t, kwargs):
@@ -296,47 +294,13 @@ def render(model, prompt: str, seeds: list[int], *, negative: str = "", steps: i
             out = pipe(
                 prompt=prompt, negative_prompt=negative, num_images_per_prompt=len(chunk),
                 num_inference_steps=steps, guidance_scale=guidance, generator=_generators(chunk),
-                height=size, width=size, output_type=output_type, callback_on_step_end=on_step,
+                height=height, width=width, output_type=output_type, callback_on_step_end=on_step,
             )
             images.extend(list(out.images))
     return images
 
 
 # --- requests, files and metadata ------------------------------------------------------------------
-
-
-@dataclass
-class GenerateRequest:
-    prompt: str
-    negative: str = ""
-    n: int = 1
-    seed: int = 0  # images use seeds seed, seed+1, ...
-    steps: int = 25
-    guidance: float = 7.5
-    mode: str = "ti"  # ti | sd | compare
-    uses: list[str] = field(default_factory=list)
-    out_dir: Path | None = None  # default <home>/outputs/<timestamp>-<slug>/
-    resolution: int | None = None  # default: the model's
-    batch_size: int = 4
-
-    @property
-    def seeds(self) -> list[int]:
-        return [self.seed + i for i in range(self.n)]
-
-    def validate(self) -> None:
-        checks = [
-            (self.mode in MODES, f"mode {self.mode!r} is not one of {', '.join(MODES)}"),
-            (self.n >= 1, "-n must be at least 1"),
-            (self.seed >= 0, "--seed must be 0 or more"),
-            (self.steps >= 1, "--steps must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
-            (self.guidance >= 0 and self.guidance == self.guidance, "--guidance must be 0 or more"),
-            (self.resolution is None or (self.resolution >= 8 and self.resolution % 8 == 0),
-             "--resolution must be a multiple of 8"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserError(message)
 
 
 def timestamp_id() -> str:
@@ -362,12 +326,14 @@ def new_output_dir(home: Path, prompt: str) -> Path:
 
 
 def image_record(model, *, mode: str, prompt: str, negative: str, seed: int, steps: int, guidance: float,
-                 size: int, used: list[UsedEmbedding], batch_size: int = 1) -> dict:
+                 size: int, used: list[UsedEmbedding], batch_size: int = 1, sampler: str | None = None,
+                 width: int | None = None, height: int | None = None) -> dict:
     """Everything needed to make the image again (batch size too: batched kernels may round differently)."""
+    chosen = get_sampler(sampler)
     return {
         "prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance": guidance,
-        "batch_size": batch_size,
-        "sampler": SAMPLER, "scheduler": SCHEDULER, "generator": GENERATOR, "width": size, "height": size,
+        "batch_size": batch_size, "sampler": chosen.label, "sampler_name": chosen.name,
+        "scheduler": chosen.describe(), "generator": GENERATOR, "width": width or size, "height": height or size,
         "mode": mode, "model": model.info.identity(), "dtype": str(model.dtype).replace("torch.", ""),
         "embeddings": [u.to_dict() for u in used],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -445,6 +411,7 @@ def generate(model, library, request: GenerateRequest, progress: Progress | None
             model, prompt, request.seeds, negative=negative, steps=request.steps, guidance=request.guidance,
             resolution=size, batch_size=request.batch_size, used=used,
             progress=sub_progress(progress, k / len(jobs), 1 / len(jobs)), cancelled=cancelled,
+            sampler=request.sampler, width=request.width, height=request.height,
         )
         rendered[mode] = images
         b = request.batch_size
@@ -452,7 +419,8 @@ def generate(model, library, request: GenerateRequest, progress: Progress | None
             batch = min(b, request.n - i // b * b)  # the size of the batch this image was drawn in
             record = image_record(model, mode=mode, prompt=prompt, negative=negative, seed=seed,
                                   steps=request.steps, guidance=request.guidance, size=size, used=used,
-                                  batch_size=batch)
+                                  batch_size=batch, sampler=request.sampler, width=request.width,
+                                  height=request.height)
             path = write_image(out_dir / f"{mode}-{seed:04d}.png", image, record)
             results.append({"path": str(path), "json": str(path.with_suffix(".json")), "prompt": prompt,
                             "seed": seed, "mode": mode})

@@ -148,14 +148,7 @@ def handle_generate(ctx) -> dict:
     from engine.library import Library
 
     p = ctx.params
-    request = GenerateRequest(
-        prompt=p.get("prompt") or "", negative=p.get("negative") or "", n=int(p.get("n", 1)),
-        seed=int(p.get("seed", 0)), steps=int(p.get("steps", 25)), guidance=float(p.get("guidance", 7.5)),
-        mode=p.get("mode", "ti"), uses=list(p.get("uses") or []), out_dir=p.get("out_dir") and Path(p["out_dir"]),
-        resolution=p.get("resolution"), batch_size=int(p.get("batch_size", 4)),
-    )
-    if not request.prompt.strip():
-        raise UserError("the prompt is empty; write what to draw, with your concept's token in it")
+    request = GenerateRequest.from_params(p)
     request.validate()
     model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
     with _friendly_failures():

@@ -59,3 +59,25 @@ def test_job_errors_are_one_line_user_errors(engine_home, image_dir, capsys):
     assert code == 2 and "no finished" in err and err.count("\n") == 1
     code, _, err = cli(capsys, "generate", "a photo of <toy>", "--steps", "2")
     assert code == 2 and "train" in err
+
+
+def test_generate_options_size_sampler_batch(engine_home, capsys):
+    code, out, err = cli(capsys, "generate", "a toy", "-n", "3", "--steps", "2", "--sampler", "euler-a",
+                         "--width", "64", "--height", "48", "--batch-size", "2", "--json")
+    assert code == 0, err
+    images = json.loads(out)
+    assert len(images) == 3
+    for image in images:
+        png = Image.open(image["path"])
+        assert png.size == (64, 48)
+        assert "Sampler: Euler a" in png.text["parameters"] and "Size: 64x48" in png.text["parameters"]
+        record = json.loads(Path(image["path"]).with_suffix(".json").read_text())
+        assert record["sampler_name"] == "euler-a" and record["batch_size"] in (1, 2)
+    jobs_before = sorted(Path(engine_home).glob("jobs/*"))
+    try:
+        code = main(["generate", "a toy", "--width", "50"])
+    except SystemExit as exc:
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and "--width must be a multiple of 8" in err
+    assert sorted(Path(engine_home).glob("jobs/*")) == jobs_before  # refused before submission

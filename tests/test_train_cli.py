@@ -47,7 +47,7 @@ BAD_TRAIN = [
     (["--compile", "fast"], "--compile"),
     (["--device", "gpu0"], "--device 'gpu0' is not a device"),
     (["--vectors", "40"], "--vectors must be a whole number from 1 to 16"),
-    (["--init", "red teapot", "--vectors", "3"], "is 2 tokens but --vectors is 3"),
+    (["--init", "red teapot", "--vectors", "3"], "but --vectors is 3"),
     (["--init", "xqzzyqv"], "splits into"),
     (["--inits", "cat,xqzzyqv"], "splits into"),
     (["--templates", "/no/such/file"], "--templates: prompts file /no/such/file not found"),

@@ -6,7 +6,8 @@ import asyncio
 import os
 
 from tistudio.commands.output import print_json, print_table
-from tistudio.commands.args import int_list, positive_int, word_list
+from engine.samplers import SAMPLERS
+from tistudio.commands.args import float_arg, int_list, positive_int, word_list
 
 
 def add_commands(sub) -> None:
@@ -17,7 +18,12 @@ def add_commands(sub) -> None:
     p.add_argument("-n", type=positive_int, default=4, help="images to make")
     p.add_argument("--seed", type=int, default=0, help="first seed; images use seed, seed+1, …")
     p.add_argument("--steps", type=positive_int, default=25, help="sampling steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--sampler", default="dpm++2m", choices=tuple(SAMPLERS),
+                   help="the sampler (its A1111 name goes into the PNG: DPM++ 2M, Euler a, DDIM …)")
+    p.add_argument("--width", type=positive_int, help="image width in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--height", type=positive_int, help="image height in pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--batch-size", type=positive_int, default=4, help="images sampled at once (memory vs speed)")
+    p.add_argument("--guidance", type=float_arg, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative", default="", help="negative prompt")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compare", action="store_true", help="SD and SD+TI with the same seeds, side by side")
@@ -79,10 +85,14 @@ def _clip_params(args) -> dict:
 
 
 def generate(args) -> int:
+    from engine.generate_request import GenerateRequest
+
     mode = "compare" if args.compare else "sd" if args.sd else "ti"
     params = {"prompt": args.prompt, "negative": args.negative, "n": args.n, "seed": args.seed, "steps": args.steps,
-              "guidance": args.guidance, "mode": mode, "uses": args.use,
+              "guidance": args.guidance, "mode": mode, "uses": args.use, "sampler": args.sampler,
+              "width": args.width, "height": args.height, "batch_size": args.batch_size,
               "out_dir": args.out and os.path.abspath(args.out), **_model_param()}
+    GenerateRequest.from_params(params).validate()  # the engine's own checks, before anything is queued
     result = run_job("generate", None, params, quiet=args.json)
     if args.json:
         print_json(result["images"])

@@ -137,7 +137,7 @@ def sweep_members(params: dict) -> list[dict]:
 def check_before_submit(name: str, params: dict) -> None:
     """Fail now, not in the queue: the concept, every member's settings, the model, the words."""
     from engine.errors import UserError
-    from engine.library import Library, check_initializer
+    from engine.library import Library, initializer_ids
     from engine.models import load_tokenizer, model_info
     from engine.train_config import config_from_params
     from tistudio.commands.output import home
@@ -151,25 +151,16 @@ def check_before_submit(name: str, params: dict) -> None:
     configs = [config_from_params(member, concept) for member in sweep_members(params)]
     for config in configs:
         config.validate()
-    model_info()  # a bad --model fails here, with its own message
+    info = model_info()  # a bad --model fails here, with its own message
     tokenizer = load_tokenizer()
     for config in configs:
         if config.init_from:
-            continue  # the vectors come from the file; the engine checks its width and length
-        check_init_phrase(tokenizer, config.init, config.vectors, check_initializer)
+            from engine.init_from import starting_blocks
 
-
-def check_init_phrase(tokenizer, phrase: str, vectors: int, check_word) -> None:
-    """An initializer is one known word (repeated over the vectors) or a phrase of exactly N tokens."""
-    from engine.errors import UserError
-
-    if vectors == 1 or len(phrase.split()) == 1:
-        check_word(tokenizer, phrase)
-        return
-    ids = tokenizer(phrase, add_special_tokens=False).input_ids
-    if len(ids) != vectors:
-        raise UserError(f"--init {phrase!r} is {len(ids)} tokens but --vectors is {vectors}; give one word, "
-                        f"or a phrase of exactly {vectors} tokens")
+            # the file (or saved step) must fit this model and --vectors: read it now, not in the queue
+            starting_blocks(config.init_from, info, config.vectors, home())
+        else:
+            initializer_ids(tokenizer, config.init, config.vectors)
 
 
 def train(args) -> int:

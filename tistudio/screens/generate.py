@@ -12,6 +12,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 
+from engine.samplers import DEFAULT_SAMPLER
+from engine.samplers import SAMPLERS as ENGINE_SAMPLERS
 from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
@@ -21,7 +23,7 @@ from tistudio.widgets.forms import (
 from tistudio.widgets.images import ImagePreview
 
 MODES = [("SD | SD+TI", "compare"), ("SD+TI", "ti"), ("SD", "sd")]
-SAMPLERS = [("DPM++ 2M", "dpm++2m"), ("Euler a", "euler-a"), ("DDIM", "ddim"), ("PNDM", "pndm")]
+SAMPLERS = [(s.label, s.name) for s in ENGINE_SAMPLERS.values()]
 MAX_IMAGES = 16
 
 
@@ -67,7 +69,7 @@ class GenerateScreen(StudioScreen):
                 yield Input("", id="width", compact=True, type="integer", placeholder="auto")
                 yield Label("H", classes="gen-label-s")
                 yield Input("", id="height", compact=True, type="integer", placeholder="auto")
-                yield Select(SAMPLERS, value="dpm++2m", allow_blank=False, id="sampler", compact=True)
+                yield Select(SAMPLERS, value=DEFAULT_SAMPLER, allow_blank=False, id="sampler", compact=True)
                 yield Label("Batch", classes="gen-label-s")
                 yield Input("4", id="batch_size", compact=True, type="integer")
                 yield Label("Use", classes="gen-label-s")
