@@ -47,6 +47,7 @@ from engine.faults import maybe_fault
 from engine.gpu import memory_figures
 from engine.optim import RowAdamW
 from engine.paths import atomic_write_bytes
+from engine.regularize import Regularizer, vector_figures, vocab_norms
 from engine.placeholder import (
     WordLayout,
     add_slots,
@@ -107,6 +108,8 @@ class Inversion:
         self.words = [" ".join(names[k * self.n : (k + 1) * self.n]) for k in range(self.k)]
         rows = [self._initial_row(slot) for slot in slots]
         self.vectors = torch.stack(rows).to(self.device).requires_grad_(True)  # [K, P] fp32
+        self.init_rows = self.vectors.detach().clone()  # where each run started (figures, regularisers)
+        self.regularizer = Regularizer.build(self.layout, self.init_rows, [s.config for s in slots], self.encoders)
         self.optimizer = RowAdamW(lr=self.cfg0.lr, weight_decay=self.cfg0.weight_decay)
         scale = 2.0**16 if model.dtype == torch.float16 else 1.0
         self.state = self.optimizer.init_state(self.vectors.detach(), loss_scale=scale)
@@ -270,14 +273,18 @@ class Inversion:
     def train_step(self, step: int) -> torch.Tensor:
         """Forward and backward over --grad-accum micro-batches, then one AdamW update of the
         vectors; returns the [K] loss averaged over the micro-batches (no sync)."""
-        accum = self.cfg0.grad_accum
+        accum, reg = self.cfg0.grad_accum, self.regularizer
         total = None
         for _ in range(accum):
             loss = self._loss_rows()
+            objective = loss + reg.penalty(self.vectors) if reg is not None else loss
             # Dividing by a power of two is exact; any other G rounds the same way on every resume.
-            (loss * (self.state["loss_scale"] / accum)).sum().backward()
+            (objective * (self.state["loss_scale"] / accum)).sum().backward()
             total = loss.detach() if total is None else total + loss.detach()
-        self.optimizer.step(self.vectors.data, self.vectors.grad, self.state, self.cfg0.lr_at(step))
+        grad = self.vectors.grad if reg is None else reg.project(self.vectors.detach(), self.vectors.grad)
+        self.optimizer.step(self.vectors.data, grad, self.state, self.cfg0.lr_at(step))
+        if reg is not None:
+            reg.renormalize(self.vectors.data)
         self.vectors.grad = None
         return total / accum
 
@@ -303,18 +310,22 @@ class Inversion:
                 "train", step=self.start_step, steps=cfg.steps, family=self.model.info.family,
                 vectors=self.n, widths=list(self.layout.widths), batch_size=cfg.batch_size,
                 grad_accum=cfg.grad_accum, effective_batch=cfg.effective_batch(), resolution=self.resolution,
-                runs=self.k, init_from=slot.config.init_from,
+                runs=self.k, init_from=slot.config.init_from, regularize=slot.config.regularize,
+                reg_weight=slot.config.reg_weight, vocab_norms=vocab_norms(self.encoders),
             )
 
     def _log(self, step: int, loss: torch.Tensor, steps_per_s: float, elapsed: float, lr: float) -> None:
         losses = loss.tolist()
         vram = memory_figures(self.device)
         remaining = (self.cfg0.steps - step) / steps_per_s if steps_per_s > 0 else None
+        figures = vector_figures(self.layout, self.vectors.detach(), self.init_rows)
+        penalty = self.regularizer.penalty(self.vectors.detach()).tolist() if self.regularizer else None
         for k, slot in enumerate(self.slots):
             slot.reporter.emit(
                 "step", step=step, steps=self.cfg0.steps, loss=losses[k], lr=lr,
                 steps_per_s=steps_per_s, elapsed=elapsed, eta=remaining,
-                loss_scale=float(self.state["loss_scale"][k]), skipped=int(self.state["skipped"][k]), **vram,
+                loss_scale=float(self.state["loss_scale"][k]), skipped=int(self.state["skipped"][k]),
+                **figures[k], **({"reg": penalty[k]} if penalty else {}), **vram,
             )
 
     def _status(self, status: str, **extra) -> None:
