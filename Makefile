@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 MODEL ?= $(shell test -f engine/demo_weights/unet.safetensors && echo builtin:demo || echo builtin:tiny)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench wheels bench-device clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# A bare GPU machine (no registry, its own torch): `make wheels` here, carry .whl, then there
+# `python3 bench/device.py $$OUT` (or `make bench-device`, which writes to $$OUT when it is set).
+wheels:
+	$(PYTHON) bench/wheels.py
+
+bench-device:
+	$(PYTHON) bench/device.py $(or $(OUT),bench/results)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
