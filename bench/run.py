@@ -164,6 +164,16 @@ def error_tail(log_path: Path, start: int) -> str:
     return "\n".join(lines[-ERROR_TAIL_LINES:])
 
 
+def exception_text(tail: str) -> str:
+    """The exception a traceback ends with (its message may span lines), on one line."""
+    lines = tail.splitlines()
+    starts = [i for i, text in enumerate(lines) if text.startswith("Traceback (most recent call last)")]
+    after = lines[starts[-1] + 1:] if starts else lines
+    first = next((i for i, text in enumerate(after) if text and not text[0].isspace()), None)
+    text = " ".join(t.strip() for t in after[first:]) if first is not None else (lines[-1] if lines else "")
+    return text[:500]
+
+
 def spec_available(spec: str) -> bool:
     """Whether the engine knows this model spec (read from configs alone, no torch)."""
     from engine.errors import UserError
@@ -195,6 +205,9 @@ def run_variant(variant: Variant, kind: str, settings: dict, args, results: Resu
     cmd = [sys.executable, str(MEASURE), variant.name, "--model", spec, "--result", str(result_file),
            "--partial", str(partial_file), *(f"--{k.replace('_', '-')}={v}" for k, v in settings.items()
                                              if k != "budget")]
+    # fresh compile caches per variant: a first warm-up is a cold compile, whatever ran before
+    caches = session_dir / variant.name
+    env = {**env, "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"), "TRITON_CACHE_DIR": str(caches / "triton")}
     with results.log_path.open("a") as log:
         log.write(f"\n===== {variant.name}: {' '.join(cmd)}\n")
         log.flush()
@@ -209,8 +222,8 @@ def run_variant(variant: Variant, kind: str, settings: dict, args, results: Resu
         return {**line, "status": "timeout", "ok": False, "error": f"timed out after {timeout:.0f} s (killed)",
                 "output_tail": error_tail(results.log_path, start)}
     tail = error_tail(results.log_path, start)
-    last = tail.splitlines()[-1] if tail else f"exit status {code}"
-    return {**line, "status": "error", "ok": False, "error": last, "exit_status": code, "output_tail": tail}
+    return {**line, "status": "error", "ok": False, "error": exception_text(tail) or f"exit status {code}",
+            "exit_status": code, "output_tail": tail}
 
 
 def summary_line(line: dict) -> str:

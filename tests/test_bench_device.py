@@ -232,3 +232,10 @@ def test_the_plan_runs_cheap_variants_first_and_compile_last():
 
 def test_unknown_specs_are_reported_as_unavailable():
     assert run.spec_available("builtin:tiny") and not run.spec_available("builtin:no-such-model")
+
+
+def test_a_failure_is_summed_up_by_its_whole_exception_message():
+    tail = ("noise before\nTraceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    f()\n"
+            "    ^^^\nPackageNotFoundError: No package metadata was found for requests\nTry: pip install it\n")
+    assert run.exception_text(tail) == "PackageNotFoundError: No package metadata was found for requests Try: pip install it"
+    assert run.exception_text("Killed") == "Killed"
