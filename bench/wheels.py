@@ -92,10 +92,15 @@ def download(dest: Path, python: str = sys.executable) -> list[Path]:
     """Fetch the carried wheels for the device's Python and platform (one version each)."""
     dest.mkdir(exist_ok=True)
     wanted = pinned_versions()
-    for stale in dest.glob("*.whl"):  # an old version beside a new one would stop the install there
-        name, version = stale.name.split("-")[:2]
+    present = set()
+    for wheel in dest.glob("*.whl"):  # an old version beside a new one would stop the install there
+        name, version = wheel.name.split("-")[:2]
         if wanted.get(canonical(name)) != version:
-            stale.unlink()
+            wheel.unlink()
+        else:
+            present.add(canonical(name))
+    if present == set(wanted):  # all there already: no registry needed
+        return sorted(dest.glob("*.whl"))
     platforms = [arg for p in DEVICE_PLATFORMS for arg in ("--platform", p)]
     cmd = [python, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
            "--python-version", DEVICE_PYTHON, "--implementation", "cp", *platforms, "--dest", str(dest),

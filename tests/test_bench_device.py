@@ -152,14 +152,13 @@ def _cmdline_mentions(proc_dir: Path, text: str) -> bool:
 
 
 def test_a_used_up_budget_skips_the_variants_that_no_longer_fit(tmp_path):
-    out = tmp_path / "out"
-    env = bench_env(tmp_path, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "bench/run.py", "--out", str(out), "--only", "ours,reference",
-                           "--budget", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    _, lines = read_lines(out)
-    assert [line["status"] for line in lines.values()] == ["skipped", "skipped"]
-    assert "time budget spent" in lines["ours"]["reason"]
+    import time
+
+    args = run.parse_args(["--only", "ours"])
+    settings = {**run.DEFAULTS["cpu"], "budget": 100}
+    line = run.run_variant(BY_NAME["ours"], "cpu", settings, args, None, {}, tmp_path, deadline=time.monotonic() + 5)
+    assert line["status"] == "skipped" and "time budget spent (100 s" in line["reason"]
+    assert not list(tmp_path.iterdir())  # nothing was started
 
 
 # --- the pieces ------------------------------------------------------------------------------------
