@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,6 +32,9 @@ if str(ROOT) not in sys.path:
 
 from bench import run
 from bench.wheels import NOT_CARRIED, WHEEL_DIR, _requirement, canonical
+
+REPORT_TITLES = {"does_not_fit": "does not fit", "differs_from_project_pins": "differs from the project's pins",
+                 "shadowed": "shadowed", "declared_not_needed": "not needed"}
 
 
 def install(wheels: list[Path], target: Path) -> None:
@@ -91,18 +95,24 @@ def main(argv: list[str] | None = None) -> int:
               "and carry that folder", file=sys.stderr)
         return 2
     target = args.target or Path(tempfile.mkdtemp(prefix="tistudio-site-"))
+    try:
+        return install_and_run(wheels, target, args.out, rest)
+    finally:
+        if args.target is None:
+            shutil.rmtree(target, ignore_errors=True)
+
+
+def install_and_run(wheels: list[Path], target: Path, out: Path, rest: list[str]) -> int:
     install(wheels, target)
     report = fit(target)
     print(f"carried: {', '.join(f'{n} {v}' for n, v in report['carried'].items())} -> {target}")
-    for key, title in (("does_not_fit", "does not fit"), ("differs_from_project_pins", "differs from the project's pins"),
-                       ("shadowed", "shadowed"),
-                       ("declared_not_needed", "not needed")):
+    for key, title in REPORT_TITLES.items():
         for item in report[key]:
             print(f"  {title}: {item}")
     if report["does_not_fit"]:
         print("  running anyway: each variant's line says whether it worked")
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(target), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return run.main(["--out", str(args.out), *rest], env=env, preamble={"fit": report, "site": str(target)})
+    return run.main(["--out", str(out), *rest], env=env, preamble={"fit": report, "site": str(target)})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ import datetime as dt
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -117,6 +118,8 @@ def child_env(session_dir: Path) -> dict:
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TISTUDIO_HOME", str(session_dir / "home"))
     env.setdefault("TISTUDIO_CACHE", str(session_dir / "cache"))  # derived tokenizer, shared by the children
+    (session_dir / "tmp").mkdir(exist_ok=True)
+    env["TMPDIR"] = str(session_dir / "tmp")
     return env
 
 
@@ -256,9 +259,16 @@ def summary_line(line: dict) -> str:
 def main(argv: list[str] | None = None, env: dict | None = None, preamble: dict | None = None) -> int:
     """Run the selected variants; `env` and `preamble` come from bench/device.py on a bare machine."""
     args = parse_args(argv)
-    started = time.monotonic()
     session_dir = Path(tempfile.mkdtemp(prefix="tistudio-bench-session-"))
-    env = child_env(session_dir) if env is None else {**child_env(session_dir), **env}
+    try:  # everything the children write (caches, images, a random CLIP) lives here and goes
+        env = {**child_env(session_dir), **(env or {})}
+        return run_session(args, env, preamble or {}, session_dir)
+    finally:
+        shutil.rmtree(session_dir, ignore_errors=True)
+
+
+def run_session(args, env: dict, preamble: dict, session_dir: Path) -> int:
+    started = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile("w+") as probe_log:
         try:
@@ -267,7 +277,7 @@ def main(argv: list[str] | None = None, env: dict | None = None, preamble: dict 
             probe_log.seek(0)
             results = Results(args.out, "unknown")
             results.write({"environment": True, "error": str(exc), "output_tail": probe_log.read()[-4000:],
-                           **(preamble or {})})
+                           **preamble})
             print(f"bench: {exc}\n  results: {results.path}", file=sys.stderr)
             return 1
     kind = "cuda" if found["cuda"] else "cpu"
@@ -275,7 +285,7 @@ def main(argv: list[str] | None = None, env: dict | None = None, preamble: dict 
     settings.update({k: v for k, v in vars(args).items() if k in settings and v is not None})
     results = Results(args.out, slug(found["device_name"]) if kind == "cuda" else "cpu")
     environment = {"environment": True, "kind": kind, **found, "settings": settings,
-                   "date": dt.date.today().isoformat(), **(preamble or {})}
+                   "date": dt.date.today().isoformat(), **preamble}
     results.write(environment)
     print(f"device: {found['device_name']} ({kind}), torch {found['torch']}, transformers {found['transformers']}, "
           f"diffusers {found['diffusers']}; results -> {results.path}")

@@ -78,11 +78,12 @@ def read_lines(out: Path) -> tuple[dict, dict]:
     return lines[0], {line["variant"]: line for line in lines[1:]}
 
 
-def test_the_device_python_lacks_what_the_wheels_carry(device_python):
+def test_the_device_python_lacks_what_the_wheels_carry(device_python, tmp_path):
+    env = bench_env(tmp_path)
     for module in ("diffusers", "open_clip", "platformdirs", "tomli_w", "ftfy"):
-        proc = subprocess.run([str(device_python), "-c", f"import {module}"], capture_output=True, env=bench_env(Path("/tmp")))
+        proc = subprocess.run([str(device_python), "-c", f"import {module}"], capture_output=True, env=env)
         assert proc.returncode != 0, f"{module} is importable without the wheels: the isolation leaks"
-    proc = subprocess.run([str(device_python), "-c", "import torch, transformers"], env=bench_env(Path("/tmp")))
+    proc = subprocess.run([str(device_python), "-c", "import torch, transformers"], env=env)
     assert proc.returncode == 0
 
 
