@@ -105,7 +105,7 @@ class Bench:
 
         self.args = args
         self.device = pick_device()
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # diffusers' and transformers' imports included
         self.model = load_model(args.model, self.device, frozen_dtype(self.device))
         self.load_s = time.perf_counter() - t0
         self.folder = Path(tempfile.mkdtemp(prefix="tistudio-bench-"))
@@ -115,10 +115,14 @@ class Bench:
     def partial(self, **figures) -> None:
         """Keep figures that should survive if this process is killed later."""
         self._partial.update(figures)
-        if self.args.partial:
-            tmp = Path(self.args.partial + ".tmp")
-            tmp.write_text(json.dumps(self._partial))
-            tmp.replace(self.args.partial)
+        write_partial(self.args.partial, self._partial)
+
+
+def write_partial(path: str | None, figures: dict) -> None:
+    if path:
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps(figures))
+        tmp.replace(path)
 
 
 def synthetic_images(count: int, size: int, folder: Path):
@@ -300,8 +304,7 @@ def injected_failure(args) -> None:
         if target != args.variant:
             continue
         if how == "hang":
-            if args.partial:
-                Path(args.partial).write_text(json.dumps({"injected": "hang"}))
+            write_partial(args.partial, {"injected": "hang"})
             while True:
                 time.sleep(60)
         raise RuntimeError(f"failure injected into variant {args.variant} (TISTUDIO_BENCH_FAIL)")
@@ -312,12 +315,12 @@ def measure(args) -> dict:
 
     variant = BY_NAME[args.variant]
     injected_failure(args)
-    b = Bench(args)
-    result = MEASURES[variant.measure](b, **variant.params)
     import torch
 
+    b = Bench(args)
+    result = MEASURES[variant.measure](b, **variant.params)
     return {"model": args.model, "resolution": b.model.info.resolution,
-            "dtype": str(b.model.dtype).replace("torch.", ""), "load_s": b.load_s, **result,
+            "dtype": str(b.model.dtype).replace("torch.", ""), "model_load_s": b.load_s, **result,
             "process_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "threads": torch.get_num_threads()}
 

@@ -155,7 +155,8 @@ def probe(env: dict, log) -> dict:
         out.seek(0)
         text = out.read()
     if proc.returncode != 0:
-        raise RuntimeError("the probe (python bench/measure.py --probe) failed: torch does not import here; see the log")
+        raise RuntimeError("the probe (python bench/measure.py --probe) failed: torch does not import here; "
+                           "see the log")
     return json.loads(text.strip().splitlines()[-1])
 
 
@@ -202,7 +203,8 @@ def run_variant(variant: Variant, kind: str, settings: dict, args, results: Resu
         left = deadline - time.monotonic()
         if left < MIN_SLOT_S:
             return {**line, "status": "skipped", "ok": False,
-                    "reason": f"time budget spent ({settings['budget']:.0f} s; raise --budget or run --only {variant.name})"}
+                    "reason": f"time budget spent ({settings['budget']:.0f} s; "
+                              f"raise --budget or run --only {variant.name})"}
         timeout = min(timeout, left)
     result_file, partial_file = session_dir / f"{variant.name}.json", session_dir / f"{variant.name}.partial.json"
     cmd = [sys.executable, str(MEASURE), variant.name, "--model", spec, "--result", str(result_file),

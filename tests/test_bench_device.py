@@ -116,10 +116,11 @@ def test_device_script_end_to_end_on_cpu(built_wheels, device_python, tmp_path):
         assert lines["sdxl"]["status"] == "skipped" and "spec not available" in lines["sdxl"]["reason"]
 
     assert lines["ours"]["steps_per_s"] > 0 and lines["ours"]["ms_per_step"] > 0
-    assert lines["reference"]["speedup"] == pytest.approx(lines["ours"]["steps_per_s"] / lines["reference"]["steps_per_s"])
+    ours = lines["ours"]["steps_per_s"]
+    assert lines["reference"]["speedup"] == pytest.approx(ours / lines["reference"]["steps_per_s"])
     assert "vs_ours" not in lines["low-vram"]
     assert lines["batched-8"]["runs"] == 8 and lines["batched-16"]["runs"] == 16
-    assert lines["batched-16"]["vs_ours"] == pytest.approx(lines["batched-16"]["run_steps_per_s"] / lines["ours"]["steps_per_s"])
+    assert lines["batched-16"]["vs_ours"] == pytest.approx(lines["batched-16"]["run_steps_per_s"] / ours)
     assert lines["generation"]["images_per_s"] > 0
     assert lines["table1"]["images"] == 8 and lines["table1"]["seconds"] > 0
     assert lines["syncs"]["note"].startswith("counted on CUDA only")
@@ -176,7 +177,8 @@ def test_sync_counting_counts_only_cuda_sync_warnings_and_names_their_lines():
     modes = []
     result = count_syncs(step, 3, set_mode=modes.append)
     assert result["syncs_per_step"] == 2 and modes == ["warn", "default"]
-    assert sum(result["sync_sites"].values()) == 6 and all(s.startswith("test_bench_device.py:") for s in result["sync_sites"])
+    assert sum(result["sync_sites"].values()) == 6
+    assert all(site.startswith("test_bench_device.py:") for site in result["sync_sites"])
 
 
 def _fake_dist(site: Path, name: str, requires: list[str]) -> None:
@@ -237,5 +239,6 @@ def test_unknown_specs_are_reported_as_unavailable():
 def test_a_failure_is_summed_up_by_its_whole_exception_message():
     tail = ("noise before\nTraceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n    f()\n"
             "    ^^^\nPackageNotFoundError: No package metadata was found for requests\nTry: pip install it\n")
-    assert run.exception_text(tail) == "PackageNotFoundError: No package metadata was found for requests Try: pip install it"
+    expected = "PackageNotFoundError: No package metadata was found for requests Try: pip install it"
+    assert run.exception_text(tail) == expected
     assert run.exception_text("Killed") == "Killed"
