@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wheels", type=Path, default=WHEEL_DIR, help="the folder `make wheels` filled (.whl)")
     parser.add_argument("--target", type=Path, help="where to install them (default: a fresh temporary folder)")
     args, rest = parser.parse_known_args(argv)
+    run.parse_args(["--out", str(args.out), *rest])  # bad options stop here, before anything is installed
     wheels = sorted(args.wheels.glob("*.whl"))
     if not wheels:
         print(f"bench/device.py: no wheels in {args.wheels}; run `make wheels` where a registry is reachable "
