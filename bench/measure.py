@@ -99,14 +99,14 @@ def count_syncs(step, steps: int, set_mode=None) -> dict:
 class Bench:
     """The device, the model and the settings one variant measures with."""
 
-    def __init__(self, args):
+    def __init__(self, args, model=None):
         from engine.gpu import frozen_dtype, pick_device
         from engine.models import load_model
 
         self.args = args
-        self.device = pick_device()
+        self.device = model.device if model is not None else pick_device()
         t0 = time.perf_counter()  # diffusers' and transformers' imports included
-        self.model = load_model(args.model, self.device, frozen_dtype(self.device))
+        self.model = model or load_model(args.model, self.device, frozen_dtype(self.device))
         self.load_s = time.perf_counter() - t0
         self.folder = Path(tempfile.mkdtemp(prefix="tistudio-bench-"))
         self.images, self.paths = synthetic_images(4, self.model.info.resolution, self.folder / "images")
@@ -325,7 +325,7 @@ def measure(args) -> dict:
             "threads": torch.get_num_threads()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("variant", nargs="?")
     parser.add_argument("--probe", action="store_true")
@@ -338,7 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-images", type=int, default=16)
     parser.add_argument("--sample-steps", type=int, default=25)
     parser.add_argument("--clip", default="builtin:tiny")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if args.probe:
         print(json.dumps(probe()))
         return 0

@@ -181,6 +181,19 @@ def test_sync_counting_counts_only_cuda_sync_warnings_and_names_their_lines():
     assert all(site.startswith("test_bench_device.py:") for site in result["sync_sites"])
 
 
+def test_sync_counting_goes_through_our_step_and_the_reference_step(tiny_model, monkeypatch):
+    import torch
+
+    from bench import measure
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)  # no CUDA here: the loop, not the count
+    b = measure.Bench(measure.parse_args(["syncs", "--model", "builtin:tiny", "--warmup", "1"]), model=tiny_model)
+    ours, ref = measure._our_syncs(b, 2), measure._reference_syncs(b, 2)
+    assert ours["syncs_per_step"] == 0 and ref["counted_steps"] == 2
+    assert modes == ["warn", "default", "warn", "default"]
+
+
 def _fake_dist(site: Path, name: str, requires: list[str]) -> None:
     info = site / f"{name}-1.0.dist-info"
     info.mkdir(parents=True)
