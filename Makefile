@@ -8,22 +8,22 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
-# the studio opens on the demo world once its weights are built (demo/README.md), else on builtin:tiny
-MODEL ?= $(shell test -f engine/demo_weights/unet.safetensors && echo builtin:demo || echo builtin:tiny)
+# the studio opens on the default model (builtin:demo) unless MODEL=... is given
+MODEL ?=
 STAMP := $(VENV)/.installed
 
 .PHONY: install run test bench wheels bench-device clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/tistudio --model $(MODEL)
+	$(VENV)/bin/tistudio $(if $(MODEL),--model $(MODEL))
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -1,19 +1,22 @@
 """A concept's runs and the embedding files they saved (no torch: the studio reads these too).
 
-Reading the vectors themselves, and choosing one by NAME@RUN:STEP, is
-`engine.generate.load_used`.
+`choose_embedding` picks one (a run's final embedding or a saved step) and says what
+to type when the pick is impossible; reading its vectors is `engine.generate.load_used`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+from engine.errors import UserError
 from engine.paths import read_json
 
 FINAL_NAME = "learned_embeds.safetensors"
 _STEP_FILE = re.compile(r"learned_embeds-steps-(\d+)\.safetensors")
+SAFE_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def read_record(run_dir: Path) -> dict | None:
@@ -68,3 +71,61 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
 
 def step_file(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "embeddings" / f"learned_embeds-steps-{step}.safetensors"
+
+
+def final_step(record: dict) -> int | None:
+    """The step count a finished run trained for, from its record."""
+    for source in (record, record.get("params") or {}, record.get("spec") or {}):
+        value = source.get("steps") if isinstance(source, dict) else None
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+@dataclass
+class EmbeddingChoice:
+    """Which saved embedding of a concept to use."""
+
+    run: str
+    run_dir: Path
+    record: dict
+    path: Path
+    step: int | None
+    final: bool
+
+
+def choose_embedding(concept, run: str | None = None, step: int | None = None,
+                     option: str = "use") -> EmbeddingChoice:
+    """Run `run` (default: the latest finished) at `step` (default: its final embedding).
+
+    `option` is how the asking command names a pick in its messages: "use" for
+    `--use NAME@RUN:STEP` (generate), "run-step" for `--run RUN --step N` (eval, export),
+    "run" for `--run RUN` alone (the steps experiment)."""
+
+    def pick(run_id: str = "RUN", at: str = "STEP") -> str:
+        return {"use": f"--use {concept.name}@{run_id}:{at}", "run": f"--run {run_id}"}.get(
+            option, f"--run {run_id} --step {at}")
+
+    if run is None:
+        runs = done_runs(concept)
+        if not runs:
+            raise UserError(f"concept {concept.name!r} ({concept.token}) has no finished training run; train it "
+                            f"first (`tistudio train {concept.name}`) or pick a run with {pick()}")
+        run, run_dir, record = runs[-1]
+    else:
+        run_dir = concept.runs_dir / run
+        record = read_record(run_dir) if SAFE_RUN.match(run) else None
+        if record is None:
+            raise UserError(f"concept {concept.name!r} has no run {run!r}; `tistudio runs` lists them")
+    if step is None:
+        path = run_dir / FINAL_NAME
+        if record.get("status") != "done" or not path.is_file():
+            steps = ", ".join(map(str, checkpoint_steps(run_dir))) or "none yet"
+            raise UserError(f"run {run} of {concept.name!r} has not finished (status {record.get('status')}); "
+                            f"pick a saved step with {pick(run)} (steps: {steps})")
+        return EmbeddingChoice(run, run_dir, record, path, final_step(record), True)
+    path = step_file(run_dir, step)
+    if not path.is_file():
+        steps = ", ".join(map(str, checkpoint_steps(run_dir))) or "none"
+        raise UserError(f"run {run} of {concept.name!r} has no embedding at step {step}; steps saved: {steps}")
+    return EmbeddingChoice(run, run_dir, record, path, step, False)

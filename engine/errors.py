@@ -20,3 +20,14 @@ class JobCancelled(Exception):
 
 class EngineError(Exception):
     """The engine process failed us: it could not start, went away, or reported an internal error."""
+
+
+def disk_full_message(exc: BaseException) -> str | None:
+    """One line for a full disk (or quota), naming where and what to free; None for other errors."""
+    import errno
+
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        return None
+    where = f" writing {exc.filename}" if getattr(exc, "filename", None) else ""
+    return (f"the disk is full{where}; free space there (old runs: `tistudio concept rm`, or "
+            f"fewer checkpoints with --keep-checkpoints), then try again")

@@ -28,7 +28,15 @@ from typing import Callable
 
 import torch
 
-from engine.embeddings import FINAL_NAME, checkpoint_steps, done_runs, read_record, step_file  # noqa: F401
+from engine.embeddings import (  # noqa: F401 (re-exported for callers of engine.generate)
+    FINAL_NAME,
+    SAFE_RUN,
+    checkpoint_steps,
+    choose_embedding,
+    done_runs,
+    read_record,
+    step_file,
+)
 from engine.errors import JobCancelled, UserError
 from engine.formats import Embedding, check_width, embedding_sha256, read_embedding
 from engine.paths import atomic_write_bytes, atomic_write_json, ensure_private_dir
@@ -118,16 +126,7 @@ class UsedEmbedding:
         return f"{self.concept}@{self.run}" + ("" if self.final else f":{self.step}")
 
 
-def _final_step(record: dict) -> int | None:
-    for source in (record, record.get("params") or {}, record.get("spec") or {}):
-        value = source.get("steps") if isinstance(source, dict) else None
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return None
-
-
 _USE = re.compile(r"^(?P<name>.+?)(?:@(?P<run>[^@:]*))?(?::(?P<step>[^@:]*))?$")
-_SAFE_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def parse_use(spec: str, library=None) -> tuple[str, str | None, int | None]:
@@ -139,7 +138,7 @@ def parse_use(spec: str, library=None) -> tuple[str, str | None, int | None]:
         return spec, None, None  # a concept whose name holds '@' or ':'
     match = _USE.match(spec)
     name, run, step = match.group("name"), match.group("run"), match.group("step")
-    if run is not None and not _SAFE_RUN.match(run):
+    if run is not None and not SAFE_RUN.match(run):
         raise UserError(f"--use {spec}: {run!r} is not a run id; write NAME@RUN:STEP (see `tistudio runs`)")
     if step is not None and not step.isdigit():
         raise UserError(f"--use {spec}: step {step!r} is not a number; write NAME@RUN:STEP, e.g. {name}@RUN:500")
@@ -201,41 +200,13 @@ def resolve_embeddings(library, prompt: str, uses: list[str]) -> list[UsedEmbedd
     return [load_used(c, *picked.get(c.name, (None, None))) for c in found]
 
 
-def load_used(concept, run: str | None = None, step: int | None = None) -> UsedEmbedding:
+def load_used(concept, run: str | None = None, step: int | None = None, option: str = "use") -> UsedEmbedding:
     """The vectors of `concept` from run `run` (latest finished) at `step` (final)."""
-    if run is None:
-        runs = done_runs(concept)
-        if not runs:
-            raise UserError(
-                f"concept {concept.name!r} ({concept.token}) has no finished training run; "
-                f"train it first or pass --use {concept.name}@RUN:STEP"
-            )
-        run, run_dir, record = runs[-1]
-    else:
-        run_dir = concept.runs_dir / run
-        record = read_record(run_dir) if _SAFE_RUN.match(run) else None
-        if record is None:
-            raise UserError(f"concept {concept.name!r} has no run {run!r}; `tistudio runs` lists them")
-    if step is None:
-        path = run_dir / FINAL_NAME
-        if record.get("status") != "done" or not path.is_file():
-            steps = ", ".join(map(str, checkpoint_steps(run_dir))) or "none yet"
-            raise UserError(
-                f"run {run} of {concept.name!r} has not finished (status {record.get('status')}); "
-                f"pick a checkpoint with --use {concept.name}@{run}:STEP (steps: {steps})"
-            )
-        step = _final_step(record)
-        final = True
-    else:
-        path = step_file(run_dir, step)
-        if not path.is_file():
-            steps = ", ".join(map(str, checkpoint_steps(run_dir))) or "none"
-            raise UserError(f"run {run} of {concept.name!r} has no embedding at step {step}; steps saved: {steps}")
-        final = False
-    emb = read_embedding(path)
+    choice = choose_embedding(concept, run, step, option)
+    emb = read_embedding(choice.path)
     return UsedEmbedding(
-        concept=concept.name, token=concept.token, run=run, step=step, final=final, path=path,
-        sha256=embedding_sha256(emb.vectors), description=concept.description, vectors=emb.vectors,
+        concept=concept.name, token=concept.token, run=choice.run, step=choice.step, final=choice.final,
+        path=choice.path, sha256=embedding_sha256(emb.vectors), description=concept.description, vectors=emb.vectors,
     )
 
 

@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 from .errors import UserError
 from .paths import atomic_path, ensure_private_dir
+from .text import one_line
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MIN_SIDE = 64
@@ -60,14 +61,9 @@ def load_image(path: os.PathLike | str) -> Image.Image:
     except MemoryError:
         raise
     except Exception as exc:  # noqa: BLE001 - codecs raise OSError, SyntaxError, ValueError, struct.error ...
-        raise UserError(f"{path} is corrupt or truncated ({_one_line(exc)}); re-export it or remove it") from None
+        raise UserError(f"{path} is corrupt or truncated ({one_line(exc, 120)}); re-export it or remove it") from None
     _check_min_size(path, rgb.size)
     return rgb
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:120]
 
 
 def _check_pixel_count(path: Path, size: tuple[int, int]) -> None:
@@ -130,7 +126,7 @@ def collect_images(folder: os.PathLike | str) -> list[Path]:
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as exc:
-        raise UserError(f"cannot read image folder {folder} ({_one_line(exc)}); check its permissions") from None
+        raise UserError(f"cannot read image folder {folder} ({one_line(exc, 120)}); check its permissions") from None
     root = folder.resolve()
     found = [Path(e.path) for e in entries if _is_candidate(e, root)]
     if not found:

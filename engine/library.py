@@ -4,6 +4,9 @@
     concepts/<name>/images/        NNN.png training images
     concepts/<name>/runs/<run-id>/ written by the training code
 
+Images are added and removed later with `add_images` / `remove_images` (an imported
+embedding arrives with none).
+
 The directory name is the concept's name (the toml copy is informational), so
 a concept can never be reached under two names.  Every change is built aside
 and moved into place with a rename, and every check runs before the first
@@ -13,22 +16,27 @@ Directories starting with "." (build and trash areas) are never concepts.
 
 from __future__ import annotations
 
+import sys
 import contextlib
 import datetime as _dt
 import os
 import secrets
 import shutil
-import tomllib
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import tomli_w
 
 from . import images as _images
 from .errors import UserError
 from .paths import atomic_write_text, ensure_private_dir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 PROPERTIES = ("object", "style")
 TOML_NAME = "concept.toml"
@@ -418,6 +426,59 @@ class Library:
         trash = self.root / f".trash-{directory.name}-{secrets.token_hex(4)}"
         os.rename(directory, trash)
         shutil.rmtree(trash, ignore_errors=True)
+
+    def add_images(self, name: str, sources: Iterable[os.PathLike | str]) -> list[Path]:
+        """Add training images to a concept (e.g. one imported with none): each source is an image
+        file or a folder of them.  Every image is decoded before the first is written, and a failed
+        write removes what this call wrote; returns the stored files (NNN.png, after those there)."""
+        concept = self.get(name)
+        paths: list[Path] = []
+        for source in sources:
+            path = Path(source).expanduser()
+            if path.is_dir():
+                paths += _images.collect_images(path)
+            elif path.is_file():
+                paths.append(path)
+            else:
+                raise UserError(f"{path} does not exist; give an image file or a folder of images")
+        if not paths:
+            raise UserError(f"no images given for {concept.name!r}; give image files or a folder of images")
+        _images.validate_images(paths)
+        return _images.write_images(paths, concept.path / "images")
+
+    def remove_images(self, name: str, images: Iterable[os.PathLike | str]) -> list[Path]:
+        """Remove training images from a concept, by stored name (`003.png`) or path; all or none.
+
+        Each is first moved to a hidden trash folder beside them (a rename: one step each); if
+        one cannot be moved, those already moved go back, so the concept keeps all its images."""
+        concept = self.get(name)
+        stored = {p.name: p for p in concept.images}
+        targets: list[Path] = []
+        for image in images:
+            found = stored.get(Path(image).name)
+            if found is None or (Path(image).name != str(image) and not _same_file(Path(image), found)):
+                have = ", ".join(stored) or "none"
+                raise UserError(f"{concept.name!r} has no training image {str(image)!r} (it has: {have})")
+            if found not in targets:
+                targets.append(found)
+        if not targets:
+            raise UserError(f"no images given to remove from {concept.name!r}")
+        trash = concept.path / f".trash-images-{secrets.token_hex(4)}"
+        trash.mkdir(mode=0o700)
+        moved: list[Path] = []
+        try:
+            for target in targets:
+                os.rename(target, trash / target.name)
+                moved.append(target)
+        except BaseException:
+            for target in reversed(moved):
+                with contextlib.suppress(OSError):
+                    os.rename(trash / target.name, target)
+            with contextlib.suppress(OSError):
+                trash.rmdir()  # only when everything went back
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+        return targets
 
     def update(self, name: str, /, *, tokenizer=None, **fields: Any) -> Concept:
         """Change editable fields (description, init, property, token) and rewrite concept.toml."""

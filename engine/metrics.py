@@ -318,7 +318,7 @@ def evaluate(model, library, concept_name: str, run_id: str | None = None, step:
     if images < 1:
         raise UserError("--images must be at least 1")
     concept = library.get(concept_name)
-    used = load_used(concept, run_id, step)  # the run and step exist, before any work
+    used = load_used(concept, run_id, step, option="run-step")  # the run and step exist, before any work
     prompts = load_prompts(prompts_file) if prompts_file else edit_prompts(concept.property, model.info.spec)
     clip_model = load_clip(clip, clip_weights, model.device)
     train_embs = clip_model.images(training_images(concept))

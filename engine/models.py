@@ -32,7 +32,7 @@ from engine.errors import NotSupportedError, UserError
 CONFIGS = Path(__file__).parent / "configs"
 BUILTINS = {"builtin:tiny": "tiny", "builtin:demo": "demo", "builtin:sd15-arch": "sd15", "builtin:sd21-arch": "sd21"}
 BUILTIN_SEED = 0
-DEFAULT_SPEC = "builtin:tiny"
+DEFAULT_SPEC = "builtin:demo"  # trained weights: the default that means something
 SDXL_MARKERS = ("StableDiffusionXL", "conditioner.embedders.1", "add_embedding")
 
 

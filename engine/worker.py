@@ -36,6 +36,7 @@ from engine.errors import JobCancelled, UserError
 from engine import faults
 from engine.jobs import EventLog, JobContext, set_status
 from engine.paths import atomic_write_text, home_dir
+from engine.text import one_line
 
 ERROR_LOG = "error.log"
 
@@ -122,10 +123,10 @@ class Worker:
         except JobCancelled:
             return "cancelled", None, None
         except UserError as exc:
-            return "failed", _one_line(str(exc)), None
+            return "failed", one_line(exc, 300), None
         except Exception as exc:  # a bug or an OOM: report it, keep the worker
             atomic_write_text(ctx.run_dir / ERROR_LOG, traceback.format_exc())
-            return "failed", _one_line(f"{type(exc).__name__}: {exc}") + f" (traceback in {ERROR_LOG})", None
+            return "failed", one_line(f"{type(exc).__name__}: {exc}", 300) + f" (traceback in {ERROR_LOG})", None
 
     def _status(self, ctx: JobContext, status: str, **fields) -> None:
         with ctx.emit_lock:  # in seq order with the handler's own events
@@ -162,7 +163,7 @@ def device_info() -> dict:
     except UserError as exc:
         return {"device": "unavailable", "error": str(exc)}
     except Exception as exc:  # no torch, a broken driver: still answer
-        return {"device": "cpu", "error": _one_line(f"{type(exc).__name__}: {exc}")}
+        return {"device": "cpu", "error": one_line(f"{type(exc).__name__}: {exc}", 300)}
 
 
 def _free_memory() -> None:
@@ -179,11 +180,6 @@ def _plain(result) -> dict | None:
     if not isinstance(result, dict):
         result = {"value": result}
     return json.loads(json.dumps(result, default=str))
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 def _claim_stdout():

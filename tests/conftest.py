@@ -16,7 +16,9 @@ def _isolated_home(tmp_path, monkeypatch):
     """Never touch the user's real library or config from a test."""
     monkeypatch.setenv("TISTUDIO_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TISTUDIO_CONFIG_DIR", str(tmp_path / "config"))
-    monkeypatch.delenv("TISTUDIO_MODEL", raising=False)
+    # Tests name their model: builtin:tiny (random weights, seconds) unless a test says otherwise.
+    # The product's default (builtin:demo) has its own test in tests/test_cli.py.
+    monkeypatch.setenv("TISTUDIO_MODEL", "builtin:tiny")
     yield
 
 

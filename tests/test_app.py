@@ -123,7 +123,8 @@ async def test_help_and_the_command_palette_list_every_action(tmp_path):
         titles = {c.title for c in app.get_system_commands(app.screen)}
         for wanted in ("Screen: Library", "Screen: Train", "Screen: Generate", "Screen: Metrics",
                        "Library: new concept", "Library: import embedding", "Library: export concept",
-                       "Library: rename concept", "Library: delete concept", "Train: start run",
+                       "Library: rename concept", "Library: delete concept", "Library: concept images",
+                       "Train: start run",
                        "Train: resume run", "Train: cancel run", "Generate: generate images",
                        "Metrics: evaluate concept", "Metrics: steps experiment", "Theme: tistudio-dark",
                        "Theme: tistudio-light", "Images: auto", "Images: kitty", "Images: sixel",
@@ -260,6 +261,42 @@ async def test_rename_and_delete_ask_and_change_the_library(tmp_path):
         assert Library(home).list() == []
 
 
+async def test_images_of_a_concept_are_added_and_removed_in_the_library(tmp_path):
+    from engine.library import Library
+    from tistudio.screens.modals import ImagesModal
+
+    home = tmp_path / "home"
+    Library(home).add("imp", None, "cat")  # as an imported embedding arrives: no images
+    more = make_images(tmp_path / "more", count=2, seed=1)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    app = offline_app(home, add_sample=False)
+    async with app.run_test(size=SIZE) as pilot:
+        table = app.screen.query_one("#concepts", DataTable)
+        assert table.get_row_at(0)[4] == "0"
+        assert "press e to add some" in str(app.screen.query_one("#detail-text", Static).render())
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, ImagesModal), 5, "the images dialog")
+        app.screen.query_one("#add", Input).value = f"{more}, {broken}"
+        await pilot.click("#ok")
+        error = lambda: str(app.screen.query_one("#error", Static).render())  # noqa: E731
+        await wait_for(pilot, lambda: "broken.png" in error(), 60, "the refusal")
+        assert Library(home).get("imp").images == []  # nothing written
+        app.screen.query_one("#add", Input).value = str(more)
+        await pilot.click("#ok")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 60, "the dialog to close")
+        assert [p.name for p in Library(home).get("imp").images] == ["000.png", "001.png"]
+        await wait_for(pilot, lambda: table.get_row_at(0)[4] == "2", 5, "the new count")
+        await pilot.press("e")
+        await wait_for(pilot, lambda: isinstance(app.screen, ImagesModal), 5, "the images dialog")
+        app.screen.query_one("#remove").select("000.png")
+        await pilot.click("#ok")
+        await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 60, "the dialog to close")
+        assert [p.name for p in Library(home).get("imp").images] == ["001.png"]
+        assert any("Images of imp: 2 added" in m for m in _notes(app))
+        assert any("Images of imp: 1 removed" in m for m in _notes(app))
+
+
 async def test_the_train_form_rejects_bad_numbers_with_a_notification(tmp_path):
     app = offline_app(tmp_path / "home")
     async with app.run_test(size=SIZE) as pilot:
@@ -271,8 +308,106 @@ async def test_the_train_form_rejects_bad_numbers_with_a_notification(tmp_path):
         assert any("Steps must be a whole number" in m for m in _notes(app))
 
 
+async def test_the_train_form_offers_every_training_option(tmp_path):
+    from engine.jobs import create_run, set_status
+    from engine.library import Library
+
+    home = tmp_path / "home"
+    Library(home).add("cat", make_images(tmp_path / "imgs"), "cat")
+    run_dir = create_run(home, {"kind": "train", "concept": "cat", "params": {}})
+    (run_dir / "embeddings").mkdir()
+    (run_dir / "embeddings" / "learned_embeds-steps-8.safetensors").write_bytes(b"")
+    set_status(run_dir, "failed")
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of {}\n# a comment\n\na {} on a table\n")
+    embedding = tmp_path / "other.safetensors"
+    embedding.write_bytes(b"")
+    app = offline_app(home, add_sample=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        screen = app.screen
+        defaults = screen.params()
+        assert defaults["grad_accum"] == 1 and defaults["vectors"] == 1 and defaults["low_vram"] is False
+        assert defaults["compile"] == "off" and defaults["weight_decay"] == 0.01
+        assert not {"resolution", "templates", "device", "init_from", "keep_checkpoints"} & set(defaults)
+        await pilot.press("l")  # --low-vram, one key away
+        await pilot.pause()
+        assert screen.params()["low_vram"] is True and any("Low VRAM on" in m for m in _notes(app))
+        fill_train_form(screen, batch_size=2, grad_accum=4, weight_decay="0", vectors=3, keep_checkpoints=2,
+                        resolution=256, templates=str(templates), device="cuda:1",
+                        init_from=f"cat@{run_dir.name}:8")
+        screen.query_one("#compile", Select).value = "reduce-overhead"
+        await pilot.pause()
+        assert "8 (2×4)" in str(screen.query_one("#effective-batch", Static).render())
+        params = screen.params()
+        assert {k: params[k] for k in ("batch_size", "grad_accum", "weight_decay", "vectors", "keep_checkpoints",
+                                       "resolution", "templates", "device", "init_from", "compile", "low_vram")} == {
+            "batch_size": 2, "grad_accum": 4, "weight_decay": 0.0, "vectors": 3, "keep_checkpoints": 2,
+            "resolution": 256, "templates": ["a photo of {}", "a {} on a table"], "device": "cuda:1",
+            "init_from": f"cat@{run_dir.name}:8", "compile": "reduce-overhead", "low_vram": True}
+        fill_train_form(screen, init_from=str(embedding))
+        assert screen.params()["init_from"] == str(embedding.resolve())
+        bad = {"init_from": "cat@nope:3", "resolution": "100", "weight_decay": "-1", "grad_accum": "0",
+               "templates": str(tmp_path / "missing.txt"), "vectors": "0", "keep_checkpoints": "0"}
+        for key, value in bad.items():
+            fill_train_form(screen, **{key: value})
+            with pytest.raises(ValueError):
+                screen.params()
+            fill_train_form(screen, **{key: ""} if key in ("init_from", "resolution", "templates",
+                                                           "keep_checkpoints") else {key: "1"})
+        templates.write_text("a photo of {} and {}\n")
+        fill_train_form(screen, templates=str(templates))
+        with pytest.raises(ValueError, match="exactly one"):
+            screen.params()
+
+
+async def test_the_generate_form_takes_size_sampler_batch_negative_and_pins(tmp_path):
+    from engine.jobs import create_run, set_status
+    from engine.library import Library
+
+    home = tmp_path / "home"
+    Library(home).add("cat", make_images(tmp_path / "imgs"), "cat")
+    run_dir = create_run(home, {"kind": "train", "concept": "cat", "params": {}})
+    (run_dir / "learned_embeds.safetensors").write_bytes(b"")
+    (run_dir / "embeddings").mkdir()
+    (run_dir / "embeddings" / "learned_embeds-steps-8.safetensors").write_bytes(b"")
+    set_status(run_dir, "done")
+    app = offline_app(home, add_sample=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("3")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, GenerateScreen)
+        defaults = screen.params()
+        assert defaults["sampler"] == "dpm++2m" and defaults["uses"] == [] and defaults["negative"] == ""
+        assert defaults["batch_size"] == 4 and "width" not in defaults and "height" not in defaults
+        screen.query_one("#uses", Input).value = "cat@"
+        await pilot.pause()
+        assert await screen.query_one("#uses", Input).suggester.get_suggestion("cat@") == f"cat@{run_dir.name}"
+
+        def fill(**values):
+            for key, value in values.items():
+                screen.query_one(f"#{key}", Input).value = str(value)
+
+        fill(prompt="a photo of <cat>", negative="blurry, <cat>", width=512, height=768, batch_size=2,
+             uses=f"cat@{run_dir.name}:8")
+        screen.query_one("#sampler", Select).value = "euler-a"
+        params = screen.params()
+        assert {k: params[k] for k in ("prompt", "negative", "width", "height", "batch_size", "sampler", "uses")} == {
+            "prompt": "a photo of <cat>", "negative": "blurry, <cat>", "width": 512, "height": 768, "batch_size": 2,
+            "sampler": "euler-a", "uses": [f"cat@{run_dir.name}:8"]}
+        for key, value, problem in (("uses", "cat@nope:8", "no saved embedding"),
+                                    ("uses", f"cat@{run_dir.name}, cat@{run_dir.name}:8", "pinned twice"),
+                                    ("width", "500", "multiple of 8"), ("batch_size", "0", "at least 1")):
+            fill(**{key: value})
+            with pytest.raises(ValueError, match=problem):
+                screen.params()
+            fill(uses="", width="", batch_size=4)
+
+
 async def test_engine_trouble_is_a_notification_or_a_dialog_never_a_crash(tmp_path):
-    from tistudio.engine_bridge import BridgeNotice
+    from tistudio.messages import BridgeNotice
     from tistudio.screens.modals import MessageModal
 
     app = offline_app(tmp_path / "home")
@@ -284,6 +419,46 @@ async def test_engine_trouble_is_a_notification_or_a_dialog_never_a_crash(tmp_pa
         await wait_for(pilot, lambda: isinstance(app.screen, MessageModal), 5, "the dialog")
         await pilot.press("escape")
         assert isinstance(app.screen, LibraryScreen) and app.is_running
+
+
+async def test_a_submitted_run_is_followed_by_the_screen_that_asked_for_it(tmp_path):
+    from tistudio.messages import JobSubmitted
+
+    app = offline_app(tmp_path / "home")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, TrainScreen)
+        app.post_message(JobSubmitted("20260101-000000-ab12", "generate", None, "generate"))
+        await pilot.pause(0.5)
+        assert screen.run_id != "20260101-000000-ab12"  # the Generate screen's, not ours
+        app.post_message(JobSubmitted("20260101-000000-cd34", "train", "sample", "train"))
+        await wait_for(pilot, lambda: screen.run_id == "20260101-000000-cd34", 5, "the train screen to follow it")
+        assert any("train sample queued: 20260101-000000-cd34" in m for m in _notes(app))
+
+
+def test_changes_reach_the_screens_typed_and_once():
+    from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunChanged, RunSubmitted
+
+    changes = Changes({RunChanged("a"), RunChanged("a"), RunChanged("b"), RunSubmitted("r1", "train", "train"),
+                       JobsChanged(), JobsChanged()})
+    assert len(changes.items) == 4  # equal changes are one
+    assert changes.any(JobsChanged) and changes.any(LibraryChanged, RunChanged) and not changes.any(LibraryChanged)
+    assert Changes(everything=True).any(LibraryChanged)
+    assert sorted(c.run_id for c in changes.of(RunChanged)) == ["a", "b"]
+    assert [(c.run_id, c.origin) for c in changes.of(RunSubmitted)] == [("r1", "train")]
+
+
+def test_the_import_and_export_dialogs_answer_with_requests_for_the_cli():
+    from tistudio.screens.modals import ExportRequest, ImportRequest
+
+    assert ImportRequest(Path("/x/e.pt")).cli_args() == ["/x/e.pt", "--json"]
+    assert ImportRequest(Path("/x/e.pt"), "cat", "<c>", True).cli_args() == [
+        "/x/e.pt", "--json", "--name", "cat", "--token", "<c>", "--style"]
+    assert ExportRequest(Path("/o.pt"), "a1111", "run1", 8).cli_args("cat") == [
+        "cat", "--out", "/o.pt", "--format", "a1111", "--run", "run1", "--step", "8"]
+    assert "--step" not in ExportRequest(Path("/o.pt"), "kohya", "run1").cli_args("cat")
 
 
 def test_prompt_and_path_completion():
@@ -311,6 +486,21 @@ def studio_home():
         yield path
     kill_engines(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def trained_run(studio_home) -> str:
+    """A finished run of the sample concept (16 steps on builtin:tiny, saved at 8 and 16),
+    trained once for the tests that need one, whichever of them runs first or alone."""
+    from engine.client import call
+    from tistudio.samples import SAMPLE_NAME, ensure_sample_concept
+
+    ensure_sample_concept(studio_home, model="builtin:tiny")
+    params = {"steps": 16, "log_every": 2, "save_every": 8, "preview_every": 0, "seed": 3, "model": "builtin:tiny"}
+    run_id = call("submit", "train", concept=SAMPLE_NAME, params=params, home=studio_home)
+    status = call("wait", run_id, home=studio_home)
+    assert status == "done", f"the fixture's training run {run_id} ended {status}"
+    return run_id
 
 
 def engine_app(home, **kwargs) -> StudioApp:
@@ -433,7 +623,7 @@ async def test_cancel_and_resume_from_the_train_screen(studio_home):
 
 
 @pytest.mark.timeout(240)
-async def test_export_then_import_through_the_dialogs(studio_home, tmp_path):
+async def test_export_then_import_through_the_dialogs(studio_home, trained_run, tmp_path):
     from engine.library import Library
     from tistudio.screens.modals import ExportModal, ImportModal
 
@@ -441,8 +631,6 @@ async def test_export_then_import_through_the_dialogs(studio_home, tmp_path):
     app = engine_app(studio_home)
     async with app.run_test(size=SIZE) as pilot:
         await online(app, pilot)
-        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
-            pytest.skip("needs the finished run of the training test")
         table = app.screen.query_one("#concepts", DataTable)
         table.move_cursor(row=[r.name for r in app.screen.rows].index("sample"))
         await pilot.press("x")
@@ -466,19 +654,11 @@ async def test_export_then_import_through_the_dialogs(studio_home, tmp_path):
     assert Library(studio_home).get("robot-copy").token == "<robot-copy>"
 
 
-def _skip_if_unknown_kind(app, kind: str) -> None:
-    for message in _notes(app):
-        if "unknown job kind" in message and kind in message:
-            pytest.skip(f"the engine does not run {kind!r} jobs yet ({message})")
-
-
 @pytest.mark.timeout(300)
-async def test_generate_shows_sd_and_ti_images_with_their_paths(studio_home):
+async def test_generate_shows_sd_and_ti_images_with_their_paths(studio_home, trained_run):
     app = engine_app(studio_home)
     async with app.run_test(size=SIZE) as pilot:
         await online(app, pilot)
-        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
-            pytest.skip("needs the finished run of the training test")
         await pilot.press("3")
         await wait_for(pilot, lambda: isinstance(app.screen, GenerateScreen), 5, "the Generate screen")
         await pilot.press("p")
@@ -490,7 +670,6 @@ async def test_generate_shows_sd_and_ti_images_with_their_paths(studio_home):
         await pilot.press("enter")
 
         def shown():
-            _skip_if_unknown_kind(app, "generate")
             job = app.state.job(screen.run_id) if screen.run_id else None
             if job and job.get("status") == "failed":
                 raise AssertionError(f"generate failed: {job.get('error')}")
@@ -506,12 +685,10 @@ async def test_generate_shows_sd_and_ti_images_with_their_paths(studio_home):
 
 
 @pytest.mark.timeout(300)
-async def test_evaluate_fills_table_1(studio_home):
+async def test_evaluate_fills_table_1(studio_home, trained_run):
     app = engine_app(studio_home)
     async with app.run_test(size=SIZE) as pilot:
         await online(app, pilot)
-        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
-            pytest.skip("needs the finished run of the training test")
         app.selected_concept = "sample"
         await pilot.press("4")
         await wait_for(pilot, lambda: isinstance(app.screen, MetricsScreen), 5, "the Metrics screen")
@@ -520,7 +697,6 @@ async def test_evaluate_fills_table_1(studio_home):
         await pilot.press("e")
 
         def filled():
-            _skip_if_unknown_kind(app, "eval")
             failed = [j for j in app.state.jobs_of("eval", "sample") if j.get("status") == "failed"]
             if failed:
                 raise AssertionError(f"eval failed: {failed[-1].get('error')}")
@@ -533,14 +709,12 @@ async def test_evaluate_fills_table_1(studio_home):
 
 
 @pytest.mark.timeout(300)
-async def test_the_steps_experiment_draws_the_curve_over_checkpoints(studio_home):
+async def test_the_steps_experiment_draws_the_curve_over_checkpoints(studio_home, trained_run):
     from tistudio.widgets.charts import CurveChart
 
     app = engine_app(studio_home)
     async with app.run_test(size=SIZE) as pilot:
         await online(app, pilot)
-        if not [j for j in app.state.jobs_of("train", "sample") if j.get("status") == "done"]:
-            pytest.skip("needs the finished run of the training test")
         app.selected_concept = "sample"
         await pilot.press("4")
         await wait_for(pilot, lambda: isinstance(app.screen, MetricsScreen), 5, "the Metrics screen")
@@ -549,7 +723,6 @@ async def test_the_steps_experiment_draws_the_curve_over_checkpoints(studio_home
         chart = screen.query_one("#curve", CurveChart)
 
         def drawn():
-            _skip_if_unknown_kind(app, "experiment")
             failed = [j for j in app.state.jobs_of("experiment", "sample") if j.get("status") == "failed"]
             if failed:
                 raise AssertionError(f"experiment failed: {failed[-1].get('error')}")
@@ -557,3 +730,5 @@ async def test_the_steps_experiment_draws_the_curve_over_checkpoints(studio_home
 
         await wait_for(pilot, drawn, 240, "the curve")
         assert [p[0] for p in chart._key[0]] == [8, 16]  # the run's saved checkpoints
+        experiment = app.state.jobs_of("experiment", "sample")[-1]
+        assert (experiment.get("params") or {}).get("run") == trained_run  # the latest finished run

@@ -560,3 +560,84 @@ def test_update_init_checked_by_tokenizer(lib, tokenizer):
     lib.add("kitty", None, "cat")
     with pytest.raises(UserError, match="splits into"):
         lib.update("kitty", init="teddybear", tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------- images of a concept
+
+
+def test_add_images_to_an_imported_concept_from_files_and_folders(lib, home, pics, tmp_path):
+    lib.add("imp", None, "cat")  # an imported embedding arrives with no images
+    assert lib.get("imp").images == []
+    extra = make_image(tmp_path / "extra.png", color=(1, 2, 3))
+    written = lib.add_images("imp", [pics, extra])
+    assert [p.name for p in written] == ["000.png", "001.png", "002.png", "003.png"]
+    assert lib.get("imp").images == written
+    assert all(mode(p) == 0o600 for p in written)
+    with Image.open(written[-1]) as img:  # re-decoded and stored as PNG, in the order given
+        assert img.format == "PNG" and img.getpixel((0, 0)) == (1, 2, 3)
+    assert [p.name for p in lib.add_images("imp", [str(extra)])] == ["004.png"]  # numbering goes on
+
+
+def test_add_images_checks_every_image_before_writing_any(lib, home, pics, tmp_path):
+    lib.add("cat", pics, "cat")
+    before = tree(home)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    good = make_image(tmp_path / "good.png")
+    for sources, problem in (([good, broken], "broken.png"), ([tmp_path / "missing.png"], "does not exist"),
+                             ([], "no images given"), ([tmp_path / "empty"], "does not exist")):
+        with pytest.raises(UserError, match=problem):
+            lib.add_images("cat", sources)
+        assert tree(home) == before
+    with pytest.raises(UserError, match="no concept named"):
+        lib.add_images("dog", [good])
+
+
+def test_add_images_removes_what_it_wrote_when_a_write_fails(lib, home, pics, tmp_path, monkeypatch):
+    lib.add("cat", None, "cat")
+    before = tree(home)
+    real_save = Image.Image.save
+    calls = []
+
+    def failing_save(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+    with pytest.raises(OSError):
+        lib.add_images("cat", [pics])
+    assert tree(home) == before
+
+
+def test_remove_images_by_name_or_path_all_or_none(lib, home, pics, monkeypatch):
+    concept = lib.add("cat", pics, "cat")
+    first, second, third = concept.images
+    assert lib.remove_images("cat", ["001.png", str(third)]) == [second, third]
+    assert lib.get("cat").images == [first]
+    assert not [p for p in concept.path.iterdir() if p.name.startswith(".")]  # no trash left behind
+
+    before = tree(home)
+    with pytest.raises(UserError, match="no training image '009.png'"):
+        lib.remove_images("cat", ["000.png", "009.png"])
+    with pytest.raises(UserError, match="no images given"):
+        lib.remove_images("cat", [])
+    assert tree(home) == before
+
+    lib.add_images("cat", [pics])
+    before = tree(home)
+    real_rename = os.rename
+    moves = []
+
+    def failing_rename(src, dst):
+        moves.append(src)
+        if len(moves) == 2:
+            raise OSError(5, "Input/output error")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(library_mod.os, "rename", failing_rename)
+    with pytest.raises(OSError):
+        lib.remove_images("cat", ["000.png", "001.png"])
+    monkeypatch.undo()
+    assert tree(home) == before  # the one moved came back, and the trash folder is gone

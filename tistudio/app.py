@@ -5,10 +5,10 @@
     run_app()                   what `tistudio` runs: config → images → app
 
 The App owns the `EngineBridge` (all engine traffic, in App-owned workers) and the
-`StudioState` the screens draw from.  Bridge messages land in the handlers below,
-update the state and go out to the screens on the `changed` signal, whose payload
-says what changed ("engine", "status", "jobs", "run:<id>", "library", "metrics",
-"submitted:<origin>:<run id>", "tokenizer", "images").
+`StudioState` the screens draw from.  Bridge messages (tistudio.messages) land in the
+handlers below, update the state and go out to the screens on the `changed` signal as
+typed `StudioChange` messages (JobsChanged, RunChanged(run_id), RunSubmitted(run_id,
+kind, origin), LibraryChanged …).
 
 Imports no torch: nothing here or in the screens does; GPU work is the engine's.
 """
@@ -29,16 +29,20 @@ from textual.signal import Signal
 
 from engine.jobs import FINAL
 from engine.paths import home_dir
+from engine.text import one_line
 from tistudio.config import DEFAULT_THEME, PROTOCOLS, Config
-from tistudio.engine_bridge import (
-    BridgeNotice, CommandFinished, EngineBridge, EngineSnapshot, EngineStateChanged, JobSubmitted, RunEvents,
-    StudioState, one_line,
+from tistudio.engine_bridge import EngineBridge
+from tistudio.messages import (
+    BridgeNotice, CommandFinished, EngineChanged, EngineSnapshot, EngineStateChanged, ImagesChanged, JobsChanged,
+    JobSubmitted, LibraryChanged, MetricsChanged, RunChanged, RunEvents, RunSubmitted, StatusChanged, StudioChange,
+    TokenizerReady,
 )
 from tistudio.screens.generate import GenerateScreen
 from tistudio.screens.help import HelpScreen
 from tistudio.screens.library import LibraryScreen
 from tistudio.screens.metrics import MetricsScreen
 from tistudio.screens.train import TrainScreen
+from tistudio.state import StudioState
 from tistudio.themes import load_themes, theme_dirs
 
 SCREEN_NAMES = {"library": "Library", "train": "Train", "generate": "Generate", "metrics": "Metrics"}
@@ -81,7 +85,7 @@ class StudioApp(App):
         self.add_sample = add_sample
         self._theme_override = theme
         self.state = StudioState()
-        self.changed: Signal[str] = Signal(self, "changed")
+        self.changed: Signal[StudioChange] = Signal(self, "changed")
         self.bridge = EngineBridge(self, self.home, enabled=engine,
                                    **({"poll_seconds": poll_seconds} if poll_seconds else {}))
         self.tokenizer = None
@@ -151,7 +155,7 @@ class StudioApp(App):
 
     def _tokenizer_ready(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.changed.publish("tokenizer")
+        self.changed.publish(TokenizerReady())
 
     def _theme_changed(self, theme) -> None:
         if self.config.theme != theme.name:
@@ -169,7 +173,7 @@ class StudioApp(App):
     def on_engine_state_changed(self, message: EngineStateChanged) -> None:
         previous = self.state.engine
         self.state.engine, self.state.engine_detail = message.state, message.detail
-        self.changed.publish("engine")
+        self.changed.publish(EngineChanged())
         if message.state == "online" and previous != "online":
             for run_id in list(self.watched):
                 track = self.state.tracks.get(run_id)
@@ -179,7 +183,7 @@ class StudioApp(App):
     def on_engine_snapshot(self, message: EngineSnapshot) -> None:
         if message.status is not None:
             self.state.status = message.status
-            self.changed.publish("status")
+            self.changed.publish(StatusChanged())
         if message.jobs is None:
             return
         before = {j.get("id"): j.get("status") for j in self.state.jobs}
@@ -194,11 +198,11 @@ class StudioApp(App):
                 self._announce(job)  # it ended before a poll saw it queued
             if new == "running" or (job.get("id") in self.watched and new not in FINAL):
                 self.watch_run(job["id"])
-        self.changed.publish("jobs")
+        self.changed.publish(JobsChanged())
         if finished_kinds & {"train", "eval", "experiment"} or len(before) != len(message.jobs):
-            self.changed.publish("library")
+            self.changed.publish(LibraryChanged())
         if finished_kinds & {"eval", "experiment"}:
-            self.changed.publish("metrics")
+            self.changed.publish(MetricsChanged())
 
     def _announce(self, job: dict) -> None:
         if job.get("id") in self._announced:
@@ -221,7 +225,7 @@ class StudioApp(App):
         track.apply(message.events)
         if message.ended and track.status in FINAL:
             track.complete = True
-        self.changed.publish(f"run:{message.run_id}")
+        self.changed.publish(RunChanged(message.run_id))
         if track.status in FINAL and not was_final:
             if message.run_id in self.submitted or was_live:
                 self._announce({"id": message.run_id, "kind": track.kind, "concept": track.concept,
@@ -236,7 +240,7 @@ class StudioApp(App):
         verb = "resumed" if message.resumed else "queued"
         what = message.kind or "run"
         self.notify(f"{what} {message.concept or ''} {verb}: {message.run_id}".replace("  ", " "), title="Engine")
-        self.changed.publish(f"submitted:{message.origin or message.kind}:{message.run_id}")
+        self.changed.publish(RunSubmitted(message.run_id, message.kind, message.origin or message.kind))
 
     def on_bridge_notice(self, message: BridgeNotice) -> None:
         if message.details:
@@ -249,16 +253,16 @@ class StudioApp(App):
 
     def on_command_finished(self, message: CommandFinished) -> None:
         if message.returncode == 0:
-            if message.origin == "import":
+            if message.command == "import":
                 self.notify("Embedding imported.", title="Library")
                 self.library_changed()
-            elif message.origin == "export":
+            elif message.command == "export":
                 out = message.stdout.strip().splitlines()
                 self.notify(f"Exported: {out[-1] if out else 'done'}", title="Library")
             return
         lines = [ln for ln in message.stderr.strip().splitlines() if ln.strip()]
         text = lines[-1] if lines else f"exit code {message.returncode}"
-        self.notify(text.removeprefix("tistudio: error: "), severity="error", title=message.origin.capitalize(),
+        self.notify(text.removeprefix("tistudio: error: "), severity="error", title=message.command.capitalize(),
                     timeout=10)
 
     # -- used by the screens
@@ -272,7 +276,7 @@ class StudioApp(App):
         self.bridge.follow(run_id)
 
     def library_changed(self) -> None:
-        self.changed.publish("library")
+        self.changed.publish(LibraryChanged())
         self.bridge.poll_now()
         self.bridge.refresh_offline()
 
@@ -328,7 +332,7 @@ class StudioApp(App):
         self._save_config()
         setup_images(protocol)
         self.image_protocol = protocol
-        self.changed.publish("images")
+        self.changed.publish(ImagesChanged())
         if protocol == "auto":
             self.notify("Images: auto — what the terminal said it supports when the studio started "
                         "(it asks again at the next start).", title="Images")
@@ -346,6 +350,8 @@ class StudioApp(App):
             ("Library: export concept", "Write the selected concept's embedding for other tools", "library",
              "export_concept"),
             ("Library: rename concept", "Rename the selected concept", "library", "rename_concept"),
+            ("Library: concept images", "Add or remove the selected concept's training images", "library",
+             "edit_images"),
             ("Library: delete concept", "Delete the selected concept (asks first)", "library", "delete_concept"),
             ("Train: start run", "Start a training run with the form's settings", "train", "start"),
             ("Train: resume run", "Resume the selected failed, cancelled or interrupted run", "train", "resume"),

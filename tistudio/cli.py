@@ -3,6 +3,10 @@
 Exit codes: 0 success, 2 bad input (one line on stderr: the problem and the
 fix), 1 internal failure, 130 interrupted.  Heavy imports (torch) happen
 inside the commands that need them, so `tistudio --help` and the studio start fast.
+
+Where a setting comes from, first match wins: the command line (global options may
+come before or after the command), the environment (TISTUDIO_HOME, TISTUDIO_MODEL),
+the config file (`tistudio config path` shows it), the built-in default.
 """
 
 from __future__ import annotations
@@ -11,78 +15,166 @@ import argparse
 import os
 import sys
 
-from tistudio.commands import engine_cmds, job_cmds, library_cmds, run_cmds, studio_cmds
+from tistudio.commands import (
+    config_cmds,
+    engine_cmds,
+    job_cmds,
+    library_cmds,
+    run_cmds,
+    studio_cmds,
+    train_cmds,
+)
+
+COMMAND_MODULES = (library_cmds, train_cmds, run_cmds, job_cmds, engine_cmds, config_cmds, studio_cmds)
 
 
-class _Parser(argparse.ArgumentParser):
+class HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default in its help, except where there is nothing to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        nothing = default is None or default is False or default == argparse.SUPPRESS
+        if "%(default)" in text or not action.option_strings or nothing or isinstance(action, argparse._HelpAction):
+            return text
+        if isinstance(default, (list, tuple)):
+            shown = ",".join(map(str, default)).replace("%", "%%")
+        else:
+            shown = "%(default)s"
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
+class Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line and exit 2 like our other user errors."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"tistudio: error: {message} (see `{self.prog} --help`)\n")
 
 
+def _add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    # Below the top level they default to SUPPRESS, so a value given before the command survives.
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("--home", default=default, metavar="DIR",
+                        help="data directory (else $TISTUDIO_HOME, the config file's home, the XDG data dir)")
+    parser.add_argument("--model", default=default, metavar="SPEC",
+                        help="model spec: builtin:demo, builtin:tiny, a diffusers folder, a .safetensors/.ckpt, "
+                             "a hub id (else $TISTUDIO_MODEL, the config file's model, builtin:demo)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="tistudio", description="A terminal studio for Textual Inversion on Stable Diffusion.")
-    parser.add_argument("--home", help="data directory (default: $TISTUDIO_HOME or the XDG data dir)")
-    parser.add_argument("--model", help="model spec: builtin:tiny, a diffusers folder, a .safetensors/.ckpt, a hub id "
-                        "(default: $TISTUDIO_MODEL or builtin:tiny)")
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
-    for module in (library_cmds, run_cmds, job_cmds, engine_cmds, studio_cmds):
+    parser = Parser(prog="tistudio", description="A terminal studio for Textual Inversion on Stable Diffusion. "
+                    "With no command it opens the studio.")
+    _add_global_options(parser, top=True)
+    parser.add_argument("--version", action="store_true",
+                        help="print the versions of tistudio, torch, CUDA, diffusers and the device, and exit")
+    sub = parser.add_subparsers(dest="command", parser_class=Parser, metavar="COMMAND")
+    for module in COMMAND_MODULES:
         module.add_commands(sub)
+    for leaf in _leaf_parsers(parser):
+        if leaf is not parser:
+            _add_global_options(leaf, top=False)
+    from tistudio.config import apply_command_defaults
+
+    apply_command_defaults(parser)
     return parser
 
 
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """Every parser that can end a command line (the top one and each subcommand's)."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                yield from _leaf_parsers(child)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except _config_errors() as exc:
+        print(f"tistudio: error: {exc}", file=sys.stderr)
+        return 2
+    _autocomplete(parser)
     args = parser.parse_args(argv)
-    if args.home:
-        os.environ["TISTUDIO_HOME"] = os.path.abspath(os.path.expanduser(args.home))
-    if args.model:
-        os.environ["TISTUDIO_MODEL"] = args.model
+    _settle_globals(args)
     if args.version:
-        print(_version())
+        from tistudio.commands.about import version_report
+
+        print(version_report())
         return 0
     handler = getattr(args, "func", None) or studio_cmds.open_studio
     return _run(handler, args)
 
 
+def _config_errors():
+    from engine.errors import UserError
+
+    return (UserError,)
+
+
+def _autocomplete(parser: argparse.ArgumentParser) -> None:
+    # A no-op unless the shell's completion hook called us (argcomplete checks its env vars).
+    if "_ARGCOMPLETE" in os.environ:
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+
+
+def _settle_globals(args) -> None:
+    """--home/--model reach every command (and the engine's jobs) through the environment."""
+    from tistudio.config import load_config
+
+    config = load_config()
+    home = args.home or os.environ.get("TISTUDIO_HOME") or config.home
+    if home:
+        os.environ["TISTUDIO_HOME"] = os.path.abspath(os.path.expanduser(home))
+    model = args.model or os.environ.get("TISTUDIO_MODEL") or config.model
+    if model:
+        os.environ["TISTUDIO_MODEL"] = model
+
+
 def _run(handler, args) -> int:
     from engine.errors import EngineError, UserError
+    from engine.text import one_line
 
     try:
         return handler(args) or 0
     except UserError as exc:
-        print(f"tistudio: error: {_one_line(exc)}", file=sys.stderr)
+        print(f"tistudio: error: {one_line(exc, 500)}", file=sys.stderr)
         return 2
     except EngineError as exc:
-        print(f"tistudio: engine error: {_one_line(exc)}", file=sys.stderr)
+        print(f"tistudio: engine error: {one_line(exc, 500)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tistudio: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
-    except Exception as exc:  # an internal failure: one line, plus where to look
-        if os.environ.get("TISTUDIO_DEBUG"):
-            raise
-        print(f"tistudio: internal error: {type(exc).__name__}: {_one_line(exc)} "
-              "(set TISTUDIO_DEBUG=1 for the traceback)", file=sys.stderr)
+    except OSError as exc:
+        from engine.errors import disk_full_message
+
+        message = disk_full_message(exc)
+        if message is None:
+            return _internal(exc)
+        print(f"tistudio: error: {message}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        return _internal(exc)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:500] or type(exc).__name__
+def _internal(exc: BaseException) -> int:
+    """An internal failure: one line, plus where to look."""
+    from engine.text import one_line
 
-
-def _version() -> str:
-    from importlib import metadata
-
-    try:
-        return f"tistudio {metadata.version('tistudio')}"
-    except metadata.PackageNotFoundError:
-        return "tistudio (not installed)"
+    if os.environ.get("TISTUDIO_DEBUG"):
+        raise exc
+    print(f"tistudio: internal error: {type(exc).__name__}: {one_line(exc, 500)} "
+          "(set TISTUDIO_DEBUG=1 for the traceback)", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -1,7 +1,17 @@
-"""The studio's settings: `config.toml` in the XDG config dir (`engine.paths.config_dir()`).
+"""Settings: `config.toml` in the XDG config dir (`engine.paths.config_dir()`).
 
     theme = "tistudio-dark"        # a theme name (themes/*.toml or Textual's own)
     image_protocol = "auto"        # auto | kitty | sixel | halfblock
+    model = "builtin:demo"         # the default model spec (--model and $TISTUDIO_MODEL win)
+    home = "~/tistudio-data"       # the data directory (--home and $TISTUDIO_HOME win)
+
+    [train]                        # defaults for `tistudio train` and the studio's New-run form
+    steps = 1500
+    low_vram = true
+    [generate]                     # defaults for `tistudio generate`; [eval] likewise
+    sampler = "euler-a"
+
+Keys in a command's table are its options, spelt with - or _ (`tistudio train --help`).
 
 `TISTUDIO_IMAGE_PROTOCOL` overrides `image_protocol` for one session.  A missing
 or broken file gives the defaults (the studio must open anyway); saving rewrites
@@ -11,11 +21,16 @@ the file atomically and keeps keys it does not know.
 from __future__ import annotations
 
 import os
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 from engine.paths import atomic_write_text, config_dir
 
@@ -43,6 +58,9 @@ def normalise_protocol(value: object) -> str | None:
 class Config:
     theme: str = DEFAULT_THEME
     image_protocol: str = "auto"
+    model: str | None = None
+    home: str | None = None
+    commands: dict = field(default_factory=dict)  # {"train": {...}, "generate": {...}}: option defaults
     extra: dict = field(default_factory=dict)  # keys we do not know, kept on save
     path: Path | None = None
     problem: str | None = None  # why the file could not be read, for a notification
@@ -67,6 +85,10 @@ class Config:
                                   f"{', '.join(PROTOCOLS)}; using auto")
             else:
                 config.image_protocol = protocol
+        for key in ("model", "home"):
+            if isinstance(data.get(key), str) and data[key].strip():
+                setattr(config, key, data[key].strip())
+        config.commands = {k: v for k, v in data.items() if k in COMMAND_TABLES and isinstance(v, dict)}
         config.extra = {k: v for k, v in data.items() if k not in ("theme", "image_protocol")}
         return config
 
@@ -81,3 +103,66 @@ class Config:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = {**self.extra, "theme": self.theme, "image_protocol": self.image_protocol}
         atomic_write_text(path, tomli_w.dumps(data))
+
+
+COMMAND_TABLES = ("train", "generate", "eval")
+
+
+def load_config() -> Config:
+    return Config.load()
+
+
+def apply_command_defaults(parser, config: Config | None = None) -> None:
+    """Make the config file's [train]/[generate]/[eval] tables the defaults of those commands.
+
+    A key that is not an option of the command, or a value of the wrong kind, is a
+    UserError naming the file, the key and what would be right."""
+    from engine.errors import UserError
+
+    config = config or load_config()
+    for command, table in config.commands.items():
+        sub = _subcommand(parser, command)
+        if sub is None:
+            continue
+        actions = {a.dest: a for a in sub._actions if a.option_strings}
+        defaults = {}
+        for key, value in table.items():
+            dest = key.replace("-", "_")
+            action = actions.get(dest)
+            if action is None or dest in ("home", "model", "help"):
+                known = ", ".join(sorted(d for d in actions if d not in ("home", "model", "help")))
+                raise UserError(f"{config.path}: [{command}] has no setting {key!r}; known: {known}")
+            defaults[dest] = _config_value(config.path, command, key, value, action)
+        sub.set_defaults(**defaults)
+
+
+def _subcommand(parser, name: str):
+    import argparse
+
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action.choices.get(name)
+    return None
+
+
+def _config_value(path, command: str, key: str, value, action):
+    """Convert a TOML value the way the command line would, with the option's own checks."""
+    import argparse
+
+    from engine.errors import UserError
+
+    where = f"{path}: [{command}] {key}"
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false")
+        return value
+    try:
+        if isinstance(value, list) and action.type is not None:
+            value = action.type(",".join(map(str, value)))
+        elif action.type is not None and not isinstance(value, bool):
+            value = action.type(str(value))
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as exc:
+        raise UserError(f"{where} = {value!r} is not valid ({exc})") from None
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"{where} must be one of {', '.join(map(str, action.choices))}")
+    return value

@@ -100,7 +100,16 @@ def sample_images() -> list[Path]:
     return paths
 
 
-DEMO_SAMPLES = Path(__file__).resolve().parent.parent / "demo" / "samples"
+def _demo_samples_dir() -> Path:
+    """demo/samples/ in a checkout; tistudio/demo_samples/ in an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "demo" / "samples", here / "demo_samples"):
+        if candidate.is_dir():
+            return candidate
+    return here / "demo_samples"
+
+
+DEMO_SAMPLES = _demo_samples_dir()
 
 
 def _demo_concepts() -> list[dict]:

@@ -19,14 +19,19 @@ stops the studio from opening.  Later directories win on equal names.
 
 from __future__ import annotations
 
+import sys
 import os
-import tomllib
 from pathlib import Path
 
 from textual.color import Color, ColorParseError
 from textual.theme import Theme
 
 from engine.paths import config_dir
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10
+    import tomli as tomllib
 
 THEMES_ENV = "TISTUDIO_THEMES_DIR"
 _COLOUR_FIELDS = ("primary", "secondary", "warning", "error", "success", "accent", "foreground",

@@ -9,7 +9,7 @@ def add_commands(sub) -> None:
     engine = sub.add_parser("engine", help="the background engine").add_subparsers(dest="action", metavar="ACTION",
                                                                                   required=True)
     p = engine.add_parser("status", help="engine state, device and memory")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=status)
     p = engine.add_parser("stop", help="stop the engine (refuses while jobs run unless --force)")
     p.add_argument("--force", action="store_true", help="stop even with jobs running (they become interrupted)")

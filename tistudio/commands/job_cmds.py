@@ -6,7 +6,7 @@ import asyncio
 import os
 
 from tistudio.commands.output import print_json, print_table
-from tistudio.commands.run_cmds import _int_list, _positive_int, _word_list
+from tistudio.commands.args import int_list, positive_int, word_list
 
 
 def add_commands(sub) -> None:
@@ -14,10 +14,10 @@ def add_commands(sub) -> None:
     p.add_argument("prompt")
     p.add_argument("--use", action="append", default=[], metavar="NAME@RUN:STEP",
                    help="which embedding a concept uses (default: its latest finished run's final one)")
-    p.add_argument("-n", type=_positive_int, default=4, help="images (default 4)")
+    p.add_argument("-n", type=positive_int, default=4, help="images to make")
     p.add_argument("--seed", type=int, default=0, help="first seed; images use seed, seed+1, …")
-    p.add_argument("--steps", type=_positive_int, default=25, help="DPM-Solver++ steps (default 25)")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", type=positive_int, default=25, help="sampling steps")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--negative", default="", help="negative prompt")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--compare", action="store_true", help="SD and SD+TI with the same seeds, side by side")
@@ -30,30 +30,30 @@ def add_commands(sub) -> None:
     p.add_argument("name")
     p.add_argument("--run", help="run id (default: the latest finished run)")
     p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
-    p.add_argument("--images", type=_positive_int, default=16, help="images per set (default 16, the paper's)")
+    p.add_argument("--images", type=positive_int, default=16, help="images per set (the paper's 16)")
     p.add_argument("--prompts", help="a file of edit prompts, one per line, {} where the token goes "
                                      "(default: the study's three; on builtin:demo, three in its world's words)")
     _clip_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=evaluate)
 
     exp = sub.add_parser("experiment", help="the paper's ablations: steps, initializer word, seed").add_subparsers(
         dest="experiment", metavar="KIND", required=True)
     p = exp.add_parser("steps", help="reconstruction/editability over a run's saved steps, with a grid")
     p.add_argument("name")
-    p.add_argument("--run")
-    p.add_argument("--at", type=_int_list, help="steps to compare (default: every saved step)")
+    p.add_argument("--run", help="run id (default: the latest finished run)")
+    p.add_argument("--at", type=int_list, help="steps to compare (default: every saved step)")
     _experiment_args(p)
     p = exp.add_parser("init", help="one run per initializer word (trained together), grid and table")
     p.add_argument("name")
-    p.add_argument("--words", type=_word_list, required=True, help="e.g. fish,dragon")
-    p.add_argument("--steps", type=_positive_int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--words", type=word_list, required=True, help="e.g. fish,dragon")
+    p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
+    p.add_argument("--seed", type=int, default=0, help="random seed of every run")
     _experiment_args(p)
     p = exp.add_parser("seeds", help="one run per seed (trained together), grid and table")
     p.add_argument("name")
-    p.add_argument("--seeds", type=_int_list, required=True, help="e.g. 1,2")
-    p.add_argument("--steps", type=_positive_int, default=2000)
+    p.add_argument("--seeds", type=int_list, required=True, help="e.g. 1,2")
+    p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
     _experiment_args(p)
 
 
@@ -64,9 +64,9 @@ def _clip_args(p) -> None:
 
 
 def _experiment_args(p) -> None:
-    p.add_argument("--images", type=_positive_int, default=4, help="images per prompt and column (default 4)")
+    p.add_argument("--images", type=positive_int, default=4, help="images per prompt and column")
     _clip_args(p)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=experiment)
 
 
@@ -92,7 +92,26 @@ def generate(args) -> int:
     return 0
 
 
+def _check_eval(name: str, run: str | None, step: int | None, prompts: str | None, option: str = "run-step") -> None:
+    """What an evaluation would refuse, refused now: no images, nothing trained, no prompts file, a bad model."""
+    from engine.embeddings import choose_embedding
+    from engine.errors import UserError
+    from engine.library import Library
+    from engine.models import model_info
+    from tistudio.commands.output import home
+
+    concept = Library(home()).get(name)
+    if not concept.images:
+        raise UserError(f"concept {concept.name!r} has no training images to measure reconstruction against; add "
+                        f"some with `tistudio concept images add {concept.name} FILE...`")
+    choose_embedding(concept, run, step, option=option)
+    if prompts and not os.path.isfile(prompts):
+        raise UserError(f"--prompts {prompts}: no such file; give a file of edit prompts, one per line")
+    model_info()
+
+
 def evaluate(args) -> int:
+    _check_eval(args.name, args.run, args.step, args.prompts)
     params = {"run": args.run, "step": args.step, "images": args.images,
               "prompts_file": args.prompts and os.path.abspath(args.prompts), **_clip_params(args), **_model_param()}
     result = run_job("eval", args.name, params, quiet=args.json)
@@ -114,7 +133,23 @@ def evaluate(args) -> int:
     return 0
 
 
+def _check_experiment(args) -> None:
+    from engine.errors import UserError
+    from engine.library import Library
+
+    from tistudio.commands.output import home
+
+    if args.experiment == "steps":
+        _check_eval(args.name, args.run, None, None, option="run")
+        return
+    concept = Library(home()).get(args.name)
+    if not concept.images:
+        raise UserError(f"concept {concept.name!r} has no training images; add some with "
+                        f"`tistudio concept images add {concept.name} FILE...`")
+
+
 def experiment(args) -> int:
+    _check_experiment(args)
     params = {"kind": args.experiment, "images": args.images, **_clip_params(args), **_model_param()}
     if args.experiment == "steps":
         params.update(run=args.run, at=args.at)

@@ -17,22 +17,33 @@ def add_commands(sub) -> None:
     p.add_argument("--token", help="the new word (default: <NAME>)")
     p.add_argument("--style", action="store_true", help="the concept is a style, not an object")
     p.add_argument("--description", help="words the SD baseline uses instead of the token (default: the init word)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=concept_add)
 
     p = concept.add_parser("list", help="list concepts")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=concept_list)
 
     p = concept.add_parser("show", help="one concept, its images and runs")
     p.add_argument("name")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=concept_show)
 
     p = concept.add_parser("rm", help="delete a concept, its images and runs")
     p.add_argument("name")
     p.add_argument("--yes", action="store_true", help="really delete (required)")
     p.set_defaults(func=concept_rm)
+
+    images = concept.add_parser("images", help="add or remove a concept's training images").add_subparsers(
+        dest="images_action", metavar="ACTION", required=True)
+    p = images.add_parser("add", help="copy image files (or folders of them) into the concept")
+    p.add_argument("name", help="the concept")
+    p.add_argument("files", nargs="+", metavar="FILE", help="image files or folders")
+    p.set_defaults(func=concept_images_add)
+    p = images.add_parser("rm", help="delete training images by their stored name (see `concept show`)")
+    p.add_argument("name", help="the concept")
+    p.add_argument("files", nargs="+", metavar="IMAGE", help="stored image names, e.g. 003.png")
+    p.set_defaults(func=concept_images_rm)
 
     p = concept.add_parser("rename", help="rename a concept (its runs come along)")
     p.add_argument("old")
@@ -44,15 +55,16 @@ def add_commands(sub) -> None:
     p.add_argument("--name", help="concept name (default: from the file)")
     p.add_argument("--token", help="the word in prompts (default: from the file, or <NAME>)")
     p.add_argument("--description", help="words the SD baseline uses instead of the token (default: the name)")
-    p.add_argument("--style", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--style", action="store_true", help="the concept is a style, not an object")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=import_embedding)
 
     p = sub.add_parser("export", help="write a concept's embedding for other tools")
     p.add_argument("name")
     p.add_argument("--run", help="run id (default: the latest finished run)")
     p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
-    p.add_argument("--format", default="diffusers", choices=("diffusers", "a1111", "kohya"))
+    p.add_argument("--format", default="diffusers", choices=("diffusers", "a1111", "kohya"),
+                   help="the file layout: diffusers, A1111 (.pt or .safetensors), kohya/invoke")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=export_embedding)
@@ -82,16 +94,16 @@ def concept_add(args) -> int:
     return 0
 
 
-def _concept_row(concept) -> dict:
-    from engine.embeddings import concept_runs
-
-    data = concept.to_dict()
-    data["runs"] = len(concept_runs(concept.path))
+def _concept_row(summary) -> dict:
+    data = summary.concept.to_dict()
+    data["runs"] = len(summary.runs)
     return data
 
 
 def concept_list(args) -> int:
-    rows = [_concept_row(c) for c in _library().list()]
+    from engine.records import library_summaries
+
+    rows = [_concept_row(s) for s in library_summaries(home())]
     if args.json:
         print_json(rows)
         return 0
@@ -105,19 +117,19 @@ def concept_list(args) -> int:
 
 
 def concept_show(args) -> int:
-    from engine.embeddings import concept_runs
+    from engine.records import summarize
 
-    concept = _library().get(args.name)
-    data = concept.to_dict()
-    data["image_files"] = [str(p) for p in concept.images]
+    summary = summarize(_library().get(args.name))
+    data = summary.concept.to_dict()
+    data["image_files"] = [str(p) for p in summary.images]
     data["runs"] = [{k: r.get(k) for k in ("id", "kind", "status", "step", "steps", "embedding")}
-                    for r in concept_runs(concept.path)]
+                    for r in summary.runs]
     if args.json:
         print_json(data)
         return 0
     for key in ("name", "token", "init", "property", "description", "created", "path"):
         print(f"{key:12} {data[key]}")
-    print(f"{'images':12} {len(data['image_files'])}")
+    print(f"{'images':12} {len(data['image_files'])}: {', '.join(Path(p).name for p in data['image_files'])}")
     if data["runs"]:
         print_table("runs", ["id", "kind", "status", "step", "embedding"],
                     [[r["id"], r["kind"], r["status"], f"{r['step']}/{r['steps']}", r["embedding"]] for r in data["runs"]])
@@ -133,6 +145,22 @@ def concept_rm(args) -> int:
         raise UserError(f"deleting {concept.name!r} removes its images and runs; add --yes to confirm")
     library.delete(concept.name)
     print(f"deleted {concept.name}")
+    return 0
+
+
+def concept_images_add(args) -> int:
+    library = _library()
+    written = library.add_images(args.name, [Path(f) for f in args.files])
+    total = len(library.get(args.name).images)
+    print(f"added {len(written)} image(s) to {args.name}: {', '.join(p.name for p in written)} ({total} in all)")
+    return 0
+
+
+def concept_images_rm(args) -> int:
+    library = _library()
+    removed = library.remove_images(args.name, args.files)
+    left = len(library.get(args.name).images)
+    print(f"removed {', '.join(p.name for p in removed)} from {args.name} ({left} left)")
     return 0
 
 
@@ -162,7 +190,7 @@ def export_embedding(args) -> int:
     from engine.generate import load_used
 
     concept = _library().get(args.name)
-    used = load_used(concept, args.run, args.step)
+    used = load_used(concept, args.run, args.step, option="run-step")
     out = Path(args.out).expanduser()
     if out.exists() and not args.force:
         raise UserError(f"{out} already exists; choose another --out or add --force to overwrite")

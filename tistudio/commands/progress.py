@@ -1,9 +1,17 @@
-"""A rich progress bar fed by a run's events (replayed history, then live)."""
+"""Progress fed by a run's events (replayed history, then live).
+
+On a terminal: a rich progress bar that redraws in place.  Anywhere else (a log
+file, `nohup`, a pipe): plain lines, one every $TISTUDIO_PROGRESS_EVERY steps
+(default 100) or every 10% of a job without steps, so logs stay readable.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+
+DEFAULT_PLAIN_EVERY = 100
 
 
 class RunProgress:
@@ -18,9 +26,12 @@ class RunProgress:
         self.error = None
         self._progress = None
         self._task = None
+        self.plain = not raw and not self.console.is_terminal
+        self._plain_every = _plain_every()
+        self._last_plain: float = -1
 
     def __enter__(self):
-        if not self.raw:
+        if not self.raw and not self.plain:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
@@ -47,6 +58,8 @@ class RunProgress:
             self.status = event.get("status")
             self.error = event.get("error") or self.error
             self._say(f"status: {self.status}" + (f" ({self.error})" if event.get("error") else ""))
+        elif kind in ("step", "progress") and self.plain:
+            self._plain_line(event)
         elif kind == "step" and self._progress:
             steps = event.get("steps")
             self._progress.update(
@@ -60,12 +73,28 @@ class RunProgress:
         elif kind in ("preview", "log", "result"):
             self._say(f"{kind}: {event.get('path') or event.get('message') or ''}")
 
+    def _plain_line(self, event: dict) -> None:
+        if event.get("type") == "step":
+            mark, steps = event["step"], event.get("steps")
+            due = mark == steps or mark // self._plain_every > self._last_plain // self._plain_every
+            text = (f"{self.run_id} step {mark}/{steps} loss {event['loss']:.4f} "
+                    f"{event.get('steps_per_s', 0):.1f} steps/s" + _eta(event.get("eta")))
+        else:
+            mark = round(100 * event["fraction"])
+            due = mark >= 100 or mark // 10 > self._last_plain // 10
+            text = f"{self.run_id} {mark}% {event.get('message', '')}".rstrip()
+        if due or self._last_plain < 0:
+            self._last_plain = mark
+            self._say(text)
+
     def note(self, text: str) -> None:
         self._say(text)
 
     def _say(self, text: str) -> None:
         if self._progress:
             self._progress.console.print(text)
+        elif self.plain:
+            print(text, file=self.console.file, flush=True)
 
     def exit_code(self) -> int:
         if self.status == "done":
@@ -73,3 +102,15 @@ class RunProgress:
         if self.status == "cancelled":
             return 130
         return 1
+
+
+def _plain_every() -> int:
+    raw = os.environ.get("TISTUDIO_PROGRESS_EVERY", "")
+    return int(raw) if raw.isdigit() and int(raw) > 0 else DEFAULT_PLAIN_EVERY
+
+
+def _eta(seconds) -> str:
+    if not isinstance(seconds, (int, float)) or seconds < 0:
+        return ""
+    minutes, secs = divmod(int(seconds), 60)
+    return f", {minutes}m{secs:02d}s left" if minutes else f", {secs}s left"

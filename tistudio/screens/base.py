@@ -1,5 +1,6 @@
 """What every main screen shares: the navigation line, the status bar, the footer, and a
-throttled redraw driven by the App's `changed` signal."""
+throttled redraw driven by the App's `changed` signal: the typed changes
+(tistudio.messages) that arrive between two redraws are handed to `redraw` together."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from textual.containers import Container
 from textual.screen import Screen
 from textual.widgets import Footer, Input
 
+from engine.text import one_line
+from tistudio.messages import Changes, ImagesChanged, StudioChange
 from tistudio.widgets.statusbar import NavBar, StatusBar
 
 REDRAW_SECONDS = 0.25  # at most four redraws a second, however fast events arrive
@@ -21,7 +24,7 @@ class StudioScreen(Screen):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._dirty: set[str] = set()
+        self._dirty: set[StudioChange] = set()
 
     def compose(self) -> ComposeResult:
         yield NavBar(self.MODE, id="nav")
@@ -36,38 +39,36 @@ class StudioScreen(Screen):
     def on_mount(self) -> None:
         self.app.changed.subscribe(self, self._on_changed)
         self.set_interval(REDRAW_SECONDS, self._tick, name=f"{self.MODE}-redraw")
-        self._update(set(("all",)))
+        self._update(Changes(everything=True))
 
     def on_screen_resume(self) -> None:
         dirty, self._dirty = self._dirty, set()
-        self._update(set(("all",)) | dirty)
+        self._update(Changes(dirty, everything=True))
 
-    def _on_changed(self, what: str) -> None:
-        self._dirty.add(what)
+    def _on_changed(self, change: StudioChange) -> None:
+        self._dirty.add(change)
 
     def _tick(self) -> None:
         if self._dirty and self.is_current:
             dirty, self._dirty = self._dirty, set()
-            self._update(dirty)
+            self._update(Changes(dirty))
 
-    def _update(self, what: set[str]) -> None:
+    def _update(self, changes: Changes) -> None:
         try:
-            self.redraw(what)
+            self.redraw(changes)
         except Exception as exc:  # noqa: BLE001 - odd data on disk must not take the studio down
-            from tistudio.engine_bridge import one_line
-
             message = f"could not draw the {self.MODE} screen: {type(exc).__name__}: {one_line(exc)}"
             if message != getattr(self, "_last_problem", None):
                 self._last_problem = message
                 self.notify(message, severity="error")
-        if "images" in what:  # another image protocol: draw every image again with it
+        if changes.of(ImagesChanged):  # another image protocol: draw every image again with it
             from tistudio.widgets.images import ImagePreview
 
             for preview in self.query(ImagePreview):
                 self.run_worker(preview.reload(), group="reload-images")
 
-    def redraw(self, what: set[str]) -> None:
-        """Bring the screen up to date with the App's state; `what` says what changed."""
+    def redraw(self, changes: Changes) -> None:
+        """Bring the screen up to date with the App's state; `changes` says what changed."""
 
     def sync_concept_select(self, select, shown: tuple) -> tuple:
         """Keep a concept picker in step with the library and the app's selected concept;

@@ -1,4 +1,5 @@
-"""3 Generate: a prompt (completing the library's tokens), seed, steps, guidance, count;
+"""3 Generate: a prompt (completing the library's tokens) and a negative prompt; seed, steps,
+guidance, count; size, sampler, batch size and which saved embeddings to use (NAME@RUN:STEP);
 SD on the left and SD+TI on the right, images inline with the paths they were saved at."""
 
 from __future__ import annotations
@@ -11,11 +12,16 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 
+from tistudio.formatting import escape
+from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
-from tistudio.widgets.forms import TokenSuggester, parse_float, parse_int, shorten_path
+from tistudio.widgets.forms import (
+    PinSuggester, TokenSuggester, parse_float, parse_int, parse_optional_int, shorten_path, split_list,
+)
 from tistudio.widgets.images import ImagePreview
 
 MODES = [("SD | SD+TI", "compare"), ("SD+TI", "ti"), ("SD", "sd")]
+SAMPLERS = [("DPM++ 2M", "dpm++2m"), ("Euler a", "euler-a"), ("DDIM", "ddim"), ("PNDM", "pndm")]
 MAX_IMAGES = 16
 
 
@@ -33,12 +39,17 @@ class GenerateScreen(StudioScreen):
         self.run_id: str | None = None
         self._drawn: tuple | None = None
         self._tokens: list[str] = []
+        self._pins: list[str] = []  # every saved embedding as NAME@RUN[:STEP]
 
     def compose_body(self) -> ComposeResult:
         with Vertical(id="gen-form"):
             with Horizontal(id="gen-prompt-row"):
                 yield Label("Prompt", classes="gen-label")
                 yield Input("", id="prompt", compact=True, placeholder="a photo of <sample> on the beach",
+                            suggester=TokenSuggester(lambda: self._tokens))
+            with Horizontal(id="gen-negative-row"):
+                yield Label("Negative", classes="gen-label")
+                yield Input("", id="negative", compact=True, placeholder="(none) what the images should not show",
                             suggester=TokenSuggester(lambda: self._tokens))
             with Horizontal(id="gen-params"):
                 yield Label("Seed", classes="gen-label-s")
@@ -51,6 +62,17 @@ class GenerateScreen(StudioScreen):
                 yield Input("2", id="count", compact=True, type="integer")
                 yield Select(MODES, value="compare", allow_blank=False, id="mode", compact=True)
                 yield Button("Generate", id="go", variant="primary", compact=True)
+            with Horizontal(id="gen-options"):
+                yield Label("W", classes="gen-label-s")
+                yield Input("", id="width", compact=True, type="integer", placeholder="auto")
+                yield Label("H", classes="gen-label-s")
+                yield Input("", id="height", compact=True, type="integer", placeholder="auto")
+                yield Select(SAMPLERS, value="dpm++2m", allow_blank=False, id="sampler", compact=True)
+                yield Label("Batch", classes="gen-label-s")
+                yield Input("4", id="batch_size", compact=True, type="integer")
+                yield Label("Use", classes="gen-label-s")
+                yield Input("", id="uses", compact=True, placeholder="(latest) NAME@RUN:STEP, …",
+                            suggester=PinSuggester(lambda: self._pins))
         yield Static("", id="gen-status")
         with Horizontal(id="gen-columns"):
             with Vertical(id="col-sd", classes="gen-col"):
@@ -63,13 +85,13 @@ class GenerateScreen(StudioScreen):
 
     # -- state → screen
 
-    def redraw(self, what: set[str]) -> None:
-        if what & {"all", "library"}:
+    def redraw(self, changes: Changes) -> None:
+        if changes.any(LibraryChanged):
             self._load_tokens()
-        for w in what:
-            if w.startswith("submitted:generate:"):
-                self.run_id = w.split(":", 2)[2]
-        if self.run_id is None and what & {"all", "jobs"}:
+        for submitted in changes.of(RunSubmitted):
+            if submitted.origin == self.MODE:
+                self.run_id = submitted.run_id
+        if self.run_id is None and changes.any(JobsChanged):
             gens = self.app.state.jobs_of("generate")
             if gens:
                 self.run_id = gens[-1]["id"]
@@ -86,13 +108,15 @@ class GenerateScreen(StudioScreen):
         super().on_screen_resume()
 
     def _load_tokens(self) -> None:
-        from engine.library import Library
+        from engine.records import library_summaries
 
         try:
-            concepts = Library(self.app.home).list()
-        except Exception:  # noqa: BLE001
-            concepts = []
+            summaries = library_summaries(self.app.home)
+        except Exception:  # noqa: BLE001 - a damaged library must not break drawing
+            summaries = []
+        concepts = [s.concept for s in summaries]
         self._tokens = [c.token for c in concepts]
+        self._pins = [pin for s in summaries for pin in s.pins()]
         prompt = self.query_one("#prompt", Input)
         if not prompt.value and concepts:
             chosen = next((c for c in concepts if c.name == self.app.selected_concept), concepts[0])
@@ -128,10 +152,10 @@ class GenerateScreen(StudioScreen):
             if expected:
                 parts[-1] += f" of {expected} per column"
         elif run_status == "failed":
-            parts.append(f"[red]{_escape((track.error if track else None) or job.get('error') or 'failed')}[/red]")
+            parts.append(f"[red]{escape((track.error if track else None) or job.get('error') or 'failed')}[/red]")
         parts.insert(1, f"run {self.run_id}")
         if folder:
-            parts.append(f"saved in {_escape(folder)}/")
+            parts.append(f"saved in {escape(folder)}/")
         status.update(" · ".join(parts))
         self.run_worker(self._show(images), group="gen-images", exclusive=True)
 
@@ -164,6 +188,7 @@ class GenerateScreen(StudioScreen):
         self.action_generate()
 
     def params(self) -> dict:
+        """The form as job params; ValueError naming the field that is wrong."""
         get = lambda i: self.query_one(f"#{i}", Input).value  # noqa: E731
         prompt = get("prompt").strip() or self.query_one("#prompt", Input).placeholder
         if not prompt:
@@ -171,17 +196,39 @@ class GenerateScreen(StudioScreen):
         n = parse_int(get("count"), "N", 1)
         if n > MAX_IMAGES:
             raise ValueError(f"N must be at most {MAX_IMAGES}")
-        return {
+        params = {
             "prompt": prompt,
-            "negative": "",
+            "negative": get("negative").strip(),
             "n": n,
             "seed": parse_int(get("seed"), "Seed"),
             "steps": parse_int(get("steps"), "Steps", 1),
             "guidance": parse_float(get("guidance"), "CFG"),
             "mode": self.query_one("#mode", Select).value,
-            "uses": [],
+            "sampler": self.query_one("#sampler", Select).value,
+            "batch_size": parse_int(get("batch_size"), "Batch", 1),
+            "uses": self._uses(get("uses")),
             "model": self.app.model,
         }
+        for key, name in (("width", "Width"), ("height", "Height")):
+            size = parse_optional_int(get(key), name, 8)
+            if size is not None and size % 8:
+                raise ValueError(f"{name} must be a multiple of 8 (the VAE's factor), e.g. 512")
+            if size is not None:
+                params[key] = size
+        return params
+
+    def _uses(self, text: str) -> list[str]:
+        """The pinned embeddings: each one a saved NAME@RUN or NAME@RUN:STEP, one per concept."""
+        uses = split_list(text)
+        for pin in uses:
+            if pin not in self._pins:
+                raise ValueError(f"Use: no saved embedding {pin}; write NAME@RUN or NAME@RUN:STEP (→ completes "
+                                 "the saved ones), or leave it empty for each concept's latest")
+        names = [pin.split("@", 1)[0] for pin in uses]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice:
+            raise ValueError(f"Use: {twice} is pinned twice; keep one")
+        return uses
 
     def action_generate(self) -> None:
         try:
@@ -191,10 +238,4 @@ class GenerateScreen(StudioScreen):
             return
         if not self.query_one("#prompt", Input).value.strip():
             self.query_one("#prompt", Input).value = params["prompt"]
-        self.app.bridge.submit("generate", None, params, origin="generate")
-
-
-def _escape(text: str) -> str:
-    from textual.markup import escape
-
-    return escape(str(text))
+        self.app.bridge.submit("generate", None, params, origin=self.MODE)

@@ -20,13 +20,17 @@ HELP = """\
 | tab / shift+tab | move between fields |
 
 **1 Library**: n new concept · i import an embedding · x export · r rename ·
-d delete · t train the selected concept · g generate with it · m its metrics
+d delete · e add or remove its training images · t train the selected concept ·
+g generate with it · m its metrics
 
 **2 Train**: s start a run with the form's settings · r resume the selected
-run · c cancel it · enter on a run shows its history · f edit the form
+run · c cancel it · enter on a run shows its history · f edit the form ·
+l low VRAM on/off (for cards with little memory: about half the speed)
 
 **3 Generate**: p edit the prompt (→ accepts the suggested concept token) ·
-enter or g generates · SD on the left, SD+TI on the right
+enter or g generates · SD on the left, SD+TI on the right · below the prompt:
+the negative prompt, size, sampler, batch size and Use: NAME@RUN:STEP pins a
+concept to a saved embedding (→ completes them; empty: its latest)
 
 **4 Metrics**: e evaluate the concept's latest run (Table 1) · x run the
 steps experiment (the curve over checkpoints) · c choose the concept

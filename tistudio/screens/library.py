@@ -1,10 +1,9 @@
 """1 Library: the concepts, with thumbnails of their training images; create, import,
-export, rename, delete.  Reads the library straight from disk (no engine needed)."""
+export, rename, delete, add and remove images.  Reads the library straight from disk through engine.records
+(no engine needed)."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from textual import on
@@ -13,65 +12,18 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Static
 
-from tistudio.engine_bridge import one_line
+from engine.records import ConceptSummary, library_summaries
+from engine.text import one_line
+from tistudio.formatting import escape
+from tistudio.messages import Changes, JobsChanged, LibraryChanged
 from tistudio.screens.base import StudioScreen
-from tistudio.screens.modals import ConfirmModal, ExportModal, ImportModal, NewConceptModal, TextModal
+from tistudio.screens.modals import (
+    ConfirmModal, ExportModal, ExportRequest, ImagesEdited, ImagesModal, ImportModal, ImportRequest, NewConceptModal,
+    TextModal,
+)
 from tistudio.widgets.images import ImagePreview
 
 MAX_THUMBS = 8
-
-
-@dataclass
-class ConceptRow:
-    name: str
-    token: str
-    init: str
-    property: str
-    description: str
-    path: Path
-    images: list[Path]
-    runs: list[dict] = field(default_factory=list)  # train runs, oldest first
-    best_reconstruction: float | None = None
-    problem: str | None = None
-
-    @property
-    def done_runs(self) -> list[dict]:
-        return [r for r in self.runs if r.get("status") == "done"]
-
-
-def eval_tables(concept_path: Path) -> list[dict]:
-    """Every Table 1 written for the concept (`runs/<run>/eval/<id>/table.json`), oldest first."""
-    tables = []
-    for path in sorted(Path(concept_path).glob("runs/*/eval/*/table.json")):
-        try:
-            table = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(table, dict):
-            table.setdefault("dir", str(path.parent))
-            tables.append(table)
-    tables.sort(key=lambda t: (str(t.get("id", "")), t.get("dir", "")))
-    return tables
-
-
-def ti_reconstruction(table: dict) -> float | None:
-    for row in table.get("rows", []):
-        if row.get("model") == "SD+TI" and isinstance(row.get("reconstruction"), (int, float)):
-            return float(row["reconstruction"])
-    return None
-
-
-def read_library(home: Path) -> list[ConceptRow]:
-    from engine.embeddings import concept_runs
-    from engine.library import Library
-
-    rows = []
-    for concept in Library(home).list():
-        runs = [r for r in concept_runs(concept.path) if r.get("kind", "train") == "train"]
-        scores = [s for s in (ti_reconstruction(t) for t in eval_tables(concept.path)) if s is not None]
-        rows.append(ConceptRow(concept.name, concept.token, concept.init, concept.property, concept.description,
-                               concept.path, concept.images, runs, max(scores) if scores else None))
-    return rows
 
 
 class LibraryScreen(StudioScreen):
@@ -84,6 +36,7 @@ class LibraryScreen(StudioScreen):
         Binding("x", "export_concept", "Export"),
         Binding("r", "rename_concept", "Rename"),
         Binding("d", "delete_concept", "Delete"),
+        Binding("e", "edit_images", "Images", show=False),  # the footer is full at 80 columns
         Binding("t", "train_concept", "Train"),
         Binding("g", "generate_with", "Generate", show=False),
         Binding("m", "concept_metrics", "Metrics", show=False),
@@ -91,7 +44,7 @@ class LibraryScreen(StudioScreen):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.rows: list[ConceptRow] = []
+        self.rows: list[ConceptSummary] = []
         self._shown: object = object()  # what the detail pane shows (nothing yet)
 
     def compose_body(self) -> ComposeResult:
@@ -114,21 +67,21 @@ class LibraryScreen(StudioScreen):
 
     # -- drawing
 
-    def redraw(self, what: set[str]) -> None:
+    def redraw(self, changes: Changes) -> None:
         jobs = tuple((j.get("id"), j.get("status")) for j in self.app.state.jobs
                      if j.get("kind") in ("train", "eval", "experiment"))
-        if what & {"all", "library"} or ("jobs" in what and jobs != getattr(self, "_jobs_seen", None)):
+        if changes.any(LibraryChanged) or (changes.any(JobsChanged) and jobs != getattr(self, "_jobs_seen", None)):
             self._jobs_seen = jobs
             self.reload()
 
     def reload(self) -> None:
         try:
-            rows = read_library(self.app.home)
+            rows = library_summaries(self.app.home)
         except Exception as exc:  # noqa: BLE001 - a damaged library must not take the studio down
             self.notify(f"cannot read the library: {one_line(exc)}", severity="error")
             rows = []
-        signature = tuple((r.name, r.token, r.init, r.property, len(r.images), len(r.runs), r.best_reconstruction,
-                           r.description) for r in rows)
+        signature = tuple((r.name, r.concept.token, r.concept.init, r.concept.property, len(r.images),
+                           len(r.train_runs), r.best_reconstruction, r.concept.description) for r in rows)
         self.rows = rows
         table = self.query_one("#concepts", DataTable)
         if signature != getattr(self, "_signature", None):
@@ -136,10 +89,11 @@ class LibraryScreen(StudioScreen):
             current = self.selected_name() or self.app.selected_concept
             table.clear()
             for r in rows:
+                c = r.concept
                 best = f"{r.best_reconstruction:.3f}" if r.best_reconstruction is not None else "–"
-                done = len(r.done_runs)
-                runs = f"{len(r.runs)}" + (f" ({done}✓)" if done and done != len(r.runs) else "")
-                table.add_row(r.name, r.token, r.init, r.property, str(len(r.images)), runs, best, key=r.name)
+                done, trained = len(r.done_train_runs), len(r.train_runs)
+                runs = f"{trained}" + (f" ({done}✓)" if done and done != trained else "")
+                table.add_row(c.name, c.token, c.init, c.property, str(len(r.images)), runs, best, key=c.name)
             names = [r.name for r in rows]
             if current in names:
                 table.move_cursor(row=names.index(current))
@@ -155,7 +109,7 @@ class LibraryScreen(StudioScreen):
             return self.rows[row].name
         return None
 
-    def selected(self) -> ConceptRow | None:
+    def selected(self) -> ConceptSummary | None:
         name = self.selected_name()
         return next((r for r in self.rows if r.name == name), None)
 
@@ -174,8 +128,9 @@ class LibraryScreen(StudioScreen):
         row = self.selected()
         text = self.query_one("#detail-text", Static)
         runs_text = self.query_one("#detail-runs", Static)
-        key = (row.name, tuple(row.images), tuple((r.get("id"), r.get("status"), r.get("step")) for r in row.runs),
-               row.description, row.best_reconstruction) if row else None
+        key = (row.name, tuple(row.images),
+               tuple((r.get("id"), r.get("status"), r.get("step")) for r in row.train_runs),
+               row.concept.description, row.best_reconstruction) if row else None
         if key == self._shown:
             return
         self._shown = key
@@ -186,18 +141,20 @@ class LibraryScreen(StudioScreen):
                         "or i to import an embedding file.")
             runs_text.update("")
             return
-        self.query_one("#concept-detail").border_title = row.name
+        concept, runs = row.concept, row.train_runs
+        self.query_one("#concept-detail").border_title = concept.name
         text.update(
-            f"[b]{row.token}[/b]  initializer [b]{row.init}[/b]  ({row.property})\n"
-            f"[dim]{_escape(row.description)}[/dim]\n"
-            f"{len(row.images)} training image{'s' if len(row.images) != 1 else ''} in "
-            f"[dim]{_escape(self._short(row.path / 'images'))}[/dim]")
+            f"[b]{concept.token}[/b]  initializer [b]{concept.init}[/b]  ({concept.property})\n"
+            f"[dim]{escape(concept.description)}[/dim]\n"
+            + (f"{len(row.images)} training image{'s' if len(row.images) != 1 else ''} in "
+               f"[dim]{escape(self._short(concept.path / 'images'))}[/dim]" if row.images else
+               "No training images yet: press e to add some."))
         thumbs.mount_all([ImagePreview(p, p.name, classes="thumb") for p in row.images[:MAX_THUMBS]])
-        if row.runs:
-            last = row.runs[-1]
+        if runs:
+            last = runs[-1]
             best = f"best SD+TI reconstruction {row.best_reconstruction:.3f}" if row.best_reconstruction is not None \
                 else "not evaluated yet (4 Metrics, e)"
-            runs_text.update(f"{len(row.runs)} training run{'s' if len(row.runs) != 1 else ''}; latest "
+            runs_text.update(f"{len(runs)} training run{'s' if len(runs) != 1 else ''}; latest "
                              f"{last.get('id')} {last.get('status')} at step {last.get('step') or 0}"
                              f"/{last.get('steps') or '?'}\n{best}")
         else:
@@ -210,7 +167,7 @@ class LibraryScreen(StudioScreen):
 
     # -- actions
 
-    def _need(self) -> ConceptRow | None:
+    def _need(self) -> ConceptSummary | None:
         row = self.selected()
         if row is None:
             self.notify("No concept selected: create one with n.", severity="warning")
@@ -234,18 +191,11 @@ class LibraryScreen(StudioScreen):
         self.app.push_screen(NewConceptModal(self.app.home), done)
 
     def action_import_embedding(self) -> None:
-        def done(values: dict | None) -> None:
-            if not values:
+        def done(request: ImportRequest | None) -> None:
+            if request is None:
                 return
-            args = ["import", values["file"], "--json"]
-            if values.get("name"):
-                args += ["--name", values["name"]]
-            if values.get("token"):
-                args += ["--token", values["token"]]
-            if values.get("style"):
-                args.append("--style")
-            self.notify(f"Importing {Path(values['file']).name}…", title="Library")
-            self.app.bridge.run_cli(args, origin="import")
+            self.notify(f"Importing {request.file.name}…", title="Library")
+            self.app.bridge.run_cli("import", request.cli_args())
 
         self.app.push_screen(ImportModal(), done)
 
@@ -253,19 +203,15 @@ class LibraryScreen(StudioScreen):
         row = self._need()
         if row is None:
             return
-        if not row.done_runs:
+        if not row.done_train_runs:
             self.notify(f"{row.name} has no finished run to export; train it first (t).", severity="warning")
             return
-        runs = [(f"{r['id']} ({r.get('steps') or '?'} steps)", r["id"]) for r in row.done_runs]
+        runs = [(f"{r['id']} ({r.get('steps') or '?'} steps)", r["id"]) for r in row.done_train_runs]
         out = str(Path.cwd() / f"{row.name}.safetensors")
 
-        def done(values: dict | None) -> None:
-            if not values:
-                return
-            args = ["export", row.name, "--out", values["out"], "--format", values["format"], "--run", values["run"]]
-            if values.get("step") is not None:
-                args += ["--step", str(values["step"])]
-            self.app.bridge.run_cli(args, origin="export")
+        def done(request: ExportRequest | None) -> None:
+            if request is not None:
+                self.app.bridge.run_cli("export", request.cli_args(row.name))
 
         self.app.push_screen(ExportModal(row.name, runs, out), done)
 
@@ -317,12 +263,27 @@ class LibraryScreen(StudioScreen):
             self.notify(f"Deleted {row.name}.", title="Library")
             self.app.library_changed()
 
-        runs = len(row.runs)
+        runs = len(row.train_runs)
         self.app.push_screen(ConfirmModal(
             f"Delete {row.name}?",
-            f"This deletes {row.name} ({row.token}), its {len(row.images)} training images and its {runs} "
+            f"This deletes {row.name} ({row.concept.token}), its {len(row.images)} training images and its {runs} "
             f"run{'s' if runs != 1 else ''} with every embedding they saved.  It cannot be undone.",
             "Delete", danger=True), done)
+
+    def action_edit_images(self) -> None:
+        row = self._need()
+        if row is None:
+            return
+
+        def done(edited: ImagesEdited | None) -> None:
+            if edited is None:
+                return
+            parts = [f"{len(edited.added)} added" if edited.added else "",
+                     f"{len(edited.removed)} removed" if edited.removed else ""]
+            self.notify(f"Images of {row.name}: {', '.join(p for p in parts if p)}.", title="Library")
+            self.app.library_changed()
+
+        self.app.push_screen(ImagesModal(self.app.home, row.name, row.images), done)
 
     def action_train_concept(self) -> None:
         row = self._need()
@@ -334,8 +295,9 @@ class LibraryScreen(StudioScreen):
         row = self._need()
         if row:
             self.app.selected_concept = row.name
-            self.app.prompt_hint = f"a photo of {row.token}" if row.property == "object" else \
-                f"a painting in the style of {row.token}"
+            token = row.concept.token
+            self.app.prompt_hint = f"a photo of {token}" if row.concept.property == "object" else \
+                f"a painting in the style of {token}"
             self.app.action_show_screen("generate")
 
     def action_concept_metrics(self) -> None:
@@ -343,9 +305,3 @@ class LibraryScreen(StudioScreen):
         if row:
             self.app.selected_concept = row.name
             self.app.action_show_screen("metrics")
-
-
-def _escape(text: str) -> str:
-    from textual.markup import escape
-
-    return escape(text)

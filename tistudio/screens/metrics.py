@@ -1,12 +1,11 @@
 """4 Metrics: Table 1 for a concept (SD vs SD+TI reconstruction and editability, with the
 difference), the per-prompt detail, and the curve over checkpoints from the steps
-experiment; e starts an evaluation, x the steps experiment.  Reads the tables the engine
-wrote (`runs/<run>/eval/<id>/table.json`, `experiments/steps-*/curve.json`)."""
+experiment; e starts an evaluation, x the steps experiment.  Reads the tables and curves
+the engine wrote through engine.records."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from textual import on
 from textual.app import ComposeResult
@@ -14,29 +13,13 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Label, Select, Static
 
+from engine.records import curve_points, eval_tables, latest_done_run, steps_curves
+from tistudio.formatting import escape
+from tistudio.messages import Changes, JobsChanged, LibraryChanged, MetricsChanged
 from tistudio.screens.base import StudioScreen
-from tistudio.screens.library import eval_tables
 from tistudio.widgets.charts import CurveChart
 
 METRIC_JOBS = ("eval", "experiment")
-
-
-def steps_curves(concept_path: Path) -> list[dict]:
-    curves = []
-    for path in sorted(Path(concept_path).glob("experiments/steps-*/curve.json")):
-        try:
-            curve = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if isinstance(curve, dict):
-            curve.setdefault("dir", str(path.parent))
-            curves.append(curve)
-    return curves
-
-
-def curve_points(curve: dict) -> list[dict]:
-    points = curve.get("points") or curve.get("curve") or []
-    return [p for p in points if isinstance(p, dict) and "step" in p]
 
 
 def _num(value) -> str:
@@ -103,15 +86,15 @@ class MetricsScreen(StudioScreen):
 
     # -- state → screen
 
-    def redraw(self, what: set[str]) -> None:
-        if what & {"all", "library"}:
+    def redraw(self, changes: Changes) -> None:
+        if changes.any(LibraryChanged):
             self._refresh_concepts()
         jobs = self._metric_jobs()
         for job in jobs:
             if job.get("status") in ("queued", "running"):
                 self.app.watch_run(job["id"])
         seen = tuple((j.get("id"), j.get("status")) for j in jobs)
-        if what & {"all", "library", "metrics"} or ("jobs" in what and seen != self._jobs_seen):
+        if changes.any(LibraryChanged, MetricsChanged) or (changes.any(JobsChanged) and seen != self._jobs_seen):
             self._jobs_seen = seen
             self._load()
         self._draw_jobs(jobs)
@@ -126,8 +109,8 @@ class MetricsScreen(StudioScreen):
     def _load(self) -> None:
         name = self.concept()
         table = curve = None
-        if name:
-            path = self.app.home / "concepts" / name
+        path = self._concept_dir(name)
+        if path is not None:
             tables = eval_tables(path)
             table = tables[-1] if tables else None
             curves = steps_curves(path)
@@ -192,7 +175,7 @@ class MetricsScreen(StudioScreen):
             return
         failed = [j for j in jobs[-1:] if j.get("status") == "failed"]
         if failed:
-            line.update(f"[red]last {failed[0].get('kind')} failed: {_escape(failed[0].get('error') or '')}[/red]")
+            line.update(f"[red]last {failed[0].get('kind')} failed: {escape(failed[0].get('error') or '')}[/red]")
         else:
             line.update("e evaluates the latest finished run · x runs the steps experiment")
 
@@ -205,19 +188,25 @@ class MetricsScreen(StudioScreen):
 
     # -- user → engine
 
-    def _latest_done_run(self, name: str) -> str | None:
-        from engine.embeddings import concept_runs
+    def _concept_dir(self, name: str | None):
+        """The concept's folder in the library, or None (no name, or it is gone meanwhile)."""
+        from engine.errors import UserError
+        from engine.library import Library
 
-        runs = [r for r in concept_runs(self.app.home / "concepts" / name)
-                if r.get("status") == "done" and r.get("kind", "train") == "train"]
-        return runs[-1]["id"] if runs else None
+        if not name:
+            return None
+        try:
+            return Library(self.app.home).get(name).path
+        except (UserError, OSError):
+            return None
 
     def _common(self) -> dict | None:
         name = self.concept()
         if not name:
             self.notify("Choose a concept first.", severity="warning")
             return None
-        run = self._latest_done_run(name)
+        path = self._concept_dir(name)
+        run = latest_done_run(path) if path is not None else None
         if not run:
             self.notify(f"{name} has no finished training run yet; train it on 2 Train.", severity="warning")
             return None
@@ -231,18 +220,13 @@ class MetricsScreen(StudioScreen):
     def action_evaluate(self) -> None:
         params = self._common()
         if params is not None:
-            self.app.bridge.submit("eval", self.concept(), params, origin="eval")
+            self.app.bridge.submit("eval", self.concept(), params, origin=self.MODE)
 
     def action_steps_experiment(self) -> None:
         params = self._common()
         if params is not None:
-            self.app.bridge.submit("experiment", self.concept(), {"kind": "steps", **params}, origin="experiment")
+            self.app.bridge.submit("experiment", self.concept(), {"kind": "steps", **params}, origin=self.MODE)
 
     def action_choose_concept(self) -> None:
         self.query_one("#metrics-concept", Select).focus()
 
-
-def _escape(text: str) -> str:
-    from textual.markup import escape
-
-    return escape(str(text))

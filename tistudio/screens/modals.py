@@ -1,24 +1,87 @@
-"""Modal dialogs: confirm, one text value, new concept, import, export, error details.
+"""Modal dialogs: confirm, one text value, new concept, a concept's images, import, export, error details.
 
 Each fits an 80×24 terminal (one-line compact fields) and answers through
-`dismiss(result)`; Escape cancels (result None / False).
+`dismiss(result)`; Escape cancels (result None / False).  A dialog with several
+answers returns a dataclass (ImportRequest, ExportRequest, ImagesEdited).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Select, Static
+from textual.widgets import Button, Input, Label, Select, SelectionList, Static
 
-from tistudio.widgets.forms import FieldRow, PathSuggester
+from tistudio.messages import StudioChange, TokenizerReady
+from tistudio.widgets.forms import FieldRow, PathSuggester, split_list
+
+ResultT = TypeVar("ResultT")
 
 
-class _Dialog(ModalScreen):
+@dataclass(frozen=True)
+class NewConceptForm:
+    """The New concept dialog's fields, checked for presence (the library checks the rest)."""
+
+    name: str
+    folder: Path
+    init: str
+    property: str
+    description: str | None
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    """Import `file` as a concept; empty name/token: the file's own (or the default)."""
+
+    file: Path
+    name: str = ""
+    token: str = ""
+    style: bool = False
+
+    def cli_args(self) -> list[str]:
+        """The arguments of `tistudio import` that carry it out."""
+        args = [str(self.file), "--json"]
+        if self.name:
+            args += ["--name", self.name]
+        if self.token:
+            args += ["--token", self.token]
+        if self.style:
+            args.append("--style")
+        return args
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """Write run `run`'s embedding (at `step`, None: the final one) to `out` in `format`."""
+
+    out: Path
+    format: str
+    run: str
+    step: int | None = None
+
+    def cli_args(self, concept: str) -> list[str]:
+        """The arguments of `tistudio export` that carry it out for `concept`."""
+        args = [concept, "--out", str(self.out), "--format", self.format, "--run", self.run]
+        if self.step is not None:
+            args += ["--step", str(self.step)]
+        return args
+
+
+@dataclass(frozen=True)
+class ImagesEdited:
+    """What the Images dialog changed: the files it stored and the ones it removed."""
+
+    added: tuple[Path, ...] = ()
+    removed: tuple[Path, ...] = ()
+
+
+class _Dialog(ModalScreen[ResultT]):
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
     DEFAULT_CSS = """
     _Dialog { align: center middle; background: $background 60%; }
@@ -32,6 +95,7 @@ class _Dialog(ModalScreen):
     _Dialog #dialog-buttons { height: auto; width: 100%; align-horizontal: right; margin-top: 1; }
     _Dialog #dialog-buttons Button { margin-left: 2; }
     _Dialog VerticalScroll { height: auto; max-height: 16; }
+    _Dialog SelectionList { height: auto; max-height: 10; }
     """
     cancel_result: object = None
 
@@ -47,7 +111,7 @@ class _Dialog(ModalScreen):
         self.action_cancel()
 
 
-class ConfirmModal(_Dialog):
+class ConfirmModal(_Dialog[bool]):
     """Yes or no; `dismiss(True)` only on the confirm button."""
 
     cancel_result = False
@@ -70,7 +134,7 @@ class ConfirmModal(_Dialog):
         self.dismiss(True)
 
 
-class MessageModal(_Dialog):
+class MessageModal(_Dialog[None]):
     """Details of an error that does not fit a notification (e.g. the engine's log tail)."""
 
     def __init__(self, title: str, message: str):
@@ -88,7 +152,7 @@ class MessageModal(_Dialog):
         self.query_one("#cancel").focus()
 
 
-class TextModal(_Dialog):
+class TextModal(_Dialog[str | None]):
     """One text value (rename): `dismiss(str)`; `check(value)` may return an error to show."""
 
     def __init__(self, title: str, label: str, value: str = "", ok: str = "OK", check=None, hint: str = ""):
@@ -118,7 +182,7 @@ class TextModal(_Dialog):
         self.dismiss(value)
 
 
-class NewConceptModal(_Dialog):
+class NewConceptModal(_Dialog[str | None]):
     """Create a concept: name, image folder, initializer (checked live as one token), type, description.
 
     Dismisses with the new concept's name once the library has it."""
@@ -149,8 +213,8 @@ class NewConceptModal(_Dialog):
         self.query_one("#name", Input).focus()
         self.app.changed.subscribe(self, self._on_changed)
 
-    def _on_changed(self, what: str) -> None:
-        if what == "tokenizer":
+    def _on_changed(self, change: StudioChange) -> None:
+        if isinstance(change, TokenizerReady):
             self._check_init()
 
     @on(Input.Changed, "#name")
@@ -202,36 +266,31 @@ class NewConceptModal(_Dialog):
 
     @on(Button.Pressed, "#ok")
     def _create(self) -> None:
-        values = {
-            "name": self.query_one("#name", Input).value.strip(),
-            "folder": self.query_one("#folder", Input).value.strip(),
-            "init": self.query_one("#init", Input).value.strip(),
-            "property": self.query_one("#property", Select).value,
-            "description": self.query_one("#description", Input).value.strip() or None,
-        }
+        get = lambda i: self.query_one(f"#{i}", Input).value.strip()  # noqa: E731
         error = self.query_one("#error", Static)
-        if not values["name"]:
+        if not get("name"):
             error.update("Give the concept a name.")
             return
-        if not values["folder"]:
+        if not get("folder"):
             error.update("Give the folder that holds the training images.")
             return
-        if not values["init"]:
+        if not get("init"):
             error.update("Give an initializer word (one token, e.g. cat).")
             return
+        form = NewConceptForm(get("name"), Path(get("folder")).expanduser(), get("init"),
+                              str(self.query_one("#property", Select).value), get("description") or None)
         error.update("creating…")
         self.query_one("#ok", Button).disabled = True
-        self._add(values)
+        self._add(form)
 
     @work(thread=True, exclusive=True, group="new-concept")
-    def _add(self, values: dict) -> None:
+    def _add(self, form: NewConceptForm) -> None:
         from engine.errors import UserError
         from engine.library import Library
 
         try:
             concept = Library(self.home).add(
-                values["name"], Path(values["folder"]).expanduser(), values["init"],
-                property=values["property"], description=values["description"],
+                form.name, form.folder, form.init, property=form.property, description=form.description,
                 tokenizer=getattr(self.app, "tokenizer", None))
         except (UserError, OSError) as exc:
             self.app.call_from_thread(self._failed, str(exc))
@@ -243,8 +302,70 @@ class NewConceptModal(_Dialog):
         self.query_one("#ok", Button).disabled = False
 
 
-class ImportModal(_Dialog):
-    """Import an embedding file (diffusers, A1111, kohya, OneTrainer): `dismiss({"file", "name", "style"})`."""
+class ImagesModal(_Dialog[ImagesEdited | None]):
+    """A concept's training images: add files or folders, tick stored ones to remove them.
+
+    The library decodes every new image before writing any, and removes all ticked
+    images or none; a refusal stays in the dialog.  Dismisses with `ImagesEdited`."""
+
+    def __init__(self, home: Path, concept: str, images: list[Path]):
+        super().__init__()
+        self.home, self.concept, self.images = home, concept, images
+
+    def compose(self) -> ComposeResult:
+        from engine.images import IMAGE_EXTENSIONS
+
+        with Vertical(id="dialog"):
+            yield Label(f"Images of {self.concept}", id="dialog-title")
+            yield FieldRow("Add", Input(placeholder="image file or folder (more: comma-separated)", id="add",
+                                        compact=True, suggester=PathSuggester(suffixes=tuple(IMAGE_EXTENSIONS))))
+            yield Static("Tick the images to remove (space):" if self.images else
+                         "No training images yet (an imported embedding has none).", classes="dialog-hint")
+            yield SelectionList[str](*[(p.name, p.name) for p in self.images], id="remove")
+            yield Static("", classes="dialog-error", id="error")
+            yield self.buttons("Apply")
+
+    def on_mount(self) -> None:
+        self.query_one("#add", Input).focus()
+        self.query_one("#remove", SelectionList).display = bool(self.images)
+
+    @on(Input.Submitted)
+    @on(Button.Pressed, "#ok")
+    def _ok(self) -> None:
+        add = [Path(p).expanduser() for p in split_list(self.query_one("#add", Input).value)]
+        remove = list(self.query_one("#remove", SelectionList).selected)
+        if not add and not remove:
+            self.query_one("#error", Static).update("Nothing to change: give images to add or tick some to remove.")
+            return
+        self.query_one("#error", Static).update("checking the images…" if add else "removing…")
+        self.query_one("#ok", Button).disabled = True
+        self._apply(add, remove)
+
+    @work(thread=True, exclusive=True, group="images")
+    def _apply(self, add: list[Path], remove: list[str]) -> None:
+        from engine.errors import UserError
+        from engine.library import Library
+
+        library = Library(self.home)
+        added: list[Path] = []
+        try:
+            if add:
+                added = library.add_images(self.concept, add)
+            removed = library.remove_images(self.concept, remove) if remove else []
+        except (UserError, OSError) as exc:
+            # what was added stays (and is listed); the removal is all or none
+            message = str(exc) + (f" ({len(added)} image(s) were added)" if added else "")
+            self.app.call_from_thread(self._failed, message)
+            return
+        self.app.call_from_thread(self.dismiss, ImagesEdited(tuple(added), tuple(removed)))
+
+    def _failed(self, message: str) -> None:
+        self.query_one("#error", Static).update(message)
+        self.query_one("#ok", Button).disabled = False
+
+
+class ImportModal(_Dialog[ImportRequest | None]):
+    """Import an embedding file (diffusers, A1111, kohya, OneTrainer): `dismiss(ImportRequest)`."""
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
@@ -271,13 +392,13 @@ class ImportModal(_Dialog):
         if not file or not Path(file).expanduser().is_file():
             self.query_one("#error", Static).update("Give the path of an existing embedding file.")
             return
-        self.dismiss({"file": str(Path(file).expanduser()), "name": self.query_one("#name", Input).value.strip(),
-                      "token": self.query_one("#token", Input).value.strip(),
-                      "style": self.query_one("#property", Select).value == "style"})
+        self.dismiss(ImportRequest(Path(file).expanduser(), self.query_one("#name", Input).value.strip(),
+                                   self.query_one("#token", Input).value.strip(),
+                                   self.query_one("#property", Select).value == "style"))
 
 
-class ExportModal(_Dialog):
-    """Write a concept's embedding for other tools: `dismiss({"out", "format", "run", "step", "force"})`."""
+class ExportModal(_Dialog[ExportRequest | None]):
+    """Write a concept's embedding for other tools: `dismiss(ExportRequest)`."""
 
     FORMATS = [("diffusers (.safetensors)", "diffusers"), ("A1111 (.pt/.safetensors)", "a1111"),
                ("kohya (.safetensors)", "kohya")]
@@ -313,5 +434,5 @@ class ExportModal(_Dialog):
         if step and not step.isdigit():
             error.update("Step must be a whole number (or empty for the final embedding).")
             return
-        self.dismiss({"out": str(Path(out).expanduser()), "format": self.query_one("#format", Select).value,
-                      "run": self.query_one("#run", Select).value, "step": int(step) if step else None})
+        self.dismiss(ExportRequest(Path(out).expanduser(), str(self.query_one("#format", Select).value),
+                                   str(self.query_one("#run", Select).value), int(step) if step else None))

@@ -8,18 +8,17 @@ from __future__ import annotations
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Input, ProgressBar, Select, Static
 
-from tistudio.engine_bridge import fmt_duration, is_active
+from tistudio.formatting import escape, fmt_duration, short_when
+from tistudio.messages import Changes, EngineChanged, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
+from tistudio.state import is_active
 from tistudio.widgets.charts import LossChart, VramChart
-from tistudio.widgets.forms import FieldRow, parse_float, parse_int
 from tistudio.widgets.images import ImagePreview
+from tistudio.widgets.train_form import TrainForm
 
-# The study's defaults (lr 5e-4, batch 1, AdamW; 1500-2400 steps recommended; saves every 500).
-DEFAULTS = {"steps": "2000", "lr": "5e-4", "seed": "0", "batch_size": "1", "save_every": "500",
-            "preview_every": "500", "warmup_steps": "0", "log_every": "10"}
 RESUMABLE = ("failed", "cancelled", "interrupted")
 STATUS_MARK = {"running": "▶", "queued": "…", "done": "✓", "failed": "✗", "cancelled": "■", "interrupted": "⚠"}
 
@@ -32,6 +31,7 @@ class TrainScreen(StudioScreen):
         Binding("s", "start", "Start"),
         Binding("r", "resume", "Resume"),
         Binding("c", "cancel_run", "Cancel run"),
+        Binding("l", "toggle_low_vram", "Low VRAM"),
         Binding("f", "edit_form", "Form", show=False),
     ]
 
@@ -47,30 +47,7 @@ class TrainScreen(StudioScreen):
         with Horizontal(id="train-body"):
             with Vertical(id="train-form") as form:
                 form.border_title = "New run"
-                with VerticalScroll(id="train-fields"):
-                    yield FieldRow("Concept", Select([], id="concept", compact=True, prompt="(none)"))
-                    yield FieldRow("Steps", Input(DEFAULTS["steps"], id="steps", compact=True, type="integer"))
-                    yield FieldRow("LR", Input(DEFAULTS["lr"], id="lr", compact=True))
-                    yield FieldRow("Seed", Input(DEFAULTS["seed"], id="seed", compact=True, type="integer"))
-                    yield FieldRow("Batch", Input(DEFAULTS["batch_size"], id="batch_size", compact=True,
-                                                       type="integer"))
-                    yield FieldRow("Init word", Input("", id="init", compact=True, placeholder="(concept's)"))
-                    yield FieldRow("Log every", Input(DEFAULTS["log_every"], id="log_every", compact=True,
-                                                      type="integer"))
-                    yield FieldRow("Save every", Input(DEFAULTS["save_every"], id="save_every", compact=True,
-                                                       type="integer"))
-                    yield FieldRow("Preview every", Input(DEFAULTS["preview_every"], id="preview_every",
-                                                          compact=True, type="integer"))
-                    yield FieldRow("Preview text", Input("", id="preview_prompt", compact=True,
-                                                           placeholder="(default)"))
-                    yield FieldRow("Schedule", Select([(s, s) for s in ("constant", "warmup", "cosine")],
-                                                         value="constant", allow_blank=False, id="lr_schedule",
-                                                         compact=True))
-                    yield FieldRow("Warmup", Input(DEFAULTS["warmup_steps"], id="warmup_steps", compact=True,
-                                                         type="integer"))
-                    yield FieldRow("Precision", Select([(s, s) for s in ("auto", "fp32", "fp16", "bf16")],
-                                                       value="auto", allow_blank=False, id="precision",
-                                                       compact=True))
+                yield TrainForm(id="train-fields")
                 with Horizontal(id="train-buttons"):
                     yield Button("Start", id="start", variant="primary", compact=True)
                     yield Button("Resume", id="resume", compact=True)
@@ -100,13 +77,13 @@ class TrainScreen(StudioScreen):
 
     # -- state → screen
 
-    def redraw(self, what: set[str]) -> None:
-        if what & {"all", "library"}:
+    def redraw(self, changes: Changes) -> None:
+        if changes.any(LibraryChanged):
             self._refresh_concepts()
-        if what & {"all", "jobs", "engine"} or any(w.startswith("submitted:train") for w in what):
-            for w in what:
-                if w.startswith("submitted:train:"):
-                    self.run_id, self.pinned = w.split(":", 2)[2], False
+        ours = [c for c in changes.of(RunSubmitted) if c.origin == self.MODE]
+        for submitted in ours:
+            self.run_id, self.pinned = submitted.run_id, False
+        if ours or changes.any(JobsChanged, EngineChanged):
             self._refresh_runs()
         self._pick_run()
         self._draw_run()
@@ -198,7 +175,7 @@ class TrainScreen(StudioScreen):
         mark = STATUS_MARK.get(status, "")
         error = (track.error if track else None) or job.get("error")
         title.update(f"[b]{job.get('concept') or (track.concept if track else '') or ''}[/b] · {run_id} · "
-                     f"{mark} {status}" + (f" — [red]{_escape(error)}[/red]" if error and status != "done" else ""))
+                     f"{mark} {status}" + (f" — [red]{escape(error)}[/red]" if error and status != "done" else ""))
         bar.update(total=steps or 1, progress=min(step, steps) if steps else 0)
         self.query_one("#run-step", Static).update(f"{step}/{steps or '?'}")
         parts = []
@@ -213,6 +190,7 @@ class TrainScreen(StudioScreen):
             parts.append(f"loss {track.loss[-1]:.4f}" + (f" (smoothed {smooth:.4f})" if smooth is not None else ""))
         if track and track.lr is not None:
             parts.append(f"lr {track.lr:.2g}")
+        parts += _settings_of(job)
         stats.update(" · ".join(parts))
         if track:
             self.query_one("#loss", LossChart).set_data(track.xs, track.loss)
@@ -254,25 +232,7 @@ class TrainScreen(StudioScreen):
 
     def params(self) -> dict:
         """The form as job params; ValueError naming the field that is wrong."""
-        get = lambda i: self.query_one(f"#{i}", Input).value  # noqa: E731
-        params = {
-            "steps": parse_int(get("steps"), "Steps", 1),
-            "lr": parse_float(get("lr"), "Learning rate", positive=True),
-            "seed": parse_int(get("seed"), "Seed"),
-            "batch_size": parse_int(get("batch_size"), "Batch size", 1),
-            "log_every": parse_int(get("log_every"), "Log every", 1),
-            "save_every": parse_int(get("save_every"), "Save every", 1),
-            "preview_every": parse_int(get("preview_every"), "Preview every", 0),
-            "lr_schedule": self.query_one("#lr_schedule", Select).value,
-            "warmup_steps": parse_int(get("warmup_steps"), "Warmup steps", 0),
-            "precision": self.query_one("#precision", Select).value,
-            "model": self.app.model,
-        }
-        if get("init").strip():
-            params["init"] = get("init").strip()
-        if get("preview_prompt").strip():
-            params["preview_prompt"] = get("preview_prompt").strip()
-        return params
+        return self.query_one(TrainForm).params(self.app.home, self.app.model)
 
     def action_start(self) -> None:
         concept = self.query_one("#concept", Select).value
@@ -285,7 +245,7 @@ class TrainScreen(StudioScreen):
             self.notify(str(exc), severity="error", title="Train")
             return
         self.pinned = False
-        self.app.bridge.submit("train", concept, params, origin="train")
+        self.app.bridge.submit("train", concept, params, origin=self.MODE)
 
     def action_resume(self) -> None:
         job = self.app.state.job(self.run_id)
@@ -297,7 +257,7 @@ class TrainScreen(StudioScreen):
                         "can be resumed.", severity="warning")
             return
         self.pinned = True
-        self.app.bridge.submit(None, resume=job["id"], origin="train")
+        self.app.bridge.submit(None, resume=job["id"], origin=self.MODE)
 
     def action_cancel_run(self) -> None:
         job = self.app.state.job(self.run_id)
@@ -308,6 +268,11 @@ class TrainScreen(StudioScreen):
             self.notify("No queued or running run to cancel.", severity="warning")
             return
         self.app.bridge.cancel(job["id"])
+
+    def action_toggle_low_vram(self) -> None:
+        """--low-vram, one key away: gradient checkpointing, for cards with little memory."""
+        on = self.query_one(TrainForm).toggle_low_vram()
+        self.notify("Low VRAM on: less memory, about half the speed." if on else "Low VRAM off.", title="Train")
 
     def action_edit_form(self) -> None:
         self.query_one("#steps", Input).focus()
@@ -325,14 +290,13 @@ class TrainScreen(StudioScreen):
         self.action_cancel_run()
 
 
-def short_when(run_id: str) -> str:
-    """`20260101-093000-ab12` → `01-01 09:30` (run ids start with their UTC creation time)."""
-    if len(run_id) >= 15 and run_id[:8].isdigit() and run_id[9:13].isdigit():
-        return f"{run_id[4:6]}-{run_id[6:8]} {run_id[9:11]}:{run_id[11:13]}"
-    return run_id[:11]
-
-
-def _escape(text: str) -> str:
-    from textual.markup import escape
-
-    return escape(str(text))
+def _settings_of(job: dict) -> list[str]:
+    """The run's settings worth seeing beside its figures: the effective batch, low VRAM."""
+    params = job.get("params") if isinstance(job.get("params"), dict) else {}
+    parts = []
+    batch, accum = params.get("batch_size", 1), params.get("grad_accum", 1)
+    if isinstance(batch, int) and isinstance(accum, int) and accum > 1:
+        parts.append(f"batch {batch}×{accum} = {batch * accum}")
+    if params.get("low_vram"):
+        parts.append("low VRAM")
+    return parts

@@ -21,7 +21,7 @@ class FieldRow(Horizontal):
     FieldRow { height: auto; width: 100%; margin: 0 0 0 0; }
     FieldRow > .field-label { width: 14; height: 1; color: $text-muted; padding: 0 1 0 0; text-wrap: nowrap;
                               text-overflow: ellipsis; }
-    FieldRow > Input, FieldRow > Select, FieldRow > RadioSet { width: 1fr; }
+    FieldRow > Input, FieldRow > Select, FieldRow > RadioSet, FieldRow > Checkbox { width: 1fr; }
     """
 
     def __init__(self, label: str, widget: Widget, *, label_width: int | None = None, id: str | None = None,
@@ -102,6 +102,34 @@ def complete_path(value: str, dirs_only: bool = False, suffixes: tuple[str, ...]
     return None
 
 
+class PinSuggester(Suggester):
+    """Completes a saved embedding's NAME@RUN[:STEP] at the end of a comma-separated list; with
+    `paths`, a file path when no embedding matches (fields that take either)."""
+
+    def __init__(self, pins: Callable[[], Iterable[str]], paths: bool = False):
+        super().__init__(use_cache=False, case_sensitive=True)
+        self._pins = pins
+        self.paths = paths
+
+    async def get_suggestion(self, value: str) -> str | None:
+        return complete_pin(value, self._pins()) or (complete_path(value) if self.paths else None)
+
+
+def complete_pin(value: str, pins: Iterable[str]) -> str | None:
+    fragment = value.rpartition(",")[2].lstrip()
+    if not fragment:
+        return None
+    for pin in sorted(pins):
+        if pin.startswith(fragment) and pin != fragment:
+            return value + pin[len(fragment):]
+    return None
+
+
+def split_list(text: str) -> list[str]:
+    """`a, b,,c ` → ["a", "b", "c"]."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
 def parse_int(text: str, name: str, minimum: int | None = None) -> int:
     try:
         value = int(text.strip().replace("_", ""))
@@ -112,13 +140,20 @@ def parse_int(text: str, name: str, minimum: int | None = None) -> int:
     return value
 
 
-def parse_float(text: str, name: str, positive: bool = False) -> float:
+def parse_optional_int(text: str, name: str, minimum: int | None = None) -> int | None:
+    """An empty field is None (the engine's default); anything else as `parse_int`."""
+    return parse_int(text, name, minimum) if text.strip() else None
+
+
+def parse_float(text: str, name: str, positive: bool = False, minimum: float | None = None) -> float:
     try:
         value = float(text.strip())
     except ValueError:
         raise ValueError(f"{name} must be a number, not {text.strip()!r}") from None
     if not math.isfinite(value) or (positive and value <= 0):
         raise ValueError(f"{name} must be a positive number")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be at least {minimum:g}")
     return value
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from tistudio.engine_bridge import fmt_bytes
+from tistudio.formatting import fmt_bytes
+from tistudio.messages import EngineChanged, JobsChanged, RunChanged, StatusChanged, StudioChange
 
 SCREENS = (("library", "1", "Library"), ("train", "2", "Train"), ("generate", "3", "Generate"),
            ("metrics", "4", "Metrics"))
@@ -58,8 +59,8 @@ class StatusBar(Static):
             signal.subscribe(self, self._on_changed)
         self.update(self.describe())
 
-    def _on_changed(self, what: str) -> None:
-        if what in ("engine", "status", "jobs") or what.startswith("run:"):
+    def _on_changed(self, change: StudioChange) -> None:
+        if isinstance(change, (EngineChanged, StatusChanged, JobsChanged, RunChanged)):
             self.update(self.describe())
 
     def describe(self) -> Text:

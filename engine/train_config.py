@@ -1,0 +1,135 @@
+"""One run's settings, and the checks every front end shares.
+
+Torch-free on purpose: the CLI and the studio validate a run here, with the very
+code the engine runs, before they submit it, so a bad value fails at once with
+exit 2 and leaves nothing in the library.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from engine.errors import UserError
+
+LR_SCHEDULES = ("constant", "warmup", "cosine")
+COMPILE_MODES = ("off", "default", "reduce-overhead")
+REGULARIZERS = ("none", "init-l2", "norm", "directional")
+MAX_VECTORS = 16  # a word of more slots than this eats the 75-token prompt
+
+
+@dataclass
+class TrainConfig:
+    """One run's settings.  Defaults are the study's (lr 5e-4, batch 1, AdamW, one vector)."""
+
+    token: str
+    init: str
+    property: str = "object"
+    steps: int = 2000
+    lr: float = 5e-4
+    batch_size: int = 1
+    grad_accum: int = 1  # micro-batches per optimizer step: effective batch = batch_size * grad_accum
+    weight_decay: float = 1e-2
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    seed: int = 0
+    vectors: int = 1  # token slots the word expands to (the paper: 1)
+    init_from: str | None = None  # start from an existing embedding: a file, or NAME@RUN:STEP
+    regularize: str = "none"  # none | init-l2 | norm | directional (keeping the word editable)
+    reg_weight: float = 0.0  # lambda for init-l2 and norm (0: the method's default)
+    save_every: int = 500
+    keep_checkpoints: int | None = None  # keep the newest N resumable checkpoints (None: all)
+    preview_every: int = 500
+    preview_prompt: str | None = None
+    preview_steps: int = 25
+    preview_seed: int = 0
+    log_every: int = 10
+    resolution: int | None = None  # None: the model's own
+    center_crop: bool = False
+    flip_p: float = 0.5
+    templates: list[str] | None = None  # custom prompt templates with "{}" for the token
+    low_vram: bool = False  # gradient checkpointing through the UNet: less memory, ~2x slower
+    compile: str = "off"  # off | default | reduce-overhead (CUDA graphs): torch.compile the UNet
+    fixed_timestep: int | None = None  # tests: overfit one timestep
+    fixed_noise: bool = False  # tests: one fixed noise sample
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def effective_batch(self) -> int:
+        return self.batch_size * self.grad_accum
+
+    def validate(self) -> None:
+        """Raise UserError naming the first bad setting (by its CLI option) and a good value."""
+        for ok, message in self._checks():
+            if not ok:
+                raise UserError(message)
+
+    def _checks(self):
+        yield _whole(self.steps, 1), "--steps must be a whole number of at least 1, e.g. 2000"
+        yield _positive(self.lr), "--lr must be a positive number, e.g. 5e-4"
+        yield _whole(self.batch_size, 1), "--batch-size must be a whole number of at least 1"
+        yield _whole(self.grad_accum, 1), "--grad-accum must be a whole number of at least 1"
+        yield _finite(self.weight_decay) and self.weight_decay >= 0, "--weight-decay must be 0 or a positive number"
+        yield self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}"
+        yield _whole(self.warmup_steps, 0), "--warmup-steps must be 0 or a positive whole number"
+        yield isinstance(self.seed, int) and not isinstance(self.seed, bool), "--seed must be a whole number"
+        yield (_whole(self.vectors, 1) and self.vectors <= MAX_VECTORS,
+               f"--vectors must be a whole number from 1 to {MAX_VECTORS}")
+        yield self.regularize in REGULARIZERS, f"--regularize must be one of {', '.join(REGULARIZERS)}"
+        yield _finite(self.reg_weight) and self.reg_weight >= 0, "--reg-weight must be 0 or a positive number"
+        yield _whole(self.save_every, 1), "--save-every must be a whole number of at least 1"
+        yield (self.keep_checkpoints is None or _whole(self.keep_checkpoints, 1),
+               "--keep-checkpoints must be a whole number of at least 1 (the latest is always kept)")
+        yield _whole(self.preview_every, 0), "--preview-every must be 0 (off) or a positive whole number"
+        yield _whole(self.preview_steps, 1), "--preview-steps must be at least 1"
+        yield _whole(self.log_every, 1), "--log-every must be at least 1"
+        yield (self.resolution is None or (_whole(self.resolution, 8) and self.resolution % 8 == 0),
+               "--resolution must be a multiple of 8, e.g. 512")
+        yield _finite(self.flip_p) and 0.0 <= self.flip_p <= 1.0, "--flip must be between 0 and 1"
+        yield self.compile in COMPILE_MODES, f"--compile must be one of {', '.join(COMPILE_MODES)}"
+        yield (self.templates is None or (len(self.templates) > 0 and all(
+            isinstance(t, str) and t.count("{}") == 1 for t in self.templates)),
+            "each prompt template (--templates) must contain exactly one {} where the token goes")
+
+    def lr_at(self, step: int) -> float:
+        warm = self.warmup_steps if self.lr_schedule in ("warmup", "cosine") else 0
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        if self.lr_schedule == "cosine":
+            progress = (step - warm) / max(1, self.steps - warm)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * progress))
+        return self.lr
+
+
+# Job params that are not TrainConfig fields: where and how the run executes.
+RUNTIME_PARAMS = ("model", "precision", "device", "seeds", "inits")
+
+
+def config_from_params(params: dict, concept) -> TrainConfig:
+    """A run's TrainConfig from job params, filling token, init and property from the concept."""
+    settings = {k: v for k, v in params.items() if k not in RUNTIME_PARAMS}
+    settings.setdefault("token", concept.token)
+    settings["init"] = settings.get("init") or concept.init
+    settings.setdefault("property", concept.property)
+    unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise UserError(f"unknown training setting(s) {', '.join(unknown)}; see `tistudio train --help`")
+    return TrainConfig(**settings)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _positive(x) -> bool:
+    return _finite(x) and x > 0
+
+
+def _whole(x, least: int) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= least

@@ -1,0 +1,219 @@
+"""train and resume: a run (or a sweep of runs) submitted to the engine and followed here.
+
+Everything a run would refuse is checked before it is submitted, by the same code the
+engine runs (engine.train_config), so a mistake exits 2 with one line and leaves
+nothing in the library.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tistudio.commands.args import float_arg, int_list, non_negative_int, positive_int, word_list
+
+DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a concept's word (a job in the engine; survives a closed terminal)")
+    p.add_argument("name", help="the concept to train")
+    what = p.add_argument_group("what is learned")
+    what.add_argument("--init", help="initializer for this run: a word, or a phrase of --vectors tokens "
+                      "(default: the concept's)")
+    what.add_argument("--vectors", type=positive_int, default=1,
+                      help="token slots the word expands to (the paper: 1)")
+    what.add_argument("--init-from", metavar="FILE|NAME@RUN:STEP",
+                      help="start from an existing embedding (a file from any tool, or a saved step)")
+    what.add_argument("--regularize", choices=("none", "init-l2", "norm", "directional"), default="none",
+                      help="keep the word editable: none (the paper), init-l2 (pull toward the initializer), "
+                           "norm (penalise a norm above the vocabulary's), directional (fixed norm, learn the direction)")
+    what.add_argument("--reg-weight", type=float_arg, default=0.0,
+                      help="strength of init-l2 / norm (0: the method's default)")
+    what.add_argument("--templates", metavar="FILE",
+                      help="prompt templates, one per line with {} where the token goes "
+                           "(default: the study's object or style templates)")
+    opt = p.add_argument_group("optimisation")
+    opt.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps (the study: 1500-2400)")
+    opt.add_argument("--lr", type=float_arg, default=5e-4, help="learning rate (the study's)")
+    opt.add_argument("--seed", type=int, default=0, help="random seed of the run")
+    opt.add_argument("--batch-size", type=positive_int, default=1, help="images per micro-batch")
+    opt.add_argument("--grad-accum", type=positive_int, default=1,
+                     help="micro-batches per optimizer step (effective batch = batch size x this)")
+    opt.add_argument("--weight-decay", type=float_arg, default=1e-2, help="AdamW weight decay on the word's vectors")
+    opt.add_argument("--lr-schedule", choices=("constant", "warmup", "cosine"), default="constant",
+                     help="learning-rate schedule")
+    opt.add_argument("--warmup-steps", type=non_negative_int, default=0, help="linear warm-up steps")
+    data = p.add_argument_group("data")
+    data.add_argument("--resolution", type=positive_int, help="training resolution in pixels (default: the model's)")
+    data.add_argument("--center-crop", action="store_true", help="crop images to a centred square before resizing")
+    data.add_argument("--flip", type=float_arg, default=0.5, help="probability of a horizontal flip")
+    sweep = p.add_argument_group("sweeps (runs trained together, one UNet call per step)")
+    sweep.add_argument("--seeds", type=int_list, help="one run per seed, e.g. 1,2,3,4")
+    sweep.add_argument("--inits", type=word_list, help="one run per initializer word, e.g. fish,dragon")
+    out = p.add_argument_group("saving and previews")
+    out.add_argument("--save-every", type=positive_int, default=500, help="save embedding + checkpoint every N steps")
+    out.add_argument("--keep-checkpoints", type=positive_int,
+                     help="keep only the newest N resumable checkpoints (default: all; the latest is always kept)")
+    out.add_argument("--preview-every", type=non_negative_int, default=500, help="preview image every N steps (0: off)")
+    out.add_argument("--preview-prompt", help="prompt for previews; {token} or the token stands for the concept")
+    out.add_argument("--preview-steps", type=positive_int, default=25, help="sampling steps of a preview")
+    out.add_argument("--log-every", type=positive_int, default=10, help="a loss line every N steps")
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--low-vram", action="store_true",
+                    help="gradient checkpointing through the UNet: fits 8 GB cards, about 2x slower")
+    hw.add_argument("--compile", choices=("off", "default", "reduce-overhead"), default="off",
+                    help="torch.compile the UNet (reduce-overhead: CUDA graphs; a slow first warm-up)")
+    hw.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                    help="frozen weights' dtype (auto: fp16 on CUDA, fp32 on CPU)")
+    hw.add_argument("--device", help="cpu, cuda or cuda:N (default: $TISTUDIO_DEVICE, else CUDA when present)")
+    p.add_argument("--detach", action="store_true", help="print the run id and return at once")
+    p.set_defaults(func=train)
+
+    p = sub.add_parser("resume", help="continue a cancelled, failed or interrupted run from its last checkpoint")
+    p.add_argument("run", help="the run id (`tistudio runs` lists them)")
+    p.add_argument("--detach", action="store_true", help="print the run id and return at once")
+    p.set_defaults(func=resume)
+
+
+# --- building and checking the job ---------------------------------------------------------------
+
+
+def train_params(args) -> dict:
+    """The job params for `args`, as the engine reads them (TrainConfig fields + where to run)."""
+    import os
+
+    params = {
+        "steps": args.steps, "lr": args.lr, "seed": args.seed, "batch_size": args.batch_size,
+        "grad_accum": args.grad_accum, "weight_decay": args.weight_decay, "lr_schedule": args.lr_schedule,
+        "warmup_steps": args.warmup_steps, "vectors": args.vectors, "regularize": args.regularize,
+        "reg_weight": args.reg_weight, "save_every": args.save_every,
+        "keep_checkpoints": args.keep_checkpoints, "preview_every": args.preview_every,
+        "preview_steps": args.preview_steps, "log_every": args.log_every, "resolution": args.resolution,
+        "center_crop": args.center_crop, "flip_p": args.flip, "low_vram": args.low_vram, "compile": args.compile,
+        "precision": args.precision, "device": args.device, "model": os.environ.get("TISTUDIO_MODEL") or None,
+    }
+    optional = {"init": args.init, "seeds": args.seeds, "inits": args.inits, "preview_prompt": args.preview_prompt,
+                "init_from": _init_from(args.init_from), "templates": _templates(args.templates)}
+    params.update({k: v for k, v in optional.items() if v})
+    return params
+
+
+def _init_from(value: str | None) -> str | None:
+    import os
+
+    from engine.errors import UserError
+
+    if not value:
+        return None
+    if "@" in value and not os.path.exists(value):
+        return value  # NAME@RUN:STEP; the engine resolves it against the library
+    path = os.path.abspath(os.path.expanduser(value))
+    if not os.path.isfile(path) and not os.path.isdir(path):
+        raise UserError(f"--init-from {value}: no such file; give an embedding file or NAME@RUN:STEP")
+    return path
+
+
+def _templates(path: str | None) -> list[str] | None:
+    """The --templates file's lines, read by the same code as eval's --prompts."""
+    from engine.errors import UserError
+    from engine.prompts import load_prompts
+
+    if not path:
+        return None
+    try:
+        return load_prompts(path)
+    except UserError as exc:
+        raise UserError(f"--templates: {exc}") from None
+
+
+def sweep_members(params: dict) -> list[dict]:
+    """One params dict per run the job trains (a plain run is a sweep of one)."""
+    seeds = params.get("seeds") or [params["seed"]]
+    inits = params.get("inits") or [params.get("init")]
+    base = {k: v for k, v in params.items() if k not in ("seeds", "inits")}
+    return [{**base, "seed": s, "init": i} for s in seeds for i in inits]
+
+
+def check_before_submit(name: str, params: dict) -> None:
+    """Fail now, not in the queue: the concept, every member's settings, the model, the words."""
+    from engine.errors import UserError
+    from engine.library import Library, check_initializer
+    from engine.models import load_tokenizer, model_info
+    from engine.train_config import config_from_params
+    from tistudio.commands.output import home
+
+    concept = Library(home()).get(name)
+    if not concept.images:
+        raise UserError(f"concept {concept.name!r} has no training images (it was imported); add some with "
+                        f"`tistudio concept images add {concept.name} FILE...`")
+    if params.get("device") and not DEVICE.match(params["device"]):
+        raise UserError(f"--device {params['device']!r} is not a device; give cpu, cuda or cuda:N")
+    configs = [config_from_params(member, concept) for member in sweep_members(params)]
+    for config in configs:
+        config.validate()
+    model_info()  # a bad --model fails here, with its own message
+    tokenizer = load_tokenizer()
+    for config in configs:
+        if config.init_from:
+            continue  # the vectors come from the file; the engine checks its width and length
+        check_init_phrase(tokenizer, config.init, config.vectors, check_initializer)
+
+
+def check_init_phrase(tokenizer, phrase: str, vectors: int, check_word) -> None:
+    """An initializer is one known word (repeated over the vectors) or a phrase of exactly N tokens."""
+    from engine.errors import UserError
+
+    if vectors == 1 or len(phrase.split()) == 1:
+        check_word(tokenizer, phrase)
+        return
+    ids = tokenizer(phrase, add_special_tokens=False).input_ids
+    if len(ids) != vectors:
+        raise UserError(f"--init {phrase!r} is {len(ids)} tokens but --vectors is {vectors}; give one word, "
+                        f"or a phrase of exactly {vectors} tokens")
+
+
+def train(args) -> int:
+    from engine.client import call
+
+    params = train_params(args)
+    check_before_submit(args.name, params)
+    members = sweep_members(params)
+    kind = "sweep" if len(members) > 1 else "train"
+    if kind == "train":  # a "sweep" of one is a plain run
+        params = {k: v for k, v in members[0].items() if v is not None or k == "init"}
+        if params.get("init") is None:
+            params.pop("init")
+    run_id = call("submit", kind, concept=args.name, params=params)
+    if not args.detach:
+        print(_header(args, len(members)))
+    return after_submit(run_id, args.detach)
+
+
+def _header(args, runs: int) -> str:
+    batch = args.batch_size * args.grad_accum
+    batch_text = f"batch {batch}" if args.grad_accum == 1 else f"batch {args.batch_size} x {args.grad_accum} = {batch}"
+    what = f"{runs} runs trained together, " if runs > 1 else ""
+    extras = [x for x in ("low-vram" if args.low_vram else "", f"compile {args.compile}" if args.compile != "off" else "",
+                          f"{args.vectors} vectors" if args.vectors > 1 else "") if x]
+    return (f"training {args.name}: {what}{args.steps} steps, lr {args.lr:g}, {batch_text}"
+            + (f", {', '.join(extras)}" if extras else ""))
+
+
+def resume(args) -> int:
+    from engine.client import call
+
+    run_id = call("submit", resume=args.run)
+    return after_submit(run_id, args.detach)
+
+
+def after_submit(run_id: str, detach: bool) -> int:
+    import asyncio
+
+    from tistudio.commands.run_cmds import _follow
+
+    if detach:
+        print(run_id)
+        return 0
+    print(f"run {run_id} (Ctrl-C cancels it, resumable; it keeps running if the terminal closes)")
+    return asyncio.run(_follow(run_id, cancel_on_interrupt=True))
+

@@ -1,0 +1,45 @@
+"""How the studio writes numbers, times and run ids for people, and makes text safe for markup.
+
+The one-line form of an error is `engine.text.one_line`, shared with the engine and the CLI.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def fmt_duration(seconds: Any) -> str:
+    """`75` → `1m15s`; `–` for anything that is not a finite, non-negative number."""
+    if not isinstance(seconds, (int, float)) or not math.isfinite(seconds) or seconds < 0:
+        return "–"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def fmt_bytes(n: Any) -> str:
+    """Bytes as GiB (or MiB below one GiB); `–` when unknown."""
+    if not isinstance(n, (int, float)):
+        return "–"
+    gib = n / 1024 ** 3
+    return f"{gib:.1f} GiB" if gib >= 1 else f"{n / 1024 ** 2:.0f} MiB"
+
+
+def short_when(run_id: str) -> str:
+    """`20260101-093000-ab12` → `01-01 09:30` (run ids start with their UTC creation time)."""
+    if len(run_id) >= 15 and run_id[:8].isdigit() and run_id[9:13].isdigit():
+        return f"{run_id[4:6]}-{run_id[6:8]} {run_id[9:11]}:{run_id[11:13]}"
+    return run_id[:11]
+
+
+def escape(text: Any) -> str:
+    """`text` shown as it is inside Textual markup (a `[` in an error or a path is not a tag)."""
+    from textual.markup import escape as markup_escape
+
+    return markup_escape(str(text))

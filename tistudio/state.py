@@ -1,0 +1,180 @@
+"""What the studio knows about the engine and its runs; the screens draw from it.
+
+    StudioState   the engine's state and status, every run record, a RunTrack per followed run
+    RunTrack      one run as its events tell it (replayed history, then live): loss, VRAM,
+                  previews, images, logs; `apply(events)` folds more in
+
+Changed only by the App's message handlers (tistudio.app), read by the screens.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from engine.jobs import ACTIVE, FINAL
+
+MAX_LOG_LINES = 200
+
+
+@dataclass
+class RunTrack:
+    """One run as seen through its events (replayed history, then live)."""
+
+    run_id: str
+    kind: str | None = None
+    concept: str | None = None
+    last_seq: int = 0
+    status: str | None = None
+    error: str | None = None
+    result: dict | None = None
+    step: int = 0
+    steps: int | None = None
+    steps_per_s: float | None = None
+    eta: float | None = None
+    elapsed: float | None = None
+    lr: float | None = None
+    xs: list[int] = field(default_factory=list)  # logged steps
+    loss: list[float] = field(default_factory=list)
+    vram_steps: list[int] = field(default_factory=list)
+    vram_allocated: list[float] = field(default_factory=list)
+    vram_reserved: list[float] = field(default_factory=list)
+    vram_total: float | None = None
+    previews: list[dict] = field(default_factory=list)  # {step, path, prompt}
+    embeddings: list[dict] = field(default_factory=list)  # {step, path, final}
+    images: list[dict] = field(default_factory=list)  # generate: {path, mode, seed, prompt}
+    progress: float | None = None  # 0..1 for jobs that report a fraction
+    logs: list[str] = field(default_factory=list)
+    complete: bool = False  # its final status is known and its log fully read
+    live: bool = False  # seen queued or running: its end happens while we watch
+    version: int = 0  # bumped on every change: screens redraw when it moves
+
+    def apply(self, events: list[dict]) -> bool:
+        """Fold events in (a seq already seen is skipped); True if anything changed."""
+        changed = False
+        for event in events:
+            seq = event.get("seq")
+            if isinstance(seq, int):
+                if seq <= self.last_seq:
+                    continue
+                self.last_seq = seq
+            try:
+                self._apply_one(event)
+            except (TypeError, ValueError, AttributeError, KeyError):
+                continue  # an event of a shape we do not know (a newer engine, a hand edit): skip it
+            changed = True
+        if changed:
+            self.version += 1
+            # the last status of a batch says whether the run is live: a replayed history
+            # holds old running/queued events that must not count
+            self.live = self.status in ACTIVE
+        return changed
+
+    def _apply_one(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind == "step":
+            self._step(event)
+        elif kind == "status":
+            self.status = event.get("status") or self.status
+            if self.status not in FINAL:
+                self.complete = False
+            self.error = event.get("error") if self.status in ("failed", "interrupted", "cancelled") else None
+            if isinstance(event.get("result"), dict):
+                self.result = event["result"]
+        elif kind == "preview" and event.get("path"):
+            self.previews.append({k: event.get(k) for k in ("step", "path", "prompt")})
+        elif kind == "embedding":
+            self.embeddings.append({k: event.get(k) for k in ("step", "path", "final")})
+        elif kind == "image" and event.get("path"):
+            if all(img.get("path") != event["path"] for img in self.images):
+                self.images.append({k: event.get(k) for k in ("path", "mode", "seed", "prompt")})
+        elif kind == "progress":
+            fraction = event.get("fraction", event.get("progress"))
+            if isinstance(fraction, (int, float)):
+                self.progress = float(fraction)
+            if event.get("message") or event.get("stage"):
+                self._log(str(event.get("message") or event.get("stage")))
+        elif kind == "log" and event.get("message"):
+            self._log(str(event["message"]))
+
+    def _log(self, line: str) -> None:
+        self.logs.append(line)
+        del self.logs[:-MAX_LOG_LINES]
+
+    def _step(self, event: dict) -> None:
+        step = event.get("step")
+        if not isinstance(step, int):
+            return
+        if self.xs and step <= self.xs[-1]:
+            # A resumed run logs again from its checkpoint: keep one history, the latest.
+            keep = sum(1 for s in self.xs if s < step)
+            del self.xs[keep:], self.loss[keep:]
+            keep_v = sum(1 for s in self.vram_steps if s < step)
+            del self.vram_steps[keep_v:], self.vram_allocated[keep_v:], self.vram_reserved[keep_v:]
+        loss = event.get("loss")
+        self.xs.append(step)
+        self.loss.append(float(loss) if isinstance(loss, (int, float)) else math.nan)
+        self.step = step
+        self.steps = event.get("steps") or self.steps
+        for name in ("steps_per_s", "eta", "elapsed", "lr"):
+            value = event.get(name)
+            setattr(self, name, float(value) if isinstance(value, (int, float)) else None)
+        if isinstance(event.get("vram_allocated"), (int, float)):
+            self.vram_steps.append(step)
+            self.vram_allocated.append(float(event["vram_allocated"]))
+            self.vram_reserved.append(float(event.get("vram_reserved") or 0.0))
+            if event.get("vram_total"):
+                self.vram_total = float(event["vram_total"])
+
+    def smoothed_loss(self) -> float | None:
+        from tistudio.widgets.charts import ema
+
+        values = ema(self.loss)
+        return values[-1] if values else None
+
+
+@dataclass
+class StudioState:
+    """Everything the screens draw from; changed only by the App's message handlers."""
+
+    engine: str = "offline"  # offline | starting | online | lost | failed | disabled
+    engine_detail: str = ""
+    status: dict = field(default_factory=dict)
+    jobs: list[dict] = field(default_factory=list)  # run.json records (oldest first)
+    tracks: dict[str, RunTrack] = field(default_factory=dict)
+
+    def track(self, run_id: str, job: dict | None = None) -> RunTrack:
+        track = self.tracks.get(run_id)
+        if track is None:
+            track = self.tracks[run_id] = RunTrack(run_id)
+        job = job or self.job(run_id)
+        if job:
+            track.kind = job.get("kind") or track.kind
+            track.concept = job.get("concept") or track.concept
+        return track
+
+    def job(self, run_id: str | None) -> dict | None:
+        if not run_id:
+            return None
+        for job in reversed(self.jobs):
+            if job.get("id") == run_id:
+                return job
+        return None
+
+    def jobs_of(self, kind: str, concept: str | None = None) -> list[dict]:
+        return [j for j in self.jobs if j.get("kind") == kind and (concept is None or j.get("concept") == concept)]
+
+    def queued(self) -> list[dict]:
+        return sorted((j for j in self.jobs if j.get("status") == "queued"),
+                      key=lambda j: (j.get("position") or 10**6, j.get("created") or 0))
+
+    def running(self) -> dict | None:
+        for job in self.jobs:
+            if job.get("status") == "running":
+                return job
+        return None
+
+
+def is_active(job: dict | None) -> bool:
+    """Queued or running."""
+    return bool(job) and job.get("status") in ACTIVE

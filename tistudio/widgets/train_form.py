@@ -1,0 +1,172 @@
+"""The Train screen's New-run form: every training option, read back as job params.
+
+The study's settings come first (steps, lr, seed, batch); the options for a small
+card or an unusual run follow (grad accumulation with the effective batch it gives,
+low VRAM, init from an existing embedding, several vectors, checkpoint pruning,
+compile, resolution, prompt templates, device).  An empty optional field is left out
+of the params, so the engine's default applies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import VerticalScroll
+from textual.widgets import Checkbox, Input, Select, Static
+
+from tistudio.widgets.forms import (
+    FieldRow, PathSuggester, PinSuggester, parse_float, parse_int, parse_optional_int,
+)
+
+# The study's defaults (lr 5e-4, batch 1, AdamW with weight decay 1e-2; 1500-2400 steps recommended;
+# saves every 500).
+DEFAULTS = {"steps": "2000", "lr": "5e-4", "seed": "0", "batch_size": "1", "grad_accum": "1", "save_every": "500",
+            "preview_every": "500", "warmup_steps": "0", "log_every": "10", "weight_decay": "1e-2", "vectors": "1"}
+COMPILE_MODES = ("off", "default", "reduce-overhead")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+LR_SCHEDULES = ("constant", "warmup", "cosine")
+
+
+def _choices(values) -> list[tuple[str, str]]:
+    return [(v, v) for v in values]
+
+
+class TrainForm(VerticalScroll):
+    """The fields of a new run; `params(home, model)` reads them (ValueError names the wrong one)."""
+
+    def compose(self) -> ComposeResult:
+        def field(label: str, key: str, placeholder: str = "", integer: bool = False, suggester=None) -> FieldRow:
+            return FieldRow(label, Input(DEFAULTS.get(key, ""), id=key, compact=True, placeholder=placeholder,
+                                         type="integer" if integer else "text", suggester=suggester))
+
+        yield FieldRow("Concept", Select([], id="concept", compact=True, prompt="(none)"))
+        yield field("Steps", "steps", integer=True)
+        yield field("LR", "lr")
+        yield field("Seed", "seed", integer=True)
+        yield field("Batch", "batch_size", integer=True)
+        yield field("Grad accum", "grad_accum", integer=True)
+        yield FieldRow("Eff. batch", Static("", id="effective-batch"))
+        yield FieldRow("Low VRAM", Checkbox("(l)", id="low_vram", compact=True))
+        yield field("Init word", "init", "(concept's)")
+        yield field("Init from", "init_from", "(init word)", suggester=PinSuggester(self._pins, paths=True))
+        yield field("Vectors", "vectors", integer=True)
+        yield field("Log every", "log_every", integer=True)
+        yield field("Save every", "save_every", integer=True)
+        yield field("Keep ckpts", "keep_checkpoints", "(all)", integer=True)
+        yield field("Preview every", "preview_every", integer=True)
+        yield field("Preview text", "preview_prompt", "(default)")
+        yield FieldRow("Schedule", Select(_choices(LR_SCHEDULES), value="constant", allow_blank=False,
+                                          id="lr_schedule", compact=True))
+        yield field("Warmup", "warmup_steps", integer=True)
+        yield field("Weight decay", "weight_decay")
+        yield FieldRow("Precision", Select(_choices(PRECISIONS), value="auto", allow_blank=False, id="precision",
+                                           compact=True))
+        yield FieldRow("Compile", Select(_choices(COMPILE_MODES), value="off", allow_blank=False, id="compile",
+                                         compact=True))
+        yield field("Resolution", "resolution", "(model's)", integer=True)
+        yield field("Templates", "templates", "(the study's)", suggester=PathSuggester())
+        yield field("Device", "device", "(auto)")
+
+    def on_mount(self) -> None:
+        self._show_effective_batch()
+
+    def _text(self, key: str) -> str:
+        return self.query_one(f"#{key}", Input).value.strip()
+
+    def _pins(self) -> list[str]:
+        from engine.records import library_summaries
+
+        try:
+            return [pin for summary in library_summaries(self.app.home) for pin in summary.pins()]
+        except OSError:
+            return []
+
+    @on(Input.Changed, "#batch_size, #grad_accum")
+    def _show_effective_batch(self) -> None:
+        hint = self.query_one("#effective-batch", Static)
+        try:
+            batch, accum = parse_int(self._text("batch_size"), "Batch", 1), parse_int(self._text("grad_accum"),
+                                                                                      "Grad accum", 1)
+        except ValueError:
+            hint.update("–")
+            return
+        hint.update(f"{batch * accum}" + (f" ({batch}×{accum})" if accum > 1 else ""))
+
+    def toggle_low_vram(self) -> bool:
+        """Flip Low VRAM (key l); returns the new value."""
+        box = self.query_one("#low_vram", Checkbox)
+        box.value = not box.value
+        self.scroll_to_widget(box, animate=False)
+        return box.value
+
+    def params(self, home: Path, model: str | None) -> dict:
+        """The form as job params for `model`; ValueError naming the field that is wrong."""
+        text = self._text
+        params = {
+            "steps": parse_int(text("steps"), "Steps", 1),
+            "lr": parse_float(text("lr"), "Learning rate", positive=True),
+            "seed": parse_int(text("seed"), "Seed"),
+            "batch_size": parse_int(text("batch_size"), "Batch size", 1),
+            "grad_accum": parse_int(text("grad_accum"), "Grad accum", 1),
+            "low_vram": self.query_one("#low_vram", Checkbox).value,
+            "vectors": parse_int(text("vectors"), "Vectors", 1),
+            "log_every": parse_int(text("log_every"), "Log every", 1),
+            "save_every": parse_int(text("save_every"), "Save every", 1),
+            "preview_every": parse_int(text("preview_every"), "Preview every", 0),
+            "lr_schedule": self.query_one("#lr_schedule", Select).value,
+            "warmup_steps": parse_int(text("warmup_steps"), "Warmup steps", 0),
+            "weight_decay": parse_float(text("weight_decay"), "Weight decay", minimum=0.0),
+            "precision": self.query_one("#precision", Select).value,
+            "compile": self.query_one("#compile", Select).value,
+            "model": model,
+        }
+        optional = {
+            "init": text("init") or None,
+            "init_from": self._init_from(text("init_from")),
+            "keep_checkpoints": parse_optional_int(text("keep_checkpoints"), "Keep checkpoints", 1),
+            "preview_prompt": text("preview_prompt") or None,
+            "resolution": self._resolution(text("resolution")),
+            "templates": read_templates(text("templates")) if text("templates") else None,
+            "device": text("device") or None,
+        }
+        params.update({k: v for k, v in optional.items() if v is not None})
+        return params
+
+    def _init_from(self, value: str) -> str | None:
+        """A saved embedding (NAME@RUN or NAME@RUN:STEP) as it is, or a file as an absolute path
+        (the engine runs in another folder)."""
+        if not value:
+            return None
+        if "@" in value:
+            if value not in self._pins():
+                raise ValueError(f"Init from: no saved embedding {value}; write NAME@RUN or NAME@RUN:STEP of a "
+                                 "run on 2 Train (→ completes them), or a file")
+            return value
+        path = Path(value).expanduser()
+        if not path.is_file():
+            raise ValueError(f"Init from: {value} is not a file; give an embedding file or NAME@RUN:STEP")
+        return str(path.resolve())
+
+    @staticmethod
+    def _resolution(value: str) -> int | None:
+        resolution = parse_optional_int(value, "Resolution", 8)
+        if resolution is not None and resolution % 8:
+            raise ValueError("Resolution must be a multiple of 8 (the VAE's factor), e.g. 512")
+        return resolution
+
+
+def read_templates(path_text: str) -> list[str]:
+    """A templates file: one prompt per line with one {} where the token goes (# comments skipped)."""
+    from engine.errors import UserError
+    from engine.prompts import load_prompts
+
+    try:
+        templates = load_prompts(Path(path_text).expanduser())
+    except UserError as exc:
+        raise ValueError(f"Templates: {exc}") from None
+    for number, template in enumerate(templates, 1):
+        if template.count("{}") != 1:
+            raise ValueError(f"Templates: line {number} ({template[:40]!r}) must hold exactly one {{}} for the token")
+    return templates
