@@ -24,17 +24,20 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ImportError:  # Python 3.10
+    import tomli as tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import run
-from bench.wheels import NOT_CARRIED, WHEEL_DIR, _requirement, canonical
+from bench.wheels import NOT_CARRIED, WHEEL_DIR, canonical, parse_requirement, tested_versions
 
-REPORT_TITLES = {"does_not_fit": "does not fit", "differs_from_project_pins": "differs from the project's pins",
-                 "shadowed": "shadowed", "declared_not_needed": "not needed"}
+REPORT_TITLES = {"does_not_fit": "does not fit", "outside_project_ranges": "does not fit",
+                 "differs_from_tested": "fits, untested", "shadowed": "shadowed", "declared_not_needed": "not needed"}
 
 
 def install(wheels: list[Path], target: Path) -> None:
@@ -55,10 +58,10 @@ def fit(target: Path) -> dict:
     """What the carried packages and the project need against what this machine has."""
     path = [str(target), *sys.path]
     carried = {canonical(d.metadata["Name"]): d for d in metadata.distributions(path=[str(target)])}
-    does_not_fit, differs, unneeded = [], [], []
+    does_not_fit, outside, untested, unneeded = [], [], [], []
     for name, dist in sorted(carried.items()):
         for line in dist.requires or []:
-            req = _requirement(line)
+            req = parse_requirement(line)
             if req.marker is not None and not req.marker.evaluate({"extra": ""}):
                 continue
             have = found_version(req.name, path)
@@ -68,18 +71,21 @@ def fit(target: Path) -> dict:
                 does_not_fit.append(f"{name} {dist.version} needs {req}: not installed")
             elif not req.specifier.contains(have, prereleases=True):
                 does_not_fit.append(f"{name} {dist.version} needs {req}: found {have}")
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    for line in project:
-        req = _requirement(line)
-        if canonical(req.name) in carried:
-            continue
+    tested = tested_versions()
+    for line in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        req = parse_requirement(line)
         have = found_version(req.name, path)
-        if have is not None and not req.specifier.contains(have, prereleases=True):
-            differs.append(f"{req} in pyproject.toml: found {have}")
+        if canonical(req.name) in carried or have is None or (req.marker and not req.marker.evaluate({"extra": ""})):
+            continue
+        if not req.specifier.contains(have, prereleases=True):
+            outside.append(f"{req.name} {have}: outside pyproject.toml's {req.specifier}")
+        elif tested.get(canonical(req.name), have) != have:
+            untested.append(f"{req.name} {have}: CI tests {tested[canonical(req.name)]} (constraints.txt)")
     shadowed = [f"{name}: carried {dist.version} is used, not the machine's {found_version(name, sys.path)}"
                 for name, dist in carried.items() if found_version(name, sys.path)]
     return {"carried": {n: d.version for n, d in sorted(carried.items())}, "does_not_fit": does_not_fit,
-            "differs_from_project_pins": differs, "shadowed": shadowed, "declared_not_needed": unneeded}
+            "outside_project_ranges": outside, "differs_from_tested": untested, "shadowed": shadowed,
+            "declared_not_needed": unneeded}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +116,7 @@ def install_and_run(wheels: list[Path], target: Path, out: Path, rest: list[str]
     for key, title in REPORT_TITLES.items():
         for item in report[key]:
             print(f"  {title}: {item}")
-    if report["does_not_fit"]:
+    if report["does_not_fit"] or report["outside_project_ranges"]:
         print("  running anyway: each variant's line says whether it worked")
     env = {"PYTHONPATH": os.pathsep.join([str(ROOT), str(target), *filter(None, [os.environ.get("PYTHONPATH")])])}
     return run.main(["--out", str(out), *rest], env=env, preamble={"fit": report, "site": str(target)})

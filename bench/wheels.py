@@ -20,8 +20,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 WHEEL_DIR = ROOT / ".whl"
 TRAVEL_LIMIT_MIB = 64
@@ -37,8 +35,6 @@ CARRIED = {
     "platformdirs": "engine.paths and engine.tokenizer (data and cache folders)",
     "tomli-w": "engine.library writes concept.toml (the Table-1 variant makes a concept)",
 }
-# Versions of the carried packages that pyproject.toml does not pin: the ones the tests run with.
-UNPINNED_VERSIONS = {"ftfy": "6.3.1", "wcwidth": "0.9.4", "platformdirs": "4.14.8", "tomli-w": "1.2.0"}
 # Declared by a carried wheel, absent on the device, and not needed there.
 NOT_CARRIED = {
     "importlib-metadata": "diffusers imports it only on Python < 3.8 (diffusers/utils/import_utils.py)",
@@ -74,18 +70,24 @@ def canonical(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
+def tested_versions(root: Path = ROOT) -> dict[str, str]:
+    """name -> version from constraints.txt: the exact versions CI and `make` install."""
+    pins = {}
+    for line in (root / "constraints.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if "==" in line:
+            name, version = line.split("==", 1)
+            pins[canonical(name)] = version.strip()
+    return pins
+
+
 def pinned_versions() -> dict[str, str]:
-    """name -> version for every carried package: pyproject's pins, else UNPINNED_VERSIONS."""
-    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    pins = {canonical(n): v for n, v in (re.fullmatch(r"([\w.-]+)==([\w.]+)", d).groups()
-                                          for d in deps if "==" in d)}
-    versions = {}
-    for name in CARRIED:
-        version = pins.get(name) or UNPINNED_VERSIONS.get(name)
-        if version is None:
-            raise SystemExit(f"bench/wheels.py: no version for {name}; pin it in pyproject.toml or UNPINNED_VERSIONS")
-        versions[name] = version
-    return versions
+    """name -> version for every carried package: the tested one, so what travels is what CI runs."""
+    tested = tested_versions()
+    missing = sorted(set(CARRIED) - set(tested))
+    if missing:
+        raise SystemExit(f"bench/wheels.py: constraints.txt pins no version of {', '.join(missing)}; pin it there")
+    return {name: tested[name] for name in CARRIED}
 
 
 def download(dest: Path, python: str = sys.executable) -> list[Path]:
@@ -121,7 +123,7 @@ def wheel_metadata(wheel: Path) -> tuple[str, str, list[str]]:
     return get("Name")[0], get("Version")[0], get("Requires-Dist")
 
 
-def _requirement(text: str):
+def parse_requirement(text: str):
     try:
         from packaging.requirements import Requirement
     except ImportError:  # a bare python3: pip vendors packaging
@@ -134,7 +136,7 @@ def device_requirements(wheel: Path) -> list:
     env = {"python_version": DEVICE_PYTHON, "python_full_version": DEVICE_PYTHON + ".3", "sys_platform": "linux",
            "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
            "implementation_name": "cpython", "platform_python_implementation": "CPython", "extra": ""}
-    reqs = [_requirement(line) for line in wheel_metadata(wheel)[2]]
+    reqs = [parse_requirement(line) for line in wheel_metadata(wheel)[2]]
     return [r for r in reqs if r.marker is None or r.marker.evaluate(env)]
 
 
