@@ -248,7 +248,8 @@ def summary_line(line: dict) -> str:
         parts.append(f"syncs/step ours {line['ours_syncs_per_step']}, reference {line['reference_syncs_per_step']}"
                      + (f" ({line['note']})" if line.get("note") else ""))
     if "first_warmup_s" in line:
-        parts.append(f"warm-up {line['first_warmup_s']:.1f} s then {line['second_warmup_s']:.1f} s")
+        parts.append(f"warm-up {line['first_warmup_s']:.1f} s then {line['second_warmup_s']:.1f} s"
+                     + (" (compile disabled by TORCH_COMPILE_DISABLE)" if line.get("compile_disabled_by_env") else ""))
     if line.get("peak_gib") is not None:
         parts.append(f"peak {line['peak_gib']:.2f} GiB")
     if "speedup" in line:
