@@ -181,11 +181,14 @@ def test_sync_counting_counts_only_cuda_sync_warnings_and_names_their_lines():
     assert all(site.startswith("test_bench_device.py:") for site in result["sync_sites"])
 
 
-def test_sync_counting_goes_through_our_step_and_the_reference_step(tiny_model, monkeypatch):
+def test_sync_counting_goes_through_our_step_and_the_reference_step(tiny_model, monkeypatch, tmp_path):
+    import tempfile
+
     import torch
 
     from bench import measure
 
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the Bench's images and run folders
     modes = []
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)  # no CUDA here: the loop, not the count
     b = measure.Bench(measure.parse_args(["syncs", "--model", "builtin:tiny", "--warmup", "1"]), model=tiny_model)
