@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 MODEL ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench wheels bench-device clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# A bare GPU machine (no registry, its own torch): `make wheels` here, carry .whl, then there
+# `python3 bench/device.py $$OUT` (or `make bench-device`, which writes to $$OUT when it is set;
+# BENCH_ARGS="--only table1" and the like pass on to bench/run.py).
+wheels:
+	$(PYTHON) bench/wheels.py
+
+bench-device:
+	$(PYTHON) bench/device.py $(or $(OUT),bench/results) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,361 @@
+"""One benchmark variant, measured in this process: bench/run.py starts one of these per variant.
+
+    python bench/measure.py VARIANT --model SPEC --result FILE [--partial FILE] [settings]
+    python bench/measure.py --probe          (versions and device, as one JSON line)
+
+Writes FILE (one JSON object) when the variant ends; on failure prints the traceback and
+exits 1.  While it runs, figures worth keeping if it is killed later (a compile's first
+warm-up) go to the partial FILE.  `TISTUDIO_BENCH_FAIL=NAME[,NAME:hang]` makes a variant
+raise (or hang): that is how the runner's own tests break one on purpose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GIB = 2**30
+SYNC_WARNING = "synchronizing CUDA operation"  # what torch.cuda.set_sync_debug_mode("warn") says
+
+
+# --- timing helpers ---------------------------------------------------------------------------
+
+
+def sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+
+
+def timed(fn, device, warmup: int, steps: int) -> dict:
+    """Steps/s, ms/step and peak memory of `fn` over `steps` calls after `warmup` calls."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    warm = time.perf_counter() - t0
+    reset_peak(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    return {"steps_per_s": steps / elapsed, "ms_per_step": 1000 * elapsed / steps, "peak_gib": peak_gib(device),
+            "warmup_s": warm, "steps": steps, "warmup_steps": warmup}
+
+
+def count_syncs(step, steps: int, set_mode=None) -> dict:
+    """Host synchronisations per call of `step`, counted from CUDA's sync debug warnings.
+
+    Each synchronising operation (a .item(), a blocking copy, a boolean mask) warns once
+    per occurrence; the Python line that triggered it is kept, so the worst sites show.
+    """
+    import torch
+
+    set_mode = set_mode or torch.cuda.set_sync_debug_mode
+    set_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(steps):
+                step()
+    finally:
+        set_mode("default")
+    syncs = [w for w in caught if SYNC_WARNING in str(w.message)]
+    sites = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
+    return {"syncs_per_step": len(syncs) / steps, "sync_sites": dict(sites.most_common(10)), "counted_steps": steps}
+
+
+# --- what a variant works on -----------------------------------------------------------------
+
+
+class Bench:
+    """The device, the model and the settings one variant measures with."""
+
+    def __init__(self, args, model=None):
+        from engine.gpu import frozen_dtype, pick_device
+        from engine.models import load_model
+
+        self.args = args
+        self.device = model.device if model is not None else pick_device()
+        t0 = time.perf_counter()  # diffusers' and transformers' imports included
+        self.model = model or load_model(args.model, self.device, frozen_dtype(self.device))
+        self.load_s = time.perf_counter() - t0
+        self.folder = Path(tempfile.mkdtemp(prefix="tistudio-bench-"))
+        self.images, self.paths = synthetic_images(4, self.model.info.resolution, self.folder / "images")
+        self._partial: dict = {}
+
+    def partial(self, **figures) -> None:
+        """Keep figures that should survive if this process is killed later."""
+        self._partial.update(figures)
+        write_partial(self.args.partial, self._partial)
+
+
+def write_partial(path: str | None, figures: dict) -> None:
+    if path:
+        tmp = Path(path + ".tmp")
+        tmp.write_text(json.dumps(figures))
+        tmp.replace(path)
+
+
+def synthetic_images(count: int, size: int, folder: Path):
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.RandomState(0)
+    images, paths = [], []
+    for i in range(count):
+        image = Image.fromarray((rng.rand(size, size, 3) * 255).astype("uint8"))
+        image.save(folder / f"{i}.png")
+        images.append(image)
+        paths.append(folder / f"{i}.png")
+    return images, paths
+
+
+def inversion(b: Bench, k: int = 1, **cfg):
+    from engine.train import Inversion, RunSlot, TrainConfig
+
+    slots = [RunSlot(TrainConfig(token=f"<b{i}>", init="cat", seed=i, steps=10**9, preview_every=0, **cfg),
+                     Path(tempfile.mkdtemp(dir=b.folder)), b.paths) for i in range(k)]
+    return Inversion(b.model, slots)
+
+
+# --- the measures (bench/variants.py names them) ---------------------------------------------
+
+
+def train_step(b: Bench, k: int = 1, **cfg) -> dict:
+    """Our training step (K runs sharing it), as Inversion.run takes it."""
+    inv = inversion(b, k, **cfg)
+    counter = iter(range(10**9))
+    with inv.installed():
+        result = timed(lambda: inv.train_step(next(counter)), b.device, b.args.warmup, b.args.steps)
+    return {**result, "runs": k, "run_steps_per_s": result["steps_per_s"] * k, **cfg}
+
+
+def reference_loop(model, images):
+    """The diffusers example our step is measured against: textual_inversion(_sdxl).py's, by family."""
+    if model.info.family == "sdxl":
+        from bench.reference_sdxl import ReferenceLoopSDXL
+
+        return ReferenceLoopSDXL(model, images)
+    from bench.reference import ReferenceLoop
+
+    return ReferenceLoop(model, images)
+
+
+def reference(b: Bench) -> dict:
+    return timed(reference_loop(b.model, b.images).step, b.device, b.args.warmup, b.args.steps)
+
+
+def syncs(b: Bench) -> dict:
+    """Host synchronisations per training step: ours, then the reference (CUDA only)."""
+    if b.device.type != "cuda":
+        return {"ours_syncs_per_step": None, "reference_syncs_per_step": None,
+                "note": "counted on CUDA only (torch.cuda.set_sync_debug_mode)"}
+    steps = max(1, min(b.args.steps, 20))
+    ours, ref = _our_syncs(b, steps), _reference_syncs(b, steps)
+    return {"ours_syncs_per_step": ours["syncs_per_step"], "ours_sync_sites": ours["sync_sites"],
+            "reference_syncs_per_step": ref["syncs_per_step"], "reference_sync_sites": ref["sync_sites"],
+            "counted_steps": steps}
+
+
+def _our_syncs(b: Bench, steps: int) -> dict:
+    inv = inversion(b)
+    counter = iter(range(10**9))
+    with inv.installed():
+        for _ in range(b.args.warmup):  # first steps may sync for one-off set-up
+            inv.train_step(next(counter))
+        sync(b.device)
+        return count_syncs(lambda: inv.train_step(next(counter)), steps)
+
+
+def _reference_syncs(b: Bench, steps: int) -> dict:
+    loop = reference_loop(b.model, b.images)
+    for _ in range(b.args.warmup):
+        loop.step()
+    sync(b.device)
+    return count_syncs(loop.step, steps)
+
+
+def generation(b: Bench) -> dict:
+    from engine.generate import sample_prompt
+
+    model, device, n, steps = b.model, b.device, b.args.gen_images, b.args.sample_steps
+    tokenizers = [tok for _, tok in model.encoders]  # any family: the pipeline encodes the prompt
+    sample_prompt(model, "a photo of a cat", tokenizers, seeds=[0], steps=2)  # warm
+    sync(device)
+    reset_peak(device)
+    t0 = time.perf_counter()
+    sample_prompt(model, "a photo of a cat", tokenizers, seeds=list(range(n)), steps=steps)
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    return {"images": n, "sample_steps": steps, "seconds": elapsed, "images_per_s": n / elapsed,
+            "peak_gib": peak_gib(device)}
+
+
+def table1(b: Bench) -> dict:
+    """Wall time of a Table-1 evaluation: 2 rows x (1 + 3 edit prompts) sets of images, plus CLIP."""
+    from engine.formats import write_embedding
+    from engine.jobs import create_run, set_status
+    from engine.library import Library
+    from engine.metrics import evaluate
+
+    home = b.folder / "home"
+    os.environ["TISTUDIO_HOME"] = str(home)
+    library = Library(home)
+    library.add("bench", b.paths[0].parent, "cat")
+    run_dir = create_run(home, {"kind": "import", "concept": "bench", "params": {}})
+    table = b.model.text_encoder.get_input_embeddings().weight
+    write_embedding(run_dir / "learned_embeds.safetensors", table[2368:2369].float().cpu(), "<bench>")
+    set_status(run_dir, "done")
+    clip, weights = b.args.clip, None
+    if clip.startswith("random:"):  # the architecture with random weights: the timing is the same
+        clip = clip.removeprefix("random:")
+        weights = random_clip_weights(clip, b.folder / "clip.safetensors")
+    sync(b.device)
+    reset_peak(b.device)
+    t0 = time.perf_counter()
+    result = evaluate(b.model, library, "bench", images=b.args.eval_images, clip=clip, clip_weights=weights,
+                      sample_steps=b.args.sample_steps, batch_size=16)
+    sync(b.device)
+    sets = 2 * (1 + len(result["prompts"]))
+    return {"seconds": time.perf_counter() - t0, "images_per_set": b.args.eval_images, "sets": sets,
+            "images": sets * b.args.eval_images, "sample_steps": b.args.sample_steps, "clip": b.args.clip,
+            "peak_gib": peak_gib(b.device)}
+
+
+def random_clip_weights(name: str, path: Path) -> Path:
+    """An open_clip checkpoint of architecture `name` with random weights (nothing downloaded)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    model = open_clip.create_model(name, pretrained=None)
+    save_file({k: v.detach().half().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def compiled(b: Bench, mode: str) -> dict:
+    """torch.compile'd steps: the first warm-up compiles; a second run on the warm model reuses it."""
+    first = train_step(b, compile=mode)
+    b.partial(first_warmup_s=first["warmup_s"], first_steps_per_s=first["steps_per_s"])
+    second = train_step(b, compile=mode)
+    disabled = os.environ.get("TORCH_COMPILE_DISABLE", "") not in ("", "0")
+    return {**second, "first_warmup_s": first["warmup_s"], "second_warmup_s": second["warmup_s"],
+            "compile_disabled_by_env": disabled}
+
+
+MEASURES = {f.__name__: f for f in (train_step, reference, syncs, generation, table1, compiled)}
+
+
+# --- the process -------------------------------------------------------------------------------
+
+
+def versions() -> dict:
+    """Python, torch and the libraries' versions, and where each was imported from."""
+    from importlib import import_module
+
+    found = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "diffusers", "open_clip", "huggingface_hub", "safetensors"):
+        try:
+            module = import_module(name)
+            found[name] = getattr(module, "__version__", "?")
+            found[f"{name}_from"] = str(Path(module.__file__).parent)
+        except Exception as exc:  # a missing wheel shows here, before any variant runs
+            found[name] = None
+            found[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
+    return found
+
+
+def probe() -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {**versions(), "cuda": cuda, "cuda_version": torch.version.cuda,
+            "device_name": torch.cuda.get_device_name(0) if cuda else (platform.processor() or platform.machine()),
+            "threads": torch.get_num_threads()}
+
+
+def injected_failure(args) -> None:
+    """Raise (or hang) at once when TISTUDIO_BENCH_FAIL names this variant: the runner's tests."""
+    for entry in filter(None, os.environ.get("TISTUDIO_BENCH_FAIL", "").split(",")):
+        target, _, how = entry.partition(":")
+        if target != args.variant:
+            continue
+        if how == "hang":
+            write_partial(args.partial, {"injected": "hang"})
+            while True:
+                time.sleep(60)
+        raise RuntimeError(f"failure injected into variant {args.variant} (TISTUDIO_BENCH_FAIL)")
+
+
+def measure(args) -> dict:
+    from bench.variants import BY_NAME
+
+    variant = BY_NAME[args.variant]
+    injected_failure(args)
+    import torch
+
+    b = Bench(args)
+    result = MEASURES[variant.measure](b, **variant.params)
+    return {"model": args.model, "resolution": b.model.info.resolution,
+            "dtype": str(b.model.dtype).replace("torch.", ""), "model_load_s": b.load_s, **result,
+            "process_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "threads": torch.get_num_threads()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("variant", nargs="?")
+    parser.add_argument("--probe", action="store_true")
+    parser.add_argument("--model")
+    parser.add_argument("--result")
+    parser.add_argument("--partial")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--gen-images", type=int, default=16)
+    parser.add_argument("--eval-images", type=int, default=16)
+    parser.add_argument("--sample-steps", type=int, default=25)
+    parser.add_argument("--clip", default="builtin:tiny")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe()))
+        return 0
+    result = measure(args)
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The benchmark's variants: what each measures, on which model, in what order, for how long at most.
+
+This table is the plan; bench/measure.py does the measuring, one subprocess per variant
+(bench/run.py starts them).  It imports nothing heavy, so the runner plans without torch.
+Cheap variants come first and the torch.compile ones last: a session that runs out of
+time, or a compile that breaks, loses the least.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Model roles -> the spec each device kind measures.  A spec the engine does not know yet is
+# recorded as skipped (builtin:sdxl-arch arrives with SDXL support).
+MODELS = {
+    "main": {"cuda": "builtin:sd15-arch", "cpu": "builtin:tiny"},
+    "sdxl": {"cuda": "builtin:sdxl-arch", "cpu": "builtin:sdxl-tiny"},
+}
+
+# The whole run's default time budget on a GPU: the device tool lends 15 minutes in all,
+# a machine takes one or two to start, and a rerun of one variant should still fit.
+CUDA_BUDGET_S = 465
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    measure: str  # a function of bench/measure.py: train_step | reference | syncs | generation | table1 | compiled
+    what: str
+    timeout_s: int  # its limit on a GPU (the budget may cut it shorter)
+    cpu_timeout_s: int = 300
+    model: str = "main"  # a key of MODELS
+    params: dict = field(default_factory=dict)
+    ratio: str | None = None  # "speedup": ours / this; "vs_ours": this / ours (run-steps/s where batched)
+    against: str = "ours"  # the variant whose line is "ours" for the ratio
+
+
+VARIANTS = (
+    Variant("ours", "train_step", "our training step, batch 1", 90),
+    Variant("reference", "reference", "the diffusers example's step (bench/reference.py)", 120, ratio="speedup"),
+    Variant("syncs", "syncs", "host synchronisations per step, ours and the reference", 90),
+    Variant("low-vram", "train_step", "ours with gradient checkpointing (--low-vram)", 90,
+            params={"low_vram": True}, ratio="vs_ours"),
+    Variant("generation", "generation", "images/s: 25 DPM-Solver++ steps with CFG", 90),
+    Variant("batched-8", "train_step", "a sweep of 8 runs sharing each UNet call", 120, params={"k": 8},
+            ratio="vs_ours"),
+    Variant("batched-16", "train_step", "a sweep of 16 runs sharing each UNet call", 150, params={"k": 16},
+            ratio="vs_ours"),
+    Variant("table1", "table1", "wall time of a Table-1 evaluation (2 rows x 4 sets, CLIP scores)", 150),
+    Variant("sdxl", "train_step", "our training step at SDXL's shapes", 180, cpu_timeout_s=300, model="sdxl"),
+    Variant("sdxl-reference", "reference", "diffusers' textual_inversion_sdxl.py step (bench/reference_sdxl.py)",
+            180, cpu_timeout_s=300, model="sdxl", ratio="speedup", against="sdxl"),
+    Variant("compile-reduce-overhead", "compiled", "torch.compile mode reduce-overhead (CUDA graphs)", 200,
+            cpu_timeout_s=600, params={"mode": "reduce-overhead"}, ratio="vs_ours"),
+    Variant("compile-default", "compiled", "torch.compile default mode", 200, cpu_timeout_s=600,
+            params={"mode": "default"}, ratio="vs_ours"),
+)
+
+BY_NAME = {v.name: v for v in VARIANTS}
+
+
+def select(only: str | None, skip: str | None) -> list[Variant]:
+    """The variants named by --only (default: all) less those named by --skip, in plan order."""
+    def names(text: str | None) -> set[str]:
+        chosen = {n.strip() for n in (text or "").split(",") if n.strip()}
+        unknown = chosen - set(BY_NAME)
+        if unknown:
+            raise ValueError(f"unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(BY_NAME)}")
+        return chosen
+
+    keep, drop = names(only) or set(BY_NAME), names(skip)
+    return [v for v in VARIANTS if v.name in keep and v.name not in drop]
