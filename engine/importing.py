@@ -41,26 +41,35 @@ def import_embedding_file(library, path: Path, *, name: str | None = None, token
 def import_embedding(library, path: Path, *, name: str | None = None, token: str | None = None,
                      description: str | None = None, property: str = "object") -> Imported:
     emb = read_embedding(path)
+    params = {"source": str(Path(path).resolve()), "format": emb.format, "ignored": emb.meta.get("ignored", [])}
+    result = add_embedding_concept(library, emb, "import", params, name=name or _name_from(emb.token, path),
+                                   token=token, description=description, property=property)
+    result.notes = [f"ignored {key} (output-side vectors this model has no place for)"
+                    for key in emb.meta.get("ignored", [])]
+    return result
+
+
+def add_embedding_concept(library, emb, kind: str, params: dict, *, name: str, token: str | None = None,
+                          description: str | None = None, property: str = "object") -> Imported:
+    """A new concept whose word is `emb`: one finished run of `kind` ("import", "merge") holding it.
+
+    The embedding must fit the active model's family; all or nothing: no concept without its embedding."""
     info = model_info()
     check_fits(emb, info)
-    name = validate_name(name or _name_from(emb.token, path))
+    name = validate_name(name)
     token = token or (emb.token if _usable_token(emb.token) else default_token(name))
     concept = library.add(name, None, IMPORT_INIT, token=token, property=property,
                           description=description or name, tokenizer=load_tokenizer())
     try:
-        run_dir = create_run(library.home,
-                             {"kind": "import", "concept": concept.name,
-                              "params": {"source": str(Path(path).resolve()), "format": emb.format,
-                                         "vectors": emb.num_vectors, "family": info.family,
-                                         "ignored": emb.meta.get("ignored", [])}})
+        run_dir = create_run(library.home, {"kind": kind, "concept": concept.name,
+                                            "params": {**params, "vectors": emb.num_vectors, "family": info.family}})
         final = write_embedding(run_dir / FINAL_NAME, emb.blocks, concept.token, run_format(emb.blocks),
                                 step=emb.step)
         set_status(run_dir, "done", embedding=str(final), step=emb.step or 0, steps=emb.step or 0)
     except BaseException:
-        library.delete(concept.name)  # all or nothing: no concept without its embedding
+        library.delete(concept.name)
         raise
-    notes = [f"ignored {key} (output-side vectors this model has no place for)" for key in emb.meta.get("ignored", [])]
-    return Imported(concept, run_dir.name, emb.num_vectors, info.family, notes)
+    return Imported(concept, run_dir.name, emb.num_vectors, info.family)
 
 
 def _name_from(token: str | None, path: Path) -> str:
