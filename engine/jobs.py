@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from engine import protocol
 from engine.errors import JobCancelled, UserError
 from engine.paths import atomic_write_json, ensure_private_dir, read_json
 
@@ -422,7 +423,7 @@ class JobContext:
     home: Path
     cache: dict = field(default_factory=dict)  # lives as long as the worker: warm models
     resumed: bool = False
-    send: Callable[[dict], None] | None = None  # forwards to the engine server
+    send: Callable[[protocol.Message], None] | None = None  # forwards to the engine server
     is_cancelled: Callable[[], bool] | None = None
     log: EventLog | None = None
     progress_interval: float = 0.25  # seconds between progress messages to the server
@@ -449,7 +450,7 @@ class JobContext:
         with self.emit_lock:
             record = self.log.append({"type": type, **fields})
             if self.send:
-                self.send({"msg": "event", "run_id": self.run_id, "event": record})
+                self.send(protocol.Event(self.run_id, record))
         return record
 
     def set_progress(self, step: int | None = None, steps: int | None = None, **run_fields: Any) -> None:
@@ -468,7 +469,7 @@ class JobContext:
         urgent = bool(run_fields) or changed_steps
         if self.send and (urgent or now - self._sent_at >= self.progress_interval):
             self._sent_at = now
-            self.send({"msg": "progress", "run_id": self.run_id, **self._progress(), **run_fields})
+            self.send(protocol.Progress(self.run_id, self._step, self._steps, run_fields))
         if urgent or now - self._written_at >= self.write_interval:
             self._written_at = now
             self._dirty = False
@@ -480,7 +481,7 @@ class JobContext:
             self._dirty = False
             update_run(self.run_dir, **self._progress())
             if self.send:
-                self.send({"msg": "progress", "run_id": self.run_id, **self._progress()})
+                self.send(protocol.Progress(self.run_id, self._step, self._steps))
 
     def cancelled(self) -> bool:
         return bool(self.is_cancelled and self.is_cancelled())

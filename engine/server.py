@@ -12,21 +12,7 @@ running and no client has been connected for the idle period
 
 Files, in <home>/engine/ (0700):  engine.sock (0600), engine.lock, engine.pid, engine.log.
 
-Wire protocol: newline-delimited JSON over the Unix socket.  Each request is one
-object with an "op"; each gets one response object, except `subscribe`, which
-streams.  A failed request is answered {"error": message, "user": bool}; user=True
-marks a mistake the user can fix (an unknown run id …).
-
-    {"op": "ping"}                                   -> {"ok": true, "pid", "version", "protocol"}
-    {"op": "status", "device": true}                 -> {"pid", "version", "uptime", "queue", "queued",
-                                                         "running", "worker_pid", "device", "clients", ...}
-    {"op": "submit", "kind", "concept", "params"}    -> {"run_id", "run_dir", "position"}
-    {"op": "submit", "resume": run_id, "params"?}    -> same; params are merged into the run's params
-    {"op": "cancel", "run_id"}                       -> {"ok": true, "status": "cancelled" | "cancelling"}
-    {"op": "jobs"}                                   -> {"jobs": [run.json + run_dir, position], "queue", "running"}
-    {"op": "subscribe", "run_id", "after_seq": 0, "follow": true}
-                                                     -> {"events": [...]} ... then {"end": true, "status"}
-    {"op": "stop", "force": false}                   -> {"ok": true}, then the engine exits
+The wire protocol (socket paths, message shapes, encoding) is engine.protocol.
 
 Startup recovery: runs left queued or running by an engine that died are marked
 `interrupted` (with a status event).  They are not restarted automatically; the
@@ -41,7 +27,6 @@ import asyncio
 import collections
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -53,54 +38,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from engine import jobs
+from engine import jobs, protocol
 from engine.errors import UserError
 from engine.jobs import ACTIVE, FINAL, EventLog
 from engine.paths import atomic_write_text, ensure_private_dir, home_dir
+from engine.protocol import (
+    EVENTS_PER_BATCH, STREAM_LIMIT, engine_dir, log_path, pid_path, socket_address, socket_path,
+)
 
-PROTOCOL = 1
 DEFAULT_IDLE = 30 * 60.0
 DEFAULT_CANCEL_GRACE = 15.0  # seconds a handler has to notice a cancel before its worker is killed
-STREAM_LIMIT = 64 * 1024 * 1024  # longest JSON line we accept (a replay batch)
-REPLAY_BATCH = 1000
 WORKER_START_TIMEOUT = 60.0
 DEVICE_TIMEOUT = 30.0  # the first device probe imports torch
 
 log = logging.getLogger("tistudio.engine")
-
-
-# ---------------------------------------------------------------------------
-# Layout, shared with the client
-
-
-def engine_dir(home: Path) -> Path:
-    return Path(home) / "engine"
-
-
-def socket_path(home: Path) -> Path:
-    return engine_dir(home) / "engine.sock"
-
-
-def pid_path(home: Path) -> Path:
-    return engine_dir(home) / "engine.pid"
-
-
-def log_path(home: Path) -> Path:
-    return engine_dir(home) / "engine.log"
-
-
-@contextlib.contextmanager
-def socket_address(path: Path) -> Iterator[str]:
-    """An address for bind/connect.  Unix socket paths are limited to ~108 bytes, so a
-    deep home is reached through /proc/self/fd/<dir> on Linux."""
-    if len(os.fsencode(path)) < 100 or not sys.platform.startswith("linux"):
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------------------
@@ -139,10 +90,10 @@ class WorkerProcess:
         self.pid = proc.pid
         self.reader: asyncio.Task | None = None
 
-    async def send(self, msg: dict) -> None:
+    async def send(self, msg: protocol.Message) -> None:
         # A dead worker is noticed by its reader (stdout EOF); a failed write changes nothing.
         with contextlib.suppress(ConnectionError, RuntimeError):
-            self.proc.stdin.write((json.dumps(msg, default=str) + "\n").encode())
+            self.proc.stdin.write(protocol.encode(msg))
             await self.proc.stdin.drain()
 
     def kill(self) -> None:
@@ -286,9 +237,8 @@ class EngineServer:
             self._finish(job, "cancelled", write=True)
             return
         job.worker, job.pid, job.status = worker, worker.pid, "running"
-        await worker.send({"op": "run", "job": {
-            "run_id": job.run_id, "run_dir": str(job.run_dir), "kind": job.kind, "concept": job.concept,
-            "params": job.params, "resumed": job.resumed, "attempts": job.attempts}})
+        await worker.send(protocol.RunJob(protocol.JobSpec(
+            job.run_id, str(job.run_dir), job.kind, job.concept, job.params, job.resumed, job.attempts)))
         await job.done
 
     def _finish(self, job: Job, status: str, error: str | None = None, write: bool = False) -> None:
@@ -325,10 +275,11 @@ class EngineServer:
                 stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
                 env=env, cwd=self.home, limit=STREAM_LIMIT)
             try:
-                hello = json.loads(await asyncio.wait_for(proc.stdout.readline(), WORKER_START_TIMEOUT) or b"null")
+                line = await asyncio.wait_for(proc.stdout.readline(), WORKER_START_TIMEOUT)
+                hello = protocol.Hello.from_wire(protocol.decode(line))
             except (asyncio.TimeoutError, ValueError):
                 hello = None
-            if not isinstance(hello, dict) or hello.get("msg") != "hello":
+            if hello is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 code = await proc.wait()
@@ -352,8 +303,8 @@ class EngineServer:
         try:
             while line := await worker.proc.stdout.readline():
                 try:
-                    msg = json.loads(line)
-                except ValueError:
+                    msg = protocol.parse_worker_message(protocol.decode(line))
+                except protocol.ProtocolError:
                     log.warning("worker %d said something unreadable: %r", worker.pid, line[:200])
                     continue
                 try:
@@ -366,23 +317,23 @@ class EngineServer:
         code = await worker.proc.wait()
         self._on_worker_exit(worker, code)
 
-    def _on_worker_message(self, msg: dict) -> None:
-        kind, job = msg.get("msg"), self.active.get(msg.get("run_id"))
-        if kind == "event":
-            event = msg["event"]
+    def _on_worker_message(self, msg: protocol.Message) -> None:
+        job = self.active.get(getattr(msg, "run_id", None))
+        if isinstance(msg, protocol.Event):
+            event = msg.event
             if job and event.get("type") == "status" and event.get("status") in ACTIVE:
                 job.status = event["status"]
             if job and isinstance(event.get("step"), int):
                 job.step = event["step"]
-            self._broadcast(msg["run_id"], event)
-        elif kind == "progress" and job:
-            job.step = msg.get("step", job.step)
-            job.steps = msg.get("steps", job.steps)
-            job.fields.update({k: v for k, v in msg.items() if k not in ("msg", "run_id", "step", "steps")})
-        elif kind == "finished" and job:
-            self._finish(job, msg["status"], error=msg.get("error"))
-        elif kind == "status":
-            self.device = msg.get("device")
+            self._broadcast(msg.run_id, event)
+        elif isinstance(msg, protocol.Progress) and job:
+            job.step = msg.step if msg.step is not None else job.step
+            job.steps = msg.steps if msg.steps is not None else job.steps
+            job.fields.update(msg.fields)
+        elif isinstance(msg, protocol.Finished) and job:
+            self._finish(job, msg.status, error=msg.error)
+        elif isinstance(msg, protocol.DeviceReport):
+            self.device = msg.device
             if self._device_future and not self._device_future.done():
                 self._device_future.set_result(self.device)
 
@@ -421,18 +372,16 @@ class EngineServer:
         try:
             while line := await reader.readline():
                 try:
-                    req = json.loads(line)
-                    op = req["op"]
-                except (ValueError, KeyError, TypeError):
-                    await _send(writer, {"error": "bad request: one JSON object with an 'op' per line",
-                                         "user": False})
+                    req = protocol.parse_request(protocol.decode(line))
+                except protocol.ProtocolError as exc:
+                    await _send(writer, protocol.ErrorAnswer(f"bad request: {exc}"))
                     continue
-                if op == "subscribe":
+                if isinstance(req, protocol.Subscribe):
                     await self._subscribe(req, writer)
                     continue
-                answer = await self._answer(op, req)
+                answer = await self._answer(req)
                 await _send(writer, answer)
-                if op == "stop" and "error" not in answer:
+                if isinstance(req, protocol.Stop) and not isinstance(answer, protocol.ErrorAnswer):
                     self.request_stop("stop requested")
         except (ConnectionError, ValueError):
             pass  # the client went away, or sent a line longer than STREAM_LIMIT
@@ -443,42 +392,38 @@ class EngineServer:
             self._connections.discard(asyncio.current_task())
             writer.close()
 
-    async def _answer(self, op: str, req: dict) -> dict:
+    async def _answer(self, req: protocol.Message) -> protocol.Message:
         handler = {
-            "ping": self._op_ping, "status": self._op_status, "submit": self._op_submit,
-            "cancel": self._op_cancel, "jobs": self._op_jobs, "stop": self._op_stop,
-        }.get(op)
+            protocol.Ping: self._op_ping, protocol.Status: self._op_status, protocol.Submit: self._op_submit,
+            protocol.Cancel: self._op_cancel, protocol.Jobs: self._op_jobs, protocol.Stop: self._op_stop,
+        }[type(req)]
         try:
-            if handler is None:
-                raise UserError(f"unknown op {op!r}")
-            answer = await handler(req)
+            return await handler(req)
         except UserError as exc:
-            answer = {"error": str(exc), "user": True}
+            return protocol.ErrorAnswer(str(exc), user=True)
         except Exception as exc:
-            log.exception("op %s failed", op)
-            answer = {"error": f"{type(exc).__name__}: {exc}", "user": False}
-        return answer
+            log.exception("op %s failed", req.NAME)
+            return protocol.ErrorAnswer(f"{type(exc).__name__}: {exc}")
 
-    async def _op_ping(self, req: dict) -> dict:
-        return {"ok": True, "pid": os.getpid(), "version": self.version, "protocol": PROTOCOL}
+    async def _op_ping(self, req: protocol.Ping) -> protocol.PingAnswer:
+        return protocol.PingAnswer(pid=os.getpid(), version=self.version)
 
-    async def _op_status(self, req: dict) -> dict:
-        device = await self._probe_device() if req.get("device", True) else self.device
-        return {
-            "pid": os.getpid(),
-            "version": self.version,
-            "protocol": PROTOCOL,
-            "home": str(self.home),
-            "started": self.started,
-            "uptime": time.time() - self.started,
-            "queue": len(self.queue),
-            "queued": [job.run_id for job in self.queue],
-            "running": self.current.summary() if self.current else None,
-            "worker_pid": self.worker.pid if self.worker else None,
-            "device": device or {"device": "unknown"},
-            "clients": self.clients,
-            "idle_seconds": self.idle_seconds,
-        }
+    async def _op_status(self, req: protocol.Status) -> protocol.StatusAnswer:
+        device = await self._probe_device() if req.device else self.device
+        return protocol.StatusAnswer(
+            pid=os.getpid(),
+            version=self.version,
+            home=str(self.home),
+            started=self.started,
+            uptime=time.time() - self.started,
+            queue=len(self.queue),
+            queued=[job.run_id for job in self.queue],
+            running=self.current.summary() if self.current else None,
+            worker_pid=self.worker.pid if self.worker else None,
+            device=device or {"device": "unknown"},
+            clients=self.clients,
+            idle_seconds=self.idle_seconds,
+        )
 
     async def _probe_device(self) -> dict | None:
         """Ask an idle worker (starting one if need be: it is the GPU process anyway);
@@ -491,42 +436,40 @@ class EngineServer:
             return self.device
         if self._device_future is None or self._device_future.done():
             self._device_future = asyncio.get_running_loop().create_future()
-            await worker.send({"op": "status"})
+            await worker.send(protocol.ProbeDevice())
         try:
             return await asyncio.wait_for(asyncio.shield(self._device_future), DEVICE_TIMEOUT)
         except asyncio.TimeoutError:
             return self.device
 
-    async def _op_submit(self, req: dict) -> dict:
+    async def _op_submit(self, req: protocol.Submit) -> protocol.SubmitAnswer:
         if self._stopping:
             raise RuntimeError("the engine is stopping; submit again in a moment")
-        if req.get("resume"):
-            job = self._resumed_job(req["resume"], req.get("params"))
+        if req.resume:
+            job = self._resumed_job(req.resume, req.params)
         else:
-            spec = {"kind": req.get("kind"), "concept": req.get("concept"), "params": req.get("params") or {}}
+            spec = {"kind": req.kind, "concept": req.concept, "params": req.params or {}}
             run_dir = jobs.create_run(self.home, spec)
             EventLog(run_dir / "events.jsonl").append({"type": "status", "status": "queued"})
             job = Job(run_dir.name, run_dir, spec["kind"], spec["concept"], spec["params"])
         self.active[job.run_id] = job
         self.queue.append(job)
         self._wakeup.set()
-        return {"run_id": job.run_id, "run_dir": str(job.run_dir), "position": len(self.queue)}
+        return protocol.SubmitAnswer(job.run_id, str(job.run_dir), len(self.queue))
 
     def _resumed_job(self, run_id: str, params: dict | None) -> Job:
         if run_id in self.active:
             raise UserError(f"run {run_id} is already {self.active[run_id].status}")
         run_dir = jobs.find_run(self.home, run_id)
         record = jobs.load_run(run_dir)
-        if params is not None and not isinstance(params, dict):
-            raise UserError("job params must be a JSON object")
         merged = {**(record.get("params") or {}), **(params or {})}
         jobs.set_status(run_dir, "queued", resume=True, params=merged, finished=None, pid=None)
         return Job(run_id, run_dir, record["kind"], record.get("concept"), merged,
                    step=record.get("step") or 0, steps=record.get("steps"),
                    attempts=record.get("attempts") or 0, resumed=True)
 
-    async def _op_cancel(self, req: dict) -> dict:
-        run_id = req.get("run_id")
+    async def _op_cancel(self, req: protocol.Cancel) -> protocol.CancelAnswer:
+        run_id = req.run_id
         job = self.active.get(run_id)
         if job is None:
             status = jobs.load_run(jobs.find_run(self.home, run_id))["status"]
@@ -534,14 +477,14 @@ class EngineServer:
         if job in self.queue:
             self.queue.remove(job)
             self._finish(job, "cancelled", write=True)
-            return {"ok": True, "status": "cancelled"}
+            return protocol.CancelAnswer("cancelled")
         job.cancel_requested = True
         if job.worker:
-            await job.worker.send({"op": "cancel", "run_id": run_id})
+            await job.worker.send(protocol.CancelJob(run_id))
             task = asyncio.create_task(self._enforce_cancel(job))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
-        return {"ok": True, "status": "cancelling"}
+        return protocol.CancelAnswer("cancelling")
 
     async def _enforce_cancel(self, job: Job) -> None:
         # A handler stuck in a long call (a model load) never reaches check_cancel.
@@ -551,7 +494,7 @@ class EngineServer:
                         job.run_id, self.cancel_grace, job.worker.pid)
             job.worker.kill()
 
-    async def _op_jobs(self, req: dict) -> dict:
+    async def _op_jobs(self, req: protocol.Jobs) -> protocol.JobsAnswer:
         runs = await asyncio.to_thread(jobs.list_runs, self.home)
         positions = {job.run_id: i for i, job in enumerate(self.queue, start=1)}
         for run in runs:
@@ -559,26 +502,26 @@ class EngineServer:
             if job:
                 run.update(job.summary())
             run["position"] = positions.get(run["id"])
-        return {"jobs": runs, "queue": [job.run_id for job in self.queue],
-                "running": self.current.run_id if self.current else None}
+        return protocol.JobsAnswer(runs, [job.run_id for job in self.queue],
+                                   self.current.run_id if self.current else None)
 
-    async def _op_stop(self, req: dict) -> dict:
+    async def _op_stop(self, req: protocol.Stop) -> protocol.StopAnswer:
         busy = len(self.queue) + (1 if self.current else 0)
-        if busy and not req.get("force"):
+        if busy and not req.force:
             raise UserError(f"the engine has {busy} job(s) queued or running; cancel them or stop with --force")
-        return {"ok": True}
+        return protocol.StopAnswer()
 
     # -- event streams
 
-    async def _subscribe(self, req: dict, writer: asyncio.StreamWriter) -> None:
+    async def _subscribe(self, req: protocol.Subscribe, writer: asyncio.StreamWriter) -> None:
         """Replay the run's log after `after_seq`, then follow live events, dropping any
         seq already sent.  We listen before reading the file, so nothing falls between."""
-        run_id = req.get("run_id")
+        run_id = req.run_id
         job = self.active.get(run_id)
         try:
             run_dir = job.run_dir if job else jobs.find_run(self.home, run_id)
         except UserError as exc:
-            await _send(writer, {"error": str(exc), "user": True})
+            await _send(writer, protocol.ErrorAnswer(str(exc), user=True))
             return
         if job is None:  # a member of a running sweep follows its parent's life
             job = self.active.get(jobs.load_run(run_dir).get("parent") or "")
@@ -586,13 +529,13 @@ class EngineServer:
         self.subs[run_id].add(q)
         try:
             status = job.status if job else jobs.load_run(run_dir).get("status")
-            events = await asyncio.to_thread(EventLog(run_dir / "events.jsonl").read, int(req.get("after_seq") or 0))
-            last = int(req.get("after_seq") or 0)
+            events = await asyncio.to_thread(EventLog(run_dir / "events.jsonl").read, req.after_seq)
+            last = req.after_seq
             if events:
                 await _send_events(writer, events)
                 last = events[-1].get("seq", last)
-            if job is None or not req.get("follow", True):
-                await _send(writer, {"end": True, "status": job.status if job else status})
+            if job is None or not req.follow:
+                await _send(writer, protocol.StreamEnd(job.status if job else status))
                 return
             await self._follow(q, writer, last)
         finally:
@@ -616,18 +559,18 @@ class EngineServer:
             if batch:
                 await _send_events(writer, batch)
             if end is not None:
-                await _send(writer, {"end": True, "status": end})
+                await _send(writer, protocol.StreamEnd(end))
                 return
 
 
-async def _send(writer: asyncio.StreamWriter, obj: dict) -> None:
-    writer.write((json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode())
+async def _send(writer: asyncio.StreamWriter, message: protocol.Message) -> None:
+    writer.write(protocol.encode(message))
     await writer.drain()
 
 
 async def _send_events(writer: asyncio.StreamWriter, events: list[dict]) -> None:
-    for i in range(0, len(events), REPLAY_BATCH):
-        await _send(writer, {"events": events[i:i + REPLAY_BATCH]})
+    for i in range(0, len(events), EVENTS_PER_BATCH):
+        await _send(writer, protocol.EventBatch(events[i:i + EVENTS_PER_BATCH]))
 
 
 # ---------------------------------------------------------------------------
@@ -714,7 +657,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cancel-grace", type=float, default=None)
     args = parser.parse_args(argv)
     home = home_dir(args.home)
-    lock = _acquire_lock(ensure_private_dir(engine_dir(home)) / "engine.lock")
+    ensure_private_dir(engine_dir(home))
+    lock = _acquire_lock(protocol.lock_path(home))
     if lock is None:
         return 0  # another engine serves this home; the client will find it
     os.umask(0o077)

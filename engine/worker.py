@@ -1,16 +1,8 @@
 """The worker: the one process that runs jobs, one at a time, and keeps models warm.
 
 The engine server starts it as a child (`python -m engine.worker --home DIR`) and
-talks to it in JSON lines:
-
-    server -> worker (stdin)    {"op": "run", "job": {run_id, kind, concept, params, run_dir, resumed}}
-                                {"op": "cancel", "run_id": ...}
-                                {"op": "status"}
-    worker -> server (stdout)   {"msg": "hello", "pid": ...}
-                                {"msg": "event", "run_id": ..., "event": {...}}   (already in events.jsonl)
-                                {"msg": "progress", "run_id": ..., "step": ..., "steps": ..., ...}
-                                {"msg": "finished", "run_id": ..., "status": ..., "error": ...}
-                                {"msg": "status", "device": {...}}
+talks to it in JSON lines (engine.protocol): RunJob, CancelJob and ProbeDevice on
+its stdin; Hello, Event, Progress, Finished and DeviceReport on its stdout.
 
 A handler's failure never ends the worker; a crash (os._exit, a signal, the OOM
 killer) does, and the server then marks the job interrupted.  When the server
@@ -32,8 +24,8 @@ import time
 import traceback
 from pathlib import Path
 
+from engine import faults, protocol
 from engine.errors import JobCancelled, UserError
-from engine import faults
 from engine.jobs import EventLog, JobContext, set_status
 from engine.paths import atomic_write_text, home_dir
 
@@ -51,8 +43,8 @@ class Worker:
 
     # -- talking to the server
 
-    def send(self, msg: dict) -> None:
-        line = (json.dumps(msg, separators=(",", ":"), default=str) + "\n").encode()
+    def send(self, msg: protocol.Message) -> None:
+        line = protocol.encode(msg)
         try:
             with self._out_lock:
                 self._out.write(line)
@@ -63,54 +55,54 @@ class Worker:
     def _read_stdin(self) -> None:
         for raw in sys.stdin.buffer:
             try:
-                msg = json.loads(raw)
-            except ValueError:
+                msg = protocol.parse_worker_command(protocol.decode(raw))
+            except protocol.ProtocolError:
                 continue
-            if msg.get("op") == "cancel":
+            if isinstance(msg, protocol.CancelJob):
                 # Set here, not via the inbox: the main thread is busy in the handler.
-                self._cancelled.add(msg.get("run_id"))
+                self._cancelled.add(msg.run_id)
                 continue
-            if msg.get("op") == "run":
+            if isinstance(msg, protocol.RunJob):
                 # A stale cancel of an earlier attempt must not cancel this one; a cancel
                 # sent after this line arrives after it, so it is kept.
-                self._cancelled.discard(msg["job"]["run_id"])
+                self._cancelled.discard(msg.job.run_id)
             self._inbox.put(msg)
         os._exit(0)  # stdin closed: the server stopped us or died
 
     def serve(self) -> None:
         threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
-        self.send({"msg": "hello", "pid": os.getpid()})
+        self.send(protocol.Hello(os.getpid()))
         while True:
             msg = self._inbox.get()
-            if msg.get("op") == "run":
-                self.run_job(msg["job"])
-            elif msg.get("op") == "status":
-                self.send({"msg": "status", "device": device_info()})
+            if isinstance(msg, protocol.RunJob):
+                self.run_job(msg.job)
+            elif isinstance(msg, protocol.ProbeDevice):
+                self.send(protocol.DeviceReport(device_info()))
 
     # -- running one job
 
-    def run_job(self, job: dict) -> None:
-        run_id, run_dir = job["run_id"], Path(job["run_dir"])
+    def run_job(self, job: protocol.JobSpec) -> None:
+        run_id, run_dir = job.run_id, Path(job.run_dir)
         log = EventLog(run_dir / "events.jsonl")
         ctx = JobContext(
-            spec={k: job.get(k) for k in ("kind", "concept", "params", "run_id")},
+            spec={"kind": job.kind, "concept": job.concept, "params": job.params, "run_id": run_id},
             run_id=run_id,
             run_dir=run_dir,
             home=self.home,
             cache=self.cache,
-            resumed=bool(job.get("resumed")),
+            resumed=job.resumed,
             send=self.send,
             is_cancelled=lambda: run_id in self._cancelled,
             log=log,
         )
-        self._status(ctx, "running", pid=os.getpid(), started=time.time(), attempts=int(job.get("attempts") or 0) + 1)
+        self._status(ctx, "running", pid=os.getpid(), started=time.time(), attempts=job.attempts + 1)
         status, error, result = self._call_handler(ctx)
         try:
             ctx.flush()
         except OSError:
             pass
         self._status(ctx, status, error=error, result=result)
-        self.send({"msg": "finished", "run_id": run_id, "status": status, "error": error})
+        self.send(protocol.Finished(run_id, status, error))
         log.close()
         if status == "failed":
             _free_memory()
@@ -130,7 +122,7 @@ class Worker:
     def _status(self, ctx: JobContext, status: str, **fields) -> None:
         with ctx.emit_lock:  # in seq order with the handler's own events
             event = set_status(ctx.run_dir, status, log=ctx.log, **fields)
-            self.send({"msg": "event", "run_id": ctx.run_id, "event": event})
+            self.send(protocol.Event(ctx.run_id, event))
 
 
 def load_handler(kind: str):
