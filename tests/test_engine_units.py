@@ -1,0 +1,126 @@
+"""The engine server's units on their own: the queue, the fan-out, the worker supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from engine import jobs, protocol
+from engine.fanout import Subscriptions, follow
+from engine.job_queue import Job, JobQueue
+from engine.supervisor import WorkerSupervisor
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _job(run_id: str) -> Job:
+    return Job(run_id, run_dir=None, kind="echo", concept=None, params={})
+
+
+# ---------------------------------------------------------------------------
+# The queue
+
+
+async def test_the_queue_is_first_in_first_out_and_knows_every_unsettled_job():
+    queue = JobQueue()
+    a, b, c = _job("a"), _job("b"), _job("c")
+    assert [queue.push(j) for j in (a, b, c)] == [1, 2, 3]
+    assert queue.positions() == {"a": 1, "b": 2, "c": 3} and len(queue) == 3
+    assert queue.remove(b) and not queue.remove(b)
+    assert await queue.pop() is a
+    assert queue.get("a") is a and a not in queue  # running: no longer waiting, still active
+    queue.settled(a)
+    assert queue.get("a") is None and queue.get("b") is b  # b is removed from the line, not settled
+    assert queue.drain() == [c] and len(queue) == 0
+
+
+async def test_pop_waits_for_a_job_to_arrive():
+    queue = JobQueue()
+    waiter = asyncio.create_task(queue.pop())
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    job = _job("late")
+    queue.push(job)
+    assert await asyncio.wait_for(waiter, 1) is job
+
+
+# ---------------------------------------------------------------------------
+# The fan-out
+
+
+class _Writer:
+    """Collects what a subscription writes, as decoded lines."""
+
+    def __init__(self):
+        self.lines: list[dict] = []
+
+    def write(self, data: bytes) -> None:
+        self.lines += [protocol.decode(line) for line in data.splitlines()]
+
+    async def drain(self) -> None:
+        pass
+
+
+async def test_every_listener_gets_each_new_event_once_then_the_end():
+    subs = Subscriptions()
+    writers = [_Writer(), _Writer()]
+    with subs.listen("r") as q1, subs.listen("r") as q2:
+        assert len(subs) == 1
+        for seq in (1, 2, 2, 3):  # a duplicate seq (replayed and live) is sent once
+            subs.publish("r", {"seq": seq, "type": "log"})
+        subs.publish("other", {"seq": 9, "type": "log"})  # another run's listeners only
+        subs.end("r", "failed", "the disk is full")
+        await asyncio.gather(follow(q1, writers[0], last_seq=0), follow(q2, writers[1], last_seq=2))
+    assert len(subs) == 0  # the listeners are gone with their context
+    first, second = (w.lines for w in writers)
+    assert [e["seq"] for line in first[:-1] for e in line["events"]] == [1, 2, 3]
+    assert [e["seq"] for line in second[:-1] for e in line["events"]] == [3]  # it had 1 and 2 already
+    for lines in (first, second):
+        assert protocol.StreamEnd.from_wire(lines[-1]) == protocol.StreamEnd("failed", "the disk is full")
+
+
+# ---------------------------------------------------------------------------
+# The worker supervisor, with a real worker process
+
+
+@pytest.fixture
+def worker_home(engine_home, monkeypatch):
+    monkeypatch.setenv("TISTUDIO_TEST_HANDLERS", "1")
+    return engine_home
+
+
+async def test_the_supervisor_runs_a_job_notices_its_worker_die_and_starts_a_fresh_one(worker_home):
+    heard: list[protocol.Message] = []
+    exits: list[tuple[int, int | None, str | None]] = []
+    supervisor = WorkerSupervisor(worker_home, on_message=lambda w, m: heard.append(m),
+                                  on_exit=lambda w, code, run_id: exits.append((w.pid, code, run_id)))
+    run_dir = jobs.create_run(worker_home, {"kind": "echo", "params": {"message": "hi"}})
+    spec = protocol.JobSpec(run_dir.name, str(run_dir), "echo", params={"message": "hi"})
+    worker = await supervisor.start_job(spec)
+    assert supervisor.in_flight == run_dir.name and supervisor.pid == worker.pid
+    await _until(lambda: any(isinstance(m, protocol.Finished) for m in heard))
+    finished = next(m for m in heard if isinstance(m, protocol.Finished))
+    assert (finished.run_id, finished.status) == (run_dir.name, "done")
+    assert supervisor.in_flight is None  # idle again, same worker
+    assert jobs.load_run(run_dir)["status"] == "done"
+
+    sleeper = jobs.create_run(worker_home, {"kind": "sleep"})
+    await supervisor.start_job(protocol.JobSpec(sleeper.name, str(sleeper), "sleep", params={"seconds": 30}))
+    os.kill(worker.pid, signal.SIGKILL)
+    await _until(lambda: exits)
+    assert exits == [(worker.pid, -signal.SIGKILL, sleeper.name)]  # told which run it took down
+    assert supervisor.worker is None and supervisor.in_flight is None
+    fresh = await supervisor.ensure()
+    assert fresh.pid != worker.pid
+    await supervisor.stop()
+    assert exits[-1] == (fresh.pid, 0, None)
+
+
+async def _until(pred, timeout: float = 20.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not pred():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
