@@ -59,6 +59,31 @@ def sweep_params(params: dict) -> list[dict]:
     return [{**base, "seed": int(s), "init": i} for s, i in itertools.product(seeds, inits)]
 
 
+def train_sweep(ctx: JobContext, model, concept, params: dict, extra: list[dict] | None = None,
+                on_step: Callable[[dict], None] | None = None) -> tuple[list[JobContext], list[Path]]:
+    """Train the member runs of sweep job `ctx` together; returns the members and their final embeddings.
+
+    On the job's first attempt the members are made from `params` (`sweep_params`), each
+    with its `extra` run.json fields, after every member's settings are checked, so a bad
+    one leaves no run behind.  On a resume they are found again in the job's run.json."""
+    from engine.library import check_initializer
+
+    names = load_run(ctx.run_dir).get("members") or []
+    if names:
+        dirs = [ctx.run_dir.parent / name for name in names]
+    else:
+        # Each member records the initializer it really starts from (the concept's, unless set).
+        member_params = [{**p, "init": p.get("init") or concept.init} for p in sweep_params(params)]
+        for p in member_params:
+            config = train_config_from(p, concept)
+            config.validate()
+            check_initializer(model.tokenizer, config.init)
+        dirs = create_members(ctx.home, concept.name, member_params, parent=ctx.run_id, extra=extra)
+        ctx.set_progress(members=[d.name for d in dirs])
+    members = start_members(ctx.home, dirs, send=ctx.send, is_cancelled=ctx.is_cancelled)
+    return members, train_members(model, concept, members, on_step=on_step)
+
+
 def create_members(home: Path, concept: str, params_list: list[dict], parent: str | None = None,
                    extra: list[dict] | None = None) -> list[Path]:
     """One queued run per params dict; `parent` and `extra` fields go into each run.json."""

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -384,7 +383,3 @@ def train_many(model, slots: list[RunSlot], resume: bool = True) -> list[Path]:
     if resume:
         inversion.resume()
     return inversion.run()
-
-
-def config_json(config: TrainConfig) -> str:
-    return json.dumps(asdict(config), sort_keys=True)

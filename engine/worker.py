@@ -13,7 +13,9 @@ orphan never keeps the GPU or writes to a run the next engine will recover.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import importlib.util
 import json
 import os
 import queue
@@ -125,14 +127,18 @@ class Worker:
             self.send(protocol.Event(ctx.run_id, event))
 
 
-def load_handler(kind: str):
-    """engine.handlers.HANDLERS[kind], plus engine.testing_handlers when
-    TISTUDIO_TEST_HANDLERS=1.  Imported on first use so test kinds never pay for torch."""
-    if os.environ.get("TISTUDIO_TEST_HANDLERS") == "1":
-        from engine.testing_handlers import HANDLERS as test_handlers
+EXTRA_HANDLERS_ENV = "TISTUDIO_EXTRA_HANDLERS"
 
-        if kind in test_handlers:
-            return test_handlers[kind]
+
+def load_handler(kind: str):
+    """engine.handlers.HANDLERS[kind], or a kind from the Python file $TISTUDIO_EXTRA_HANDLERS
+    names (its own HANDLERS dict; the engine's tests add theirs this way).  Imported on
+    first use, so a worker that runs only torch-free kinds never pays for torch."""
+    extra = os.environ.get(EXTRA_HANDLERS_ENV)
+    if extra:
+        handlers = _handlers_from_file(extra)
+        if kind in handlers:
+            return handlers[kind]
     try:
         from engine.handlers import HANDLERS
     except ModuleNotFoundError as exc:
@@ -143,6 +149,16 @@ def load_handler(kind: str):
         known = ", ".join(sorted(HANDLERS)) or "none"
         raise UserError(f"unknown job kind {kind!r} (known: {known})")
     return HANDLERS[kind]
+
+
+@functools.cache
+def _handlers_from_file(path: str) -> dict:
+    spec = importlib.util.spec_from_file_location("tistudio_extra_handlers", path)
+    if spec is None or not Path(path).is_file():
+        raise UserError(f"${EXTRA_HANDLERS_ENV} names {path!r}, which is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.HANDLERS
 
 
 def device_info() -> dict:

@@ -27,7 +27,7 @@ from engine import jobs, server
 from engine.client import EngineClient, EngineNotRunning, call
 from engine.errors import UserError
 from engine.jobs import EventLog
-from helpers import engine_pids
+from helpers import TEST_HANDLERS, engine_pids
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.timeout(60)
 def home(monkeypatch):
     path = Path(tempfile.mkdtemp(prefix="tis-"))
     monkeypatch.setenv("TISTUDIO_HOME", str(path))
-    monkeypatch.setenv("TISTUDIO_TEST_HANDLERS", "1")
+    monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
     monkeypatch.setenv("TISTUDIO_ENGINE_IDLE", "30")
     monkeypatch.delenv("TISTUDIO_ENGINE_CANCEL_GRACE", raising=False)
     yield path

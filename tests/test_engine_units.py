@@ -12,6 +12,7 @@ from engine import jobs, protocol
 from engine.fanout import Subscriptions, follow
 from engine.job_queue import Job, JobQueue
 from engine.supervisor import WorkerSupervisor
+from helpers import TEST_HANDLERS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,7 +89,7 @@ async def test_every_listener_gets_each_new_event_once_then_the_end():
 
 @pytest.fixture
 def worker_home(engine_home, monkeypatch):
-    monkeypatch.setenv("TISTUDIO_TEST_HANDLERS", "1")
+    monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
     return engine_home
 
 

@@ -1,5 +1,6 @@
-"""Job kinds for the engine's own tests; the worker adds them only when
-TISTUDIO_TEST_HANDLERS=1.  None of them imports torch, so a test worker starts fast.
+"""Job kinds for the engine's own tests.  Not shipped: the worker adds them when
+$TISTUDIO_EXTRA_HANDLERS names this file (`helpers.TEST_HANDLERS`).  None of them
+imports torch, so a test worker starts fast.
 """
 
 from __future__ import annotations
