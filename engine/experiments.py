@@ -7,7 +7,7 @@
 * runs   finished runs side by side (e.g. the members of a sweep job).
 
 init and seeds run as an engine job (`engine.handlers.handle_experiment`): the
-job trains its member runs together (`engine.runs.train_sweep`: K runs in one
+job trains its member runs together (`engine.sweeps.train_sweep`: K runs in one
 UNet call, each ending where its solo run would, resumable), then measures each
 run the way `metrics.evaluate` does.  Reports live in
 `<concept>/experiments/<kind>-<id>/`.
@@ -27,7 +27,7 @@ from engine.metrics import (
     NOTES, check_templates, load_clip, measure, scores_only, training_images,
 )
 from engine.paths import atomic_write_json, atomic_write_text, ensure_private_dir, read_json
-from engine.runs import train_sweep
+from engine.sweeps import train_sweep
 from engine.prompts import edit_prompts, fill, neutral_prompt, synthesis_prompts  # noqa: F401 (re-exported)
 
 

@@ -45,7 +45,7 @@ def _model_key(spec: str | None, precision: str, device: str | None):
 
 
 def handle_train(ctx) -> dict:
-    from engine.runs import ContextReporter, train_config_from
+    from engine.sweeps import ContextReporter, train_config_from
     from engine.train import train
 
     params = ctx.params
@@ -84,7 +84,7 @@ def _asdict(config) -> dict:
 
 def handle_sweep(ctx) -> dict:
     """K runs of one concept (seeds x initializer words) batched into one UNet call per step."""
-    from engine.runs import train_sweep
+    from engine.sweeps import train_sweep
 
     params = ctx.params
     concept = _trainable_concept(ctx)

@@ -38,6 +38,7 @@ from engine.placeholder import add_slots, initial_vectors, placeholders_installe
 
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the loss knows how to target
 
 
 @dataclass
@@ -148,6 +149,7 @@ class Inversion:
         scale = 2.0**16 if model.dtype == torch.float16 else 1.0
         self.state = self.optimizer.init_state(self.vectors.detach(), loss_scale=scale)
         self.scheduler = model.noise_scheduler()
+        _check_prediction_type(self.scheduler.config.prediction_type)
         self.resolution = self.cfg0.resolution or model.info.resolution
         self.prompt_ids = [self._tokenize_templates(k) for k in range(self.k)]
         self.latents = [
@@ -363,6 +365,13 @@ def _tokenizer_copy(tokenizer):
     import copy
 
     return copy.deepcopy(tokenizer)
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    """The loss targets the noise (epsilon) or the velocity (v_prediction); refuse anything else."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"this model's scheduler predicts {prediction_type!r}; only {' and '.join(PREDICTION_TYPES)} "
+                        "models can be trained (check prediction_type in its scheduler config)")
 
 
 def _single_token_id(tokenizer, word: str) -> int:

@@ -119,6 +119,20 @@ def test_bad_initializer_and_settings_are_user_errors(tiny_model, image_dir, tmp
         train(tiny_model, _cfg(steps=0), tmp_path / "y", images)
 
 
+
+def test_an_unknown_prediction_type_is_refused_before_training(tiny_model, image_dir, tmp_path, monkeypatch):
+    real = type(tiny_model).noise_scheduler
+
+    def sample_predicting(model):
+        scheduler = real(model)
+        scheduler.register_to_config(prediction_type="sample")
+        return scheduler
+
+    monkeypatch.setattr(type(tiny_model), "noise_scheduler", sample_predicting)
+    with pytest.raises(UserError, match="predicts 'sample'; only epsilon and v_prediction"):
+        train(tiny_model, _cfg(), tmp_path / "run", _images(image_dir))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
 def test_nan_loss_stops_and_keeps_last_good_embedding(tiny_model, image_dir, tmp_path, monkeypatch):
     from engine import train as train_mod
 

@@ -1,5 +1,6 @@
-"""Training runs driven by job records: settings from params, events to the run's log,
-and sweeps — K member runs trained together, one UNet call per step.
+"""Sweeps: K member runs of one concept trained together, one UNet call per step; and the
+two pieces every job-driven training run uses (`train_config_from` job params,
+`ContextReporter` to the run's log), of which a plain `train` job is the K=1 case.
 
 A sweep member is a full run directory of kind "train" (`parent` names the job
 that trains it, when there is one), so export, generate and eval treat it like
