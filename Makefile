@@ -1,4 +1,4 @@
-# tistudio — two commands on a fresh machine: `make run` and `make test`.
+# tistudio — two commands on a fresh machine: `make run` and `make test` (lint, then the tests).
 #
 # Torch is installed first and pinned, so an install never pulls gigabytes by
 # surprise.  On a GPU box pick your own build, e.g.
@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 MODEL ?= $(shell test -f engine/demo_weights/unet.safetensors && echo builtin:demo || echo builtin:tiny)
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench clean
+.PHONY: install run lint test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/tistudio --model $(MODEL)
 
-test: $(STAMP)
+# ruff's rules are in pyproject.toml ([tool.ruff]); `$(VENV)/bin/ruff check --fix .` sorts imports.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

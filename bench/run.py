@@ -155,8 +155,8 @@ def main() -> int:
         ["low-vram", "reduce-overhead", "batched"] if cuda else ["low-vram", "batched"])
     model = load_model(spec, device, frozen_dtype(device))
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine()
-    print(f"device: {device} ({name}, {torch.get_num_threads()} threads), model {spec}, {model.info.resolution} px, {model.dtype}, "
-          f"{args.steps} timed steps after {args.warmup} warm-up")
+    print(f"device: {device} ({name}, {torch.get_num_threads()} threads), model {spec}, "
+          f"{model.info.resolution} px, {model.dtype}, {args.steps} timed steps after {args.warmup} warm-up")
 
     folder = Path(tempfile.mkdtemp())
     images, paths = synthetic_images(4, model.info.resolution, folder)
@@ -179,10 +179,12 @@ def main() -> int:
     for key, r in results.items():
         if "steps_per_s" in r:
             peak = f"{r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else "n/a (CPU)"
-            extra = f", {r['run_steps_per_s']:.1f} run-steps/s" if r.get("run_steps_per_s", 0) > r["steps_per_s"] else ""
+            batched = r.get("run_steps_per_s", 0) > r["steps_per_s"]
+            extra = f", {r['run_steps_per_s']:.1f} run-steps/s" if batched else ""
             print(f"{key:28} {r['steps_per_s']:8.2f} steps/s {r['ms_per_step']:8.1f} ms/step  peak {peak}{extra}")
     g = results["generation"]
-    print(f"{'generation':28} {g['images']} images x 25 steps in {g['seconds']:.2f} s ({g['images_per_s']:.2f} images/s)")
+    print(f"{'generation':28} {g['images']} images x 25 steps in {g['seconds']:.2f} s "
+          f"({g['images_per_s']:.2f} images/s)")
     e = results["table1_eval"]
     print(f"{'table-1 evaluation':28} {e['images']} images + CLIP ({e['clip']}) in {e['seconds']:.1f} s")
     speedup = results["ours"]["steps_per_s"] / results["reference"]["steps_per_s"]

@@ -21,7 +21,16 @@ import torch.nn.functional as F
 
 from demo import world as W
 from demo.common import (
-    BUILD, LOGS, Log, clip_text_ids, encode_text_short, judge_report, resume, roundtrip, save_checkpoint, save_fp16,
+    BUILD,
+    LOGS,
+    Log,
+    clip_text_ids,
+    encode_text_short,
+    judge_report,
+    resume,
+    roundtrip,
+    save_checkpoint,
+    save_fp16,
     to_tensor,
 )
 from engine import demo_model

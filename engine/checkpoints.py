@@ -62,7 +62,8 @@ def _remove_partial(run_dir: Path) -> None:
                 shutil.rmtree(child, ignore_errors=True)
 
 
-def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: dict, generator: torch.Generator) -> Path:
+def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: dict,
+             generator: torch.Generator) -> Path:
     """Save run `row`'s vector, optimizer row and RNG state as `step-N/` (atomically)."""
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)

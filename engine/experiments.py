@@ -19,16 +19,27 @@ from pathlib import Path
 
 from engine.errors import UserError
 from engine.generate import (
-    GenerateRequest, checkpoint_steps, done_runs, load_used, make_grid, save_png, sub_progress,
+    GenerateRequest,
+    checkpoint_steps,
+    done_runs,
+    load_used,
+    make_grid,
+    save_png,
+    sub_progress,
     timestamp_id,
 )
 from engine.jobs import load_run
 from engine.metrics import (
-    NOTES, check_templates, load_clip, measure, scores_only, training_images,
+    NOTES,
+    check_templates,
+    load_clip,
+    measure,
+    scores_only,
+    training_images,
 )
 from engine.paths import atomic_write_json, atomic_write_text, ensure_private_dir, read_json
+from engine.prompts import edit_prompts, fill, neutral_prompt, synthesis_prompts
 from engine.sweeps import train_sweep
-from engine.prompts import edit_prompts, fill, neutral_prompt, synthesis_prompts  # noqa: F401 (re-exported)
 
 
 def _experiment_dir(concept, kind: str) -> tuple[str, Path]:

@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from engine.embeddings import FINAL_NAME, checkpoint_steps, done_runs, read_record, step_file  # noqa: F401
+from engine.embeddings import FINAL_NAME, checkpoint_steps, done_runs, read_record, step_file
 from engine.errors import JobCancelled, UserError
 from engine.formats import Embedding, check_width, embedding_sha256, read_embedding
 from engine.paths import atomic_write_bytes, atomic_write_json, ensure_private_dir

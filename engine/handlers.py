@@ -7,7 +7,6 @@ the loaded model stays warm for the next job.
 
 from __future__ import annotations
 
-
 import contextlib
 import errno
 from pathlib import Path
@@ -67,13 +66,16 @@ def _friendly_failures():
     try:
         yield
     except torch.OutOfMemoryError:
-        raise UserError("out of GPU memory; try --low-vram, a smaller --batch-size, or close other GPU programs") from None
+        raise UserError("out of GPU memory; try --low-vram, a smaller --batch-size, "
+                        "or close other GPU programs") from None
     except OSError as exc:
         if exc.errno != errno.ENOSPC:
             raise
-        raise UserError("the disk is full (no space left while saving); free some space, then resume this run") from None
+        raise UserError("the disk is full (no space left while saving); "
+                        "free some space, then resume this run") from None
     except FloatingPointError as exc:
-        raise UserError(f"{exc}; the last good checkpoint is kept — resume with a lower --lr or --precision fp32") from None
+        raise UserError(f"{exc}; the last good checkpoint is kept — "
+                        "resume with a lower --lr or --precision fp32") from None
 
 
 def _asdict(config) -> dict:

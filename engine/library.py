@@ -18,13 +18,13 @@ import datetime as _dt
 import os
 import secrets
 import shutil
-import tomllib
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import tomli_w
+import tomllib
 
 from . import images as _images
 from .errors import UserError
@@ -340,7 +340,7 @@ class Library:
         init: str,
         *,
         token: str | None = None,
-        property: str = "object",  # noqa: A002 - mirrors the concept field
+        property: str = "object",  # the concept field's name, though it shadows the builtin
         description: str | None = None,
         tokenizer=None,
     ) -> Concept:

@@ -348,7 +348,8 @@ class Inversion:
             image.save(buf, format="PNG")
             path = slot.run_dir / "previews" / f"step-{step}.png"
             atomic_write_bytes(path, buf.getvalue())
-            slot.reporter.emit("preview", step=step, path=str(path), prompt=prompt.replace(slot_tokens(self.k)[k], cfg.token))
+            slot.reporter.emit("preview", step=step, path=str(path),
+                               prompt=prompt.replace(slot_tokens(self.k)[k], cfg.token))
 
 
 def compiled_unet(model, mode: str):

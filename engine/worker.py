@@ -117,7 +117,7 @@ class Worker:
             return "cancelled", None, None
         except UserError as exc:
             return "failed", _one_line(str(exc)), None
-        except Exception as exc:  # a bug or an OOM: report it, keep the worker
+        except Exception as exc:  # noqa: BLE001 - a bug or an OOM: report it, keep the worker
             atomic_write_text(ctx.run_dir / ERROR_LOG, traceback.format_exc())
             return "failed", _one_line(f"{type(exc).__name__}: {exc}") + f" (traceback in {ERROR_LOG})", None
 
@@ -169,7 +169,7 @@ def device_info() -> dict:
         return gpu_device_info()
     except UserError as exc:
         return {"device": "unavailable", "error": str(exc)}
-    except Exception as exc:  # no torch, a broken driver: still answer
+    except Exception as exc:  # noqa: BLE001 - no torch, a broken driver: still answer
         return {"device": "cpu", "error": _one_line(f"{type(exc).__name__}: {exc}")}
 
 

@@ -31,8 +31,15 @@ from engine.jobs import FINAL
 from engine.paths import home_dir
 from tistudio.config import DEFAULT_THEME, PROTOCOLS, Config
 from tistudio.engine_bridge import (
-    BridgeNotice, CommandFinished, EngineBridge, EngineSnapshot, EngineStateChanged, JobSubmitted, RunEvents,
-    StudioState, one_line,
+    BridgeNotice,
+    CommandFinished,
+    EngineBridge,
+    EngineSnapshot,
+    EngineStateChanged,
+    JobSubmitted,
+    RunEvents,
+    StudioState,
+    one_line,
 )
 from tistudio.screens.generate import GenerateScreen
 from tistudio.screens.help import HelpScreen
@@ -66,8 +73,8 @@ class StudioApp(App):
         """`home`/`model`: the data directory and model spec (default: --home/$TISTUDIO_HOME and
         $TISTUDIO_MODEL or builtin:tiny).  `engine=False` never starts or asks the engine (the
         studio reads the data directory alone; snapshot tests use it).  `clip`/`eval_images`:
-        what evaluations use (None: the engine's defaults; tests: builtin:tiny, 2); `eval_params` go into every evaluation and
-        experiment job as they are (e.g. {"sample_steps": 2}).  `theme` overrides the config's theme."""
+        what evaluations use (None: the engine's defaults; tests: builtin:tiny, 2); `eval_params` go into every
+        evaluation and experiment job as they are (e.g. {"sample_steps": 2}).  `theme` overrides the config's theme."""
         from engine.models import resolve_spec
 
         super().__init__()

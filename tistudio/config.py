@@ -11,11 +11,11 @@ the file atomically and keeps keys it does not know.
 from __future__ import annotations
 
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tomli_w
+import tomllib
 
 from engine.paths import atomic_write_text, config_dir
 

@@ -20,9 +20,9 @@ stops the studio from opening.  Later directories win on equal names.
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 
+import tomllib
 from textual.color import Color, ColorParseError
 from textual.theme import Theme
 

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from tistudio.app import StudioApp
 from helpers import TEST_HANDLERS
+from tistudio.app import StudioApp
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore:Image.Image.getdata:DeprecationWarning")]
 

@@ -140,7 +140,6 @@ def run_job(kind: str, concept: str | None, params: dict, quiet: bool = False) -
     """Submit, follow with a progress bar (Ctrl-C cancels), and return the job's result."""
     from engine.client import call
     from engine.errors import UserError
-
     from tistudio.commands.run_cmds import _follow
 
     run_id = call("submit", kind, concept=concept, params=params)

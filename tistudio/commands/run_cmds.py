@@ -177,7 +177,6 @@ def attach(args) -> int:
 async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, quiet: bool = False) -> int:
     """Replay and follow a run with a progress bar; Ctrl-C cancels (train) or detaches (attach)."""
     from engine.client import EngineClient
-
     from tistudio.commands.progress import RunProgress
 
     client = EngineClient()
