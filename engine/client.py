@@ -216,9 +216,14 @@ class EngineClient:
     async def events(self, run_id: str, after_seq: int = 0, follow: bool = True) -> AsyncIterator[dict]:
         """Yield the run's events with seq > after_seq, then (follow) live ones until the
         run reaches a final status.  Uses a connection of its own.  To resume after a
-        lost connection, call again with after_seq = the last seq seen."""
+        lost connection, call again with after_seq = the last seq seen.
+
+        When the disk refused the run's final status event, the engine still knows it:
+        the stream then ends with that status event made up from memory (no seq, and
+        "unsaved": why it is not on disk)."""
         sub = EngineClient(self.home, timeout=self.timeout)
         await sub.connect()
+        last_status = None
         try:
             sub._writer.write(protocol.encode(protocol.Subscribe(run_id, after_seq, follow)))
             await sub._writer.drain()
@@ -228,8 +233,13 @@ class EngineClient:
                     raise EngineError(f"the engine went away while following run {run_id}")
                 msg = _checked(protocol.decode(line))
                 if msg.get("end"):
+                    end = protocol.StreamEnd.from_wire(msg)
+                    if end.unsaved and end.status != last_status:
+                        yield {"type": "status", "status": end.status, "error": end.reason, "unsaved": end.unsaved}
                     return
                 for event in protocol.EventBatch.from_wire(msg).events:
+                    if event.get("type") == "status":
+                        last_status = event.get("status")
                     yield event
         finally:
             await sub.close()

@@ -38,10 +38,11 @@ class Subscriptions:
         for queue in self._listeners.get(run_id, ()):
             queue.put_nowait(("event", event))
 
-    def end(self, run_id: str, status: str, reason: str | None = None) -> None:
-        """The run is settled: every listener's stream ends with this status."""
+    def end(self, run_id: str, status: str, reason: str | None = None, unsaved: str | None = None) -> None:
+        """The run is settled: every listener's stream ends with this status (and `unsaved`,
+        why its log may lack it)."""
         for queue in self._listeners.get(run_id, ()):
-            queue.put_nowait(("end", protocol.StreamEnd(status, reason)))
+            queue.put_nowait(("end", protocol.StreamEnd(status, reason, unsaved)))
 
     def __len__(self) -> int:
         """How many runs have listeners."""

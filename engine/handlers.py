@@ -8,7 +8,6 @@ the loaded model stays warm for the next job.
 from __future__ import annotations
 
 import contextlib
-import errno
 from pathlib import Path
 
 from engine.errors import UserError
@@ -60,7 +59,8 @@ def handle_train(ctx) -> dict:
 
 @contextlib.contextmanager
 def _friendly_failures():
-    """Turn the failures a user can act on into one-line messages that say what to do."""
+    """Turn the failures a user can act on into one-line messages that say what to do
+    (a full disk is the worker's: it says so for every job kind)."""
     import torch
 
     try:
@@ -68,11 +68,6 @@ def _friendly_failures():
     except torch.OutOfMemoryError:
         raise UserError("out of GPU memory; try --low-vram, a smaller --batch-size, "
                         "or close other GPU programs") from None
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        raise UserError("the disk is full (no space left while saving); "
-                        "free some space, then resume this run") from None
     except FloatingPointError as exc:
         raise UserError(f"{exc}; the last good checkpoint is kept — "
                         "resume with a lower --lr or --precision fp32") from None

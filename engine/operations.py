@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,18 +21,21 @@ from engine.errors import UserError
 from engine.fanout import Subscriptions, follow, send, send_events
 from engine.job_queue import Job, JobQueue
 from engine.jobs import EventLog
+from engine.ledger import StatusLedger
+from engine.paths import disk_full_message, is_disk_full
 from engine.scheduler import Scheduler
 
 log = logging.getLogger("tistudio.engine")
 
 
 class Operations:
-    def __init__(self, home: Path, queue: JobQueue, scheduler: Scheduler, subscriptions: Subscriptions, *,
-                 version: str, idle_seconds: float, clients: Callable[[], int]):
+    def __init__(self, home: Path, queue: JobQueue, scheduler: Scheduler, subscriptions: Subscriptions,
+                 ledger: StatusLedger, *, version: str, idle_seconds: float, clients: Callable[[], int]):
         self.home = Path(home)
         self.queue = queue
         self.scheduler = scheduler
         self.subscriptions = subscriptions
+        self.ledger = ledger
         self.version = version
         self.idle_seconds = idle_seconds
         self.started = time.time()
@@ -47,6 +51,10 @@ class Operations:
             return await self._handlers[type(request)](request)
         except UserError as exc:
             return protocol.ErrorAnswer(str(exc), user=True)
+        except OSError as exc:
+            if not is_disk_full(exc):
+                raise
+            return protocol.ErrorAnswer(disk_full_message(self.home, "try again"))
         except Exception as exc:
             log.exception("op %s failed", request.NAME)
             return protocol.ErrorAnswer(f"{type(exc).__name__}: {exc}")
@@ -71,6 +79,7 @@ class Operations:
             device=device or {"device": "unknown"},
             clients=self._clients(),
             idle_seconds=self.idle_seconds,
+            storage=self.ledger.health(),
         )
 
     async def submit(self, req: protocol.Submit) -> protocol.SubmitAnswer:
@@ -79,12 +88,19 @@ class Operations:
         if req.resume:
             job = self._resumed_job(req.resume, req.params)
         else:
-            spec = {"kind": req.kind, "concept": req.concept, "params": req.params or {}}
-            run_dir = jobs.create_run(self.home, spec)
-            EventLog(run_dir / "events.jsonl").append({"type": "status", "status": "queued"})
-            job = Job(run_dir.name, run_dir, spec["kind"], spec["concept"], spec["params"])
+            job = self._new_job(req)
         position = self.queue.push(job)
         return protocol.SubmitAnswer(job.run_id, str(job.run_dir), position)
+
+    def _new_job(self, req: protocol.Submit) -> Job:
+        spec = {"kind": req.kind, "concept": req.concept, "params": req.params or {}}
+        run_dir = jobs.create_run(self.home, spec)
+        try:
+            EventLog(run_dir / "events.jsonl").append({"type": "status", "status": "queued"})
+        except OSError:
+            shutil.rmtree(run_dir, ignore_errors=True)  # refused whole: no half-made run left behind
+            raise
+        return Job(run_dir.name, run_dir, spec["kind"], spec["concept"], spec["params"])
 
     def _resumed_job(self, run_id: str, params: dict | None) -> Job:
         active = self.queue.get(run_id)
@@ -93,7 +109,9 @@ class Operations:
         run_dir = jobs.find_run(self.home, run_id)
         record = jobs.load_run(run_dir)
         merged = {**(record.get("params") or {}), **(params or {})}
+        self.ledger.retry()  # how it ended last time goes to disk first, if it is still in memory
         jobs.set_status(run_dir, "queued", resume=True, params=merged, finished=None, pid=None)
+        self.ledger.forget(run_id)
         return Job(run_id, run_dir, record["kind"], record.get("concept"), merged,
                    step=record.get("step") or 0, steps=record.get("steps"),
                    attempts=record.get("attempts") or 0, resumed=True)
@@ -101,7 +119,7 @@ class Operations:
     async def cancel(self, req: protocol.Cancel) -> protocol.CancelAnswer:
         job = self.queue.get(req.run_id)
         if job is None:
-            status = jobs.load_run(jobs.find_run(self.home, req.run_id))["status"]
+            status = self._record(jobs.find_run(self.home, req.run_id))["status"]
             raise UserError(f"run {req.run_id} is already {status}")
         return protocol.CancelAnswer(await self.scheduler.cancel(job))
 
@@ -112,10 +130,11 @@ class Operations:
             job = self.queue.get(run["id"])
             if job:
                 run.update(job.summary())
+            self.ledger.overlay(run)
             run["position"] = positions.get(run["id"])
         current = self.scheduler.current
         return protocol.JobsAnswer(runs, [job.run_id for job in self.queue.waiting()],
-                                   current.run_id if current else None)
+                                   current.run_id if current else None, storage=self.ledger.health())
 
     async def stop(self, req: protocol.Stop) -> protocol.StopAnswer:
         busy = self.scheduler.busy()
@@ -132,16 +151,21 @@ class Operations:
         except UserError as exc:
             await send(writer, protocol.ErrorAnswer(str(exc), user=True))
             return
+        record = self._record(run_dir)
         if job is None:  # a member of a running sweep follows its parent's life
-            job = self.queue.get(jobs.load_run(run_dir).get("parent") or "")
+            job = self.queue.get(record.get("parent") or "")
         with self.subscriptions.listen(req.run_id) as queue:
-            status = job.status if job else jobs.load_run(run_dir).get("status")
             events = await asyncio.to_thread(EventLog(run_dir / "events.jsonl").read, req.after_seq)
             last = req.after_seq
             if events:
                 await send_events(writer, events)
                 last = events[-1].get("seq", last)
             if job is None or not req.follow:
-                await send(writer, protocol.StreamEnd(job.status if job else status))
+                end = (job.status,) if job else (record.get("status"), record.get("error"), record.get("unsaved"))
+                await send(writer, protocol.StreamEnd(*end))
                 return
             await follow(queue, writer, last)
+
+    def _record(self, run_dir: Path) -> dict:
+        """A run's record as the engine knows it: run.json, with what the disk lacks laid over it."""
+        return self.ledger.overlay(jobs.load_run(run_dir))

@@ -335,12 +335,14 @@ class EventBatch(Message):
 
 @dataclass(frozen=True)
 class StreamEnd(Message):
-    """The last line of a subscription: the run's status as the engine knows it (newer than its
-    log when the disk refused the write) and `reason`, the run's error if it has one.  (Not
-    named "error": a line with an "error" key is an ErrorAnswer.)"""
+    """The last line of a subscription: the run's status as the engine knows it and `reason`,
+    the run's error if it has one (not named "error": a line with an "error" key is an
+    ErrorAnswer).  `unsaved` says why the run's log may lack that status: the disk refused
+    the write, and the engine holds it in memory until it can write it."""
 
     status: str | None
     reason: str | None = None
+    unsaved: str | None = None
     end: bool = True
 
 

@@ -6,8 +6,10 @@
 
 A job is settled (`finish`) when its worker says it finished, when its worker
 dies, when it is cancelled before it ran, or when the engine stops.  Settling
-writes the final status (unless the worker already did), forgets the job, ends
-its subscribers' streams and wakes the loop for the next job.
+happens in memory first (the job is forgotten, its subscribers' streams end,
+the loop moves on to the next job), then the final status goes to the ledger
+to be written, unless the worker already wrote it.  A disk that refuses the
+write (a full disk refuses every one) therefore never wedges the queue.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from engine import jobs, protocol
 from engine.fanout import Subscriptions
 from engine.job_queue import Job, JobQueue
 from engine.jobs import ACTIVE, FINAL
+from engine.ledger import StatusLedger
 from engine.supervisor import WorkerProcess, WorkerStartError, WorkerSupervisor, describe_exit
 
 DEFAULT_CANCEL_GRACE = 15.0  # seconds a handler has to notice a cancel before its worker is killed
@@ -29,11 +32,12 @@ log = logging.getLogger("tistudio.engine")
 
 
 class Scheduler:
-    def __init__(self, home: Path, queue: JobQueue, subscriptions: Subscriptions,
+    def __init__(self, home: Path, queue: JobQueue, subscriptions: Subscriptions, ledger: StatusLedger,
                  cancel_grace: float = DEFAULT_CANCEL_GRACE, device: str = "auto"):
         self.home = Path(home)
         self.queue = queue
         self.subscriptions = subscriptions
+        self.ledger = ledger
         self.cancel_grace = cancel_grace
         self.supervisor = WorkerSupervisor(home, device, on_message=self._on_worker_message,
                                            on_exit=self._on_worker_exit)
@@ -80,20 +84,29 @@ class Scheduler:
     # -- settling
 
     def finish(self, job: Job, status: str, error: str | None = None, write: bool = False) -> None:
-        """Settle a job: (write its final status,) forget it, end its subscribers' streams."""
+        """Settle a job: forget it, (write its final status,) end its subscribers' streams.
+        Never raises: the write is the ledger's, which remembers what the disk refuses."""
         if job.finished:
             return
-        if write:
-            self.subscriptions.publish(job.run_id, jobs.set_status(job.run_dir, status, error=error))
         job.finished, job.status, job.pid = True, status, None
         self.queue.settled(job)
-        for member_id, member_status in jobs.settle_members(job.run_dir, status, error):
-            self.subscriptions.publish(member_id, {"type": "status", "status": member_status})
-            self.subscriptions.end(member_id, member_status)
-        self.subscriptions.end(job.run_id, status, error)
         if job.done and not job.done.done():
             job.done.set_result(status)
+        if write:
+            self._publish(job.run_id, self.ledger.settle(job.run_dir, status, error))
+        for member_id, event in self.ledger.settle_members(job.run_dir, status, error):
+            self._publish(member_id, event)
+            self._end(member_id, status, error)
+        self._end(job.run_id, status, error)
         log.info("run %s %s%s", job.run_id, status, f": {error}" if error else "")
+
+    def _publish(self, run_id: str, event: dict | None) -> None:
+        if event is not None:
+            self.subscriptions.publish(run_id, event)
+
+    def _end(self, run_id: str, status: str, error: str | None) -> None:
+        unsaved = self.ledger.unsaved.get(run_id)
+        self.subscriptions.end(run_id, status, error, unsaved.reason if unsaved else None)
 
     # -- what the worker says
 
@@ -111,17 +124,20 @@ class Scheduler:
             job.steps = msg.steps if msg.steps is not None else job.steps
             job.fields.update(msg.fields)
         elif isinstance(msg, protocol.Finished) and job:
-            self.finish(job, msg.status, error=msg.error)
+            # A worker whose own status write the disk refused leaves it to us (and the ledger).
+            self.finish(job, msg.status, error=msg.error, write=msg.unsaved is not None)
 
     def _on_worker_exit(self, worker: WorkerProcess, code: int | None, run_id: str | None) -> None:
         job = self.current
         if job is None or job.worker is not worker or job.finished:
             return
         # The log may already hold the job's final status (it died right after writing it).
-        logged = jobs.last_status(job.run_dir)
-        if logged in FINAL:
-            jobs.update_run(job.run_dir, status=logged, pid=None)
-            self.finish(job, logged)
+        try:
+            logged = jobs.last_status_event(job.run_dir) or {}
+        except OSError:
+            logged = {}
+        if logged.get("status") in FINAL:
+            self.finish(job, logged["status"], error=logged.get("error"), write=True)  # run.json catches up
         elif job.cancel_requested:
             self.finish(job, "cancelled", error="killed: it did not stop in time after the cancel", write=True)
         else:

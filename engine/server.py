@@ -17,12 +17,18 @@ The server is assembled from units that each hold one concern:
     engine.protocol     the wire: paths, encoding, one dataclass per message
     engine.job_queue    jobs waiting, in arrival order; every job not yet settled
     engine.scheduler    runs the queue on the worker, one job at a time; settles each job
+    engine.ledger       how each run ended, in memory first, written when the disk allows
     engine.supervisor   the worker process: start, read, notice its death, probe the device
     engine.fanout       live events to the clients following a run
     engine.operations   one method per request
 
 This module keeps the rest: the lock, the socket and its connections, startup
-recovery, the idle exit and an orderly stop.
+recovery, the idle exit, retrying refused writes, and an orderly stop.
+
+A full disk: every write the server makes goes through the ledger or is
+allowed to fail (the pid file), so the server keeps answering from memory
+(`status` and `jobs` say that it cannot write, and why) and writes what it
+holds once there is room again.
 
 Startup recovery: runs left queued or running by an engine that died are marked
 `interrupted` (with a status event).  They are not restarted automatically; the
@@ -49,12 +55,14 @@ from engine import jobs, protocol
 from engine.fanout import Subscriptions, send
 from engine.job_queue import JobQueue
 from engine.jobs import ACTIVE
+from engine.ledger import StatusLedger
 from engine.operations import Operations
 from engine.paths import atomic_write_text, ensure_private_dir, home_dir
 from engine.protocol import STREAM_LIMIT, engine_dir, pid_path, socket_address, socket_path
 from engine.scheduler import DEFAULT_CANCEL_GRACE, Scheduler
 
 DEFAULT_IDLE = 30 * 60.0
+RETRY_WRITES_SECONDS = 2.0  # how often refused writes are tried again
 
 log = logging.getLogger("tistudio.engine")
 
@@ -65,8 +73,9 @@ class EngineServer:
         self.idle_seconds = idle_seconds
         self.queue = JobQueue()
         self.subscriptions = Subscriptions()
-        self.scheduler = Scheduler(self.home, self.queue, self.subscriptions, cancel_grace)
-        self.operations = Operations(self.home, self.queue, self.scheduler, self.subscriptions,
+        self.ledger = StatusLedger(self.home)
+        self.scheduler = Scheduler(self.home, self.queue, self.subscriptions, self.ledger, cancel_grace)
+        self.operations = Operations(self.home, self.queue, self.scheduler, self.subscriptions, self.ledger,
                                      version=jobs.code_version(), idle_seconds=idle_seconds,
                                      clients=lambda: self.clients)
         self.clients = 0
@@ -86,10 +95,12 @@ class EngineServer:
         await asyncio.to_thread(self._recover)
         sock = _bind_socket(socket_path(self.home))
         self._listener = await asyncio.start_unix_server(self._client, sock=sock, limit=STREAM_LIMIT)
-        atomic_write_text(pid_path(self.home), f"{os.getpid()}\n")
+        # Only for people and tests: the socket is how clients find us, so a full disk may refuse it.
+        self.ledger.write("the engine's pid file", lambda: atomic_write_text(pid_path(self.home), f"{os.getpid()}\n"))
         log.info("engine %s started (pid %d, idle exit after %ss)",
                  self.operations.version, os.getpid(), self.idle_seconds)
-        tasks = [asyncio.create_task(self.scheduler.run()), asyncio.create_task(self._idle_watch())]
+        tasks = [asyncio.create_task(self.scheduler.run()), asyncio.create_task(self._idle_watch()),
+                 asyncio.create_task(self._retry_writes())]
         await self._stop.wait()
         await self._teardown(tasks)
         log.info("engine stopped: %s", self._stop_reason)
@@ -129,7 +140,7 @@ class EngineServer:
                 continue
             _reap_orphan(run.get("pid"), self.home)
             what = "running" if run["status"] == "running" else "queued"
-            status = jobs.recover_run(run["run_dir"], f"the engine stopped while this job was {what}; resume it")
+            status = self.ledger.recover(run["run_dir"], f"the engine stopped while this job was {what}; resume it")
             log.warning("run %s was %s when the engine died; now %s", run["id"], what, status)
 
     async def _idle_watch(self) -> None:
@@ -142,6 +153,12 @@ class EngineServer:
             elif now - self._last_busy >= self.idle_seconds:
                 self.request_stop(f"idle for {self.idle_seconds:g}s")
                 return
+
+    async def _retry_writes(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_WRITES_SECONDS)
+            if self.ledger.failure:
+                self.ledger.retry()
 
     # -- clients
 

@@ -135,5 +135,8 @@ def train_members(model, concept, members: list[JobContext], on_step=None) -> li
 
 def _settle(members: list[JobContext], status: str, error: str | None) -> None:
     for member in members:
-        if load_run(member.run_dir).get("status") not in FINAL:
-            set_status(member.run_dir, status, log=member.log, error=error)
+        try:
+            if load_run(member.run_dir).get("status") not in FINAL:
+                set_status(member.run_dir, status, log=member.log, error=error)
+        except OSError:
+            pass  # a full disk: the engine settles the members with their job, from memory if need be

@@ -29,7 +29,7 @@ from pathlib import Path
 from engine import faults, protocol
 from engine.errors import JobCancelled, UserError
 from engine.jobs import EventLog, JobContext, set_status
-from engine.paths import atomic_write_text, home_dir
+from engine.paths import atomic_write_text, disk_full_message, home_dir, is_disk_full
 
 ERROR_LOG = "error.log"
 
@@ -97,14 +97,17 @@ class Worker:
             is_cancelled=lambda: run_id in self._cancelled,
             log=log,
         )
-        self._status(ctx, "running", pid=os.getpid(), started=time.time(), attempts=job.attempts + 1)
-        status, error, result = self._call_handler(ctx)
+        refused = self._status(ctx, "running", pid=os.getpid(), started=time.time(), attempts=job.attempts + 1)
+        if refused is None:
+            status, error, result = self._call_handler(ctx)
+        else:  # a job whose start cannot even be recorded would write nothing else either
+            status, error, result = "failed", refused, None
         try:
             ctx.flush()
         except OSError:
             pass
-        self._status(ctx, status, error=error, result=result)
-        self.send(protocol.Finished(run_id, status, error))
+        refused = self._status(ctx, status, error=error, result=result)
+        self.send(protocol.Finished(run_id, status, error, unsaved=refused))
         log.close()
         if status == "failed":
             _free_memory()
@@ -117,14 +120,33 @@ class Worker:
             return "cancelled", None, None
         except UserError as exc:
             return "failed", _one_line(str(exc)), None
+        except OSError as exc:
+            if not is_disk_full(exc):
+                return self._crashed(ctx, exc)
+            return "failed", disk_full_message(ctx.home, f"`tistudio resume {ctx.run_id}`"), None
         except Exception as exc:  # noqa: BLE001 - a bug or an OOM: report it, keep the worker
-            atomic_write_text(ctx.run_dir / ERROR_LOG, traceback.format_exc())
-            return "failed", _one_line(f"{type(exc).__name__}: {exc}") + f" (traceback in {ERROR_LOG})", None
+            return self._crashed(ctx, exc)
 
-    def _status(self, ctx: JobContext, status: str, **fields) -> None:
+    def _crashed(self, ctx: JobContext, exc: Exception) -> tuple[str, str, None]:
+        try:
+            atomic_write_text(ctx.run_dir / ERROR_LOG, traceback.format_exc())
+            where = f" (traceback in {ERROR_LOG})"
+        except OSError:
+            where = ""
+        return "failed", _one_line(f"{type(exc).__name__}: {exc}") + where, None
+
+    def _status(self, ctx: JobContext, status: str, **fields) -> str | None:
+        """Record a status change (log, run.json) and tell the server; returns None, or why
+        the disk refused it (a full disk refuses every write: the server then holds it)."""
         with ctx.emit_lock:  # in seq order with the handler's own events
-            event = set_status(ctx.run_dir, status, log=ctx.log, **fields)
+            try:
+                event = set_status(ctx.run_dir, status, log=ctx.log, **fields)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    return disk_full_message(ctx.home, f"`tistudio resume {ctx.run_id}`")
+                return _one_line(f"could not record the run's status: {type(exc).__name__}: {exc}")
             self.send(protocol.Event(ctx.run_id, event))
+            return None
 
 
 EXTRA_HANDLERS_ENV = "TISTUDIO_EXTRA_HANDLERS"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 
@@ -11,6 +12,7 @@ import pytest
 from engine import jobs, protocol
 from engine.fanout import Subscriptions, follow
 from engine.job_queue import Job, JobQueue
+from engine.ledger import StatusLedger
 from engine.supervisor import WorkerSupervisor
 from helpers import TEST_HANDLERS
 
@@ -125,3 +127,74 @@ async def _until(pred, timeout: float = 20.0) -> None:
     while not pred():
         assert asyncio.get_running_loop().time() < deadline, "timed out"
         await asyncio.sleep(0.02)
+
+
+# ---------------------------------------------------------------------------
+# The ledger: how runs ended, in memory when the disk refuses
+
+
+def _disk_full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_the_ledger_holds_what_the_disk_refuses_and_writes_it_when_it_can(tmp_path, monkeypatch):
+    run_dir = jobs.create_run(tmp_path, {"kind": "echo"})
+    jobs.set_status(run_dir, "running", pid=123)
+    ledger = StatusLedger(tmp_path)
+    assert ledger.health() == {"writable": True, "error": None, "since": None, "unsaved": []}
+
+    monkeypatch.setattr(jobs, "settle_run", _disk_full)
+    assert ledger.settle(run_dir, "failed", "boom") is None  # never raises
+    health = ledger.health()
+    assert not health["writable"] and "disk is full" in health["error"] and health["unsaved"] == [run_dir.name]
+    listed = ledger.overlay(jobs.load_run(run_dir))
+    assert (listed["status"], listed["error"], listed["pid"]) == ("failed", "boom", None) and listed["unsaved"]
+    assert jobs.load_run(run_dir)["status"] == "running"  # the disk still says so
+    ledger.retry()
+    assert ledger.unsaved  # still refused: still held
+
+    monkeypatch.undo()  # room again
+    ledger.retry()
+    assert ledger.health()["writable"] and not ledger.unsaved
+    record = jobs.load_run(run_dir)
+    assert (record["status"], record["error"], record["pid"]) == ("failed", "boom", None)
+    assert jobs.last_status(run_dir) == "failed"
+
+
+def test_settling_adopts_a_final_status_the_log_already_has(tmp_path):
+    run_dir = jobs.create_run(tmp_path, {"kind": "echo"})
+    jobs.set_status(run_dir, "running", pid=123)
+    jobs.EventLog(run_dir / "events.jsonl").append({"type": "status", "status": "failed", "error": "late"})
+    ledger = StatusLedger(tmp_path)
+    assert ledger.settle(run_dir, "failed", "late") is None  # no second event: run.json catches up
+    assert [e["status"] for e in jobs.EventLog(run_dir / "events.jsonl").read()] == ["running", "failed"]
+    assert jobs.load_run(run_dir)["status"] == "failed" and jobs.load_run(run_dir)["pid"] is None
+
+
+def test_other_refused_writes_are_retried_too(tmp_path):
+    ledger = StatusLedger(tmp_path)
+    attempts = []
+
+    def write():
+        attempts.append(1)
+        if len(attempts) == 1:
+            _disk_full()
+
+    assert not ledger.write("the pid file", write) and not ledger.health()["writable"]
+    ledger.retry()
+    assert len(attempts) == 2 and ledger.health()["writable"]
+
+
+def test_an_event_the_disk_cuts_short_is_skipped_by_readers_and_uses_no_seq(tmp_path, monkeypatch):
+    path = tmp_path / "events.jsonl"
+    log = jobs.EventLog(path)
+    log.append({"type": "log", "i": 1})
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))
+    with pytest.raises(OSError) as caught:
+        log.append({"type": "log", "i": 2})
+    assert caught.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    log.append({"type": "log", "i": 3})
+    log.close()
+    assert [(e["seq"], e["i"]) for e in jobs.EventLog(path).read()] == [(1, 1), (2, 3)]

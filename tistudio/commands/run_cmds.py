@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from tistudio.commands.output import print_json, print_table
 
@@ -144,7 +145,7 @@ def _after_submit(run_id: str, detach: bool) -> int:
         print(run_id)
         return 0
     print(f"run {run_id} (Ctrl-C cancels it, resumable; it keeps running if the terminal closes)")
-    return asyncio.run(_follow(run_id, cancel_on_interrupt=True))
+    return asyncio.run(_follow(run_id, cancel_on_interrupt=True, report=True))
 
 
 def runs(args) -> int:
@@ -171,11 +172,13 @@ def cancel(args) -> int:
 
 
 def attach(args) -> int:
-    return asyncio.run(_follow(args.run, cancel_on_interrupt=False, raw=args.json))
+    return asyncio.run(_follow(args.run, cancel_on_interrupt=False, raw=args.json, report=True))
 
 
-async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, quiet: bool = False) -> int:
-    """Replay and follow a run with a progress bar; Ctrl-C cancels (train) or detaches (attach)."""
+async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, quiet: bool = False,
+                  report: bool = False) -> int:
+    """Replay and follow a run with a progress bar; Ctrl-C cancels (train) or detaches (attach).
+    report: a run that ends failed or interrupted says why in one line on stderr."""
     from engine.client import EngineClient
     from tistudio.commands.progress import RunProgress
 
@@ -195,6 +198,8 @@ async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, qui
         return 130
     finally:
         await client.close()
+    if report and view.status in ("failed", "interrupted"):
+        print(f"tistudio: error: run {run_id} {view.status}: {view.error or 'see `tistudio runs`'}", file=sys.stderr)
     return view.exit_code()
 
 
