@@ -197,6 +197,11 @@ class EngineClient:
         """Every run (oldest first): run.json fields plus run_dir and queue position."""
         return (await self.request(protocol.Jobs(), protocol.JobsAnswer)).jobs
 
+    async def listing(self) -> dict:
+        """`jobs` with the engine's view around it (engine.protocol.JobsAnswer): jobs, queue,
+        running, and storage (whether it can write to its home; if not, why)."""
+        return (await self.request(protocol.Jobs(), protocol.JobsAnswer)).to_wire()
+
     async def stop(self, force: bool = False, wait: bool = True) -> None:
         """Ask the engine to exit (force: even with jobs queued or running, which become
         interrupted); with wait, return once its process is gone."""

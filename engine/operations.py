@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from engine import jobs, protocol
+from engine import device_probe, jobs, protocol
 from engine.errors import UserError
 from engine.fanout import Subscriptions, follow, send, send_events
 from engine.job_queue import Job, JobQueue
@@ -79,6 +79,7 @@ class Operations:
             device=device or {"device": "unknown"},
             clients=self._clients(),
             idle_seconds=self.idle_seconds,
+            environment=device_probe.environment(supervisor.worker_env()),
             storage=self.ledger.health(),
         )
 

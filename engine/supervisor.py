@@ -3,8 +3,9 @@
 It starts the worker when work arrives (`python -m engine.worker`, a child that
 keeps models warm between jobs), reads every message the worker writes, notices
 when it dies (the next job then gets a fresh one), and says what device the
-worker has.  It knows no queue: whoever feeds it (engine.scheduler) decides what
-runs when, and hears back through two callbacks, `on_message` and `on_exit`.
+worker has, without starting one to ask (engine.device_probe).  It knows no
+queue: whoever feeds it (engine.scheduler) decides what runs when, and hears
+back through two callbacks, `on_message` and `on_exit`.
 So a server can hold one supervisor per device and feed them from one queue.
 """
 
@@ -19,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from engine import protocol
+from engine import device_probe, protocol
 from engine.protocol import STREAM_LIMIT, JobSpec, log_path
 
 START_TIMEOUT = 60.0  # seconds for a new worker to say hello
-PROBE_TIMEOUT = 30.0  # seconds for a worker to answer a device probe (the first imports torch)
+PROBE_TIMEOUT = 5.0  # seconds for an idle worker to answer a device probe (torch is loaded already)
 STOP_TIMEOUT = 3.0  # seconds a worker has to exit on stdin EOF before it is killed
 
 log = logging.getLogger("tistudio.engine")
@@ -93,10 +94,15 @@ class WorkerSupervisor:
                 log.info("worker %d started for device %s", self.worker.pid, self.device)
             return self.worker
 
-    async def _spawn(self) -> WorkerProcess:
+    def worker_env(self) -> dict[str, str]:
+        """The environment a worker of this supervisor runs in."""
         env = dict(os.environ, TISTUDIO_ENGINE_PID=str(os.getpid()))
         if self.device != "auto":
             env["TISTUDIO_DEVICE"] = self.device
+        return env
+
+    async def _spawn(self) -> WorkerProcess:
+        env = self.worker_env()
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "engine.worker", "--home", str(self.home),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -145,22 +151,24 @@ class WorkerSupervisor:
 
     # -- the device
 
-    async def probe_device(self) -> dict | None:
-        """What the worker's torch sees.  Asks an idle worker (starting one: it is the GPU
-        process anyway); while a job runs, the last answer rather than wait for the job."""
-        if self.in_flight is not None:
-            return self.last_device
-        try:
-            worker = await self.ensure()
-        except WorkerStartError:
-            return self.last_device
+    async def probe_device(self) -> dict:
+        """What a worker here runs on, never by starting one: an idle worker that has loaded
+        torch answers with torch's own figures (source "worker"); otherwise (no worker, one
+        busy with a job, or one without torch yet) the torch-free probe answers."""
+        if self.worker is not None and self.in_flight is None:
+            answer = await self._ask_worker(self.worker)
+            if answer:
+                return {**answer, "source": "worker"}
+        return await asyncio.to_thread(device_probe.probe, self.worker_env())
+
+    async def _ask_worker(self, worker: WorkerProcess) -> dict | None:
         if self._device_answer is None or self._device_answer.done():
             self._device_answer = asyncio.get_running_loop().create_future()
             await worker.send(protocol.ProbeDevice())
         try:
             return await asyncio.wait_for(asyncio.shield(self._device_answer), self.probe_timeout)
         except asyncio.TimeoutError:
-            return self.last_device
+            return None
 
     # -- reading the worker
 

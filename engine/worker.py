@@ -183,8 +183,11 @@ def _handlers_from_file(path: str) -> dict:
     return module.HANDLERS
 
 
-def device_info() -> dict:
-    """What the status screen shows about the accelerator (torch is imported here, lazily)."""
+def device_info() -> dict | None:
+    """What torch sees of the accelerator, or None when no job has loaded torch yet: a probe
+    must not cost a torch import (the server then asks engine.device_probe instead)."""
+    if "torch" not in sys.modules:
+        return None
     try:
         from engine.gpu import device_info as gpu_device_info
 

@@ -78,6 +78,13 @@ def warm(ctx: JobContext) -> dict:
     return {"count": ctx.cache["warm"], "pid": os.getpid()}
 
 
+def load_torch(ctx: JobContext) -> dict:
+    """Import torch in the worker, as every real job does (device-probe tests)."""
+    import torch
+
+    return {"torch": torch.__version__, "pid": os.getpid()}
+
+
 def _append(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -94,4 +101,5 @@ HANDLERS = {
     "counter": counter,
     "burst": burst,
     "warm": warm,
+    "torch": load_torch,
 }

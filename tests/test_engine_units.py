@@ -1,4 +1,5 @@
-"""The engine server's units on their own: the queue, the fan-out, the worker supervisor."""
+"""The engine server's units on their own: the queue, the fan-out, the worker supervisor, the
+ledger, the device probe."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 
 import pytest
 
-from engine import jobs, protocol
+from engine import device_probe, jobs, protocol
 from engine.fanout import Subscriptions, follow
 from engine.job_queue import Job, JobQueue
 from engine.ledger import StatusLedger
@@ -198,3 +199,45 @@ def test_an_event_the_disk_cuts_short_is_skipped_by_readers_and_uses_no_seq(tmp_
     log.append({"type": "log", "i": 3})
     log.close()
     assert [(e["seq"], e["i"]) for e in jobs.EventLog(path).read()] == [(1, 1), (2, 3)]
+
+
+# ---------------------------------------------------------------------------
+# The device probe: what a worker would use, without torch
+
+
+@pytest.fixture
+def two_gpus(tmp_path, monkeypatch):
+    """A fake nvidia-smi with two GPUs, and a torch that (as far as its files say) has CUDA."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho '0, GPU-aaaa-1111, NVIDIA A100, 81920, 1024'\n"
+                   "echo '1, GPU-bbbb-2222, NVIDIA H200, 143771, [N/A]'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{smi.parent}:{os.environ['PATH']}")
+    monkeypatch.setattr(device_probe, "torch_has_cuda", lambda: True)
+
+
+def test_the_probe_finds_the_gpu_a_worker_would_use(two_gpus):
+    first = device_probe.probe({})
+    assert first == {"device": "cuda:0", "name": "NVIDIA A100", "source": "nvidia-smi", "vram_total": 81920 * 2**20,
+                     "vram_used_device": 1024 * 2**20, "gpus": 2}
+    reordered = device_probe.probe({"CUDA_VISIBLE_DEVICES": "GPU-bbbb,0"})  # CUDA's order: by UUID prefix
+    assert reordered["name"] == "NVIDIA H200" and "vram_used_device" not in reordered and reordered["gpus"] == 2
+    assert device_probe.probe({"CUDA_VISIBLE_DEVICES": "1", "TISTUDIO_DEVICE": "cuda:0"})["name"] == "NVIDIA H200"
+    assert "refuse" in device_probe.probe({"TISTUDIO_DEVICE": "cuda:5"})["note"]
+    assert device_probe.probe({"TISTUDIO_DEVICE": "cpu"}) == {"device": "cpu", "source": "TISTUDIO_DEVICE"}
+    hidden = device_probe.probe({"CUDA_VISIBLE_DEVICES": ""})
+    assert hidden["device"] == "cpu" and "hides every GPU" in hidden["note"]
+
+
+def test_the_probe_says_when_torch_cannot_use_the_gpus(two_gpus, monkeypatch):
+    monkeypatch.setattr(device_probe, "torch_has_cuda", lambda: False)
+    cpu = device_probe.probe({})
+    assert cpu["device"] == "cpu" and "no CUDA" in cpu["note"] and not any(k.startswith("vram") for k in cpu)
+
+
+def test_the_environment_that_matters(monkeypatch):
+    env = {"CUDA_VISIBLE_DEVICES": "0", "HF_HUB_OFFLINE": "1", "TISTUDIO_MODEL": "builtin:tiny", "HOME": "/root",
+           "TISTUDIO_ENGINE_PID": "7", "PATH": "/bin"}
+    assert device_probe.environment(env) == {"CUDA_VISIBLE_DEVICES": "0", "HF_HUB_OFFLINE": "1",
+                                             "TISTUDIO_MODEL": "builtin:tiny"}

@@ -18,7 +18,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ["torch", "torchvision", "diffusers", "transformers", "open_clip"]
 ENGINE_PROCESS = ["engine.server", "engine.operations", "engine.scheduler", "engine.supervisor", "engine.job_queue",
-                  "engine.fanout", "engine.protocol", "engine.client"]
+                  "engine.fanout", "engine.ledger", "engine.protocol", "engine.client", "engine.device_probe"]
 
 pytestmark = pytest.mark.timeout(300)
 

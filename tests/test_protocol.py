@@ -35,7 +35,7 @@ EXAMPLES = [
     protocol.JobsAnswer([{"id": "a", "status": "done"}], ["b"], "c", storage={"writable": True}),
     protocol.StopAnswer(),
     protocol.EventBatch([STATUS_EVENT, {"seq": 4, "t": 2.0, "type": "step", "step": 1, "loss": 0.5}]),
-    protocol.StreamEnd("failed", reason="the disk is full"),
+    protocol.StreamEnd("failed", reason="boom", unsaved="the disk is full"),
     JOB,
     protocol.RunJob(JOB),
     protocol.CancelJob("a"),
