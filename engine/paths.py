@@ -98,11 +98,16 @@ def read_json(path: os.PathLike | str) -> Any:
 # --- a full disk ---------------------------------------------------------------------------------
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_WORDS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))  # "No space left on device" …
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """True for the OSError a full disk (or a spent quota) raises on a write."""
-    return isinstance(exc, OSError) and exc.errno in _DISK_FULL
+    """True for the error a full disk (or a spent quota) raises on a write: an OSError, or a
+    library's own error that quotes the OS (safetensors writes in Rust and raises
+    SafetensorError "… No space left on device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    return any(words in str(exc) for words in _DISK_FULL_WORDS)
 
 
 def disk_full_message(path: os.PathLike | str, then: str) -> str:

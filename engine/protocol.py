@@ -250,9 +250,13 @@ REQUESTS: dict[str, type[Message]] = {cls.NAME: cls for cls in (Ping, Status, Su
 
 def parse_request(obj: dict) -> Message:
     """The request `obj` names by its "op"; ProtocolError for an unknown op or a bad field."""
-    cls = REQUESTS.get(obj.get("op"))
+    return _parse(REQUESTS, "op", obj)
+
+
+def _parse(known: dict[str, type[Message]], tag: str, obj: dict) -> Message:
+    cls = known.get(obj.get(tag))
     if cls is None:
-        raise ProtocolError(f"unknown op {obj.get('op')!r}; known: {', '.join(REQUESTS)}")
+        raise ProtocolError(f"unknown {tag} {obj.get(tag)!r}; known: {', '.join(known)}")
     return cls.from_wire(obj)
 
 
@@ -385,10 +389,7 @@ WORKER_COMMANDS: dict[str, type[Message]] = {cls.NAME: cls for cls in (RunJob, C
 
 
 def parse_worker_command(obj: dict) -> Message:
-    cls = WORKER_COMMANDS.get(obj.get("op"))
-    if cls is None:
-        raise ProtocolError(f"unknown worker command {obj.get('op')!r}")
-    return cls.from_wire(obj)
+    return _parse(WORKER_COMMANDS, "op", obj)
 
 
 # -- worker -> server messages ---------------------------------------------------------------------
@@ -455,7 +456,4 @@ WORKER_MESSAGES: dict[str, type[Message]] = {
 
 
 def parse_worker_message(obj: dict) -> Message:
-    cls = WORKER_MESSAGES.get(obj.get("msg"))
-    if cls is None:
-        raise ProtocolError(f"unknown worker message {obj.get('msg')!r}")
-    return cls.from_wire(obj)
+    return _parse(WORKER_MESSAGES, "msg", obj)

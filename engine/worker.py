@@ -120,11 +120,9 @@ class Worker:
             return "cancelled", None, None
         except UserError as exc:
             return "failed", _one_line(str(exc)), None
-        except OSError as exc:
-            if not is_disk_full(exc):
-                return self._crashed(ctx, exc)
-            return "failed", disk_full_message(ctx.home, f"`tistudio resume {ctx.run_id}`"), None
         except Exception as exc:  # noqa: BLE001 - a bug or an OOM: report it, keep the worker
+            if is_disk_full(exc):  # any job kind, any write: one message that says what to do
+                return "failed", disk_full_message(ctx.home, f"`tistudio resume {ctx.run_id}`"), None
             return self._crashed(ctx, exc)
 
     def _crashed(self, ctx: JobContext, exc: Exception) -> tuple[str, str, None]:

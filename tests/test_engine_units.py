@@ -241,3 +241,17 @@ def test_the_environment_that_matters(monkeypatch):
            "TISTUDIO_ENGINE_PID": "7", "PATH": "/bin"}
     assert device_probe.environment(env) == {"CUDA_VISIBLE_DEVICES": "0", "HF_HUB_OFFLINE": "1",
                                              "TISTUDIO_MODEL": "builtin:tiny"}
+
+
+def test_a_full_disk_is_recognised_however_a_library_reports_it(tmp_path):
+    from safetensors import SafetensorError
+
+    from engine.paths import disk_full_message, is_disk_full
+
+    assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert is_disk_full(SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"))
+    assert not is_disk_full(OSError(errno.EACCES, "Permission denied")) and not is_disk_full(ValueError("bad"))
+    message = disk_full_message(tmp_path, "resume it")
+    assert message.startswith(f"the disk is full ({tmp_path} has ") and message.endswith("then resume it")
+    assert "\n" not in message

@@ -101,7 +101,7 @@ def test_malformed_requests_are_refused_with_a_reason(line, match):
 def test_nested_and_worker_messages_are_checked():
     with pytest.raises(ProtocolError, match="JobSpec: missing field 'kind'"):
         protocol.parse_worker_command({"op": "run", "job": {"run_id": "a", "run_dir": "/x"}})
-    with pytest.raises(ProtocolError, match="unknown worker message"):
+    with pytest.raises(ProtocolError, match="unknown msg 'shout'"):
         protocol.parse_worker_message({"msg": "shout"})
     with pytest.raises(ProtocolError, match="expected msg='hello'"):
         protocol.Hello.from_wire({"msg": "event", "pid": 3})

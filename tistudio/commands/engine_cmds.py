@@ -48,9 +48,11 @@ def status(args) -> int:
 
 def describe(state: dict) -> list[str]:
     """`engine status` for people: one labelled line per thing."""
+    from tistudio.engine_bridge import fmt_duration  # the studio's formatters, shared
+
     running = state["engine"] == "running"
     if running:
-        head = (f"running · pid {state['pid']} · up {_duration(state.get('uptime', 0))} · "
+        head = (f"running · pid {state['pid']} · up {fmt_duration(state.get('uptime', 0))} · "
                 f"{_plural(state.get('clients', 0), 'client')} · home {state.get('home')}")
     else:
         head = f"not running (it starts on demand) · home {state.get('home')}"
@@ -65,14 +67,17 @@ def describe(state: dict) -> list[str]:
 
 
 def _device(device: dict, running: bool) -> str:
+    from tistudio.engine_bridge import fmt_bytes
+
     text = device.get("device", "unknown")
     if device.get("name"):
         text += f" · {device['name']}"
     if device.get("vram_total"):
         used = device.get("vram_used_device")
-        text += f" · {_gib(device['vram_total'])} GiB" + (f", {_gib(used)} GiB in use" if used is not None else "")
+        text += f" · {fmt_bytes(device['vram_total'])}" + (f", {fmt_bytes(used)} in use" if used is not None else "")
     if device.get("vram_allocated") is not None:
-        text += f" · worker: {_gib(device['vram_allocated'])} GiB allocated, {_gib(device['vram_reserved'])} reserved"
+        text += (f" · worker: {fmt_bytes(device['vram_allocated'])} allocated, "
+                 f"{fmt_bytes(device.get('vram_reserved'))} reserved")
     if device.get("torch"):
         text += f" · torch {device['torch']}"
     source = {"worker": "the worker's torch", "nvidia-smi": "nvidia-smi", "driver": "the NVIDIA driver",
@@ -110,21 +115,6 @@ def _storage(storage: dict) -> str:
     if held:
         text += f"; holding {_plural(len(held), 'run status', 'run statuses')} in memory ({', '.join(held)})"
     return text
-
-
-def _duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    minutes, seconds = divmod(seconds, 60)
-    if minutes < 60:
-        return f"{minutes}m {seconds:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}h {minutes:02d}m"
-
-
-def _gib(n: float) -> str:
-    return f"{n / 2**30:.1f}"
 
 
 def _plural(n: int, one: str, many: str | None = None) -> str:
