@@ -115,6 +115,7 @@ class EngineServer:
         with contextlib.suppress(FileNotFoundError):
             socket_path(self.home).unlink()
         await self.scheduler.shutdown(self._stop_reason)
+        self.ledger.retry()  # a last try: what stays unwritten, the next engine recovers as interrupted
         for task in tasks:
             task.cancel()
         await self._close_clients()

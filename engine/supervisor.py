@@ -207,7 +207,10 @@ class WorkerSupervisor:
             run_id, self.in_flight = self.in_flight, None
         if self._device_answer and not self._device_answer.done():
             self._device_answer.set_result(None)
-        self._on_exit(worker, code, run_id)
+        try:
+            self._on_exit(worker, code, run_id)
+        except Exception:  # logged: the next job still gets a fresh worker
+            log.exception("could not handle the exit of worker %d", worker.pid)
 
 
 def describe_exit(code: int | None) -> str:
