@@ -1,4 +1,4 @@
-# tistudio — two commands on a fresh machine: `make run` and `make test`.
+# tistudio — two commands on a fresh machine: `make run` and `make test` (lint, then the tests).
 #
 # Torch is installed first and pinned, so an install never pulls gigabytes by
 # surprise.  On a GPU box pick your own build, e.g.
@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 MODEL ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench wheels bench-device clean
+.PHONY: install run lint test bench wheels bench-device clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/tistudio $(if $(MODEL),--model $(MODEL))
 
-test: $(STAMP)
+# ruff's rules are in pyproject.toml ([tool.ruff]); `$(VENV)/bin/ruff check --fix .` sorts imports.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

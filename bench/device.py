@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import run
-from bench.wheels import NOT_CARRIED, WHEEL_DIR, canonical, parse_requirement, tested_versions
+from bench import run  # noqa: E402 (after the path set-up above)
+from bench.wheels import NOT_CARRIED, WHEEL_DIR, canonical, parse_requirement, tested_versions  # noqa: E402
 
 REPORT_TITLES = {"does_not_fit": "does not fit", "outside_project_ranges": "does not fit",
                  "differs_from_tested": "fits, untested", "shadowed": "shadowed", "declared_not_needed": "not needed"}

@@ -288,7 +288,7 @@ def versions() -> dict:
             module = import_module(name)
             found[name] = getattr(module, "__version__", "?")
             found[f"{name}_from"] = str(Path(module.__file__).parent)
-        except Exception as exc:  # a missing wheel shows here, before any variant runs
+        except Exception as exc:  # noqa: BLE001 - a missing wheel shows here, before any variant runs
             found[name] = None
             found[f"{name}_error"] = f"{type(exc).__name__}: {exc}"
     return found

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.variants import CUDA_BUDGET_S, MODELS, Variant, select
+from bench.variants import CUDA_BUDGET_S, MODELS, Variant, select  # noqa: E402 (after the path set-up)
 
 MEASURE = ROOT / "bench" / "measure.py"
 MIN_SLOT_S = 20  # a variant is not started with less of the budget left than this

@@ -119,7 +119,10 @@ def wheel_metadata(wheel: Path) -> tuple[str, str, list[str]]:
         meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
         text = zf.read(meta).decode("utf-8")
     fields = [line.split(": ", 1) for line in text.split("\n\n")[0].splitlines() if ": " in line]
-    get = lambda key: [v for k, v in fields if k == key]
+
+    def get(key: str) -> list[str]:
+        return [v for k, v in fields if k == key]
+
     return get("Name")[0], get("Version")[0], get("Requires-Dist")
 
 

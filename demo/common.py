@@ -133,3 +133,30 @@ def save_fp16(state: dict[str, torch.Tensor], path: Path, metadata: dict | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
     save_file(tensors, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+
+# --- resumable training state (the build folder's *_ckpt.pt) ------------------------------------
+
+
+def save_checkpoint(path: Path, rng: np.random.Generator, step: int, **stateful) -> None:
+    """Write the state of every `stateful` thing (models, an EMA copy, optimizers: anything with
+    state_dict) with both RNG streams and the step, atomically (a temp file renamed over `path`)."""
+    state = {name: obj.state_dict() for name, obj in stateful.items()}
+    state.update(rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(), step=step)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def resume(path: Path, rng: np.random.Generator, **stateful) -> int:
+    """Load what `save_checkpoint` wrote into the same things and RNG streams; return the step it
+    was saved at, or 0 (touching nothing) when there is no checkpoint yet."""
+    if not path.exists():
+        return 0
+    ck = torch.load(path, weights_only=True)
+    for name, obj in stateful.items():
+        obj.load_state_dict(ck[name])
+    rng.bit_generator.state = ck["rng"]
+    torch.set_rng_state(ck["torch_rng"])
+    print(f"resumed at step {ck['step']}", flush=True)
+    return ck["step"]

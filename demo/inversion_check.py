@@ -101,8 +101,10 @@ def run_concept(record: dict, steps: int, n: int, seed: int, lr: float, out_dir:
     return {
         "concept": record["name"], "property": record["property"], "steps": steps, "lr": lr, "seed": seed,
         "train_seconds": round(train_s, 1), "images_per_prompt": n,
-        "SD": {"reconstruction": round(sd[0], 4), "editability": round(sd[1], 4), "per_prompt": [round(x, 4) for x in sd[2]]},
-        "SD+TI": {"reconstruction": round(ti[0], 4), "editability": round(ti[1], 4), "per_prompt": [round(x, 4) for x in ti[2]]},
+        "SD": {"reconstruction": round(sd[0], 4), "editability": round(sd[1], 4),
+               "per_prompt": [round(x, 4) for x in sd[2]]},
+        "SD+TI": {"reconstruction": round(ti[0], 4), "editability": round(ti[1], 4),
+                  "per_prompt": [round(x, 4) for x in ti[2]]},
     }
 
 

@@ -20,7 +20,19 @@ import torch
 import torch.nn.functional as F
 
 from demo import world as W
-from demo.common import BUILD, LOGS, Log, clip_text_ids, encode_text_short, judge_report, roundtrip, save_fp16, to_tensor
+from demo.common import (
+    BUILD,
+    LOGS,
+    Log,
+    clip_text_ids,
+    encode_text_short,
+    judge_report,
+    resume,
+    roundtrip,
+    save_checkpoint,
+    save_fp16,
+    to_tensor,
+)
 from engine import demo_model
 
 
@@ -111,17 +123,9 @@ def main(argv=None) -> None:
     model = demo_model.build_clip()
     opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     rng = np.random.default_rng(args.seed)
-    start = 0
     log = Log(args.log, {"script": "demo/train_clip.py", "args": vars(args), "pool_seed": 1, "eval_seed": 99,
                          "params": sum(p.numel() for p in model.parameters())})
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        rng.bit_generator.state = ck["rng"]
-        torch.set_rng_state(ck["torch_rng"])
-        start = ck["step"]
-        print(f"resumed at step {start}", flush=True)
+    start = resume(ckpt_path, rng, model=model, opt=opt)
 
     t = time.time()
     pool_scenes = W.scenes(1, args.pool)
@@ -180,9 +184,7 @@ def main(argv=None) -> None:
             model.train()
             log.eval(done, **report)
             print(f"eval {done}: {report}", flush=True)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "rng": rng.bit_generator.state,
-                        "torch_rng": torch.get_rng_state(), "step": done}, ckpt_path.with_suffix(".tmp"))
-            ckpt_path.with_suffix(".tmp").replace(ckpt_path)
+            save_checkpoint(ckpt_path, rng, done, model=model, opt=opt)
             log.save()
     model.eval()
     save_fp16(model.state_dict(), __import__("pathlib").Path(args.out), {"steps": args.steps, "seed": args.seed})

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from demo import world as W
-from demo.common import BUILD, LOGS, Log, roundtrip, save_fp16, to_tensor
+from demo.common import BUILD, LOGS, Log, resume, roundtrip, save_checkpoint, save_fp16, to_tensor
 from engine import demo_model
 
 POOL_SEED = 2  # the generator's training pictures (the judge's are seed 1, evaluations seed 99+)
@@ -48,12 +48,6 @@ def _render_pool(n: int, seed: int, p_roundtrip: float = 0.2):
     return scenes, images
 
 
-def _save_ckpt(path: Path, **state) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-
-
 # --- stage 1: the VAE ---------------------------------------------------------------------------
 
 
@@ -69,15 +63,7 @@ def train_vae(args) -> None:
     rng = np.random.default_rng(args.seed)
     log = Log(LOGS / "vae.json", {"script": "demo/train_t2i.py vae", "args": vars(args), "pool_seed": POOL_SEED,
                                   "params": sum(p.numel() for p in vae.parameters())})
-    start = 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        vae.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        rng.bit_generator.state = ck["rng"]
-        torch.set_rng_state(ck["torch_rng"])
-        start = ck["step"]
-        print(f"resumed at step {start}", flush=True)
+    start = resume(ckpt_path, rng, model=vae, opt=opt)
     _, pool = _render_pool(args.pool, POOL_SEED)
     t_log, acc, kl_acc, n_acc = time.time(), 0.0, 0.0, 0
     for step in range(start, args.steps):
@@ -104,8 +90,7 @@ def train_vae(args) -> None:
             print(f"vae step {done} mse {acc / n_acc:.5f} kl {kl_acc / n_acc:.1f} {rate:.2f} it/s", flush=True)
             t_log, acc, kl_acc, n_acc = time.time(), 0.0, 0.0, 0
         if done % 250 == 0 or done == args.steps:
-            _save_ckpt(ckpt_path, model=vae.state_dict(), opt=opt.state_dict(), rng=rng.bit_generator.state,
-                       torch_rng=torch.get_rng_state(), step=done)
+            save_checkpoint(ckpt_path, rng, done, model=vae, opt=opt)
             log.save()
     vae.eval()
     report = vae_report(vae)
@@ -176,16 +161,7 @@ def train_unet(args) -> None:
     rng = np.random.default_rng(args.seed)
     log = Log(LOGS / "unet.json", {"script": "demo/train_t2i.py unet", "args": vars(args), "pool_seed": POOL_SEED,
                                    "params": sum(p.numel() for p in unet.parameters())})
-    start = 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=False)
-        unet.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["opt"])
-        rng.bit_generator.state = ck["rng"]
-        torch.set_rng_state(ck["torch_rng"])
-        start = ck["step"]
-        print(f"resumed at step {start}", flush=True)
+    start = resume(ckpt_path, rng, model=unet, ema=ema, opt=opt)
 
     latents_path = build / f"latents_{args.pool}.pt"
     scenes, pool = _render_pool(args.pool, POOL_SEED)
@@ -248,8 +224,7 @@ def train_unet(args) -> None:
             print(f"unet step {done} loss {acc / n_acc:.4f} {rate:.2f} it/s", flush=True)
             t_log, acc, n_acc = time.time(), 0.0, 0
         if done % args.save_every == 0 or done == args.steps:
-            _save_ckpt(ckpt_path, model=unet.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                       rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(), step=done)
+            save_checkpoint(ckpt_path, rng, done, model=unet, ema=ema, opt=opt)
             save_fp16(ema.state_dict(), build / "unet_ema.safetensors", {"steps": done})
             log.save()
     save_fp16(ema.state_dict(), demo_model.UNET_WEIGHTS, {"steps": args.steps, "seed": args.seed, "ema": args.ema})

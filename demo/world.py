@@ -26,7 +26,7 @@ the mushroom toy (an object) and the halftone style (a style).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -390,10 +390,6 @@ def concept_scenes(concept: Concept) -> list[Scene]:
 def upsample(image: np.ndarray, factor: int = 4) -> np.ndarray:
     """NEAREST upsampling (the library refuses images under 64 px)."""
     return image.repeat(factor, 0).repeat(factor, 1)
-
-
-def with_style(scene: Scene, style: str) -> Scene:
-    return replace(scene, style=style)
 
 
 # --- the sample library -------------------------------------------------------------------------

@@ -6,14 +6,13 @@
             ...
 
 From synchronous code (the CLI):  `call("submit", "train", concept="cat")`.
-Imports no torch; the wire protocol is described in engine.server.
+Imports no torch; the wire protocol is engine.protocol.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -22,10 +21,11 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import engine
+from engine import protocol
 from engine.errors import EngineError, UserError
 from engine.jobs import FINAL, code_version, pid_alive
 from engine.paths import ensure_private_dir, home_dir
-from engine.server import STREAM_LIMIT, engine_dir, log_path, socket_address, socket_path
+from engine.protocol import STREAM_LIMIT, engine_dir, log_path, socket_address, socket_path
 
 CONNECT_TIMEOUT = 20.0
 MAX_LOG_BYTES = 5 * 1024 * 1024
@@ -70,8 +70,9 @@ class EngineClient:
             try:
                 self._reader, self._writer = await self._open()
                 # Bounded: an engine that accepts but never answers must not hang us.
-                hello = await asyncio.wait_for(self._call({"op": "ping"}), max(1.0, deadline - loop.time()))
-                self.server_pid = hello.get("pid")
+                hello = protocol.PingAnswer.from_wire(
+                    await asyncio.wait_for(self._call(protocol.Ping()), max(1.0, deadline - loop.time())))
+                self.server_pid = hello.pid
                 if start and await self._replaced_stale(hello):
                     continue  # an idle engine from older code stopped: start ours
                 return self
@@ -92,14 +93,14 @@ class EngineClient:
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.25)
 
-    async def _replaced_stale(self, hello: dict) -> bool:
+    async def _replaced_stale(self, hello: protocol.PingAnswer) -> bool:
         """Stop an idle engine whose code differs from ours (an upgrade or an edit since it
         started); a busy one is left alone, its jobs matter more."""
-        if self._version_checked or hello.get("version") == code_version():
+        if self._version_checked or hello.version == code_version():
             return False
         self._version_checked = True
-        status = await self._call({"op": "status", "device": False})
-        if status.get("running") or status.get("queue"):
+        status = protocol.StatusAnswer.from_wire(await self._call(protocol.Status(device=False)))
+        if status.running or status.queue:
             return False
         await self.stop(force=False, wait=True)
         return True
@@ -150,53 +151,62 @@ class EngineClient:
 
     # -- requests
 
-    async def _call(self, request: dict) -> dict:
+    async def _call(self, request: protocol.Message) -> dict:
         if self._writer is None:
             raise EngineError("not connected; call connect() first")
         async with self._lock:
-            self._writer.write((json.dumps(request) + "\n").encode())
+            self._writer.write(protocol.encode(request))
             await self._writer.drain()
             line = await self._reader.readline()
         if not line:
             raise ConnectionResetError("the engine closed the connection")
-        return _checked(json.loads(line))
+        return _checked(protocol.decode(line))
 
-    async def request(self, op: str, **fields: Any) -> dict:
-        """Send one request; a lost connection becomes EngineError."""
+    async def request(self, request: protocol.Message, answer: type[protocol.Message]) -> Any:
+        """Send one request and read its answer as `answer`; a lost connection or a
+        malformed answer becomes EngineError."""
         try:
-            return await self._call({"op": op, **fields})
+            return answer.from_wire(await self._call(request))
         except _NOT_THERE as exc:
             raise EngineError(f"lost the connection to the engine: {exc}") from None
+        except protocol.ProtocolError as exc:
+            raise EngineError(f"the engine answered {request.NAME} oddly ({exc}); is it an older version?") from None
 
     async def ping(self) -> dict:
-        return await self.request("ping")
+        return (await self.request(protocol.Ping(), protocol.PingAnswer)).to_wire()
 
     async def status(self, device: bool = True) -> dict:
-        """pid, version, uptime, queue, queued, running, worker_pid, device {device, vram_* …}."""
-        return await self.request("status", device=device)
+        """The engine's state as a dict (engine.protocol.StatusAnswer): pid, version, uptime,
+        queue, queued, running (the running job or None), worker_pid, device, environment, storage …"""
+        return (await self.request(protocol.Status(device=device), protocol.StatusAnswer)).to_wire()
 
     async def submit(self, kind: str | None = None, concept: str | None = None,
                      params: dict | None = None, resume: str | None = None) -> str:
         """Queue a job (or re-queue run `resume`, merging `params` into its own); return the run id."""
         if resume:
-            answer = await self.request("submit", resume=resume, params=params)
+            request = protocol.Submit(resume=resume, params=params)
         else:
-            answer = await self.request("submit", kind=kind, concept=concept, params=params or {})
-        return answer["run_id"]
+            request = protocol.Submit(kind=kind, concept=concept, params=params or {})
+        return (await self.request(request, protocol.SubmitAnswer)).run_id
 
     async def cancel(self, run_id: str) -> str:
         """Cancel a queued or running job; returns "cancelled" or "cancelling"."""
-        return (await self.request("cancel", run_id=run_id))["status"]
+        return (await self.request(protocol.Cancel(run_id), protocol.CancelAnswer)).status
 
     async def jobs(self) -> list[dict]:
         """Every run (oldest first): run.json fields plus run_dir and queue position."""
-        return (await self.request("jobs"))["jobs"]
+        return (await self.request(protocol.Jobs(), protocol.JobsAnswer)).jobs
+
+    async def listing(self) -> dict:
+        """`jobs` with the engine's view around it (engine.protocol.JobsAnswer): jobs, queue,
+        running, and storage (whether it can write to its home; if not, why)."""
+        return (await self.request(protocol.Jobs(), protocol.JobsAnswer)).to_wire()
 
     async def stop(self, force: bool = False, wait: bool = True) -> None:
         """Ask the engine to exit (force: even with jobs queued or running, which become
         interrupted); with wait, return once its process is gone."""
         pid = self.server_pid
-        await self.request("stop", force=force)
+        await self.request(protocol.Stop(force=force), protocol.StopAnswer)
         await self._drop()
         if wait and pid:
             deadline = time.monotonic() + self.timeout
@@ -211,22 +221,31 @@ class EngineClient:
     async def events(self, run_id: str, after_seq: int = 0, follow: bool = True) -> AsyncIterator[dict]:
         """Yield the run's events with seq > after_seq, then (follow) live ones until the
         run reaches a final status.  Uses a connection of its own.  To resume after a
-        lost connection, call again with after_seq = the last seq seen."""
+        lost connection, call again with after_seq = the last seq seen.
+
+        When the disk refused the run's final status event, the engine still knows it:
+        the stream then ends with that status event made up from memory (no seq, and
+        "unsaved": why it is not on disk)."""
         sub = EngineClient(self.home, timeout=self.timeout)
         await sub.connect()
+        last_status = None
         try:
-            sub._writer.write((json.dumps({"op": "subscribe", "run_id": run_id,
-                                           "after_seq": after_seq, "follow": follow}) + "\n").encode())
+            sub._writer.write(protocol.encode(protocol.Subscribe(run_id, after_seq, follow)))
             await sub._writer.drain()
             while True:
                 line = await sub._reader.readline()
                 if not line:
                     raise EngineError(f"the engine went away while following run {run_id}")
-                msg = _checked(json.loads(line))
-                for event in msg.get("events", ()):
-                    yield event
+                msg = _checked(protocol.decode(line))
                 if msg.get("end"):
+                    end = protocol.StreamEnd.from_wire(msg)
+                    if end.unsaved and end.status != last_status:
+                        yield {"type": "status", "status": end.status, "error": end.reason, "unsaved": end.unsaved}
                     return
+                for event in protocol.EventBatch.from_wire(msg).events:
+                    if event.get("type") == "status":
+                        last_status = event.get("status")
+                    yield event
         finally:
             await sub.close()
 
@@ -248,8 +267,10 @@ class EngineClient:
 
 
 def _checked(msg: dict) -> dict:
-    if isinstance(msg, dict) and "error" in msg:
-        raise (UserError if msg.get("user") else EngineError)(msg["error"])
+    """`msg`, unless it is an ErrorAnswer: then UserError (user=True) or EngineError."""
+    if "error" in msg:
+        answer = protocol.ErrorAnswer.from_wire(msg)
+        raise (UserError if answer.user else EngineError)(answer.error)
     return msg
 
 

@@ -6,27 +6,40 @@
 * seeds  one run per training seed;
 * runs   finished runs side by side (e.g. the members of a sweep job).
 
-init and seeds train their runs together with `train_many` (K runs in one UNet
-call, each ending where its solo run would), then measure each run the way
-`metrics.evaluate` does.  Reports live in `<concept>/experiments/<kind>-<id>/`.
+init and seeds run as an engine job (`engine.handlers.handle_experiment`): the
+job trains its member runs together (`engine.sweeps.train_sweep`: K runs in one
+UNet call, each ending where its solo run would, resumable), then measures each
+run the way `metrics.evaluate` does.  Reports live in
+`<concept>/experiments/<kind>-<id>/`.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 from engine.errors import UserError
 from engine.generate import (
-    GenerateRequest, checkpoint_steps, done_runs, load_used, make_grid, save_png, sub_progress,
+    GenerateRequest,
+    checkpoint_steps,
+    done_runs,
+    load_used,
+    make_grid,
+    save_png,
+    sub_progress,
     timestamp_id,
 )
-from engine.library import initializer_ids
+from engine.jobs import load_run
 from engine.metrics import (
-    NOTES, check_templates, load_clip, measure, scores_only, training_images,
+    NOTES,
+    check_templates,
+    load_clip,
+    measure,
+    scores_only,
+    training_images,
 )
 from engine.paths import atomic_write_json, atomic_write_text, ensure_private_dir, read_json
-from engine.prompts import edit_prompts, fill, neutral_prompt, synthesis_prompts  # noqa: F401 (re-exported)
+from engine.prompts import edit_prompts, fill, neutral_prompt, synthesis_prompts
+from engine.sweeps import train_sweep
 
 
 def _experiment_dir(concept, kind: str) -> tuple[str, Path]:
@@ -105,17 +118,26 @@ def steps_experiment(model, library, name: str, run_id: str | None = None, at: l
         model, library, concept, [f"{concept.name}@{run_id}:{s}" for s in steps], prompts, clip_model, train_embs,
         exp_dir, [f"step-{s}" for s in steps], images, seed, sample_steps, guidance, batch_size, progress, cancelled,
     )
-    templates = [neutral_prompt(concept.property)] + prompts
-    save_png(exp_dir / "grid.png", _grid(columns, [f"step {s}" for s in steps], templates, concept.token))
     points = [{"step": s, **scores_only(c), "per_prompt": c["per_prompt"]} for s, c in zip(steps, columns)]
     curve = {"id": exp_id, "kind": "steps", "run": run_id, "steps": steps, "points": points,
              **_common(concept, model, clip_model, prompts, images, seed, sample_steps, guidance)}
-    atomic_write_json(exp_dir / "curve.json", curve)
-    atomic_write_text(exp_dir / "curve.txt", curve_text(points))
+    return _write_report(exp_dir, concept, prompts, columns, [f"step {s}" for s in steps], curve,
+                         "curve", "curve.txt", curve_text(points), progress)
+
+
+def _write_report(exp_dir: Path, concept, prompts: list[str], columns: list[dict], col_labels: list[str],
+                  data: dict, name: str, text_name: str, text: str, progress) -> dict:
+    """Every report ends the same way: grid.png (prompts x columns), `name`.json, a text
+    version, progress at 100%, and the data returned with the paths of what was written
+    (keys grid, `name`_json and the text file's name with "_" for ".", e.g. table_md)."""
+    templates = [neutral_prompt(concept.property)] + prompts
+    save_png(exp_dir / "grid.png", _grid(columns, col_labels, templates, concept.token))
+    atomic_write_json(exp_dir / f"{name}.json", data)
+    atomic_write_text(exp_dir / text_name, text)
     if progress:
         progress("done", 1.0)
-    return {**curve, "dir": str(exp_dir), "grid": str(exp_dir / "grid.png"),
-            "curve_json": str(exp_dir / "curve.json"), "curve_txt": str(exp_dir / "curve.txt")}
+    return {**data, "dir": str(exp_dir), "grid": str(exp_dir / "grid.png"),
+            f"{name}_json": str(exp_dir / f"{name}.json"), text_name.replace(".", "_"): str(exp_dir / text_name)}
 
 
 def curve_text(points: list[dict]) -> str:
@@ -141,37 +163,46 @@ def curve_text(points: list[dict]) -> str:
 
 # --- init words and seeds: K runs trained together ---------------------------------------------------
 
+SWEEP_AXES = {"init": "inits", "seeds": "seeds"}  # experiment kind -> the sweep param it varies
 
-def train_sweep(model, concept, exp_id: str, configs: list[tuple[str, object]], progress=None,
-                cancelled=None) -> list[str]:
-    """Train K runs together (engine.runs), each a full run directory with its own event log."""
-    from engine import runs
 
-    for _, config in configs:
-        config.validate()
-        initializer_ids(model.tokenizer, config.init, config.vectors)  # before any directory exists
-    home = concept.path.parent.parent  # <home>/concepts/<name>
-    dirs = runs.create_members(home, concept.name, [asdict(config) for _, config in configs],
-                               extra=[{"experiment": exp_id, "label": label} for label, _ in configs])
-    members = runs.start_members(home, dirs, is_cancelled=cancelled)
+def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict | None = None, *,
+                     prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
+                     seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int = 4,
+                     progress=None, cancelled=None) -> dict:
+    """One run per initializer word (kind "init", section 4.2) or per training seed ("seeds",
+    section 4.3), the other settings shared (`train`), trained together as the members of
+    experiment job `ctx`, then measured side by side.  `seed` is the sampling seed; a
+    training seed is `train["seed"]`."""
+    if kind not in SWEEP_AXES:
+        raise UserError(f"unknown sweep experiment {kind!r}; choose {' or '.join(SWEEP_AXES)}")
+    values = list(dict.fromkeys(str(v).strip() if kind == "init" else int(v) for v in values))
+    if not values or not all(str(v) for v in values):
+        raise UserError("give at least one initializer word, e.g. --words building,tower" if kind == "init"
+                        else "give at least one seed, e.g. --seeds 0,1")
+    fixed = {"token", "property", SWEEP_AXES[kind], {"init": "init", "seeds": "seed"}[kind]} & set(train or {})
+    if fixed:
+        raise UserError(f"train options cannot set {', '.join(sorted(fixed))}: the experiment sets them")
+    concept, prompts, clip_model, train_embs = _setup(model, library, ctx.spec["concept"], prompts, clip,
+                                                      clip_weights, images)
+    # A resumed job keeps its report folder (and its members, found by train_sweep).
+    exp_id = load_run(ctx.run_dir).get("experiment") or f"{kind}-{timestamp_id()}"
+    ctx.set_progress(experiment=exp_id)
+    exp_dir = ensure_private_dir(concept.path / "experiments" / exp_id)
+    labels = [f"{'init' if kind == 'init' else 'seed'} {v}" for v in values]
+    # Previews are off by default: the grid shows every run side by side anyway.
+    params = {"preview_every": 0, **(train or {}), SWEEP_AXES[kind]: values}
+    training = sub_progress(progress, 0.0, 0.6)
 
     def on_step(fields: dict) -> None:
-        if progress:
-            progress(f"training step {fields['step']}/{fields['steps']}", fields["step"] / fields["steps"])
+        if training:
+            training(f"training step {fields['step']}/{fields['steps']}", fields["step"] / fields["steps"])
 
-    runs.train_members(model, concept, members, on_step=on_step)
-    return [d.name for d in dirs]
-
-
-def _sweep(model, library, name: str, kind: str, configs_for, labels: list[str], *, prompts, images, clip,
-           clip_weights, seed, sample_steps, guidance, batch_size, progress, cancelled) -> dict:
-    concept, prompts, clip_model, train_embs = _setup(model, library, name, prompts, clip, clip_weights, images)
-    configs = list(zip(labels, configs_for(concept)))
-    exp_id, exp_dir = _experiment_dir(concept, kind)
-    run_ids = train_sweep(model, concept, exp_id, configs, sub_progress(progress, 0.0, 0.6), cancelled)
+    members, _ = train_sweep(ctx, model, concept, params, on_step=on_step,
+                             extra=[{"experiment": exp_id, "label": label} for label in labels])
     return _report_runs(
-        model, library, concept, kind, exp_id, exp_dir, run_ids, labels, prompts, clip_model, train_embs,
-        images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
+        model, library, concept, kind, exp_id, exp_dir, [m.run_id for m in members], labels, prompts, clip_model,
+        train_embs, images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
         progress=sub_progress(progress, 0.6, 0.4), cancelled=cancelled,
     )
 
@@ -216,8 +247,6 @@ def _report_runs(model, library, concept, kind: str, exp_id: str, exp_dir: Path,
         model, library, concept, [f"{concept.name}@{r}" for r in run_ids], prompts, clip_model, train_embs,
         exp_dir, [f"run-{r}" for r in run_ids], images, seed, sample_steps, guidance, batch_size, progress, cancelled,
     )
-    templates = [neutral_prompt(concept.property)] + prompts
-    save_png(exp_dir / "grid.png", _grid(columns, labels, templates, concept.token))
     specs = [_run_spec(concept, r) for r in run_ids]
     runs = [
         {"run": r, "label": label, "init": spec.get("init"), "seed": spec.get("seed"), **scores_only(c),
@@ -227,56 +256,8 @@ def _report_runs(model, library, concept, kind: str, exp_id: str, exp_dir: Path,
     train = {k: v for k, v in specs[0].items() if k not in ("init", "seed", "token")}
     table = {"id": exp_id, "kind": kind, "runs": runs, "train": train,
              **_common(concept, model, clip_model, prompts, images, seed, sample_steps, guidance)}
-    atomic_write_json(exp_dir / "table.json", table)
-    atomic_write_text(exp_dir / "table.md", sweep_markdown(table))
-    if progress:
-        progress("done", 1.0)
-    return {**table, "dir": str(exp_dir), "grid": str(exp_dir / "grid.png"),
-            "table_json": str(exp_dir / "table.json"), "table_md": str(exp_dir / "table.md")}
-
-
-def _train_config(concept, steps: int, init: str, seed: int, options: dict | None):
-    from engine.train import TrainConfig
-
-    fixed = {"token", "init", "property", "steps", "seed"} & set(options or {})
-    if fixed:
-        raise UserError(f"train options cannot set {', '.join(sorted(fixed))}: the experiment sets them")
-    # Previews are off by default: the grid shows every run side by side anyway.
-    base = {"preview_every": 0, **(options or {})}
-    return TrainConfig(token=concept.token, init=init, property=concept.property, steps=steps, seed=seed, **base)
-
-
-def init_experiment(model, library, name: str, words: list[str], steps: int, seed: int = 0, *,
-                    prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
-                    sample_seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int = 4,
-                    train_options: dict | None = None, progress=None, cancelled=None) -> dict:
-    """One run per initializer word, same seed and settings (section 4.2)."""
-    words = list(dict.fromkeys(w.strip() for w in words))
-    if not words or not all(words):
-        raise UserError("give at least one initializer word, e.g. --words building,tower")
-    return _sweep(
-        model, library, name, "init", lambda c: [_train_config(c, steps, w, seed, train_options) for w in words],
-        [f"init {w}" for w in words], prompts=prompts, images=images, clip=clip, clip_weights=clip_weights,
-        seed=sample_seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
-        progress=progress, cancelled=cancelled,
-    )
-
-
-def seeds_experiment(model, library, name: str, seeds: list[int], steps: int, init: str | None = None, *,
-                     prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
-                     sample_seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int = 4,
-                     train_options: dict | None = None, progress=None, cancelled=None) -> dict:
-    """One run per training seed, same initializer and settings (section 4.3)."""
-    seeds = list(dict.fromkeys(int(s) for s in seeds))
-    if not seeds:
-        raise UserError("give at least one seed, e.g. --seeds 0,1")
-    return _sweep(
-        model, library, name, "seeds",
-        lambda c: [_train_config(c, steps, init or c.init, s, train_options) for s in seeds],
-        [f"seed {s}" for s in seeds], prompts=prompts, images=images, clip=clip, clip_weights=clip_weights,
-        seed=sample_seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
-        progress=progress, cancelled=cancelled,
-    )
+    return _write_report(exp_dir, concept, prompts, columns, labels, table, "table", "table.md",
+                         sweep_markdown(table), progress)
 
 
 def sweep_markdown(table: dict) -> str:

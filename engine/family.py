@@ -158,7 +158,8 @@ class SDXL(Family):
         pooled = out_2.text_embeds  # pooled at the EOS position (pool_at_eos), then projected
         return {
             "encoder_hidden_states": hidden,
-            "added_cond_kwargs": {"text_embeds": pooled, "time_ids": micro.to(device=hidden.device, dtype=hidden.dtype)},
+            "added_cond_kwargs": {"text_embeds": pooled,
+                                  "time_ids": micro.to(device=hidden.device, dtype=hidden.dtype)},
         }
 
     def _pipeline_options(self, pipe) -> dict:

@@ -19,7 +19,6 @@ import os
 import signal
 from pathlib import Path
 
-
 _armed = False
 
 

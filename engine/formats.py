@@ -162,7 +162,8 @@ def _diffusers_partner(path: Path, emb: Embedding) -> Path | None:
     if emb.format != "diffusers" or emb.vectors_2 is not None:
         return None
     stem = path.stem
-    other = path.with_name(stem[:-2] + path.suffix) if stem.endswith("_2") else path.with_name(stem + "_2" + path.suffix)
+    other_stem = stem[:-2] if stem.endswith("_2") else stem + "_2"
+    other = path.with_name(other_stem + path.suffix)
     return other if other.is_file() else None
 
 

@@ -45,8 +45,8 @@ from engine.errors import JobCancelled, UserError
 from engine.formats import Embedding, check_fits, embedding_sha256, read_embedding
 from engine.generate_request import MODES, GenerateRequest  # noqa: F401 (re-exported)
 from engine.paths import atomic_write_bytes, atomic_write_json, ensure_private_dir
-from engine.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 from engine.placeholder import installed_in_all
+from engine.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 
 SAMPLER = get_sampler(DEFAULT_SAMPLER).label  # previews and evaluations sample with the default
 GENERATOR = "torch.Generator('cpu').manual_seed(seed), one per image"

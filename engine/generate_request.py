@@ -61,7 +61,8 @@ class GenerateRequest:
             (math.isfinite(self.guidance) and self.guidance >= 0, "--guidance must be 0 or more"),
         ]
         for option, size in (("--resolution", self.resolution), ("--width", self.width), ("--height", self.height)):
-            checks.append((size is None or (size >= 8 and size % 8 == 0), f"{option} must be a multiple of 8, e.g. 512"))
+            ok = size is None or (size >= 8 and size % 8 == 0)
+            checks.append((ok, f"{option} must be a multiple of 8, e.g. 512"))
         for ok, message in checks:
             if not ok:
                 raise UserError(message)

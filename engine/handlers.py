@@ -7,40 +7,46 @@ the loaded model stays warm for the next job.
 
 from __future__ import annotations
 
-
 import contextlib
-import errno
-from pathlib import Path
 
 from engine.errors import UserError
 
 
 def warm_model(ctx, spec: str | None, precision: str = "auto", device: str | None = None):
     """The model for this job, reusing the one already loaded when it matches."""
-    from engine.gpu import frozen_dtype, pick_device
-    from engine.models import load_model, resolve_spec
+    from engine.models import load_model
 
-    spec = resolve_spec(spec)
-    dev = pick_device(device)
-    dtype = frozen_dtype(dev, precision)
-    key = (spec, str(dev), str(dtype))
+    key, dev, dtype = _model_key(spec, precision, device)
     cached = ctx.cache.get("model")
     if cached is None or cached[0] != key:
         ctx.cache.pop("model", None)  # one model at a time: give its memory back first
-        ctx.emit("log", message=f"loading model {spec} on {dev} ({str(dtype).replace('torch.', '')})")
-        ctx.cache["model"] = (key, load_model(spec, dev, dtype))
+        ctx.emit("log", message=f"loading model {key[0]} on {dev} ({str(dtype).replace('torch.', '')})")
+        ctx.cache["model"] = (key, load_model(key[0], dev, dtype))
     return ctx.cache["model"][1]
 
 
+def remember_model(cache: dict, model, spec: str | None, precision: str = "auto", device: str | None = None) -> None:
+    """Put a model already loaded from `spec` into a worker cache, as warm_model would
+    (tests and notebooks reuse one model across jobs this way)."""
+    cache["model"] = (_model_key(spec, precision, device)[0], model)
+
+
+def _model_key(spec: str | None, precision: str, device: str | None):
+    """(spec, device, dtype) as the cache knows a model, plus the device and dtype themselves."""
+    from engine.gpu import frozen_dtype, pick_device
+    from engine.models import resolve_spec
+
+    dev = pick_device(device)
+    dtype = frozen_dtype(dev, precision)
+    return (resolve_spec(spec), str(dev), str(dtype)), dev, dtype
+
+
 def handle_train(ctx) -> dict:
-    from engine.library import Library
-    from engine.runs import ContextReporter, train_config_from
+    from engine.sweeps import ContextReporter, train_config_from
     from engine.train import train
 
     params = ctx.params
-    concept = Library(ctx.home).get(ctx.spec["concept"])
-    if not concept.images:
-        raise UserError(f"concept {concept.name!r} has no training images; add images to it first")
+    concept = _trainable_concept(ctx)
     config = train_config_from(params, concept)
     config.validate()
     model = warm_model(ctx, params.get("model"), params.get("precision", "auto"), params.get("device"))
@@ -53,19 +59,18 @@ def handle_train(ctx) -> dict:
 
 @contextlib.contextmanager
 def _friendly_failures():
-    """Turn the failures a user can act on into one-line messages that say what to do."""
+    """Turn the failures a user can act on into one-line messages that say what to do
+    (a full disk is the worker's: it says so for every job kind)."""
     import torch
 
     try:
         yield
     except torch.OutOfMemoryError:
-        raise UserError("out of GPU memory; try --low-vram, a smaller --batch-size, or close other GPU programs") from None
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-        raise UserError("the disk is full (no space left while saving); free some space, then resume this run") from None
+        raise UserError("out of GPU memory; try --low-vram, a smaller --batch-size, "
+                        "or close other GPU programs") from None
     except FloatingPointError as exc:
-        raise UserError(f"{exc}; the last good checkpoint is kept — resume with a lower --lr or --precision fp32") from None
+        raise UserError(f"{exc}; the last good checkpoint is kept — "
+                        "resume with a lower --lr or --precision fp32") from None
 
 
 def _asdict(config) -> dict:
@@ -76,25 +81,10 @@ def _asdict(config) -> dict:
 
 def handle_sweep(ctx) -> dict:
     """K runs of one concept (seeds x initializer words) batched into one UNet call per step."""
-    members, finals = _train_members(ctx, ctx.params)
-    return {"members": [m.run_id for m in members], "embeddings": [str(f) for f in finals]}
+    from engine.sweeps import train_sweep
 
-
-def _train_members(ctx, params: dict):
-    """Create (or find, on resume) the job's member runs and train them together."""
-    from engine import runs
-    from engine.library import Library
-
-    concept = Library(ctx.home).get(ctx.spec["concept"])
-    if not concept.images:
-        raise UserError(f"concept {concept.name!r} has no training images; add images to it first")
-    names = load_members(ctx)
-    if names:
-        dirs = [ctx.run_dir.parent / n for n in names]
-    else:
-        dirs = runs.create_members(ctx.home, concept.name, runs.sweep_params(params), parent=ctx.run_id)
-        ctx.set_progress(members=[d.name for d in dirs])
-    members = runs.start_members(ctx.home, dirs, send=ctx.send, is_cancelled=ctx.is_cancelled)
+    params = ctx.params
+    concept = _trainable_concept(ctx)
     model = warm_model(ctx, params.get("model"), params.get("precision", "auto"), params.get("device"))
     ctx.set_progress(step=0, model=model.info.identity())
 
@@ -103,14 +93,17 @@ def _train_members(ctx, params: dict):
         ctx.set_progress(step=fields["step"], steps=fields["steps"])
 
     with _friendly_failures():
-        finals = runs.train_members(model, concept, members, on_step=mirror)
-    return members, finals
+        members, finals = train_sweep(ctx, model, concept, params, on_step=mirror)
+    return {"members": [m.run_id for m in members], "embeddings": [str(f) for f in finals]}
 
 
-def load_members(ctx) -> list[str]:
-    from engine.jobs import load_run
+def _trainable_concept(ctx):
+    from engine.library import Library
 
-    return load_run(ctx.run_dir).get("members") or []
+    concept = Library(ctx.home).get(ctx.spec["concept"])
+    if not concept.images:
+        raise UserError(f"concept {concept.name!r} has no training images; add images to it first")
+    return concept
 
 
 # --- generation, evaluation, experiments ---------------------------------------------------------
@@ -181,6 +174,8 @@ def handle_experiment(ctx) -> dict:
 
     p = ctx.params
     kind = p.get("kind")
+    if kind not in ("steps", *experiments.SWEEP_AXES):
+        raise UserError(f"unknown experiment {kind!r}; choose steps, init or seeds")
     clip, clip_weights = _clip(p)
     common = dict(images=int(p.get("images", 4)), clip=clip, clip_weights=clip_weights,
                   progress=_Progress(ctx), cancelled=ctx.cancelled, **_sampling(p))
@@ -192,20 +187,19 @@ def handle_experiment(ctx) -> dict:
         if kind == "steps":
             report = experiments.steps_experiment(model, library, ctx.spec["concept"], run_id=p.get("run"),
                                                   at=p.get("at"), **common)
-        elif kind in ("init", "seeds"):
-            train = {k: v for k, v in p.items() if k in _TRAIN_KEYS}
-            train[{"init": "inits", "seeds": "seeds"}[kind]] = p["values"]
-            members, _ = _train_members(ctx, train)
-            labels = [f"{kind[:-1] if kind == 'seeds' else 'init'} {v}" for v in p["values"]]
-            report = experiments.runs_experiment(model, library, ctx.spec["concept"], [m.run_id for m in members],
-                                                 labels, **common)
         else:
-            raise UserError(f"unknown experiment {kind!r}; choose steps, init or seeds")
+            train = {k: v for k, v in p.items() if k in _train_keys()}
+            report = experiments.sweep_experiment(ctx, model, library, kind, p.get("values") or [], train, **common)
     return {k: v for k, v in report.items() if k not in ("images",)}
 
 
-_TRAIN_KEYS = ("steps", "lr", "seed", "init", "batch_size", "save_every", "preview_every", "model", "precision",
-               "device", "lr_schedule", "warmup_steps", "center_crop")
+def _train_keys() -> set[str]:
+    """The params of an experiment job that are training settings (the rest are for measuring)."""
+    from dataclasses import fields
+
+    from engine.train import TrainConfig
+
+    return {f.name for f in fields(TrainConfig)} - {"token", "property"} | {"model", "precision", "device"}
 
 
 HANDLERS = {

@@ -11,17 +11,19 @@ worker died, the worker while the run is running.  Nothing here imports torch.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import json
 import os
 import re
 import secrets
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from engine import protocol
 from engine.errors import JobCancelled, UserError
 from engine.paths import atomic_write_json, ensure_private_dir, read_json
 
@@ -44,6 +46,7 @@ class EventLog:
     Each record is written by a single `os.write` on an O_APPEND descriptor, so a
     reader sees whole lines or nothing; a trailing partial line (a writer killed
     mid-write, a full disk) is ignored by `read` and fenced off by the next append.
+    A write the disk cut short raises OSError(ENOSPC) and does not use up its seq.
     One writer at a time: the seq counter is taken from the file when the first
     append of this instance happens, so a resumed run continues its numbering.
     """
@@ -52,6 +55,7 @@ class EventLog:
         self.path = Path(path)
         self._fd: int | None = None
         self._seq: int | None = None
+        self._fence = False  # our last write was cut short: start the next on a fresh line
         self._lock = threading.Lock()  # handlers may emit from their own threads
 
     def append(self, event: dict) -> dict:
@@ -59,10 +63,17 @@ class EventLog:
         with self._lock:
             if self._fd is None:
                 self._open()
+            if self._fence:
+                _write_all(self._fd, b"\n")
+                self._fence = False
+            record = {"seq": self._seq + 1, "t": round(time.time(), 3), **_without(event, ("seq", "t"))}
+            line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+            try:
+                _write_all(self._fd, line)
+            except OSError:
+                self._fence = True  # part of the line may be on disk; readers skip it once fenced
+                raise
             self._seq += 1
-            record = {"seq": self._seq, "t": round(time.time(), 3), **_without(event, ("seq", "t"))}
-            line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
-            os.write(self._fd, line.encode("utf-8"))
             return record
 
     def read(self, after_seq: int = 0) -> list[dict]:
@@ -91,14 +102,24 @@ class EventLog:
     def _open(self) -> None:
         ensure_private_dir(self.path.parent)
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        size = os.fstat(fd).st_size
-        if size and _last_byte(self.path) != b"\n":
-            os.write(fd, b"\n")  # fence off a partial line so our first record parses
-        self._fd, self._seq = fd, _scan_last_seq(self.path)
+        try:
+            if os.fstat(fd).st_size and _last_byte(self.path) != b"\n":
+                _write_all(fd, b"\n")  # fence off a partial line so our first record parses
+            self._seq = _scan_last_seq(self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
 
     def __del__(self):  # pragma: no cover - best effort
         if self._fd is not None:
             os.close(self._fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One os.write; a short one (the disk filled mid-line) is an error, not a silent truncation."""
+    if os.write(fd, data) != len(data):
+        raise OSError(errno.ENOSPC, "No space left on device (a short write)")
 
 
 def parse_lines(data: bytes) -> list[dict]:
@@ -177,8 +198,17 @@ def create_run(home: Path, spec: dict) -> Path:
     parent = home / "concepts" / concept / "runs" if concept else home / "jobs"
     ensure_private_dir(parent)
     run_dir = _claim_run_dir(home, parent)
-    record = {
-        "id": run_dir.name,
+    try:
+        atomic_write_json(run_dir / "run.json", _new_record(run_dir.name, kind, concept, params))
+    except BaseException:
+        shutil.rmtree(run_dir, ignore_errors=True)  # a full disk must not leave a run without a record
+        raise
+    return run_dir
+
+
+def _new_record(run_id: str, kind: str, concept: str | None, params: dict) -> dict:
+    return {
+        "id": run_id,
         "kind": kind,
         "concept": concept,
         "params": params,
@@ -195,8 +225,6 @@ def create_run(home: Path, spec: dict) -> Path:
         "attempts": 0,
         "versions": _versions(),
     }
-    atomic_write_json(run_dir / "run.json", record)
-    return run_dir
 
 
 def _check_spec(home: Path, spec: dict) -> tuple[str, str | None, dict]:
@@ -366,31 +394,40 @@ def pid_alive(pid: int | None) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
-def settle_members(run_dir: os.PathLike | str, status: str, error: str | None = None) -> list[tuple[str, str]]:
-    """A sweep's members (runs trained together in one job) end with it: any member
-    not yet final takes the parent's final status.  Returns (member id, status) pairs."""
-    if status not in FINAL:
-        return []
+def member_ids(run_dir: os.PathLike | str) -> list[str]:
+    """The run ids of a sweep job's members (runs trained together in one job); [] for others."""
     try:
-        members = load_run(run_dir).get("members") or []
+        return list(load_run(run_dir).get("members") or [])
     except (OSError, ValueError):
         return []
-    settled = []
-    for member_id in members:
-        member_dir = Path(run_dir).parent / member_id
-        with contextlib.suppress(OSError, ValueError):
-            if load_run(member_dir).get("status") not in FINAL:
-                set_status(member_dir, status, error=error)
-                settled.append((member_id, status))
-    return settled
+
+
+def last_status_event(run_dir: os.PathLike | str) -> dict | None:
+    """The run's last status event, if any."""
+    for event in reversed(EventLog(Path(run_dir) / "events.jsonl").read()):
+        if event.get("type") == "status":
+            return event
+    return None
 
 
 def last_status(run_dir: os.PathLike | str) -> str | None:
     """The status named by the run's last status event, if any."""
-    for event in reversed(EventLog(Path(run_dir) / "events.jsonl").read()):
-        if event.get("type") == "status":
-            return event.get("status")
-    return None
+    event = last_status_event(run_dir)
+    return event.get("status") if event else None
+
+
+def settle_run(run_dir: os.PathLike | str, status: str, error: str | None = None) -> dict | None:
+    """Give a run whose writer is gone (a dead worker, a job cancelled before it ran) its final
+    `status`.  When the log already ends with that status (the writer died, or the disk refused,
+    between the two writes of `set_status`) only run.json is brought in line with it; otherwise
+    both are written.  Returns the status event written, or None."""
+    if status not in FINAL:
+        raise ValueError(f"{status!r} is not a final status")
+    logged = last_status_event(run_dir)
+    if logged and logged.get("status") == status:
+        update_run(run_dir, status=status, error=logged.get("error", error), finished=logged.get("t"), pid=None)
+        return None
+    return set_status(run_dir, status, error=error)
 
 
 def recover_run(run_dir: os.PathLike | str, reason: str) -> str:
@@ -399,9 +436,9 @@ def recover_run(run_dir: os.PathLike | str, reason: str) -> str:
     interrupted so the user can resume it.  Returns the status it now has."""
     logged = last_status(run_dir)
     if logged in FINAL:
-        update_run(run_dir, status=logged, pid=None)
+        settle_run(run_dir, logged)
         return logged
-    set_status(run_dir, "interrupted", error=reason)
+    settle_run(run_dir, "interrupted", error=reason)
     return "interrupted"
 
 
@@ -422,7 +459,7 @@ class JobContext:
     home: Path
     cache: dict = field(default_factory=dict)  # lives as long as the worker: warm models
     resumed: bool = False
-    send: Callable[[dict], None] | None = None  # forwards to the engine server
+    send: Callable[[protocol.Message], None] | None = None  # forwards to the engine server
     is_cancelled: Callable[[], bool] | None = None
     log: EventLog | None = None
     progress_interval: float = 0.25  # seconds between progress messages to the server
@@ -449,7 +486,7 @@ class JobContext:
         with self.emit_lock:
             record = self.log.append({"type": type, **fields})
             if self.send:
-                self.send({"msg": "event", "run_id": self.run_id, "event": record})
+                self.send(protocol.Event(self.run_id, record))
         return record
 
     def set_progress(self, step: int | None = None, steps: int | None = None, **run_fields: Any) -> None:
@@ -468,7 +505,7 @@ class JobContext:
         urgent = bool(run_fields) or changed_steps
         if self.send and (urgent or now - self._sent_at >= self.progress_interval):
             self._sent_at = now
-            self.send({"msg": "progress", "run_id": self.run_id, **self._progress(), **run_fields})
+            self.send(protocol.Progress(self.run_id, self._step, self._steps, run_fields))
         if urgent or now - self._written_at >= self.write_interval:
             self._written_at = now
             self._dirty = False
@@ -480,7 +517,7 @@ class JobContext:
             self._dirty = False
             update_run(self.run_dir, **self._progress())
             if self.send:
-                self.send({"msg": "progress", "run_id": self.run_id, **self._progress()})
+                self.send(protocol.Progress(self.run_id, self._step, self._steps))
 
     def cancelled(self) -> bool:
         return bool(self.is_cancelled and self.is_cancelled())

@@ -16,18 +16,19 @@ Directories starting with "." (build and trash areas) are never concepts.
 
 from __future__ import annotations
 
-import sys
 import contextlib
 import datetime as _dt
 import os
 import secrets
 import shutil
+import sys
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import tomli_w
+import tomllib
 
 from . import images as _images
 from .errors import UserError
@@ -372,7 +373,7 @@ class Library:
         init: str,
         *,
         token: str | None = None,
-        property: str = "object",  # noqa: A002 - mirrors the concept field
+        property: str = "object",  # the concept field's name, though it shadows the builtin
         description: str | None = None,
         tokenizer=None,
     ) -> Concept:

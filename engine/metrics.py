@@ -25,7 +25,12 @@ import torch
 
 from engine.errors import UserError
 from engine.generate import (
-    SAMPLER, GenerateRequest, generate, load_used, sub_progress, timestamp_id,
+    SAMPLER,
+    GenerateRequest,
+    generate,
+    load_used,
+    sub_progress,
+    timestamp_id,
 )
 from engine.paths import atomic_write_json, atomic_write_text
 from engine.prompts import edit_prompts, fill, load_prompts, neutral_prompt, without_placeholder
@@ -103,7 +108,7 @@ def load_clip(name: str = "ViT-B-32", weights: os.PathLike | str | None = None, 
         _load_weights(model, name, Path(weights).expanduser())
         try:
             tokenizer = open_clip.get_tokenizer(name)
-        except Exception as exc:  # hub-backed tokenizers would need a download
+        except Exception as exc:  # noqa: BLE001 - hub-backed tokenizers would need a download
             raise UserError(
                 f"CLIP {name}'s tokenizer is not available offline ({type(exc).__name__}); use a CLIP ViT model"
             ) from None
@@ -131,7 +136,7 @@ def _pretrained_clip(name: str):
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag)
         return model, preprocess, open_clip.get_tokenizer(arch)
-    except Exception as exc:  # unknown tag, no network, not cached: all mean "not available"
+    except Exception as exc:  # noqa: BLE001 - unknown tag, no network, not cached: all mean "not available"
         raise UserError(
             f"CLIP {name} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
             "pass --clip-weights PATH to a local open_clip checkpoint"
@@ -167,7 +172,7 @@ def _read_state_dict(path: Path) -> dict:
             data = load_file(str(path))
         else:
             data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - a damaged or foreign file: say so, not why
         raise UserError(
             f"{path} could not be loaded safely as CLIP weights; give a .safetensors open_clip checkpoint"
         ) from None

@@ -144,7 +144,8 @@ def model_info(spec: str | None = None) -> ModelInfo:
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise UserError(f"{spec} is a folder without model_index.json; point --model at a diffusers pipeline folder")
+            raise UserError(f"{spec} is a folder without model_index.json; "
+                            "point --model at a diffusers pipeline folder")
         return _info_from_config_dir(spec, "diffusers", path)
     if path.is_file():
         return _single_file_info(spec, path)
@@ -243,9 +244,10 @@ def _hub_snapshot(repo_id: str) -> Path:
             allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"],
             ignore_patterns=["*ema*", "*.ckpt", "*fp32*", "safety_checker/*", "*.msgpack", "*.onnx"],
         )
-    except Exception as exc:  # hub errors are many; all mean "not available here"
+    except Exception as exc:  # noqa: BLE001 - hub errors are many; all mean "not available here"
         hint = "it is not in the local Hugging Face cache" if offline else f"{type(exc).__name__}"
-        raise UserError(f"model {repo_id!r} could not be resolved ({hint}); download it first or give a local path") from None
+        raise UserError(f"model {repo_id!r} could not be resolved ({hint}); "
+                        "download it first or give a local path") from None
     return Path(path)
 
 
@@ -256,15 +258,15 @@ def _single_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 
         try:
             with safe_open(str(path), framework="pt") as fh:
-                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
-        except Exception:
+                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+        except Exception:  # noqa: BLE001 - any failure means the file is not a checkpoint we can read
             raise UserError(f"{path} is not a readable .safetensors checkpoint; is the file complete?") from None
     if path.suffix == ".ckpt":
         import torch
 
         try:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure means it cannot be loaded safely
             raise UserError(f"{path} could not be loaded safely (weights_only); convert it to .safetensors") from None
         data = data.get("state_dict", data) if isinstance(data, dict) else {}
         return {k: tuple(v.shape) for k, v in data.items() if hasattr(v, "shape")}
@@ -281,7 +283,8 @@ def family_from_keys(keys) -> str:
     if has("conditioner.embedders.0.transformer.") and has("conditioner.embedders.1.model."):
         return "sdxl"
     if has("conditioner.embedders.0.model."):
-        raise NotSupportedError("this checkpoint is an SDXL refiner; refiners are not supported, use an SDXL base model")
+        raise NotSupportedError("this checkpoint is an SDXL refiner; refiners are not supported, "
+                                "use an SDXL base model")
     if has("conditioner.embedders"):
         raise NotSupportedError(f"this checkpoint's text encoders are not SDXL base's; {SUPPORTED} supported")
     if has("text_encoders.") or has("double_blocks.") or has("model.diffusion_model.joint_blocks."):

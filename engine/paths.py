@@ -8,8 +8,10 @@ file under its final name, even if the process is killed mid-write.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -91,3 +93,37 @@ def atomic_write_json(final: os.PathLike | str, obj: Any) -> None:
 
 def read_json(path: os.PathLike | str) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+# --- a full disk ---------------------------------------------------------------------------------
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_WORDS = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))  # "No space left on device" …
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for the error a full disk (or a spent quota) raises on a write: an OSError, or a
+    library's own error that quotes the OS (safetensors writes in Rust and raises
+    SafetensorError "… No space left on device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return exc.errno in _DISK_FULL
+    return any(words in str(exc) for words in _DISK_FULL_WORDS)
+
+
+def disk_full_message(path: os.PathLike | str, then: str) -> str:
+    """One line for a user whose disk is full: where, how much is left, what to free, and
+    `then`, what to do once there is room (e.g. "resume this run")."""
+    try:
+        free = _size(shutil.disk_usage(path).free)
+    except OSError:
+        free = "no space"
+    return (f"the disk is full ({path} has {free} free): free some space there "
+            f"(old runs' checkpoints and outputs/ are the largest things tistudio keeps), then {then}")
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

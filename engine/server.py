@@ -1,4 +1,4 @@
-"""The engine process: owns the job queue, one worker, and the socket clients talk to.
+"""The engine process: the socket clients talk to, and its lifecycle.
 
     python -m engine.server --home DIR [--idle SECONDS]
 
@@ -12,21 +12,23 @@ running and no client has been connected for the idle period
 
 Files, in <home>/engine/ (0700):  engine.sock (0600), engine.lock, engine.pid, engine.log.
 
-Wire protocol: newline-delimited JSON over the Unix socket.  Each request is one
-object with an "op"; each gets one response object, except `subscribe`, which
-streams.  A failed request is answered {"error": message, "user": bool}; user=True
-marks a mistake the user can fix (an unknown run id …).
+The server is assembled from units that each hold one concern:
 
-    {"op": "ping"}                                   -> {"ok": true, "pid", "version", "protocol"}
-    {"op": "status", "device": true}                 -> {"pid", "version", "uptime", "queue", "queued",
-                                                         "running", "worker_pid", "device", "clients", ...}
-    {"op": "submit", "kind", "concept", "params"}    -> {"run_id", "run_dir", "position"}
-    {"op": "submit", "resume": run_id, "params"?}    -> same; params are merged into the run's params
-    {"op": "cancel", "run_id"}                       -> {"ok": true, "status": "cancelled" | "cancelling"}
-    {"op": "jobs"}                                   -> {"jobs": [run.json + run_dir, position], "queue", "running"}
-    {"op": "subscribe", "run_id", "after_seq": 0, "follow": true}
-                                                     -> {"events": [...]} ... then {"end": true, "status"}
-    {"op": "stop", "force": false}                   -> {"ok": true}, then the engine exits
+    engine.protocol     the wire: paths, encoding, one dataclass per message
+    engine.job_queue    jobs waiting, in arrival order; every job not yet settled
+    engine.scheduler    runs the queue on the worker, one job at a time; settles each job
+    engine.ledger       how each run ended, in memory first, written when the disk allows
+    engine.supervisor   the worker process: start, read, notice its death, probe the device
+    engine.fanout       live events to the clients following a run
+    engine.operations   one method per request
+
+This module keeps the rest: the lock, the socket and its connections, startup
+recovery, the idle exit, retrying refused writes, and an orderly stop.
+
+A full disk: every write the server makes goes through the ledger or is
+allowed to fail (the pid file), so the server keeps answering from memory
+(`status` and `jobs` say that it cannot write, and why) and writes what it
+holds once there is room again.
 
 Startup recovery: runs left queued or running by an engine that died are marked
 `interrupted` (with a status event).  They are not restarted automatically; the
@@ -38,10 +40,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -49,152 +49,58 @@ import socket
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
-from engine import jobs
-from engine.errors import UserError
-from engine.jobs import ACTIVE, FINAL, EventLog
+from engine import jobs, protocol
+from engine.fanout import Subscriptions, send
+from engine.job_queue import JobQueue
+from engine.jobs import ACTIVE
+from engine.ledger import StatusLedger
+from engine.operations import Operations
 from engine.paths import atomic_write_text, ensure_private_dir, home_dir
+from engine.protocol import STREAM_LIMIT, engine_dir, pid_path, socket_address, socket_path
+from engine.scheduler import DEFAULT_CANCEL_GRACE, Scheduler
 
-PROTOCOL = 1
 DEFAULT_IDLE = 30 * 60.0
-DEFAULT_CANCEL_GRACE = 15.0  # seconds a handler has to notice a cancel before its worker is killed
-STREAM_LIMIT = 64 * 1024 * 1024  # longest JSON line we accept (a replay batch)
-REPLAY_BATCH = 1000
-WORKER_START_TIMEOUT = 60.0
-DEVICE_TIMEOUT = 30.0  # the first device probe imports torch
+RETRY_WRITES_SECONDS = 2.0  # how often refused writes are tried again
 
 log = logging.getLogger("tistudio.engine")
-
-
-# ---------------------------------------------------------------------------
-# Layout, shared with the client
-
-
-def engine_dir(home: Path) -> Path:
-    return Path(home) / "engine"
-
-
-def socket_path(home: Path) -> Path:
-    return engine_dir(home) / "engine.sock"
-
-
-def pid_path(home: Path) -> Path:
-    return engine_dir(home) / "engine.pid"
-
-
-def log_path(home: Path) -> Path:
-    return engine_dir(home) / "engine.log"
-
-
-@contextlib.contextmanager
-def socket_address(path: Path) -> Iterator[str]:
-    """An address for bind/connect.  Unix socket paths are limited to ~108 bytes, so a
-    deep home is reached through /proc/self/fd/<dir> on Linux."""
-    if len(os.fsencode(path)) < 100 or not sys.platform.startswith("linux"):
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
-
-
-# ---------------------------------------------------------------------------
-# In-memory state
-
-
-@dataclass(eq=False)
-class Job:
-    """A queued or running run as the server sees it (run.json stays the record)."""
-
-    run_id: str
-    run_dir: Path
-    kind: str
-    concept: str | None
-    params: dict
-    status: str = "queued"
-    step: int = 0
-    steps: int | None = None
-    pid: int | None = None
-    fields: dict = field(default_factory=dict)  # run.json fields a handler reported (embedding …)
-    attempts: int = 0
-    resumed: bool = False
-    cancel_requested: bool = False
-    finished: bool = False
-    worker: "WorkerProcess | None" = None
-    done: asyncio.Future | None = None
-
-    def summary(self) -> dict:
-        return {"id": self.run_id, "kind": self.kind, "concept": self.concept, "status": self.status,
-                "step": self.step, "steps": self.steps, "pid": self.pid, **self.fields}
-
-
-class WorkerProcess:
-    def __init__(self, proc: asyncio.subprocess.Process):
-        self.proc = proc
-        self.pid = proc.pid
-        self.reader: asyncio.Task | None = None
-
-    async def send(self, msg: dict) -> None:
-        # A dead worker is noticed by its reader (stdout EOF); a failed write changes nothing.
-        with contextlib.suppress(ConnectionError, RuntimeError):
-            self.proc.stdin.write((json.dumps(msg, default=str) + "\n").encode())
-            await self.proc.stdin.drain()
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-
-
-class EngineStartError(Exception):
-    pass
-
-
-# ---------------------------------------------------------------------------
-# The server
 
 
 class EngineServer:
     def __init__(self, home: Path, idle_seconds: float = DEFAULT_IDLE, cancel_grace: float = DEFAULT_CANCEL_GRACE):
         self.home = Path(home)
         self.idle_seconds = idle_seconds
-        self.cancel_grace = cancel_grace
-        self.version = jobs.code_version()
-        self.queue: collections.deque[Job] = collections.deque()
-        self.active: dict[str, Job] = {}  # queued and running
-        self.current: Job | None = None
-        self.worker: WorkerProcess | None = None
-        self.device: dict | None = None  # last device report from the worker
-        self.subs: dict[str, set[asyncio.Queue]] = collections.defaultdict(set)
+        self.queue = JobQueue()
+        self.subscriptions = Subscriptions()
+        self.ledger = StatusLedger(self.home)
+        self.scheduler = Scheduler(self.home, self.queue, self.subscriptions, self.ledger, cancel_grace)
+        self.operations = Operations(self.home, self.queue, self.scheduler, self.subscriptions, self.ledger,
+                                     version=jobs.code_version(), idle_seconds=idle_seconds,
+                                     clients=lambda: self.clients)
         self.clients = 0
-        self.started = time.time()
         self._last_busy = time.monotonic()
-        self._stopping = False
+        self._stop = asyncio.Event()
         self._stop_reason = ""
+        self._listener: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
-        self._background: set[asyncio.Task] = set()  # held so the loop does not drop them
         self._connections: set[asyncio.Task] = set()
 
     # -- lifecycle
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
-        self._wakeup = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._worker_lock = asyncio.Lock()
-        self._device_future: asyncio.Future | None = None
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         await asyncio.to_thread(self._recover)
         sock = _bind_socket(socket_path(self.home))
-        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=STREAM_LIMIT)
-        atomic_write_text(pid_path(self.home), f"{os.getpid()}\n")
-        log.info("engine %s started (pid %d, idle exit after %ss)", self.version, os.getpid(), self.idle_seconds)
-        tasks = [asyncio.create_task(self._scheduler()), asyncio.create_task(self._idle_watch())]
+        self._listener = await asyncio.start_unix_server(self._client, sock=sock, limit=STREAM_LIMIT)
+        # Only for people and tests: the socket is how clients find us, so a full disk may refuse it.
+        self.ledger.write("the engine's pid file", lambda: atomic_write_text(pid_path(self.home), f"{os.getpid()}\n"))
+        log.info("engine %s started (pid %d, idle exit after %ss)",
+                 self.operations.version, os.getpid(), self.idle_seconds)
+        tasks = [asyncio.create_task(self.scheduler.run()), asyncio.create_task(self._idle_watch()),
+                 asyncio.create_task(self._retry_writes())]
         await self._stop.wait()
         await self._teardown(tasks)
         log.info("engine stopped: %s", self._stop_reason)
@@ -205,17 +111,11 @@ class EngineServer:
             self._stop.set()
 
     async def _teardown(self, tasks: list[asyncio.Task]) -> None:
-        self._stopping = True
-        self._server.close()
+        self._listener.close()
         with contextlib.suppress(FileNotFoundError):
             socket_path(self.home).unlink()
-        why = f"the engine stopped ({self._stop_reason})"
-        while self.queue:
-            self._finish(self.queue.popleft(), "interrupted", error=f"{why} before this job ran; resume it", write=True)
-        if self.worker:
-            await self._stop_worker(self.worker)  # its reader marks the running job interrupted
-        if self.current and not self.current.finished:
-            self._finish(self.current, "interrupted", error=f"{why}; resume it", write=True)
+        await self.scheduler.shutdown(self._stop_reason)
+        self.ledger.retry()  # a last try: what stays unwritten, the next engine recovers as interrupted
         for task in tasks:
             task.cancel()
         await self._close_clients()
@@ -223,9 +123,9 @@ class EngineServer:
             pid_path(self.home).unlink()
 
     async def _close_clients(self) -> None:
-        # Subscribers were sent their end marker by _finish; give them a moment to flush it.
+        # Subscribers were sent their end marker when their runs settled; give them a moment to flush it.
         deadline = time.monotonic() + 1.0
-        while self.subs and time.monotonic() < deadline:
+        while len(self.subscriptions) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         for writer in list(self._writers):
             writer.close()
@@ -241,7 +141,7 @@ class EngineServer:
                 continue
             _reap_orphan(run.get("pid"), self.home)
             what = "running" if run["status"] == "running" else "queued"
-            status = jobs.recover_run(run["run_dir"], f"the engine stopped while this job was {what}; resume it")
+            status = self.ledger.recover(run["run_dir"], f"the engine stopped while this job was {what}; resume it")
             log.warning("run %s was %s when the engine died; now %s", run["id"], what, status)
 
     async def _idle_watch(self) -> None:
@@ -249,165 +149,17 @@ class EngineServer:
         while True:
             await asyncio.sleep(tick)
             now = time.monotonic()
-            if self.clients or self.queue or self.current:
+            if self.clients or self.scheduler.busy():
                 self._last_busy = now
             elif now - self._last_busy >= self.idle_seconds:
                 self.request_stop(f"idle for {self.idle_seconds:g}s")
                 return
 
-    # -- the queue
-
-    async def _scheduler(self) -> None:
+    async def _retry_writes(self) -> None:
         while True:
-            while not self.queue:
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            job = self.current = self.queue.popleft()
-            try:
-                await self._run(job)
-            except Exception:  # a bug here must not stall the queue behind this job
-                log.exception("run %s: engine error", job.run_id)
-                with contextlib.suppress(Exception):
-                    self._finish(job, "interrupted", error="engine error (see engine.log); resume this run", write=True)
-            finally:
-                self.current = None
-                self._last_busy = time.monotonic()
-
-    async def _run(self, job: Job) -> None:
-        job.done = asyncio.get_running_loop().create_future()
-        try:
-            worker = await self._ensure_worker()
-        except EngineStartError as exc:
-            self._finish(job, "interrupted", error=f"the worker did not start ({exc}); resume this run", write=True)
-            return
-        if job.finished or self._stopping:  # the engine stopped while the worker was starting
-            return
-        if job.cancel_requested:  # cancelled while the worker was starting
-            self._finish(job, "cancelled", write=True)
-            return
-        job.worker, job.pid, job.status = worker, worker.pid, "running"
-        await worker.send({"op": "run", "job": {
-            "run_id": job.run_id, "run_dir": str(job.run_dir), "kind": job.kind, "concept": job.concept,
-            "params": job.params, "resumed": job.resumed, "attempts": job.attempts}})
-        await job.done
-
-    def _finish(self, job: Job, status: str, error: str | None = None, write: bool = False) -> None:
-        """Settle a job: (write its final status,) forget it, end its subscribers' streams."""
-        if job.finished:
-            return
-        if write:
-            self._broadcast(job.run_id, jobs.set_status(job.run_dir, status, error=error))
-        job.finished, job.status, job.pid = True, status, None
-        self.active.pop(job.run_id, None)
-        for member_id, member_status in jobs.settle_members(job.run_dir, status, error):
-            self._broadcast(member_id, {"type": "status", "status": member_status})
-            for q in self.subs.get(member_id, ()):
-                q.put_nowait(("end", member_status))
-        for q in self.subs.get(job.run_id, ()):
-            q.put_nowait(("end", status))
-        if job.done and not job.done.done():
-            job.done.set_result(status)
-        log.info("run %s %s%s", job.run_id, status, f": {error}" if error else "")
-
-    def _broadcast(self, run_id: str, event: dict) -> None:
-        for q in self.subs.get(run_id, ()):
-            q.put_nowait(("event", event))
-
-    # -- the worker
-
-    async def _ensure_worker(self) -> WorkerProcess:
-        async with self._worker_lock:
-            if self.worker is not None:
-                return self.worker
-            env = dict(os.environ, TISTUDIO_ENGINE_PID=str(os.getpid()))
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "engine.worker", "--home", str(self.home),
-                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                env=env, cwd=self.home, limit=STREAM_LIMIT)
-            try:
-                hello = json.loads(await asyncio.wait_for(proc.stdout.readline(), WORKER_START_TIMEOUT) or b"null")
-            except (asyncio.TimeoutError, ValueError):
-                hello = None
-            if not isinstance(hello, dict) or hello.get("msg") != "hello":
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                code = await proc.wait()
-                raise EngineStartError(f"exit code {code}; see {log_path(self.home)}")
-            worker = self.worker = WorkerProcess(proc)
-            worker.reader = asyncio.create_task(self._read_worker(worker))
-            log.info("worker %d started", worker.pid)
-            return worker
-
-    async def _stop_worker(self, worker: WorkerProcess) -> None:
-        with contextlib.suppress(Exception):
-            worker.proc.stdin.close()  # the worker exits on stdin EOF
-        try:
-            await asyncio.wait_for(worker.proc.wait(), 3.0)
-        except asyncio.TimeoutError:
-            worker.kill()
-        if worker.reader:
-            await worker.reader
-
-    async def _read_worker(self, worker: WorkerProcess) -> None:
-        try:
-            while line := await worker.proc.stdout.readline():
-                try:
-                    msg = json.loads(line)
-                except ValueError:
-                    log.warning("worker %d said something unreadable: %r", worker.pid, line[:200])
-                    continue
-                try:
-                    self._on_worker_message(msg)
-                except Exception:  # keep reading: this task is how we notice the worker die
-                    log.exception("could not handle worker message %r", msg)
-        except (ValueError, ConnectionError) as exc:  # an over-long line: protocol broken
-            log.error("worker %d: %s; killing it", worker.pid, exc)
-            worker.kill()
-        code = await worker.proc.wait()
-        self._on_worker_exit(worker, code)
-
-    def _on_worker_message(self, msg: dict) -> None:
-        kind, job = msg.get("msg"), self.active.get(msg.get("run_id"))
-        if kind == "event":
-            event = msg["event"]
-            if job and event.get("type") == "status" and event.get("status") in ACTIVE:
-                job.status = event["status"]
-            if job and isinstance(event.get("step"), int):
-                job.step = event["step"]
-            self._broadcast(msg["run_id"], event)
-        elif kind == "progress" and job:
-            job.step = msg.get("step", job.step)
-            job.steps = msg.get("steps", job.steps)
-            job.fields.update({k: v for k, v in msg.items() if k not in ("msg", "run_id", "step", "steps")})
-        elif kind == "finished" and job:
-            self._finish(job, msg["status"], error=msg.get("error"))
-        elif kind == "status":
-            self.device = msg.get("device")
-            if self._device_future and not self._device_future.done():
-                self._device_future.set_result(self.device)
-
-    def _on_worker_exit(self, worker: WorkerProcess, code: int) -> None:
-        log.info("worker %d exited (%s)", worker.pid, _describe_exit(code))
-        if self.worker is worker:
-            self.worker = None
-        if self._device_future and not self._device_future.done():
-            self._device_future.set_result(None)
-        job = self.current
-        if job is None or job.worker is not worker or job.finished:
-            return
-        # The log may already hold the job's final status (it died right after writing it).
-        logged = jobs.last_status(job.run_dir)
-        if logged in FINAL:
-            jobs.update_run(job.run_dir, status=logged, pid=None)
-            self._finish(job, logged)
-        elif job.cancel_requested:
-            self._finish(job, "cancelled", error="killed: it did not stop in time after the cancel", write=True)
-        else:
-            if self._stopping:
-                why = f"the engine stopped ({self._stop_reason})"
-            else:
-                why = f"the worker died ({_describe_exit(code)})"
-            self._finish(job, "interrupted", error=f"{why}; resume this run", write=True)
+            await asyncio.sleep(RETRY_WRITES_SECONDS)
+            if self.ledger.failure:
+                self.ledger.retry()
 
     # -- clients
 
@@ -421,18 +173,16 @@ class EngineServer:
         try:
             while line := await reader.readline():
                 try:
-                    req = json.loads(line)
-                    op = req["op"]
-                except (ValueError, KeyError, TypeError):
-                    await _send(writer, {"error": "bad request: one JSON object with an 'op' per line",
-                                         "user": False})
+                    req = protocol.parse_request(protocol.decode(line))
+                except protocol.ProtocolError as exc:
+                    await send(writer, protocol.ErrorAnswer(f"bad request: {exc}"))
                     continue
-                if op == "subscribe":
-                    await self._subscribe(req, writer)
+                if isinstance(req, protocol.Subscribe):
+                    await self.operations.subscribe(req, writer)
                     continue
-                answer = await self._answer(op, req)
-                await _send(writer, answer)
-                if op == "stop" and "error" not in answer:
+                answer = await self.operations.answer(req)
+                await send(writer, answer)
+                if isinstance(req, protocol.Stop) and not isinstance(answer, protocol.ErrorAnswer):
                     self.request_stop("stop requested")
         except (ConnectionError, ValueError):
             pass  # the client went away, or sent a line longer than STREAM_LIMIT
@@ -442,192 +192,6 @@ class EngineServer:
             self._writers.discard(writer)
             self._connections.discard(asyncio.current_task())
             writer.close()
-
-    async def _answer(self, op: str, req: dict) -> dict:
-        handler = {
-            "ping": self._op_ping, "status": self._op_status, "submit": self._op_submit,
-            "cancel": self._op_cancel, "jobs": self._op_jobs, "stop": self._op_stop,
-        }.get(op)
-        try:
-            if handler is None:
-                raise UserError(f"unknown op {op!r}")
-            answer = await handler(req)
-        except UserError as exc:
-            answer = {"error": str(exc), "user": True}
-        except Exception as exc:
-            log.exception("op %s failed", op)
-            answer = {"error": f"{type(exc).__name__}: {exc}", "user": False}
-        return answer
-
-    async def _op_ping(self, req: dict) -> dict:
-        return {"ok": True, "pid": os.getpid(), "version": self.version, "protocol": PROTOCOL}
-
-    async def _op_status(self, req: dict) -> dict:
-        device = await self._probe_device() if req.get("device", True) else self.device
-        return {
-            "pid": os.getpid(),
-            "version": self.version,
-            "protocol": PROTOCOL,
-            "home": str(self.home),
-            "started": self.started,
-            "uptime": time.time() - self.started,
-            "queue": len(self.queue),
-            "queued": [job.run_id for job in self.queue],
-            "running": self.current.summary() if self.current else None,
-            "worker_pid": self.worker.pid if self.worker else None,
-            "device": device or {"device": "unknown"},
-            "clients": self.clients,
-            "idle_seconds": self.idle_seconds,
-        }
-
-    async def _probe_device(self) -> dict | None:
-        """Ask an idle worker (starting one if need be: it is the GPU process anyway);
-        while a job runs, report the last answer rather than wait for the job."""
-        if self.current is not None or self._stopping:
-            return self.device
-        try:
-            worker = await self._ensure_worker()
-        except EngineStartError:
-            return self.device
-        if self._device_future is None or self._device_future.done():
-            self._device_future = asyncio.get_running_loop().create_future()
-            await worker.send({"op": "status"})
-        try:
-            return await asyncio.wait_for(asyncio.shield(self._device_future), DEVICE_TIMEOUT)
-        except asyncio.TimeoutError:
-            return self.device
-
-    async def _op_submit(self, req: dict) -> dict:
-        if self._stopping:
-            raise RuntimeError("the engine is stopping; submit again in a moment")
-        if req.get("resume"):
-            job = self._resumed_job(req["resume"], req.get("params"))
-        else:
-            spec = {"kind": req.get("kind"), "concept": req.get("concept"), "params": req.get("params") or {}}
-            run_dir = jobs.create_run(self.home, spec)
-            EventLog(run_dir / "events.jsonl").append({"type": "status", "status": "queued"})
-            job = Job(run_dir.name, run_dir, spec["kind"], spec["concept"], spec["params"])
-        self.active[job.run_id] = job
-        self.queue.append(job)
-        self._wakeup.set()
-        return {"run_id": job.run_id, "run_dir": str(job.run_dir), "position": len(self.queue)}
-
-    def _resumed_job(self, run_id: str, params: dict | None) -> Job:
-        if run_id in self.active:
-            raise UserError(f"run {run_id} is already {self.active[run_id].status}")
-        run_dir = jobs.find_run(self.home, run_id)
-        record = jobs.load_run(run_dir)
-        if params is not None and not isinstance(params, dict):
-            raise UserError("job params must be a JSON object")
-        merged = {**(record.get("params") or {}), **(params or {})}
-        jobs.set_status(run_dir, "queued", resume=True, params=merged, finished=None, pid=None)
-        return Job(run_id, run_dir, record["kind"], record.get("concept"), merged,
-                   step=record.get("step") or 0, steps=record.get("steps"),
-                   attempts=record.get("attempts") or 0, resumed=True)
-
-    async def _op_cancel(self, req: dict) -> dict:
-        run_id = req.get("run_id")
-        job = self.active.get(run_id)
-        if job is None:
-            status = jobs.load_run(jobs.find_run(self.home, run_id))["status"]
-            raise UserError(f"run {run_id} is already {status}")
-        if job in self.queue:
-            self.queue.remove(job)
-            self._finish(job, "cancelled", write=True)
-            return {"ok": True, "status": "cancelled"}
-        job.cancel_requested = True
-        if job.worker:
-            await job.worker.send({"op": "cancel", "run_id": run_id})
-            task = asyncio.create_task(self._enforce_cancel(job))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-        return {"ok": True, "status": "cancelling"}
-
-    async def _enforce_cancel(self, job: Job) -> None:
-        # A handler stuck in a long call (a model load) never reaches check_cancel.
-        await asyncio.sleep(self.cancel_grace)
-        if not job.finished and job.worker:
-            log.warning("run %s ignored its cancel for %ss; killing worker %d",
-                        job.run_id, self.cancel_grace, job.worker.pid)
-            job.worker.kill()
-
-    async def _op_jobs(self, req: dict) -> dict:
-        runs = await asyncio.to_thread(jobs.list_runs, self.home)
-        positions = {job.run_id: i for i, job in enumerate(self.queue, start=1)}
-        for run in runs:
-            job = self.active.get(run["id"])
-            if job:
-                run.update(job.summary())
-            run["position"] = positions.get(run["id"])
-        return {"jobs": runs, "queue": [job.run_id for job in self.queue],
-                "running": self.current.run_id if self.current else None}
-
-    async def _op_stop(self, req: dict) -> dict:
-        busy = len(self.queue) + (1 if self.current else 0)
-        if busy and not req.get("force"):
-            raise UserError(f"the engine has {busy} job(s) queued or running; cancel them or stop with --force")
-        return {"ok": True}
-
-    # -- event streams
-
-    async def _subscribe(self, req: dict, writer: asyncio.StreamWriter) -> None:
-        """Replay the run's log after `after_seq`, then follow live events, dropping any
-        seq already sent.  We listen before reading the file, so nothing falls between."""
-        run_id = req.get("run_id")
-        job = self.active.get(run_id)
-        try:
-            run_dir = job.run_dir if job else jobs.find_run(self.home, run_id)
-        except UserError as exc:
-            await _send(writer, {"error": str(exc), "user": True})
-            return
-        if job is None:  # a member of a running sweep follows its parent's life
-            job = self.active.get(jobs.load_run(run_dir).get("parent") or "")
-        q: asyncio.Queue = asyncio.Queue()
-        self.subs[run_id].add(q)
-        try:
-            status = job.status if job else jobs.load_run(run_dir).get("status")
-            events = await asyncio.to_thread(EventLog(run_dir / "events.jsonl").read, int(req.get("after_seq") or 0))
-            last = int(req.get("after_seq") or 0)
-            if events:
-                await _send_events(writer, events)
-                last = events[-1].get("seq", last)
-            if job is None or not req.get("follow", True):
-                await _send(writer, {"end": True, "status": job.status if job else status})
-                return
-            await self._follow(q, writer, last)
-        finally:
-            self.subs[run_id].discard(q)
-            if not self.subs[run_id]:
-                del self.subs[run_id]
-
-    async def _follow(self, q: asyncio.Queue, writer: asyncio.StreamWriter, last: int) -> None:
-        while True:
-            items = [await q.get()]
-            while not q.empty():
-                items.append(q.get_nowait())
-            batch, end = [], None
-            for what, payload in items:
-                if what == "end":
-                    end = payload
-                    break
-                if payload.get("seq", 0) > last:
-                    batch.append(payload)
-                    last = payload["seq"]
-            if batch:
-                await _send_events(writer, batch)
-            if end is not None:
-                await _send(writer, {"end": True, "status": end})
-                return
-
-
-async def _send(writer: asyncio.StreamWriter, obj: dict) -> None:
-    writer.write((json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode())
-    await writer.drain()
-
-
-async def _send_events(writer: asyncio.StreamWriter, events: list[dict]) -> None:
-    for i in range(0, len(events), REPLAY_BATCH):
-        await _send(writer, {"events": events[i:i + REPLAY_BATCH]})
 
 
 # ---------------------------------------------------------------------------
@@ -690,13 +254,6 @@ def _is_worker(pid: int, home: Path) -> bool:
     return b"engine.worker" in cmdline and os.fsencode(str(home)) in cmdline
 
 
-def _describe_exit(code: int | None) -> str:
-    if code is not None and code < 0:
-        with contextlib.suppress(ValueError):
-            return f"killed by {signal.Signals(-code).name}"
-    return f"exit code {code}"
-
-
 def _env_seconds(name: str, default: float) -> float:
     raw = os.environ.get(name)
     if not raw:
@@ -714,7 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cancel-grace", type=float, default=None)
     args = parser.parse_args(argv)
     home = home_dir(args.home)
-    lock = _acquire_lock(ensure_private_dir(engine_dir(home)) / "engine.lock")
+    ensure_private_dir(engine_dir(home))
+    lock = _acquire_lock(protocol.lock_path(home))
     if lock is None:
         return 0  # another engine serves this home; the client will find it
     os.umask(0o077)

@@ -26,9 +26,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -47,7 +46,6 @@ from engine.faults import maybe_fault
 from engine.gpu import memory_figures
 from engine.optim import RowAdamW
 from engine.paths import atomic_write_bytes
-from engine.regularize import Regularizer, vector_figures, vocab_norms
 from engine.placeholder import (
     WordLayout,
     add_slots,
@@ -55,7 +53,10 @@ from engine.placeholder import (
     installed_in_all,
     slot_tokens,
 )
+from engine.regularize import Regularizer, vector_figures, vocab_norms
 from engine.train_config import COMPILE_MODES, LR_SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the loss knows how to target
 
 
 class Reporter(Protocol):
@@ -114,6 +115,7 @@ class Inversion:
         scale = 2.0**16 if model.dtype == torch.float16 else 1.0
         self.state = self.optimizer.init_state(self.vectors.detach(), loss_scale=scale)
         self.scheduler = model.noise_scheduler()
+        _check_prediction_type(self.scheduler.config.prediction_type)
         self.resolution = self.cfg0.resolution or model.info.resolution
         self.prompt_ids = [self._tokenize_templates(k) for k in range(self.k)]
         self.latents = [
@@ -380,6 +382,15 @@ def _library_home(run_dir: Path) -> Path:
     return home_dir()
 
 
+def _check_prediction_type(prediction_type: str) -> None:
+    """The loss targets the noise (epsilon) or the velocity (v_prediction); refuse anything else."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"this model's scheduler predicts {prediction_type!r}; only {' and '.join(PREDICTION_TYPES)} "
+                        "models can be trained (check prediction_type in its scheduler config)")
+
+
+
+
 def train(model, config: TrainConfig, run_dir: Path, images: list[Path], reporter: Reporter | None = None,
           resume: bool = True) -> Path:
     """Train one run to the end (resuming from its checkpoints when present)."""
@@ -391,7 +402,3 @@ def train_many(model, slots: list[RunSlot], resume: bool = True) -> list[Path]:
     if resume:
         inversion.resume()
     return inversion.run()
-
-
-def config_json(config: TrainConfig) -> str:
-    return json.dumps(asdict(config), sort_keys=True)

@@ -108,19 +108,21 @@ class TrainConfig:
 
 
 # Job params that are not TrainConfig fields: where and how the run executes.
-RUNTIME_PARAMS = ("model", "precision", "device", "seeds", "inits")
+RUNTIME_PARAMS = ("model", "precision", "device", "seeds", "inits", "regularizes")
 
 
-def config_from_params(params: dict, concept) -> TrainConfig:
-    """A run's TrainConfig from job params, filling token, init and property from the concept."""
+def config_from_params(params: dict, concept, strict: bool = True) -> TrainConfig:
+    """A run's TrainConfig from job params, filling token, init and property from the concept.
+    strict: a key that is no setting is an error (a new request); else it is ignored (an old record)."""
     settings = {k: v for k, v in params.items() if k not in RUNTIME_PARAMS}
     settings.setdefault("token", concept.token)
     settings["init"] = settings.get("init") or concept.init
     settings.setdefault("property", concept.property)
-    unknown = sorted(set(settings) - {f.name for f in fields(TrainConfig)})
-    if unknown:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(settings) - known)
+    if unknown and strict:
         raise UserError(f"unknown training setting(s) {', '.join(unknown)}; see `tistudio train --help`")
-    return TrainConfig(**settings)
+    return TrainConfig(**{k: v for k, v in settings.items() if k in known})
 
 
 def _finite(x) -> bool:

@@ -1,16 +1,8 @@
 """The worker: the one process that runs jobs, one at a time, and keeps models warm.
 
 The engine server starts it as a child (`python -m engine.worker --home DIR`) and
-talks to it in JSON lines:
-
-    server -> worker (stdin)    {"op": "run", "job": {run_id, kind, concept, params, run_dir, resumed}}
-                                {"op": "cancel", "run_id": ...}
-                                {"op": "status"}
-    worker -> server (stdout)   {"msg": "hello", "pid": ...}
-                                {"msg": "event", "run_id": ..., "event": {...}}   (already in events.jsonl)
-                                {"msg": "progress", "run_id": ..., "step": ..., "steps": ..., ...}
-                                {"msg": "finished", "run_id": ..., "status": ..., "error": ...}
-                                {"msg": "status", "device": {...}}
+talks to it in JSON lines (engine.protocol): RunJob, CancelJob and ProbeDevice on
+its stdin; Hello, Event, Progress, Finished and DeviceReport on its stdout.
 
 A handler's failure never ends the worker; a crash (os._exit, a signal, the OOM
 killer) does, and the server then marks the job interrupted.  When the server
@@ -21,7 +13,9 @@ orphan never keeps the GPU or writes to a run the next engine will recover.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
+import importlib.util
 import json
 import os
 import queue
@@ -32,10 +26,10 @@ import time
 import traceback
 from pathlib import Path
 
+from engine import faults, protocol
 from engine.errors import JobCancelled, UserError
-from engine import faults
 from engine.jobs import EventLog, JobContext, set_status
-from engine.paths import atomic_write_text, home_dir
+from engine.paths import atomic_write_text, disk_full_message, home_dir, is_disk_full
 from engine.text import one_line
 
 ERROR_LOG = "error.log"
@@ -52,8 +46,8 @@ class Worker:
 
     # -- talking to the server
 
-    def send(self, msg: dict) -> None:
-        line = (json.dumps(msg, separators=(",", ":"), default=str) + "\n").encode()
+    def send(self, msg: protocol.Message) -> None:
+        line = protocol.encode(msg)
         try:
             with self._out_lock:
                 self._out.write(line)
@@ -64,54 +58,57 @@ class Worker:
     def _read_stdin(self) -> None:
         for raw in sys.stdin.buffer:
             try:
-                msg = json.loads(raw)
-            except ValueError:
+                msg = protocol.parse_worker_command(protocol.decode(raw))
+            except protocol.ProtocolError:
                 continue
-            if msg.get("op") == "cancel":
+            if isinstance(msg, protocol.CancelJob):
                 # Set here, not via the inbox: the main thread is busy in the handler.
-                self._cancelled.add(msg.get("run_id"))
+                self._cancelled.add(msg.run_id)
                 continue
-            if msg.get("op") == "run":
+            if isinstance(msg, protocol.RunJob):
                 # A stale cancel of an earlier attempt must not cancel this one; a cancel
                 # sent after this line arrives after it, so it is kept.
-                self._cancelled.discard(msg["job"]["run_id"])
+                self._cancelled.discard(msg.job.run_id)
             self._inbox.put(msg)
         os._exit(0)  # stdin closed: the server stopped us or died
 
     def serve(self) -> None:
         threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
-        self.send({"msg": "hello", "pid": os.getpid()})
+        self.send(protocol.Hello(os.getpid()))
         while True:
             msg = self._inbox.get()
-            if msg.get("op") == "run":
-                self.run_job(msg["job"])
-            elif msg.get("op") == "status":
-                self.send({"msg": "status", "device": device_info()})
+            if isinstance(msg, protocol.RunJob):
+                self.run_job(msg.job)
+            elif isinstance(msg, protocol.ProbeDevice):
+                self.send(protocol.DeviceReport(device_info()))
 
     # -- running one job
 
-    def run_job(self, job: dict) -> None:
-        run_id, run_dir = job["run_id"], Path(job["run_dir"])
+    def run_job(self, job: protocol.JobSpec) -> None:
+        run_id, run_dir = job.run_id, Path(job.run_dir)
         log = EventLog(run_dir / "events.jsonl")
         ctx = JobContext(
-            spec={k: job.get(k) for k in ("kind", "concept", "params", "run_id")},
+            spec={"kind": job.kind, "concept": job.concept, "params": job.params, "run_id": run_id},
             run_id=run_id,
             run_dir=run_dir,
             home=self.home,
             cache=self.cache,
-            resumed=bool(job.get("resumed")),
+            resumed=job.resumed,
             send=self.send,
             is_cancelled=lambda: run_id in self._cancelled,
             log=log,
         )
-        self._status(ctx, "running", pid=os.getpid(), started=time.time(), attempts=int(job.get("attempts") or 0) + 1)
-        status, error, result = self._call_handler(ctx)
+        refused = self._status(ctx, "running", pid=os.getpid(), started=time.time(), attempts=job.attempts + 1)
+        if refused is None:
+            status, error, result = self._call_handler(ctx)
+        else:  # a job whose start cannot even be recorded would write nothing else either
+            status, error, result = "failed", refused, None
         try:
             ctx.flush()
         except OSError:
             pass
-        self._status(ctx, status, error=error, result=result)
-        self.send({"msg": "finished", "run_id": run_id, "status": status, "error": error})
+        refused = self._status(ctx, status, error=error, result=result)
+        self.send(protocol.Finished(run_id, status, error, unsaved=refused))
         log.close()
         if status == "failed":
             _free_memory()
@@ -123,25 +120,46 @@ class Worker:
         except JobCancelled:
             return "cancelled", None, None
         except UserError as exc:
-            return "failed", one_line(exc, 300), None
-        except Exception as exc:  # a bug or an OOM: report it, keep the worker
-            atomic_write_text(ctx.run_dir / ERROR_LOG, traceback.format_exc())
-            return "failed", one_line(f"{type(exc).__name__}: {exc}", 300) + f" (traceback in {ERROR_LOG})", None
+            return "failed", one_line(str(exc), 300), None
+        except Exception as exc:  # noqa: BLE001 - a bug or an OOM: report it, keep the worker
+            if is_disk_full(exc):  # any job kind, any write: one message that says what to do
+                return "failed", disk_full_message(ctx.home, f"`tistudio resume {ctx.run_id}`"), None
+            return self._crashed(ctx, exc)
 
-    def _status(self, ctx: JobContext, status: str, **fields) -> None:
+    def _crashed(self, ctx: JobContext, exc: Exception) -> tuple[str, str, None]:
+        try:
+            atomic_write_text(ctx.run_dir / ERROR_LOG, traceback.format_exc())
+            where = f" (traceback in {ERROR_LOG})"
+        except OSError:
+            where = ""
+        return "failed", one_line(f"{type(exc).__name__}: {exc}", 300) + where, None
+
+    def _status(self, ctx: JobContext, status: str, **fields) -> str | None:
+        """Record a status change (log, run.json) and tell the server; returns None, or why
+        the disk refused it (a full disk refuses every write: the server then holds it)."""
         with ctx.emit_lock:  # in seq order with the handler's own events
-            event = set_status(ctx.run_dir, status, log=ctx.log, **fields)
-            self.send({"msg": "event", "run_id": ctx.run_id, "event": event})
+            try:
+                event = set_status(ctx.run_dir, status, log=ctx.log, **fields)
+            except OSError as exc:
+                if is_disk_full(exc):
+                    return disk_full_message(ctx.home, f"`tistudio resume {ctx.run_id}`")
+                return one_line(f"could not record the run's status: {type(exc).__name__}: {exc}", 300)
+            self.send(protocol.Event(ctx.run_id, event))
+            return None
+
+
+EXTRA_HANDLERS_ENV = "TISTUDIO_EXTRA_HANDLERS"
 
 
 def load_handler(kind: str):
-    """engine.handlers.HANDLERS[kind], plus engine.testing_handlers when
-    TISTUDIO_TEST_HANDLERS=1.  Imported on first use so test kinds never pay for torch."""
-    if os.environ.get("TISTUDIO_TEST_HANDLERS") == "1":
-        from engine.testing_handlers import HANDLERS as test_handlers
-
-        if kind in test_handlers:
-            return test_handlers[kind]
+    """engine.handlers.HANDLERS[kind], or a kind from the Python file $TISTUDIO_EXTRA_HANDLERS
+    names (its own HANDLERS dict; the engine's tests add theirs this way).  Imported on
+    first use, so a worker that runs only torch-free kinds never pays for torch."""
+    extra = os.environ.get(EXTRA_HANDLERS_ENV)
+    if extra:
+        handlers = _handlers_from_file(extra)
+        if kind in handlers:
+            return handlers[kind]
     try:
         from engine.handlers import HANDLERS
     except ModuleNotFoundError as exc:
@@ -154,15 +172,28 @@ def load_handler(kind: str):
     return HANDLERS[kind]
 
 
-def device_info() -> dict:
-    """What the status screen shows about the accelerator (torch is imported here, lazily)."""
+@functools.cache
+def _handlers_from_file(path: str) -> dict:
+    spec = importlib.util.spec_from_file_location("tistudio_extra_handlers", path)
+    if spec is None or not Path(path).is_file():
+        raise UserError(f"${EXTRA_HANDLERS_ENV} names {path!r}, which is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.HANDLERS
+
+
+def device_info() -> dict | None:
+    """What torch sees of the accelerator, or None when no job has loaded torch yet: a probe
+    must not cost a torch import (the server then asks engine.device_probe instead)."""
+    if "torch" not in sys.modules:
+        return None
     try:
         from engine.gpu import device_info as gpu_device_info
 
         return gpu_device_info()
     except UserError as exc:
         return {"device": "unavailable", "error": str(exc)}
-    except Exception as exc:  # no torch, a broken driver: still answer
+    except Exception as exc:  # noqa: BLE001 - no torch, a broken driver: still answer
         return {"device": "cpu", "error": one_line(f"{type(exc).__name__}: {exc}", 300)}
 
 

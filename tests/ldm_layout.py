@@ -17,7 +17,8 @@ import torch
 
 def _resnet(key: str) -> str:
     for new, old in (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_layers.0", "norm2"),
-                     ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")):
+                     ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"),
+                     ("skip_connection", "conv_shortcut")):
         key = key.replace(f".{old}.", f".{new}.")
     return key
 

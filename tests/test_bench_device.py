@@ -173,9 +173,9 @@ def test_sync_counting_counts_only_cuda_sync_warnings_and_names_their_lines():
     from bench.measure import count_syncs
 
     def step():
-        warnings.warn("called a synchronizing CUDA operation")
-        warnings.warn("called a synchronizing CUDA operation")
-        warnings.warn("something else")
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("called a synchronizing CUDA operation", stacklevel=1)
+        warnings.warn("something else", stacklevel=1)
 
     modes = []
     result = count_syncs(step, 3, set_mode=modes.append)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.formats import read_embedding, write_embedding
+from engine.formats import write_embedding
 from helpers import make_images
 from tistudio.cli import main
 
@@ -131,9 +131,9 @@ def test_import_then_export_diffusers_loads_in_diffusers_bit_for_bit(capsys, tmp
     out_file = tmp_path / "out.safetensors"
     assert run_cli(capsys, "export", "shiny", "--format", "diffusers", "--out", str(out_file))[0] == 0
 
-    from diffusers import StableDiffusionPipeline
-
     import copy
+
+    from diffusers import StableDiffusionPipeline
 
     # diffusers' own loader, on copies: it resizes the token table of what it is given
     pipe = StableDiffusionPipeline(**{**tiny_model.pipe.components,

@@ -207,3 +207,33 @@ def test_inversion_on_the_demo_beats_the_plain_prompt(engine_home, capsys, name)
         print(f"  editability {'falls' if ti['editability'] < sd['editability'] else 'does not fall'} with TI "
               f"(the paper: 0.2639 -> 0.1611)")
     assert ti["reconstruction"] >= sd["reconstruction"] + 0.05, (sd, ti)
+
+
+def test_the_demo_scripts_resume_exactly_where_they_saved(tmp_path):
+    """demo.common.save_checkpoint / resume: the one resume path of train_t2i (vae, unet) and train_clip."""
+    from demo.common import resume, save_checkpoint
+
+    def fresh(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Linear(4, 2)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1), np.random.default_rng(seed)
+
+    def step(model, opt, rng):
+        x = torch.from_numpy(rng.random((3, 4), dtype=np.float32)) + torch.randn(3, 4)
+        model(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+    path = tmp_path / "ckpt.pt"
+    model, opt, rng = fresh(0)
+    assert resume(path, rng, model=model, opt=opt) == 0  # nothing saved yet: start at 0, nothing touched
+    step(model, opt, rng)
+    save_checkpoint(path, rng, 1, model=model, opt=opt)
+    step(model, opt, rng)  # the uninterrupted run's second step
+
+    again, again_opt, again_rng = fresh(1)
+    assert resume(path, again_rng, model=again, opt=again_opt) == 1
+    step(again, again_opt, again_rng)
+    for a, b in zip(model.parameters(), again.parameters()):
+        assert torch.equal(a, b)
+    assert not path.with_suffix(".tmp").exists()

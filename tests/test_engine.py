@@ -27,7 +27,7 @@ from engine import jobs, server
 from engine.client import EngineClient, EngineNotRunning, call
 from engine.errors import UserError
 from engine.jobs import EventLog
-from helpers import engine_pids
+from helpers import TEST_HANDLERS, engine_pids
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,7 +40,7 @@ pytestmark = pytest.mark.timeout(60)
 def home(monkeypatch):
     path = Path(tempfile.mkdtemp(prefix="tis-"))
     monkeypatch.setenv("TISTUDIO_HOME", str(path))
-    monkeypatch.setenv("TISTUDIO_TEST_HANDLERS", "1")
+    monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
     monkeypatch.setenv("TISTUDIO_ENGINE_IDLE", "30")
     monkeypatch.delenv("TISTUDIO_ENGINE_CANCEL_GRACE", raising=False)
     yield path
@@ -178,19 +178,40 @@ async def test_stop_refuses_a_busy_engine_unless_forced_and_then_interrupts(home
     assert engine_pids(home) == []
 
 
-async def test_status_reports_the_device_and_the_server_stays_torch_free(home):
+async def test_status_reports_the_device_without_starting_a_worker_and_the_server_stays_torch_free(
+        home, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     client = await connect(home)
     status = await client.status()
     device = status["device"]
-    assert device["device"].split(":")[0] in ("cpu", "cuda", "mps")
-    if device["device"].startswith("cuda"):
+    assert device["device"].split(":")[0] in ("cpu", "cuda", "mps") and device["source"]
+    if device.get("source") == "nvidia-smi":
         assert device["vram_total"] > 0
-    else:
+    if not device["device"].startswith("cuda"):
         assert not any(k.startswith("vram") for k in device)
-    assert status["pid"] == client.server_pid and status["worker_pid"]
+    assert status["pid"] == client.server_pid and status["worker_pid"] is None  # probed, nothing started
     assert status["queue"] == 0 and status["running"] is None and status["uptime"] >= 0
+    assert status["environment"]["HF_HUB_OFFLINE"] == "1"
+    assert status["environment"]["TISTUDIO_EXTRA_HANDLERS"] and "TISTUDIO_ENGINE_PID" not in status["environment"]
+    assert status["storage"] == {"writable": True, "error": None, "since": None, "unsaved": []}
     maps = Path(f"/proc/{client.server_pid}/maps").read_text()
     assert "libtorch" not in maps
+    await client.stop()
+
+
+async def test_an_idle_worker_with_torch_loaded_answers_the_probe_itself(home):
+    client = await connect(home)
+    first = await client.submit("torch")
+    assert await client.wait(first) == "done"
+    status = await client.status()
+    assert status["device"]["source"] == "worker" and status["device"]["torch"]
+    assert status["worker_pid"] == run_record(home, first)["result"]["pid"]
+    running = await client.submit("sleep", params={"seconds": 5, "steps": 50})
+    await first_event(client, running, is_step)
+    busy = await client.status()  # a busy worker is not asked: the probe answers at once
+    assert busy["device"]["source"] != "worker" and busy["running"]["id"] == running
+    await client.cancel(running)
+    assert await client.wait(running) == "cancelled"
     await client.stop()
 
 

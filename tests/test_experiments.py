@@ -1,4 +1,8 @@
-"""The section 4 ablations end to end on the tiny model: reports, run directories, errors."""
+"""The section 4 ablations end to end on the tiny model: reports, run directories, errors.
+
+init and seeds go through the engine's own path, `handle_experiment` on a JobContext,
+exactly as the worker runs an `experiment` job (with the session's tiny model warm).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,12 @@ import json
 import pytest
 from PIL import Image
 
+from engine import jobs
 from engine.errors import JobCancelled, UserError
-from engine.experiments import (
-    init_experiment, runs_experiment, seeds_experiment, steps_experiment, synthesis_prompts, synthesis_requests,
-)
+from engine.experiments import runs_experiment, steps_experiment, synthesis_prompts, synthesis_requests
 from engine.formats import read_embedding
 from engine.generate import GenerateRequest, done_runs, generate
+from engine.handlers import handle_experiment, remember_model
 from engine.library import Library
 from engine.paths import atomic_write_json, home_dir
 from engine.train import TrainConfig, train
@@ -26,6 +30,20 @@ def library(image_dir):
     lib = Library(home_dir())
     lib.add("cat", image_dir, "cat", description="a small grey cat")
     return lib
+
+
+def experiment_job(tiny_model, library, params: dict, cancelled=None) -> jobs.JobContext:
+    """An `experiment` job on concept cat as the worker would run it, the tiny model already warm."""
+    params = {"model": "builtin:tiny", **params}
+    spec = {"kind": "experiment", "concept": "cat", "params": params}
+    run_dir = jobs.create_run(library.home, spec)
+    ctx = jobs.JobContext(spec, run_dir.name, run_dir, library.home, is_cancelled=cancelled)
+    remember_model(ctx.cache, tiny_model, "builtin:tiny")
+    return ctx
+
+
+def progress_fractions(ctx: jobs.JobContext) -> list[float]:
+    return [e["fraction"] for e in ctx.log.read() if e["type"] == "progress"]
 
 
 def _trained_run(model, concept, run_id="r1", steps=3):
@@ -68,26 +86,32 @@ def test_steps_experiment_at_chosen_steps_and_errors(tiny_model, library):
 
 def test_init_experiment_trains_one_run_per_word(tiny_model, library):
     concept = library.get("cat")
-    seen = []
-    result = init_experiment(tiny_model, library, "cat", ["cat", "dog"], steps=2, seed=3, prompts=["a {} in space"],
-                             train_options=OPTIONS, progress=lambda m, f: seen.append(f), **FAST)
+    ctx = experiment_job(tiny_model, library, {"kind": "init", "values": ["cat", "dog"], "steps": 2, "seed": 3,
+                                               "prompts": ["a {} in space"], **OPTIONS, **FAST})
+    result = handle_experiment(ctx)
     assert result["id"].startswith("init-") and [r["label"] for r in result["runs"]] == ["init cat", "init dog"]
     assert [r["init"] for r in result["runs"]] == ["cat", "dog"] and {r["seed"] for r in result["runs"]} == {3}
     exp_dir = concept.path / "experiments" / result["id"]
     for name in ("grid.png", "table.json", "table.md"):
         assert (exp_dir / name).is_file()
     table = json.loads((exp_dir / "table.json").read_text())
-    assert table["train"]["steps"] == 2 and len(table["runs"]) == 2
+    assert table["kind"] == "init" and table["train"]["steps"] == 2 and len(table["runs"]) == 2
     vectors = []
     for r in result["runs"]:
         run_dir = concept.runs_dir / r["run"]
         record = json.loads((run_dir / "run.json").read_text())
         assert (record["status"], record["kind"], record["experiment"]) == ("done", "train", result["id"])
+        assert record["parent"] == ctx.run_id and record["label"] == r["label"]
         assert record["params"]["init"] == r["init"] and record["params"]["steps"] == 2
         assert (run_dir / "embeddings" / "learned_embeds-steps-1.safetensors").is_file()
         vectors.append(read_embedding(run_dir / "learned_embeds.safetensors").vectors)
     assert not vectors[0].equal(vectors[1])
-    assert "init dog" in (exp_dir / "table.md").read_text()
+    markdown = (exp_dir / "table.md").read_text()
+    assert "init dog" in markdown and "effect of the initializer word" in markdown and "- Training: 2 steps" in markdown
+    assert not markdown.endswith("\n\n")  # one ending, written once
+    job = jobs.load_run(ctx.run_dir)
+    assert job["members"] == [r["run"] for r in result["runs"]] and job["experiment"] == result["id"]
+    seen = progress_fractions(ctx)
     assert seen == sorted(seen) and seen[-1] == 1.0
     # The runs are ordinary finished runs: generation finds them.
     assert {r[0] for r in done_runs(concept)} == {r["run"] for r in result["runs"]}
@@ -96,9 +120,11 @@ def test_init_experiment_trains_one_run_per_word(tiny_model, library):
 
 def test_seeds_experiment_one_run_per_seed(tiny_model, library):
     concept = library.get("cat")
-    result = seeds_experiment(tiny_model, library, "cat", [0, 1], steps=1, prompts=["a {} in space"], **FAST)
+    ctx = experiment_job(tiny_model, library, {"kind": "seeds", "values": [0, 1], "steps": 1,
+                                               "prompts": ["a {} in space"], **FAST})
+    result = handle_experiment(ctx)
     assert [r["seed"] for r in result["runs"]] == [0, 1] and {r["init"] for r in result["runs"]} == {"cat"}
-    assert result["id"].startswith("seeds-")
+    assert result["id"].startswith("seeds-") and result["kind"] == "seeds"
     assert (concept.path / "experiments" / result["id"] / "grid.png").is_file()
     # The same runs, compared again as plain finished runs.
     ids = [r["run"] for r in result["runs"]]
@@ -113,18 +139,44 @@ def test_seeds_experiment_one_run_per_seed(tiny_model, library):
         runs_experiment(tiny_model, library, "cat", ["nope"], **FAST)
 
 
-def test_bad_initializer_is_refused_before_any_run_exists(tiny_model, library):
+def test_a_resumed_experiment_job_keeps_its_members_and_report_folder(tiny_model, library):
     concept = library.get("cat")
-    with pytest.raises(UserError, match="initializer"):
-        init_experiment(tiny_model, library, "cat", ["cat", "xqzvbn"], steps=1, **FAST)
+    params = {"kind": "seeds", "values": [0, 1], "steps": 2, "prompts": ["a {} in space"], **FAST}
+    ctx = experiment_job(tiny_model, library, params, cancelled=lambda: True)
+    with pytest.raises(JobCancelled):
+        handle_experiment(ctx)
+    first = jobs.load_run(ctx.run_dir)
+    resumed = jobs.JobContext(ctx.spec, ctx.run_id, ctx.run_dir, ctx.home, resumed=True)
+    remember_model(resumed.cache, tiny_model, "builtin:tiny")
+    result = handle_experiment(resumed)
+    assert result["id"] == first["experiment"] and [r["run"] for r in result["runs"]] == first["members"]
+    assert len(list(concept.runs_dir.glob("*/run.json"))) == 3  # the job and its two members, no more
+
+
+def test_bad_experiment_settings_are_refused_before_any_run_exists(tiny_model, library):
+    concept = library.get("cat")
+    for params, match in (
+        ({"kind": "init", "values": ["cat", "xqzvbn"], "steps": 1}, "initializer"),
+        ({"kind": "init", "values": [], "steps": 1}, "at least one initializer word"),
+        ({"kind": "seeds", "values": [], "steps": 1}, "at least one seed"),
+        ({"kind": "seeds", "values": [0], "steps": 0}, "steps"),
+        ({"kind": "volume", "values": [0]}, "unknown experiment"),
+    ):
+        ctx = experiment_job(tiny_model, library, {**params, **FAST})
+        with pytest.raises(UserError, match=match):
+            handle_experiment(ctx)
+        ctx.run_dir.joinpath("run.json").unlink()  # the job's own record; its members must not exist
     assert not list(concept.runs_dir.glob("*/run.json"))
 
 
 def test_cancel_marks_the_runs_cancelled(tiny_model, library):
     concept = library.get("cat")
+    ctx = experiment_job(tiny_model, library, {"kind": "seeds", "values": [0, 1], "steps": 3, **FAST},
+                         cancelled=lambda: True)
     with pytest.raises(JobCancelled):
-        seeds_experiment(tiny_model, library, "cat", [0, 1], steps=3, cancelled=lambda: True, **FAST)
-    records = [json.loads(p.read_text()) for p in concept.runs_dir.glob("*/run.json")]
+        handle_experiment(ctx)
+    members = jobs.load_run(ctx.run_dir)["members"]
+    records = [jobs.load_run(concept.runs_dir / m) for m in members]
     assert len(records) == 2 and {r["status"] for r in records} == {"cancelled"}
 
 

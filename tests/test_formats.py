@@ -211,7 +211,8 @@ def test_a1111_export_layout_loads_weights_only(tmp_path):
     assert data.keys() == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint", "sd_checkpoint_name"}
     assert data["string_to_token"] == {"*": 265}
     assert type(data["string_to_param"]["*"]) is torch.Tensor
-    assert (data["name"], data["step"], data["sd_checkpoint"], data["sd_checkpoint_name"]) == ("my-cat", 7, None, "sd15")
+    assert (data["name"], data["step"]) == ("my-cat", 7)
+    assert (data["sd_checkpoint"], data["sd_checkpoint_name"]) == (None, "sd15")
 
 
 def test_kohya_export_layout(tmp_path):
@@ -329,11 +330,11 @@ def test_malicious_pickle_newer_protocol_refused_without_running(tmp_path, proto
 def test_sdxl_clip_l_clip_g_file_reads_as_two_blocks(tmp_path):
     """kohya, A1111, ComfyUI: one safetensors with clip_l [n, 768] and clip_g [n, 1280]."""
     path = tmp_path / "sdxl.safetensors"
-    l, g = vecs(2, 768, seed=1), vecs(2, 1280, seed=2)
-    safetensors.torch.save_file({"clip_l": l, "clip_g": g}, str(path))
+    lv, g = vecs(2, 768, seed=1), vecs(2, 1280, seed=2)
+    safetensors.torch.save_file({"clip_l": lv, "clip_g": g}, str(path))
     emb = read_embedding(path)
     assert (emb.format, emb.widths, emb.num_vectors, emb.family) == ("sdxl", (768, 1280), 2, "sdxl")
-    assert torch.equal(emb.blocks[0], l) and torch.equal(emb.blocks[1], g)
+    assert torch.equal(emb.blocks[0], lv) and torch.equal(emb.blocks[1], g)
 
 
 def test_onetrainer_sdxl_output_embeddings_are_ignored_and_said(tmp_path):
@@ -366,13 +367,13 @@ def test_half_an_sdxl_file_refused(tmp_path):
 
 def test_diffusers_sdxl_pair_reads_from_either_file_or_its_folder(tmp_path):
     """diffusers' textual_inversion_sdxl.py: learned_embeds (768) + learned_embeds_2 (1280), {token: [n, d]}."""
-    l, g = vecs(3, 768, seed=3), vecs(3, 1280, seed=4)
-    safetensors.torch.save_file({"<cat>": l}, str(tmp_path / "learned_embeds.safetensors"))
+    lv, g = vecs(3, 768, seed=3), vecs(3, 1280, seed=4)
+    safetensors.torch.save_file({"<cat>": lv}, str(tmp_path / "learned_embeds.safetensors"))
     safetensors.torch.save_file({"<cat>": g}, str(tmp_path / "learned_embeds_2.safetensors"))
     for source in (tmp_path, tmp_path / "learned_embeds.safetensors", tmp_path / "learned_embeds_2.safetensors"):
         emb = read_embedding(source)
         assert (emb.format, emb.token, emb.widths, emb.family) == ("diffusers", "<cat>", (768, 1280), "sdxl")
-        assert torch.equal(emb.vectors, l) and torch.equal(emb.vectors_2, g)
+        assert torch.equal(emb.vectors, lv) and torch.equal(emb.vectors_2, g)
 
 
 def test_diffusers_pair_of_different_words_refused(tmp_path):
@@ -397,23 +398,23 @@ def test_kohya_xti_recognised_and_refused(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["a1111", "kohya", "comfy"])
 def test_sdxl_writes_clip_l_clip_g_for_a1111_kohya_comfy(tmp_path, fmt):
-    l, g = vecs(2, 768, seed=5), vecs(2, 1280, seed=6)
-    out = write_embedding(tmp_path / f"{fmt}-xl", (l, g), "<cat>", fmt)
+    lv, g = vecs(2, 768, seed=5), vecs(2, 1280, seed=6)
+    out = write_embedding(tmp_path / f"{fmt}-xl", (lv, g), "<cat>", fmt)
     assert out == tmp_path / f"{fmt}-xl.safetensors"
     raw = safetensors.torch.load_file(str(out))
     assert set(raw) == {"clip_l", "clip_g"}
-    assert torch.equal(raw["clip_l"], l) and torch.equal(raw["clip_g"], g)
-    refused(UserError, write_embedding, tmp_path / "x.pt", (l, g), "<cat>", fmt, match="SDXL")
+    assert torch.equal(raw["clip_l"], lv) and torch.equal(raw["clip_g"], g)
+    refused(UserError, write_embedding, tmp_path / "x.pt", (lv, g), "<cat>", fmt, match="SDXL")
 
 
 def test_sdxl_writes_diffusers_pair(tmp_path):
-    l, g = vecs(2, 768, seed=7), vecs(2, 1280, seed=8)
-    paths = formats.write_embedding_files(tmp_path / "learned_embeds.safetensors", (l, g), "<cat>", "diffusers")
+    lv, g = vecs(2, 768, seed=7), vecs(2, 1280, seed=8)
+    paths = formats.write_embedding_files(tmp_path / "learned_embeds.safetensors", (lv, g), "<cat>", "diffusers")
     assert paths == [tmp_path / "learned_embeds.safetensors", tmp_path / "learned_embeds_2.safetensors"]
-    assert torch.equal(safetensors.torch.load_file(str(paths[0]))["<cat>"], l)
+    assert torch.equal(safetensors.torch.load_file(str(paths[0]))["<cat>"], lv)
     assert torch.equal(safetensors.torch.load_file(str(paths[1]))["<cat>"], g)
     back = read_embedding(paths[0])
-    assert torch.equal(back.vectors, l) and torch.equal(back.vectors_2, g)
+    assert torch.equal(back.vectors, lv) and torch.equal(back.vectors_2, g)
 
 
 def test_comfy_writes_a_file_comfy_reads_for_sd(tmp_path):

@@ -13,8 +13,16 @@ from PIL import Image
 from engine.errors import JobCancelled, UserError
 from engine.formats import embedding_sha256, write_embedding
 from engine.generate import (
-    GenerateRequest, a1111_parameters, generate, generation_scheduler, make_grid, parse_use, render,
-    resolve_embeddings, step_file, with_descriptions,
+    GenerateRequest,
+    a1111_parameters,
+    generate,
+    generation_scheduler,
+    make_grid,
+    parse_use,
+    render,
+    resolve_embeddings,
+    step_file,
+    with_descriptions,
 )
 from engine.library import Library
 from engine.paths import atomic_write_json, home_dir

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
-import tomllib
 import unicodedata
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import tomllib
 from PIL import Image
 
 from engine import images as images_mod
@@ -234,7 +234,7 @@ def test_add_writes_concept(lib, home, pics):
 
 def test_add_everything_private(lib, home, pics):
     lib.add("kitty", pics, "cat")
-    for dirpath, dirnames, filenames in os.walk(home / "concepts"):
+    for dirpath, _dirnames, filenames in os.walk(home / "concepts"):
         assert mode(Path(dirpath)) == 0o700
         for name in filenames:
             assert mode(Path(dirpath) / name) == 0o600, name

@@ -14,7 +14,12 @@ from engine.formats import write_embedding
 from engine.generate import step_file
 from engine.library import Library
 from engine.metrics import (
-    PAPER_TABLE, editability_paper, editability_paper_per_prompt, editability_per_image, evaluate, load_clip,
+    PAPER_TABLE,
+    editability_paper,
+    editability_paper_per_prompt,
+    editability_per_image,
+    evaluate,
+    load_clip,
     reconstruction,
 )
 from engine.paths import atomic_write_json, home_dir

@@ -13,7 +13,13 @@ import pytest
 from engine.jobs import create_run, set_status
 from engine.library import Library
 from engine.records import (
-    curve_points, eval_tables, latest_done_run, library_summaries, steps_curves, summarize, ti_reconstruction,
+    curve_points,
+    eval_tables,
+    latest_done_run,
+    library_summaries,
+    steps_curves,
+    summarize,
+    ti_reconstruction,
 )
 from engine.text import one_line
 from helpers import make_images

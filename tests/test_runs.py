@@ -29,7 +29,7 @@ def _add_concept(home: Path, name: str, image_dir: Path) -> None:
 
 def _uninterrupted(tiny_model, home: Path, name: str, tmp_path: Path) -> torch.Tensor:
     """The reference: the same config trained in-process, start to finish."""
-    from engine.runs import train_config_from
+    from engine.sweeps import train_config_from
     from engine.train import train
 
     concept = Library(home).get(name)

@@ -119,6 +119,20 @@ def test_bad_initializer_and_settings_are_user_errors(tiny_model, image_dir, tmp
         train(tiny_model, _cfg(steps=0), tmp_path / "y", images)
 
 
+
+def test_an_unknown_prediction_type_is_refused_before_training(tiny_model, image_dir, tmp_path, monkeypatch):
+    real = type(tiny_model).noise_scheduler
+
+    def sample_predicting(model):
+        scheduler = real(model)
+        scheduler.register_to_config(prediction_type="sample")
+        return scheduler
+
+    monkeypatch.setattr(type(tiny_model), "noise_scheduler", sample_predicting)
+    with pytest.raises(UserError, match="predicts 'sample'; only epsilon and v_prediction"):
+        train(tiny_model, _cfg(), tmp_path / "run", _images(image_dir))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
 def test_nan_loss_stops_and_keeps_last_good_embedding(tiny_model, image_dir, tmp_path, monkeypatch):
     from engine import train as train_mod
 
@@ -157,7 +171,8 @@ def test_sdxl_trains_the_word_in_both_encoders_and_freezes_everything_else(sdxl_
     out = train(sdxl_model, _cfg(steps=6, lr=5e-2, save_every=6), tmp_path / "run", _images(image_dir), reporter)
     after = {f"{m}.{k}": v for m in modules for k, v in getattr(sdxl_model.pipe, m).state_dict().items()}
     assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed
     learned = read_embedding(out)
     assert learned.widths == (32, 64) and learned.format == "sdxl"  # one clip_l + clip_g file per run
     for (encoder, tokenizer), block in zip(sdxl_model.encoders, learned.blocks):
@@ -285,7 +300,8 @@ def test_init_from_must_fit_family_and_vectors(tiny_model, sdxl_model, image_dir
     xl = write_embedding(tmp_path / "xl.safetensors", (torch.randn(2, 32), torch.randn(2, 64)), "<a>", "kohya")
     with pytest.raises(UserError, match=r"holds 1 vector\(s\) per encoder but --vectors is 2; pass --vectors 1"):
         Inversion(tiny_model, [RunSlot(_cfg(vectors=2, init_from=str(one)), tmp_path / "a", images)])
-    with pytest.raises(UserError, match=r"for widths 32 \+ 64 does not fit builtin:tiny, a model of SD 1.x \(width 32\)"):
+    expected = r"for widths 32 \+ 64 does not fit builtin:tiny, a model of SD 1.x \(width 32\)"
+    with pytest.raises(UserError, match=expected):
         Inversion(tiny_model, [RunSlot(_cfg(vectors=2, init_from=str(xl)), tmp_path / "b", images)])
     with pytest.raises(UserError, match="no such file, and not NAME@RUN:STEP"):
         Inversion(tiny_model, [RunSlot(_cfg(init_from=str(tmp_path / "missing.pt")), tmp_path / "c", images)])

@@ -33,8 +33,21 @@ from engine.text import one_line
 from tistudio.config import DEFAULT_THEME, PROTOCOLS, Config
 from tistudio.engine_bridge import EngineBridge
 from tistudio.messages import (
-    BridgeNotice, CommandFinished, EngineChanged, EngineSnapshot, EngineStateChanged, ImagesChanged, JobsChanged,
-    JobSubmitted, LibraryChanged, MetricsChanged, RunChanged, RunEvents, RunSubmitted, StatusChanged, StudioChange,
+    BridgeNotice,
+    CommandFinished,
+    EngineChanged,
+    EngineSnapshot,
+    EngineStateChanged,
+    ImagesChanged,
+    JobsChanged,
+    JobSubmitted,
+    LibraryChanged,
+    MetricsChanged,
+    RunChanged,
+    RunEvents,
+    RunSubmitted,
+    StatusChanged,
+    StudioChange,
     TokenizerReady,
 )
 from tistudio.screens.generate import GenerateScreen
@@ -70,8 +83,8 @@ class StudioApp(App):
         """`home`/`model`: the data directory and model spec (default: --home/$TISTUDIO_HOME and
         $TISTUDIO_MODEL or builtin:tiny).  `engine=False` never starts or asks the engine (the
         studio reads the data directory alone; snapshot tests use it).  `clip`/`eval_images`:
-        what evaluations use (None: the engine's defaults; tests: builtin:tiny, 2); `eval_params` go into every evaluation and
-        experiment job as they are (e.g. {"sample_steps": 2}).  `theme` overrides the config's theme."""
+        what evaluations use (None: the engine's defaults; tests: builtin:tiny, 2); `eval_params` go into every
+        evaluation and experiment job as they are (e.g. {"sample_steps": 2}).  `theme` overrides the config's theme."""
         from engine.models import resolve_spec
 
         super().__init__()

@@ -162,7 +162,7 @@ def _run(handler, args) -> int:
             return _internal(exc)
         print(f"tistudio: error: {message}", file=sys.stderr)
         return 1
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - an internal failure: one line, plus where to look
         return _internal(exc)
 
 

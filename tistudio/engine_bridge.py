@@ -34,7 +34,14 @@ from pathlib import Path
 from engine.errors import EngineError, UserError
 from engine.text import one_line
 from tistudio.messages import (
-    BridgeNotice, CliCommand, CommandFinished, EngineSnapshot, EngineStateChanged, JobSubmitted, RunEvents, Severity,
+    BridgeNotice,
+    CliCommand,
+    CommandFinished,
+    EngineSnapshot,
+    EngineStateChanged,
+    JobSubmitted,
+    RunEvents,
+    Severity,
 )
 
 POLL_SECONDS = 1.5

@@ -19,10 +19,11 @@ stops the studio from opening.  Later directories win on equal names.
 
 from __future__ import annotations
 
-import sys
 import os
+import sys
 from pathlib import Path
 
+import tomllib
 from textual.color import Color, ColorParseError
 from textual.theme import Theme
 

@@ -11,13 +11,14 @@ import time
 import pytest
 
 from engine.client import EngineClient, call
+from helpers import TEST_HANDLERS
 
 pytestmark = pytest.mark.timeout(120)
 
 
 @pytest.fixture
 def test_kinds(monkeypatch):
-    monkeypatch.setenv("TISTUDIO_TEST_HANDLERS", "1")
+    monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
 
 
 def _kill_9_server(home):

@@ -64,7 +64,7 @@ def assert_nothing_partial(home: Path) -> None:
 
 
 def test_kill_9_in_every_kind_of_write_then_resume_loses_nothing(engine_home, concept, faults, tiny_model, tmp_path):
-    from engine.runs import train_config_from
+    from engine.sweeps import train_config_from
     from engine.train import train
 
     c = Library(engine_home).get(concept)

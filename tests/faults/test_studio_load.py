@@ -7,13 +7,14 @@ import time
 
 import pytest
 
+from helpers import TEST_HANDLERS
 from tistudio.app import StudioApp
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.filterwarnings("ignore:Image.Image.getdata:DeprecationWarning")]
 
 
 async def test_event_loop_lag_stays_under_100ms_while_a_run_streams(engine_home, monkeypatch):
-    monkeypatch.setenv("TISTUDIO_TEST_HANDLERS", "1")
+    monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
     app = StudioApp(engine_home, "builtin:tiny", image_protocol="halfblock", theme="tistudio-dark",
                     add_sample=False, poll_seconds=0.5)
     async with app.run_test(size=(100, 30)) as pilot:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 
-from tistudio.commands.output import print_json, print_table
 from engine.samplers import SAMPLERS
 from tistudio.commands.args import float_arg, int_list, positive_int, word_list
+from tistudio.commands.output import print_json, print_table
 
 
 def add_commands(sub) -> None:
@@ -146,7 +146,6 @@ def evaluate(args) -> int:
 def _check_experiment(args) -> None:
     from engine.errors import UserError
     from engine.library import Library
-
     from tistudio.commands.output import home
 
     if args.experiment == "steps":
@@ -185,7 +184,6 @@ def run_job(kind: str, concept: str | None, params: dict, quiet: bool = False) -
     """Submit, follow with a progress bar (Ctrl-C cancels), and return the job's result."""
     from engine.client import call
     from engine.errors import UserError
-
     from tistudio.commands.run_cmds import _follow
 
     run_id = call("submit", kind, concept=concept, params=params)

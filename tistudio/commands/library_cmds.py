@@ -131,8 +131,8 @@ def concept_show(args) -> int:
         print(f"{key:12} {data[key]}")
     print(f"{'images':12} {len(data['image_files'])}: {', '.join(Path(p).name for p in data['image_files'])}")
     if data["runs"]:
-        print_table("runs", ["id", "kind", "status", "step", "embedding"],
-                    [[r["id"], r["kind"], r["status"], f"{r['step']}/{r['steps']}", r["embedding"]] for r in data["runs"]])
+        rows = [[r["id"], r["kind"], r["status"], f"{r['step']}/{r['steps']}", r["embedding"]] for r in data["runs"]]
+        print_table("runs", ["id", "kind", "status", "step", "embedding"], rows)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 
 from tistudio.commands.output import print_json, print_table
 
@@ -25,9 +26,13 @@ def add_commands(sub) -> None:
 
 
 def runs(args) -> int:
-    from engine.client import call
+    """Every run, read from disk; when an engine is running, with its live view laid over
+    (step, status it holds in memory).  Never starts an engine."""
+    from tistudio.commands.engine_cmds import warn_if_not_writable
 
-    jobs = [{k: j.get(k) for k in RUN_FIELDS} for j in call("jobs")]
+    records, engine_up, storage = _run_records()
+    jobs = [_listed(r, engine_up) for r in records]
+    warn_if_not_writable(storage)
     if args.json:
         print_json(jobs)
         return 0
@@ -35,9 +40,44 @@ def runs(args) -> int:
         print("no runs yet; start one with `tistudio train NAME`")
         return 0
     print_table("runs", ["id", "concept", "kind", "status", "step", "pid"],
-                [[j["id"], j["concept"], j["kind"], j["status"], f"{j['step']}/{j['steps'] or '?'}", j["pid"]]
+                [[j["id"], j["concept"], j["kind"], _status_cell(j), f"{j['step']}/{j['steps'] or '?'}", j["pid"]]
                  for j in jobs])
+    if any(j.get("stale") for j in jobs):
+        print("* no engine is running: the engine that ran these stopped; they show as interrupted "
+              "once one starts, and `tistudio resume RUN` continues them")
     return 0
+
+
+def _run_records() -> tuple[list[dict], bool, dict]:
+    """(records, whether an engine answered, its storage health)."""
+    from engine.client import EngineNotRunning, call
+    from engine.jobs import list_runs
+    from tistudio.commands.output import home
+
+    try:
+        listing = call("listing", start=False)
+    except EngineNotRunning:
+        return list_runs(home()), False, {}
+    return listing["jobs"], True, listing.get("storage") or {}
+
+
+def _listed(record: dict, engine_up: bool) -> dict:
+    from engine.jobs import ACTIVE
+
+    row = {k: record.get(k) for k in RUN_FIELDS}
+    if record.get("unsaved"):
+        row["unsaved"] = record["unsaved"]  # the engine holds this status in memory: the disk refused it
+    if not engine_up and row["status"] in ACTIVE:
+        row["stale"] = True  # left queued/running by an engine that is gone
+    return row
+
+
+def _status_cell(row: dict) -> str:
+    if row.get("stale"):
+        return f"{row['status']}*"
+    if row.get("unsaved"):
+        return f"{row['status']} (in memory)"
+    return row["status"]
 
 
 def cancel(args) -> int:
@@ -48,13 +88,14 @@ def cancel(args) -> int:
 
 
 def attach(args) -> int:
-    return asyncio.run(_follow(args.run, cancel_on_interrupt=False, raw=args.json))
+    return asyncio.run(_follow(args.run, cancel_on_interrupt=False, raw=args.json, report=True))
 
 
-async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, quiet: bool = False) -> int:
-    """Replay and follow a run with a progress bar; Ctrl-C cancels (train) or detaches (attach)."""
+async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, quiet: bool = False,
+                  report: bool = False) -> int:
+    """Replay and follow a run with a progress bar; Ctrl-C cancels (train) or detaches (attach).
+    report: a run that ends failed or interrupted says why in one line on stderr."""
     from engine.client import EngineClient
-
     from tistudio.commands.progress import RunProgress
 
     client = EngineClient()
@@ -73,6 +114,8 @@ async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, qui
         return 130
     finally:
         await client.close()
+    if report and view.status in ("failed", "interrupted"):
+        print(f"tistudio: error: run {run_id} {view.status}: {view.error or 'see `tistudio runs`'}", file=sys.stderr)
     return view.exit_code()
 
 

@@ -26,7 +26,8 @@ def add_commands(sub) -> None:
                       help="start from an existing embedding (a file from any tool, or a saved step)")
     what.add_argument("--regularize", choices=("none", "init-l2", "norm", "directional"), default="none",
                       help="keep the word editable: none (the paper), init-l2 (pull toward the initializer), "
-                           "norm (penalise a norm above the vocabulary's), directional (fixed norm, learn the direction)")
+                           "norm (penalise a norm above the vocabulary's), "
+                           "directional (fixed norm, learn the direction)")
     what.add_argument("--reg-weight", type=float_arg, default=0.0,
                       help="strength of init-l2 / norm (0: the method's default)")
     what.add_argument("--templates", metavar="FILE",
@@ -184,7 +185,8 @@ def _header(args, runs: int) -> str:
     batch = args.batch_size * args.grad_accum
     batch_text = f"batch {batch}" if args.grad_accum == 1 else f"batch {args.batch_size} x {args.grad_accum} = {batch}"
     what = f"{runs} runs trained together, " if runs > 1 else ""
-    extras = [x for x in ("low-vram" if args.low_vram else "", f"compile {args.compile}" if args.compile != "off" else "",
+    extras = [x for x in ("low-vram" if args.low_vram else "",
+                          f"compile {args.compile}" if args.compile != "off" else "",
                           f"{args.vectors} vectors" if args.vectors > 1 else "") if x]
     return (f"training {args.name}: {what}{args.steps} steps, lr {args.lr:g}, {batch_text}"
             + (f", {', '.join(extras)}" if extras else ""))
@@ -206,5 +208,5 @@ def after_submit(run_id: str, detach: bool) -> int:
         print(run_id)
         return 0
     print(f"run {run_id} (Ctrl-C cancels it, resumable; it keeps running if the terminal closes)")
-    return asyncio.run(_follow(run_id, cancel_on_interrupt=True))
+    return asyncio.run(_follow(run_id, cancel_on_interrupt=True, report=True))
 

@@ -18,7 +18,13 @@ from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
 from tistudio.widgets.forms import (
-    PinSuggester, TokenSuggester, parse_float, parse_int, parse_optional_int, shorten_path, split_list,
+    PinSuggester,
+    TokenSuggester,
+    parse_float,
+    parse_int,
+    parse_optional_int,
+    shorten_path,
+    split_list,
 )
 from tistudio.widgets.images import ImagePreview
 

@@ -18,7 +18,14 @@ from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged
 from tistudio.screens.base import StudioScreen
 from tistudio.screens.modals import (
-    ConfirmModal, ExportModal, ExportRequest, ImagesEdited, ImagesModal, ImportModal, ImportRequest, NewConceptModal,
+    ConfirmModal,
+    ExportModal,
+    ExportRequest,
+    ImagesEdited,
+    ImagesModal,
+    ImportModal,
+    ImportRequest,
+    NewConceptModal,
     TextModal,
 )
 from tistudio.widgets.images import ImagePreview

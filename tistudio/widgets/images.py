@@ -39,7 +39,7 @@ def _import_textual_image(probe: bool) -> None:
         real = sys.__stdout__
         sys.__stdout__ = _NoTTY(real)
         try:
-            import textual_image.renderable  # noqa: F401 - imported for its side effect
+            import textual_image.renderable  # imported for its side effect
         finally:
             sys.__stdout__ = real
     import textual_image.widget  # noqa: F401 - fills the cell-size cache while we still may

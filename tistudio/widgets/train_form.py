@@ -17,7 +17,12 @@ from textual.containers import VerticalScroll
 from textual.widgets import Checkbox, Input, Select, Static
 
 from tistudio.widgets.forms import (
-    FieldRow, PathSuggester, PinSuggester, parse_float, parse_int, parse_optional_int,
+    FieldRow,
+    PathSuggester,
+    PinSuggester,
+    parse_float,
+    parse_int,
+    parse_optional_int,
 )
 
 # The study's defaults (lr 5e-4, batch 1, AdamW with weight decay 1e-2; 1500-2400 steps recommended;

@@ -1,5 +1,6 @@
-"""Job kinds for the engine's own tests; the worker adds them only when
-TISTUDIO_TEST_HANDLERS=1.  None of them imports torch, so a test worker starts fast.
+"""Job kinds for the engine's own tests.  Not shipped: the worker adds them when
+$TISTUDIO_EXTRA_HANDLERS names this file (`helpers.TEST_HANDLERS`).  None of them
+imports torch, so a test worker starts fast.
 """
 
 from __future__ import annotations
@@ -77,6 +78,13 @@ def warm(ctx: JobContext) -> dict:
     return {"count": ctx.cache["warm"], "pid": os.getpid()}
 
 
+def load_torch(ctx: JobContext) -> dict:
+    """Import torch in the worker, as every real job does (device-probe tests)."""
+    import torch
+
+    return {"torch": torch.__version__, "pid": os.getpid()}
+
+
 def _append(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -93,4 +101,5 @@ HANDLERS = {
     "counter": counter,
     "burst": burst,
     "warm": warm,
+    "torch": load_torch,
 }

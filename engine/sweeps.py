@@ -1,5 +1,6 @@
-"""Training runs driven by job records: settings from params, events to the run's log,
-and sweeps — K member runs trained together, one UNet call per step.
+"""Sweeps: K member runs of one concept trained together, one UNet call per step; and the
+two pieces every job-driven training run uses (`train_config_from` job params,
+`ContextReporter` to the run's log), of which a plain `train` job is the K=1 case.
 
 A sweep member is a full run directory of kind "train" (`parent` names the job
 that trains it, when there is one), so export, generate and eval treat it like
@@ -19,14 +20,12 @@ from engine.jobs import FINAL, JobContext, create_run, load_run, set_status, upd
 
 
 def train_config_from(params: dict, concept):
-    """A TrainConfig from job params, filling token/init/property from the concept."""
-    from engine.train import TrainConfig
+    """A TrainConfig from job params, filling token/init/property from the concept (the CLI and the
+    studio build their params with the same function; here keys this version does not know, from
+    an older record, are ignored rather than refused)."""
+    from engine.train_config import config_from_params
 
-    settings = {k: v for k, v in params.items() if k not in ("model", "precision", "device")}
-    settings.setdefault("token", concept.token)
-    settings["init"] = settings.get("init") or concept.init
-    settings.setdefault("property", concept.property)
-    return TrainConfig.from_dict(settings)
+    return config_from_params(params, concept, strict=False)
 
 
 class ContextReporter:
@@ -51,12 +50,43 @@ class ContextReporter:
         return self.ctx.cancelled()
 
 
+SWEEP_KEYS = ("seeds", "inits", "regularizes")  # each a list: one member per combination
+
+
 def sweep_params(params: dict) -> list[dict]:
-    """The cartesian product of `seeds` x `inits` over the shared training params."""
-    base = {k: v for k, v in params.items() if k not in ("seeds", "inits")}
+    """The cartesian product of `seeds` x `inits` x `regularizes` over the shared training params."""
+    base = {k: v for k, v in params.items() if k not in SWEEP_KEYS}
     seeds = params.get("seeds") or [base.get("seed", 0)]
     inits = params.get("inits") or [base.get("init")]
-    return [{**base, "seed": int(s), "init": i} for s, i in itertools.product(seeds, inits)]
+    methods = params.get("regularizes") or [base.get("regularize", "none")]
+    return [{**base, "seed": int(s), "init": i, "regularize": m}
+            for s, i, m in itertools.product(seeds, inits, methods)]
+
+
+def train_sweep(ctx: JobContext, model, concept, params: dict, extra: list[dict] | None = None,
+                on_step: Callable[[dict], None] | None = None) -> tuple[list[JobContext], list[Path]]:
+    """Train the member runs of sweep job `ctx` together; returns the members and their final embeddings.
+
+    On the job's first attempt the members are made from `params` (`sweep_params`), each
+    with its `extra` run.json fields, after every member's settings are checked, so a bad
+    one leaves no run behind.  On a resume they are found again in the job's run.json."""
+    from engine.library import initializer_ids
+
+    names = load_run(ctx.run_dir).get("members") or []
+    if names:
+        dirs = [ctx.run_dir.parent / name for name in names]
+    else:
+        # Each member records the initializer it really starts from (the concept's, unless set).
+        member_params = [{**p, "init": p.get("init") or concept.init} for p in sweep_params(params)]
+        for p in member_params:
+            config = train_config_from(p, concept)
+            config.validate()
+            if not config.init_from:
+                initializer_ids(model.tokenizer, config.init, config.vectors)
+        dirs = create_members(ctx.home, concept.name, member_params, parent=ctx.run_id, extra=extra)
+        ctx.set_progress(members=[d.name for d in dirs])
+    members = start_members(ctx.home, dirs, send=ctx.send, is_cancelled=ctx.is_cancelled)
+    return members, train_members(model, concept, members, on_step=on_step)
 
 
 def create_members(home: Path, concept: str, params_list: list[dict], parent: str | None = None,
@@ -109,5 +139,8 @@ def train_members(model, concept, members: list[JobContext], on_step=None) -> li
 
 def _settle(members: list[JobContext], status: str, error: str | None) -> None:
     for member in members:
-        if load_run(member.run_dir).get("status") not in FINAL:
-            set_status(member.run_dir, status, log=member.log, error=error)
+        try:
+            if load_run(member.run_dir).get("status") not in FINAL:
+                set_status(member.run_dir, status, log=member.log, error=error)
+        except OSError:
+            pass  # a full disk: the engine settles the members with their job, from memory if need be

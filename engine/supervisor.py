@@ -1,0 +1,220 @@
+"""The worker supervisor: one worker process for one device, kept alive across jobs.
+
+It starts the worker when work arrives (`python -m engine.worker`, a child that
+keeps models warm between jobs), reads every message the worker writes, notices
+when it dies (the next job then gets a fresh one), and says what device the
+worker has, without starting one to ask (engine.device_probe).  It knows no
+queue: whoever feeds it (engine.scheduler) decides what runs when, and hears
+back through two callbacks, `on_message` and `on_exit`.
+So a server can hold one supervisor per device and feed them from one queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Callable
+
+from engine import device_probe, protocol
+from engine.protocol import STREAM_LIMIT, JobSpec, log_path
+
+START_TIMEOUT = 60.0  # seconds for a new worker to say hello
+PROBE_TIMEOUT = 5.0  # seconds for an idle worker to answer a device probe (torch is loaded already)
+STOP_TIMEOUT = 3.0  # seconds a worker has to exit on stdin EOF before it is killed
+
+log = logging.getLogger("tistudio.engine")
+
+
+class WorkerStartError(Exception):
+    """The worker process did not start (or did not say hello in time)."""
+
+
+class WorkerProcess:
+    """One running `engine.worker` child and the task reading its stdout."""
+
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc = proc
+        self.pid = proc.pid
+        self.reader: asyncio.Task | None = None
+
+    async def send(self, msg: protocol.Message) -> None:
+        # A dead worker is noticed by its reader (stdout EOF); a failed write changes nothing.
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            self.proc.stdin.write(protocol.encode(msg))
+            await self.proc.stdin.drain()
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+
+
+MessageCallback = Callable[[WorkerProcess, protocol.Message], None]
+ExitCallback = Callable[[WorkerProcess, "int | None", "str | None"], None]
+
+
+class WorkerSupervisor:
+    """Keeps one worker for `device` ("auto": the worker picks, as `engine.gpu.pick_device` does).
+
+    on_message(worker, message) hears every message but the hello; on_exit(worker, exit code,
+    run id it was running or None) hears each worker's death, after the supervisor has
+    forgotten it."""
+
+    def __init__(self, home: os.PathLike | str, device: str = "auto", *, on_message: MessageCallback | None = None,
+                 on_exit: ExitCallback | None = None, start_timeout: float = START_TIMEOUT,
+                 probe_timeout: float = PROBE_TIMEOUT):
+        self.home = Path(home)
+        self.device = device
+        self.worker: WorkerProcess | None = None
+        self.in_flight: str | None = None  # the run id the worker is running
+        self.last_device: dict | None = None  # the worker's last DeviceReport
+        self.start_timeout = start_timeout
+        self.probe_timeout = probe_timeout
+        self._on_message = on_message or (lambda worker, msg: None)
+        self._on_exit = on_exit or (lambda worker, code, run_id: None)
+        self._starting = asyncio.Lock()
+        self._device_answer: asyncio.Future | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.worker.pid if self.worker else None
+
+    # -- starting and stopping
+
+    async def ensure(self) -> WorkerProcess:
+        """The live worker, starting one if there is none; WorkerStartError if it will not start."""
+        async with self._starting:
+            if self.worker is None:
+                self.worker = await self._spawn()
+                self.worker.reader = asyncio.create_task(self._read(self.worker))
+                log.info("worker %d started for device %s", self.worker.pid, self.device)
+            return self.worker
+
+    def worker_env(self) -> dict[str, str]:
+        """The environment a worker of this supervisor runs in."""
+        env = dict(os.environ, TISTUDIO_ENGINE_PID=str(os.getpid()))
+        if self.device != "auto":
+            env["TISTUDIO_DEVICE"] = self.device
+        return env
+
+    async def _spawn(self) -> WorkerProcess:
+        env = self.worker_env()
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "engine.worker", "--home", str(self.home),
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env=env, cwd=self.home, limit=STREAM_LIMIT)
+        try:
+            line = await asyncio.wait_for(proc.stdout.readline(), self.start_timeout)
+            protocol.Hello.from_wire(protocol.decode(line))
+        except (asyncio.TimeoutError, ValueError):
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            code = await proc.wait()
+            raise WorkerStartError(f"exit code {code}; see {log_path(self.home)}") from None
+        return WorkerProcess(proc)
+
+    async def stop(self) -> None:
+        """Ask the worker to exit (stdin EOF), kill it if it does not, and wait for its reader
+        (which reports the exit through on_exit)."""
+        worker = self.worker
+        if worker is None:
+            return
+        with contextlib.suppress(Exception):
+            worker.proc.stdin.close()
+        try:
+            await asyncio.wait_for(worker.proc.wait(), STOP_TIMEOUT)
+        except asyncio.TimeoutError:
+            worker.kill()
+        if worker.reader:
+            await worker.reader
+
+    def kill(self) -> None:
+        if self.worker:
+            self.worker.kill()
+
+    # -- jobs
+
+    async def start_job(self, job: JobSpec) -> WorkerProcess:
+        """Hand `job` to the worker (starting one if need be); its messages follow via on_message."""
+        worker = await self.ensure()
+        self.in_flight = job.run_id
+        await worker.send(protocol.RunJob(job))
+        return worker
+
+    async def cancel(self, run_id: str) -> None:
+        if self.worker:
+            await self.worker.send(protocol.CancelJob(run_id))
+
+    # -- the device
+
+    async def probe_device(self) -> dict:
+        """What a worker here runs on, never by starting one: an idle worker that has loaded
+        torch answers with torch's own figures (source "worker"); otherwise (no worker, one
+        busy with a job, or one without torch yet) the torch-free probe answers."""
+        if self.worker is not None and self.in_flight is None:
+            answer = await self._ask_worker(self.worker)
+            if answer:
+                return {**answer, "source": "worker"}
+        return await asyncio.to_thread(device_probe.probe, self.worker_env())
+
+    async def _ask_worker(self, worker: WorkerProcess) -> dict | None:
+        if self._device_answer is None or self._device_answer.done():
+            self._device_answer = asyncio.get_running_loop().create_future()
+            await worker.send(protocol.ProbeDevice())
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._device_answer), self.probe_timeout)
+        except asyncio.TimeoutError:
+            return None
+
+    # -- reading the worker
+
+    async def _read(self, worker: WorkerProcess) -> None:
+        try:
+            while line := await worker.proc.stdout.readline():
+                try:
+                    msg = protocol.parse_worker_message(protocol.decode(line))
+                except protocol.ProtocolError:
+                    log.warning("worker %d said something unreadable: %r", worker.pid, line[:200])
+                    continue
+                try:
+                    self._heard(worker, msg)
+                except Exception:  # keep reading: this task is how we notice the worker die
+                    log.exception("could not handle worker message %r", msg)
+        except (ValueError, ConnectionError) as exc:  # an over-long line: protocol broken
+            log.error("worker %d: %s; killing it", worker.pid, exc)
+            worker.kill()
+        code = await worker.proc.wait()
+        self._exited(worker, code)
+
+    def _heard(self, worker: WorkerProcess, msg: protocol.Message) -> None:
+        if isinstance(msg, protocol.DeviceReport):
+            self.last_device = msg.device
+            if self._device_answer and not self._device_answer.done():
+                self._device_answer.set_result(msg.device)
+        elif isinstance(msg, protocol.Finished) and msg.run_id == self.in_flight:
+            self.in_flight = None
+        self._on_message(worker, msg)
+
+    def _exited(self, worker: WorkerProcess, code: int | None) -> None:
+        log.info("worker %d exited (%s)", worker.pid, describe_exit(code))
+        run_id = None
+        if self.worker is worker:
+            self.worker = None
+            run_id, self.in_flight = self.in_flight, None
+        if self._device_answer and not self._device_answer.done():
+            self._device_answer.set_result(None)
+        try:
+            self._on_exit(worker, code, run_id)
+        except Exception:  # logged: the next job still gets a fresh worker
+            log.exception("could not handle the exit of worker %d", worker.pid)
+
+
+def describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
