@@ -112,6 +112,10 @@ class EngineClient:
         code = proc.poll()
         if code is None:
             return False  # still starting up
+        if code == 2:
+            reason = _refusal(self.home)
+            if reason:
+                raise UserError(reason)
         if code != 0:
             raise EngineError(f"the engine failed to start (exit code {code}):\n{_log_tail(self.home)}")
         # It exited quietly: another engine held the lock.  If that one was on its way
@@ -280,6 +284,14 @@ def _open_log(home: Path):
         if path.stat().st_size > MAX_LOG_BYTES:
             os.replace(path, path.with_suffix(".log.1"))
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+
+
+def _refusal(home: Path) -> str | None:
+    """Why the engine refused to start (protocol.CANNOT_START), from its log's last lines."""
+    for line in reversed(_log_tail(home).splitlines()):
+        if line.startswith(protocol.CANNOT_START):
+            return line[len(protocol.CANNOT_START):]
+    return None
 
 
 def _log_tail(home: Path, lines: int = 20) -> str:
