@@ -28,6 +28,7 @@ from engine.paths import ensure_private_dir, home_dir
 from engine.protocol import STREAM_LIMIT, engine_dir, log_path, socket_address, socket_path
 
 CONNECT_TIMEOUT = 20.0
+RAY_CONNECT_TIMEOUT = 180.0  # an engine on Ray joins the cluster and checks its storage before it listens
 MAX_LOG_BYTES = 5 * 1024 * 1024
 
 # What a connect attempt raises while there is no engine (yet) or it is going away.
@@ -40,9 +41,9 @@ class EngineNotRunning(EngineError):
 
 
 class EngineClient:
-    def __init__(self, home: os.PathLike | str | None = None, timeout: float = CONNECT_TIMEOUT):
+    def __init__(self, home: os.PathLike | str | None = None, timeout: float | None = None):
         self.home = home_dir(home)
-        self.timeout = timeout
+        self.timeout = timeout if timeout is not None else _connect_timeout()
         self.server_pid: int | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -268,6 +269,13 @@ class EngineClient:
             if run["id"] == run_id:
                 return run["status"]
         return None
+
+
+def _connect_timeout() -> float:
+    """How long to wait for an engine to answer: longer when the one we start joins a Ray cluster."""
+    from engine.devices import ray_address
+
+    return RAY_CONNECT_TIMEOUT if ray_address() else CONNECT_TIMEOUT
 
 
 def _checked(msg: dict) -> dict:

@@ -26,6 +26,8 @@ from engine import device_probe
 from engine.errors import UserError
 
 DEVICES_ENV = "TISTUDIO_DEVICES"
+RAY_ADDRESS_ENV = "TISTUDIO_RAY_ADDRESS"  # run the workers on a Ray cluster instead (engine.ray_backend)
+NO_RAY = ("", "off", "none", "local")
 _NAME = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
@@ -47,6 +49,13 @@ def engine_devices(env: Mapping[str, str] = os.environ) -> list[str]:
         raise UserError(f"{origin}={raw!r}: {bad[0]!r} is not a device; give auto, or a comma list of "
                         "cpu and cuda:N (e.g. cuda:0,cuda:2 or cpu,cpu)")
     return [normalise(name) for name in names]
+
+
+def ray_address(value: str | None = None, env: Mapping[str, str] = os.environ) -> str | None:
+    """The Ray cluster to run jobs on (`value`, else $TISTUDIO_RAY_ADDRESS): "auto" or an address;
+    None to run them on this machine's devices (unset, or off)."""
+    raw = (value if value is not None else env.get(RAY_ADDRESS_ENV, "")).strip()
+    return None if raw.lower() in NO_RAY else raw
 
 
 def auto_devices(env: Mapping[str, str] = os.environ) -> list[str]:

@@ -68,7 +68,6 @@ from engine.scheduler import DEFAULT_CANCEL_GRACE, Scheduler
 from engine.supervisor import LocalWorkers
 
 DEFAULT_IDLE = 30 * 60.0
-RAY_ADDRESS_ENV = "TISTUDIO_RAY_ADDRESS"
 RETRY_WRITES_SECONDS = 2.0  # how often refused writes are tried again
 
 log = logging.getLogger("tistudio.engine")
@@ -308,9 +307,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _worker_pool(home: Path, ray: str | None):
     """Local workers (one per device), or Ray actors when --ray / $TISTUDIO_RAY_ADDRESS say so."""
-    address = ray if ray is not None else os.environ.get(RAY_ADDRESS_ENV, "")
-    address = address.strip()
-    if address and address.lower() not in ("off", "none", "local"):
+    address = devices.ray_address(ray)
+    if address:
         from engine.ray_backend import RayWorkers
 
         return RayWorkers(home, address)

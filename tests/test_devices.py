@@ -328,3 +328,55 @@ def test_a_split_sweep_killed_in_one_group_resumes_only_what_is_left(two_cpus, t
         assert [(t["step"], t["runs"]) for t in trained] == [(0, 2), (10, 1)]
     _assert_members_match_their_solo_runs(two_cpus, tiny_model, runs, tmp_path)
 
+
+
+# ---------------------------------------------------------------------------
+# The CLI: engine start / status, runs
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from tistudio.cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_engine_start_and_status_show_the_workers_and_runs_the_device(two_cpus, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("TISTUDIO_RAY_ADDRESS", "off")  # whatever the shell says
+    code, out, _ = _cli(capsys, "engine", "status")
+    lines = dict(line.split(None, 1) for line in out.splitlines())
+    assert code == 0 and "2 workers on this machine (cpu, cpu)" in lines["workers"]
+    assert lines["#0"] == lines["#1"] == "cpu · no process yet (it starts with a job)"
+    code, out, _ = _cli(capsys, "engine", "start")
+    assert code == 0 and out.startswith("engine: started · pid ") and "(cpu, cpu)" in out
+    assert _cli(capsys, "engine", "start")[1].startswith("engine: already running · pid ")
+    code, _, err = _cli(capsys, "engine", "start", "--ray", "auto")
+    assert code == 2 and "already running" in err and "stop it first" in err and "Traceback" not in err
+    run_id = call("submit", "sleep", params={"seconds": 0.5, "steps": 5})
+    assert call("wait", run_id) == "done"
+    code, out, _ = _cli(capsys, "runs", "--json")
+    assert {r["id"]: r for r in json.loads(out)}[run_id]["device"] == "cpu"
+    code, out, _ = _cli(capsys, "runs")
+    assert code == 0 and "device" in out and "cpu" in out
+    code, out, _ = _cli(capsys, "engine", "status")
+    lines = dict(line.split(None, 1) for line in out.splitlines())
+    assert "idle" in lines["#0"] + lines["#1"] and "pid " in lines["#0"] + lines["#1"]
+    state = json.loads(_cli(capsys, "engine", "status", "--json")[1])
+    assert [w["device"] for w in state["workers"]] == ["cpu", "cpu"]
+    call("stop")
+
+
+def test_the_config_files_cluster_table_points_the_engine_at_ray(engine_home, capsys, monkeypatch):
+    import json
+
+    monkeypatch.setenv("TISTUDIO_RAY_ADDRESS", "unset-below")
+    monkeypatch.delenv("TISTUDIO_RAY_ADDRESS")  # main() sets it from the file; monkeypatch takes it away after
+    config = Path(os.environ["TISTUDIO_CONFIG_DIR"])
+    config.mkdir(parents=True, exist_ok=True)
+    (config / "config.toml").write_text('[cluster]\nray_address = "10.0.0.1:6379"\n')
+    state = json.loads(_cli(capsys, "engine", "status", "--json")[1])
+    assert state["engine"] == "not running" and state["backend"] == {"kind": "ray", "address": "10.0.0.1:6379"}
+    assert os.environ["TISTUDIO_RAY_ADDRESS"] == "10.0.0.1:6379"  # what an engine started from here inherits
