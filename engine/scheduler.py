@@ -286,7 +286,7 @@ class Scheduler:
             if self.stopping:
                 why = f"the engine stopped ({self.stop_reason})"
             else:
-                why = f"the {slot.device} worker died ({describe_exit(code)})"
+                why = f"the {slot.device} worker died ({getattr(worker, 'death', None) or describe_exit(code)})"
             self._task_ended(slot, task, "interrupted", f"{why}; resume this run")
 
     # -- cancelling and stopping
