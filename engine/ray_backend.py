@@ -96,6 +96,10 @@ class RayWorkers:
             ray.init(address=self.address, namespace="tistudio", log_to_driver=True,
                      runtime_env={"env_vars": actor_env()})
         except (ConnectionError, RuntimeError, ValueError) as exc:
+            if "auth" in _causes(exc).lower():
+                raise UserError(f"the Ray cluster at {self.address!r} refused the engine's token: give the "
+                                "engine's environment what Ray's token authentication asks for (RAY_AUTH_MODE=token "
+                                "and the cluster's token; see Ray's docs, ray-security/token-auth)") from None
             raise UserError(f"could not join the Ray cluster at {self.address!r} ({one_line(exc, 200)}); "
                             "start it with `ray start --head` (or give its address: --ray HOST:6379)") from None
         self.node_id = ray.get_runtime_context().get_node_id()
@@ -131,6 +135,15 @@ class RayWorkers:
 
     def describe(self) -> dict:
         return {"kind": self.kind, "address": self.address, "workers": self.count}
+
+
+def _causes(exc: BaseException) -> str:
+    """An exception and those it was raised from, as one text."""
+    parts = []
+    while exc is not None and len(parts) < 10:
+        parts.append(f"{type(exc).__name__}: {exc}")
+        exc = exc.__cause__ or exc.__context__
+    return " / ".join(parts)
 
 
 def gpu_nodes() -> list[dict]:

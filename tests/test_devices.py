@@ -380,3 +380,10 @@ def test_the_config_files_cluster_table_points_the_engine_at_ray(engine_home, ca
     state = json.loads(_cli(capsys, "engine", "status", "--json")[1])
     assert state["engine"] == "not running" and state["backend"] == {"kind": "ray", "address": "10.0.0.1:6379"}
     assert os.environ["TISTUDIO_RAY_ADDRESS"] == "10.0.0.1:6379"  # what an engine started from here inherits
+
+
+def test_an_engine_that_cannot_start_says_why_in_one_line(engine_home, monkeypatch):
+    monkeypatch.setenv("TISTUDIO_DEVICES", "cpu,gpu0")
+    monkeypatch.setenv("TISTUDIO_RAY_ADDRESS", "off")
+    with pytest.raises(UserError, match=r"^TISTUDIO_DEVICES='cpu,gpu0': 'gpu0' is not a device; give auto"):
+        call("ping", home=engine_home)

@@ -228,3 +228,24 @@ def test_a_data_directory_the_nodes_do_not_share_is_refused(cluster, engine_home
             check_shared_storage(engine_home, nodes, task_dir=tmp_path / "not-mounted-there")
     finally:
         ray.shutdown()
+
+
+def test_a_cluster_that_cannot_be_joined_is_one_clear_line(engine_home, monkeypatch):
+    from engine.errors import UserError
+    from engine.ray_backend import RayWorkers
+
+    def refused(**kwargs):
+        try:
+            raise RuntimeError("ray.exceptions.AuthenticationError: RPC error: InvalidAuthToken")
+        except RuntimeError as exc:
+            raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379") from exc
+
+    def absent(**kwargs):
+        raise ConnectionError("Failed to connect to Ray cluster at 10.0.0.1:6379")
+
+    monkeypatch.setattr(ray, "init", refused)
+    with pytest.raises(UserError, match="refused the engine's token: .*RAY_AUTH_MODE=token"):
+        RayWorkers(engine_home, "10.0.0.1:6379")._connect()
+    monkeypatch.setattr(ray, "init", absent)
+    with pytest.raises(UserError, match=r"could not join the Ray cluster at '10.0.0.1:6379' .*`ray start --head`"):
+        RayWorkers(engine_home, "10.0.0.1:6379")._connect()

@@ -1,0 +1,225 @@
+"""Throughput on 1 and on N devices, through the real engine: `make bench DEVICES=N`
+(`python bench/run.py --devices N`, or this file alone).
+
+Each measure runs on an engine with one worker, then on an engine with N workers
+($TISTUDIO_DEVICES), every worker's model warmed first, and is timed from submitting the
+jobs to the last one done (the client's wall clock):
+
+  runs   N equal training runs: one after the other on one worker, side by side on N.
+         Reported: both times and their ratio (ideal 1/N; the goal on this project's 2-core
+         CPU, two one-thread workers: <= 0.65).
+  sweep  a sweep of K members (default 2N): whole on one worker, split into N batched groups.
+         Reported: run-steps/s (members x steps / seconds) on each, and the speedup
+         (ideal N; the goal on a GPU box: >= 0.9 N).
+
+On CUDA: builtin:sd15-arch (SD 1.5's shapes, random weights) at 512 px, fp16, on cuda:0
+then cuda:0..N-1.  On CPU: builtin:tiny, each worker one thread (OMP_NUM_THREADS=1) so that
+N workers on N cores compare with one worker on one core.  The JSON goes to
+OUT/scaling-<device>-<date>-<HHMM>.json; a summary is printed.  The machine's load average
+is recorded with it: on a shared machine other work slows the side-by-side runs most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MODELS = {"cuda": "builtin:sd15-arch", "cpu": "builtin:tiny"}
+STEPS = {"cuda": 200, "cpu": 100}
+RUNS_GOAL_CPU = 0.65  # two one-thread workers vs one, on two cores
+SWEEP_GOAL_GPU = 0.9  # x N
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--devices", type=int, default=2, help="N: workers to compare with one (default 2)")
+    parser.add_argument("--steps", type=int, help="training steps per run (GPU 200, CPU 100)")
+    parser.add_argument("--members", type=int, help="members of the sweep (default 2N)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="folder for the JSON")
+    parser.add_argument("--only", choices=("runs", "sweep"), help="one measure only")
+    args = parser.parse_args(argv)
+    if args.devices < 2:
+        parser.error("--devices must be 2 or more (it is compared with one)")
+    return args
+
+
+def device_list(n: int) -> tuple[str, list[str]]:
+    """("cuda" | "cpu", the N devices): the first N GPUs, else N CPU workers."""
+    from engine.devices import auto_devices
+
+    found = auto_devices()
+    if found[0].startswith("cuda"):
+        if len(found) < n:
+            raise SystemExit(f"bench: {n} devices asked for, {len(found)} GPU(s) visible")
+        return "cuda", found[:n]
+    return "cpu", ["cpu"] * n
+
+
+class Engine:
+    """An engine on `devices` in `home`, for the time of a `with` block."""
+
+    def __init__(self, home: Path, devices: list[str], env: dict):
+        self.home, self.devices, self.env = home, devices, env
+
+    def __enter__(self):
+        os.environ.update(self.env, TISTUDIO_DEVICES=",".join(self.devices))
+        from engine.client import call
+
+        status = call("status", device=False, home=self.home)
+        assert [w["device"] for w in status["workers"]] == self.devices, status["workers"]
+        return self
+
+    def __exit__(self, *exc):
+        from engine.client import call
+
+        call("stop", force=True, home=self.home)
+
+    def timed(self, jobs: list[tuple[str, dict]]) -> tuple[float, list[str]]:
+        """Submit every job at once; seconds until the last is done, and their run ids."""
+        return asyncio.run(self._timed(jobs))
+
+    async def _timed(self, jobs: list[tuple[str, dict]]) -> tuple[float, list[str]]:
+        from engine.client import EngineClient
+
+        client = await EngineClient(self.home).connect()
+        try:
+            start = time.perf_counter()
+            ids = [await client.submit(kind, concept="bench", params=params) for kind, params in jobs]
+            statuses = await asyncio.gather(*(client.wait(r) for r in ids))
+            seconds = time.perf_counter() - start
+        finally:
+            await client.close()
+        if set(statuses) != {"done"}:
+            raise SystemExit(f"bench: jobs ended {statuses}; see {self.home / 'engine' / 'engine.log'}")
+        return seconds, ids
+
+
+def train_params(model: str, steps: int, seed: int, kind: str) -> dict:
+    params = {"model": model, "steps": steps, "save_every": steps, "preview_every": 0, "log_every": 10,
+              "seed": seed, "keep_checkpoints": 1}
+    if kind == "cuda":
+        params["precision"] = "fp16"
+    return params
+
+
+def measure(args: argparse.Namespace) -> dict:
+    kind, devices = device_list(args.devices)
+    n = len(devices)
+    model, steps = MODELS[kind], args.steps or STEPS[kind]
+    members = args.members or 2 * n
+    env = {"TISTUDIO_ENGINE_IDLE": "120", "HF_HUB_OFFLINE": "1", "TISTUDIO_RAY_ADDRESS": "off"}
+    if kind == "cpu":
+        env["OMP_NUM_THREADS"] = "1"
+    home = Path(tempfile.mkdtemp(prefix="tis-bench-"))
+    os.environ["TISTUDIO_HOME"] = str(home)
+    result = {"bench": "scaling", "kind": kind, "devices": devices, "model": model, "steps": steps,
+              "date": dt.date.today().isoformat(), "load_average_before": list(os.getloadavg())}
+    try:
+        _add_concept(home)
+        one, many = [devices[0]], devices
+        warm = lambda count: [("train", train_params(model, 2, 100 + k, kind)) for k in range(count)]  # noqa: E731
+        if args.only in (None, "runs"):
+            runs = [("train", train_params(model, steps, k, kind)) for k in range(n)]
+            with Engine(home, one, env) as engine:
+                engine.timed(warm(1))
+                alone, _ = engine.timed(runs)
+            with Engine(home, many, env) as engine:
+                engine.timed(warm(n))
+                side_by_side, ids = engine.timed(runs)
+            result["runs"] = {"runs": n, "one_worker_s": round(alone, 2), "n_workers_s": round(side_by_side, 2),
+                              "ratio": round(side_by_side / alone, 3), "ideal": round(1 / n, 3),
+                              "goal": RUNS_GOAL_CPU if kind == "cpu" else None,
+                              "overlap_s": round(_overlap(home, ids), 2)}
+        if args.only in (None, "sweep"):
+            sweep = [("sweep", {**train_params(model, steps, 0, kind), "seeds": list(range(members))})]
+            with Engine(home, one, env) as engine:
+                engine.timed(warm(1))
+                whole, _ = engine.timed(sweep)
+            with Engine(home, many, env) as engine:
+                engine.timed(warm(n))
+                split, _ = engine.timed(sweep)
+            one_rate, n_rate = members * steps / whole, members * steps / split
+            result["sweep"] = {"members": members, "groups": n, "one_worker_s": round(whole, 2),
+                               "n_workers_s": round(split, 2), "one_worker_run_steps_per_s": round(one_rate, 2),
+                               "n_workers_run_steps_per_s": round(n_rate, 2), "speedup": round(n_rate / one_rate, 3),
+                               "ideal": n, "goal": round(SWEEP_GOAL_GPU * n, 2) if kind == "cuda" else None}
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+    result["load_average_after"] = list(os.getloadavg())
+    return result
+
+
+def _add_concept(home: Path) -> None:
+    from bench.measure import synthetic_images
+    from engine.library import Library
+    from engine.models import load_tokenizer
+
+    _, _paths = synthetic_images(4, 96, home / "images")
+    Library(home).add("bench", home / "images", "cat", tokenizer=load_tokenizer())
+
+
+def _overlap(home: Path, ids: list[str]) -> float:
+    """Seconds during which every run was running at once (from run.json's started/finished)."""
+    from engine import jobs
+
+    records = [jobs.load_run(jobs.find_run(home, r)) for r in ids]
+    return max(0.0, min(r["finished"] for r in records) - max(r["started"] for r in records))
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "device"
+
+
+def device_name(kind: str) -> str:
+    if kind != "cuda":
+        return "cpu"
+    from engine.device_probe import all_gpus
+
+    gpus = all_gpus()
+    return gpus[0].name if gpus else "cuda"
+
+
+def summary(result: dict) -> str:
+    lines = [f"devices: {', '.join(result['devices'])} ({result['model']}, {result['steps']} steps per run)"]
+    runs = result.get("runs")
+    if runs:
+        goal = f"; goal <= {runs['goal']}" if runs.get("goal") else ""
+        lines.append(f"runs   {runs['runs']} equal runs: one worker {runs['one_worker_s']:.1f} s one after the "
+                     f"other, {runs['runs']} workers {runs['n_workers_s']:.1f} s side by side -> {runs['ratio']:.2f}x "
+                     f"the time (ideal {runs['ideal']}{goal}; {runs['overlap_s']:.1f} s all running at once)")
+    sweep = result.get("sweep")
+    if sweep:
+        goal = f"; goal >= {sweep['goal']}" if sweep.get("goal") else ""
+        lines.append(f"sweep  {sweep['members']} members: one worker {sweep['one_worker_run_steps_per_s']:.1f} "
+                     f"run-steps/s, {sweep['groups']} workers {sweep['n_workers_run_steps_per_s']:.1f} run-steps/s "
+                     f"-> {sweep['speedup']:.2f}x (ideal {sweep['ideal']}{goal})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    result = measure(args)
+    result["device_name"] = device_name(result["kind"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"scaling-{slug(result['device_name'])}-{dt.datetime.now():%Y-%m-%d-%H%M}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(summary(result))
+    print(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
