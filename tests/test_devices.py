@@ -330,6 +330,17 @@ def test_a_split_sweep_killed_in_one_group_resumes_only_what_is_left(two_cpus, t
 
 
 
+def test_a_split_sweep_with_a_bad_member_fails_whole_and_leaves_no_run(two_cpus, image_dir):
+    _add_concept(two_cpus, image_dir)
+    sweep_id = call("submit", "sweep", concept="toy", params={**PARAMS, "inits": ["cat", "photosynthesis"]},
+                    home=two_cpus)
+    assert call("wait", sweep_id, home=two_cpus) == "failed"  # the other group stopped waiting for members
+    record = jobs.load_run(jobs.find_run(two_cpus, sweep_id))
+    assert "photosynthesis" in record["error"] and not record.get("members")
+    assert [r["id"] for r in jobs.list_runs(two_cpus)] == [sweep_id]  # no member was made
+    workers = call("status", device=False, home=two_cpus)["workers"]
+    assert [w["state"] for w in workers] == ["idle", "idle"]  # both took a group, both are free again
+
 # ---------------------------------------------------------------------------
 # The CLI: engine start / status, runs
 

@@ -109,8 +109,18 @@ def _events(home: Path, run_id: str) -> list[dict]:
     return jobs.EventLog(jobs.find_run(home, run_id) / "events.jsonl").read()
 
 
+_LOCAL: dict = {}  # the local engine's embedding, made once for the module's tests
+
+
 def _local_engine_embedding(home: Path, monkeypatch):
-    """The same job through a local engine on this machine (one CPU worker, one thread)."""
+    """The same job through a local engine on this machine (one CPU worker, one thread); the
+    same images (make_images is seeded) and params give the same embedding in any home."""
+    if "embedding" not in _LOCAL:
+        _LOCAL["embedding"] = _train_locally(home, monkeypatch)
+    return _LOCAL["embedding"]
+
+
+def _train_locally(home: Path, monkeypatch):
     monkeypatch.setenv("TISTUDIO_RAY_ADDRESS", "off")
     monkeypatch.setenv("TISTUDIO_DEVICES", "cpu")
     run_id = call("submit", "train", concept="toy", params=PARAMS, home=home)
