@@ -177,8 +177,8 @@ class Scheduler:
         else:
             if status != "done" and task.members:  # its members stop with it; the other groups go on
                 self._settle_members(job, status, error, only=task.members)
-            if task.lead and status != "done" and not job.fields.get("members"):
-                # It ended before making the members: the other groups wait for them in vain.
+            if task.lead and status != "done" and task.group.members is None and not job.fields.get("members"):
+                # A first attempt's lead ended before making the members: the others wait for them in vain.
                 self._in_background(self._cancel_tasks(job))
             self._settle_split(job)
         self.queue.wake()
