@@ -7,7 +7,10 @@ jobs to the last one done (the client's wall clock):
 
   runs   N equal training runs: one after the other on one worker, side by side on N.
          Reported: both times and their ratio (ideal 1/N; the goal on this project's 2-core
-         CPU, two one-thread workers: <= 0.65).
+         CPU, two one-thread workers: <= 0.65).  On a CPU each repeat also times N plain
+         one-thread torch processes at once against one alone (`machine_ratio`): on a shared
+         machine the other users' work decides how much parallel room there is, and
+         machine_ratio / N (`machine_floor`) is the best ratio any scheduler could reach then.
   sweep  a sweep of K members (default 2N): whole on one worker, split into N batched groups.
          Reported: run-steps/s (members x steps / seconds) on each, and the speedup
          (ideal N; the goal on a GPU box: >= 0.9 N).
@@ -141,7 +144,11 @@ def measure(args: argparse.Namespace) -> dict:
             one.timed(warm(1))
             many.timed(warm(n))
             if args.only in (None, "runs"):
-                pairs = [(one.timed(runs)[0], many.timed(runs)) for _ in range(args.repeat)]
+                pairs, machine = [], []
+                for _ in range(args.repeat):
+                    pairs.append((one.timed(runs)[0], many.timed(runs)))
+                    if kind == "cpu":
+                        machine.append(machine_ratio(n))
                 ratios = [m[0] / a for a, m in pairs]
                 best = min(range(len(pairs)), key=lambda i: ratios[i])
                 result["runs"] = {"runs": n, "one_worker_s": [round(a, 2) for a, _ in pairs],
@@ -150,6 +157,12 @@ def measure(args: argparse.Namespace) -> dict:
                                   "best_ratio": round(ratios[best], 3), "ideal": round(1 / n, 3),
                                   "goal": RUNS_GOAL_CPU if kind == "cpu" else None,
                                   "overlap_s": round(_overlap(homes[1], pairs[best][1][1]), 2)}
+                if machine:  # what the machine allowed at the time, whoever schedules the work
+                    result["runs"]["machine_ratios"] = [round(r, 3) for r in machine]
+                    result["runs"]["machine_ratio"] = round(_median(machine), 3)
+                    # The best `ratio` the CPU allowed: N at once took machine_ratio x one alone, so N
+                    # runs side by side take machine_ratio / N of N one after the other.
+                    result["runs"]["machine_floor"] = round(_median(machine) / n, 3)
             if args.only in (None, "sweep"):
                 pairs = [(one.timed(sweep)[0], many.timed(sweep)[0]) for _ in range(args.repeat)]
                 speedups = [a / m for a, m in pairs]
@@ -165,6 +178,35 @@ def measure(args: argparse.Namespace) -> dict:
             shutil.rmtree(home, ignore_errors=True)
     result["load_average_after"] = list(os.getloadavg())
     return result
+
+
+MACHINE_WORK = """
+import time, torch
+torch.set_num_threads(1)
+x = torch.randn(256, 256)
+for _ in range(1500):
+    x = torch.tanh(x @ x.T * 0.001)
+"""
+
+
+def machine_ratio(n: int) -> float:
+    """N one-thread processes of pure torch compute at once, against one alone (the ratio of
+    their wall times; torch's import excluded): how much parallel room the CPU has right now,
+    the floor for the engine's `runs` ratio.  1/N on an idle machine, near 1 when other work
+    already fills the other cores."""
+    import subprocess
+
+    code = "import torch, time, sys\nt0 = time.perf_counter()\n" + MACHINE_WORK + \
+           "\nprint(time.perf_counter() - t0)"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def batch(count: int) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+                 for _ in range(count)]
+        return max(float(p.communicate()[0].strip().splitlines()[-1]) for p in procs)
+
+    alone = batch(1)
+    return batch(n) / alone
 
 
 def _median(values: list[float]) -> float:
@@ -212,6 +254,10 @@ def summary(result: dict) -> str:
         lines.append(f"runs   {runs['runs']} equal runs: one worker, one after the other {runs['one_worker_s']} s; "
                      f"{runs['runs']} workers side by side {runs['n_workers_s']} s -> {runs['ratio']:.2f}x the time "
                      f"(best {runs['best_ratio']:.2f}; ideal {runs['ideal']}{goal})")
+        if "machine_ratio" in runs:
+            lines.append(f"       the machine meanwhile: {runs['runs']} one-thread compute processes at once took "
+                         f"{runs['machine_ratio']:.2f}x one alone ({runs['machine_ratios']}), so no scheduler could "
+                         f"beat {runs['machine_floor']:.2f}x then")
     sweep = result.get("sweep")
     if sweep:
         goal = f"; goal >= {sweep['goal']}" if sweep.get("goal") else ""
