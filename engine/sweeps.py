@@ -87,19 +87,19 @@ def member_states(run_dir: Path) -> list[tuple[str, int]] | None:
     """(member id, its latest checkpoint step) for each member of sweep job `run_dir` not yet
     done, in the job's order; None when the job has made no members yet.  Torch-free: the
     server plans a split resume from it."""
-    from engine.checkpoints import list_checkpoints
-
     names = load_run(run_dir).get("members") or []
     if not names:
         return None
-    states = []
-    for name in names:
-        member_dir = Path(run_dir).parent / name
-        if _is_done(member_dir):
-            continue
-        found = list_checkpoints(member_dir)
-        states.append((name, found[-1].step if found else 0))
-    return states
+    dirs = [Path(run_dir).parent / name for name in names]
+    return [(d.name, _latest_step(d)) for d in dirs if not _is_done(d)]
+
+
+def _latest_step(run_dir: Path) -> int:
+    """The step of a run's newest checkpoint, 0 if it has none (found without torch)."""
+    from engine.checkpoints import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    return found[-1].step if found else 0
 
 
 def _is_done(run_dir: Path) -> bool:
@@ -164,13 +164,10 @@ def _wait_for_members(ctx: JobContext, poll: float = 0.1) -> list[str]:
 def _batches(dirs: list[Path]) -> list[list[Path]]:
     """The members still to train, one batch per checkpoint step they stand at (furthest first):
     runs batched together share one step counter."""
-    from engine.checkpoints import list_checkpoints
-
     by_step: dict[int, list[Path]] = {}
     for run_dir in dirs:
         if not _is_done(run_dir):
-            found = list_checkpoints(run_dir)
-            by_step.setdefault(found[-1].step if found else 0, []).append(run_dir)
+            by_step.setdefault(_latest_step(run_dir), []).append(run_dir)
     return [by_step[step] for step in sorted(by_step, reverse=True)]
 
 
