@@ -290,10 +290,9 @@ def test_a_sweep_of_four_split_over_two_workers_equals_its_solo_runs(two_cpus, t
     assert call("wait", sweep_id, home=two_cpus) == "done"
     runs = _sweep_runs(two_cpus, sweep_id)
     assert len(runs) == 4 and {r["status"] for r in runs} == {"done"}
-    # two groups of two, each batched (one UNet call per step) in its own worker, at the same time
+    # two groups of two (a whole sweep would batch all four), each batched: one UNet call per step
     logs = [jobs.EventLog(Path(r["run_dir"]) / "events.jsonl").read() for r in runs]
     assert [next(e for e in log if e["type"] == "train")["runs"] for log in logs] == [2, 2, 2, 2]
-    assert _interleaved(_steps(two_cpus, runs[0]["id"]), _steps(two_cpus, runs[2]["id"]))
     assert all(r["device"] == "cpu" for r in runs)
     sweep_dir = jobs.find_run(two_cpus, sweep_id)
     record = jobs.load_run(sweep_dir)
