@@ -259,6 +259,9 @@ def test_two_training_runs_side_by_side_each_end_bit_for_bit_at_their_solo_run(t
     import torch
 
     _add_concept(two_cpus, image_dir)
+    # Both workers up and their models warm first, so that the two runs start together.
+    warm = [call("submit", "train", concept="toy", params={**PARAMS, "steps": 1}, home=two_cpus) for _ in range(2)]
+    assert [call("wait", r, home=two_cpus) for r in warm] == ["done", "done"]
     params = [{**PARAMS, "seed": 1}, {**PARAMS, "seed": 2, "init": "dog"}]
     ids = [call("submit", "train", concept="toy", params=p, home=two_cpus) for p in params]
     assert [call("wait", r, home=two_cpus) for r in ids] == ["done", "done"]
