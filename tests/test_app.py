@@ -28,7 +28,7 @@ from tistudio.screens.library import LibraryScreen
 from tistudio.screens.metrics import MetricsScreen
 from tistudio.screens.modals import ConfirmModal, NewConceptModal, TextModal
 from tistudio.screens.train import TrainScreen
-from tistudio.widgets.charts import LossChart
+from tistudio.widgets.charts import LossChart, VectorChart
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore:Image.Image.getdata:DeprecationWarning")
@@ -330,6 +330,7 @@ async def test_the_train_form_offers_every_training_option(tmp_path):
         defaults = screen.params()
         assert defaults["grad_accum"] == 1 and defaults["vectors"] == 1 and defaults["low_vram"] is False
         assert defaults["compile"] == "off" and defaults["weight_decay"] == 0.01
+        assert defaults["regularize"] == "none" and defaults["reg_weight"] == 0.0
         assert not {"resolution", "templates", "device", "init_from", "keep_checkpoints"} & set(defaults)
         await pilot.press("l")  # --low-vram, one key away
         await pilot.pause()
@@ -338,7 +339,15 @@ async def test_the_train_form_offers_every_training_option(tmp_path):
                         resolution=256, templates=str(templates), device="cuda:1",
                         init_from=f"cat@{run_dir.name}:8")
         screen.query_one("#compile", Select).value = "reduce-overhead"
+        screen.query_one("#regularize", Select).value = "directional"
         await pilot.pause()
+        assert screen.params()["regularize"] == "directional"
+        fill_train_form(screen, reg_weight="0.25")
+        assert screen.params()["reg_weight"] == 0.25
+        fill_train_form(screen, reg_weight="-1")
+        with pytest.raises(ValueError, match="Reg. weight"):
+            screen.params()
+        fill_train_form(screen, reg_weight="")
         assert "8 (2×4)" in str(screen.query_one("#effective-batch", Static).render())
         params = screen.params()
         assert {k: params[k] for k in ("batch_size", "grad_accum", "weight_decay", "vectors", "keep_checkpoints",
@@ -360,6 +369,26 @@ async def test_the_train_form_offers_every_training_option(tmp_path):
         fill_train_form(screen, templates=str(templates))
         with pytest.raises(ValueError, match="exactly one"):
             screen.params()
+
+
+async def test_the_train_form_starts_from_the_settings_files_train_table(tmp_path):
+    config = Config(commands={"train": {"steps": 1500, "low-vram": True, "regularize": "init-l2", "reg_weight": 0.5,
+                                        "lr-schedule": "cosine", "batch_size": 2, "grad-accum": 3, "flip": 0.0,
+                                        "center-crop": True, "seeds": [1, 2], "compile": "sometimes"}},
+                    path=tmp_path / "config.toml")
+    app = offline_app(tmp_path / "home", config=config)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        params = app.screen.params()
+        assert {k: params[k] for k in ("steps", "low_vram", "regularize", "reg_weight", "lr_schedule", "batch_size",
+                                       "grad_accum", "flip_p", "center_crop", "compile")} == {
+            "steps": 1500, "low_vram": True, "regularize": "init-l2", "reg_weight": 0.5, "lr_schedule": "cosine",
+            "batch_size": 2, "grad_accum": 3, "flip_p": 0.0, "center_crop": True, "compile": "off"}
+        assert "seeds" not in params
+        assert "6 (2×3)" in str(app.screen.query_one("#effective-batch", Static).render())
+        warning = next(m for m in _notes(app) if "[train]" in m)
+        assert "seeds is for `tistudio train` only" in warning and "compile = 'sometimes'" in warning
 
 
 async def test_the_generate_form_takes_size_sampler_batch_negative_and_pins(tmp_path):
@@ -448,6 +477,53 @@ def test_changes_reach_the_screens_typed_and_once():
     assert Changes(everything=True).any(LibraryChanged)
     assert sorted(c.run_id for c in changes.of(RunChanged)) == ["a", "b"]
     assert [(c.run_id, c.origin) for c in changes.of(RunSubmitted)] == [("r1", "train")]
+
+
+def test_a_run_track_keeps_the_header_and_the_vectors_figures_and_a_resume_replaces_them():
+    from tistudio.state import RunTrack
+    from tistudio.widgets.charts import vector_summary
+
+    header = {"type": "train", "seq": 3, "family": "sdxl", "vectors": 2, "widths": [768, 1280], "batch_size": 2,
+              "grad_accum": 2, "effective_batch": 4, "regularize": "init-l2", "reg_weight": 0.5,
+              "vocab_norms": [0.4, 0.9]}
+
+    def step(seq, s, norm, reg=None):
+        event = {"type": "step", "seq": seq, "step": s, "steps": 8, "loss": 0.1, "norm": norm, "cos_init": 1 - s / 10,
+                 "norms": [norm, 2 * norm], "cos_inits": [1 - s / 10, 1 - s / 20]}
+        return {**event, "reg": reg} if reg is not None else event
+
+    track = RunTrack("r")
+    track.apply([{"type": "status", "seq": 1, "status": "running"}, header,
+                 step(4, 2, 0.4, 0.01), step(5, 4, 0.5, 0.02), step(6, 6, 0.6, 0.03)])
+    assert track.header["family"] == "sdxl" and track.header["vocab_norms"] == [0.4, 0.9]
+    assert track.vec_steps == [2, 4, 6] and track.norm == [0.4, 0.5, 0.6] and track.reg == [0.01, 0.02, 0.03]
+    assert track.norms == [0.6, 1.2] and track.cos_inits == pytest.approx([0.4, 0.7])
+    # resumed from step 4: steps 4 and 6 are logged again, with other figures
+    track.apply([step(7, 4, 0.45, 0.5), step(8, 6, 0.55)])
+    assert track.xs == [2, 4, 6] and track.vec_steps == [2, 4, 6] and track.norm == [0.4, 0.45, 0.55]
+    assert track.reg_steps == [2, 4] and track.reg == [0.01, 0.5]
+    # an older engine's step (no figures) draws the loss alone
+    track.apply([{"type": "step", "seq": 9, "step": 8, "loss": 0.2}])
+    assert track.xs[-1] == 8 and track.vec_steps[-1] == 6
+    assert vector_summary([0.8, 1.8], [0.5, 0.75], 0.4) == "2× vocab · cos 0.50/0.75 · norm 0.8/1.8"
+    assert vector_summary([0.8], [float("nan")], None) == "cos – · norm 0.8"
+
+
+def test_the_run_facts_come_from_the_header_and_else_the_params():
+    from tistudio.screens.train import run_facts
+
+    header = {"family": "sd1", "vectors": 1, "batch_size": 1, "grad_accum": 4, "effective_batch": 4,
+              "regularize": "init-l2", "reg_weight": 0.5, "init_from": "/x/y/start.safetensors"}
+    assert run_facts(header, {"params": {"low_vram": True}}, 0.0123) == [
+        "SD 1.x", "1 vector", "batch 1×4 = 4", "reg init-l2 λ 0.5 (penalty 0.0123)", "from start.safetensors",
+        "low VRAM"]
+    plain = {"family": "sdxl", "vectors": 3, "batch_size": 2, "grad_accum": 1, "effective_batch": 2,
+             "regularize": "none"}
+    assert run_facts(plain, {}) == ["SDXL", "3 vectors", "batch 2", "reg none"]
+    # a run from before headers: what its params and record say
+    assert run_facts({}, {"params": {"batch_size": 2, "grad_accum": 2, "vectors": 2},
+                          "model": {"family": "sd2"}}) == ["SD 2.x", "2 vectors", "batch 2×2 = 4"]
+    assert run_facts({}, {"params": {}}) == []
 
 
 def test_the_import_and_export_dialogs_answer_with_requests_for_the_cli():
@@ -594,6 +670,39 @@ async def test_train_streams_loss_and_reopening_shows_the_history_and_follows_li
                        "the chart to show every point")
         title = lambda: str(screen.query_one("#run-title", Static).render())  # noqa: E731
         await wait_for(pilot, lambda: run_id in title() and "done" in title(), 5, "the title to say done")
+        # beside the loss: the vector's norm and cosine to its initializer, with the vocabulary's median
+        assert track.vec_steps == track.xs and all(n > 0 for n in track.norm)
+        assert all(-1 <= c <= 1 for c in track.cos_init) and track.cos_init[0] > track.cos_init[-1]
+        assert track.header["family"] == "sd1" and track.header["vectors"] == 1
+        assert track.header["vocab_norms"][0] > 0
+        vector = screen.query_one("#vector", VectorChart)
+        await wait_for(pilot, lambda: vector._key is not None and vector._key[0] == len(track.xs), 5,
+                       "the vector chart to show every point")
+        assert "× vocab" in vector.border_subtitle and "cos" in vector.border_subtitle
+        stats = str(screen.query_one("#run-stats", Static).render())
+        assert "SD 1.x" in stats and "1 vector" in stats and "batch 1" in stats and "reg none" in stats
+
+
+@pytest.mark.timeout(240)
+async def test_a_regularised_run_from_the_form_charts_its_vector_and_shows_its_penalty(studio_home):
+    app = engine_app(studio_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        await pilot.press("2")
+        screen = app.screen
+        screen.query_one("#concept", Select).value = "sample"
+        screen.query_one("#regularize", Select).value = "init-l2"
+        fill_train_form(screen, steps=6, log_every=2, save_every=6, preview_every=0, reg_weight="0.5")
+        run_id = await start_run(app, pilot, screen)
+        track = await wait_for(pilot, lambda: (t := app.state.tracks.get(run_id)) and t.status in ("done", "failed")
+                               and t, 120, "the run to end")
+        assert track.status == "done", track.error
+        assert track.header["regularize"] == "init-l2" and track.header["reg_weight"] == 0.5
+        assert track.reg_steps == [2, 4, 6] and all(r >= 0 for r in track.reg)
+        stats = lambda: str(screen.query_one("#run-stats", Static).render())  # noqa: E731
+        await wait_for(pilot, lambda: "reg init-l2 λ 0.5 (penalty" in stats(), 5, "the regularizer in the stats")
+        vector = screen.query_one("#vector", VectorChart)
+        await wait_for(pilot, lambda: vector._key is not None and vector._key[0] == 3, 5, "the vector chart")
 
 
 @pytest.mark.timeout(240)

@@ -53,12 +53,17 @@ def make_demo_home(home: Path) -> Path:
     params = {"steps": 200, "lr": 5e-4, "seed": 0, "save_every": 50, "preview_every": 100, "log_every": 10}
     steps = list(range(10, 201, 10))
     events = [{"type": "status", "status": "queued"}, {"type": "status", "status": "running"},
-              {"type": "log", "message": "loading model builtin:tiny on cuda (float16)"}]
+              {"type": "log", "message": "loading model builtin:tiny on cuda (float16)"},
+              {"type": "train", "step": 0, "steps": 200, "family": "sd1", "vectors": 1, "widths": [768],
+               "batch_size": 1, "grad_accum": 1, "effective_batch": 1, "resolution": 512, "runs": 1,
+               "init_from": None, "regularize": "none", "reg_weight": 0.0, "vocab_norms": [0.385]}]
     for s in steps:
+        norm, cos = 0.39 + 0.3 * (1 - math.exp(-s / 80)), 1 - 0.55 * (1 - math.exp(-s / 50))
         events.append({"type": "step", "step": s, "steps": 200, "loss": 0.08 + 0.3 * math.exp(-s / 60)
                        + 0.04 * math.sin(s / 7), "lr": 5e-4, "steps_per_s": 4.0, "elapsed": s / 4.0,
                        "eta": (200 - s) / 4.0, "vram_allocated": (2.1 + 0.002 * s) * GIB,
-                       "vram_reserved": 3.0 * GIB, "vram_peak": 2.6 * GIB, "vram_total": 8.0 * GIB})
+                       "vram_reserved": 3.0 * GIB, "vram_peak": 2.6 * GIB, "vram_total": 8.0 * GIB,
+                       "norm": norm, "cos_init": cos, "norms": [norm], "cos_inits": [cos]})
         if s % 100 == 0:
             preview = run_dir / "previews" / f"step-{s}.png"
             preview.parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,10 @@ g generate with it · m its metrics
 
 **2 Train**: s start a run with the form's settings · r resume the selected
 run · c cancel it · enter on a run shows its history · f edit the form ·
-l low VRAM on/off (for cards with little memory: about half the speed)
+l low VRAM on/off (for cards with little memory: about half the speed) ·
+Regularize keeps the word editable (init-l2, norm, directional).  Beside
+the loss: the vector's norm (the grey line: the vocabulary's median) and
+its cosine to the initializer; under 90 columns v flips it with the preview
 
 **3 Generate**: p edit the prompt (→ accepts the suggested concept token) ·
 enter or g generates · SD on the left, SD+TI on the right · below the prompt:
