@@ -207,11 +207,24 @@ def _train_keys() -> set[str]:
     return {f.name for f in fields(TrainConfig)} - {"token", "property"} | {"model", "precision", "device"}
 
 
+def handle_inspect(ctx) -> dict:
+    """The vector inspector (engine.inspector): norms, cosines, nearest tokens; runs compared."""
+    from engine.inspector import inspect_word
+    from engine.library import Library
+
+    p = ctx.params
+    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    step = p.get("step")
+    return inspect_word(model, Library(ctx.home), ctx.spec["concept"], run=p.get("run"),
+                        step=None if step is None else int(step), top=int(p.get("top", 10)))
+
+
 HANDLERS = {
     "train": handle_train,
     "sweep": handle_sweep,
     "generate": handle_generate,
     "eval": handle_eval,
     "experiment": handle_experiment,
+    "inspect": handle_inspect,
 }
 
