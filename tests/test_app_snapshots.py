@@ -98,6 +98,28 @@ def make_demo_home(home: Path) -> Path:
                        for i, p in enumerate(prompts)],
     }
     _write_json(run_dir / "eval" / "20260101-020000" / "table.json", table)
+    earlier = {**table, "id": "20260101-013000", "step": 100, "final": False,
+               "rows": [{"model": "SD", "reconstruction": 0.6125, "editability": 0.2711,
+                         "editability_per_image": 0.2598},
+                        {"model": "SD+TI", "reconstruction": 0.7012, "editability": 0.2561,
+                         "editability_per_image": 0.2455}],
+               "per_prompt": [{**row, "written": row["prompt"].format("<sample>"),
+                               "SD+TI": {"editability": 0.25 + 0.004 * i}}
+                              for i, row in enumerate(table["per_prompt"])]}
+    _write_json(run_dir / "eval" / "20260101-013000" / "table.json", earlier)
+    experiments = concept.path / "experiments"
+    seeds = [{"run": f"2026010103{i}000-see{i}", "label": f"seed {i}", "init": "toy", "seed": i,
+              "reconstruction": 0.72 + 0.02 * i, "editability": 0.25 - 0.01 * i,
+              "editability_per_image": 0.24 - 0.01 * i}
+             for i in range(3)]
+    _write_json(experiments / "seeds-20260101-033000" / "table.json",
+                {"id": "seeds-20260101-033000", "kind": "seeds", "rows": [{"model": "SD+TI", **r} for r in seeds],
+                 "runs": seeds, "train": {"steps": 200}, "images_per_set": 4, "seeds": [0, 1, 2, 3]})
+    shutil.copy(images[0], experiments / "seeds-20260101-033000" / "grid.png")
+    _write_json(experiments / "synthesis-20260101-023000" / "synthesis.json",
+                {"id": "synthesis-20260101-023000", "kind": "synthesis", "run": RUN, "step": 200, "final": True,
+                 "prompts": ["a <sample> on the moon"], "seeds": [0, 1],
+                 "rows": [{"prompt": "a <sample> on the moon", "template": "a {} on the moon", "images": []}]})
     points = [{"step": s, "reconstruction": 0.55 + 0.2 * (1 - math.exp(-s / 80)),
                "editability": 0.28 - 0.04 * (1 - math.exp(-s / 80))} for s in (50, 100, 150, 200)]
     _write_json(concept.path / "experiments" / "steps-20260101-030000" / "curve.json",
@@ -157,6 +179,12 @@ def test_screen(snap_compare, demo_home, screen, size):
 @pytest.mark.parametrize("screen", ["library", "train"])
 def test_wide_layout(snap_compare, demo_home, screen):
     assert snap_compare(app_for(demo_home), terminal_size=(160, 45), run_before=settle(SCREENS[screen]))
+
+
+@pytest.mark.parametrize("view", ["compare", "study"])
+def test_metrics_views(snap_compare, demo_home, view):
+    keys = ("4", "v") if view == "compare" else ("4", "v", "v")
+    assert snap_compare(app_for(demo_home), terminal_size=(100, 30), run_before=settle(*keys))
 
 
 def test_empty_library(snap_compare, tmp_path):

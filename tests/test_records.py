@@ -13,13 +13,19 @@ import pytest
 from engine.jobs import create_run, set_status
 from engine.library import Library
 from engine.records import (
+    compare_tables,
     curve_points,
+    eval_label,
     eval_tables,
+    experiment_reports,
     latest_done_run,
     library_summaries,
+    parse_pin,
+    report_of_result,
     steps_curves,
     summarize,
     ti_reconstruction,
+    written_prompt,
 )
 from engine.text import one_line
 from helpers import make_images
@@ -101,6 +107,86 @@ def test_tables_and_curves_are_read_in_order_and_damaged_ones_skipped(library):
     assert len(curves) == 1 and curves[0]["dir"] == str(curve.parent)
     assert curve_points(curves[0]) == [{"step": 8, "reconstruction": 0.5}]
     assert curve_points({"curve": [{"step": 2}]}) == [{"step": 2}]  # an experiment job's result
+
+
+def _scores(rec: float, edit: float) -> dict:
+    return {"reconstruction": rec, "editability": edit, "editability_per_image": edit - 0.01}
+
+
+def test_two_evaluations_compare_score_by_score_and_prompt_by_prompt():
+    def table(eval_id, run, ti_rec, ti_edit, final=True, written=True):
+        prompts = ["a photo of a {} on a blue background", "a {} in the jungle"]
+        return {"id": eval_id, "run": run, "step": 8, "final": final, "token": "<cat>",
+                "rows": [{"model": "SD", **_scores(0.5, 0.3)}, {"model": "SD+TI", **_scores(ti_rec, ti_edit)}],
+                "per_prompt": [{"prompt": p, **({"written": p.replace("{}", "<cat>")} if written else {}),
+                                "clip_text": p.replace("{}", ""), "SD+TI": {"editability": ti_edit + i / 10}}
+                               for i, p in enumerate(prompts)]}
+
+    a = table("20260101-020000", "run-a", 0.7, 0.25, written=False)  # from before "written"
+    b = table("20260102-030000", "run-b", 0.75, 0.2, final=False)
+    assert eval_label(a) == "run-a final · eval 01-01 02:00"
+    assert eval_label(b) == "run-b step 8 · eval 01-02 03:00"
+    rows = compare_tables(a, b)
+    by_name = {name: (x, y, d) for name, x, y, d in rows}
+    assert [name for name, *_ in rows[:6]] == ["SD+TI reconstruction", "SD+TI editability", "SD+TI edit./image",
+                                                "SD reconstruction", "SD editability", "SD edit./image"]
+    assert by_name["SD+TI reconstruction"] == pytest.approx((0.7, 0.75, 0.05))
+    assert by_name["SD editability"] == pytest.approx((0.3, 0.3, 0.0))
+    assert by_name["a photo of a <cat> on a blue background"] == pytest.approx((0.25, 0.2, -0.05))
+    assert by_name["a <cat> in the jungle"] == pytest.approx((0.35, 0.3, -0.05))
+    # a table missing a row compares what both have
+    b["rows"] = b["rows"][:1]
+    assert dict((n, (x, y, d)) for n, x, y, d in compare_tables(a, b))["SD+TI reconstruction"] == (0.7, None, None)
+
+    assert written_prompt({"prompt": "a {} on a table", "written": "a <dog> on a table"}, "<cat>") == \
+        "a <dog> on a table"
+    assert written_prompt({"prompt": "a {} on a table"}, "<cat>") == "a <cat> on a table"
+    assert written_prompt({"clip_text": "a on a table"}, "<cat>") == "a on a table"
+
+
+def test_experiment_reports_of_every_kind_are_read_oldest_first(library):
+    concept = library.get("cat")
+    assert experiment_reports(concept.path) == []
+    root = concept.path / "experiments"
+
+    def write(folder, name, data, grid=True):
+        (root / folder).mkdir(parents=True)
+        (root / folder / name).write_text(json.dumps(data))
+        if grid:
+            (root / folder / "grid.png").write_bytes(b"png")
+
+    write("steps-20260101-030000", "curve.json", {"id": "steps-20260101-030000", "kind": "steps",
+                                                   "points": [{"step": 8, **_scores(0.6, 0.3)}]})
+    write("seeds-20260101-010000", "table.json", {"id": "seeds-20260101-010000", "kind": "seeds",  # an old report
+                                                   "runs": [{"run": "r1", "label": "seed 0", **_scores(0.7, 0.2)},
+                                                            {"run": "r2", "label": "seed 1", **_scores(0.6, 0.3)}]})
+    write("regularize-20260101-040000", "table.json", {
+        "id": "regularize-20260101-040000", "kind": "regularize",
+        "rows": [{"label": "SD", "model": "SD", **_scores(0.5, 0.5)},
+                 {"label": "regularize none", "model": "SD+TI", "run": "r3", **_scores(0.8, 0.3)}],
+        "runs": [{"run": "r3", "label": "regularize none", **_scores(0.8, 0.3)}]})
+    write("synthesis-20260101-050000", "synthesis.json", {
+        "id": "synthesis-20260101-050000", "kind": "synthesis", "prompts": ["a <cat> in Paris"],
+        "rows": [{"prompt": "a <cat> in Paris", "template": "a {} in Paris", "images": [{"path": "x.png"}]}]},
+        grid=False)
+    (root / "init-20260101-060000").mkdir()  # still running: nothing written yet
+    reports = experiment_reports(concept.path)
+    assert [r.kind for r in reports] == ["seeds", "steps", "regularize", "synthesis"]
+    seeds, steps, reg, synth = reports
+    assert [r["label"] for r in seeds.rows] == ["seed 0", "seed 1"] and seeds.grid == seeds.dir / "grid.png"
+    assert seeds.label() == "seeds · 01-01 01:00 · 2 runs"
+    assert steps.rows[0]["label"] == "step 8" and steps.label() == "steps · 01-01 03:00 · 1 checkpoint"
+    assert [r["label"] for r in reg.rows] == ["SD", "regularize none"] and reg.label().endswith("1 run")
+    assert synth.rows[0]["label"] == "a <cat> in Paris" and synth.grid is None
+    assert synth.label() == "synthesis · 01-01 05:00 · 1 prompt"
+    # a job's result is a report too (the folder it names)
+    result = {"id": "init-20260101-060000", "kind": "init", "dir": str(root / "init-20260101-060000"),
+              "grid": str(seeds.dir / "grid.png"), "rows": [{"label": "init cat", "run": "r9", **_scores(0.1, 0.2)}]}
+    report = report_of_result(result)
+    assert report.kind == "init" and report.grid == seeds.dir / "grid.png" and report.rows[0]["run"] == "r9"
+    assert report_of_result({"table": {}}) is None and report_of_result(None) is None
+    assert parse_pin("cat@r1:8") == ("cat", "r1", 8) and parse_pin("cat@r1") == ("cat", "r1", None)
+    assert parse_pin("cat") == ("cat", None, None)
 
 
 def test_records_import_neither_torch_nor_textual():

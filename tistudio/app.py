@@ -372,9 +372,20 @@ class StudioApp(App):
             ("Generate: generate images", "Generate with the prompt and settings on the Generate screen",
              "generate", "generate"),
             ("Generate: edit prompt", "Move to the prompt field", "generate", "edit_prompt"),
-            ("Metrics: evaluate concept", "Table 1 for the concept's latest finished run", "metrics", "evaluate"),
+            ("Metrics: evaluate concept", "Table 1 for the picked word (the latest finished run by default)",
+             "metrics", "evaluate"),
             ("Metrics: steps experiment", "Reconstruction and editability over the run's checkpoints", "metrics",
              "steps_experiment"),
+            ("Metrics: initializer-word experiment", "One run per initializer word, side by side (section 4.2)",
+             "metrics", "init_experiment"),
+            ("Metrics: seed experiment", "One run per training seed, side by side (section 4.3)", "metrics",
+             "seeds_experiment"),
+            ("Metrics: regulariser experiment", "One run per regulariser: Table 1 for each method", "metrics",
+             "regularize_experiment"),
+            ("Metrics: synthesis batches", "The picked word in the study's new scenes or styles (section 5)",
+             "metrics", "synthesis"),
+            ("Metrics: next view", "Table 1, Compare (two evaluations with Δ), Study (every experiment)", "metrics",
+             "next_view"),
         ]
         for title, help_text, mode, action in actions:
             yield SystemCommand(title, help_text, lambda m=mode, a=action: self._screen_action(m, a))

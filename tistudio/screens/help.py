@@ -35,8 +35,13 @@ enter or g generates · SD on the left, SD+TI on the right · below the prompt:
 the negative prompt, size, sampler, batch size and Use: NAME@RUN:STEP pins a
 concept to a saved embedding (→ completes them; empty: its latest)
 
-**4 Metrics**: e evaluate the concept's latest run (Table 1) · x run the
-steps experiment (the curve over checkpoints) · c choose the concept
+**4 Metrics** (the whole study): Run picks the word (NAME@RUN:STEP, or
+the latest finished run) · e evaluate it (Table 1, each prompt as written)
+· x the steps experiment (the curve over checkpoints) · i initializer words
+· s seeds · r regularisers (Table 1 for each method) · y synthesis batches
+(the word in new scenes or styles) · v next view: Table 1, Compare (any two
+evaluations with Δ), Study (every experiment's table and grid) · c concept
+· p run
 
 Closing the studio never stops a run: the engine keeps it going, and the
 studio shows its whole history when it opens again.
