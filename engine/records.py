@@ -27,7 +27,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.embeddings import FINAL_NAME, checkpoint_steps, concept_runs
+from engine.embeddings import FINAL_NAME, checkpoint_steps, concept_runs, run_vectors
 
 if TYPE_CHECKING:  # engine.library brings numpy and Pillow: the studio imports this module before its first draw
     from engine.library import Concept
@@ -38,6 +38,8 @@ STEPS_CURVES = "experiments/steps-*/curve.json"
 EXPERIMENTS = "experiments"
 REPORT_FILES = ("table.json", "curve.json", "synthesis.json")  # what each kind of report writes
 TRAIN = "train"
+WORD_KINDS = (TRAIN, "import", "merge")  # runs that hold a word (the others measure or inspect one)
+INSPECT = "inspect"
 
 
 def _read_dicts(paths) -> list[dict]:
@@ -259,6 +261,39 @@ class ConceptSummary:
     @property
     def done_train_runs(self) -> list[dict]:
         return [r for r in self.train_runs if r.get("status") == "done"]
+
+    @property
+    def word_runs(self) -> list[dict]:
+        """The runs that hold a word of this concept (trained, imported, merged), oldest first."""
+        return [r for r in self.runs if r.get("kind", TRAIN) in WORD_KINDS]
+
+    def _word_run(self) -> dict | None:
+        """The run whose word the concept uses by default: the newest finished one, else the newest."""
+        runs = self.word_runs
+        done = [r for r in runs if r.get("status") == "done"]
+        return (done or runs or [None])[-1]
+
+    @property
+    def vectors(self) -> int | None:
+        """How many vectors the concept's word has (None before any run)."""
+        run = self._word_run()
+        return run_vectors(run) if run else None
+
+    @property
+    def family(self) -> str | None:
+        """The model family (sd1, sd2, sdxl) its word was made for, as its run recorded it."""
+        run = self._word_run()
+        if run is None:
+            return None
+        model = run.get("model") if isinstance(run.get("model"), dict) else {}
+        params = run.get("params") if isinstance(run.get("params"), dict) else {}
+        return model.get("family") or params.get("family")
+
+    def latest_inspection(self) -> dict | None:
+        """The newest finished `inspect` job's record (its `result` is the inspector's report)."""
+        found = [r for r in self.runs if r.get("kind") == INSPECT and r.get("status") == "done"
+                 and isinstance(r.get("result"), dict)]
+        return found[-1] if found else None
 
     def pins(self) -> list[str]:
         """Every saved embedding as the string that picks it (generate's `uses`, train's `init_from`):

@@ -193,6 +193,17 @@ def test_image_protocol_comes_from_env_then_config(tmp_path, monkeypatch):
     assert image_class("sixel") is tiw.SixelImage
 
 
+async def test_the_status_bar_names_the_models_family(tmp_path):
+    from tistudio.widgets.statusbar import StatusBar
+
+    app = StudioApp(tmp_path / "home", "builtin:sdxl-tiny", engine=False, image_protocol="halfblock",
+                    add_sample=False)
+    async with app.run_test(size=(100, 24)) as pilot:
+        bar = app.screen.query_one(StatusBar)
+        await wait_for(pilot, lambda: "│  SDXL  │" in str(bar.render()), 10, "the family in the status bar")
+        assert "model: builtin:sdxl-tiny (SDXL)" in app.describe_settings()
+
+
 async def test_the_image_protocol_switches_from_the_palette_and_is_remembered(tmp_path):
     import textual_image.widget as tiw
 
@@ -527,7 +538,7 @@ def test_the_run_facts_come_from_the_header_and_else_the_params():
 
 
 def test_the_import_and_export_dialogs_answer_with_requests_for_the_cli():
-    from tistudio.screens.modals import ExportRequest, ImportRequest
+    from tistudio.screens.modals import ExportModal, ExportRequest, ImportRequest
 
     assert ImportRequest(Path("/x/e.pt")).cli_args() == ["/x/e.pt", "--json"]
     assert ImportRequest(Path("/x/e.pt"), "cat", "<c>", True).cli_args() == [
@@ -535,6 +546,14 @@ def test_the_import_and_export_dialogs_answer_with_requests_for_the_cli():
     assert ExportRequest(Path("/o.pt"), "a1111", "run1", 8).cli_args("cat") == [
         "cat", "--out", "/o.pt", "--format", "a1111", "--run", "run1", "--step", "8"]
     assert "--step" not in ExportRequest(Path("/o.pt"), "kohya", "run1").cli_args("cat")
+    import argparse
+
+    from tistudio.commands.library_cmds import add_commands  # every format `tistudio export` writes is offered
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    export = next(a for a in parser._subparsers._group_actions[0].choices["export"]._actions if a.dest == "format")
+    assert [value for _, value in ExportModal.FORMATS] == list(export.choices)
 
 
 def test_prompt_and_path_completion():

@@ -74,6 +74,7 @@ def make_demo_home(home: Path) -> Path:
     events.append({"type": "status", "status": "done"})
     _events(run_dir / "events.jsonl", events)
     _write_json(run_dir / "run.json", {"id": RUN, "kind": "train", "concept": "sample", "params": params,
+                                       "model": {"spec": "builtin:tiny", "family": "sd1"},
                                        "status": "done", "step": 200, "steps": 200, "created": T0,
                                        "error": None, "result": None})
     old_dir = concept.runs_dir / OLD_RUN

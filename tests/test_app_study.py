@@ -171,3 +171,69 @@ async def test_every_experiment_runs_from_the_metrics_screen_with_its_table_and_
         regularize = next(j for j in app.state.jobs_of("experiment", "sample")
                           if j["params"]["kind"] == "regularize")
         assert regularize["params"]["reg_weight"] == 0.5 and regularize["params"]["steps"] == 2
+
+
+def test_the_inspector_panel_shows_every_vector_and_the_runs_compared():
+    from tistudio.widgets.inspect import inspect_text
+
+    vector = {"index": 0, "norm": 1.2, "norm_percentile": 99.5, "norm_vs_median": 3.1, "init_token": "toy",
+              "cos_init": 0.41, "nearest": [{"token": "toy</w>", "cos": 0.41}, {"token": "robot</w>", "cos": 0.3}]}
+    result = {"concept": "cat", "token": "<cat>", "run": "r2", "step": 8, "final": True, "family": "sdxl",
+              "vectors": 2, "encoders": [
+                  {"name": "text_encoder", "width": 768, "vocab": {"median": 0.39, "p05": 0.3, "p95": 0.5, "max": 0.9},
+                   "vectors": [vector, {**vector, "index": 1, "norm_vs_median": 1.1, "init_token": None,
+                                        "cos_init": None}]},
+                  {"name": "text_encoder_2", "width": 1280, "vocab": {"median": 1.0, "p05": 0.8, "p95": 1.2,
+                                                                     "max": 2.0}, "vectors": [vector]}],
+              "runs": {"ids": ["r1", "r2"], "labels": ["seed 0, init toy, 2 vector(s)", None],
+                       "cosine": [[1.0, 0.62], [0.62, None]]}}
+    text = inspect_text(result)
+    assert "cat@r2[/b] (final) · SDXL · 2 vectors · token <cat>" in text.replace("\\", "")
+    assert "text_encoder[/b] (768 wide): vocabulary norm median 0.39, 5–95% 0.30–0.50, max 0.90" in text
+    assert "[$warning]norm 1.20 = 3.1× median (99.5th percentile)[/] · cos to 'toy' 0.41" in text  # too strong
+    assert " #1 norm 1.20 = 1.1× median" in text and text.count("cos to") == 2  # #1 started from a file
+    assert "nearest:[/dim] toy</w> 0.41 · robot</w> 0.30" in text
+    assert " 1 seed 0, init toy, 2 vec…  1.00  0.62" in text and " 2 r2" in text and "0.62     –" in text
+    assert "Runs" not in inspect_text({**result, "runs": {"ids": ["r2"], "labels": [None], "cosine": [[1.0]]}})
+
+
+@pytest.mark.timeout(300)
+async def test_inspect_a_word_from_the_library(study_home, study_run):
+    from tistudio.screens.library import LibraryScreen
+    from tistudio.screens.modals import TextModal
+
+    app = engine_app(study_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        assert isinstance(app.screen, LibraryScreen)
+        table = app.screen.query_one("#concepts", DataTable)
+        table.move_cursor(row=[r.name for r in app.screen.rows].index("sample"))
+        assert table.get_row_at(table.cursor_row)[4] == "1"  # its word's vectors
+        await pilot.press("v")
+        modal = await wait_for(pilot, lambda: isinstance(app.screen, TextModal) and app.screen, 5, "the dialog")
+        modal.query_one("#value", Input).value = "sample@nope:3"
+        await pilot.press("enter")
+        assert "Write sample" in str(modal.query_one("#error").render())  # not a saved word: nothing submitted
+        modal.query_one("#value", Input).value = f"sample@{study_run}:4"
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen), 5, "the dialog to close")
+        job = await wait_for(pilot, lambda: app.state.jobs_of("inspect", "sample") and
+                             app.state.jobs_of("inspect", "sample")[-1], 20, "the inspect job")
+        assert job["params"] == {"run": study_run, "step": 4, "top": 10, "model": "builtin:tiny"}
+        panel = app.screen.query_one("#inspect")
+
+        def shown():
+            record = app.state.job(job["id"]) or {}
+            if record.get("status") == "failed":
+                raise AssertionError(record.get("error"))
+            return "nearest:" in str(panel.render())
+
+        await wait_for(pilot, shown, 120, "the inspection in the panel")
+        text = str(panel.render())
+        assert f"sample@{study_run} (step 4) · SD 1.x · 1 vector" in text and "vocabulary norm median" in text
+        assert "cos to 'toy" in text
+        from engine.embeddings import done_runs
+        from engine.library import Library
+
+        several = len(done_runs(Library(study_home).get("sample"))) > 1  # the sweeps of the tests above make more
+        assert ("Runs: cosine between their words" in text) == several

@@ -86,6 +86,31 @@ def test_a_summary_holds_the_concept_its_runs_and_its_best_evaluation(library):
     assert summarize(concept).pins() == [f"cat@{first.name}", f"cat@{failed.name}:8", f"cat@{failed.name}:16"]
 
 
+def test_a_summary_knows_its_words_vectors_family_and_latest_inspection(library):
+    from engine.jobs import update_run
+
+    home, concept = library.home, library.get("cat")
+    assert summarize(concept).vectors is None and summarize(concept).family is None
+    trained = _run(home, "cat", "done")
+    update_run(trained, params={"vectors": 2}, model={"spec": "builtin:tiny", "family": "sd1"})
+    assert (summarize(concept).vectors, summarize(concept).family) == (2, "sd1")
+    imported = create_run(home, {"kind": "import", "concept": "cat", "params": {"vectors": 3, "family": "sdxl"}})
+    set_status(imported, "done")
+    failed = _run(home, "cat", "failed")  # newer, but a finished word wins
+    update_run(failed, params={"vectors": 5})
+    evaluation = _run(home, "cat", "done", kind="eval")  # measures a word, holds none
+    summary = summarize(concept)
+    assert [r["id"] for r in summary.word_runs] == [trained.name, imported.name, failed.name]
+    assert evaluation.name not in [r["id"] for r in summary.word_runs]
+    assert (summary.vectors, summary.family) == (3, "sdxl")
+    assert summary.latest_inspection() is None
+    for n in (1, 2):
+        inspection = _run(home, "cat", "done", kind="inspect")
+        update_run(inspection, result={"run": trained.name, "n": n})
+    _run(home, "cat", "failed", kind="inspect")
+    assert summarize(concept).latest_inspection()["result"]["n"] == 2
+
+
 def test_tables_and_curves_are_read_in_order_and_damaged_ones_skipped(library):
     concept = library.get("cat")
     assert eval_tables(concept.path) == [] and steps_curves(concept.path) == []

@@ -102,6 +102,7 @@ class StudioApp(App):
         self.bridge = EngineBridge(self, self.home, enabled=engine,
                                    **({"poll_seconds": poll_seconds} if poll_seconds else {}))
         self.tokenizer = None
+        self.model_family: str | None = None  # "SD 1.x", "SDXL" … once the model's configs are read
         self.selected_concept: str | None = None
         self.prompt_hint: str | None = None
         self.watched: set[str] = set()  # runs a screen shows: followed until complete
@@ -149,8 +150,12 @@ class StudioApp(App):
 
     @work(thread=True, group="tokenizer", exit_on_error=False)
     def _load_tokenizer(self) -> None:
-        from engine.models import load_tokenizer
+        from engine.models import load_tokenizer, model_info
 
+        try:  # the family first: its configs alone say it (no torch), and the status bar shows it
+            self._from_thread(self._family_known, model_info(self.model).family_label)
+        except Exception:  # noqa: BLE001 - a model the engine cannot read fails there, with its reason
+            pass
         try:
             tokenizer = load_tokenizer(self.model)
         except Exception as exc:  # noqa: BLE001 - the live check is a help, not a requirement
@@ -165,6 +170,10 @@ class StudioApp(App):
             self.call_from_thread(callback, *args, **kwargs)
         except RuntimeError:
             pass  # the app has gone meanwhile
+
+    def _family_known(self, label: str) -> None:
+        self.model_family = label
+        self.changed.publish(StatusChanged())
 
     def _tokenizer_ready(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -303,7 +312,7 @@ class StudioApp(App):
             resolved = self.image_protocol
         return [
             f"data home: {self.home}",
-            f"model: {self.model}",
+            f"model: {self.model}" + (f" ({self.model_family})" if self.model_family else ""),
             f"settings: {config_path()}",
             f"themes: {', '.join(str(d) for d in theme_dirs())}",
             f"images: {self.image_protocol}" + (f" (using {resolved})" if resolved != self.image_protocol else "")
@@ -366,6 +375,8 @@ class StudioApp(App):
             ("Library: concept images", "Add or remove the selected concept's training images", "library",
              "edit_images"),
             ("Library: delete concept", "Delete the selected concept (asks first)", "library", "delete_concept"),
+            ("Library: inspect word", "The word's norms against the vocabulary, cosine to its initializer, nearest "
+             "tokens, and its runs compared", "library", "inspect_word"),
             ("Train: start run", "Start a training run with the form's settings", "train", "start"),
             ("Train: resume run", "Resume the selected failed, cancelled or interrupted run", "train", "resume"),
             ("Train: cancel run", "Cancel the selected (or the running) run", "train", "cancel_run"),

@@ -19,9 +19,11 @@ HELP = """\
 | q | quit (runs keep going in the engine) |
 | tab / shift+tab | move between fields |
 
-**1 Library**: n new concept · i import an embedding · x export · r rename ·
-d delete · e add or remove its training images · t train the selected concept ·
-g generate with it · m its metrics
+**1 Library**: n new concept · i import an embedding · x export (diffusers,
+A1111, kohya, ComfyUI) · r rename · d delete · e add or remove its training
+images · t train the selected concept · g generate with it · m its metrics ·
+v inspect its word (norms against the vocabulary, cosine to the initializer,
+nearest tokens, its runs compared; shown in the concept's panel)
 
 **2 Train**: s start a run with the form's settings · r resume the selected
 run · c cancel it · enter on a run shows its history · f edit the form ·

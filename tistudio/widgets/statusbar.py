@@ -46,7 +46,7 @@ class NavBar(Static):
 
 
 class StatusBar(Static):
-    """One line: engine state · device · VRAM in use · jobs running/queued."""
+    """One line: engine state · the model's family · device · VRAM in use · jobs running/queued."""
 
     DEFAULT_CSS = """
     StatusBar { height: 1; width: 100%; background: $panel; color: $foreground; padding: 0 1;
@@ -71,6 +71,9 @@ class StatusBar(Static):
         text = Text()
         text.append(symbol + " ", style=colours.get(colour) or "")
         text.append(label)
+        family = getattr(self.app, "model_family", None)
+        if family:
+            text.append(f"  │  {family}")
         device = (state.status or {}).get("device") or {}
         name = device.get("device")
         if name and name != "unknown":
