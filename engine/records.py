@@ -13,6 +13,9 @@
     latest_done_run(...)      the id of a concept's newest finished training run
     ConceptSummary.pins()     the NAME@RUN[:STEP] strings that pick one of its saved embeddings
     parse_pin(pin)            NAME@RUN[:STEP] -> (name, run, step)
+    gallery(home, ...)        every image the engine made (generations, evaluations, experiments and
+                              their grids) as GalleryImage, newest first, filtered by concept, run, kind
+    image_metadata(path)      an image's record: its JSON sidecar, else the PNG's own text chunks
 
 The CLI and the studio both read concepts through here, so neither knows where the
 engine keeps these files.  No torch and no Textual: cheap enough for a screen redraw.
@@ -323,3 +326,119 @@ def library_summaries(home: os.PathLike | str) -> list[ConceptSummary]:
     from engine.library import Library
 
     return [summarize(c) for c in Library(home).list()]
+
+
+# --- the gallery: every image the engine made ----------------------------------------------------
+
+GALLERY_KINDS = ("generate", "eval", "experiment")
+
+
+@dataclass(frozen=True)
+class GalleryImage:
+    """One image the engine wrote, and where it came from."""
+
+    path: Path
+    kind: str  # generate | eval | experiment
+    concept: str | None  # the concept whose word made it (or that it measures); None for plain SD
+    run: str | None  # the run whose word it used (or measured)
+    source: str  # the folder it belongs to: an output folder, an evaluation, an experiment
+    mode: str  # sd | ti | grid
+    mtime: float
+
+    @property
+    def sidecar(self) -> Path:
+        return self.path.with_suffix(".json")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _mode(path: Path) -> str:
+    name = path.name
+    return "grid" if name in ("grid.png", "compare.png") else name.split("-", 1)[0] if "-" in name else "image"
+
+
+def _outputs(home: Path) -> list[GalleryImage]:
+    """`tistudio generate` folders: each PNG's sidecar names the words it used.  An SD image of a
+    side-by-side folder takes its folder's words, so filtering by a concept keeps both sides."""
+    images = []
+    for folder in sorted(d for d in (home / "outputs").glob("*") if d.is_dir()):
+        pngs = sorted(folder.glob("*.png"))
+        words = {}
+        for png in pngs:
+            record = _read_dicts([png.with_suffix(".json")])
+            used = [e for e in (record[0].get("embeddings") or []) if isinstance(e, dict)] if record else []
+            words[png] = [(e.get("concept"), e.get("run")) for e in used]
+        shared = next((w for w in words.values() if w), [])
+        for png in pngs:
+            concept, run = (words.get(png) or shared or [(None, None)])[0]
+            images.append(GalleryImage(png, "generate", concept, run, folder.name, _mode(png), _mtime(png)))
+    return images
+
+
+def _evaluations(home: Path) -> list[GalleryImage]:
+    """`runs/RUN/eval/ID/images/{sd,ti}/<set>/*.png` of every concept: the run is the one measured."""
+    images = []
+    for png in sorted(home.glob("concepts/*/runs/*/eval/*/images/*/*/*.png")):
+        eval_dir = png.parents[3]
+        concept, run = eval_dir.parents[3].name, eval_dir.parents[1].name
+        images.append(GalleryImage(png, "eval", concept, run, f"eval {eval_dir.name}", _mode(png), _mtime(png)))
+    return images
+
+
+def _experiments(home: Path) -> list[GalleryImage]:
+    """`experiments/EXP/grid.png` and `images/<column>/**/*.png` of every concept: a `run-RUN`
+    column is that run; the other columns (steps, synthesis prompts) are the report's run."""
+    images = []
+    for exp_dir in sorted(d for d in home.glob("concepts/*/experiments/*") if d.is_dir()):
+        concept = exp_dir.parents[1].name
+        report = next(iter(_read_dicts(exp_dir / n for n in REPORT_FILES if (exp_dir / n).is_file())), {})
+        run = report.get("run") if isinstance(report.get("run"), str) else None
+        grid = exp_dir / "grid.png"
+        if grid.is_file():
+            images.append(GalleryImage(grid, "experiment", concept, run, exp_dir.name, "grid", _mtime(grid)))
+        for png in sorted((exp_dir / "images").glob("*/**/*.png")):
+            column = png.relative_to(exp_dir / "images").parts[0]
+            owner = column.removeprefix("run-") if column.startswith("run-") else run
+            images.append(GalleryImage(png, "experiment", concept, owner, exp_dir.name, _mode(png), _mtime(png)))
+    return images
+
+
+def gallery(home: os.PathLike | str, concept: str | None = None, run: str | None = None,
+            kind: str | None = None) -> list[GalleryImage]:
+    """Every image the engine made under `home`, newest first; None filters keep everything."""
+    home = Path(home)
+    readers = {"generate": _outputs, "eval": _evaluations, "experiment": _experiments}
+    images = [image for name, read in readers.items() if kind in (None, name) for image in read(home)]
+    images = [i for i in images if (concept is None or i.concept == concept) and (run is None or i.run == run)]
+    images.sort(key=lambda i: (i.mtime, str(i.path)), reverse=True)
+    return images
+
+
+def image_metadata(path: os.PathLike | str) -> dict:
+    """What an image records about how it was made: its JSON sidecar (every image the engine
+    generates has one), else the PNG's `tistudio` chunk, else A1111's `parameters` text; {} for
+    an image with none (a grid)."""
+    path = Path(path)
+    found = _read_dicts([path.with_suffix(".json")]) if path.with_suffix(".json").is_file() else []
+    if found:
+        found[0].pop("dir", None)
+        return found[0]
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            chunks = dict(getattr(image, "text", {}) or {})
+    except Exception:  # noqa: BLE001 - an unreadable image simply has no metadata
+        return {}
+    try:
+        record = json.loads(chunks.get("tistudio", ""))
+        if isinstance(record, dict):
+            return record
+    except ValueError:
+        pass
+    return {"parameters": chunks["parameters"]} if chunks.get("parameters") else {}

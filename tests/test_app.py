@@ -92,11 +92,14 @@ assert 'torch' not in sys.modules, 'torch was imported'
 # Keys, help, palette (no engine)
 
 
-async def test_keys_1_to_4_switch_screens_but_not_while_typing(tmp_path):
+async def test_keys_1_to_5_switch_screens_but_not_while_typing(tmp_path):
+    from tistudio.screens.gallery import GalleryScreen
+
     app = offline_app(tmp_path / "home")
     async with app.run_test(size=(80, 24)) as pilot:
         assert isinstance(app.screen, LibraryScreen)
-        for key, screen in (("2", TrainScreen), ("3", GenerateScreen), ("4", MetricsScreen), ("1", LibraryScreen)):
+        for key, screen in (("2", TrainScreen), ("3", GenerateScreen), ("4", MetricsScreen), ("5", GalleryScreen),
+                            ("1", LibraryScreen)):
             await pilot.press(key)
             await pilot.pause()
             assert isinstance(app.screen, screen), (key, app.screen)
@@ -116,12 +119,15 @@ async def test_help_and_the_command_palette_list_every_action(tmp_path):
         await pilot.press("question_mark")
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
-        await pilot.press("2")  # keys 1-4 do nothing under a modal
+        await pilot.press("2")  # keys 1-5 do nothing under a modal
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
         assert isinstance(app.screen, LibraryScreen)
         titles = {c.title for c in app.get_system_commands(app.screen)}
-        for wanted in ("Screen: Library", "Screen: Train", "Screen: Generate", "Screen: Metrics",
+        for wanted in ("Screen: Library", "Screen: Train", "Screen: Generate", "Screen: Metrics", "Screen: Gallery",
+                       "Library: inspect word", "Metrics: initializer-word experiment", "Metrics: seed experiment",
+                       "Metrics: regulariser experiment", "Metrics: synthesis batches", "Metrics: next view",
+                       "Gallery: refresh",
                        "Library: new concept", "Library: import embedding", "Library: export concept",
                        "Library: rename concept", "Library: delete concept", "Library: concept images",
                        "Train: start run",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -129,11 +130,22 @@ def make_demo_home(home: Path) -> Path:
     out = home / "outputs" / "20260101-040000-a-photo-of-sample"
     out.mkdir(parents=True)
     made = []
+    word = {"concept": "sample", "run": RUN, "step": 200, "final": True, "token": "<sample>"}
     for i in range(2):
         for mode, src in (("sd", images[3 + i]), ("ti", images[i])):
             path = out / f"{mode}-{i:03d}.png"
             shutil.copy(src, path)
             made.append({"path": str(path), "mode": mode, "seed": i, "prompt": "a photo of <sample>"})
+            _write_json(path.with_suffix(".json"), {
+                "prompt": "a photo of <sample>" if mode == "ti" else "a photo of a small toy robot",
+                "negative_prompt": "", "seed": i, "steps": 25, "guidance": 7.5, "sampler": "DPM++ 2M",
+                "width": 512, "height": 512, "mode": mode, "created": "2026-01-01T04:00:00Z",
+                "model": {"spec": "builtin:tiny", "family": "sd1"}, "embeddings": [word] if mode == "ti" else []})
+    eval_images = run_dir / "eval" / "20260101-020000" / "images" / "ti" / "edit-1"
+    eval_images.mkdir(parents=True)
+    shutil.copy(images[4], eval_images / "ti-0000.png")
+    for age, png in enumerate(sorted(home.rglob("*.png"))):  # the gallery lists by time: make it the same everywhere
+        os.utime(png, (T0 + 600 * age, T0 + 600 * age))
     gen_dir = home / "jobs" / GEN
     _events(gen_dir / "events.jsonl", [{"type": "status", "status": "queued"}, {"type": "status", "status": "running"},
                                        *[{"type": "image", **m} for m in made],
@@ -168,7 +180,7 @@ def settle(*keys: str):
     return run_before
 
 
-SCREENS = {"library": "1", "train": "2", "generate": "3", "metrics": "4"}
+SCREENS = {"library": "1", "train": "2", "generate": "3", "metrics": "4", "gallery": "5"}
 
 
 @pytest.mark.parametrize("size", [(80, 24), (100, 30)], ids=["80x24", "100x30"])
@@ -177,7 +189,7 @@ def test_screen(snap_compare, demo_home, screen, size):
     assert snap_compare(app_for(demo_home), terminal_size=size, run_before=settle(SCREENS[screen]))
 
 
-@pytest.mark.parametrize("screen", ["library", "train"])
+@pytest.mark.parametrize("screen", ["library", "train", "gallery"])
 def test_wide_layout(snap_compare, demo_home, screen):
     assert snap_compare(app_for(demo_home), terminal_size=(160, 45), run_before=settle(SCREENS[screen]))
 

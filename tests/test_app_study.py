@@ -18,6 +18,7 @@ from textual.widgets import DataTable, Input, Select
 
 from helpers import kill_engines
 from tistudio.screens.experiment_modal import ExperimentModal, experiment_params
+from tistudio.screens.gallery import GalleryScreen
 from tistudio.screens.metrics import MetricsScreen
 from tistudio.widgets.study import CompareView, StudyView
 
@@ -171,6 +172,24 @@ async def test_every_experiment_runs_from_the_metrics_screen_with_its_table_and_
         regularize = next(j for j in app.state.jobs_of("experiment", "sample")
                           if j["params"]["kind"] == "regularize")
         assert regularize["params"]["reg_weight"] == 0.5 and regularize["params"]["steps"] == 2
+        # every image the synthesis made is in the gallery, with the record it was saved with
+        synthesis = app.state.jobs_of("experiment", "sample")[-1]["result"]["id"]
+        await pilot.press("5")
+        gallery = await wait_for(pilot, lambda: isinstance(app.screen, GalleryScreen) and app.screen, 5, "5 Gallery")
+        gallery.query_one("#gallery-kind", Select).value = "experiment"
+        listed = gallery.query_one("#gallery-list", DataTable)
+
+        def synthesis_rows():
+            rows = [listed.get_row_at(i) for i in range(listed.row_count)]
+            return [r for r in rows if r[4] == synthesis]
+
+        rows = await wait_for(pilot, synthesis_rows, 10, "the synthesis images in the gallery")
+        assert {r[0] for r in rows} >= {"grid.png", "ti-0000.png", "sd-0000.png"}
+        listed.move_cursor(row=next(i for i in range(listed.row_count)
+                                    if tuple(listed.get_row_at(i)[j] for j in (0, 4)) == ("ti-0000.png", synthesis)))
+        meta = gallery.query_one("#gallery-meta")
+        await wait_for(pilot, lambda: f"word <sample> = sample@{study_run} (step 4)" in str(meta.render()), 5,
+                       "the image's record")
 
 
 def test_the_inspector_panel_shows_every_vector_and_the_runs_compared():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -228,3 +229,62 @@ def test_one_line_is_one_short_line():
     cut = one_line("x" * 50, limit=10)
     assert cut == "x" * 9 + "…" and len(cut) == 10
     assert one_line("x" * 10, limit=10) == "x" * 10
+
+
+def _png(path: Path, record: dict | None = None, chunk: dict | None = None) -> Path:
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    for key, value in (chunk or {}).items():
+        info.add_text(key, value)
+    Image.new("RGB", (4, 4)).save(path, pnginfo=info)
+    if record is not None:
+        path.with_suffix(".json").write_text(json.dumps(record))
+    return path
+
+
+def test_the_gallery_finds_every_image_with_its_concept_run_and_metadata(library):
+    from engine.records import gallery, image_metadata
+
+    home, concept = library.home, library.get("cat")
+    word = {"concept": "cat", "run": "r1", "step": 8, "final": False, "token": "<cat>"}
+    out = home / "outputs" / "20260101-000000-a-photo-of-cat"
+    sd = _png(out / "sd-0000.png", {"prompt": "a photo of a cat", "mode": "sd", "embeddings": []})
+    ti = _png(out / "ti-0000.png", {"prompt": "a photo of <cat>", "mode": "ti", "seed": 0, "embeddings": [word]})
+    plain = _png(home / "outputs" / "20260101-010000-a-dog" / "sd-0000.png", {"prompt": "a dog", "embeddings": []})
+    evaluated = _png(concept.runs_dir / "r1" / "eval" / "20260101-020000" / "images" / "ti" / "edit-1" / "ti-0001.png",
+                     {"prompt": "a <cat> in the jungle", "embeddings": [word]})
+    exp = concept.path / "experiments" / "seeds-20260101-030000"
+    (exp / "table.json").parent.mkdir(parents=True)
+    (exp / "table.json").write_text(json.dumps({"id": exp.name, "kind": "seeds", "runs": []}))
+    grid = _png(exp / "grid.png")
+    member = _png(exp / "images" / "run-r2" / "reconstruction" / "ti-0000.png", {"prompt": "a photo of <cat>"})
+    synth = concept.path / "experiments" / "synthesis-20260101-040000"
+    (synth / "synthesis.json").parent.mkdir(parents=True)
+    (synth / "synthesis.json").write_text(json.dumps({"id": synth.name, "run": "r1"}))
+    scene = _png(synth / "images" / "prompt-0" / "ti-0000.png", {"prompt": "a <cat> in Paris"})
+    for age, path in enumerate([scene, member, grid, evaluated, plain, ti, sd]):  # newest first, as listed
+        os.utime(path, (1_000_000 - age, 1_000_000 - age))
+
+    everything = gallery(home)
+    assert [i.path for i in everything] == [scene, member, grid, evaluated, plain, ti, sd]
+    by_path = {i.path: i for i in everything}
+    assert (by_path[ti].kind, by_path[ti].concept, by_path[ti].run, by_path[ti].mode) == ("generate", "cat", "r1", "ti")
+    assert (by_path[sd].concept, by_path[sd].run) == ("cat", "r1")  # the SD side of a comparison follows its folder
+    assert (by_path[plain].concept, by_path[plain].run) == (None, None)
+    assert (by_path[evaluated].kind, by_path[evaluated].run, by_path[evaluated].source) == (
+        "eval", "r1", "eval 20260101-020000")
+    assert (by_path[grid].mode, by_path[grid].run, by_path[member].run) == ("grid", None, "r2")
+    assert by_path[scene].run == "r1" and by_path[scene].source == synth.name
+    assert [i.path for i in gallery(home, concept="cat", run="r1")] == [scene, evaluated, ti, sd]
+    assert [i.path for i in gallery(home, kind="experiment")] == [scene, member, grid]
+    assert gallery(home, concept="dog") == []
+
+    assert image_metadata(ti)["embeddings"] == [word]
+    chunked = _png(home / "loose" / "a.png", chunk={"tistudio": json.dumps({"prompt": "from the chunk"})})
+    assert image_metadata(chunked) == {"prompt": "from the chunk"}
+    a1111 = _png(home / "loose" / "b.png", chunk={"parameters": "a cat\nSteps: 20"})
+    assert image_metadata(a1111) == {"parameters": "a cat\nSteps: 20"}
+    assert image_metadata(grid) == {} and image_metadata(home / "missing.png") == {}

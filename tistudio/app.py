@@ -1,6 +1,6 @@
 """The studio: `tistudio` with no command.
 
-    StudioApp(home, model)      four screens as Textual modes (keys 1-4), help on ?,
+    StudioApp(home, model)      five screens as Textual modes (keys 1-5), help on ?,
                                 every action in the command palette (ctrl+p)
     run_app()                   what `tistudio` runs: config → images → app
 
@@ -50,6 +50,7 @@ from tistudio.messages import (
     StudioChange,
     TokenizerReady,
 )
+from tistudio.screens.gallery import GalleryScreen
 from tistudio.screens.generate import GenerateScreen
 from tistudio.screens.help import HelpScreen
 from tistudio.screens.library import LibraryScreen
@@ -58,13 +59,15 @@ from tistudio.screens.train import TrainScreen
 from tistudio.state import StudioState
 from tistudio.themes import load_themes, theme_dirs
 
-SCREEN_NAMES = {"library": "Library", "train": "Train", "generate": "Generate", "metrics": "Metrics"}
+SCREEN_NAMES = {"library": "Library", "train": "Train", "generate": "Generate", "metrics": "Metrics",
+                "gallery": "Gallery"}
 
 
 class StudioApp(App):
     CSS_PATH = Path(__file__).parent / "studio.tcss"  # absolute: subclasses elsewhere find it too
     TITLE = "tistudio"
-    MODES = {"library": LibraryScreen, "train": TrainScreen, "generate": GenerateScreen, "metrics": MetricsScreen}
+    MODES = {"library": LibraryScreen, "train": TrainScreen, "generate": GenerateScreen, "metrics": MetricsScreen,
+             "gallery": GalleryScreen}
     DEFAULT_MODE = "library"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
     BINDINGS = [
@@ -72,6 +75,7 @@ class StudioApp(App):
         Binding("2", "show_screen('train')", "Train", show=False),
         Binding("3", "show_screen('generate')", "Generate", show=False),
         Binding("4", "show_screen('metrics')", "Metrics", show=False),
+        Binding("5", "show_screen('gallery')", "Gallery", show=False),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit", show=False),
     ]
@@ -395,6 +399,8 @@ class StudioApp(App):
              "regularize_experiment"),
             ("Metrics: synthesis batches", "The picked word in the study's new scenes or styles (section 5)",
              "metrics", "synthesis"),
+            ("Gallery: refresh", "Read every generated, evaluation and experiment image again", "gallery",
+             "reload"),
             ("Metrics: next view", "Table 1, Compare (two evaluations with Δ), Study (every experiment)", "metrics",
              "next_view"),
         ]

@@ -13,7 +13,7 @@ HELP = """\
 
 | key | does |
 | --- | --- |
-| 1 2 3 4 | Library, Train, Generate, Metrics |
+| 1 2 3 4 5 | Library, Train, Generate, Metrics, Gallery |
 | ? | this help |
 | ctrl+p | command palette: every action, themes, image protocol |
 | q | quit (runs keep going in the engine) |
@@ -44,6 +44,11 @@ the latest finished run) · e evaluate it (Table 1, each prompt as written)
 (the word in new scenes or styles) · v next view: Table 1, Compare (any two
 evaluations with Δ), Study (every experiment's table and grid) · c concept
 · p run
+
+**5 Gallery**: every generated, evaluation and experiment image (and the
+grids), newest first, with the record it was saved with (prompt, seed,
+sampler, model, the words it used) · c, r, k filter by concept, run, kind ·
+u refresh
 
 Closing the studio never stops a run: the engine keeps it going, and the
 studio shows its whole history when it opens again.

@@ -1,4 +1,4 @@
-"""The top navigation line (keys 1-4) and the bottom status bar (engine, device, VRAM, jobs)."""
+"""The top navigation line (keys 1-5) and the bottom status bar (engine, family, device, VRAM, jobs)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from tistudio.formatting import fmt_bytes
 from tistudio.messages import EngineChanged, JobsChanged, RunChanged, StatusChanged, StudioChange
 
 SCREENS = (("library", "1", "Library"), ("train", "2", "Train"), ("generate", "3", "Generate"),
-           ("metrics", "4", "Metrics"))
+           ("metrics", "4", "Metrics"), ("gallery", "5", "Gallery"))
 
 ENGINE_LABELS = {
     "online": ("●", "success", "engine: online"),
@@ -22,7 +22,7 @@ ENGINE_LABELS = {
 
 
 class NavBar(Static):
-    """`tistudio  1 Library  2 Train  3 Generate  4 Metrics   ? help`; the current one highlighted."""
+    """`tistudio  1 Library  2 Train  3 Generate  4 Metrics  5 Gallery   ? help`; the current one highlighted."""
 
     DEFAULT_CSS = """
     NavBar { height: 1; width: 100%; background: $panel; color: $text-muted; }
@@ -39,7 +39,7 @@ class NavBar(Static):
                 parts.append(f"[reverse $primary] {key} {label} [/]")
             else:
                 parts.append(f"[@click=app.show_screen('{mode}')] [b $primary]{key}[/] {label} [/]")
-        wide = self.size.width >= 70
+        wide = self.size.width >= 90
         if wide:
             parts.append("  [@click=app.help][b $primary]?[/] help[/]  [@click=app.quit][b $primary]q[/] quit[/]")
         return " ".join(p for p in parts if p)

@@ -157,7 +157,7 @@ class StudyView(Vertical):
         if report is None:
             info.update("Run an experiment: x steps · i initializer words · s seeds · r regularisers · "
                         "y synthesis batches")
-            self.run_worker(grid.set_image(None, ""), group="study-grid", exclusive=True)
+            self.run_worker(grid.set_image(None, ""), group="study-grid")
             return
         info.update(escape(report_facts(report)))
         if report.kind == "synthesis":
@@ -174,8 +174,7 @@ class StudyView(Vertical):
                 table.add_row(row["label"], num(row.get("reconstruction")), num(row.get("editability")),
                               num(row.get("editability_per_image")), key=str(i))
         path = report.grid
-        self.run_worker(grid.set_image(path, f"{report.kind} grid" if path else ""), group="study-grid",
-                        exclusive=True)
+        self.run_worker(grid.set_image(path, f"{report.kind} grid" if path else ""), group="study-grid")
 
 
 def _signature(report: ExperimentReport) -> tuple:
