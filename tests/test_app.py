@@ -210,6 +210,46 @@ async def test_the_status_bar_names_the_models_family(tmp_path):
         assert "model: builtin:sdxl-tiny (SDXL)" in app.describe_settings()
 
 
+async def test_a_missing_theme_is_said_not_silently_replaced(tmp_path):
+    app = StudioApp(tmp_path / "home", engine=False, image_protocol="halfblock", add_sample=False,
+                    theme="no-such-theme")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        assert app.theme == "tistudio-dark"
+        warning = next(m for severity, m in app.notices if "no-such-theme" in m)
+        assert "was not found in" in warning and "using tistudio-dark" in warning
+    assert Config.load().theme == "tistudio-dark"  # the config file is not rewritten by the fallback
+
+
+async def test_vram_per_device_when_the_engine_has_several_workers(tmp_path):
+    from tistudio.messages import EngineSnapshot
+    from tistudio.widgets.statusbar import StatusBar
+
+    gib = 1024 ** 3
+    workers = [{"worker": 0, "device": "cuda:0", "state": "running", "job": "20260101-000000-ab12", "kind": "train",
+                "concept": "cat", "steps_per_s": 3.5, "memory": {"vram_allocated": 2 * gib, "vram_total": 8 * gib}},
+               {"worker": 1, "device": "cuda:1", "state": "idle", "job": None,
+                "memory": {"vram_used_device": 0.5 * gib, "vram_total": 8 * gib}}]
+    app = offline_app(tmp_path / "home")
+    async with app.run_test(size=(160, 30)) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        devices = app.screen.query_one("#vram-devices", Static)
+        assert not devices.display  # one device (or an engine without workers): nothing more to say
+        app.post_message(EngineSnapshot({"workers": workers, "device": {"device": "cuda:0"}}, None))
+        bar = app.screen.query_one(StatusBar)
+        await wait_for(pilot, lambda: "cuda:0 2.0 GiB / 8.0 GiB · cuda:1 512 MiB / 8.0 GiB" in str(bar.render()), 5,
+                       "each device in the status bar")
+        await wait_for(pilot, lambda: devices.display, 5, "the devices line on 2 Train")
+        text = str(devices.render())
+        assert "cuda:0 2.0 GiB / 8.0 GiB (train cat 20260101-000000-ab12 3.50 it/s)" in text
+        assert "cuda:1 512 MiB / 8.0 GiB (idle)" in text
+        app.post_message(EngineSnapshot({"device": {"device": "cuda:0", "vram_used_device": gib,
+                                                    "vram_total": 8 * gib}}, None))
+        await wait_for(pilot, lambda: not devices.display, 5, "the line gone with the workers")
+        assert "device: cuda:0  │  VRAM: 1.0 GiB / 8.0 GiB" in str(bar.render())
+
+
 async def test_the_image_protocol_switches_from_the_palette_and_is_remembered(tmp_path):
     import textual_image.widget as tiw
 

@@ -142,6 +142,10 @@ class StudioApp(App):
         wanted = self._theme_override or self.config.theme
         fallback = DEFAULT_THEME if DEFAULT_THEME in self.available_themes else "textual-dark"
         self.theme = wanted if wanted in self.available_themes else fallback
+        if wanted not in self.available_themes:  # say so: a silent fallback looks like a broken install
+            self._theme_problems.append(
+                f"theme {wanted!r} was not found in {', '.join(str(d) for d in theme_dirs())} or Textual's own; "
+                f"using {self.theme} (ctrl+p lists the themes; pick one to remember it)")
         self.theme_changed_signal.subscribe(self, self._theme_changed)
         for problem in self._theme_problems + ([self.config.problem] if self.config.problem else []):
             self.notify(problem, severity="warning", title="Settings")

@@ -14,8 +14,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Input, ProgressBar, Select, Static
 
-from tistudio.formatting import escape, fmt_duration, short_when
-from tistudio.messages import Changes, EngineChanged, JobsChanged, LibraryChanged, RunSubmitted
+from tistudio.formatting import device_memory, engine_workers, escape, fmt_duration, short_when
+from tistudio.messages import Changes, EngineChanged, JobsChanged, LibraryChanged, RunSubmitted, StatusChanged
 from tistudio.screens.base import StudioScreen
 from tistudio.state import is_active
 from tistudio.widgets.charts import LossChart, VectorChart, VramChart
@@ -71,6 +71,7 @@ class TrainScreen(StudioScreen):
                 vram = VramChart(id="vram")
                 yield vram
                 yield Static("VRAM: no figures yet (reported on CUDA devices)", id="vram-note")
+                yield Static("", id="vram-devices")
                 runs = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
                 runs.border_title = "Queue and past runs"
                 yield runs
@@ -93,6 +94,24 @@ class TrainScreen(StudioScreen):
             self._refresh_runs()
         self._pick_run()
         self._draw_run()
+        if changes.any(StatusChanged, JobsChanged):
+            self._draw_devices()
+
+    def _draw_devices(self) -> None:
+        """With several engine workers (one per device): each device, its memory and its job."""
+        workers = engine_workers(self.app.state.status)
+        line = self.query_one("#vram-devices", Static)
+        line.display = len(workers) > 1
+        if len(workers) > 1:
+            parts = []
+            for worker in workers:
+                job = worker.get("job")
+                doing = f"{worker.get('kind') or 'job'} {worker.get('concept') or ''} {job}".replace("  ", " ") \
+                    if job else worker.get("state") or "idle"
+                speed = f" {worker['steps_per_s']:.2f} it/s" if isinstance(worker.get("steps_per_s"), (int, float)) \
+                    and job else ""
+                parts.append(f"{escape(device_memory(worker))} ({escape(doing)}{speed})")
+            line.update("VRAM per device: " + " · ".join(parts))
 
     def _refresh_concepts(self) -> None:
         self._concepts = self.sync_concept_select(self.query_one("#concept", Select), self._concepts)

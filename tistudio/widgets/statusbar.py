@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.text import Text
 from textual.widgets import Static
 
-from tistudio.formatting import fmt_bytes
+from tistudio.formatting import device_memory, engine_workers, fmt_bytes
 from tistudio.messages import EngineChanged, JobsChanged, RunChanged, StatusChanged, StudioChange
 
 SCREENS = (("library", "1", "Library"), ("train", "2", "Train"), ("generate", "3", "Generate"),
@@ -46,7 +46,8 @@ class NavBar(Static):
 
 
 class StatusBar(Static):
-    """One line: engine state · the model's family · device · VRAM in use · jobs running/queued."""
+    """One line: engine state · the model's family · device · VRAM in use · jobs running/queued.
+    An engine with several workers (one per device) shows each device with its memory instead."""
 
     DEFAULT_CSS = """
     StatusBar { height: 1; width: 100%; background: $panel; color: $foreground; padding: 0 1;
@@ -74,17 +75,21 @@ class StatusBar(Static):
         family = getattr(self.app, "model_family", None)
         if family:
             text.append(f"  │  {family}")
-        device = (state.status or {}).get("device") or {}
-        name = device.get("device")
-        if name and name != "unknown":
-            label = name + (f" {device['name']}" if device.get("name") else "")
-            text.append("  │  device: " + label)
+        workers = engine_workers(state.status)
+        if len(workers) > 1:  # one worker per device: each device with its memory
+            text.append("  │  " + " · ".join(device_memory(w) for w in workers))
         else:
-            text.append("  │  device: –")
-        text.append("  │  VRAM: " + self._vram(device))
-        running = state.running()
+            device = (state.status or {}).get("device") or {}
+            name = device.get("device")
+            if name and name != "unknown":
+                label = name + (f" {device['name']}" if device.get("name") else "")
+                text.append("  │  device: " + label)
+            else:
+                text.append("  │  device: –")
+            text.append("  │  VRAM: " + self._vram(device))
+        running = sum(1 for job in state.jobs if job.get("status") == "running")
         queued = len(state.queued())
-        text.append(f"  │  jobs: {'1 running, ' if running else ''}{queued} queued")
+        text.append(f"  │  jobs: {f'{running} running, ' if running else ''}{queued} queued")
         return text
 
     def _vram(self, device: dict) -> str:
