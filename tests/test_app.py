@@ -330,7 +330,7 @@ async def test_images_of_a_concept_are_added_and_removed_in_the_library(tmp_path
     app = offline_app(home, add_sample=False)
     async with app.run_test(size=SIZE) as pilot:
         table = app.screen.query_one("#concepts", DataTable)
-        assert table.get_row_at(0)[4] == "0"
+        assert table.get_row_at(0)[5] == "0"  # Imgs (after Vec)
         assert "press e to add some" in str(app.screen.query_one("#detail-text", Static).render())
         await pilot.press("e")
         await wait_for(pilot, lambda: isinstance(app.screen, ImagesModal), 5, "the images dialog")
@@ -343,7 +343,7 @@ async def test_images_of_a_concept_are_added_and_removed_in_the_library(tmp_path
         await pilot.click("#ok")
         await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 60, "the dialog to close")
         assert [p.name for p in Library(home).get("imp").images] == ["000.png", "001.png"]
-        await wait_for(pilot, lambda: table.get_row_at(0)[4] == "2", 5, "the new count")
+        await wait_for(pilot, lambda: table.get_row_at(0)[5] == "2", 5, "the new count")
         await pilot.press("e")
         await wait_for(pilot, lambda: isinstance(app.screen, ImagesModal), 5, "the images dialog")
         app.screen.query_one("#remove").select("000.png")
