@@ -17,7 +17,7 @@ from textual.widgets import DataTable, Static
 from engine.records import ConceptSummary, library_summaries
 from engine.text import one_line
 from tistudio.formatting import escape
-from tistudio.messages import Changes, JobsChanged, LibraryChanged
+from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
 from tistudio.screens.modals import (
     ConfirmModal,
@@ -67,6 +67,7 @@ class LibraryScreen(StudioScreen):
         super().__init__(*args, **kwargs)
         self.rows: list[ConceptSummary] = []
         self._shown: object = object()  # what the detail pane shows (nothing yet)
+        self._asked: set[str] = set()  # inspect jobs this screen submitted: scrolled into view
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="lib-body"):
@@ -90,6 +91,7 @@ class LibraryScreen(StudioScreen):
     # -- drawing
 
     def redraw(self, changes: Changes) -> None:
+        self._asked.update(c.run_id for c in changes.of(RunSubmitted) if c.origin == self.MODE)
         jobs = tuple((j.get("id"), j.get("status")) for j in self.app.state.jobs
                      if j.get("kind") in ("train", "eval", "experiment", "inspect"))
         if changes.any(LibraryChanged) or (changes.any(JobsChanged) and jobs != getattr(self, "_jobs_seen", None)):
@@ -159,7 +161,11 @@ class LibraryScreen(StudioScreen):
         if key == self._shown:
             return
         self._shown = key
-        self.query_one("#inspect", Static).update(inspection[1] if inspection else "")
+        panel = self.query_one("#inspect", Static)
+        panel.update(inspection[1] if inspection else "")
+        if inspection and inspection[0] in self._asked:  # what the user asked for: bring it into view
+            self.call_after_refresh(self.query_one("#concept-detail").scroll_to_widget, panel, top=True,
+                                    animate=False)
         thumbs = self.query_one("#thumbs", Horizontal)
         thumbs.remove_children()
         if row is None:
