@@ -4,9 +4,12 @@
          reconstruction / editability curve over steps;
 * init   one run per initializer word (Building vs Tower, Fish vs Dragon);
 * seeds  one run per training seed;
-* runs   finished runs side by side (e.g. the members of a sweep job).
+* regularize  one run per regulariser (none, init-l2, norm, directional), with the SD row:
+         Table 1 for each way of keeping the word editable;
+* runs   finished runs side by side (e.g. the members of a sweep job);
+* synthesis  section 5: the learned word in new scenes (objects) or on new subjects (styles).
 
-init and seeds run as an engine job (`engine.handlers.handle_experiment`): the
+init, seeds and regularize run as an engine job (`engine.handlers.handle_experiment`): the
 job trains its member runs together (`engine.sweeps.train_sweep`: K runs in one
 UNet call, each ending where its solo run would, resumable), then measures each
 run the way `metrics.evaluate` does.  Reports live in
@@ -163,24 +166,40 @@ def curve_text(points: list[dict]) -> str:
 
 # --- init words and seeds: K runs trained together ---------------------------------------------------
 
-SWEEP_AXES = {"init": "inits", "seeds": "seeds"}  # experiment kind -> the sweep param it varies
+SWEEP_AXES = {"init": "inits", "seeds": "seeds", "regularize": "regularizes"}  # kind -> the sweep param it varies
+SWEEP_FIXES = {"init": "init", "seeds": "seed", "regularize": "regularize"}  # kind -> the setting each run varies
+SWEEP_LABELS = {"init": "init", "seeds": "seed", "regularize": "regularize"}
+
+
+def _sweep_values(kind: str, values: list) -> list:
+    from engine.train_config import REGULARIZERS
+
+    if kind == "regularize":
+        values = list(dict.fromkeys(str(v).strip() for v in values)) or list(REGULARIZERS)
+        unknown = [v for v in values if v not in REGULARIZERS]
+        if unknown:
+            raise UserError(f"unknown regulariser {unknown[0]!r}; choose from {', '.join(REGULARIZERS)}")
+        return values
+    values = list(dict.fromkeys(str(v).strip() if kind == "init" else int(v) for v in values))
+    if not values or not all(str(v) for v in values):
+        raise UserError("give at least one initializer word, e.g. --words building,tower" if kind == "init"
+                        else "give at least one seed, e.g. --seeds 0,1")
+    return values
 
 
 def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict | None = None, *,
                      prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
                      seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int = 4,
                      progress=None, cancelled=None) -> dict:
-    """One run per initializer word (kind "init", section 4.2) or per training seed ("seeds",
-    section 4.3), the other settings shared (`train`), trained together as the members of
-    experiment job `ctx`, then measured side by side.  `seed` is the sampling seed; a
-    training seed is `train["seed"]`."""
+    """One run per initializer word (kind "init", section 4.2), per training seed ("seeds",
+    section 4.3) or per regulariser ("regularize"), the other settings shared (`train`),
+    trained together as the members of experiment job `ctx`, then measured side by side
+    (regularize also measures the SD row, so its table is Table 1 for each method).  `seed`
+    is the sampling seed; a training seed is `train["seed"]`."""
     if kind not in SWEEP_AXES:
-        raise UserError(f"unknown sweep experiment {kind!r}; choose {' or '.join(SWEEP_AXES)}")
-    values = list(dict.fromkeys(str(v).strip() if kind == "init" else int(v) for v in values))
-    if not values or not all(str(v) for v in values):
-        raise UserError("give at least one initializer word, e.g. --words building,tower" if kind == "init"
-                        else "give at least one seed, e.g. --seeds 0,1")
-    fixed = {"token", "property", SWEEP_AXES[kind], {"init": "init", "seeds": "seed"}[kind]} & set(train or {})
+        raise UserError(f"unknown sweep experiment {kind!r}; choose {', '.join(SWEEP_AXES)}")
+    values = _sweep_values(kind, values)
+    fixed = {"token", "property", SWEEP_AXES[kind], SWEEP_FIXES[kind]} & set(train or {})
     if fixed:
         raise UserError(f"train options cannot set {', '.join(sorted(fixed))}: the experiment sets them")
     concept, prompts, clip_model, train_embs = _setup(model, library, ctx.spec["concept"], prompts, clip,
@@ -189,7 +208,7 @@ def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict |
     exp_id = load_run(ctx.run_dir).get("experiment") or f"{kind}-{timestamp_id()}"
     ctx.set_progress(experiment=exp_id)
     exp_dir = ensure_private_dir(concept.path / "experiments" / exp_id)
-    labels = [f"{'init' if kind == 'init' else 'seed'} {v}" for v in values]
+    labels = [f"{SWEEP_LABELS[kind]} {v}" for v in values]
     # Previews are off by default: the grid shows every run side by side anyway.
     params = {"preview_every": 0, **(train or {}), SWEEP_AXES[kind]: values}
     training = sub_progress(progress, 0.0, 0.6)
@@ -203,7 +222,7 @@ def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict |
     return _report_runs(
         model, library, concept, kind, exp_id, exp_dir, [m.run_id for m in members], labels, prompts, clip_model,
         train_embs, images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
-        progress=sub_progress(progress, 0.6, 0.4), cancelled=cancelled,
+        progress=sub_progress(progress, 0.6, 0.4), cancelled=cancelled, baseline=kind == "regularize",
     )
 
 
@@ -241,34 +260,42 @@ def _run_spec(concept, run_id: str) -> dict:
 
 def _report_runs(model, library, concept, kind: str, exp_id: str, exp_dir: Path, run_ids: list[str],
                  labels: list[str], prompts, clip_model, train_embs, *, images, seed, sample_steps, guidance,
-                 batch_size, progress, cancelled) -> dict:
-    """Measure each run, then write grid.png (prompts x runs), table.json and table.md."""
+                 batch_size, progress, cancelled, baseline: bool = False) -> dict:
+    """Measure each run (and, with `baseline`, plain SD first: the same prompts and seeds with the
+    concept's description), then write grid.png (prompts x columns), table.json and table.md."""
+    refs = ([None] if baseline else []) + [f"{concept.name}@{r}" for r in run_ids]
     columns = _measure_columns(
-        model, library, concept, [f"{concept.name}@{r}" for r in run_ids], prompts, clip_model, train_embs,
-        exp_dir, [f"run-{r}" for r in run_ids], images, seed, sample_steps, guidance, batch_size, progress, cancelled,
+        model, library, concept, refs, prompts, clip_model, train_embs, exp_dir,
+        (["sd"] if baseline else []) + [f"run-{r}" for r in run_ids], images, seed, sample_steps, guidance,
+        batch_size, progress, cancelled,
     )
+    sd = columns.pop(0) if baseline else None
     specs = [_run_spec(concept, r) for r in run_ids]
     runs = [
-        {"run": r, "label": label, "init": spec.get("init"), "seed": spec.get("seed"), **scores_only(c),
+        {"run": r, "label": label, "init": spec.get("init"), "seed": spec.get("seed"),
+         "regularize": spec.get("regularize", "none"), "reg_weight": spec.get("reg_weight", 0.0), **scores_only(c),
          "per_prompt": c["per_prompt"]}
         for r, label, spec, c in zip(run_ids, labels, specs, columns)
     ]
-    train = {k: v for k, v in specs[0].items() if k not in ("init", "seed", "token")}
-    table = {"id": exp_id, "kind": kind, "runs": runs, "train": train,
+    rows = ([{"label": "SD", "model": "SD", **scores_only(sd), "per_prompt": sd["per_prompt"]}] if sd else [])
+    rows += [{"model": "SD+TI", **run} for run in runs]
+    train = {k: v for k, v in specs[0].items() if k not in ("init", "seed", "token", "regularize", "reg_weight")}
+    table = {"id": exp_id, "kind": kind, "rows": rows, "runs": runs, "train": train,
              **_common(concept, model, clip_model, prompts, images, seed, sample_steps, guidance)}
-    return _write_report(exp_dir, concept, prompts, columns, labels, table, "table", "table.md",
-                         sweep_markdown(table), progress)
+    return _write_report(exp_dir, concept, prompts, ([sd] if sd else []) + columns,
+                         (["SD"] if sd else []) + labels, table, "table", "table.md", sweep_markdown(table), progress)
 
 
 def sweep_markdown(table: dict) -> str:
-    kind = {"init": "initializer word", "seeds": "training seed", "runs": "training run"}[table["kind"]]
+    kind = {"init": "initializer word", "seeds": "training seed", "runs": "training run",
+            "regularize": "regulariser"}[table["kind"]]
     lines = [
         f"# {table['concept']} ({table['token']}): effect of the {kind}", "",
         "| Run | | Reconstruction | Editability | Editability (per image) |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
-    for r in table["runs"]:
-        lines.append(f"| {r['run']} | {r['label']} | {r['reconstruction']:.4f} | {r['editability']:.4f} | "
+    for r in table.get("rows") or table["runs"]:
+        lines.append(f"| {r.get('run', '')} | {r['label']} | {r['reconstruction']:.4f} | {r['editability']:.4f} | "
                      f"{r['editability_per_image']:.4f} |")
     train = table["train"]
     lines.append("")
@@ -286,8 +313,55 @@ def sweep_markdown(table: dict) -> str:
 # --- section 5: prompt batches -------------------------------------------------------------------
 
 
-def synthesis_requests(concept, n: int = 4, seed: int = 0, mode: str = "compare", model_spec: str | None = None,
-                       **request) -> list[GenerateRequest]:
-    """Text-guided synthesis (objects) or style transfer (styles): one generation batch per prompt."""
-    return [GenerateRequest(prompt=fill(t, concept.token), n=n, seed=seed, mode=mode, **request)
-            for t in synthesis_prompts(concept.property, model_spec)]
+def synthesis_experiment(model, library, name: str, run_id: str | None = None, step: int | None = None, *,
+                         images: int = 2, seed: int = 0, sample_steps: int = 25, guidance: float = 7.5,
+                         batch_size: int = 4, prompts: list[str] | None = None, progress=None,
+                         cancelled=None) -> dict:
+    """Section 5: the learned word in new scenes (objects: text-guided synthesis) or on new
+    subjects (styles: style transfer).  SD and SD+TI for each prompt with the same seeds; every
+    image keeps its metadata (PNG chunk + JSON sidecar); grid.png rows are prompts, columns SD
+    then SD+TI per seed."""
+    from engine.generate import generate
+
+    concept = library.get(name)
+    used = load_used(concept, run_id, step, option="run-step")
+    templates = check_templates(prompts) if prompts else synthesis_prompts(concept.property, model.info.spec)
+    exp_id, exp_dir = _experiment_dir(concept, "synthesis")
+    pin = f"{concept.name}@{used.run}" + ("" if used.final else f":{used.step}")
+    rows, cells = [], []
+    for i, template in enumerate(templates):
+        request = GenerateRequest(prompt=fill(template, concept.token), n=images, seed=seed, steps=sample_steps,
+                                  guidance=guidance, mode="compare", uses=[pin], batch_size=batch_size,
+                                  out_dir=ensure_private_dir(exp_dir / "images" / f"prompt-{i}"))
+        made = generate(model, library, request, sub_progress(progress, i / len(templates), 1 / len(templates)),
+                        cancelled)
+        ordered = sorted(made, key=lambda m: (m["mode"] != "sd", m["seed"]))
+        cells += [m["path"] for m in ordered]
+        rows.append({"prompt": request.prompt, "template": template,
+                     "images": [{k: m[k] for k in ("path", "json", "mode", "seed", "prompt")} for m in ordered]})
+    from PIL import Image
+
+    col_labels = [f"SD {s}" for s in range(seed, seed + images)] + [f"SD+TI {s}" for s in range(seed, seed + images)]
+    grid = make_grid([Image.open(c) for c in cells], len(templates), 2 * images, row_labels=[r["prompt"] for r in rows],
+                     col_labels=col_labels)
+    save_png(exp_dir / "grid.png", grid)
+    report = {"id": exp_id, "kind": "synthesis", "concept": concept.name, "token": concept.token,
+              "run": used.run, "step": used.step, "final": used.final, "property": concept.property,
+              "prompts": [r["prompt"] for r in rows], "rows": rows, "seeds": list(range(seed, seed + images)),
+              "model": model.info.identity(), "generation": {"steps": sample_steps, "guidance": guidance}}
+    atomic_write_json(exp_dir / "synthesis.json", report)
+    atomic_write_text(exp_dir / "synthesis.md", synthesis_markdown(report))
+    if progress:
+        progress("done", 1.0)
+    return {**report, "dir": str(exp_dir), "grid": str(exp_dir / "grid.png"),
+            "synthesis_json": str(exp_dir / "synthesis.json"), "synthesis_md": str(exp_dir / "synthesis.md")}
+
+
+def synthesis_markdown(report: dict) -> str:
+    what = "text-guided synthesis" if report["property"] == "object" else "style transfer"
+    lines = [f"# {report['concept']} ({report['token']}): {what} (the study's section 5)", "",
+             f"Run {report['run']}" + ("" if report["final"] else f", step {report['step']}") +
+             f"; seeds {report['seeds'][0]}–{report['seeds'][-1]}; SD on the left, SD+TI on the right "
+             "(grid.png: a row per prompt).", ""]
+    lines += [f"- {r['prompt']}" for r in report["rows"]]
+    return "\n".join(lines) + "\n"

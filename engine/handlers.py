@@ -168,16 +168,17 @@ def handle_eval(ctx) -> dict:
 
 
 def handle_experiment(ctx) -> dict:
-    """The paper's section 4: steps (one run's checkpoints), init words or seeds (a sweep, then a report)."""
+    """The paper's section 4: steps (one run's checkpoints); init words, seeds or regularisers (a sweep, then
+    a report); and section 5's synthesis batches."""
     from engine import experiments
     from engine.library import Library
 
     p = ctx.params
     kind = p.get("kind")
-    if kind not in ("steps", *experiments.SWEEP_AXES):
-        raise UserError(f"unknown experiment {kind!r}; choose steps, init or seeds")
+    if kind not in ("steps", "synthesis", *experiments.SWEEP_AXES):
+        raise UserError(f"unknown experiment {kind!r}; choose steps, init, seeds, regularize or synthesis")
     clip, clip_weights = _clip(p)
-    common = dict(images=int(p.get("images", 4)), clip=clip, clip_weights=clip_weights,
+    common = dict(images=int(p.get("images", 2 if kind == "synthesis" else 4)), clip=clip, clip_weights=clip_weights,
                   progress=_Progress(ctx), cancelled=ctx.cancelled, **_sampling(p))
     if p.get("prompts"):
         common["prompts"] = list(p["prompts"])
@@ -187,6 +188,10 @@ def handle_experiment(ctx) -> dict:
         if kind == "steps":
             report = experiments.steps_experiment(model, library, ctx.spec["concept"], run_id=p.get("run"),
                                                   at=p.get("at"), **common)
+        elif kind == "synthesis":
+            settings = {k: v for k, v in common.items() if k not in ("clip", "clip_weights")}
+            report = experiments.synthesis_experiment(model, library, ctx.spec["concept"], run_id=p.get("run"),
+                                                      step=p.get("step"), **settings)
         else:
             train = {k: v for k, v in p.items() if k in _train_keys()}
             report = experiments.sweep_experiment(ctx, model, library, kind, p.get("values") or [], train, **common)
@@ -202,11 +207,24 @@ def _train_keys() -> set[str]:
     return {f.name for f in fields(TrainConfig)} - {"token", "property"} | {"model", "precision", "device"}
 
 
+def handle_inspect(ctx) -> dict:
+    """The vector inspector (engine.inspector): norms, cosines, nearest tokens; runs compared."""
+    from engine.inspector import inspect_word
+    from engine.library import Library
+
+    p = ctx.params
+    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    step = p.get("step")
+    return inspect_word(model, Library(ctx.home), ctx.spec["concept"], run=p.get("run"),
+                        step=None if step is None else int(step), top=int(p.get("top", 10)))
+
+
 HANDLERS = {
     "train": handle_train,
     "sweep": handle_sweep,
     "generate": handle_generate,
     "eval": handle_eval,
     "experiment": handle_experiment,
+    "inspect": handle_inspect,
 }
 

@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import tomli_w
-import tomllib
 
 from . import images as _images
 from .errors import UserError

@@ -345,7 +345,7 @@ def evaluate(model, library, concept_name: str, run_id: str | None = None, step:
         "neutral_prompt": neutral_prompt(concept.property),
         "clip_texts": [without_placeholder(p) for p in prompts],
         "per_prompt": [
-            {"prompt": p, "clip_text": without_placeholder(p),
+            {"prompt": p, "written": fill(p, concept.token), "clip_text": without_placeholder(p),
              **{label: row["per_prompt"][i] for label, row in rows.items()}}
             for i, p in enumerate(prompts)
         ],

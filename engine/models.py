@@ -233,7 +233,12 @@ def _pads_with_bang(root: Path) -> bool:
     return False
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+HUB_CONFIGS = ["*.json", "*.txt"]  # what reading a spec needs: configs and tokenizer files
+HUB_WEIGHTS = ["*.safetensors", "*.bin"]  # fetched by the worker, which loads them
+
+
+def _hub_snapshot(repo_id: str, weights: bool = False) -> Path:
+    """The local snapshot of a hub model: its configs only (the CLI, the studio), or with weights (the worker)."""
     from huggingface_hub import snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -241,7 +246,7 @@ def _hub_snapshot(repo_id: str) -> Path:
         path = snapshot_download(
             repo_id,
             local_files_only=offline,
-            allow_patterns=["*.json", "*.txt", "*.safetensors", "*.bin"],
+            allow_patterns=HUB_CONFIGS + (HUB_WEIGHTS if weights else []),
             ignore_patterns=["*ema*", "*.ckpt", "*fp32*", "safety_checker/*", "*.msgpack", "*.onnx"],
         )
     except Exception as exc:  # noqa: BLE001 - hub errors are many; all mean "not available here"
@@ -348,6 +353,8 @@ def load_model(spec: str | None = None, device="cpu", dtype=None) -> LoadedModel
 
     diffusers_logging.set_verbosity_error()  # its dtype-cast notices are noise for our users
     diffusers_logging.disable_progress_bar()  # "Loading pipeline components" bars, likewise
+    if info.kind == "hub":  # reading the spec fetched configs only; the weights come now, in the worker
+        _hub_snapshot(info.spec, weights=True)
     pipe = loader[info.kind](info)
     pipe.set_progress_bar_config(disable=True)
     device = torch.device(device)

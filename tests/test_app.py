@@ -28,7 +28,7 @@ from tistudio.screens.library import LibraryScreen
 from tistudio.screens.metrics import MetricsScreen
 from tistudio.screens.modals import ConfirmModal, NewConceptModal, TextModal
 from tistudio.screens.train import TrainScreen
-from tistudio.widgets.charts import LossChart
+from tistudio.widgets.charts import LossChart, VectorChart
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.filterwarnings("ignore:Image.Image.getdata:DeprecationWarning")
@@ -92,11 +92,14 @@ assert 'torch' not in sys.modules, 'torch was imported'
 # Keys, help, palette (no engine)
 
 
-async def test_keys_1_to_4_switch_screens_but_not_while_typing(tmp_path):
+async def test_keys_1_to_5_switch_screens_but_not_while_typing(tmp_path):
+    from tistudio.screens.gallery import GalleryScreen
+
     app = offline_app(tmp_path / "home")
     async with app.run_test(size=(80, 24)) as pilot:
         assert isinstance(app.screen, LibraryScreen)
-        for key, screen in (("2", TrainScreen), ("3", GenerateScreen), ("4", MetricsScreen), ("1", LibraryScreen)):
+        for key, screen in (("2", TrainScreen), ("3", GenerateScreen), ("4", MetricsScreen), ("5", GalleryScreen),
+                            ("1", LibraryScreen)):
             await pilot.press(key)
             await pilot.pause()
             assert isinstance(app.screen, screen), (key, app.screen)
@@ -116,12 +119,15 @@ async def test_help_and_the_command_palette_list_every_action(tmp_path):
         await pilot.press("question_mark")
         await pilot.pause()
         assert isinstance(app.screen, HelpScreen)
-        await pilot.press("2")  # keys 1-4 do nothing under a modal
+        await pilot.press("2")  # keys 1-5 do nothing under a modal
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
         assert isinstance(app.screen, LibraryScreen)
         titles = {c.title for c in app.get_system_commands(app.screen)}
-        for wanted in ("Screen: Library", "Screen: Train", "Screen: Generate", "Screen: Metrics",
+        for wanted in ("Screen: Library", "Screen: Train", "Screen: Generate", "Screen: Metrics", "Screen: Gallery",
+                       "Library: inspect word", "Metrics: initializer-word experiment", "Metrics: seed experiment",
+                       "Metrics: regulariser experiment", "Metrics: synthesis batches", "Metrics: next view",
+                       "Gallery: refresh",
                        "Library: new concept", "Library: import embedding", "Library: export concept",
                        "Library: rename concept", "Library: delete concept", "Library: concept images",
                        "Train: start run",
@@ -191,6 +197,57 @@ def test_image_protocol_comes_from_env_then_config(tmp_path, monkeypatch):
     assert image_class("halfblock") is tiw.HalfcellImage
     assert image_class("kitty") is tiw.TGPImage
     assert image_class("sixel") is tiw.SixelImage
+
+
+async def test_the_status_bar_names_the_models_family(tmp_path):
+    from tistudio.widgets.statusbar import StatusBar
+
+    app = StudioApp(tmp_path / "home", "builtin:sdxl-tiny", engine=False, image_protocol="halfblock",
+                    add_sample=False)
+    async with app.run_test(size=(100, 24)) as pilot:
+        bar = app.screen.query_one(StatusBar)
+        await wait_for(pilot, lambda: "│  SDXL  │" in str(bar.render()), 10, "the family in the status bar")
+        assert "model: builtin:sdxl-tiny (SDXL)" in app.describe_settings()
+
+
+async def test_a_missing_theme_is_said_not_silently_replaced(tmp_path):
+    app = StudioApp(tmp_path / "home", engine=False, image_protocol="halfblock", add_sample=False,
+                    theme="no-such-theme")
+    async with app.run_test(size=(80, 24)) as pilot:
+        await pilot.pause()
+        assert app.theme == "tistudio-dark"
+        warning = next(m for severity, m in app.notices if "no-such-theme" in m)
+        assert "was not found in" in warning and "using tistudio-dark" in warning
+    assert Config.load().theme == "tistudio-dark"  # the config file is not rewritten by the fallback
+
+
+async def test_vram_per_device_when_the_engine_has_several_workers(tmp_path):
+    from tistudio.messages import EngineSnapshot
+    from tistudio.widgets.statusbar import StatusBar
+
+    gib = 1024 ** 3
+    workers = [{"worker": 0, "device": "cuda:0", "state": "running", "job": "20260101-000000-ab12", "kind": "train",
+                "concept": "cat", "steps_per_s": 3.5, "memory": {"vram_allocated": 2 * gib, "vram_total": 8 * gib}},
+               {"worker": 1, "device": "cuda:1", "state": "idle", "job": None,
+                "memory": {"vram_used_device": 0.5 * gib, "vram_total": 8 * gib}}]
+    app = offline_app(tmp_path / "home")
+    async with app.run_test(size=(160, 30)) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        devices = app.screen.query_one("#vram-devices", Static)
+        assert not devices.display  # one device (or an engine without workers): nothing more to say
+        app.post_message(EngineSnapshot({"workers": workers, "device": {"device": "cuda:0"}}, None))
+        bar = app.screen.query_one(StatusBar)
+        await wait_for(pilot, lambda: "cuda:0 2.0 GiB / 8.0 GiB · cuda:1 512 MiB / 8.0 GiB" in str(bar.render()), 5,
+                       "each device in the status bar")
+        await wait_for(pilot, lambda: devices.display, 5, "the devices line on 2 Train")
+        text = str(devices.render())
+        assert "cuda:0 2.0 GiB / 8.0 GiB (train cat 20260101-000000-ab12 3.50 it/s)" in text
+        assert "cuda:1 512 MiB / 8.0 GiB (idle)" in text
+        app.post_message(EngineSnapshot({"device": {"device": "cuda:0", "vram_used_device": gib,
+                                                    "vram_total": 8 * gib}}, None))
+        await wait_for(pilot, lambda: not devices.display, 5, "the line gone with the workers")
+        assert "device: cuda:0  │  VRAM: 1.0 GiB / 8.0 GiB" in str(bar.render())
 
 
 async def test_the_image_protocol_switches_from_the_palette_and_is_remembered(tmp_path):
@@ -273,7 +330,7 @@ async def test_images_of_a_concept_are_added_and_removed_in_the_library(tmp_path
     app = offline_app(home, add_sample=False)
     async with app.run_test(size=SIZE) as pilot:
         table = app.screen.query_one("#concepts", DataTable)
-        assert table.get_row_at(0)[4] == "0"
+        assert table.get_row_at(0)[5] == "0"  # Imgs (after Vec)
         assert "press e to add some" in str(app.screen.query_one("#detail-text", Static).render())
         await pilot.press("e")
         await wait_for(pilot, lambda: isinstance(app.screen, ImagesModal), 5, "the images dialog")
@@ -286,7 +343,7 @@ async def test_images_of_a_concept_are_added_and_removed_in_the_library(tmp_path
         await pilot.click("#ok")
         await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 60, "the dialog to close")
         assert [p.name for p in Library(home).get("imp").images] == ["000.png", "001.png"]
-        await wait_for(pilot, lambda: table.get_row_at(0)[4] == "2", 5, "the new count")
+        await wait_for(pilot, lambda: table.get_row_at(0)[5] == "2", 5, "the new count")
         await pilot.press("e")
         await wait_for(pilot, lambda: isinstance(app.screen, ImagesModal), 5, "the images dialog")
         app.screen.query_one("#remove").select("000.png")
@@ -330,6 +387,7 @@ async def test_the_train_form_offers_every_training_option(tmp_path):
         defaults = screen.params()
         assert defaults["grad_accum"] == 1 and defaults["vectors"] == 1 and defaults["low_vram"] is False
         assert defaults["compile"] == "off" and defaults["weight_decay"] == 0.01
+        assert defaults["regularize"] == "none" and defaults["reg_weight"] == 0.0
         assert not {"resolution", "templates", "device", "init_from", "keep_checkpoints"} & set(defaults)
         await pilot.press("l")  # --low-vram, one key away
         await pilot.pause()
@@ -338,7 +396,15 @@ async def test_the_train_form_offers_every_training_option(tmp_path):
                         resolution=256, templates=str(templates), device="cuda:1",
                         init_from=f"cat@{run_dir.name}:8")
         screen.query_one("#compile", Select).value = "reduce-overhead"
+        screen.query_one("#regularize", Select).value = "directional"
         await pilot.pause()
+        assert screen.params()["regularize"] == "directional"
+        fill_train_form(screen, reg_weight="0.25")
+        assert screen.params()["reg_weight"] == 0.25
+        fill_train_form(screen, reg_weight="-1")
+        with pytest.raises(ValueError, match="Reg. weight"):
+            screen.params()
+        fill_train_form(screen, reg_weight="")
         assert "8 (2×4)" in str(screen.query_one("#effective-batch", Static).render())
         params = screen.params()
         assert {k: params[k] for k in ("batch_size", "grad_accum", "weight_decay", "vectors", "keep_checkpoints",
@@ -360,6 +426,26 @@ async def test_the_train_form_offers_every_training_option(tmp_path):
         fill_train_form(screen, templates=str(templates))
         with pytest.raises(ValueError, match="exactly one"):
             screen.params()
+
+
+async def test_the_train_form_starts_from_the_settings_files_train_table(tmp_path):
+    config = Config(commands={"train": {"steps": 1500, "low-vram": True, "regularize": "init-l2", "reg_weight": 0.5,
+                                        "lr-schedule": "cosine", "batch_size": 2, "grad-accum": 3, "flip": 0.0,
+                                        "center-crop": True, "seeds": [1, 2], "compile": "sometimes"}},
+                    path=tmp_path / "config.toml")
+    app = offline_app(tmp_path / "home", config=config)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        params = app.screen.params()
+        assert {k: params[k] for k in ("steps", "low_vram", "regularize", "reg_weight", "lr_schedule", "batch_size",
+                                       "grad_accum", "flip_p", "center_crop", "compile")} == {
+            "steps": 1500, "low_vram": True, "regularize": "init-l2", "reg_weight": 0.5, "lr_schedule": "cosine",
+            "batch_size": 2, "grad_accum": 3, "flip_p": 0.0, "center_crop": True, "compile": "off"}
+        assert "seeds" not in params
+        assert "6 (2×3)" in str(app.screen.query_one("#effective-batch", Static).render())
+        warning = next(m for m in _notes(app) if "[train]" in m)
+        assert "seeds is for `tistudio train` only" in warning and "compile = 'sometimes'" in warning
 
 
 async def test_the_generate_form_takes_size_sampler_batch_negative_and_pins(tmp_path):
@@ -450,8 +536,55 @@ def test_changes_reach_the_screens_typed_and_once():
     assert [(c.run_id, c.origin) for c in changes.of(RunSubmitted)] == [("r1", "train")]
 
 
+def test_a_run_track_keeps_the_header_and_the_vectors_figures_and_a_resume_replaces_them():
+    from tistudio.state import RunTrack
+    from tistudio.widgets.charts import vector_summary
+
+    header = {"type": "train", "seq": 3, "family": "sdxl", "vectors": 2, "widths": [768, 1280], "batch_size": 2,
+              "grad_accum": 2, "effective_batch": 4, "regularize": "init-l2", "reg_weight": 0.5,
+              "vocab_norms": [0.4, 0.9]}
+
+    def step(seq, s, norm, reg=None):
+        event = {"type": "step", "seq": seq, "step": s, "steps": 8, "loss": 0.1, "norm": norm, "cos_init": 1 - s / 10,
+                 "norms": [norm, 2 * norm], "cos_inits": [1 - s / 10, 1 - s / 20]}
+        return {**event, "reg": reg} if reg is not None else event
+
+    track = RunTrack("r")
+    track.apply([{"type": "status", "seq": 1, "status": "running"}, header,
+                 step(4, 2, 0.4, 0.01), step(5, 4, 0.5, 0.02), step(6, 6, 0.6, 0.03)])
+    assert track.header["family"] == "sdxl" and track.header["vocab_norms"] == [0.4, 0.9]
+    assert track.vec_steps == [2, 4, 6] and track.norm == [0.4, 0.5, 0.6] and track.reg == [0.01, 0.02, 0.03]
+    assert track.norms == [0.6, 1.2] and track.cos_inits == pytest.approx([0.4, 0.7])
+    # resumed from step 4: steps 4 and 6 are logged again, with other figures
+    track.apply([step(7, 4, 0.45, 0.5), step(8, 6, 0.55)])
+    assert track.xs == [2, 4, 6] and track.vec_steps == [2, 4, 6] and track.norm == [0.4, 0.45, 0.55]
+    assert track.reg_steps == [2, 4] and track.reg == [0.01, 0.5]
+    # an older engine's step (no figures) draws the loss alone
+    track.apply([{"type": "step", "seq": 9, "step": 8, "loss": 0.2}])
+    assert track.xs[-1] == 8 and track.vec_steps[-1] == 6
+    assert vector_summary([0.8, 1.8], [0.5, 0.75], 0.4) == "2× vocab · cos 0.50/0.75 · norm 0.8/1.8"
+    assert vector_summary([0.8], [float("nan")], None) == "cos – · norm 0.8"
+
+
+def test_the_run_facts_come_from_the_header_and_else_the_params():
+    from tistudio.screens.train import run_facts
+
+    header = {"family": "sd1", "vectors": 1, "batch_size": 1, "grad_accum": 4, "effective_batch": 4,
+              "regularize": "init-l2", "reg_weight": 0.5, "init_from": "/x/y/start.safetensors"}
+    assert run_facts(header, {"params": {"low_vram": True}}, 0.0123) == [
+        "SD 1.x", "1 vector", "batch 1×4 = 4", "reg init-l2 λ 0.5 (penalty 0.0123)", "from start.safetensors",
+        "low VRAM"]
+    plain = {"family": "sdxl", "vectors": 3, "batch_size": 2, "grad_accum": 1, "effective_batch": 2,
+             "regularize": "none"}
+    assert run_facts(plain, {}) == ["SDXL", "3 vectors", "batch 2", "reg none"]
+    # a run from before headers: what its params and record say
+    assert run_facts({}, {"params": {"batch_size": 2, "grad_accum": 2, "vectors": 2},
+                          "model": {"family": "sd2"}}) == ["SD 2.x", "2 vectors", "batch 2×2 = 4"]
+    assert run_facts({}, {"params": {}}) == []
+
+
 def test_the_import_and_export_dialogs_answer_with_requests_for_the_cli():
-    from tistudio.screens.modals import ExportRequest, ImportRequest
+    from tistudio.screens.modals import ExportModal, ExportRequest, ImportRequest
 
     assert ImportRequest(Path("/x/e.pt")).cli_args() == ["/x/e.pt", "--json"]
     assert ImportRequest(Path("/x/e.pt"), "cat", "<c>", True).cli_args() == [
@@ -459,6 +592,14 @@ def test_the_import_and_export_dialogs_answer_with_requests_for_the_cli():
     assert ExportRequest(Path("/o.pt"), "a1111", "run1", 8).cli_args("cat") == [
         "cat", "--out", "/o.pt", "--format", "a1111", "--run", "run1", "--step", "8"]
     assert "--step" not in ExportRequest(Path("/o.pt"), "kohya", "run1").cli_args("cat")
+    import argparse
+
+    from tistudio.commands.library_cmds import add_commands  # every format `tistudio export` writes is offered
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers())
+    export = next(a for a in parser._subparsers._group_actions[0].choices["export"]._actions if a.dest == "format")
+    assert [value for _, value in ExportModal.FORMATS] == list(export.choices)
 
 
 def test_prompt_and_path_completion():
@@ -594,6 +735,39 @@ async def test_train_streams_loss_and_reopening_shows_the_history_and_follows_li
                        "the chart to show every point")
         title = lambda: str(screen.query_one("#run-title", Static).render())  # noqa: E731
         await wait_for(pilot, lambda: run_id in title() and "done" in title(), 5, "the title to say done")
+        # beside the loss: the vector's norm and cosine to its initializer, with the vocabulary's median
+        assert track.vec_steps == track.xs and all(n > 0 for n in track.norm)
+        assert all(-1 <= c <= 1 for c in track.cos_init) and track.cos_init[0] > track.cos_init[-1]
+        assert track.header["family"] == "sd1" and track.header["vectors"] == 1
+        assert track.header["vocab_norms"][0] > 0
+        vector = screen.query_one("#vector", VectorChart)
+        await wait_for(pilot, lambda: vector._key is not None and vector._key[0] == len(track.xs), 5,
+                       "the vector chart to show every point")
+        assert "× vocab" in vector.border_subtitle and "cos" in vector.border_subtitle
+        stats = str(screen.query_one("#run-stats", Static).render())
+        assert "SD 1.x" in stats and "1 vector" in stats and "batch 1" in stats and "reg none" in stats
+
+
+@pytest.mark.timeout(240)
+async def test_a_regularised_run_from_the_form_charts_its_vector_and_shows_its_penalty(studio_home):
+    app = engine_app(studio_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        await pilot.press("2")
+        screen = app.screen
+        screen.query_one("#concept", Select).value = "sample"
+        screen.query_one("#regularize", Select).value = "init-l2"
+        fill_train_form(screen, steps=6, log_every=2, save_every=6, preview_every=0, reg_weight="0.5")
+        run_id = await start_run(app, pilot, screen)
+        track = await wait_for(pilot, lambda: (t := app.state.tracks.get(run_id)) and t.status in ("done", "failed")
+                               and t, 120, "the run to end")
+        assert track.status == "done", track.error
+        assert track.header["regularize"] == "init-l2" and track.header["reg_weight"] == 0.5
+        assert track.reg_steps == [2, 4, 6] and all(r >= 0 for r in track.reg)
+        stats = lambda: str(screen.query_one("#run-stats", Static).render())  # noqa: E731
+        await wait_for(pilot, lambda: "reg init-l2 λ 0.5 (penalty" in stats(), 5, "the regularizer in the stats")
+        vector = screen.query_one("#vector", VectorChart)
+        await wait_for(pilot, lambda: vector._key is not None and vector._key[0] == 3, 5, "the vector chart")
 
 
 @pytest.mark.timeout(240)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -53,12 +54,17 @@ def make_demo_home(home: Path) -> Path:
     params = {"steps": 200, "lr": 5e-4, "seed": 0, "save_every": 50, "preview_every": 100, "log_every": 10}
     steps = list(range(10, 201, 10))
     events = [{"type": "status", "status": "queued"}, {"type": "status", "status": "running"},
-              {"type": "log", "message": "loading model builtin:tiny on cuda (float16)"}]
+              {"type": "log", "message": "loading model builtin:tiny on cuda (float16)"},
+              {"type": "train", "step": 0, "steps": 200, "family": "sd1", "vectors": 1, "widths": [768],
+               "batch_size": 1, "grad_accum": 1, "effective_batch": 1, "resolution": 512, "runs": 1,
+               "init_from": None, "regularize": "none", "reg_weight": 0.0, "vocab_norms": [0.385]}]
     for s in steps:
+        norm, cos = 0.39 + 0.3 * (1 - math.exp(-s / 80)), 1 - 0.55 * (1 - math.exp(-s / 50))
         events.append({"type": "step", "step": s, "steps": 200, "loss": 0.08 + 0.3 * math.exp(-s / 60)
                        + 0.04 * math.sin(s / 7), "lr": 5e-4, "steps_per_s": 4.0, "elapsed": s / 4.0,
                        "eta": (200 - s) / 4.0, "vram_allocated": (2.1 + 0.002 * s) * GIB,
-                       "vram_reserved": 3.0 * GIB, "vram_peak": 2.6 * GIB, "vram_total": 8.0 * GIB})
+                       "vram_reserved": 3.0 * GIB, "vram_peak": 2.6 * GIB, "vram_total": 8.0 * GIB,
+                       "norm": norm, "cos_init": cos, "norms": [norm], "cos_inits": [cos]})
         if s % 100 == 0:
             preview = run_dir / "previews" / f"step-{s}.png"
             preview.parent.mkdir(parents=True, exist_ok=True)
@@ -69,6 +75,7 @@ def make_demo_home(home: Path) -> Path:
     events.append({"type": "status", "status": "done"})
     _events(run_dir / "events.jsonl", events)
     _write_json(run_dir / "run.json", {"id": RUN, "kind": "train", "concept": "sample", "params": params,
+                                       "model": {"spec": "builtin:tiny", "family": "sd1"},
                                        "status": "done", "step": 200, "steps": 200, "created": T0,
                                        "error": None, "result": None})
     old_dir = concept.runs_dir / OLD_RUN
@@ -93,6 +100,28 @@ def make_demo_home(home: Path) -> Path:
                        for i, p in enumerate(prompts)],
     }
     _write_json(run_dir / "eval" / "20260101-020000" / "table.json", table)
+    earlier = {**table, "id": "20260101-013000", "step": 100, "final": False,
+               "rows": [{"model": "SD", "reconstruction": 0.6125, "editability": 0.2711,
+                         "editability_per_image": 0.2598},
+                        {"model": "SD+TI", "reconstruction": 0.7012, "editability": 0.2561,
+                         "editability_per_image": 0.2455}],
+               "per_prompt": [{**row, "written": row["prompt"].format("<sample>"),
+                               "SD+TI": {"editability": 0.25 + 0.004 * i}}
+                              for i, row in enumerate(table["per_prompt"])]}
+    _write_json(run_dir / "eval" / "20260101-013000" / "table.json", earlier)
+    experiments = concept.path / "experiments"
+    seeds = [{"run": f"2026010103{i}000-see{i}", "label": f"seed {i}", "init": "toy", "seed": i,
+              "reconstruction": 0.72 + 0.02 * i, "editability": 0.25 - 0.01 * i,
+              "editability_per_image": 0.24 - 0.01 * i}
+             for i in range(3)]
+    _write_json(experiments / "seeds-20260101-033000" / "table.json",
+                {"id": "seeds-20260101-033000", "kind": "seeds", "rows": [{"model": "SD+TI", **r} for r in seeds],
+                 "runs": seeds, "train": {"steps": 200}, "images_per_set": 4, "seeds": [0, 1, 2, 3]})
+    shutil.copy(images[0], experiments / "seeds-20260101-033000" / "grid.png")
+    _write_json(experiments / "synthesis-20260101-023000" / "synthesis.json",
+                {"id": "synthesis-20260101-023000", "kind": "synthesis", "run": RUN, "step": 200, "final": True,
+                 "prompts": ["a <sample> on the moon"], "seeds": [0, 1],
+                 "rows": [{"prompt": "a <sample> on the moon", "template": "a {} on the moon", "images": []}]})
     points = [{"step": s, "reconstruction": 0.55 + 0.2 * (1 - math.exp(-s / 80)),
                "editability": 0.28 - 0.04 * (1 - math.exp(-s / 80))} for s in (50, 100, 150, 200)]
     _write_json(concept.path / "experiments" / "steps-20260101-030000" / "curve.json",
@@ -101,11 +130,22 @@ def make_demo_home(home: Path) -> Path:
     out = home / "outputs" / "20260101-040000-a-photo-of-sample"
     out.mkdir(parents=True)
     made = []
+    word = {"concept": "sample", "run": RUN, "step": 200, "final": True, "token": "<sample>"}
     for i in range(2):
         for mode, src in (("sd", images[3 + i]), ("ti", images[i])):
             path = out / f"{mode}-{i:03d}.png"
             shutil.copy(src, path)
             made.append({"path": str(path), "mode": mode, "seed": i, "prompt": "a photo of <sample>"})
+            _write_json(path.with_suffix(".json"), {
+                "prompt": "a photo of <sample>" if mode == "ti" else "a photo of a small toy robot",
+                "negative_prompt": "", "seed": i, "steps": 25, "guidance": 7.5, "sampler": "DPM++ 2M",
+                "width": 512, "height": 512, "mode": mode, "created": "2026-01-01T04:00:00Z",
+                "model": {"spec": "builtin:tiny", "family": "sd1"}, "embeddings": [word] if mode == "ti" else []})
+    eval_images = run_dir / "eval" / "20260101-020000" / "images" / "ti" / "edit-1"
+    eval_images.mkdir(parents=True)
+    shutil.copy(images[4], eval_images / "ti-0000.png")
+    for age, png in enumerate(sorted(home.rglob("*.png"))):  # the gallery lists by time: make it the same everywhere
+        os.utime(png, (T0 + 600 * age, T0 + 600 * age))
     gen_dir = home / "jobs" / GEN
     _events(gen_dir / "events.jsonl", [{"type": "status", "status": "queued"}, {"type": "status", "status": "running"},
                                        *[{"type": "image", **m} for m in made],
@@ -140,7 +180,7 @@ def settle(*keys: str):
     return run_before
 
 
-SCREENS = {"library": "1", "train": "2", "generate": "3", "metrics": "4"}
+SCREENS = {"library": "1", "train": "2", "generate": "3", "metrics": "4", "gallery": "5"}
 
 
 @pytest.mark.parametrize("size", [(80, 24), (100, 30)], ids=["80x24", "100x30"])
@@ -149,9 +189,15 @@ def test_screen(snap_compare, demo_home, screen, size):
     assert snap_compare(app_for(demo_home), terminal_size=size, run_before=settle(SCREENS[screen]))
 
 
-@pytest.mark.parametrize("screen", ["library", "train"])
+@pytest.mark.parametrize("screen", ["library", "train", "gallery"])
 def test_wide_layout(snap_compare, demo_home, screen):
     assert snap_compare(app_for(demo_home), terminal_size=(160, 45), run_before=settle(SCREENS[screen]))
+
+
+@pytest.mark.parametrize("view", ["compare", "study"])
+def test_metrics_views(snap_compare, demo_home, view):
+    keys = ("4", "v") if view == "compare" else ("4", "v", "v")
+    assert snap_compare(app_for(demo_home), terminal_size=(100, 30), run_before=settle(*keys))
 
 
 def test_empty_library(snap_compare, tmp_path):

@@ -273,7 +273,15 @@ def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch, tin
     monkeypatch.setattr(c, "HF_HUB_OFFLINE", True)
     info = model_info("someone/tiny-sd")
     assert info.kind == "hub" and info.text_width == 32
-    loaded = load_model("someone/tiny-sd")
+    import huggingface_hub
+
+    asked = []
+    real = huggingface_hub.snapshot_download
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: asked.append(k) or real(*a, **k))
+    model_info("someone/tiny-sd")  # what the CLI and the studio do: configs only, never weights
+    assert asked and not any(p.endswith((".safetensors", ".bin")) for p in asked[-1]["allow_patterns"])
+    loaded = load_model("someone/tiny-sd")  # the worker: weights too
+    assert "*.safetensors" in asked[-1]["allow_patterns"]
     assert torch.equal(next(loaded.unet.parameters()), next(tiny_model.unet.parameters()))
     with pytest.raises(Exception, match="not in the local Hugging Face cache"):
         model_info("someone/absent")

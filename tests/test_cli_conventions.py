@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 # Options of other programs that our messages quote: the engine's own `python -m engine.server`.
 OTHER_PROGRAMS = {"engine/server.py": {"--idle", "--cancel-grace", "--home"},
+                  "engine/device_probe.py": {"--query-gpu", "--format"},  # nvidia-smi's
                   "engine/ray_backend.py": {"--head", "--num-gpus"}}  # `ray start`'s, in its advice
 
 
@@ -170,3 +171,12 @@ def test_progress_is_plain_lines_when_not_a_terminal(capsys):
             view.update({"type": "step", "step": step, "steps": 250, "loss": 0.5, "steps_per_s": 10.0, "eta": 3})
     lines = capsys.readouterr().out.splitlines()
     assert lines == [f"r1 step {s}/250 loss 0.5000 10.0 steps/s, 3s left" for s in (10, 100, 200, 250)]
+
+
+def test_progress_shows_the_vectors_norm_and_cosine(capsys):
+    from tistudio.commands.progress import RunProgress
+
+    with RunProgress("r2") as view:
+        view.update({"type": "step", "step": 100, "steps": 100, "loss": 0.25, "steps_per_s": 5.0,
+                     "norm": 0.4123, "cos_init": 0.9312})
+    assert capsys.readouterr().out.strip() == "r2 step 100/100 loss 0.2500 5.0 steps/s · |v| 0.412 cos 0.931"

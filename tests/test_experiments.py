@@ -7,13 +7,14 @@ exactly as the worker runs an `experiment` job (with the session's tiny model wa
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from engine import jobs
 from engine.errors import JobCancelled, UserError
-from engine.experiments import runs_experiment, steps_experiment, synthesis_prompts, synthesis_requests
+from engine.experiments import runs_experiment, steps_experiment, synthesis_prompts
 from engine.formats import read_embedding
 from engine.generate import GenerateRequest, done_runs, generate
 from engine.handlers import handle_experiment, remember_model
@@ -180,9 +181,40 @@ def test_cancel_marks_the_runs_cancelled(tiny_model, library):
     assert len(records) == 2 and {r["status"] for r in records} == {"cancelled"}
 
 
-def test_synthesis_prompt_batches(library):
+def test_synthesis_batches_show_the_word_in_new_scenes(tiny_model, library):
     concept = library.get("cat")
+    _trained_run(tiny_model, concept)
     assert all("{}" in p for p in synthesis_prompts("object") + synthesis_prompts("style"))
-    requests = synthesis_requests(concept, n=2, steps=5)
-    assert len(requests) == len(synthesis_prompts("object"))
-    assert all("<cat>" in r.prompt and r.mode == "compare" and r.steps == 5 for r in requests)
+    ctx = experiment_job(tiny_model, library, {"kind": "synthesis", "images": 1, "sample_steps": 1,
+                                               "prompts": ["a {} on the moon", "a {} in a teacup"]})
+    result = handle_experiment(ctx)
+    assert result["prompts"] == ["a <cat> on the moon", "a <cat> in a teacup"] and result["run"] == "r1"
+    exp_dir = concept.path / "experiments" / result["id"]
+    assert {p.name for p in exp_dir.iterdir()} >= {"grid.png", "synthesis.json", "synthesis.md", "images"}
+    for row in result["rows"]:
+        assert [(i["mode"], i["seed"]) for i in row["images"]] == [("sd", 0), ("ti", 0)]
+        for image in row["images"]:
+            png = Image.open(image["path"])
+            assert "parameters" in png.text and Path(image["json"]).is_file()
+        assert "<cat>" not in row["images"][0]["prompt"]  # SD gets the description
+    assert Image.open(result["grid"]).size[0] > 2 * 64
+
+
+def test_regularize_experiment_is_table_1_per_method(tiny_model, library):
+    concept = library.get("cat")
+    ctx = experiment_job(tiny_model, library, {"kind": "regularize", "values": ["none", "directional"], "steps": 2,
+                                               "lr": 5e-2, "prompts": ["a {} in space"], **OPTIONS, **FAST})
+    result = handle_experiment(ctx)
+    assert [r["label"] for r in result["rows"]] == ["SD", "regularize none", "regularize directional"]
+    assert [r["regularize"] for r in result["runs"]] == ["none", "directional"]
+    markdown = (concept.path / "experiments" / result["id"] / "table.md").read_text()
+    assert "effect of the regulariser" in markdown and "| SD |" in markdown
+    plain, directional = (read_embedding(concept.runs_dir / r["run"] / "learned_embeds.safetensors").vectors
+                          for r in result["runs"])
+    start = tiny_model.text_encoder.get_input_embeddings().weight[
+        tiny_model.tokenizer("cat", add_special_tokens=False).input_ids[0]].float()
+    assert abs(float(directional.norm()) - float(start.norm())) < 1e-4
+    assert not plain.equal(directional)
+    bad = experiment_job(tiny_model, library, {"kind": "regularize", "values": ["sideways"], **FAST})
+    with pytest.raises(UserError, match="unknown regulariser 'sideways'"):
+        handle_experiment(bad)

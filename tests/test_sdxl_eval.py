@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.experiments import seeds_experiment, steps_experiment
+from engine import jobs
+from engine.experiments import steps_experiment
+from engine.handlers import handle_experiment, remember_model
 from engine.library import Library
 from engine.metrics import default_clip, evaluate
 from engine.paths import atomic_write_json, home_dir
@@ -41,8 +43,13 @@ def test_table_1_on_sdxl(sdxl_model, image_dir):
 
 def test_seed_ablation_on_sdxl_trains_runs_together(sdxl_model, image_dir):
     lib = _library(image_dir)
-    result = seeds_experiment(sdxl_model, lib, "cat", [0, 1], steps=2, prompts=["a {} in space"],
-                              train_options={"save_every": 1, "log_every": 1, "vectors": 2}, **FAST)
+    params = {"kind": "seeds", "values": [0, 1], "steps": 2, "prompts": ["a {} in space"], "save_every": 1,
+              "log_every": 1, "vectors": 2, "model": "builtin:sdxl-tiny", **FAST}
+    spec = {"kind": "experiment", "concept": "cat", "params": params}
+    run_dir = jobs.create_run(lib.home, spec)
+    ctx = jobs.JobContext(spec, run_dir.name, run_dir, lib.home)
+    remember_model(ctx.cache, sdxl_model, "builtin:sdxl-tiny")
+    result = handle_experiment(ctx)
     assert [r["seed"] for r in result["runs"]] == [0, 1]
     table = json.loads((Path(result["dir"]) / "table.json").read_text())
     assert table["model"]["family"] == "sdxl"

@@ -1,6 +1,6 @@
 """The studio: `tistudio` with no command.
 
-    StudioApp(home, model)      four screens as Textual modes (keys 1-4), help on ?,
+    StudioApp(home, model)      five screens as Textual modes (keys 1-5), help on ?,
                                 every action in the command palette (ctrl+p)
     run_app()                   what `tistudio` runs: config → images → app
 
@@ -50,6 +50,7 @@ from tistudio.messages import (
     StudioChange,
     TokenizerReady,
 )
+from tistudio.screens.gallery import GalleryScreen
 from tistudio.screens.generate import GenerateScreen
 from tistudio.screens.help import HelpScreen
 from tistudio.screens.library import LibraryScreen
@@ -58,13 +59,15 @@ from tistudio.screens.train import TrainScreen
 from tistudio.state import StudioState
 from tistudio.themes import load_themes, theme_dirs
 
-SCREEN_NAMES = {"library": "Library", "train": "Train", "generate": "Generate", "metrics": "Metrics"}
+SCREEN_NAMES = {"library": "Library", "train": "Train", "generate": "Generate", "metrics": "Metrics",
+                "gallery": "Gallery"}
 
 
 class StudioApp(App):
     CSS_PATH = Path(__file__).parent / "studio.tcss"  # absolute: subclasses elsewhere find it too
     TITLE = "tistudio"
-    MODES = {"library": LibraryScreen, "train": TrainScreen, "generate": GenerateScreen, "metrics": MetricsScreen}
+    MODES = {"library": LibraryScreen, "train": TrainScreen, "generate": GenerateScreen, "metrics": MetricsScreen,
+             "gallery": GalleryScreen}
     DEFAULT_MODE = "library"
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (120, "-wide")]
     BINDINGS = [
@@ -72,6 +75,7 @@ class StudioApp(App):
         Binding("2", "show_screen('train')", "Train", show=False),
         Binding("3", "show_screen('generate')", "Generate", show=False),
         Binding("4", "show_screen('metrics')", "Metrics", show=False),
+        Binding("5", "show_screen('gallery')", "Gallery", show=False),
         Binding("question_mark", "help", "Help", key_display="?"),
         Binding("q", "quit", "Quit", show=False),
     ]
@@ -102,6 +106,7 @@ class StudioApp(App):
         self.bridge = EngineBridge(self, self.home, enabled=engine,
                                    **({"poll_seconds": poll_seconds} if poll_seconds else {}))
         self.tokenizer = None
+        self.model_family: str | None = None  # "SD 1.x", "SDXL" … once the model's configs are read
         self.selected_concept: str | None = None
         self.prompt_hint: str | None = None
         self.watched: set[str] = set()  # runs a screen shows: followed until complete
@@ -137,6 +142,10 @@ class StudioApp(App):
         wanted = self._theme_override or self.config.theme
         fallback = DEFAULT_THEME if DEFAULT_THEME in self.available_themes else "textual-dark"
         self.theme = wanted if wanted in self.available_themes else fallback
+        if wanted not in self.available_themes:  # say so: a silent fallback looks like a broken install
+            self._theme_problems.append(
+                f"theme {wanted!r} was not found in {', '.join(str(d) for d in theme_dirs())} or Textual's own; "
+                f"using {self.theme} (ctrl+p lists the themes; pick one to remember it)")
         self.theme_changed_signal.subscribe(self, self._theme_changed)
         for problem in self._theme_problems + ([self.config.problem] if self.config.problem else []):
             self.notify(problem, severity="warning", title="Settings")
@@ -149,8 +158,12 @@ class StudioApp(App):
 
     @work(thread=True, group="tokenizer", exit_on_error=False)
     def _load_tokenizer(self) -> None:
-        from engine.models import load_tokenizer
+        from engine.models import load_tokenizer, model_info
 
+        try:  # the family first: its configs alone say it (no torch), and the status bar shows it
+            self._from_thread(self._family_known, model_info(self.model).family_label)
+        except Exception:  # noqa: BLE001 - a model the engine cannot read fails there, with its reason
+            pass
         try:
             tokenizer = load_tokenizer(self.model)
         except Exception as exc:  # noqa: BLE001 - the live check is a help, not a requirement
@@ -165,6 +178,10 @@ class StudioApp(App):
             self.call_from_thread(callback, *args, **kwargs)
         except RuntimeError:
             pass  # the app has gone meanwhile
+
+    def _family_known(self, label: str) -> None:
+        self.model_family = label
+        self.changed.publish(StatusChanged())
 
     def _tokenizer_ready(self, tokenizer) -> None:
         self.tokenizer = tokenizer
@@ -303,7 +320,7 @@ class StudioApp(App):
             resolved = self.image_protocol
         return [
             f"data home: {self.home}",
-            f"model: {self.model}",
+            f"model: {self.model}" + (f" ({self.model_family})" if self.model_family else ""),
             f"settings: {config_path()}",
             f"themes: {', '.join(str(d) for d in theme_dirs())}",
             f"images: {self.image_protocol}" + (f" (using {resolved})" if resolved != self.image_protocol else "")
@@ -366,15 +383,30 @@ class StudioApp(App):
             ("Library: concept images", "Add or remove the selected concept's training images", "library",
              "edit_images"),
             ("Library: delete concept", "Delete the selected concept (asks first)", "library", "delete_concept"),
+            ("Library: inspect word", "The word's norms against the vocabulary, cosine to its initializer, nearest "
+             "tokens, and its runs compared", "library", "inspect_word"),
             ("Train: start run", "Start a training run with the form's settings", "train", "start"),
             ("Train: resume run", "Resume the selected failed, cancelled or interrupted run", "train", "resume"),
             ("Train: cancel run", "Cancel the selected (or the running) run", "train", "cancel_run"),
             ("Generate: generate images", "Generate with the prompt and settings on the Generate screen",
              "generate", "generate"),
             ("Generate: edit prompt", "Move to the prompt field", "generate", "edit_prompt"),
-            ("Metrics: evaluate concept", "Table 1 for the concept's latest finished run", "metrics", "evaluate"),
+            ("Metrics: evaluate concept", "Table 1 for the picked word (the latest finished run by default)",
+             "metrics", "evaluate"),
             ("Metrics: steps experiment", "Reconstruction and editability over the run's checkpoints", "metrics",
              "steps_experiment"),
+            ("Metrics: initializer-word experiment", "One run per initializer word, side by side (section 4.2)",
+             "metrics", "init_experiment"),
+            ("Metrics: seed experiment", "One run per training seed, side by side (section 4.3)", "metrics",
+             "seeds_experiment"),
+            ("Metrics: regulariser experiment", "One run per regulariser: Table 1 for each method", "metrics",
+             "regularize_experiment"),
+            ("Metrics: synthesis batches", "The picked word in the study's new scenes or styles (section 5)",
+             "metrics", "synthesis"),
+            ("Gallery: refresh", "Read every generated, evaluation and experiment image again", "gallery",
+             "reload"),
+            ("Metrics: next view", "Table 1, Compare (two evaluations with Δ), Study (every experiment)", "metrics",
+             "next_view"),
         ]
         for title, help_text, mode, action in actions:
             yield SystemCommand(title, help_text, lambda m=mode, a=action: self._screen_action(m, a))

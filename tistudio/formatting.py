@@ -31,6 +31,25 @@ def fmt_bytes(n: Any) -> str:
     return f"{gib:.1f} GiB" if gib >= 1 else f"{n / 1024 ** 2:.0f} MiB"
 
 
+def device_memory(worker: dict) -> str:
+    """One engine worker's device and memory: `cuda:0 2.1 GiB / 8.0 GiB`, `cpu`.  The engine's
+    status lists its workers with their figures in `memory` (older shapes: at the top level)."""
+    memory = worker.get("memory") if isinstance(worker.get("memory"), dict) else {}
+    figures = {**worker, **memory}
+    used = figures.get("vram_allocated", figures.get("vram_used_device"))
+    text = str(worker.get("device") or "?")
+    if isinstance(used, (int, float)):
+        text += f" {fmt_bytes(used)}" + (f" / {fmt_bytes(figures['vram_total'])}"
+                                         if isinstance(figures.get("vram_total"), (int, float)) else "")
+    return text
+
+
+def engine_workers(status: dict) -> list[dict]:
+    """The workers of the engine's status answer (one per device); [] from an engine without them."""
+    workers = status.get("workers") if isinstance(status, dict) else None
+    return [w for w in workers if isinstance(w, dict)] if isinstance(workers, list) else []
+
+
 def short_when(run_id: str) -> str:
     """`20260101-093000-ab12` → `01-01 09:30` (run ids start with their UTC creation time)."""
     if len(run_id) >= 15 and run_id[:8].isdigit() and run_id[9:13].isdigit():

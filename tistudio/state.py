@@ -1,8 +1,9 @@
 """What the studio knows about the engine and its runs; the screens draw from it.
 
     StudioState   the engine's state and status, every run record, a RunTrack per followed run
-    RunTrack      one run as its events tell it (replayed history, then live): loss, VRAM,
-                  previews, images, logs; `apply(events)` folds more in
+    RunTrack      one run as its events tell it (replayed history, then live): its header (what is
+                  trained, how), loss, the vector's norm and cosine to its initializer, the
+                  regulariser's penalty, VRAM, previews, images, logs; `apply(events)` folds more in
 
 Changed only by the App's message handlers (tistudio.app), read by the screens.
 """
@@ -36,6 +37,14 @@ class RunTrack:
     lr: float | None = None
     xs: list[int] = field(default_factory=list)  # logged steps
     loss: list[float] = field(default_factory=list)
+    header: dict = field(default_factory=dict)  # the `train` event: family, vectors, widths, batch, regularizer …
+    vec_steps: list[int] = field(default_factory=list)  # steps whose event carried the vector's figures
+    norm: list[float] = field(default_factory=list)  # encoder 1's mean vector norm
+    cos_init: list[float] = field(default_factory=list)  # encoder 1's mean cosine to the initializer
+    norms: list[float] = field(default_factory=list)  # the latest norm per text encoder (SDXL: two)
+    cos_inits: list[float] = field(default_factory=list)  # the latest cosine per text encoder
+    reg_steps: list[int] = field(default_factory=list)
+    reg: list[float] = field(default_factory=list)  # the regulariser's penalty (regularised runs only)
     vram_steps: list[int] = field(default_factory=list)
     vram_allocated: list[float] = field(default_factory=list)
     vram_reserved: list[float] = field(default_factory=list)
@@ -74,6 +83,8 @@ class RunTrack:
         kind = event.get("type")
         if kind == "step":
             self._step(event)
+        elif kind == "train":
+            self.header = {k: v for k, v in event.items() if k not in ("seq", "t", "type")}
         elif kind == "status":
             self.status = event.get("status") or self.status
             if self.status not in FINAL:
@@ -107,13 +118,13 @@ class RunTrack:
             return
         if self.xs and step <= self.xs[-1]:
             # A resumed run logs again from its checkpoint: keep one history, the latest.
-            keep = sum(1 for s in self.xs if s < step)
-            del self.xs[keep:], self.loss[keep:]
-            keep_v = sum(1 for s in self.vram_steps if s < step)
-            del self.vram_steps[keep_v:], self.vram_allocated[keep_v:], self.vram_reserved[keep_v:]
+            _cut(step, self.xs, self.loss)
+            _cut(step, self.vram_steps, self.vram_allocated, self.vram_reserved)
+            _cut(step, self.vec_steps, self.norm, self.cos_init)
+            _cut(step, self.reg_steps, self.reg)
         loss = event.get("loss")
         self.xs.append(step)
-        self.loss.append(float(loss) if isinstance(loss, (int, float)) else math.nan)
+        self.loss.append(_number(loss))
         self.step = step
         self.steps = event.get("steps") or self.steps
         for name in ("steps_per_s", "eta", "elapsed", "lr"):
@@ -125,12 +136,32 @@ class RunTrack:
             self.vram_reserved.append(float(event.get("vram_reserved") or 0.0))
             if event.get("vram_total"):
                 self.vram_total = float(event["vram_total"])
+        if isinstance(event.get("norm"), (int, float)):
+            self.vec_steps.append(step)
+            self.norm.append(float(event["norm"]))
+            self.cos_init.append(_number(event.get("cos_init")))
+            self.norms = [_number(v) for v in event.get("norms") or [event["norm"]]]
+            self.cos_inits = [_number(v) for v in event.get("cos_inits") or [event.get("cos_init")]]
+        if isinstance(event.get("reg"), (int, float)):
+            self.reg_steps.append(step)
+            self.reg.append(float(event["reg"]))
 
     def smoothed_loss(self) -> float | None:
         from tistudio.widgets.charts import ema
 
         values = ema(self.loss)
         return values[-1] if values else None
+
+
+def _number(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _cut(step: int, steps: list[int], *series: list) -> None:
+    """Drop the points at `step` and after (a resumed run logs them again)."""
+    keep = sum(1 for s in steps if s < step)
+    for values in (steps, *series):
+        del values[keep:]
 
 
 @dataclass

@@ -23,7 +23,6 @@ import os
 import sys
 from pathlib import Path
 
-import tomllib
 from textual.color import Color, ColorParseError
 from textual.theme import Theme
 

@@ -53,3 +53,23 @@ def _int(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def regularizer_list(text: str) -> list[str]:
+    """One or more regularisers (several: a sweep, one run each)."""
+    from engine.train_config import REGULARIZERS
+
+    methods = word_list(text)
+    unknown = [m for m in methods if m not in REGULARIZERS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown regulariser {unknown[0]!r}; choose from {', '.join(REGULARIZERS)}")
+    return list(dict.fromkeys(methods))
+
+
+def float_list(text: str) -> list[float]:
+    """Comma-separated finite numbers, e.g. 0.7,0.3."""
+    return [float_arg(v.strip()) for v in text.split(",") if v.strip()] or _none_given()
+
+
+def _none_given():
+    raise argparse.ArgumentTypeError("give at least one number")

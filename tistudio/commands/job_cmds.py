@@ -6,6 +6,7 @@ import asyncio
 import os
 
 from engine.samplers import SAMPLERS
+from engine.train_config import REGULARIZERS
 from tistudio.commands.args import float_arg, int_list, positive_int, word_list
 from tistudio.commands.output import print_json, print_table
 
@@ -43,7 +44,8 @@ def add_commands(sub) -> None:
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=evaluate)
 
-    exp = sub.add_parser("experiment", help="the paper's ablations: steps, initializer word, seed").add_subparsers(
+    exp = sub.add_parser("experiment", help="the study: steps, initializer word, seed, regulariser, synthesis batches"
+                         ).add_subparsers(
         dest="experiment", metavar="KIND", required=True)
     p = exp.add_parser("steps", help="reconstruction/editability over a run's saved steps, with a grid")
     p.add_argument("name")
@@ -61,6 +63,24 @@ def add_commands(sub) -> None:
     p.add_argument("--seeds", type=int_list, required=True, help="e.g. 1,2")
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
     _experiment_args(p)
+    p = exp.add_parser("regularize", help="one run per way of keeping the word editable (trained together): "
+                                          "Table 1 for each, with the SD row, and a grid")
+    p.add_argument("name")
+    p.add_argument("--methods", type=word_list, default=list(REGULARIZERS),
+                   help="regularisers to compare (none is the paper's inversion)")
+    p.add_argument("--reg-weight", type=float_arg, default=0.0,
+                   help="strength of init-l2 and norm (0: each method's default)")
+    p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
+    p.add_argument("--seed", type=int, default=0, help="random seed of every run")
+    _experiment_args(p)
+    p = exp.add_parser("synthesis", help="the study's section 5: the word in new scenes (objects) or on new "
+                                         "subjects (styles), SD and SD+TI side by side, every image with its metadata")
+    p.add_argument("name")
+    p.add_argument("--run", help="run id (default: the latest finished run)")
+    p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
+    p.add_argument("--images", type=positive_int, default=2, help="images per prompt for SD and for SD+TI")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=experiment)
 
 
 def _clip_args(p) -> None:
@@ -151,6 +171,17 @@ def _check_experiment(args) -> None:
     if args.experiment == "steps":
         _check_eval(args.name, args.run, None, None, option="run")
         return
+    if args.experiment == "synthesis":
+        from engine.embeddings import choose_embedding
+        from engine.library import Library
+        from tistudio.commands.output import home
+
+        choose_embedding(Library(home()).get(args.name), args.run, args.step, option="run-step")
+        return
+    if args.experiment == "regularize":
+        unknown = [m for m in args.methods if m not in REGULARIZERS]
+        if unknown:
+            raise UserError(f"--methods: unknown regulariser {unknown[0]!r}; choose from {', '.join(REGULARIZERS)}")
     concept = Library(home()).get(args.name)
     if not concept.images:
         raise UserError(f"concept {concept.name!r} has no training images; add some with "
@@ -159,22 +190,29 @@ def _check_experiment(args) -> None:
 
 def experiment(args) -> int:
     _check_experiment(args)
-    params = {"kind": args.experiment, "images": args.images, **_clip_params(args), **_model_param()}
+    params = {"kind": args.experiment, "images": args.images, **_model_param()}
+    if args.experiment != "synthesis":
+        params.update(_clip_params(args))
     if args.experiment == "steps":
         params.update(run=args.run, at=args.at)
+    elif args.experiment == "synthesis":
+        params.update(run=args.run, step=args.step)
     elif args.experiment == "init":
         params.update(values=args.words, steps=args.steps, seed=args.seed, preview_every=0,
                       save_every=args.steps)
+    elif args.experiment == "regularize":
+        params.update(values=args.methods, reg_weight=args.reg_weight, steps=args.steps, seed=args.seed,
+                      preview_every=0, save_every=args.steps)
     else:
         params.update(values=args.seeds, steps=args.steps, preview_every=0, save_every=args.steps)
     result = run_job("experiment", args.name, params, quiet=args.json)
     if args.json:
         print_json(result)
         return 0
-    for key in ("curve_txt", "table_md"):
+    for key in ("curve_txt", "table_md", "synthesis_md"):
         if result.get(key) and os.path.isfile(result[key]):
             print(open(result[key], encoding="utf-8").read())
-    for key in ("grid", "table_md", "curve_json", "dir"):
+    for key in ("grid", "table_md", "curve_json", "synthesis_json", "dir"):
         if result.get(key):
             print(f"{key:10} {result[key]}")
     return 0

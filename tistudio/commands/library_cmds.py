@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tistudio.commands.args import float_list, positive_int
 from tistudio.commands.output import home, print_json, print_table
 
 
@@ -45,6 +46,13 @@ def add_commands(sub) -> None:
     p.add_argument("files", nargs="+", metavar="IMAGE", help="stored image names, e.g. 003.png")
     p.set_defaults(func=concept_images_rm)
 
+    p = concept.add_parser("inspect", help="see the learned word: norms against the vocabulary, cosine to the "
+                                           "initializer, nearest tokens, and how the concept's runs compare")
+    p.add_argument("name", metavar="NAME[@RUN[:STEP]]", help="a concept, or one of its saved words")
+    p.add_argument("--top", type=positive_int, default=10, help="nearest vocabulary tokens to list per vector")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=concept_inspect)
+
     p = concept.add_parser("rename", help="rename a concept (its runs come along)")
     p.add_argument("old")
     p.add_argument("new")
@@ -58,6 +66,18 @@ def add_commands(sub) -> None:
     p.add_argument("--style", action="store_true", help="the concept is a style, not an object")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=import_embedding)
+
+    p = sub.add_parser("merge", help="a new concept from a weighted mix (or concatenation) of learned words")
+    p.add_argument("sources", nargs="+", metavar="NAME[@RUN[:STEP]]|FILE", help="two or more words of one family")
+    p.add_argument("--name", required=True, help="the new concept's name")
+    p.add_argument("--weights", type=float_list, help="one weight per source, e.g. 0.7,0.3 (default: equal)")
+    p.add_argument("--concat", action="store_true",
+                   help="join the words instead: a word of all their vectors, in order")
+    p.add_argument("--token", help="the new word (default: <NAME>)")
+    p.add_argument("--description", help="words the SD baseline uses instead of the token (default: the name)")
+    p.add_argument("--style", action="store_true", help="the concept is a style, not an object")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.set_defaults(func=merge_words)
 
     p = sub.add_parser("export", help="write a concept's embedding for other tools")
     p.add_argument("name")
@@ -161,6 +181,64 @@ def concept_images_rm(args) -> int:
     removed = library.remove_images(args.name, args.files)
     left = len(library.get(args.name).images)
     print(f"removed {', '.join(p.name for p in removed)} from {args.name} ({left} left)")
+    return 0
+
+
+def concept_inspect(args) -> int:
+    from engine.embeddings import choose_embedding
+    from engine.generate import parse_use
+    from tistudio.commands.job_cmds import _model_param, run_job
+
+    library = _library()
+    name, run, step = parse_use(args.name, library)
+    choose_embedding(library.get(name), run, step)  # nothing trained, or no such step: say so now
+    params = {"run": run, "step": step, "top": args.top, **_model_param()}
+    report = run_job("inspect", name, params, quiet=True)
+    if args.json:
+        print_json(report)
+    else:
+        print(inspect_text(report))
+    return 0
+
+
+def inspect_text(report: dict) -> str:
+    """The inspector's report for people."""
+    where = "final" if report["final"] else f"step {report['step']}"
+    lines = [f"{report['token']}  {report['concept']}@{report['run']} ({where}), {report['family']}, "
+             f"{report['vectors']} vector(s) per text encoder"]
+    for enc in report["encoders"]:
+        vocab = enc["vocab"]
+        lines.append(f"{enc['name']} ({enc['width']} wide): vocabulary norms median {vocab['median']:.3f}, "
+                     f"5-95% {vocab['p05']:.3f}-{vocab['p95']:.3f}, max {vocab['max']:.3f}")
+        for v in enc["vectors"]:
+            init = (f"; cosine to the initializer {v['init_token']!r} {v['cos_init']:.3f}"
+                    if v["init_token"] is not None else "")
+            lines.append(f"  vector {v['index']}: norm {v['norm']:.3f} ({v['norm_vs_median']:.1f}x the median, "
+                         f"above {v['norm_percentile']:.1f}% of the vocabulary){init}")
+            lines.append("    nearest: " + ", ".join(f"{n['token']} {n['cos']:.2f}" for n in v["nearest"]))
+    runs = report["runs"]
+    if len(runs["ids"]) > 1:
+        lines.append(f"runs of {report['concept']}: cosine between their words (1.0: the same word)")
+        width = max(len(i) for i in runs["ids"])
+        lines.append(" " * (width + 2) + "  ".join(f"{k:>6}" for k in range(len(runs["ids"]))))
+        for k, (run_id, row) in enumerate(zip(runs["ids"], runs["cosine"])):
+            cells = "  ".join("   n/a" if c is None else f"{c:6.3f}" for c in row)
+            lines.append(f"{run_id:<{width}}  {cells}   [{k}] {runs['labels'][k]}")
+    return "\n".join(lines)
+
+
+def merge_words(args) -> int:
+    from engine.merge import merge
+
+    result = merge(_library(), args.sources, name=args.name, weights=args.weights, concatenate=args.concat,
+                   token=args.token, description=args.description, property="style" if args.style else "object")
+    if args.json:
+        print_json({**result.concept.to_dict(), "run": result.run, "vectors": result.vectors,
+                    "family": result.family})
+    else:
+        how = "joined" if args.concat else "mixed"
+        print(f"{how} {', '.join(args.sources)} into concept {result.concept.name} (token {result.concept.token}, "
+              f"{result.vectors} vector(s), {result.family}, run {result.run})")
     return 0
 
 

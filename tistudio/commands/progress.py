@@ -64,7 +64,7 @@ class RunProgress:
             steps = event.get("steps")
             self._progress.update(
                 self._task, completed=event["step"], total=steps, count=f"{event['step']}/{steps} steps",
-                detail=f"loss {event['loss']:.4f} · {event.get('steps_per_s', 0):.1f} steps/s",
+                detail=f"loss {event['loss']:.4f} · {event.get('steps_per_s', 0):.1f} steps/s{_vector(event)}",
             )
         elif kind == "progress" and self._progress:  # jobs without steps (generate, eval): a fraction
             fraction = event["fraction"]
@@ -78,7 +78,7 @@ class RunProgress:
             mark, steps = event["step"], event.get("steps")
             due = mark == steps or mark // self._plain_every > self._last_plain // self._plain_every
             text = (f"{self.run_id} step {mark}/{steps} loss {event['loss']:.4f} "
-                    f"{event.get('steps_per_s', 0):.1f} steps/s" + _eta(event.get("eta")))
+                    f"{event.get('steps_per_s', 0):.1f} steps/s" + _vector(event) + _eta(event.get("eta")))
         else:
             mark = round(100 * event["fraction"])
             due = mark >= 100 or mark // 10 > self._last_plain // 10
@@ -114,3 +114,10 @@ def _eta(seconds) -> str:
         return ""
     minutes, secs = divmod(int(seconds), 60)
     return f", {minutes}m{secs:02d}s left" if minutes else f", {secs}s left"
+
+
+def _vector(event: dict) -> str:
+    """The word's norm and its cosine to where it started, when the run reports them."""
+    if not isinstance(event.get("norm"), (int, float)) or not isinstance(event.get("cos_init"), (int, float)):
+        return ""
+    return f" · |v| {event['norm']:.3f} cos {event['cos_init']:.3f}"

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import re
 
-from tistudio.commands.args import float_arg, int_list, non_negative_int, positive_int, word_list
+from tistudio.commands.args import (
+    float_arg,
+    int_list,
+    non_negative_int,
+    positive_int,
+    regularizer_list,
+    word_list,
+)
 
 DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -24,10 +31,10 @@ def add_commands(sub) -> None:
                       help="token slots the word expands to (the paper: 1)")
     what.add_argument("--init-from", metavar="FILE|NAME@RUN:STEP",
                       help="start from an existing embedding (a file from any tool, or a saved step)")
-    what.add_argument("--regularize", choices=("none", "init-l2", "norm", "directional"), default="none",
+    what.add_argument("--regularize", type=regularizer_list, default=["none"], metavar="METHOD[,METHOD…]",
                       help="keep the word editable: none (the paper), init-l2 (pull toward the initializer), "
                            "norm (penalise a norm above the vocabulary's), "
-                           "directional (fixed norm, learn the direction)")
+                           "directional (fixed norm, learn the direction); several: a sweep, one run each")
     what.add_argument("--reg-weight", type=float_arg, default=0.0,
                       help="strength of init-l2 / norm (0: the method's default)")
     what.add_argument("--templates", metavar="FILE",
@@ -86,14 +93,16 @@ def train_params(args) -> dict:
     params = {
         "steps": args.steps, "lr": args.lr, "seed": args.seed, "batch_size": args.batch_size,
         "grad_accum": args.grad_accum, "weight_decay": args.weight_decay, "lr_schedule": args.lr_schedule,
-        "warmup_steps": args.warmup_steps, "vectors": args.vectors, "regularize": args.regularize,
+        "warmup_steps": args.warmup_steps, "vectors": args.vectors, "regularize": args.regularize[0],
         "reg_weight": args.reg_weight, "save_every": args.save_every,
         "keep_checkpoints": args.keep_checkpoints, "preview_every": args.preview_every,
         "preview_steps": args.preview_steps, "log_every": args.log_every, "resolution": args.resolution,
         "center_crop": args.center_crop, "flip_p": args.flip, "low_vram": args.low_vram, "compile": args.compile,
         "precision": args.precision, "device": args.device, "model": os.environ.get("TISTUDIO_MODEL") or None,
     }
-    optional = {"init": args.init, "seeds": args.seeds, "inits": args.inits, "preview_prompt": args.preview_prompt,
+    methods = args.regularize if len(args.regularize) > 1 else None
+    optional = {"init": args.init, "seeds": args.seeds, "inits": args.inits, "regularizes": methods,
+                "preview_prompt": args.preview_prompt,
                 "init_from": _init_from(args.init_from), "templates": _templates(args.templates)}
     params.update({k: v for k, v in optional.items() if v})
     return params
@@ -131,8 +140,9 @@ def sweep_members(params: dict) -> list[dict]:
     """One params dict per run the job trains (a plain run is a sweep of one)."""
     seeds = params.get("seeds") or [params["seed"]]
     inits = params.get("inits") or [params.get("init")]
-    base = {k: v for k, v in params.items() if k not in ("seeds", "inits")}
-    return [{**base, "seed": s, "init": i} for s in seeds for i in inits]
+    methods = params.get("regularizes") or [params.get("regularize", "none")]
+    base = {k: v for k, v in params.items() if k not in ("seeds", "inits", "regularizes")}
+    return [{**base, "seed": s, "init": i, "regularize": m} for s in seeds for i in inits for m in methods]
 
 
 def check_before_submit(name: str, params: dict) -> None:

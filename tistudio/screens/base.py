@@ -18,7 +18,7 @@ REDRAW_SECONDS = 0.25  # at most four redraws a second, however fast events arri
 
 
 class StudioScreen(Screen):
-    MODE = ""  # the App mode this screen is (library, train, generate, metrics)
+    MODE = ""  # the App mode this screen is (library, train, generate, metrics, gallery)
     HOME_FOCUS: str | None = None  # where Escape sends the focus from a text field
     BINDINGS = [Binding("escape", "leave_field", "Leave field", show=False)]
 
@@ -91,6 +91,6 @@ class StudioScreen(Screen):
         return names
 
     def action_leave_field(self) -> None:
-        """Escape in a text field gives the keys (1-4, letters) back to the screen."""
+        """Escape in a text field gives the keys (1-5, letters) back to the screen."""
         if isinstance(self.focused, Input):
             self.set_focus(self.query_one(self.HOME_FOCUS) if self.HOME_FOCUS else None)

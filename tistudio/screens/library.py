@@ -1,6 +1,8 @@
-"""1 Library: the concepts, with thumbnails of their training images; create, import,
-export, rename, delete, add and remove images.  Reads the library straight from disk through engine.records
-(no engine needed)."""
+"""1 Library: the concepts, with thumbnails of their training images and how many vectors
+their word has; create, import, export, rename, delete, add and remove images; v inspects a
+word (an engine job: its norms against the vocabulary, its cosine to the initializer, its
+nearest tokens, and how alike the words of several runs are), shown in the concept's panel.
+Reads the library straight from disk through engine.records (no engine needed)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from textual.widgets import DataTable, Static
 from engine.records import ConceptSummary, library_summaries
 from engine.text import one_line
 from tistudio.formatting import escape
-from tistudio.messages import Changes, JobsChanged, LibraryChanged
+from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
 from tistudio.screens.modals import (
     ConfirmModal,
@@ -33,6 +35,17 @@ from tistudio.widgets.images import ImagePreview
 MAX_THUMBS = 8
 
 
+def _word_line(row: ConceptSummary) -> str:
+    """`1 vector, made for SD 1.x; ` (empty before the concept has a word)."""
+    if not row.vectors:
+        return ""
+    from engine.family import FAMILY_LABELS
+
+    family = FAMILY_LABELS.get(row.family, row.family) if row.family else None
+    return f"its word: {row.vectors} vector{'s' if row.vectors != 1 else ''}" + (f" for {family}" if family else "") \
+        + "; "
+
+
 class LibraryScreen(StudioScreen):
     MODE = "library"
     HOME_FOCUS = "#concepts"
@@ -47,12 +60,14 @@ class LibraryScreen(StudioScreen):
         Binding("t", "train_concept", "Train"),
         Binding("g", "generate_with", "Generate", show=False),
         Binding("m", "concept_metrics", "Metrics", show=False),
+        Binding("v", "inspect_word", "Inspect", show=False),
     ]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rows: list[ConceptSummary] = []
         self._shown: object = object()  # what the detail pane shows (nothing yet)
+        self._asked: set[str] = set()  # inspect jobs this screen submitted: scrolled into view
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="lib-body"):
@@ -64,19 +79,21 @@ class LibraryScreen(StudioScreen):
                 yield Static("", id="detail-text")
                 yield Horizontal(id="thumbs")
                 yield Static("", id="detail-runs")
+                yield Static("", id="inspect")
 
     def on_mount(self) -> None:
         table = self.query_one("#concepts", DataTable)
         for key, label in (("name", "Name"), ("token", "Token"), ("init", "Init"), ("type", "Type"),
-                           ("images", "Imgs"), ("runs", "Runs"), ("best", "Best rec.")):
+                           ("vectors", "Vec"), ("images", "Imgs"), ("runs", "Runs"), ("best", "Best rec.")):
             table.add_column(label, key=key)
         super().on_mount()
 
     # -- drawing
 
     def redraw(self, changes: Changes) -> None:
+        self._asked.update(c.run_id for c in changes.of(RunSubmitted) if c.origin == self.MODE)
         jobs = tuple((j.get("id"), j.get("status")) for j in self.app.state.jobs
-                     if j.get("kind") in ("train", "eval", "experiment"))
+                     if j.get("kind") in ("train", "eval", "experiment", "inspect"))
         if changes.any(LibraryChanged) or (changes.any(JobsChanged) and jobs != getattr(self, "_jobs_seen", None)):
             self._jobs_seen = jobs
             self.reload()
@@ -88,7 +105,7 @@ class LibraryScreen(StudioScreen):
             self.notify(f"cannot read the library: {one_line(exc)}", severity="error")
             rows = []
         signature = tuple((r.name, r.concept.token, r.concept.init, r.concept.property, len(r.images),
-                           len(r.train_runs), r.best_reconstruction, r.concept.description) for r in rows)
+                           len(r.train_runs), r.best_reconstruction, r.concept.description, r.vectors) for r in rows)
         self.rows = rows
         table = self.query_one("#concepts", DataTable)
         if signature != getattr(self, "_signature", None):
@@ -100,7 +117,9 @@ class LibraryScreen(StudioScreen):
                 best = f"{r.best_reconstruction:.3f}" if r.best_reconstruction is not None else "–"
                 done, trained = len(r.done_train_runs), len(r.train_runs)
                 runs = f"{trained}" + (f" ({done}✓)" if done and done != trained else "")
-                table.add_row(c.name, c.token, c.init, c.property, str(len(r.images)), runs, best, key=c.name)
+                vectors = str(r.vectors) if r.vectors else "–"
+                table.add_row(c.name, c.token, c.init, c.property, vectors, str(len(r.images)), runs, best,
+                              key=c.name)
             names = [r.name for r in rows]
             if current in names:
                 table.move_cursor(row=names.index(current))
@@ -135,12 +154,18 @@ class LibraryScreen(StudioScreen):
         row = self.selected()
         text = self.query_one("#detail-text", Static)
         runs_text = self.query_one("#detail-runs", Static)
+        inspection = self._inspection(row)
         key = (row.name, tuple(row.images),
-               tuple((r.get("id"), r.get("status"), r.get("step")) for r in row.train_runs),
-               row.concept.description, row.best_reconstruction) if row else None
+               tuple((r.get("id"), r.get("status"), r.get("step")) for r in row.runs),
+               row.concept.description, row.best_reconstruction, inspection) if row else None
         if key == self._shown:
             return
         self._shown = key
+        panel = self.query_one("#inspect", Static)
+        panel.update(inspection[1] if inspection else "")
+        if inspection and inspection[0] in self._asked:  # what the user asked for: bring it into view
+            self.call_after_refresh(self.query_one("#concept-detail").scroll_to_widget, panel, top=True,
+                                    animate=False)
         thumbs = self.query_one("#thumbs", Horizontal)
         thumbs.remove_children()
         if row is None:
@@ -157,15 +182,41 @@ class LibraryScreen(StudioScreen):
                f"[dim]{escape(self._short(concept.path / 'images'))}[/dim]" if row.images else
                "No training images yet: press e to add some."))
         thumbs.mount_all([ImagePreview(p, p.name, classes="thumb") for p in row.images[:MAX_THUMBS]])
+        word = _word_line(row)
         if runs:
             last = runs[-1]
             best = f"best SD+TI reconstruction {row.best_reconstruction:.3f}" if row.best_reconstruction is not None \
                 else "not evaluated yet (4 Metrics, e)"
             runs_text.update(f"{len(runs)} training run{'s' if len(runs) != 1 else ''}; latest "
                              f"{last.get('id')} {last.get('status')} at step {last.get('step') or 0}"
-                             f"/{last.get('steps') or '?'}\n{best}")
+                             f"/{last.get('steps') or '?'}\n{word}{best}")
+        elif row.word_runs:
+            runs_text.update(f"{word}Press v to inspect it.")
         else:
             runs_text.update("Not trained yet: press t to train it.")
+
+    def _inspection(self, row: ConceptSummary | None) -> tuple[str, str] | None:
+        """(job id, panel text) for the selected concept's word inspector: its newest finished
+        inspection, or a line saying one is under way."""
+        if row is None:
+            return None
+        jobs = [j for j in self.app.state.jobs if j.get("kind") == "inspect" and j.get("concept") == row.name]
+        active = [j for j in jobs if j.get("status") in ("queued", "running")]
+        if active:
+            return active[-1]["id"], f"[dim]Inspecting the word ({active[-1]['id']}: {active[-1].get('status')})…[/dim]"
+        done = [j for j in jobs if j.get("status") == "done" and isinstance(j.get("result"), dict)]
+        record = done[-1] if done else row.latest_inspection()
+        if record is None:
+            failed = [j for j in jobs if j.get("status") == "failed"]
+            if failed:
+                return failed[-1]["id"], f"[red]Inspection failed: {escape(failed[-1].get('error') or '')}[/red]"
+            return None
+        from tistudio.widgets.inspect import inspect_text
+
+        try:
+            return record["id"], "\n" + inspect_text(record["result"])
+        except Exception as exc:  # noqa: BLE001 - a result of another shape must not break the library
+            return record["id"], f"[red]cannot show the inspection: {escape(one_line(exc))}[/red]"
 
     def _short(self, path: Path) -> str:
         from tistudio.widgets.forms import shorten_path
@@ -306,6 +357,37 @@ class LibraryScreen(StudioScreen):
             self.app.prompt_hint = f"a photo of {token}" if row.concept.property == "object" else \
                 f"a painting in the style of {token}"
             self.app.action_show_screen("generate")
+
+    def action_inspect_word(self) -> None:
+        """Inspect the concept's word (an engine job): NAME for its latest finished run, or a saved
+        NAME@RUN:STEP; the report shows in the concept's panel."""
+        row = self._need()
+        if row is None:
+            return
+        if not row.word_runs:
+            self.notify(f"{row.name} has no word yet; train it first (t).", severity="warning")
+            return
+        from engine.records import parse_pin
+        from tistudio.widgets.forms import PinSuggester
+
+        pins = row.pins()
+
+        def check(value: str) -> str | None:
+            if value == row.name or value in pins:
+                return None
+            return f"Write {row.name} (its latest finished run) or a saved {row.name}@RUN:STEP (→ completes them)."
+
+        def done(value: str | None) -> None:
+            if not value:
+                return
+            _, run, step = parse_pin(value)
+            self.app.bridge.submit("inspect", row.name, {"run": run, "step": step, "top": 10, "model": self.app.model},
+                                   origin=self.MODE)
+
+        self.app.push_screen(TextModal(f"Inspect {row.name}'s word", "Word", row.name, "Inspect", check,
+                                       hint="Norms against the vocabulary, cosine to the initializer, the nearest "
+                                            "tokens, and how alike its runs' words are.",
+                                       suggester=PinSuggester(lambda: pins)), done)
 
     def action_concept_metrics(self) -> None:
         row = self._need()

@@ -1,7 +1,18 @@
-"""4 Metrics: Table 1 for a concept (SD vs SD+TI reconstruction and editability, with the
-difference), the per-prompt detail, and the curve over checkpoints from the steps
-experiment; e starts an evaluation, x the steps experiment.  Reads the tables and curves
-the engine wrote through engine.records."""
+"""4 Metrics: the whole study for one concept.
+
+    Concept, Run     which concept, and which of its saved words (NAME@RUN:STEP; or its latest
+                     finished run) the views show and the actions measure
+    Table 1          SD vs SD+TI reconstruction and editability with the difference, each prompt
+                     as the user wrote it, and the curve over checkpoints (steps experiment)
+    Compare          any two evaluations side by side, with Δ
+    Study            every experiment report: steps, init words, seeds, regularisers (Table 1 for
+                     each method) and the synthesis batches, each with its table and grid
+
+e evaluates the picked word, x runs the steps experiment over its run's checkpoints, i/s/r
+run the initializer-word, seed and regulariser sweeps, y the section-5 synthesis batches;
+v cycles the views.  Everything shown is read from disk through engine.records (and from
+the jobs' results while the disk has nothing newer).
+"""
 
 from __future__ import annotations
 
@@ -11,25 +22,40 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import DataTable, Label, Select, Static
+from textual.widgets import DataTable, Label, Select, Static, TabbedContent, TabPane, Tabs
 
-from engine.records import curve_points, eval_tables, latest_done_run, steps_curves
+from engine.records import (
+    curve_points,
+    eval_label,
+    eval_tables,
+    experiment_reports,
+    latest_done_run,
+    parse_pin,
+    report_of_result,
+    steps_curves,
+    summarize,
+    written_prompt,
+)
 from tistudio.formatting import escape
-from tistudio.messages import Changes, JobsChanged, LibraryChanged, MetricsChanged
+from tistudio.messages import Changes, JobsChanged, LibraryChanged, MetricsChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
 from tistudio.widgets.charts import CurveChart
+from tistudio.widgets.study import CompareView, StudyView, num, signed
 
 METRIC_JOBS = ("eval", "experiment")
+LATEST = "latest"  # the run picker's first choice: the concept's latest finished run, final word
+VIEWS = ("view-table", "view-compare", "view-study")
+VIEW_FOCUS = {"view-table": "#table1", "view-compare": "#compare", "view-study": "#study-table"}
+JOB_NAMES = {"steps": "steps experiment", "init": "initializer-word experiment", "seeds": "seed experiment",
+             "regularize": "regulariser experiment", "synthesis": "synthesis batches"}
 
 
-def _num(value) -> str:
-    return f"{value:.4f}" if isinstance(value, (int, float)) else "–"
-
-
-def _diff(a, b) -> str:
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return f"{b - a:+.4f}"
-    return "–"
+def job_name(job: dict) -> str:
+    """`evaluation`, `seed experiment` …: a metric job as the jobs line names it."""
+    if job.get("kind") == "eval":
+        return "evaluation"
+    kind = (job.get("params") or {}).get("kind") if isinstance(job.get("params"), dict) else None
+    return JOB_NAMES.get(kind, f"{kind or ''} experiment".strip())
 
 
 class MetricsScreen(StudioScreen):
@@ -37,34 +63,51 @@ class MetricsScreen(StudioScreen):
     HOME_FOCUS = "#table1"
     AUTO_FOCUS = "#table1"
     BINDINGS = [
-        Binding("e", "evaluate", "Evaluate"),
-        Binding("x", "steps_experiment", "Steps experiment"),
+        Binding("e", "evaluate", "Eval"),
+        Binding("x", "steps_experiment", "Steps"),
+        Binding("i", "init_experiment", "Init"),
+        Binding("s", "seeds_experiment", "Seeds"),
+        Binding("r", "regularize_experiment", "Reg."),
+        Binding("y", "synthesis", "Synth."),
+        Binding("v", "next_view", "View"),
         Binding("c", "choose_concept", "Concept", show=False),
+        Binding("p", "choose_run", "Run", show=False),
     ]
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._concepts: tuple = ()
+        self._pins: tuple = ()
         self._drawn: tuple | None = None
         self.table: dict | None = None
         self.curve: dict | None = None
         self._jobs_seen: tuple | None = None
+        self._ours: set[str] = set()  # metric jobs this screen started: shown when they finish
+        self._shown_done: set[str] = set()
+        self._prefer_report: str | None = None
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="metrics-top"):
             yield Label("Concept", classes="gen-label")
             yield Select([], id="metrics-concept", compact=True, prompt="(none)")
-            yield Static("", id="metrics-source")
-        with Horizontal(id="metrics-body"):
-            with Vertical(id="metrics-tables"):
-                table1 = DataTable(id="table1", cursor_type="row", zebra_stripes=False)
-                table1.border_title = "Table 1"
-                yield table1
-                detail = DataTable(id="per-prompt", cursor_type="row", zebra_stripes=True)
-                detail.border_title = "Editability per prompt"
-                yield detail
-            curve = CurveChart(id="curve")
-            yield curve
+            yield Label("Run", classes="gen-label-s")
+            yield Select([("latest finished run", LATEST)], value=LATEST, allow_blank=False, id="metrics-run",
+                         compact=True)
+        with TabbedContent(id="metrics-views", initial="view-table"):
+            with TabPane("Table 1", id="view-table"):
+                with Horizontal(id="metrics-body"):
+                    with Vertical(id="metrics-tables"):
+                        table1 = DataTable(id="table1", cursor_type="row", zebra_stripes=False)
+                        table1.border_title = "Table 1"
+                        yield table1
+                        detail = DataTable(id="per-prompt", cursor_type="row", zebra_stripes=True)
+                        detail.border_title = "Editability per prompt"
+                        yield detail
+                    yield CurveChart(id="curve")
+            with TabPane("Compare", id="view-compare"):
+                yield CompareView(id="compare-view")
+            with TabPane("Study", id="view-study"):
+                yield StudyView(id="study-view")
         yield Static("", id="metrics-jobs")
 
     def on_mount(self) -> None:
@@ -84,11 +127,22 @@ class MetricsScreen(StudioScreen):
         value = self.query_one("#metrics-concept", Select).value
         return value if isinstance(value, str) else None
 
+    def picked(self) -> tuple[str | None, int | None]:
+        """The run picker's choice as (run, step): (None, None) for the latest finished run."""
+        value = self.query_one("#metrics-run", Select).value
+        if not isinstance(value, str) or value == LATEST:
+            return None, None
+        _, run, step = parse_pin(value)
+        return run, step
+
     # -- state → screen
 
     def redraw(self, changes: Changes) -> None:
         if changes.any(LibraryChanged):
             self._refresh_concepts()
+        for submitted in changes.of(RunSubmitted):
+            if submitted.origin == self.MODE:
+                self._ours.add(submitted.run_id)
         jobs = self._metric_jobs()
         for job in jobs:
             if job.get("status") in ("queued", "running"):
@@ -96,11 +150,45 @@ class MetricsScreen(StudioScreen):
         seen = tuple((j.get("id"), j.get("status")) for j in jobs)
         if changes.any(LibraryChanged, MetricsChanged) or (changes.any(JobsChanged) and seen != self._jobs_seen):
             self._jobs_seen = seen
+            self._show_finished(jobs)
             self._load()
         self._draw_jobs(jobs)
 
+    def _show_finished(self, jobs: list[dict]) -> None:
+        """A job this screen started has finished: show what it made (its report, its Table 1)."""
+        for job in jobs:
+            if job["id"] not in self._ours or job["id"] in self._shown_done or job.get("status") != "done":
+                continue
+            self._shown_done.add(job["id"])
+            if job.get("kind") == "eval":
+                self.show_view("view-table")
+                continue
+            report = report_of_result(job.get("result"))
+            kind = (job.get("params") or {}).get("kind")
+            if report is not None and kind != "steps":
+                self._prefer_report = report.id
+                self.show_view("view-study")
+
     def _refresh_concepts(self) -> None:
         self._concepts = self.sync_concept_select(self.query_one("#metrics-concept", Select), self._concepts)
+        self._refresh_pins()
+
+    def _refresh_pins(self) -> None:
+        """The run picker offers the concept's saved words: NAME@RUN (final) and NAME@RUN:STEP."""
+        path = self._concept_dir(self.concept())
+        try:
+            from engine.library import Library
+
+            pins = tuple(summarize(Library(self.app.home).get(self.concept())).pins()) if path else ()
+        except Exception:  # noqa: BLE001 - a damaged library must not break drawing
+            pins = ()
+        if pins == self._pins:
+            return
+        self._pins = pins
+        select = self.query_one("#metrics-run", Select)
+        chosen = select.value
+        select.set_options([("latest finished run", LATEST)] + [(pin, pin) for pin in reversed(pins)])
+        select.value = chosen if chosen in pins else LATEST
 
     def _metric_jobs(self) -> list[dict]:
         name = self.concept()
@@ -108,58 +196,94 @@ class MetricsScreen(StudioScreen):
 
     def _load(self) -> None:
         name = self.concept()
-        table = curve = None
         path = self._concept_dir(name)
+        tables, curves, reports = [], [], []
         if path is not None:
-            tables = eval_tables(path)
-            table = tables[-1] if tables else None
-            curves = steps_curves(path)
-            curve = curves[-1] if curves else None
-            # a finished job's own result, if the disk has nothing newer (or nothing)
-            for job in self._metric_jobs():
-                result = job.get("result") or {}
-                if job.get("kind") == "eval" and isinstance(result.get("table"), dict) and table is None:
-                    table = result["table"]
-                if job.get("kind") == "experiment" and curve is None and (result.get("points") or
-                                                                           result.get("curve")):
-                    curve = result
-        key = (name, json.dumps(table, sort_keys=True, default=str)[:100000] if table else None,
+            tables, curves, reports = eval_tables(path), steps_curves(path), experiment_reports(path)
+            tables, reports = self._with_job_results(tables, reports)
+        run, step = self.picked()
+        table = self._table_for(tables, run, step)
+        chosen_curves = [c for c in curves if run is None or c.get("run") == run]
+        curve = chosen_curves[-1] if chosen_curves else None
+        if curve is None and run is None:
+            curve = next((j.get("result") for j in reversed(self._metric_jobs())
+                          if isinstance(j.get("result"), dict) and curve_points(j["result"])), None)
+        self.query_one(CompareView).set_tables(tables)
+        prefer, self._prefer_report = self._prefer_report, None
+        self.query_one(StudyView).set_reports(reports, prefer)
+        key = (name, run, step, json.dumps(table, sort_keys=True, default=str)[:100000] if table else None,
                json.dumps(curve, sort_keys=True, default=str)[:100000] if curve else None)
         if key == self._drawn:
             return
         self._drawn = key
         self.table, self.curve = table, curve
-        self._draw_table(name, table)
+        self._draw_table(name, table, run, step)
         self.query_one("#curve", CurveChart).set_points(curve_points(curve) if curve else [])
 
-    def _draw_table(self, name: str | None, table: dict | None) -> None:
+    def _with_job_results(self, tables: list[dict], reports: list) -> tuple[list[dict], list]:
+        """Add what finished jobs returned that the disk does not hold (yet, or any more)."""
+        dirs = {str(t.get("dir")) for t in tables}
+        ids = {r.id for r in reports}
+        for job in self._metric_jobs():
+            result = job.get("result") if isinstance(job.get("result"), dict) else {}
+            if job.get("kind") == "eval" and isinstance(result.get("table"), dict):
+                table = {"dir": result.get("report_dir"), **result["table"]}
+                if str(table.get("dir")) not in dirs:
+                    tables.append(table)
+            elif job.get("kind") == "experiment":
+                report = report_of_result(result)
+                if report is not None and report.id not in ids:
+                    reports.append(report)
+                    ids.add(report.id)
+        return tables, reports
+
+    @staticmethod
+    def _table_for(tables: list[dict], run: str | None, step: int | None) -> dict | None:
+        """The newest Table 1 of the picked word (any, for the latest run)."""
+        if run is None:
+            return tables[-1] if tables else None
+        for table in reversed(tables):
+            final = table.get("final", True)
+            if table.get("run") == run and ((step is None and final) or (step is not None and not final
+                                                                          and table.get("step") == step)):
+                return table
+        return None
+
+    def _draw_table(self, name: str | None, table: dict | None, run: str | None, step: int | None) -> None:
         t1 = self.query_one("#table1", DataTable)
         pp = self.query_one("#per-prompt", DataTable)
         t1.clear()
         pp.clear()
-        source = self.query_one("#metrics-source", Static)
-        if not table:
-            source.update("no evaluation yet: press e to evaluate" if name else "no concept: create one on 1")
+        if not table:  # Table 1's border says which evaluation it shows, or how to make one
+            pick = f"{name}@{run}" + (f":{step}" if step is not None else "") if run else None
+            t1.border_subtitle = (f"no evaluation of {pick} yet: press e to evaluate it" if pick else
+                                  "no evaluation yet: press e to evaluate" if name else "no concept: create one on 1")
             return
         rows = {r.get("model"): r for r in table.get("rows", []) if isinstance(r, dict)}
         sd, ti = rows.get("SD", {}), rows.get("SD+TI", {})
         for label, row in (("SD", sd), ("SD+TI", ti)):
-            t1.add_row(label, _num(row.get("reconstruction")), _num(row.get("editability")),
-                       _num(row.get("editability_per_image")), key=label)
+            t1.add_row(label, num(row.get("reconstruction")), num(row.get("editability")),
+                       num(row.get("editability_per_image")), key=label)
         t1.add_row("Δ (TI − SD)", _diff(sd.get("reconstruction"), ti.get("reconstruction")),
                    _diff(sd.get("editability"), ti.get("editability")),
                    _diff(sd.get("editability_per_image"), ti.get("editability_per_image")), key="diff")
+        token = table.get("token") or self._token(name)
         for i, p in enumerate(table.get("per_prompt", [])):
             if not isinstance(p, dict):
                 continue
             a = (p.get("SD") or {}).get("editability")
             b = (p.get("SD+TI") or {}).get("editability")
-            pp.add_row(p.get("clip_text") or p.get("prompt") or f"prompt {i + 1}", _num(a), _num(b), _diff(a, b),
-                       key=str(i))
-        step = "final" if table.get("final", True) else f"step {table.get('step')}"
-        clip = (table.get("clip") or {}).get("name") if isinstance(table.get("clip"), dict) else table.get("clip")
-        source.update(f"run {table.get('run', '?')} ({step}) · {table.get('images_per_set', '?')} images/set"
-                      + (f" · CLIP {clip}" if clip else ""))
+            pp.add_row(written_prompt(p, token) or f"prompt {i + 1}", num(a), num(b), _diff(a, b), key=str(i))
+        t1.border_subtitle = (escape(eval_label(table)) + f" · {table.get('images_per_set', '?')} images/set"
+                              + (f" · CLIP {escape(_clip_name(table))}" if _clip_name(table) else ""))
+
+    def _token(self, name: str | None) -> str | None:
+        from engine.library import Library
+
+        try:
+            return Library(self.app.home).get(name).token if name else None
+        except Exception:  # noqa: BLE001 - only a label
+            return None
 
     def _draw_jobs(self, jobs: list[dict]) -> None:
         line = self.query_one("#metrics-jobs", Static)
@@ -169,22 +293,40 @@ class MetricsScreen(StudioScreen):
             for j in active:
                 track = self.app.state.tracks.get(j["id"])
                 progress = f" {track.progress:.0%}" if track and track.progress is not None else ""
-                what = "evaluation" if j.get("kind") == "eval" else "steps experiment"
-                parts.append(f"{what} {j['id']}: {j.get('status')}{progress}")
+                parts.append(f"{job_name(j)} {j['id']}: {j.get('status')}{progress}")
             line.update(" · ".join(parts))
             return
         failed = [j for j in jobs[-1:] if j.get("status") == "failed"]
         if failed:
-            line.update(f"[red]last {failed[0].get('kind')} failed: {escape(failed[0].get('error') or '')}[/red]")
+            line.update(f"[red]last {job_name(failed[0])} failed: {escape(failed[0].get('error') or '')}[/red]")
         else:
-            line.update("e evaluates the latest finished run · x runs the steps experiment")
+            line.update("e evaluate · x steps · i init words · s seeds · r regularisers · y synthesis · v view")
 
     @on(Select.Changed, "#metrics-concept")
     def _concept_changed(self, event: Select.Changed) -> None:
         if isinstance(event.value, str):
             self.app.selected_concept = event.value
+            self._refresh_pins()
             self._load()
             self._draw_jobs(self._metric_jobs())
+
+    @on(Select.Changed, "#metrics-run")
+    def _run_changed(self) -> None:
+        self._load()
+
+    def show_view(self, view: str) -> None:
+        """Show one of the views (Table 1, Compare, Study) with the focus on its table.  The focus
+        moves first: a focused table left in a hidden view would pull its view back."""
+        tabs = self.query_one("#metrics-views", TabbedContent)
+        if tabs.active == view:
+            return
+        tabs.query_one(Tabs).focus()
+        tabs.active = view
+        self.call_after_refresh(self.query_one(VIEW_FOCUS[view]).focus)
+
+    def action_next_view(self) -> None:
+        tabs = self.query_one("#metrics-views", TabbedContent)
+        self.show_view(VIEWS[(VIEWS.index(tabs.active) + 1) % len(VIEWS)] if tabs.active in VIEWS else VIEWS[0])
 
     # -- user → engine
 
@@ -200,33 +342,100 @@ class MetricsScreen(StudioScreen):
         except (UserError, OSError):
             return None
 
-    def _common(self) -> dict | None:
-        name = self.concept()
-        if not name:
-            self.notify("Choose a concept first.", severity="warning")
-            return None
-        path = self._concept_dir(name)
-        run = latest_done_run(path) if path is not None else None
-        if not run:
-            self.notify(f"{name} has no finished training run yet; train it on 2 Train.", severity="warning")
-            return None
-        params = {"run": run, "model": self.app.model, **self.app.eval_params}
+    def _measuring(self) -> dict:
+        """How every evaluation and experiment measures: the model, CLIP, images per set."""
+        params = {"model": self.app.model, **self.app.eval_params}
         if self.app.clip:
             params["clip"] = self.app.clip
         if self.app.eval_images:
             params["images"] = self.app.eval_images
         return params
 
+    def _word(self) -> dict | None:
+        """The picked word as params ({"run", "step"}); None (and a notice) if there is none."""
+        name = self.concept()
+        if not name:
+            self.notify("Choose a concept first.", severity="warning")
+            return None
+        run, step = self.picked()
+        if run is None:
+            path = self._concept_dir(name)
+            run = latest_done_run(path) if path is not None else None
+            if not run:
+                self.notify(f"{name} has no finished training run yet; train it on 2 Train (or pick a saved "
+                            "step with p).", severity="warning")
+                return None
+        return {"run": run, **({"step": step} if step is not None else {})}
+
+    def _submit(self, kind: str, params: dict) -> None:
+        self.app.bridge.submit(kind, self.concept(), params, origin=self.MODE)
+
     def action_evaluate(self) -> None:
-        params = self._common()
-        if params is not None:
-            self.app.bridge.submit("eval", self.concept(), params, origin=self.MODE)
+        word = self._word()
+        if word is not None:
+            self._submit("eval", {**word, **self._measuring()})
 
     def action_steps_experiment(self) -> None:
-        params = self._common()
-        if params is not None:
-            self.app.bridge.submit("experiment", self.concept(), {"kind": "steps", **params}, origin=self.MODE)
+        word = self._word()
+        if word is not None:
+            self._submit("experiment", {"kind": "steps", "run": word["run"], **self._measuring()})
+
+    def action_init_experiment(self) -> None:
+        self._ask("init")
+
+    def action_seeds_experiment(self) -> None:
+        self._ask("seeds")
+
+    def action_regularize_experiment(self) -> None:
+        self._ask("regularize")
+
+    def action_synthesis(self) -> None:
+        """Section 5: the picked word in the study's new scenes or styles; the grid shows on Study."""
+        self._ask("synthesis")
+
+    def _ask(self, kind: str) -> None:
+        from engine.library import Library
+        from tistudio.screens.experiment_modal import ExperimentModal
+
+        name = self.concept()
+        if not name:
+            self.notify("Choose a concept first.", severity="warning")
+            return
+        try:
+            concept = Library(self.app.home).get(name)
+        except Exception as exc:  # noqa: BLE001
+            self.notify(str(exc), severity="error")
+            return
+        word = None
+        if kind == "synthesis":
+            word = self._word()
+            if word is None:
+                return
+        elif not concept.images:
+            self.notify(f"{name} has no training images; add some on 1 Library (e).", severity="warning")
+            return
+        values = {"init": concept.init, "seeds": "0, 1, 2", "regularize": "none, init-l2, norm, directional"}
+        steps = (self.app.config.commands.get("train") or {}).get("steps", 2000)
+        target = f"{name}@{word['run']}" + (f":{word['step']}" if "step" in word else "") if word else ""
+
+        def done(params: dict | None) -> None:
+            if params is not None:  # the dialog's settings (e.g. images per prompt) win over the defaults
+                self._submit("experiment", {**self._measuring(), **params, **(word or {})})
+
+        self.app.push_screen(ExperimentModal(kind, name, values=values.get(kind, ""), steps=steps,
+                                             images=self.app.eval_images or 2, target=target), done)
 
     def action_choose_concept(self) -> None:
         self.query_one("#metrics-concept", Select).focus()
 
+    def action_choose_run(self) -> None:
+        self.query_one("#metrics-run", Select).focus()
+
+
+def _diff(a, b) -> str:
+    return signed(b - a) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "–"
+
+
+def _clip_name(table: dict) -> str | None:
+    clip = table.get("clip")
+    return clip.get("name") if isinstance(clip, dict) else clip

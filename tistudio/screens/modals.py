@@ -155,15 +155,17 @@ class MessageModal(_Dialog[None]):
 class TextModal(_Dialog[str | None]):
     """One text value (rename): `dismiss(str)`; `check(value)` may return an error to show."""
 
-    def __init__(self, title: str, label: str, value: str = "", ok: str = "OK", check=None, hint: str = ""):
+    def __init__(self, title: str, label: str, value: str = "", ok: str = "OK", check=None, hint: str = "",
+                 suggester=None):
         super().__init__()
         self._title, self._label, self._value, self._ok_label, self._check, self._hint = (
             title, label, value, ok, check, hint)
+        self._suggester = suggester
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
             yield Label(self._title, id="dialog-title")
-            yield FieldRow(self._label, Input(self._value, id="value", compact=True))
+            yield FieldRow(self._label, Input(self._value, id="value", compact=True, suggester=self._suggester))
             yield Static(self._hint, classes="dialog-hint", id="hint")
             yield Static("", classes="dialog-error", id="error")
             yield self.buttons(self._ok_label)
@@ -401,7 +403,7 @@ class ExportModal(_Dialog[ExportRequest | None]):
     """Write a concept's embedding for other tools: `dismiss(ExportRequest)`."""
 
     FORMATS = [("diffusers (.safetensors)", "diffusers"), ("A1111 (.pt/.safetensors)", "a1111"),
-               ("kohya (.safetensors)", "kohya")]
+               ("kohya (.safetensors)", "kohya"), ("ComfyUI (.safetensors)", "comfy")]
 
     def __init__(self, concept: str, runs: list[tuple[str, str]], default_out: str):
         super().__init__()

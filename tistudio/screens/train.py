@@ -1,9 +1,12 @@
 """2 Train: the run form (the study's defaults), start/resume/cancel, and the live view of a
-run: loss (raw and smoothed), VRAM, steps/s, ETA, progress, the latest preview, the queue
-and past runs.  Everything shown comes from the run's events, so a run started before the
+run: its facts (family, vectors, effective batch, regularizer), loss (raw and smoothed) and
+beside it the vector's norm and cosine to its initializer, VRAM, steps/s, ETA, progress, the
+latest preview, the queue and past runs.  Everything shown comes from the run's events, so a run started before the
 studio opened shows its whole history and then follows live."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from textual import on
 from textual.app import ComposeResult
@@ -11,15 +14,16 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Input, ProgressBar, Select, Static
 
-from tistudio.formatting import escape, fmt_duration, short_when
-from tistudio.messages import Changes, EngineChanged, JobsChanged, LibraryChanged, RunSubmitted
+from tistudio.formatting import device_memory, engine_workers, escape, fmt_duration, short_when
+from tistudio.messages import Changes, EngineChanged, JobsChanged, LibraryChanged, RunSubmitted, StatusChanged
 from tistudio.screens.base import StudioScreen
 from tistudio.state import is_active
-from tistudio.widgets.charts import LossChart, VramChart
+from tistudio.widgets.charts import LossChart, VectorChart, VramChart
 from tistudio.widgets.images import ImagePreview
 from tistudio.widgets.train_form import TrainForm
 
 RESUMABLE = ("failed", "cancelled", "interrupted")
+COMPACT_WIDTH = 90  # below this many columns the vector chart and the preview share one place (v flips)
 STATUS_MARK = {"running": "▶", "queued": "…", "done": "✓", "failed": "✗", "cancelled": "■", "interrupted": "⚠"}
 
 
@@ -33,6 +37,7 @@ class TrainScreen(StudioScreen):
         Binding("c", "cancel_run", "Cancel run"),
         Binding("l", "toggle_low_vram", "Low VRAM"),
         Binding("f", "edit_form", "Form", show=False),
+        Binding("v", "toggle_beside_loss", "Vector/preview", show=False),
     ]
 
     def __init__(self, *args, **kwargs):
@@ -42,6 +47,7 @@ class TrainScreen(StudioScreen):
         self._drawn: tuple | None = None
         self._runs_sig: tuple | None = None
         self._concepts: tuple = ()
+        self.preview_beside_loss = False  # compact layout: the preview, not the vector chart, beside the loss
 
     def compose_body(self) -> ComposeResult:
         with Horizontal(id="train-body"):
@@ -59,12 +65,13 @@ class TrainScreen(StudioScreen):
                     yield Static("", id="run-step")
                 yield Static("", id="run-stats")
                 with Horizontal(id="train-charts"):
-                    loss = LossChart(id="loss")
-                    yield loss
+                    yield LossChart(id="loss")
+                    yield VectorChart(id="vector")
                     yield ImagePreview(None, "", empty="no preview yet", id="preview")
                 vram = VramChart(id="vram")
                 yield vram
                 yield Static("VRAM: no figures yet (reported on CUDA devices)", id="vram-note")
+                yield Static("", id="vram-devices")
                 runs = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
                 runs.border_title = "Queue and past runs"
                 yield runs
@@ -87,6 +94,24 @@ class TrainScreen(StudioScreen):
             self._refresh_runs()
         self._pick_run()
         self._draw_run()
+        if changes.any(StatusChanged, JobsChanged):
+            self._draw_devices()
+
+    def _draw_devices(self) -> None:
+        """With several engine workers (one per device): each device, its memory and its job."""
+        workers = engine_workers(self.app.state.status)
+        line = self.query_one("#vram-devices", Static)
+        line.display = len(workers) > 1
+        if len(workers) > 1:
+            parts = []
+            for worker in workers:
+                job = worker.get("job")
+                doing = f"{worker.get('kind') or 'job'} {worker.get('concept') or ''} {job}".replace("  ", " ") \
+                    if job else worker.get("state") or "idle"
+                speed = f" {worker['steps_per_s']:.2f} it/s" if isinstance(worker.get("steps_per_s"), (int, float)) \
+                    and job else ""
+                parts.append(f"{escape(device_memory(worker))} ({escape(doing)}{speed})")
+            line.update("VRAM per device: " + " · ".join(parts))
 
     def _refresh_concepts(self) -> None:
         self._concepts = self.sync_concept_select(self.query_one("#concept", Select), self._concepts)
@@ -165,6 +190,7 @@ class TrainScreen(StudioScreen):
             self.query_one("#run-step", Static).update("")
             bar.update(total=1, progress=0)
             self.query_one("#loss", LossChart).set_data([], [])
+            self.query_one("#vector", VectorChart).set_data([], [], [], None)
             self.query_one("#vram", VramChart).set_data([], [], [], None)
             self._show_vram(False)
             self.run_worker(self.query_one("#preview", ImagePreview).set_image(None, ""), group="preview")
@@ -190,10 +216,13 @@ class TrainScreen(StudioScreen):
             parts.append(f"loss {track.loss[-1]:.4f}" + (f" (smoothed {smooth:.4f})" if smooth is not None else ""))
         if track and track.lr is not None:
             parts.append(f"lr {track.lr:.2g}")
-        parts += _settings_of(job)
+        parts += run_facts(track.header if track else {}, job, track.reg[-1] if track and track.reg else None)
         stats.update(" · ".join(parts))
         if track:
             self.query_one("#loss", LossChart).set_data(track.xs, track.loss)
+            vocab = track.header.get("vocab_norms") or [None]
+            self.query_one("#vector", VectorChart).set_data(track.vec_steps, track.norm, track.cos_init,
+                                                             vocab[0], track.norms, track.cos_inits)
             self.query_one("#vram", VramChart).set_data(track.vram_steps, track.vram_allocated,
                                                          track.vram_reserved, track.vram_total)
             preview = track.previews[-1] if track.previews else None
@@ -205,6 +234,15 @@ class TrainScreen(StudioScreen):
             self.run_worker(image.set_image(preview["path"], f"step {preview.get('step')}"), group="preview")
         else:
             self.run_worker(image.set_image(None, ""), group="preview")
+
+    def on_resize(self) -> None:
+        self._place_vector_and_preview()
+
+    def _place_vector_and_preview(self) -> None:
+        """Wide enough: loss, vector and preview side by side.  Compact: loss and one of the two."""
+        compact = 0 < self.size.width < COMPACT_WIDTH
+        self.query_one("#vector", VectorChart).display = not (compact and self.preview_beside_loss)
+        self.query_one("#preview", ImagePreview).display = not compact or self.preview_beside_loss
 
     def _show_vram(self, has_data: bool) -> None:
         self.query_one("#vram", VramChart).display = has_data
@@ -274,6 +312,11 @@ class TrainScreen(StudioScreen):
         on = self.query_one(TrainForm).toggle_low_vram()
         self.notify("Low VRAM on: less memory, about half the speed." if on else "Low VRAM off.", title="Train")
 
+    def action_toggle_beside_loss(self) -> None:
+        """In a narrow terminal, show the preview instead of the vector chart (or back)."""
+        self.preview_beside_loss = not self.preview_beside_loss
+        self._place_vector_and_preview()
+
     def action_edit_form(self) -> None:
         self.query_one("#steps", Input).focus()
 
@@ -290,13 +333,39 @@ class TrainScreen(StudioScreen):
         self.action_cancel_run()
 
 
-def _settings_of(job: dict) -> list[str]:
-    """The run's settings worth seeing beside its figures: the effective batch, low VRAM."""
+def run_facts(header: dict, job: dict, penalty: float | None = None) -> list[str]:
+    """What a run trains and how, for its stats line: the model family, the vectors of its word,
+    the effective batch, the regularizer (with its latest penalty), low VRAM.  The run's header
+    event says it; a run from before headers falls back to its params."""
+    from engine.family import FAMILY_LABELS
+
     params = job.get("params") if isinstance(job.get("params"), dict) else {}
+    facts = {**params, **header}
     parts = []
-    batch, accum = params.get("batch_size", 1), params.get("grad_accum", 1)
-    if isinstance(batch, int) and isinstance(accum, int) and accum > 1:
-        parts.append(f"batch {batch}×{accum} = {batch * accum}")
+    family = header.get("family") or ((job.get("model") or {}).get("family") if isinstance(job.get("model"), dict)
+                                       else None)
+    if family:
+        parts.append(FAMILY_LABELS.get(family, str(family)))
+    vectors = facts.get("vectors")
+    if isinstance(vectors, int) and (header or vectors > 1):
+        parts.append(f"{vectors} vector{'s' if vectors != 1 else ''}")
+    batch, accum = facts.get("batch_size", 1), facts.get("grad_accum", 1)
+    if isinstance(batch, int) and isinstance(accum, int):
+        effective = facts.get("effective_batch") or batch * accum
+        if accum > 1:
+            parts.append(f"batch {batch}×{accum} = {effective}")
+        elif header:
+            parts.append(f"batch {effective}")
+    method = facts.get("regularize")
+    if method and method != "none":
+        weight = facts.get("reg_weight")
+        parts.append(f"reg {method}" + (f" λ {weight:g}" if isinstance(weight, (int, float)) and weight else "")
+                     + (f" (penalty {penalty:.3g})" if penalty is not None else ""))
+    elif header:
+        parts.append("reg none")
+    if facts.get("init_from"):
+        start = str(facts["init_from"])
+        parts.append(f"from {start if '@' in start else Path(start).name}")
     if params.get("low_vram"):
         parts.append("low VRAM")
     return parts

@@ -1,4 +1,5 @@
-"""Charts drawn with plotext (textual-plotext): loss, VRAM, metric curves.
+"""Charts drawn with plotext (textual-plotext): loss, the vector (norm, cosine to its initializer),
+VRAM, metric curves.
 
 Each chart keeps its own copy of the data and redraws only when `set_*` is
 given something new; callers throttle (the Train screen redraws at most a
@@ -56,6 +57,7 @@ class _Chart(PlotextPlot):
     def __init__(self, **kwargs):
         super().__init__(**kwargs)
         self._key: tuple | None = None
+        self._legend_colours: tuple[str, str] | None = None
 
     def on_mount(self) -> None:
         super().on_mount()
@@ -83,8 +85,20 @@ class _Chart(PlotextPlot):
 
     def _legend(self, first: str, second: str) -> None:
         """The series names go in the border title (in their colours): the plot keeps every row."""
-        a, b = self.series
-        self.border_title = f"{self.title}  [{first}]━ {a}[/]  [{second}]━ {b}[/]"
+        self._legend_colours = (first, second)
+        self._show_legend()
+
+    def _show_legend(self) -> None:
+        """The chart's title and legend; a narrow chart keeps only the legend (the colours say most)."""
+        (first, second), (a, b) = self._legend_colours, self.series
+        legend = f"[{first}]━ {a}[/]  [{second}]━ {b}[/]"
+        full_width = len(self.title) + len(a) + len(b) + 12  # the title, the legend, the border's corners
+        narrow = 0 < self.size.width < full_width
+        self.border_title = legend if narrow else f"{self.title}  {legend}"
+
+    def on_resize(self) -> None:
+        if self._legend_colours and self._key is not None and self.border_title != self.title:
+            self._show_legend()
 
     def _start(self) -> None:
         plt = self.plt
@@ -122,6 +136,54 @@ class LossChart(_Chart):
         steps, loss, smooth = ([seq[i] for i in finite] for seq in (steps, loss, smooth))
         self._plot_pair(*thin(steps, loss, smooth))
         self.refresh()
+
+
+class VectorChart(_Chart):
+    """The learned vector over steps: its mean norm (left axis, with the vocabulary's median norm
+    as a reference line) and its mean cosine to the initializer (right axis).  A word whose norm
+    runs far past the vocabulary's is the "too strong" word that ignores the rest of a prompt."""
+
+    empty_text = "waiting for the vector's figures"
+    title = "Vector"
+    series = ("norm", "cos to init")
+
+    def set_data(self, steps: list[int], norm: list[float], cos_init: list[float], vocab_norm: float | None,
+                 norms: list[float] | None = None, cos_inits: list[float] | None = None) -> None:
+        """Encoder 1's figures over steps; `norms`/`cos_inits`: the latest per encoder (the subtitle)."""
+        key = (len(steps), steps[-1] if steps else None, vocab_norm, tuple(norms or ()), self.app.theme)
+        if self._unchanged(key):
+            return
+        finite = [i for i, v in enumerate(norm) if math.isfinite(v)]
+        if not finite:
+            self._empty()
+            return
+        xs, ys, cs = thin([steps[i] for i in finite], [norm[i] for i in finite], [cos_init[i] for i in finite])
+        norm_c, cos_c = self._colours()
+        self._start()
+        plt = self.plt
+        plt.plot(xs, ys, color=norm_c, marker="braille")
+        cos_points = [(x, c) for x, c in zip(xs, cs) if math.isfinite(c)]
+        if cos_points:
+            plt.plot([x for x, _ in cos_points], [c for _, c in cos_points], color=cos_c, marker="braille",
+                     yside="right")
+        if vocab_norm:
+            plt.hline(vocab_norm, (128, 128, 128))  # the vocabulary's typical word
+            top = max(max(ys), vocab_norm)
+            plt.ylim(0, top * 1.1)
+        self.border_subtitle = vector_summary(norms or [ys[-1]], cos_inits or [cs[-1]], vocab_norm)
+        self.refresh()
+
+
+def vector_summary(norms: list[float], cos_inits: list[float], vocab_norm: float | None) -> str:
+    """`1.3× vocab · cos 0.93 · norm 0.51`: the norm against the vocabulary's median first (what
+    says "too strong"), then the cosine to the initializer; with two encoders each figure is `a/b`."""
+    def figures(values: list[float], fmt: str) -> str:
+        return "/".join(fmt.format(v) if math.isfinite(v) else "–" for v in values)
+
+    parts = []
+    if vocab_norm and norms and math.isfinite(norms[0]):
+        parts.append(f"{norms[0] / vocab_norm:.2g}× vocab")
+    return " · ".join(parts + [f"cos {figures(cos_inits, '{:.2f}')}", f"norm {figures(norms, '{:.3g}')}"])
 
 
 class VramChart(_Chart):

@@ -1,15 +1,15 @@
-"""The top navigation line (keys 1-4) and the bottom status bar (engine, device, VRAM, jobs)."""
+"""The top navigation line (keys 1-5) and the bottom status bar (engine, family, device, VRAM, jobs)."""
 
 from __future__ import annotations
 
 from rich.text import Text
 from textual.widgets import Static
 
-from tistudio.formatting import fmt_bytes
+from tistudio.formatting import device_memory, engine_workers, fmt_bytes
 from tistudio.messages import EngineChanged, JobsChanged, RunChanged, StatusChanged, StudioChange
 
 SCREENS = (("library", "1", "Library"), ("train", "2", "Train"), ("generate", "3", "Generate"),
-           ("metrics", "4", "Metrics"))
+           ("metrics", "4", "Metrics"), ("gallery", "5", "Gallery"))
 
 ENGINE_LABELS = {
     "online": ("●", "success", "engine: online"),
@@ -22,7 +22,7 @@ ENGINE_LABELS = {
 
 
 class NavBar(Static):
-    """`tistudio  1 Library  2 Train  3 Generate  4 Metrics   ? help`; the current one highlighted."""
+    """`tistudio  1 Library  2 Train  3 Generate  4 Metrics  5 Gallery   ? help`; the current one highlighted."""
 
     DEFAULT_CSS = """
     NavBar { height: 1; width: 100%; background: $panel; color: $text-muted; }
@@ -39,14 +39,15 @@ class NavBar(Static):
                 parts.append(f"[reverse $primary] {key} {label} [/]")
             else:
                 parts.append(f"[@click=app.show_screen('{mode}')] [b $primary]{key}[/] {label} [/]")
-        wide = self.size.width >= 70
+        wide = self.size.width >= 90
         if wide:
             parts.append("  [@click=app.help][b $primary]?[/] help[/]  [@click=app.quit][b $primary]q[/] quit[/]")
         return " ".join(p for p in parts if p)
 
 
 class StatusBar(Static):
-    """One line: engine state · device · VRAM in use · jobs running/queued."""
+    """One line: engine state · the model's family · device · VRAM in use · jobs running/queued.
+    An engine with several workers (one per device) shows each device with its memory instead."""
 
     DEFAULT_CSS = """
     StatusBar { height: 1; width: 100%; background: $panel; color: $foreground; padding: 0 1;
@@ -71,17 +72,24 @@ class StatusBar(Static):
         text = Text()
         text.append(symbol + " ", style=colours.get(colour) or "")
         text.append(label)
-        device = (state.status or {}).get("device") or {}
-        name = device.get("device")
-        if name and name != "unknown":
-            label = name + (f" {device['name']}" if device.get("name") else "")
-            text.append("  │  device: " + label)
+        family = getattr(self.app, "model_family", None)
+        if family:
+            text.append(f"  │  {family}")
+        workers = engine_workers(state.status)
+        if len(workers) > 1:  # one worker per device: each device with its memory
+            text.append("  │  " + " · ".join(device_memory(w) for w in workers))
         else:
-            text.append("  │  device: –")
-        text.append("  │  VRAM: " + self._vram(device))
-        running = state.running()
+            device = (state.status or {}).get("device") or {}
+            name = device.get("device")
+            if name and name != "unknown":
+                label = name + (f" {device['name']}" if device.get("name") else "")
+                text.append("  │  device: " + label)
+            else:
+                text.append("  │  device: –")
+            text.append("  │  VRAM: " + self._vram(device))
+        running = sum(1 for job in state.jobs if job.get("status") == "running")
         queued = len(state.queued())
-        text.append(f"  │  jobs: {'1 running, ' if running else ''}{queued} queued")
+        text.append(f"  │  jobs: {f'{running} running, ' if running else ''}{queued} queued")
         return text
 
     def _vram(self, device: dict) -> str:

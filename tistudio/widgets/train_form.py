@@ -2,9 +2,12 @@
 
 The study's settings come first (steps, lr, seed, batch); the options for a small
 card or an unusual run follow (grad accumulation with the effective batch it gives,
-low VRAM, init from an existing embedding, several vectors, checkpoint pruning,
-compile, resolution, prompt templates, device).  An empty optional field is left out
-of the params, so the engine's default applies.
+low VRAM, init from an existing embedding, several vectors, a regularizer that keeps
+the word editable, checkpoint pruning, compile, resolution, prompt templates, device).
+An empty optional field is left out of the params, so the engine's default applies.
+
+The settings file's `[train]` table (the one `tistudio train` reads) gives the fields
+their first values; its keys are the CLI's options, spelt with - or _.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Checkbox, Input, Select, Static
 
+from engine.train_config import REGULARIZERS
 from tistudio.widgets.forms import (
     FieldRow,
     PathSuggester,
@@ -32,6 +36,10 @@ DEFAULTS = {"steps": "2000", "lr": "5e-4", "seed": "0", "batch_size": "1", "grad
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "warmup", "cosine")
+SELECTS = {"lr_schedule": LR_SCHEDULES, "precision": PRECISIONS, "compile": COMPILE_MODES, "regularize": REGULARIZERS}
+# `tistudio train` options the form has no field for, as the job params they become
+HIDDEN_PARAMS = {"center_crop": "center_crop", "flip": "flip_p", "preview_steps": "preview_steps"}
+SWEEP_ONLY = ("seeds", "inits", "detach")  # CLI-only: the form trains one run
 
 
 def _choices(values) -> list[tuple[str, str]]:
@@ -57,6 +65,9 @@ class TrainForm(VerticalScroll):
         yield field("Init word", "init", "(concept's)")
         yield field("Init from", "init_from", "(init word)", suggester=PinSuggester(self._pins, paths=True))
         yield field("Vectors", "vectors", integer=True)
+        yield FieldRow("Regularize", Select(_choices(REGULARIZERS), value="none", allow_blank=False, id="regularize",
+                                            compact=True))
+        yield field("Reg. weight", "reg_weight", "(method's)")
         yield field("Log every", "log_every", integer=True)
         yield field("Save every", "save_every", integer=True)
         yield field("Keep ckpts", "keep_checkpoints", "(all)", integer=True)
@@ -74,8 +85,42 @@ class TrainForm(VerticalScroll):
         yield field("Templates", "templates", "(the study's)", suggester=PathSuggester())
         yield field("Device", "device", "(auto)")
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.hidden_params: dict = {}  # settings-file values for options without a field
+
     def on_mount(self) -> None:
+        config = getattr(self.app, "config", None)
+        problems = self.apply_defaults(config.commands.get("train", {}) if config else {})
+        if problems:
+            where = config.path if config is not None and config.path else "the settings file"
+            self.notify(f"{where}: [train] {'; '.join(problems)}", severity="warning", title="Settings")
         self._show_effective_batch()
+
+    def apply_defaults(self, table: dict) -> list[str]:
+        """Fill the fields from a settings `[train]` table; returns what could not be used."""
+        problems = []
+        for key, value in table.items():
+            name = str(key).replace("-", "_")
+            if name in SELECTS:
+                if value not in SELECTS[name]:
+                    problems.append(f"{key} = {value!r} is not one of {', '.join(SELECTS[name])}")
+                    continue
+                self.query_one(f"#{name}", Select).value = value
+            elif name == "low_vram":
+                if not isinstance(value, bool):
+                    problems.append(f"{key} must be true or false")
+                    continue
+                self.query_one("#low_vram", Checkbox).value = value
+            elif name in HIDDEN_PARAMS:
+                self.hidden_params[HIDDEN_PARAMS[name]] = value
+            elif name in SWEEP_ONLY:
+                problems.append(f"{key} is for `tistudio train` only (the form trains one run)")
+            elif self.query(f"#{name}").filter("Input"):
+                self.query_one(f"#{name}", Input).value = str(value)
+            else:
+                problems.append(f"{key} is not a train option")
+        return problems
 
     def _text(self, key: str) -> str:
         return self.query_one(f"#{key}", Input).value.strip()
@@ -121,11 +166,14 @@ class TrainForm(VerticalScroll):
             "save_every": parse_int(text("save_every"), "Save every", 1),
             "preview_every": parse_int(text("preview_every"), "Preview every", 0),
             "lr_schedule": self.query_one("#lr_schedule", Select).value,
+            "regularize": self.query_one("#regularize", Select).value,
+            "reg_weight": parse_float(text("reg_weight"), "Reg. weight", minimum=0.0) if text("reg_weight") else 0.0,
             "warmup_steps": parse_int(text("warmup_steps"), "Warmup steps", 0),
             "weight_decay": parse_float(text("weight_decay"), "Weight decay", minimum=0.0),
             "precision": self.query_one("#precision", Select).value,
             "compile": self.query_one("#compile", Select).value,
             "model": model,
+            **self.hidden_params,
         }
         optional = {
             "init": text("init") or None,
