@@ -32,8 +32,9 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(PY) -m pytest -q
 
+# `make bench DEVICES=N`: sweep throughput through the engine on 1 and on N devices (bench/scaling.py)
 bench: $(STAMP)
-	$(PY) bench/run.py
+	$(PY) bench/run.py $(if $(DEVICES),--devices $(DEVICES)) $(BENCH_ARGS)
 
 # A bare GPU machine (no registry, its own torch): `make wheels` here, carry .whl, then there
 # `python3 bench/device.py $$OUT` (or `make bench-device`, which writes to $$OUT when it is set;

@@ -8,6 +8,8 @@ one whose model spec the engine does not know is recorded as skipped.
 
 On CUDA: builtin:sd15-arch (SD 1.5's shapes, random weights) at 512 px, fp16, batch 1,
 within a 465 s budget.  On CPU: builtin:tiny at 64 px, fp32 (ratios only).
+`--devices N` measures something else instead: throughput through the real engine on one
+worker and on N (bench/scaling.py; `make bench DEVICES=N`).
 Standard library only: torch is imported by the children (bench/measure.py) alone.
 Exit status: 0 when every variant that ran succeeded, 1 otherwise, 2 for bad arguments.
 """
@@ -62,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, help="seconds for the whole run, 0 for none "
                         f"(GPU {CUDA_BUDGET_S}, CPU none); variants that no longer fit are skipped")
     parser.add_argument("--timeout", type=float, help="caps every variant's own time limit (seconds)")
+    parser.add_argument("--devices", type=int, metavar="N",
+                        help="instead of the variants: equal runs and a sweep on 1 worker and on N "
+                             "(bench/scaling.py), through the engine")
     args = parser.parse_args(argv)
     try:
         args.variants = select(args.only, args.skip)
@@ -262,6 +267,11 @@ def summary_line(line: dict) -> str:
 def main(argv: list[str] | None = None, env: dict | None = None, preamble: dict | None = None) -> int:
     """Run the selected variants; `env` and `preamble` come from bench/device.py on a bare machine."""
     args = parse_args(argv)
+    if args.devices is not None:
+        from bench import scaling
+
+        return scaling.main(["--devices", str(args.devices), "--out", str(args.out),
+                             *(["--steps", str(args.steps)] if args.steps else [])])
     session_dir = Path(tempfile.mkdtemp(prefix="tistudio-bench-session-"))
     try:  # everything the children write (caches, images, a random CLIP) lives here and goes
         env = {**child_env(session_dir), **(env or {})}

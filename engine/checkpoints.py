@@ -10,6 +10,9 @@ another --vectors or model family stops with a message instead of mixing them.
 With --keep-checkpoints N, older step folders are pruned after each new one is
 in place: renamed to a hidden name first (atomic), then removed, so a kill at
 any instant leaves whole checkpoints and hidden litter that resume clears.
+
+Finding checkpoints needs no torch (the engine server plans a split sweep's resume
+from them); saving and restoring one imports it.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING
 
 from engine.errors import UserError
 from engine.faults import maybe_fault
 from engine.paths import _fsync_dir
+
+if TYPE_CHECKING:
+    import torch
 
 STATE_FILE = "state.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -73,6 +77,8 @@ def _remove_partial(run_dir: Path) -> None:
 def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: dict, generator: torch.Generator,
              layout=None) -> Path:
     """Save run `row`'s vectors, optimizer row and RNG state as `step-N/` (atomically)."""
+    from safetensors.torch import save_file
+
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True, mode=0o700)
     final = root / f"step-{step}"
@@ -102,6 +108,9 @@ def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: d
 
 
 def restore_row(ckpt: Checkpoint, row: int, vectors: torch.Tensor, state: dict, generator: torch.Generator) -> None:
+    import torch
+    from safetensors.torch import load_file
+
     tensors = load_file(str(ckpt.path / STATE_FILE))
     saved, wanted = tuple(tensors["vector"].shape[1:]), tuple(vectors.shape[1:])
     if saved != wanted:

@@ -28,6 +28,7 @@ from engine.paths import ensure_private_dir, home_dir
 from engine.protocol import STREAM_LIMIT, engine_dir, log_path, socket_address, socket_path
 
 CONNECT_TIMEOUT = 20.0
+RAY_CONNECT_TIMEOUT = 180.0  # an engine on Ray joins the cluster and checks its storage before it listens
 MAX_LOG_BYTES = 5 * 1024 * 1024
 
 # What a connect attempt raises while there is no engine (yet) or it is going away.
@@ -40,9 +41,9 @@ class EngineNotRunning(EngineError):
 
 
 class EngineClient:
-    def __init__(self, home: os.PathLike | str | None = None, timeout: float = CONNECT_TIMEOUT):
+    def __init__(self, home: os.PathLike | str | None = None, timeout: float | None = None):
         self.home = home_dir(home)
-        self.timeout = timeout
+        self.timeout = timeout if timeout is not None else _connect_timeout()
         self.server_pid: int | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
@@ -112,6 +113,10 @@ class EngineClient:
         code = proc.poll()
         if code is None:
             return False  # still starting up
+        if code == 2:
+            reason = _refusal(self.home)
+            if reason:
+                raise UserError(reason)
         if code != 0:
             raise EngineError(f"the engine failed to start (exit code {code}):\n{_log_tail(self.home)}")
         # It exited quietly: another engine held the lock.  If that one was on its way
@@ -266,6 +271,13 @@ class EngineClient:
         return None
 
 
+def _connect_timeout() -> float:
+    """How long to wait for an engine to answer: longer when the one we start joins a Ray cluster."""
+    from engine.devices import ray_address
+
+    return RAY_CONNECT_TIMEOUT if ray_address() else CONNECT_TIMEOUT
+
+
 def _checked(msg: dict) -> dict:
     """`msg`, unless it is an ErrorAnswer: then UserError (user=True) or EngineError."""
     if "error" in msg:
@@ -280,6 +292,14 @@ def _open_log(home: Path):
         if path.stat().st_size > MAX_LOG_BYTES:
             os.replace(path, path.with_suffix(".log.1"))
     return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab")
+
+
+def _refusal(home: Path) -> str | None:
+    """Why the engine refused to start (protocol.CANNOT_START), from its log's last lines."""
+    for line in reversed(_log_tail(home).splitlines()):
+        if line.startswith(protocol.CANNOT_START):
+            return line[len(protocol.CANNOT_START):]
+    return None
 
 
 def _log_tail(home: Path, lines: int = 20) -> str:

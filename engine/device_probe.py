@@ -49,13 +49,15 @@ class Gpu:
     source: str = "nvidia-smi"
 
 
-def probe(env: Mapping[str, str] = os.environ) -> dict:
+def probe(env: Mapping[str, str] = os.environ, gpus: list[Gpu] | None = None) -> dict:
     """{"device": "cuda:N" | "cpu" | …, "source", and for a GPU "name", "vram_total",
-    "vram_used_device" (bytes, when nvidia-smi gives them); "note" when something is off}."""
+    "vram_used_device" (bytes, when nvidia-smi gives them); "note" when something is off}.
+    `gpus`: every GPU of the machine (`all_gpus()`), when the caller has asked already."""
     requested = env.get("TISTUDIO_DEVICE") or None
     if requested and not requested.startswith("cuda"):
         return {"device": requested, "source": "TISTUDIO_DEVICE"}
-    gpus = visible(all_gpus(), env.get("CUDA_VISIBLE_DEVICES"))
+    everything = all_gpus() if gpus is None else gpus
+    gpus = visible(everything, env.get("CUDA_VISIBLE_DEVICES"))
     cuda_build = torch_has_cuda()
     if gpus and cuda_build:
         index = int(requested.partition(":")[2] or 0) if requested else 0
@@ -69,7 +71,7 @@ def probe(env: Mapping[str, str] = os.environ) -> dict:
     elif gpus:
         info["note"] = (f"{len(gpus)} NVIDIA GPU(s) visible, but the installed torch has no CUDA: "
                         "install a CUDA build of torch (see the README)")
-    elif env.get("CUDA_VISIBLE_DEVICES") is not None and all_gpus():
+    elif env.get("CUDA_VISIBLE_DEVICES") is not None and everything:
         info["note"] = f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']!r} hides every GPU"
     return info
 

@@ -39,12 +39,16 @@ def maybe_fault(point: str, step: int = 0) -> str | None:
 
 
 def _first_time(entry: str) -> bool:
+    """Claim the fault's marker; only one process ever does (several workers may reach the
+    same point at once: O_EXCL makes the claim atomic)."""
     state = Path(os.environ["TISTUDIO_FAULTS_STATE"])
-    marker = state / entry.replace(":", "_")
-    if marker.exists():
-        return False
     state.mkdir(parents=True, exist_ok=True)
-    marker.write_text(str(os.getpid()))
+    try:
+        fd = os.open(state / entry.replace(":", "_"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as marker:
+        marker.write(str(os.getpid()))
     return True
 
 

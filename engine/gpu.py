@@ -12,11 +12,25 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 def pick_device(requested: str | None = None) -> torch.device:
-    """--device / $TISTUDIO_DEVICE, else CUDA when present, else CPU."""
-    name = requested or os.environ.get("TISTUDIO_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    """--device / $TISTUDIO_DEVICE, else CUDA when present, else CPU.
+
+    A bare `cuda` means the worker's own GPU when $TISTUDIO_DEVICE names one (the engine
+    gives each worker its device there, engine.devices), and a CUDA device picked becomes
+    torch's current one, so library code that says "cuda" (or frees "the" cache) uses it
+    rather than opening a context on GPU 0."""
+    own = os.environ.get("TISTUDIO_DEVICE")
+    name = requested or own or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and own and own.startswith("cuda:"):
+        name = own
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise UserError(f"device {name!r} asked for but only {torch.cuda.device_count()} CUDA device(s) "
+                            "are visible; use cuda:0 … or check CUDA_VISIBLE_DEVICES")
+        torch.cuda.set_device(device)
+    return device
 
 
 def frozen_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:

@@ -416,18 +416,22 @@ def last_status(run_dir: os.PathLike | str) -> str | None:
     return event.get("status") if event else None
 
 
-def settle_run(run_dir: os.PathLike | str, status: str, error: str | None = None) -> dict | None:
-    """Give a run whose writer is gone (a dead worker, a job cancelled before it ran) its final
-    `status`.  When the log already ends with that status (the writer died, or the disk refused,
-    between the two writes of `set_status`) only run.json is brought in line with it; otherwise
-    both are written.  Returns the status event written, or None."""
+def settle_run(run_dir: os.PathLike | str, status: str, error: str | None = None,
+               result: dict | None = None) -> dict | None:
+    """Give a run whose writer is gone (a dead worker, a job cancelled before it ran, a sweep
+    whose groups have all ended) its final `status` (and `result`).  When the log already ends
+    with that status (the writer died, or the disk refused, between the two writes of
+    `set_status`) only run.json is brought in line with it; otherwise both are written.
+    Returns the status event written, or None."""
     if status not in FINAL:
         raise ValueError(f"{status!r} is not a final status")
     logged = last_status_event(run_dir)
     if logged and logged.get("status") == status:
-        update_run(run_dir, status=status, error=logged.get("error", error), finished=logged.get("t"), pid=None)
+        extra = {"result": result} if result is not None else {}
+        update_run(run_dir, status=status, error=logged.get("error", error), finished=logged.get("t"), pid=None,
+                   **extra)
         return None
-    return set_status(run_dir, status, error=error)
+    return set_status(run_dir, status, error=error, result=result)
 
 
 def recover_run(run_dir: os.PathLike | str, reason: str) -> str:
@@ -464,6 +468,11 @@ class JobContext:
     log: EventLog | None = None
     progress_interval: float = 0.25  # seconds between progress messages to the server
     write_interval: float = 2.0  # seconds between step-only rewrites of run.json
+    placement: dict = field(default_factory=dict)  # run.json fields saying where it runs: device, node
+    # False for a helper group of a sweep split over workers (engine.protocol.SweepGroup): the job's
+    # own log and run.json belong to its lead group's worker, so what this context would write
+    # there is dropped (one writer per file); its members' records are its own.
+    writes_job: bool = True
 
     def __post_init__(self):
         self.run_dir, self.home = Path(self.run_dir), Path(self.home)
@@ -483,6 +492,8 @@ class JobContext:
 
     def emit(self, type: str, **fields: Any) -> dict:
         """Append an event to the run's log and forward it to live subscribers."""
+        if not self.writes_job:
+            return {"type": type, **fields}
         with self.emit_lock:
             record = self.log.append({"type": type, **fields})
             if self.send:
@@ -495,6 +506,8 @@ class JobContext:
         bad = _RESERVED.intersection(run_fields)
         if bad:
             raise ValueError(f"set_progress cannot set {sorted(bad)}")
+        if not self.writes_job:
+            return
         changed_steps = steps is not None and steps != self._steps
         if step is not None:
             self._step = step
@@ -513,7 +526,7 @@ class JobContext:
 
     def flush(self) -> None:
         """Write the latest step to run.json (the worker calls this when the job ends)."""
-        if self._dirty:
+        if self._dirty and self.writes_job:
             self._dirty = False
             update_run(self.run_dir, **self._progress())
             if self.send:

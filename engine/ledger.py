@@ -35,6 +35,7 @@ class Unsaved:
     status: str
     error: str | None
     reason: str  # why the write failed, for the user
+    result: dict | None = None
 
 
 class StatusLedger:
@@ -47,14 +48,15 @@ class StatusLedger:
 
     # -- writing
 
-    def settle(self, run_dir: os.PathLike | str, status: str, error: str | None = None) -> dict | None:
+    def settle(self, run_dir: os.PathLike | str, status: str, error: str | None = None,
+               result: dict | None = None) -> dict | None:
         """Write a run's final status (engine.jobs.settle_run); returns the status event written,
         if one was.  A refused write is remembered and tried again by `retry`."""
         run_dir = Path(run_dir)
         try:
-            event = jobs.settle_run(run_dir, status, error)
+            event = jobs.settle_run(run_dir, status, error, result)
         except (OSError, ValueError) as exc:
-            self._refused(Unsaved(run_dir, status, error, self._why(exc)), exc)
+            self._refused(Unsaved(run_dir, status, error, self._why(exc), result), exc)
             return None
         self._written(run_dir.name)
         return event
@@ -71,12 +73,13 @@ class StatusLedger:
         self._written(run_dir.name)
         return status
 
-    def settle_members(self, run_dir: os.PathLike | str, status: str,
-                       error: str | None = None) -> list[tuple[str, dict | None]]:
+    def settle_members(self, run_dir: os.PathLike | str, status: str, error: str | None = None,
+                       only: list[str] | None = None) -> list[tuple[str, dict | None]]:
         """A sweep's members end with it: each member not yet final takes the parent's final
-        status.  Returns (member id, status event written or None) for each one settled."""
+        status (`only`: just these members, a group whose worker died).  Returns (member id,
+        status event written or None) for each one settled."""
         settled = []
-        for member_id in jobs.member_ids(run_dir):
+        for member_id in jobs.member_ids(run_dir) if only is None else only:
             member_dir = Path(run_dir).parent / member_id
             try:
                 current = jobs.load_run(member_dir).get("status")
@@ -109,7 +112,7 @@ class StatusLedger:
             if self.unsaved.get(run_id) is not entry:
                 continue  # settled again or forgotten meanwhile
             try:
-                jobs.settle_run(entry.run_dir, entry.status, entry.error)
+                jobs.settle_run(entry.run_dir, entry.status, entry.error, entry.result)
             except (OSError, ValueError) as exc:
                 entry.reason = self._why(exc)
                 return  # the disk is still refusing: try the rest next time

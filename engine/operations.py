@@ -23,7 +23,7 @@ from engine.job_queue import Job, JobQueue
 from engine.jobs import EventLog
 from engine.ledger import StatusLedger
 from engine.paths import disk_full_message, is_disk_full
-from engine.scheduler import Scheduler
+from engine.scheduler import DEVICE_NOTES, Scheduler
 
 log = logging.getLogger("tistudio.engine")
 
@@ -63,9 +63,11 @@ class Operations:
         return protocol.PingAnswer(pid=os.getpid(), version=self.version)
 
     async def status(self, req: protocol.Status) -> protocol.StatusAnswer:
-        supervisor = self.scheduler.supervisor
-        device = await supervisor.probe_device() if req.device else supervisor.last_device
-        current = self.scheduler.current
+        workers = await self.scheduler.workers(probe=req.device)
+        running = self.scheduler.running()
+        first = workers[0] if workers else {}
+        device = {k: v for k, v in first.items() if k in ("device", "name", "source", *DEVICE_NOTES) and v is not None}
+        device.update(first.get("memory") or {})
         return protocol.StatusAnswer(
             pid=os.getpid(),
             version=self.version,
@@ -74,13 +76,15 @@ class Operations:
             uptime=time.time() - self.started,
             queue=len(self.queue),
             queued=[job.run_id for job in self.queue.waiting()],
-            running=current.summary() if current else None,
-            worker_pid=supervisor.pid,
+            running=running[0].summary() if running else None,
+            worker_pid=first.get("pid"),
             device=device or {"device": "unknown"},
             clients=self._clients(),
             idle_seconds=self.idle_seconds,
-            environment=device_probe.environment(supervisor.worker_env()),
+            environment=device_probe.environment(os.environ),
             storage=self.ledger.health(),
+            workers=workers,
+            backend=self.scheduler.pool.describe(),
         )
 
     async def submit(self, req: protocol.Submit) -> protocol.SubmitAnswer:
@@ -95,6 +99,7 @@ class Operations:
 
     def _new_job(self, req: protocol.Submit) -> Job:
         spec = {"kind": req.kind, "concept": req.concept, "params": req.params or {}}
+        self.scheduler.check_device(_requested_device(spec["params"]))  # before anything is written
         run_dir = jobs.create_run(self.home, spec)
         try:
             EventLog(run_dir / "events.jsonl").append({"type": "status", "status": "queued"})
@@ -110,6 +115,7 @@ class Operations:
         run_dir = jobs.find_run(self.home, run_id)
         record = jobs.load_run(run_dir)
         merged = {**(record.get("params") or {}), **(params or {})}
+        self.scheduler.check_device(_requested_device(merged))
         self.ledger.retry()  # how it ended last time goes to disk first, if it is still in memory
         jobs.set_status(run_dir, "queued", resume=True, params=merged, finished=None, pid=None)
         self.ledger.forget(run_id)
@@ -133,9 +139,10 @@ class Operations:
                 run.update(job.summary())
             self.ledger.overlay(run)
             run["position"] = positions.get(run["id"])
-        current = self.scheduler.current
+        running = [job.run_id for job in self.scheduler.running()]
         return protocol.JobsAnswer(runs, [job.run_id for job in self.queue.waiting()],
-                                   current.run_id if current else None, storage=self.ledger.health())
+                                   running[0] if running else None, storage=self.ledger.health(),
+                                   running_jobs=running)
 
     async def stop(self, req: protocol.Stop) -> protocol.StopAnswer:
         busy = self.scheduler.busy()
@@ -170,3 +177,10 @@ class Operations:
     def _record(self, run_dir: Path) -> dict:
         """A run's record as the engine knows it: run.json, with what the disk lacks laid over it."""
         return self.ledger.overlay(jobs.load_run(run_dir))
+
+
+def _requested_device(params: dict) -> str | None:
+    device = params.get("device") if isinstance(params, dict) else None
+    if device is not None and not isinstance(device, str):
+        raise UserError(f"device {device!r} is not a device name; give cpu, cuda or cuda:N")
+    return device or None

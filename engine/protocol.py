@@ -44,6 +44,10 @@ from typing import Any, ClassVar, Iterator, Union
 PROTOCOL = 1
 STREAM_LIMIT = 64 * 1024 * 1024  # the longest line either side accepts (a batch of replayed events)
 EVENTS_PER_BATCH = 1000  # events per EventBatch line when replaying a log
+# An engine that refuses to start (a setting that cannot work: a bad TISTUDIO_DEVICES, a Ray
+# cluster that does not share the data directory) exits 2 with its reason on a last log
+# line after this prefix; the client that started it shows that reason to the user.
+CANNOT_START = "engine: cannot start: "
 
 
 class ProtocolError(ValueError):
@@ -160,9 +164,22 @@ def _checked(owner: str, name: str, value: Any, hint: Any) -> Any:
     """`value` if it has the JSON shape `hint` names (nested messages are built), else ProtocolError."""
     if isinstance(hint, type) and issubclass(hint, Message):
         return hint.from_wire(value)
+    message = _optional_message(hint)
+    if message is not None:
+        return None if value is None else message.from_wire(value)
     if _conforms(value, hint):
         return value
     raise ProtocolError(f"{owner}.{name}: {value!r} is not {_describe(hint)}")
+
+
+def _optional_message(hint: Any) -> type[Message] | None:
+    """M for a hint `M | None` where M is a Message; else None."""
+    if typing.get_origin(hint) not in (Union, types.UnionType):
+        return None
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if len(args) == 1 and isinstance(args[0], type) and issubclass(args[0], Message):
+        return args[0]
+    return None
 
 
 def _conforms(value: Any, hint: Any) -> bool:
@@ -279,10 +296,42 @@ class PingAnswer(Message):
 
 @dataclass(frozen=True)
 class StatusAnswer(Message):
-    """What the engine is doing.  `running` is the running job's summary (None when idle),
-    `device` what a worker would run on ({"device": "cuda:0" | "cpu" …, "source": …}),
-    `environment` the variables the worker inherits that change what it does, `storage`
-    whether the engine can write to its home (`Storage.to_wire`)."""
+    """What the engine is doing.
+
+    `workers` is the engine's picture, one entry per worker (one per device; on Ray, one per
+    Ray actor), in a fixed order.  Each is a dict (read keys with .get: more may come):
+
+        worker       int         its place in the list (0 …), stable while the engine runs
+        device       str         "cuda:1", "cpu" … as TISTUDIO_DEVICES names it; on Ray the
+                                 device inside the actor ("cuda:0" there) once it has said
+        backend      str         "local" (a child process) or "ray" (a Ray actor)
+        node         str | None  the Ray node's address (None for local workers)
+        pid          int | None  the worker's process, None while there is none (it starts
+                                 with its first job)
+        state        str         "idle", "starting" (its process is starting for a job),
+                                 "running", or "none" (no process yet)
+        job          str | None  the run id it is running (a split sweep: the sweep's id)
+        kind, concept            that job's kind and concept
+        members      list | None the sweep members this worker trains, when it trains a group
+        step, steps  int | None  its latest step event (for a sweep group: its first member)
+        steps_per_s  float|None  from that step event
+        name         str | None  the GPU's name
+        memory       dict        bytes, each key present when known: vram_total,
+                                 vram_used_device (the whole device, every process),
+                                 vram_allocated, vram_reserved, vram_peak (this worker's
+                                 torch); rss (the worker process's resident memory, Linux)
+        source       str | None  where the device figures came from ("worker": its torch,
+                                 "nvidia-smi", "driver", "engine" (assigned, nothing to
+                                 measure: a CPU), "probe", "ray")
+        torch, gpus, note, error   present when the probe says them: torch's version (an
+                                 idle worker that loaded it), GPUs visible, what is off
+
+    The older single-device fields stay for old clients: `running` is the first running job's
+    summary (None when idle), `worker_pid` the first worker's pid, `device` the first
+    worker's device ({"device": "cuda:0" | "cpu" …, "source": …, vram figures}).
+    `backend` says how jobs are run: {"kind": "local", "devices": [...]} or {"kind": "ray",
+    "address": …, "workers": N}.  `environment` is the variables the workers inherit that
+    change what they do, `storage` whether the engine can write to its home."""
 
     pid: int
     version: str
@@ -298,6 +347,8 @@ class StatusAnswer(Message):
     idle_seconds: float
     environment: dict = field(default_factory=dict)
     storage: dict = field(default_factory=dict)
+    workers: list[dict] = field(default_factory=list)
+    backend: dict = field(default_factory=dict)
     protocol: int = PROTOCOL
 
 
@@ -317,12 +368,14 @@ class CancelAnswer(Message):
 @dataclass(frozen=True)
 class JobsAnswer(Message):
     """Every run (oldest first): its run.json fields plus run_dir and queue position, with the
-    engine's in-memory status laid over what the disk says."""
+    engine's in-memory status laid over what the disk says.  `running` is the first running
+    job (old clients), `running_jobs` every one, in the order they started."""
 
     jobs: list[dict]
     queue: list[str]
     running: str | None
     storage: dict = field(default_factory=dict)
+    running_jobs: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -354,8 +407,22 @@ class StreamEnd(Message):
 
 
 @dataclass(frozen=True)
+class SweepGroup(Message):
+    """One part of a sweep split over several workers (engine.placement), each part still
+    batched.  Group 0 leads: it alone writes the sweep's own run.json and log; the others
+    write only their members'.  `members` None (the sweep's first attempt): the lead makes
+    every member, the others wait for them in the sweep's run.json; then each trains its
+    group of `count` (engine.sweeps.chunk)."""
+
+    index: int
+    count: int
+    members: list[str] | None = None
+
+
+@dataclass(frozen=True)
 class JobSpec(Message):
-    """What a worker needs to run one job."""
+    """What a worker needs to run one job (`group`: only that part of a split sweep; a job
+    with a group never writes its own final status: the server does, once every group ended)."""
 
     run_id: str
     run_dir: str
@@ -364,6 +431,7 @@ class JobSpec(Message):
     params: dict = field(default_factory=dict)
     resumed: bool = False
     attempts: int = 0
+    group: SweepGroup | None = None
 
 
 @dataclass(frozen=True)

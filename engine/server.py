@@ -1,13 +1,15 @@
 """The engine process: the socket clients talk to, and its lifecycle.
 
-    python -m engine.server --home DIR [--idle SECONDS]
+    python -m engine.server --home DIR [--idle SECONDS] [--ray auto|ADDRESS]
 
 Started on demand by `engine.client` in its own session, so closing the terminal
 never stops a run.  One engine per home (an flock on engine/engine.lock; a second
 server exits quietly with status 0).  It imports no torch: GPU work happens in the
-worker (`engine.worker`), a child process that lives across jobs to keep models
-warm and is replaced if it dies.  The engine exits once nothing is queued or
-running and no client has been connected for the idle period
+workers (`engine.worker`), one child process per device ($TISTUDIO_DEVICES,
+engine.devices) that lives across jobs to keep models warm and is replaced if it
+dies.  With --ray (or $TISTUDIO_RAY_ADDRESS) the workers are Ray actors on a
+cluster instead (engine.ray_backend; the `cluster` extra).  The engine exits once
+nothing is queued or running and no client has been connected for the idle period
 (--idle, else $TISTUDIO_ENGINE_IDLE, else 30 minutes).
 
 Files, in <home>/engine/ (0700):  engine.sock (0600), engine.lock, engine.pid, engine.log.
@@ -16,9 +18,11 @@ The server is assembled from units that each hold one concern:
 
     engine.protocol     the wire: paths, encoding, one dataclass per message
     engine.job_queue    jobs waiting, in arrival order; every job not yet settled
-    engine.scheduler    runs the queue on the worker, one job at a time; settles each job
+    engine.scheduler    runs the queue on the workers, one job per worker; settles each job
+    engine.placement    which job a free worker takes; how a sweep is split over workers
     engine.ledger       how each run ended, in memory first, written when the disk allows
-    engine.supervisor   the worker process: start, read, notice its death, probe the device
+    engine.supervisor   a worker process per device: start, read, notice its death, probe the device
+    engine.ray_backend  the same, as Ray actors on a cluster (only with --ray)
     engine.fanout       live events to the clients following a run
     engine.operations   one method per request
 
@@ -51,15 +55,17 @@ import sys
 import time
 from pathlib import Path
 
-from engine import jobs, protocol
+from engine import devices, jobs, placement, protocol
+from engine.errors import UserError
 from engine.fanout import Subscriptions, send
 from engine.job_queue import JobQueue
 from engine.jobs import ACTIVE
 from engine.ledger import StatusLedger
 from engine.operations import Operations
 from engine.paths import atomic_write_text, ensure_private_dir, home_dir
-from engine.protocol import STREAM_LIMIT, engine_dir, pid_path, socket_address, socket_path
+from engine.protocol import CANNOT_START, STREAM_LIMIT, engine_dir, pid_path, socket_address, socket_path
 from engine.scheduler import DEFAULT_CANCEL_GRACE, Scheduler
+from engine.supervisor import LocalWorkers
 
 DEFAULT_IDLE = 30 * 60.0
 RETRY_WRITES_SECONDS = 2.0  # how often refused writes are tried again
@@ -68,13 +74,15 @@ log = logging.getLogger("tistudio.engine")
 
 
 class EngineServer:
-    def __init__(self, home: Path, idle_seconds: float = DEFAULT_IDLE, cancel_grace: float = DEFAULT_CANCEL_GRACE):
+    def __init__(self, home: Path, idle_seconds: float = DEFAULT_IDLE, cancel_grace: float = DEFAULT_CANCEL_GRACE,
+                 pool=None, smallest_group: int = 1):
         self.home = Path(home)
         self.idle_seconds = idle_seconds
         self.queue = JobQueue()
         self.subscriptions = Subscriptions()
         self.ledger = StatusLedger(self.home)
-        self.scheduler = Scheduler(self.home, self.queue, self.subscriptions, self.ledger, cancel_grace)
+        self.scheduler = Scheduler(self.home, self.queue, self.subscriptions, self.ledger, cancel_grace,
+                                   pool=pool, smallest_group=smallest_group)
         self.operations = Operations(self.home, self.queue, self.scheduler, self.subscriptions, self.ledger,
                                      version=jobs.code_version(), idle_seconds=idle_seconds,
                                      clients=lambda: self.clients)
@@ -93,12 +101,13 @@ class EngineServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop, signal.Signals(sig).name)
         await asyncio.to_thread(self._recover)
+        await self.scheduler.start()  # joins and checks a Ray cluster: it may refuse, before anyone connects
         sock = _bind_socket(socket_path(self.home))
         self._listener = await asyncio.start_unix_server(self._client, sock=sock, limit=STREAM_LIMIT)
         # Only for people and tests: the socket is how clients find us, so a full disk may refuse it.
         self.ledger.write("the engine's pid file", lambda: atomic_write_text(pid_path(self.home), f"{os.getpid()}\n"))
-        log.info("engine %s started (pid %d, idle exit after %ss)",
-                 self.operations.version, os.getpid(), self.idle_seconds)
+        log.info("engine %s started (pid %d, idle exit after %ss, workers: %s)",
+                 self.operations.version, os.getpid(), self.idle_seconds, self.scheduler.pool.describe())
         tasks = [asyncio.create_task(self.scheduler.run()), asyncio.create_task(self._idle_watch()),
                  asyncio.create_task(self._retry_writes())]
         await self._stop.wait()
@@ -269,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", default=None)
     parser.add_argument("--idle", type=float, default=None, help="seconds of quiet before exiting")
     parser.add_argument("--cancel-grace", type=float, default=None)
+    parser.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                        help="run jobs on a Ray cluster (else $TISTUDIO_RAY_ADDRESS; off: on this machine)")
     args = parser.parse_args(argv)
     home = home_dir(args.home)
     ensure_private_dir(engine_dir(home))
@@ -282,8 +293,26 @@ def main(argv: list[str] | None = None) -> int:
     idle = args.idle if args.idle is not None else _env_seconds("TISTUDIO_ENGINE_IDLE", DEFAULT_IDLE)
     grace = args.cancel_grace if args.cancel_grace is not None else _env_seconds(
         "TISTUDIO_ENGINE_CANCEL_GRACE", DEFAULT_CANCEL_GRACE)
-    asyncio.run(EngineServer(home, idle_seconds=idle, cancel_grace=grace).serve())
+    try:
+        pool = _worker_pool(home, args.ray)
+        smallest = placement.min_group()
+        asyncio.run(EngineServer(home, idle_seconds=idle, cancel_grace=grace, pool=pool,
+                                 smallest_group=smallest).serve())
+    except UserError as exc:  # a setting that cannot work: say so in the log's last line, exit 2
+        log.error("cannot start: %s", exc)
+        print(f"{CANNOT_START}{exc}", file=sys.stderr, flush=True)
+        return 2
     return 0
+
+
+def _worker_pool(home: Path, ray: str | None):
+    """Local workers (one per device), or Ray actors when --ray / $TISTUDIO_RAY_ADDRESS say so."""
+    address = devices.ray_address(ray)
+    if address:
+        from engine.ray_backend import RayWorkers
+
+        return RayWorkers(home, address)
+    return LocalWorkers(home, devices.engine_devices())
 
 
 if __name__ == "__main__":

@@ -6,13 +6,15 @@ when it dies (the next job then gets a fresh one), and says what device the
 worker has, without starting one to ask (engine.device_probe).  It knows no
 queue: whoever feeds it (engine.scheduler) decides what runs when, and hears
 back through two callbacks, `on_message` and `on_exit`.
-So a server can hold one supervisor per device and feed them from one queue.
+So the server holds one supervisor per device and feeds them from one queue; the
+worker learns its device from its environment (engine.devices.worker_env).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from engine import device_probe, protocol
+from engine import device_probe, devices, protocol
 from engine.protocol import STREAM_LIMIT, JobSpec, log_path
 
 START_TIMEOUT = 60.0  # seconds for a new worker to say hello
@@ -58,17 +60,22 @@ ExitCallback = Callable[[WorkerProcess, "int | None", "str | None"], None]
 
 
 class WorkerSupervisor:
-    """Keeps one worker for `device` ("auto": the worker picks, as `engine.gpu.pick_device` does).
+    """Keeps one worker for `device` ("auto": the worker picks, as `engine.gpu.pick_device` does),
+    with `threads` CPU threads when it shares the CPU with other workers (engine.devices).
 
     on_message(worker, message) hears every message but the hello; on_exit(worker, exit code,
     run id it was running or None) hears each worker's death, after the supervisor has
     forgotten it."""
 
-    def __init__(self, home: os.PathLike | str, device: str = "auto", *, on_message: MessageCallback | None = None,
-                 on_exit: ExitCallback | None = None, start_timeout: float = START_TIMEOUT,
-                 probe_timeout: float = PROBE_TIMEOUT):
+    backend = "local"
+    node: str | None = None
+
+    def __init__(self, home: os.PathLike | str, device: str = "auto", *, threads: int | None = None,
+                 on_message: MessageCallback | None = None, on_exit: ExitCallback | None = None,
+                 start_timeout: float = START_TIMEOUT, probe_timeout: float = PROBE_TIMEOUT):
         self.home = Path(home)
         self.device = device
+        self.threads = threads
         self.worker: WorkerProcess | None = None
         self.in_flight: str | None = None  # the run id the worker is running
         self.last_device: dict | None = None  # the worker's last DeviceReport
@@ -91,15 +98,16 @@ class WorkerSupervisor:
             if self.worker is None:
                 self.worker = await self._spawn()
                 self.worker.reader = asyncio.create_task(self._read(self.worker))
-                log.info("worker %d started for device %s", self.worker.pid, self.device)
+                log.info("worker %d started for device %s%s", self.worker.pid, self.device,
+                         f" ({self.threads} CPU thread(s))" if self.threads else "")
             return self.worker
 
     def worker_env(self) -> dict[str, str]:
         """The environment a worker of this supervisor runs in."""
         env = dict(os.environ, TISTUDIO_ENGINE_PID=str(os.getpid()))
-        if self.device != "auto":
-            env["TISTUDIO_DEVICE"] = self.device
-        return env
+        if self.device == "auto":
+            return env
+        return devices.worker_env(self.device, self.threads, env)
 
     async def _spawn(self) -> WorkerProcess:
         env = self.worker_env()
@@ -151,15 +159,33 @@ class WorkerSupervisor:
 
     # -- the device
 
-    async def probe_device(self) -> dict:
+    def fits(self, requested: str | None) -> bool:
+        """Whether a job asking for device `requested` (or None) may run on this worker."""
+        return self.device == "auto" or devices.fits(requested, self.device)
+
+    async def probe_device(self, gpus: list | None = None) -> dict:
         """What a worker here runs on, never by starting one: an idle worker that has loaded
         torch answers with torch's own figures (source "worker"); otherwise (no worker, one
-        busy with a job, or one without torch yet) the torch-free probe answers."""
+        busy with a job, or one without torch yet) the torch-free probe answers (`gpus`:
+        nvidia-smi's list, when the caller has it already)."""
         if self.worker is not None and self.in_flight is None:
             answer = await self._ask_worker(self.worker)
             if answer:
                 return {**answer, "source": "worker"}
-        return await asyncio.to_thread(device_probe.probe, self.worker_env())
+        found = await asyncio.to_thread(device_probe.probe, self.worker_env(), gpus)
+        if found.get("source") == "TISTUDIO_DEVICE" and self.device != "auto":
+            found["source"] = "engine"  # the engine gave the worker this device (TISTUDIO_DEVICES)
+        return found
+
+    def memory(self) -> dict:
+        """The worker process's resident memory ({"rss": bytes}, Linux), or {}."""
+        if self.worker is None:
+            return {}
+        try:
+            pages = int(Path(f"/proc/{self.worker.pid}/statm").read_text().split()[1])
+        except (OSError, ValueError, IndexError):
+            return {}
+        return {"rss": pages * os.sysconf("SC_PAGE_SIZE")}
 
     async def _ask_worker(self, worker: WorkerProcess) -> dict | None:
         if self._device_answer is None or self._device_answer.done():
@@ -211,6 +237,42 @@ class WorkerSupervisor:
             self._on_exit(worker, code, run_id)
         except Exception:  # logged: the next job still gets a fresh worker
             log.exception("could not handle the exit of worker %d", worker.pid)
+
+
+class LocalWorkers:
+    """The local pool: one worker process per device of this machine (engine.devices)."""
+
+    kind = "local"
+
+    def __init__(self, home: os.PathLike | str, device_list: list[str] | None = None):
+        self.home = Path(home)
+        self.devices = list(device_list) if device_list is not None else devices.engine_devices()
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def supervisors(self, on_message, on_exit) -> list[WorkerSupervisor]:
+        """A supervisor per device; the callbacks get the worker's index first."""
+        threads = devices.cpu_threads(self.devices)
+        return [WorkerSupervisor(self.home, device, threads=threads if device == "cpu" else None,
+                                 on_message=functools.partial(on_message, i), on_exit=functools.partial(on_exit, i))
+                for i, device in enumerate(self.devices)]
+
+    def check_device(self, requested: str | None) -> None:
+        if "auto" not in self.devices:
+            devices.check_request(requested, self.devices)
+
+    async def gpus(self) -> list | None:
+        """nvidia-smi's GPUs, asked once for every worker's probe (None: each probes alone)."""
+        if all(d == "cpu" for d in self.devices):
+            return []
+        return await asyncio.to_thread(device_probe.all_gpus)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "devices": list(self.devices)}
 
 
 def describe_exit(code: int | None) -> str:

@@ -6,12 +6,19 @@ A sweep member is a full run directory of kind "train" (`parent` names the job
 that trains it, when there is one), so export, generate and eval treat it like
 any other run.  Members get their own events.jsonl; if the process dies, the
 engine settles them with their parent job.
+
+A sweep may be split over several workers (engine.placement), one group of members
+per worker, each group still batched.  A group trains only its members; a member
+already done is not trained again, and members left at different checkpoints (a
+split sweep interrupted) are trained in turn, one batch per checkpoint step, since
+runs batched together share one step counter.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -63,19 +70,61 @@ def sweep_params(params: dict) -> list[dict]:
             for s, i, m in itertools.product(seeds, inits, methods)]
 
 
+def chunk(ids: list[str], count: int) -> list[list[str]]:
+    """`ids` in `count` contiguous groups whose sizes differ by at most one (the first ones
+    larger): how a sweep's members are split, the same on the server and in the worker."""
+    count = max(1, min(count, len(ids)))
+    size, extra = divmod(len(ids), count)
+    groups, start = [], 0
+    for g in range(count):
+        end = start + size + (1 if g < extra else 0)
+        groups.append(list(ids[start:end]))
+        start = end
+    return groups
+
+
+def member_states(run_dir: Path) -> list[tuple[str, int]] | None:
+    """(member id, its latest checkpoint step) for each member of sweep job `run_dir` not yet
+    done, in the job's order; None when the job has made no members yet.  Torch-free: the
+    server plans a split resume from it."""
+    names = load_run(run_dir).get("members") or []
+    if not names:
+        return None
+    dirs = [Path(run_dir).parent / name for name in names]
+    return [(d.name, _latest_step(d)) for d in dirs if not _is_done(d)]
+
+
+def _latest_step(run_dir: Path) -> int:
+    """The step of a run's newest checkpoint, 0 if it has none (found without torch)."""
+    from engine.checkpoints import list_checkpoints
+
+    found = list_checkpoints(run_dir)
+    return found[-1].step if found else 0
+
+
+def _is_done(run_dir: Path) -> bool:
+    try:
+        return load_run(run_dir).get("status") == "done" and (run_dir / "learned_embeds.safetensors").is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def train_sweep(ctx: JobContext, model, concept, params: dict, extra: list[dict] | None = None,
                 on_step: Callable[[dict], None] | None = None) -> tuple[list[JobContext], list[Path]]:
     """Train the member runs of sweep job `ctx` together; returns the members and their final embeddings.
 
     On the job's first attempt the members are made from `params` (`sweep_params`), each
     with its `extra` run.json fields, after every member's settings are checked, so a bad
-    one leaves no run behind.  On a resume they are found again in the job's run.json."""
+    one leaves no run behind.  On a resume they are found again in the job's run.json.
+    A job split over workers (ctx.spec["group"], engine.protocol.SweepGroup) trains only
+    its group's members, and returns only those."""
     from engine.library import initializer_ids
 
+    group = ctx.spec.get("group")
     names = load_run(ctx.run_dir).get("members") or []
-    if names:
-        dirs = [ctx.run_dir.parent / name for name in names]
-    else:
+    if not names and group and group["index"] > 0:
+        names = _wait_for_members(ctx)  # the lead group's worker makes them
+    if not names:
         # Each member records the initializer it really starts from (the concept's, unless set).
         member_params = [{**p, "init": p.get("init") or concept.init} for p in sweep_params(params)]
         for p in member_params:
@@ -83,10 +132,62 @@ def train_sweep(ctx: JobContext, model, concept, params: dict, extra: list[dict]
             config.validate()
             if not config.init_from:
                 initializer_ids(model.tokenizer, config.init, config.vectors)
-        dirs = create_members(ctx.home, concept.name, member_params, parent=ctx.run_id, extra=extra)
-        ctx.set_progress(members=[d.name for d in dirs])
-    members = start_members(ctx.home, dirs, send=ctx.send, is_cancelled=ctx.is_cancelled)
-    return members, train_members(model, concept, members, on_step=on_step)
+        names = [d.name for d in create_members(ctx.home, concept.name, member_params, parent=ctx.run_id,
+                                                extra=extra)]
+        ctx.set_progress(members=names)
+    if group:
+        names = group.get("members") or chunk(names, group["count"])[group["index"]]
+    dirs = [ctx.run_dir.parent / name for name in names]
+    for batch in _batches(dirs):
+        members = start_members(ctx.home, batch, send=ctx.send, is_cancelled=ctx.is_cancelled,
+                                placement=ctx.placement)
+        train_members(model, concept, members, on_step=on_step)
+    members = [_member_context(ctx, run_dir) for run_dir in dirs]
+    return members, [m.run_dir / "learned_embeds.safetensors" for m in members]
+
+
+def _wait_for_members(ctx: JobContext, poll: float = 0.1) -> list[str]:
+    """A helper group on a sweep's first attempt: wait (having loaded the model meanwhile) until
+    the lead has made the members and written them to the sweep's run.json.  The server
+    cancels this wait if the lead ends without making them."""
+    while True:
+        ctx.check_cancel()
+        try:
+            names = load_run(ctx.run_dir).get("members") or []
+        except (OSError, ValueError):  # being rewritten (atomically) right now: look again
+            names = []
+        if names:
+            return names
+        time.sleep(poll)
+
+
+def _batches(dirs: list[Path]) -> list[list[Path]]:
+    """The members still to train, one batch per checkpoint step they stand at (furthest first):
+    runs batched together share one step counter."""
+    by_step: dict[int, list[Path]] = {}
+    for run_dir in dirs:
+        if not _is_done(run_dir):
+            by_step.setdefault(_latest_step(run_dir), []).append(run_dir)
+    return [by_step[step] for step in sorted(by_step, reverse=True)]
+
+
+def _member_context(ctx: JobContext, run_dir: Path) -> JobContext:
+    record = load_run(run_dir)
+    return JobContext({"kind": "train", "concept": record["concept"], "params": record["params"]},
+                      run_dir.name, run_dir, ctx.home, send=ctx.send, is_cancelled=ctx.is_cancelled)
+
+
+def sweep_result(run_dir: Path) -> dict:
+    """What a finished sweep job made, read from its members' records (torch-free: the server
+    writes it for a sweep split over workers)."""
+    names = load_run(run_dir).get("members") or []
+    embeddings = []
+    for name in names:
+        try:
+            embeddings.append(load_run(Path(run_dir).parent / name).get("embedding"))
+        except (OSError, ValueError):
+            embeddings.append(None)
+    return {"members": names, "embeddings": embeddings}
 
 
 def create_members(home: Path, concept: str, params_list: list[dict], parent: str | None = None,
@@ -102,14 +203,16 @@ def create_members(home: Path, concept: str, params_list: list[dict], parent: st
     return dirs
 
 
-def start_members(home: Path, dirs: list[Path], send=None, is_cancelled=None) -> list[JobContext]:
-    """A JobContext per member (its own log; live events to its subscribers), marked running."""
+def start_members(home: Path, dirs: list[Path], send=None, is_cancelled=None,
+                  placement: dict | None = None) -> list[JobContext]:
+    """A JobContext per member (its own log; live events to its subscribers), marked running
+    (with `placement`: the device and node it runs on)."""
     members = []
     for run_dir in dirs:
         record = load_run(run_dir)
         member = JobContext({"kind": "train", "concept": record["concept"], "params": record["params"]},
                             run_dir.name, run_dir, home, send=send, is_cancelled=is_cancelled)
-        set_status(run_dir, "running", log=member.log, pid=os.getpid())
+        set_status(run_dir, "running", log=member.log, pid=os.getpid(), **(placement or {}))
         members.append(member)
     return members
 

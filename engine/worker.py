@@ -1,8 +1,10 @@
-"""The worker: the one process that runs jobs, one at a time, and keeps models warm.
+"""The worker: the process that runs jobs on one device, one at a time, and keeps models warm.
 
-The engine server starts it as a child (`python -m engine.worker --home DIR`) and
-talks to it in JSON lines (engine.protocol): RunJob, CancelJob and ProbeDevice on
-its stdin; Hello, Event, Progress, Finished and DeviceReport on its stdout.
+The engine server starts one per device as a child (`python -m engine.worker --home DIR`,
+its device in $TISTUDIO_DEVICE: engine.devices) and talks to it in JSON lines
+(engine.protocol): RunJob, CancelJob and ProbeDevice on its stdin; Hello, Event,
+Progress, Finished and DeviceReport on its stdout.  On Ray the same `Worker` runs inside
+a Ray actor (engine.ray_backend), its messages going through a Ray queue instead.
 
 A handler's failure never ends the worker; a crash (os._exit, a signal, the OOM
 killer) does, and the server then marks the job interrupted.  When the server
@@ -36,13 +38,15 @@ ERROR_LOG = "error.log"
 
 
 class Worker:
-    def __init__(self, home: Path, out):
+    def __init__(self, home: Path, out, placement: dict | None = None):
         self.home = home
-        self._out = out  # the protocol pipe (the original stdout)
+        self._out = out  # the protocol pipe (the original stdout), or anything with write() and flush()
         self._out_lock = threading.Lock()
         self._inbox: queue.Queue = queue.Queue()
         self._cancelled: set[str] = set()
         self.cache: dict = {}  # survives between jobs: this is where warm models live
+        # Where its jobs run, recorded in their run.json: {"device": "cuda:1"} (and "node" on Ray).
+        self.placement = placement if placement is not None else {"device": own_device()}
 
     # -- talking to the server
 
@@ -63,14 +67,21 @@ class Worker:
                 continue
             if isinstance(msg, protocol.CancelJob):
                 # Set here, not via the inbox: the main thread is busy in the handler.
-                self._cancelled.add(msg.run_id)
+                self.cancel(msg.run_id)
                 continue
             if isinstance(msg, protocol.RunJob):
-                # A stale cancel of an earlier attempt must not cancel this one; a cancel
-                # sent after this line arrives after it, so it is kept.
-                self._cancelled.discard(msg.job.run_id)
+                self.accept(msg.job.run_id)
             self._inbox.put(msg)
         os._exit(0)  # stdin closed: the server stopped us or died
+
+    def cancel(self, run_id: str) -> None:
+        """Ask the job `run_id` to stop (from any thread: its handler polls the flag)."""
+        self._cancelled.add(run_id)
+
+    def accept(self, run_id: str) -> None:
+        """A new attempt of `run_id` is on its way: a stale cancel of an earlier attempt must
+        not cancel it (a cancel sent after the job arrives after it, so it is kept)."""
+        self._cancelled.discard(run_id)
 
     def serve(self) -> None:
         threading.Thread(target=self._read_stdin, name="stdin", daemon=True).start()
@@ -84,11 +95,15 @@ class Worker:
 
     # -- running one job
 
-    def run_job(self, job: protocol.JobSpec) -> None:
-        run_id, run_dir = job.run_id, Path(job.run_dir)
+    def run_job(self, job: protocol.JobSpec) -> protocol.Finished:
+        """Run `job` (or its group of a split sweep: only the lead group writes the job's own
+        record, and no group its final status, which the server writes once all have ended)."""
+        run_id, run_dir, group = job.run_id, Path(job.run_dir), job.group
+        lead = group is None or group.index == 0
         log = EventLog(run_dir / "events.jsonl")
         ctx = JobContext(
-            spec={"kind": job.kind, "concept": job.concept, "params": job.params, "run_id": run_id},
+            spec={"kind": job.kind, "concept": job.concept, "params": job.params, "run_id": run_id,
+                  "group": group.to_wire() if group else None},
             run_id=run_id,
             run_dir=run_dir,
             home=self.home,
@@ -97,8 +112,13 @@ class Worker:
             send=self.send,
             is_cancelled=lambda: run_id in self._cancelled,
             log=log,
+            placement=dict(self.placement),
+            writes_job=lead,
         )
-        refused = self._status(ctx, "running", pid=os.getpid(), started=time.time(), attempts=job.attempts + 1)
+        refused = None
+        if lead:
+            refused = self._status(ctx, "running", pid=os.getpid(), started=time.time(), attempts=job.attempts + 1,
+                                   **self.placement)
         if refused is None:
             status, error, result = self._call_handler(ctx)
         else:  # a job whose start cannot even be recorded would write nothing else either
@@ -107,11 +127,14 @@ class Worker:
             ctx.flush()
         except OSError:
             pass
-        refused = self._status(ctx, status, error=error, result=result)
-        self.send(protocol.Finished(run_id, status, error, unsaved=refused))
+        if group is None:
+            refused = self._status(ctx, status, error=error, result=result)
+        finished = protocol.Finished(run_id, status, error, unsaved=refused)
+        self.send(finished)
         log.close()
         if status == "failed":
             _free_memory()
+        return finished
 
     def _call_handler(self, ctx: JobContext) -> tuple[str, str | None, dict | None]:
         try:
@@ -195,6 +218,14 @@ def device_info() -> dict | None:
         return {"device": "unavailable", "error": str(exc)}
     except Exception as exc:  # noqa: BLE001 - no torch, a broken driver: still answer
         return {"device": "cpu", "error": one_line(f"{type(exc).__name__}: {exc}", 300)}
+
+
+def own_device() -> str:
+    """The device this worker was given ($TISTUDIO_DEVICE, engine.devices), else the one a
+    worker would pick, found without torch."""
+    from engine.device_probe import probe
+
+    return os.environ.get("TISTUDIO_DEVICE") or probe().get("device", "cpu")
 
 
 def _free_memory() -> None:

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parent.parent
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 # Options of other programs that our messages quote: the engine's own `python -m engine.server`.
 OTHER_PROGRAMS = {"engine/server.py": {"--idle", "--cancel-grace", "--home"},
-                  "engine/device_probe.py": {"--query-gpu", "--format"}}  # nvidia-smi's
+                  "engine/device_probe.py": {"--query-gpu", "--format"},  # nvidia-smi's
+                  "engine/ray_backend.py": {"--head", "--num-gpus"}}  # `ray start`'s, in its advice
 
 
 def _parsers(parser: argparse.ArgumentParser):

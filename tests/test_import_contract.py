@@ -3,14 +3,18 @@
 * `tistudio` (the studio and the CLI) never imports torch, diffusers, transformers or
   open_clip when its modules load: they happen inside the commands that need them;
 * `engine` never imports textual;
-* the engine process (the server and its units) imports no torch: GPU work is the worker's.
+* the engine process (the server and its units) imports no torch: GPU work is the worker's;
+* Ray (the `cluster` extra) is imported only by an engine started with --ray: never by the
+  studio, the CLI, or the engine's modules when they load.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ["torch", "torchvision", "diffusers", "transformers", "open_clip"]
 ENGINE_PROCESS = ["engine.server", "engine.operations", "engine.scheduler", "engine.supervisor", "engine.job_queue",
-                  "engine.fanout", "engine.ledger", "engine.protocol", "engine.client", "engine.device_probe"]
+                  "engine.fanout", "engine.ledger", "engine.protocol", "engine.client", "engine.device_probe",
+                  "engine.devices", "engine.placement", "engine.sweeps", "engine.checkpoints", "engine.ray_backend"]
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,7 +54,7 @@ print(json.dumps({{"modules": names, "loaded": loaded}}))
 
 
 def test_tistudio_never_imports_torch_or_the_model_libraries_at_module_level():
-    found = _imported_after("tistudio", HEAVY)
+    found = _imported_after("tistudio", [*HEAVY, "ray"])
     assert len(found["modules"]) > 10  # the walk really found the package's modules
     assert found["loaded"] == {}, f"imported at module level (package: first importer): {found['loaded']}"
 
@@ -61,5 +66,37 @@ def test_engine_never_imports_textual():
 
 
 def test_the_engine_process_imports_no_torch():
-    found = _imported_after(ENGINE_PROCESS, HEAVY)
+    found = _imported_after(ENGINE_PROCESS, [*HEAVY, "ray"])
     assert found["loaded"] == {}, f"imported by the engine process (package: first importer): {found['loaded']}"
+
+
+def test_the_engine_package_loads_no_ray():
+    found = _imported_after("engine", ["ray"])
+    assert "engine.ray_backend" in found["modules"]
+    assert found["loaded"] == {}, f"ray imported by {found['loaded']}"
+
+
+def test_the_plain_cli_never_imports_ray(tmp_path):
+    """`engine status`, `engine start` and `runs`, with an engine running on this machine."""
+    code = """
+import os, sys
+from tistudio.cli import main
+for argv in (["engine", "status"], ["engine", "start"], ["runs"], ["engine", "status", "--json"], ["engine", "stop"]):
+    assert main(argv) == 0, argv
+print("RAY" if "ray" in sys.modules else "NO-RAY")
+"""
+    import os
+
+    home = Path(tempfile.mkdtemp(prefix="tis-"))  # a short home: the engine's socket path must fit
+    env = {**os.environ, "TISTUDIO_HOME": str(home), "TISTUDIO_CONFIG_DIR": str(tmp_path / "config"),
+           "TISTUDIO_RAY_ADDRESS": "off", "TISTUDIO_DEVICES": "cpu", "TISTUDIO_ENGINE_IDLE": "30"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
+                              timeout=240)
+    finally:
+        from helpers import kill_engines
+
+        kill_engines(home)
+        shutil.rmtree(home, ignore_errors=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "NO-RAY"

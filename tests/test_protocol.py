@@ -11,7 +11,14 @@ from engine.protocol import ProtocolError, decode, encode
 
 JOB = protocol.JobSpec("20260101-000000-ab12", "/home/x/jobs/20260101-000000-ab12", "train", "cat",
                        {"steps": 10, "lr": 5e-4}, resumed=True, attempts=2)
+GROUP = protocol.SweepGroup(1, 3, ["20260101-000000-m002", "20260101-000000-m003"])
+GROUPED_JOB = protocol.JobSpec("20260101-000000-ab12", "/home/x/jobs/20260101-000000-ab12", "sweep", "cat",
+                               {"seeds": [1, 2, 3, 4]}, group=GROUP)
 STATUS_EVENT = {"seq": 3, "t": 1.5, "type": "status", "status": "running"}
+WORKER = {"worker": 1, "device": "cuda:1", "backend": "local", "node": None, "pid": 14, "state": "running",
+          "job": "a", "kind": "train", "concept": "cat", "members": None, "step": 3, "steps": 10,
+          "steps_per_s": 9.5, "name": "NVIDIA H200", "source": "nvidia-smi",
+          "memory": {"vram_total": 8 * 2**30, "vram_allocated": 2**30, "rss": 2**29}}
 
 # One example of every message, with every field set away from its default where it has one.
 EXAMPLES = [
@@ -29,15 +36,19 @@ EXAMPLES = [
         pid=12, version="0.1.0+abc", home="/home/x", started=1.0, uptime=2.5, queue=1, queued=["b"],
         running={"id": "a", "status": "running", "step": 3}, worker_pid=13, device={"device": "cpu"},
         clients=2, idle_seconds=1800.0, environment={"CUDA_VISIBLE_DEVICES": "0"},
-        storage={"writable": False, "error": "disk full", "unsaved": ["a"]}),
+        storage={"writable": False, "error": "disk full", "unsaved": ["a"]}, workers=[WORKER],
+        backend={"kind": "local", "devices": ["cuda:0", "cuda:1"]}),
     protocol.SubmitAnswer("a", "/home/x/jobs/a", 2),
     protocol.CancelAnswer("cancelling"),
-    protocol.JobsAnswer([{"id": "a", "status": "done"}], ["b"], "c", storage={"writable": True}),
+    protocol.JobsAnswer([{"id": "a", "status": "done"}], ["b"], "c", storage={"writable": True},
+                        running_jobs=["c", "d"]),
     protocol.StopAnswer(),
     protocol.EventBatch([STATUS_EVENT, {"seq": 4, "t": 2.0, "type": "step", "step": 1, "loss": 0.5}]),
     protocol.StreamEnd("failed", reason="boom", unsaved="the disk is full"),
     JOB,
+    GROUP,
     protocol.RunJob(JOB),
+    protocol.RunJob(GROUPED_JOB),
     protocol.CancelJob("a"),
     protocol.ProbeDevice(),
     protocol.Hello(pid=99),
@@ -107,6 +118,10 @@ def test_nested_and_worker_messages_are_checked():
         protocol.Hello.from_wire({"msg": "event", "pid": 3})
     with pytest.raises(ProtocolError, match="pid"):
         protocol.Hello.from_wire({"msg": "hello", "pid": True})  # a bool is not a pid
+    job = {"run_id": "a", "run_dir": "/x", "kind": "sweep"}
+    assert protocol.JobSpec.from_wire({**job, "group": None}).group is None  # an optional message may be null
+    with pytest.raises(ProtocolError, match="SweepGroup: missing field 'count'"):
+        protocol.JobSpec.from_wire({**job, "group": {"index": 1}})
 
 
 def test_messages_are_immutable_values():

@@ -125,7 +125,8 @@ def _autocomplete(parser: argparse.ArgumentParser) -> None:
 
 
 def _settle_globals(args) -> None:
-    """--home/--model reach every command (and the engine's jobs) through the environment."""
+    """--home/--model (and the config file's [cluster] ray_address) reach every command, and the
+    engine a command starts, through the environment."""
     from tistudio.config import load_config
 
     config = load_config()
@@ -135,6 +136,8 @@ def _settle_globals(args) -> None:
     model = args.model or os.environ.get("TISTUDIO_MODEL") or config.model
     if model:
         os.environ["TISTUDIO_MODEL"] = model
+    if config.ray_address and "TISTUDIO_RAY_ADDRESS" not in os.environ:
+        os.environ["TISTUDIO_RAY_ADDRESS"] = config.ray_address  # an engine started from here runs on Ray
 
 
 def _run(handler, args) -> int:

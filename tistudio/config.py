@@ -10,6 +10,8 @@
     low_vram = true
     [generate]                     # defaults for `tistudio generate`; [eval] likewise
     sampler = "euler-a"
+    [cluster]                      # where the engine runs jobs ($TISTUDIO_RAY_ADDRESS and
+    ray_address = "auto"           # `engine start --ray` win): a Ray cluster, "auto" or host:port
 
 Keys in a command's table are its options, spelt with - or _ (`tistudio train --help`).
 
@@ -61,6 +63,7 @@ class Config:
     model: str | None = None
     home: str | None = None
     commands: dict = field(default_factory=dict)  # {"train": {...}, "generate": {...}}: option defaults
+    ray_address: str | None = None  # [cluster] ray_address: run the engine's jobs on this Ray cluster
     extra: dict = field(default_factory=dict)  # keys we do not know, kept on save
     path: Path | None = None
     problem: str | None = None  # why the file could not be read, for a notification
@@ -89,6 +92,13 @@ class Config:
             if isinstance(data.get(key), str) and data[key].strip():
                 setattr(config, key, data[key].strip())
         config.commands = {k: v for k, v in data.items() if k in COMMAND_TABLES and isinstance(v, dict)}
+        cluster = data.get("cluster")
+        if isinstance(cluster, dict) and "ray_address" in cluster:
+            address = cluster["ray_address"]
+            if isinstance(address, str) and address.strip():
+                config.ray_address = address.strip()
+            else:
+                config.problem = f"{path}: [cluster] ray_address must be \"auto\" or a host:port; ignored"
         config.extra = {k: v for k, v in data.items() if k not in ("theme", "image_protocol")}
         return config
 

@@ -42,6 +42,8 @@ def config_show(args) -> int:
         "model": os.environ.get("TISTUDIO_MODEL") or DEFAULT_SPEC,
         "theme": config.theme,
         "image_protocol": config.effective_protocol(),
+        "devices": os.environ.get("TISTUDIO_DEVICES") or "auto",
+        "ray_address": os.environ.get("TISTUDIO_RAY_ADDRESS") or "off (jobs run on this machine's devices)",
         **{f"[{name}]": table for name, table in config.commands.items()},
     }
     if args.json:

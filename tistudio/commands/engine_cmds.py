@@ -1,8 +1,10 @@
-"""engine status|stop: the background process that runs jobs.
+"""engine start|status|stop: the background process that runs jobs.
 
 `engine status` never starts anything: with no engine running it says so and shows what
-an engine started now would see (the device, from engine.device_probe, which needs no
-torch, and this shell's environment).
+an engine started now would see (the devices, from engine.devices and engine.device_probe,
+which need no torch, and this shell's environment).  `engine start` starts one now, on
+this machine's devices or (--ray, or `[cluster] ray_address` in the config file) on a Ray
+cluster; any other command starts one on demand the same way.
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ from tistudio.commands.output import print_json
 def add_commands(sub) -> None:
     engine = sub.add_parser("engine", help="the background engine").add_subparsers(dest="action", metavar="ACTION",
                                                                                   required=True)
-    p = engine.add_parser("status", help="engine state, device, environment and the running job (starts nothing)")
+    p = engine.add_parser("start", help="start the engine now (on a Ray cluster with --ray)")
+    p.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="run jobs on a Ray cluster: auto (the one this machine is part of) or its address, "
+                        "e.g. 10.0.0.1:6379; off: on this machine (else $TISTUDIO_RAY_ADDRESS, the config "
+                        "file's [cluster] ray_address)")
+    p.set_defaults(func=start)
+    p = engine.add_parser("status", help="engine state, workers, environment and the running jobs (starts nothing)")
     p.add_argument("--json", action="store_true", help="print the state as JSON")
     p.set_defaults(func=status)
     p = engine.add_parser("stop", help="stop the engine (refuses while jobs run unless --force)")
@@ -34,7 +42,64 @@ def engine_state() -> dict:
         from engine.device_probe import environment, probe
         from tistudio.commands.output import home
 
-        return {"engine": "not running", "home": str(home()), "device": probe(), "environment": environment()}
+        return {"engine": "not running", "home": str(home()), "device": probe(), "environment": environment(),
+                **_would_start()}
+
+
+def _would_start() -> dict:
+    """The backend and workers an engine started now would have (or why it would refuse)."""
+    from engine.devices import engine_devices, ray_address
+    from engine.errors import UserError
+
+    address = ray_address()
+    if address:
+        return {"backend": {"kind": "ray", "address": address}, "workers": []}
+    try:
+        found = engine_devices()
+    except UserError as exc:
+        return {"backend": {"kind": "local", "error": str(exc)}, "workers": []}
+    return {"backend": {"kind": "local", "devices": found},
+            "workers": [{"worker": i, "device": d, "backend": "local", "state": "none", "memory": {}}
+                        for i, d in enumerate(found)]}
+
+
+def start(args) -> int:
+    """Start the engine (or say that one runs, and how); --ray sets where its jobs run."""
+    import os
+
+    from engine.client import EngineNotRunning, call
+    from engine.devices import RAY_ADDRESS_ENV, ray_address
+    from engine.errors import UserError
+
+    try:
+        state = call("status", device=False, start=False)
+    except EngineNotRunning:
+        state = None
+    if state is not None:
+        wanted = None if args.ray is None else ray_address(args.ray) is not None
+        running = state.get("backend") or {"kind": "local"}
+        if wanted is not None and wanted != (running.get("kind") == "ray"):
+            raise UserError(f"an engine is already running for {state.get('home')} ({_backend(running)}); "
+                            "stop it first with `tistudio engine stop`, then start it again")
+        print(f"engine: already running · pid {state['pid']} · {_backend(running)}")
+        return 0
+    if args.ray is not None:
+        os.environ[RAY_ADDRESS_ENV] = args.ray  # the engine started below inherits it (off: this machine)
+    state = call("status", device=False, start=True)
+    print(f"engine: started · pid {state['pid']} · {_backend(state.get('backend') or {})}")
+    return 0
+
+
+def _backend(backend: dict) -> str:
+    """Where the engine runs its jobs, for people."""
+    if backend.get("kind") == "ray":
+        workers = backend.get("workers")
+        return f"on the Ray cluster at {backend.get('address')}" + (
+            f" ({_plural(workers, 'worker')}, one per GPU)" if workers is not None else "")
+    if backend.get("error"):
+        return f"would refuse to start: {backend['error']}"
+    found = backend.get("devices") or []
+    return f"{_plural(len(found), 'worker')} on this machine ({', '.join(found)})" if found else "on this machine"
 
 
 def status(args) -> int:
@@ -57,6 +122,10 @@ def describe(state: dict) -> list[str]:
     else:
         head = f"not running (it starts on demand) · home {state.get('home')}"
     lines = [("engine", head), ("device", _device(state.get("device") or {}, running))]
+    backend = state.get("backend") or {}
+    if backend:
+        lines.append(("workers", _backend(backend) if running else f"an engine started now: {_backend(backend)}"))
+    lines += [(f"#{w.get('worker', i)}", _worker(w)) for i, w in enumerate(state.get("workers") or [])]
     lines.append(("env", _environment(state.get("environment") or {})))
     if running:
         lines.append(("job", _job(state.get("running"), state.get("worker_pid"))))
@@ -81,12 +150,52 @@ def _device(device: dict, running: bool) -> str:
     if device.get("torch"):
         text += f" · torch {device['torch']}"
     source = {"worker": "the worker's torch", "nvidia-smi": "nvidia-smi", "driver": "the NVIDIA driver",
-              "TISTUDIO_DEVICE": "TISTUDIO_DEVICE"}.get(device.get("source"), "probed without torch")
+              "TISTUDIO_DEVICE": "TISTUDIO_DEVICE", "engine": "given by the engine",
+              "ray": "the Ray actor"}.get(device.get("source"), "probed without torch")
     text += f" ({source}{'' if running else '; what a worker started now would use'})"
     for key in ("note", "error"):
         if device.get(key):
             text += f"; {device[key]}"
     return text
+
+
+def _worker(worker: dict) -> str:
+    """One worker for people: device, what it does, how fast, its memory."""
+    from tistudio.formatting import fmt_bytes
+
+    where = worker.get("device") or "?"
+    if worker.get("node"):
+        where += f" @ {worker['node']}"
+    if worker.get("name"):
+        where += f" · {worker['name']}"
+    state = worker.get("state") or "none"
+    parts = [where]
+    if worker.get("job"):
+        what = f"{state} {worker['job']} · {worker.get('kind')}"
+        if worker.get("concept"):
+            what += f" {worker['concept']}"
+        if worker.get("members"):
+            what += f" · {_plural(len(worker['members']), 'member')}"
+        parts.append(what)
+        if worker.get("steps"):
+            parts.append(f"step {worker.get('step') or 0}/{worker['steps']}")
+        if worker.get("steps_per_s"):
+            parts.append(f"{worker['steps_per_s']:.2f} steps/s")
+    else:
+        parts.append({"none": "no process yet (it starts with a job)"}.get(state, state))
+    memory = worker.get("memory") or {}
+    if memory.get("vram_allocated") is not None:
+        parts.append(f"VRAM {fmt_bytes(memory['vram_allocated'])} allocated, "
+                     f"{fmt_bytes(memory.get('vram_reserved'))} reserved")
+    if memory.get("vram_total"):
+        used = memory.get("vram_used_device")
+        parts.append(f"device {fmt_bytes(used)} of {fmt_bytes(memory['vram_total'])} in use" if used is not None
+                     else f"device {fmt_bytes(memory['vram_total'])}")
+    if memory.get("rss"):
+        parts.append(f"RSS {fmt_bytes(memory['rss'])}")
+    if worker.get("pid"):
+        parts.append(f"pid {worker['pid']}")
+    return " · ".join(parts)
 
 
 def _environment(env: dict) -> str:
@@ -99,6 +208,7 @@ def _environment(env: dict) -> str:
 
 
 def _job(job: dict | None, worker_pid: int | None) -> str:
+    """The first running job (the workers' lines show every one)."""
     worker = f"worker pid {worker_pid}" if worker_pid else "no worker (it starts with the next job)"
     if not job:
         return f"none · {worker}"

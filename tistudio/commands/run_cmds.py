@@ -7,7 +7,7 @@ import sys
 
 from tistudio.commands.output import print_json, print_table
 
-RUN_FIELDS = ("id", "concept", "kind", "status", "step", "steps", "pid", "embedding")
+RUN_FIELDS = ("id", "concept", "kind", "status", "step", "steps", "device", "node", "pid", "embedding")
 
 
 def add_commands(sub) -> None:
@@ -39,9 +39,9 @@ def runs(args) -> int:
     if not jobs:
         print("no runs yet; start one with `tistudio train NAME`")
         return 0
-    print_table("runs", ["id", "concept", "kind", "status", "step", "pid"],
-                [[j["id"], j["concept"], j["kind"], _status_cell(j), f"{j['step']}/{j['steps'] or '?'}", j["pid"]]
-                 for j in jobs])
+    print_table("runs", ["id", "concept", "kind", "status", "step", "device", "pid"],
+                [[j["id"], j["concept"], j["kind"], _status_cell(j), f"{j['step']}/{j['steps'] or '?'}",
+                  _device_cell(j), j["pid"]] for j in jobs])
     if any(j.get("stale") for j in jobs):
         print("* no engine is running: the engine that ran these stopped; they show as interrupted "
               "once one starts, and `tistudio resume RUN` continues them")
@@ -70,6 +70,17 @@ def _listed(record: dict, engine_up: bool) -> dict:
     if not engine_up and row["status"] in ACTIVE:
         row["stale"] = True  # left queued/running by an engine that is gone
     return row
+
+
+def _device_cell(row: dict) -> str | None:
+    """The device a run used (run.json `device`; a split sweep running now: each of its groups'),
+    and the Ray node it ran on."""
+    device = row.get("device")
+    if isinstance(device, list):
+        device = ", ".join(device)
+    if device and row.get("node"):
+        device += f" @ {row['node']}"
+    return device
 
 
 def _status_cell(row: dict) -> str:
