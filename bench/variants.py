@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# Model roles -> the spec each device kind measures.  A spec the engine does not know yet is
-# recorded as skipped (builtin:sdxl-arch arrives with SDXL support).
+# Model roles -> the spec each device kind measures.  A spec the engine does not know is
+# recorded as skipped, so an older engine still benchmarks the rest.
 MODELS = {
     "main": {"cuda": "builtin:sd15-arch", "cpu": "builtin:tiny"},
     "sdxl": {"cuda": "builtin:sdxl-arch", "cpu": "builtin:sdxl-tiny"},

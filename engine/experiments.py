@@ -172,13 +172,12 @@ SWEEP_LABELS = {"init": "init", "seeds": "seed", "regularize": "regularize"}
 
 
 def _sweep_values(kind: str, values: list) -> list:
-    from engine.train_config import REGULARIZERS
+    from engine.train_config import REGULARIZERS, parse_method
 
     if kind == "regularize":
         values = list(dict.fromkeys(str(v).strip() for v in values)) or list(REGULARIZERS)
-        unknown = [v for v in values if v not in REGULARIZERS]
-        if unknown:
-            raise UserError(f"unknown regulariser {unknown[0]!r}; choose from {', '.join(REGULARIZERS)}")
+        for value in values:
+            parse_method(value)  # METHOD or METHOD:WEIGHT
         return values
     values = list(dict.fromkeys(str(v).strip() if kind == "init" else int(v) for v in values))
     if not values or not all(str(v) for v in values):

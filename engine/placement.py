@@ -31,7 +31,8 @@ from typing import Mapping
 
 from engine.errors import UserError
 from engine.protocol import SweepGroup
-from engine.sweeps import chunk, member_states, sweep_params
+from engine.sweeps import chunk, member_states
+from engine.train_config import sweep_members
 
 MIN_GROUP_ENV = "TISTUDIO_SWEEP_MIN_GROUP"
 SPLITTABLE = ("sweep",)  # job kinds whose members may train on several workers
@@ -63,7 +64,7 @@ def plan(kind: str, params: dict, run_dir: Path | None, free: int, smallest_grou
         return Plan()
     states = member_states(run_dir)
     if states is None:  # first attempt: the lead makes the members
-        count = min(free, len(sweep_params(params)) // smallest_group)
+        count = min(free, len(sweep_members(params)) // smallest_group)
         if count < 2:
             return Plan()
         return Plan([SweepGroup(i, count, None) for i in range(count)])

@@ -16,7 +16,6 @@ runs batched together share one step counter.
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Callable
 
 from engine.errors import JobCancelled
 from engine.jobs import FINAL, JobContext, create_run, load_run, set_status, update_run
+from engine.train_config import sweep_members
 
 
 def train_config_from(params: dict, concept):
@@ -55,19 +55,6 @@ class ContextReporter:
 
     def cancelled(self) -> bool:
         return self.ctx.cancelled()
-
-
-SWEEP_KEYS = ("seeds", "inits", "regularizes")  # each a list: one member per combination
-
-
-def sweep_params(params: dict) -> list[dict]:
-    """The cartesian product of `seeds` x `inits` x `regularizes` over the shared training params."""
-    base = {k: v for k, v in params.items() if k not in SWEEP_KEYS}
-    seeds = params.get("seeds") or [base.get("seed", 0)]
-    inits = params.get("inits") or [base.get("init")]
-    methods = params.get("regularizes") or [base.get("regularize", "none")]
-    return [{**base, "seed": int(s), "init": i, "regularize": m}
-            for s, i, m in itertools.product(seeds, inits, methods)]
 
 
 def chunk(ids: list[str], count: int) -> list[list[str]]:
@@ -113,7 +100,7 @@ def train_sweep(ctx: JobContext, model, concept, params: dict, extra: list[dict]
                 on_step: Callable[[dict], None] | None = None) -> tuple[list[JobContext], list[Path]]:
     """Train the member runs of sweep job `ctx` together; returns the members and their final embeddings.
 
-    On the job's first attempt the members are made from `params` (`sweep_params`), each
+    On the job's first attempt the members are made from `params` (`engine.train_config.sweep_members`), each
     with its `extra` run.json fields, after every member's settings are checked, so a bad
     one leaves no run behind.  On a resume they are found again in the job's run.json.
     A job split over workers (ctx.spec["group"], engine.protocol.SweepGroup) trains only
@@ -126,7 +113,7 @@ def train_sweep(ctx: JobContext, model, concept, params: dict, extra: list[dict]
         names = _wait_for_members(ctx)  # the lead group's worker makes them
     if not names:
         # Each member records the initializer it really starts from (the concept's, unless set).
-        member_params = [{**p, "init": p.get("init") or concept.init} for p in sweep_params(params)]
+        member_params = [{**p, "init": p.get("init") or concept.init} for p in sweep_members(params)]
         for p in member_params:
             config = train_config_from(p, concept)
             config.validate()

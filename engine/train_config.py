@@ -7,6 +7,7 @@ exit 2 and leaves nothing in the library.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -15,6 +16,7 @@ from engine.errors import UserError
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 REGULARIZERS = ("none", "init-l2", "norm", "directional")
+WEIGHTED = ("init-l2", "norm")  # the methods with a strength (--reg-weight, or METHOD:WEIGHT)
 MAX_VECTORS = 16  # a word of more slots than this eats the 75-token prompt
 
 
@@ -123,6 +125,41 @@ def config_from_params(params: dict, concept, strict: bool = True) -> TrainConfi
     if unknown and strict:
         raise UserError(f"unknown training setting(s) {', '.join(unknown)}; see `tistudio train --help`")
     return TrainConfig(**{k: v for k, v in settings.items() if k in known})
+
+
+SWEEP_KEYS = ("seeds", "inits", "regularizes")  # each a list: one member per combination
+
+
+def parse_method(entry: str) -> tuple[str, float | None]:
+    """A --regularize entry, METHOD or METHOD:WEIGHT ("init-l2:0.003"): the method and its
+    strength (None: --reg-weight, or the method's default)."""
+    method, colon, weight = str(entry).strip().partition(":")
+    if method not in REGULARIZERS:
+        raise UserError(f"unknown regulariser {method!r}; choose from {', '.join(REGULARIZERS)}")
+    if not colon:
+        return method, None
+    if method not in WEIGHTED:
+        raise UserError(f"{method} takes no strength; give one only to {' or '.join(WEIGHTED)}, e.g. init-l2:0.003")
+    try:
+        value = float(weight)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise UserError(f"{entry!r}: the strength after ':' must be a positive number, e.g. init-l2:0.003")
+    return method, value
+
+
+def sweep_members(params: dict) -> list[dict]:
+    """One params dict per run a job trains (a plain run is a sweep of one): the cartesian
+    product of `seeds` x `inits` x `regularizes` over the shared settings.  A regulariser
+    entry with its own strength (METHOD:WEIGHT) sets that member's reg_weight."""
+    base = {k: v for k, v in params.items() if k not in SWEEP_KEYS}
+    seeds = params.get("seeds") or [base.get("seed", 0)]
+    inits = params.get("inits") or [base.get("init")]
+    methods = [parse_method(m) for m in (params.get("regularizes") or [base.get("regularize", "none")])]
+    return [{**base, "seed": int(s), "init": i, "regularize": m,
+             **({"reg_weight": w} if w is not None else {})}
+            for s, i, (m, w) in itertools.product(seeds, inits, methods)]
 
 
 def _finite(x) -> bool:

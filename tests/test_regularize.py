@@ -120,3 +120,18 @@ def test_sdxl_directional_keeps_both_encoders_norms(sdxl_model, image_dir, tmp_p
     last = [e for e in reporter.events if e["type"] == "step"][-1]
     for e in range(2):
         assert abs(last["norms"][e] - first["norms"][e]) < 1e-4
+
+
+def test_a_method_may_carry_its_own_strength_in_a_sweep():
+    """--regularize none,init-l2:0.003,init-l2:0.01: one member per entry, each with its strength."""
+    from engine.errors import UserError
+    from engine.train_config import sweep_members
+
+    members = sweep_members({"steps": 5, "reg_weight": 2.0, "regularizes": ["none", "init-l2:0.003", "norm"]})
+    assert [(m["regularize"], m["reg_weight"]) for m in members] == [("none", 2.0), ("init-l2", 0.003), ("norm", 2.0)]
+    [plain] = sweep_members({"regularize": "init-l2:0.01"})
+    assert (plain["regularize"], plain["reg_weight"]) == ("init-l2", 0.01)
+    for bad, needle in [("directional:1", "takes no strength"), ("init-l2:x", "positive number"),
+                        ("init-l2:0", "positive number"), ("l1", "unknown regulariser")]:
+        with pytest.raises(UserError, match=needle):
+            sweep_members({"regularizes": ["none", bad]})

@@ -53,6 +53,9 @@ BAD_TRAIN = [
     (["--templates", "/no/such/file"], "--templates: prompts file /no/such/file not found"),
     (["--init-from", "/no/such.safetensors"], "--init-from /no/such.safetensors: no such file"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+    (["--regularize", "sideways"], "unknown regulariser 'sideways'"),
+    (["--regularize", "directional:0.5"], "directional takes no strength"),
+    (["--regularize", "none,init-l2:-1"], "the strength after ':' must be a positive number"),
 ]
 
 
@@ -123,7 +126,8 @@ def test_train_options_reach_the_run_record(engine_home, capsys, image_dir, tmp_
     templates.write_text("a photo of {}\n# a comment\n\na rendering of {}\n")
     code, out, err = cli(capsys, "train", "toy", "--steps", "4", "--save-every", "2", "--preview-every", "0",
                          "--low-vram", "--weight-decay", "0", "--resolution", "32", "--templates", str(templates),
-                         "--device", "cpu", "--lr-schedule", "cosine", "--warmup-steps", "1")
+                         "--device", "cpu", "--lr-schedule", "cosine", "--warmup-steps", "1",
+                         "--regularize", "init-l2:0.25")
     assert code == 0, err
     assert "training toy: 4 steps" in out
     [run] = json.loads(cli(capsys, "runs", "--json")[1])
@@ -134,3 +138,4 @@ def test_train_options_reach_the_run_record(engine_home, capsys, image_dir, tmp_
     assert config["low_vram"] is True and config["weight_decay"] == 0 and config["resolution"] == 32
     assert config["templates"] == ["a photo of {}", "a rendering of {}"]
     assert config["lr_schedule"] == "cosine" and config["warmup_steps"] == 1
+    assert config["regularize"] == "init-l2" and config["reg_weight"] == 0.25

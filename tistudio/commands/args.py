@@ -56,13 +56,16 @@ def _int(text: str) -> int:
 
 
 def regularizer_list(text: str) -> list[str]:
-    """One or more regularisers (several: a sweep, one run each)."""
-    from engine.train_config import REGULARIZERS
+    """One or more regularisers, each METHOD or METHOD:WEIGHT (several: a sweep, one run each)."""
+    from engine.errors import UserError
+    from engine.train_config import parse_method
 
     methods = word_list(text)
-    unknown = [m for m in methods if m not in REGULARIZERS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"unknown regulariser {unknown[0]!r}; choose from {', '.join(REGULARIZERS)}")
+    for method in methods:
+        try:
+            parse_method(method)
+        except UserError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
     return list(dict.fromkeys(methods))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 
+from engine.train_config import sweep_members
 from tistudio.commands.args import (
     float_arg,
     int_list,
@@ -31,12 +32,13 @@ def add_commands(sub) -> None:
                       help="token slots the word expands to (the paper: 1)")
     what.add_argument("--init-from", metavar="FILE|NAME@RUN:STEP",
                       help="start from an existing embedding (a file from any tool, or a saved step)")
-    what.add_argument("--regularize", type=regularizer_list, default=["none"], metavar="METHOD[,METHOD…]",
+    what.add_argument("--regularize", type=regularizer_list, default=["none"], metavar="METHOD[:W][,…]",
                       help="keep the word editable: none (the paper), init-l2 (pull toward the initializer), "
                            "norm (penalise a norm above the vocabulary's), "
-                           "directional (fixed norm, learn the direction); several: a sweep, one run each")
+                           "directional (fixed norm, learn the direction); init-l2:0.003 gives that one its "
+                           "own strength; several: a sweep, one run each")
     what.add_argument("--reg-weight", type=float_arg, default=0.0,
-                      help="strength of init-l2 / norm (0: the method's default)")
+                      help="strength of init-l2 / norm where METHOD:W gives none (0: the method's default)")
     what.add_argument("--templates", metavar="FILE",
                       help="prompt templates, one per line with {} where the token goes "
                            "(default: the study's object or style templates)")
@@ -134,15 +136,6 @@ def _templates(path: str | None) -> list[str] | None:
         return load_prompts(path)
     except UserError as exc:
         raise UserError(f"--templates: {exc}") from None
-
-
-def sweep_members(params: dict) -> list[dict]:
-    """One params dict per run the job trains (a plain run is a sweep of one)."""
-    seeds = params.get("seeds") or [params["seed"]]
-    inits = params.get("inits") or [params.get("init")]
-    methods = params.get("regularizes") or [params.get("regularize", "none")]
-    base = {k: v for k, v in params.items() if k not in ("seeds", "inits", "regularizes")}
-    return [{**base, "seed": s, "init": i, "regularize": m} for s in seeds for i in inits for m in methods]
 
 
 def check_before_submit(name: str, params: dict) -> None:

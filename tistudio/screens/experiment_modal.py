@@ -18,7 +18,8 @@ from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.widgets import Button, Input, Label, Static
 
-from engine.train_config import REGULARIZERS
+from engine.errors import UserError
+from engine.train_config import parse_method
 from tistudio.screens.modals import _Dialog
 from tistudio.widgets.forms import FieldRow, parse_float, parse_int, split_list
 
@@ -30,7 +31,7 @@ HINTS = {
     "init": "One run per word, trained together, then measured side by side (the paper: Building vs Tower).",
     "seeds": "One run per training seed: how much of a result is luck.",
     "regularize": "none is the paper's method; init-l2, norm and directional keep the word editable. "
-                  "Weight 0: each method's default.",
+                  "init-l2:0.003 gives one method its own weight; else the Reg. weight, or each method's default.",
     "synthesis": "The learned word in the study's new scenes (objects) or on new subjects (styles), SD beside "
                  "SD+TI with the same seeds; every image keeps its metadata.",
 }
@@ -49,9 +50,11 @@ def experiment_params(kind: str, values: str = "", steps: str = "", seed: str = 
     if kind == "seeds":
         items = [parse_int(v, "Seeds") for v in items]
     if kind == "regularize":
-        unknown = [v for v in items if v not in REGULARIZERS]
-        if unknown:
-            raise ValueError(f"Methods: {unknown[0]!r} is not one of {', '.join(REGULARIZERS)}")
+        for item in items:
+            try:
+                parse_method(item)
+            except UserError as exc:
+                raise ValueError(f"Methods: {exc}") from None
     count = parse_int(steps, "Steps", 1)
     # Only the final word is measured: save it once, and no previews (the grid shows every run).
     params = {"kind": kind, "values": list(dict.fromkeys(items)), "steps": count, "save_every": count,
