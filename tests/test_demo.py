@@ -171,17 +171,28 @@ def test_bundled_text_encoder_config_matches_the_judge():
     assert (info.resolution, info.text_width, info.family) == (32, 64, "sd1")
 
 
-# --- the demo's Table 1, end to end through the CLI and the real engine ----------------------------
+# --- the demo's Table 1 per regulariser, end to end through the CLI and the real engine -------------
 
-DEMO_STEPS = 2000  # the CLI's and the studio's default, at the default lr 5e-4: what a user gets (~1 min here)
+DEMO_STEPS = 2000  # the CLI's and the studio's default, at the default lr 5e-4: what a user gets
+# What each concept's test trains beside the paper's inversion, all in one sweep (one UNet call a
+# step): mushroom asks whether any method buys editability back, halftone that none costs a style
+# its reconstruction.
+DEMO_METHODS = {"mushroom": "none,init-l2", "halftone": "none,init-l2,norm,directional"}
+# Images per prompt set: the README's table has 16 for both; halftone's five columns take 8 here to
+# keep the suite short (the same seeds for every column, so the comparison stays paired).
+DEMO_IMAGES = {"mushroom": 16, "halftone": 8}
+RECON_FLOOR, STYLE_LOSS = 0.38, 0.02  # issue 15's bar on builtin:demo
 
 
 @needs_weights
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 @pytest.mark.parametrize("name", ["mushroom", "halftone"])
-def test_inversion_on_the_demo_beats_the_plain_prompt(engine_home, capsys, name):
-    """Invert a held-out concept, evaluate it (the demo judge, the demo world's edit prompts), and find
-    SD+TI's reconstruction clearly above SD's; print the table with editability for both."""
+def test_regularised_inversion_on_the_demo(engine_home, capsys, name):
+    """Invert a held-out concept with the paper's method and the regularisers (`tistudio experiment
+    regularize`: trained together, the demo judge, the demo world's edit prompts, DEMO_IMAGES a set),
+    print Table 1 for each beside the SD row, and check: the paper's inversion beats the plain prompt,
+    then issue 15's bar.  A bar the methods do not reach is reported as an expected failure with the
+    numbers, never loosened."""
     from tistudio.cli import main
 
     record = next(r for r in json.loads((SAMPLES / "concepts.json").read_text()) if r["name"] == name)
@@ -195,18 +206,28 @@ def test_inversion_on_the_demo_beats_the_plain_prompt(engine_home, capsys, name)
     kind = ["--style"] if record["property"] == "style" else []
     cli("concept", "add", name, "--images", str(SAMPLES / name), "--init", record["init"],
         "--description", record["description"], *kind)
-    cli("train", name, "--steps", str(DEMO_STEPS), "--save-every", str(DEMO_STEPS), "--preview-every", "0")
-    table = json.loads(cli("eval", name, "--json"))
+    table = json.loads(cli("experiment", "regularize", name, "--methods", DEMO_METHODS[name],
+                           "--steps", str(DEMO_STEPS), "--images", str(DEMO_IMAGES[name]), "--json"))
 
     assert table["clip"]["name"] == "builtin:demo" and table["prompts"] == record["edit_prompts"]
-    sd, ti = ({k: row[k] for k in ("reconstruction", "editability")} for row in table["rows"])
+    sd, *methods = table["rows"]
+    rows = {("SD" if r is sd else r["regularize"]): r for r in table["rows"]}
     with capsys.disabled():
         print(f"\n{name} ({record['property']}), {DEMO_STEPS} steps, {table['images_per_set']} images per set")
-        print(f"  SD     reconstruction {sd['reconstruction']:.4f}  editability {sd['editability']:.4f}")
-        print(f"  SD+TI  reconstruction {ti['reconstruction']:.4f}  editability {ti['editability']:.4f}")
-        print(f"  editability {'falls' if ti['editability'] < sd['editability'] else 'does not fall'} with TI "
-              f"(the paper: 0.2639 -> 0.1611)")
-    assert ti["reconstruction"] >= sd["reconstruction"] + 0.05, (sd, ti)
+        for label, r in rows.items():
+            print(f"  {label:12} reconstruction {r['reconstruction']:.4f}  editability {r['editability']:.4f}")
+    none = rows["none"]
+    assert none["reconstruction"] >= sd["reconstruction"] + 0.05, (sd, none)  # the paper's inversion works
+    if name == "mushroom":
+        kept = [r for r in methods if r["reconstruction"] >= RECON_FLOOR and r["editability"] >= sd["editability"]]
+        if not kept:
+            best = max(methods, key=lambda r: r["editability"] if r["reconstruction"] >= RECON_FLOOR else -1)
+            pytest.xfail(f"issue 15's bar not reached: no method keeps reconstruction >= {RECON_FLOOR} with "
+                         f"editability >= SD's {sd['editability']:.4f}; best: {best['label']} "
+                         f"{best['reconstruction']:.4f} / {best['editability']:.4f} (README: Keeping a word editable)")
+    else:
+        lost = {r["regularize"]: none["reconstruction"] - r["reconstruction"] for r in methods}
+        assert max(lost.values()) <= STYLE_LOSS, lost
 
 
 def test_the_demo_scripts_resume_exactly_where_they_saved(tmp_path):
