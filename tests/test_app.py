@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from textual.widgets import DataTable, Input, Select, Static
+from textual.widgets import Button, DataTable, Input, Select, Static
 
 from helpers import kill_engines, make_images
 from tistudio.app import StudioApp
@@ -340,6 +340,9 @@ async def test_images_of_a_concept_are_added_and_removed_in_the_library(tmp_path
         await wait_for(pilot, lambda: "broken.png" in error(), 60, "the refusal")
         assert Library(home).get("imp").images == []  # nothing written
         app.screen.query_one("#add", Input).value = str(more)
+        # The refusal's text re-flows the dialog: click Apply where it is after that layout, not before.
+        await wait_for(pilot, lambda: not app.screen.query_one("#ok", Button).disabled, 5, "Apply enabled again")
+        await pilot.pause()
         await pilot.click("#ok")
         await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 60, "the dialog to close")
         assert [p.name for p in Library(home).get("imp").images] == ["000.png", "001.png"]

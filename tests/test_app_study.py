@@ -34,11 +34,16 @@ def test_the_experiment_dialog_turns_its_fields_into_the_jobs_params():
         "seed": 3}
     reg = experiment_params("regularize", values="none,directional", steps="4", seed="0", reg_weight="0.5")
     assert reg["values"] == ["none", "directional"] and reg["reg_weight"] == 0.5
+    weighted = experiment_params("regularize", values="none, init-l2:0.003", steps="4", seed="0")
+    assert weighted["values"] == ["none", "init-l2:0.003"]
     assert "reg_weight" not in experiment_params("regularize", values="norm", steps="4", seed="0")
     assert experiment_params("synthesis", images="3") == {"kind": "synthesis", "images": 3}
     for kind, fields, problem in (("seeds", {"values": "", "steps": "4"}, "at least one"),
                                   ("seeds", {"values": "a", "steps": "4"}, "Seeds must be a whole number"),
-                                  ("regularize", {"values": "l1", "steps": "4", "seed": "0"}, "not one of"),
+                                  ("regularize", {"values": "l1", "steps": "4", "seed": "0"},
+                                   "Methods: unknown regulariser 'l1'"),
+                                  ("regularize", {"values": "none,norm:-2", "steps": "4", "seed": "0"},
+                                   "must be a positive number"),
                                   ("init", {"values": "cat", "steps": "0", "seed": "0"}, "Steps must be at least 1"),
                                   ("synthesis", {"images": "0"}, "Images per prompt")):
         with pytest.raises(ValueError, match=problem):
