@@ -98,7 +98,7 @@ def _common(concept, model, clip_model, prompts, images, seed, sample_steps, gui
 def steps_experiment(model, library, name: str, run_id: str | None = None, at: list[int] | None = None,
                      prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32",
                      clip_weights=None, seed: int = 0, sample_steps: int = 25, guidance: float = 7.5,
-                     batch_size: int = 4, progress=None, cancelled=None) -> dict:
+                     batch_size: int | None = None, progress=None, cancelled=None) -> dict:
     """Reconstruction and editability at each saved checkpoint of one run (section 4.1)."""
     concept = library.get(name)
     if run_id is None:
@@ -188,7 +188,7 @@ def _sweep_values(kind: str, values: list) -> list:
 
 def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict | None = None, *,
                      prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
-                     seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int = 4,
+                     seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int | None = None,
                      progress=None, cancelled=None) -> dict:
     """One run per initializer word (kind "init", section 4.2), per training seed ("seeds",
     section 4.3) or per regulariser ("regularize"), the other settings shared (`train`),
@@ -227,9 +227,10 @@ def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict |
 
 def runs_experiment(model, library, name: str, run_ids: list[str], labels: list[str] | None = None, *,
                     prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
-                    seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int = 4,
-                    progress=None, cancelled=None) -> dict:
-    """Finished runs of one concept side by side (e.g. the members of a sweep job): grid and table."""
+                    seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int | None = None,
+                    progress=None, cancelled=None, baseline: bool = False) -> dict:
+    """Finished runs of one concept side by side (e.g. the members of a sweep job): grid and table
+    (with `baseline`, the SD row first)."""
     concept = library.get(name)
     if not run_ids:
         raise UserError("give at least one run id to compare")
@@ -243,7 +244,7 @@ def runs_experiment(model, library, name: str, run_ids: list[str], labels: list[
     return _report_runs(
         model, library, concept, "runs", exp_id, exp_dir, list(run_ids), labels, prompts, clip_model, train_embs,
         images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
-        progress=progress, cancelled=cancelled,
+        progress=progress, cancelled=cancelled, baseline=baseline,
     )
 
 
@@ -314,7 +315,7 @@ def sweep_markdown(table: dict) -> str:
 
 def synthesis_experiment(model, library, name: str, run_id: str | None = None, step: int | None = None, *,
                          images: int = 2, seed: int = 0, sample_steps: int = 25, guidance: float = 7.5,
-                         batch_size: int = 4, prompts: list[str] | None = None, progress=None,
+                         batch_size: int | None = None, prompts: list[str] | None = None, progress=None,
                          cancelled=None) -> dict:
     """Section 5: the learned word in new scenes (objects: text-guided synthesis) or on new
     subjects (styles: style transfer).  SD and SD+TI for each prompt with the same seeds; every

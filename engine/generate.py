@@ -267,16 +267,26 @@ def _installed(model, tables: list[torch.Tensor] | None):
     return installed_in_all(model.encoders, [t.to(model.device) for t in tables])
 
 
+def default_batch(width: int, height: int) -> int:
+    """Images sampled at once when none is asked for: 4 at SD 1.x's 512 px (64x64 latents), and
+    as many as fit in the same latent pixels at a smaller size, up to 16.  A small model at 32 px
+    is bound by per-call overhead, not memory: 16 at once is about twice as fast as 4."""
+    latent_pixels = max(1, (width // 8) * (height // 8))
+    return max(4, min(16, 4 * 64 * 64 // latent_pixels))
+
+
 @torch.no_grad()
 def render(model, prompt: str, seeds: list[int], *, negative: str = "", steps: int = 25, guidance: float = 7.5,
-           resolution: int | None = None, batch_size: int = 4, used: list[UsedEmbedding] = (),
+           resolution: int | None = None, batch_size: int | None = None, used: list[UsedEmbedding] = (),
            output_type: str = "pil", progress: Progress | None = None, cancelled: Cancelled | None = None,
            sampler: str | None = None, width: int | None = None, height: int | None = None) -> list:
-    """One image per seed, `batch_size` at a time; `used` words are live only inside this call."""
+    """One image per seed, `batch_size` at a time (default: `default_batch`); `used` words are
+    live only inside this call."""
     tokenizers, tables = _tokenizers_with(model, list(used))
     pipe = _pipeline_with(model, generation_scheduler(model, sampler), tokenizers)
     size = resolution or model.info.resolution
     width, height = width or size, height or size
+    batch_size = batch_size or default_batch(width, height)
     total, images = len(seeds) * steps, []
 
     def on_step(_pipe, i, _t, kwargs):
@@ -405,16 +415,16 @@ def generate(model, library, request: GenerateRequest, progress: Progress | None
             jobs.append((mode, request.prompt, request.negative, used))
     out_dir = Path(request.out_dir) if request.out_dir else new_output_dir(library.home, request.prompt)
     size = request.resolution or model.info.resolution
+    b = request.batch_size or default_batch(request.width or size, request.height or size)
     results, rendered = [], {}
     for k, (mode, prompt, negative, used) in enumerate(jobs):
         images = render(
             model, prompt, request.seeds, negative=negative, steps=request.steps, guidance=request.guidance,
-            resolution=size, batch_size=request.batch_size, used=used,
+            resolution=size, batch_size=b, used=used,
             progress=sub_progress(progress, k / len(jobs), 1 / len(jobs)), cancelled=cancelled,
             sampler=request.sampler, width=request.width, height=request.height,
         )
         rendered[mode] = images
-        b = request.batch_size
         for i, (seed, image) in enumerate(zip(request.seeds, images)):
             batch = min(b, request.n - i // b * b)  # the size of the batch this image was drawn in
             record = image_record(model, mode=mode, prompt=prompt, negative=negative, seed=seed,

@@ -25,7 +25,7 @@ class GenerateRequest:
     uses: list[str] = field(default_factory=list)
     out_dir: Path | None = None  # default <home>/outputs/<timestamp>-<slug>/
     resolution: int | None = None  # a square size; default: the model's
-    batch_size: int = 4
+    batch_size: int | None = None  # images sampled at once; None: engine.generate.default_batch
     sampler: str = DEFAULT_SAMPLER
     width: int | None = None  # default: resolution, else the model's
     height: int | None = None
@@ -39,7 +39,7 @@ class GenerateRequest:
                 seed=int(p.get("seed", 0)), steps=int(p.get("steps", 25)), guidance=float(p.get("guidance", 7.5)),
                 mode=p.get("mode", "ti"), uses=list(p.get("uses") or []),
                 out_dir=Path(p["out_dir"]) if p.get("out_dir") else None, resolution=_size(p.get("resolution")),
-                batch_size=int(p.get("batch_size", 4)), sampler=p.get("sampler") or DEFAULT_SAMPLER,
+                batch_size=_size(p.get("batch_size")), sampler=p.get("sampler") or DEFAULT_SAMPLER,
                 width=_size(p.get("width")), height=_size(p.get("height")),
             )
         except (TypeError, ValueError) as exc:
@@ -57,7 +57,7 @@ class GenerateRequest:
             (self.n >= 1, "-n must be at least 1"),
             (self.seed >= 0, "--seed must be 0 or more"),
             (self.steps >= 1, "--steps must be at least 1"),
-            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.batch_size is None or self.batch_size >= 1, "--batch-size must be at least 1"),
             (math.isfinite(self.guidance) and self.guidance >= 0, "--guidance must be 0 or more"),
         ]
         for option, size in (("--resolution", self.resolution), ("--width", self.width), ("--height", self.height)):
@@ -70,4 +70,5 @@ class GenerateRequest:
 
 
 def _size(value) -> int | None:
+    """A whole number of pixels or images, or None (the default) when not given."""
     return None if value in (None, "") else int(value)

@@ -126,7 +126,9 @@ class _Progress:
 
 
 def _sampling(params: dict) -> dict:
-    keys = {"sample_steps": "sample_steps", "guidance": "guidance", "batch_size": "batch_size"}
+    # An experiment's params also hold its runs' training settings, batch_size among them:
+    # the sampling batch has its own key.
+    keys = {"sample_steps": "sample_steps", "guidance": "guidance", "batch_size": "sample_batch_size"}
     return {ours: params[theirs] for ours, theirs in keys.items() if params.get(theirs) is not None}
 
 

@@ -267,7 +267,7 @@ def _load_pngs(results: list[dict]) -> list:
 
 def measure(model, library, concept, ref: str | None, prompts: list[str], clip: Clip, train_embs: torch.Tensor, *,
             out_dir: Path, images: int, seed: int, sample_steps: int = 25, guidance: float = 7.5,
-            batch_size: int = 4, progress=None, cancelled=None) -> dict:
+            batch_size: int | None = None, progress=None, cancelled=None) -> dict:
     """Generate the reconstruction set and one set per edit prompt, then score them.
 
     ref None: SD alone (description for the token); else the --use string of the embedding.
@@ -319,7 +319,7 @@ def check_templates(prompts: list[str]) -> list[str]:
 def evaluate(model, library, concept_name: str, run_id: str | None = None, step: int | None = None,
              images: int = 16, prompts_file: os.PathLike | str | None = None, clip: str = "ViT-B-32",
              clip_weights: os.PathLike | str | None = None, seed: int = 0, progress=None, cancelled=None, *,
-             sample_steps: int = 25, guidance: float = 7.5, batch_size: int = 4) -> dict:
+             sample_steps: int = 25, guidance: float = 7.5, batch_size: int | None = None) -> dict:
     """Table 1 for one embedding (a run's final one, or a checkpoint), kept in `<run>/eval/<id>/`."""
     if images < 1:
         raise UserError("--images must be at least 1")
