@@ -100,14 +100,11 @@ class Bench:
     """The device, the model and the settings one variant measures with."""
 
     def __init__(self, args, model=None):
-        from engine.gpu import frozen_dtype, pick_device
-        from engine.models import load_model
-
         self.args = args
-        self.device = model.device if model is not None else pick_device()
         t0 = time.perf_counter()  # diffusers' and transformers' imports included
-        self.model = model or load_model(args.model, self.device, frozen_dtype(self.device))
+        self.model = model or load(args.model)
         self.load_s = time.perf_counter() - t0
+        self.device = self.model.device
         self.folder = Path(tempfile.mkdtemp(prefix="tistudio-bench-"))
         self.images, self.paths = synthetic_images(4, self.model.info.resolution, self.folder / "images")
         self._partial: dict = {}
@@ -116,6 +113,15 @@ class Bench:
         """Keep figures that should survive if this process is killed later."""
         self._partial.update(figures)
         write_partial(self.args.partial, self._partial)
+
+
+def load(spec: str):
+    """The model a variant measures: on the device this machine offers, frozen weights in its dtype."""
+    from engine.gpu import frozen_dtype, pick_device
+    from engine.models import load_model
+
+    device = pick_device()
+    return load_model(spec, device, frozen_dtype(device))
 
 
 def write_partial(path: str | None, figures: dict) -> None:
@@ -316,14 +322,16 @@ def injected_failure(args) -> None:
         raise RuntimeError(f"failure injected into variant {args.variant} (TISTUDIO_BENCH_FAIL)")
 
 
-def measure(args) -> dict:
+def measure(args, model=None) -> dict:
+    """One variant's figures: the child's whole work.  Given a loaded `model` (on the device and
+    dtype the child would pick), it measures with that one instead of loading its own."""
     from bench.variants import BY_NAME
 
     variant = BY_NAME[args.variant]
     injected_failure(args)
     import torch
 
-    b = Bench(args)
+    b = Bench(args, model=model)
     result = MEASURES[variant.measure](b, **variant.params)
     return {"model": args.model, "resolution": b.model.info.resolution,
             "dtype": str(b.model.dtype).replace("torch.", ""), "model_load_s": b.load_s, **result,

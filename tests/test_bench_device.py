@@ -3,7 +3,9 @@
 bench/device.py runs end to end on builtin:tiny from the wheels `make wheels` builds, under a
 Python shaped like the lent GPU machine's: its site-packages holds only the packages that
 machine's image has (bench.wheels.DEVICE_PACKAGES, as installed here, with what they need
-here), so diffusers, open_clip and the rest can only come from the carried wheels.
+here), so diffusers, open_clip and the rest can only come from the carried wheels.  The runner
+there runs a few variants (each child's start-up costs ~10 s); every variant's measure runs
+under that same Python and wheels in one process.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from bench import run, wheels
-from bench.variants import BY_NAME, VARIANTS, select
+from bench.device import install
+from bench.variants import BY_NAME, MODELS, VARIANTS, select
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--steps", "2", "--warmup", "1", "--gen-images", "1", "--eval-images", "1", "--sample-steps", "2"]
@@ -88,63 +91,109 @@ def test_the_device_python_lacks_what_the_wheels_carry(device_python, tmp_path):
 
 
 def test_device_script_end_to_end_on_cpu(built_wheels, device_python, tmp_path):
+    """The runner's machinery, through bench/device.py from the wheels: the environment line, a
+    failure contained (low-vram's, injected) with a variant after it still run, the ratio against
+    ours.  Each variant costs a child's start-up (~10 s), so only these three run here; every
+    variant's measure runs in the next test, under the same Python and wheels."""
     out = tmp_path / "out"
-    env = bench_env(tmp_path, TISTUDIO_BENCH_FAIL="low-vram", TORCH_COMPILE_DISABLE="1")
-    proc = subprocess.run([str(device_python), "bench/device.py", str(out), *SMALL], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
+    env = bench_env(tmp_path, TISTUDIO_BENCH_FAIL="low-vram")
+    proc = subprocess.run([str(device_python), "bench/device.py", str(out), "--only", "ours,low-vram,batched-8",
+                           *SMALL], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the injected failure, and only it
     assert "failed: low-vram" in proc.stdout
     environment, lines = read_lines(out)
 
     site = environment["site"]
-    assert environment["kind"] == "cpu"
+    assert environment["kind"] == "cpu" and environment["settings"]["steps"] == 2
     assert environment["diffusers_from"].startswith(site) and environment["open_clip_from"].startswith(site)
     assert set(environment["fit"]["carried"]) == set(wheels.CARRIED)
     assert environment["fit"]["does_not_fit"] == [] and environment["fit"]["outside_project_ranges"] == []
     assert any("importlib" in item for item in environment["fit"]["declared_not_needed"])
-    assert list(lines) == [v.name for v in VARIANTS]  # every variant wrote a line, in plan order
+    assert list(lines) == ["ours", "low-vram", "batched-8"]  # every selected variant wrote a line, in plan order
 
     assert lines["low-vram"]["status"] == "error" and "failure injected" in lines["low-vram"]["error"]
     assert "Traceback" in lines["low-vram"]["output_tail"]
-    sdxl_known = run.spec_available("builtin:sdxl-tiny")
-    for name, line in lines.items():
-        if name == "low-vram" or (name.startswith("sdxl") and not sdxl_known):
-            continue
-        assert line["status"] == "ok", (name, line)
-        assert line["device"] and line["torch"] and line["wall_s"] > 0
-    if not sdxl_known:
-        assert lines["sdxl"]["status"] == "skipped" and "spec not available" in lines["sdxl"]["reason"]
-
-    assert lines["ours"]["steps_per_s"] > 0 and lines["ours"]["ms_per_step"] > 0
-    ours = lines["ours"]["steps_per_s"]
-    assert lines["reference"]["speedup"] == pytest.approx(ours / lines["reference"]["steps_per_s"])
     assert "vs_ours" not in lines["low-vram"]
+    for name in ("ours", "batched-8"):
+        line = lines[name]
+        assert line["status"] == "ok", (name, line)
+        assert line["device"] and line["torch"] and line["wall_s"] > 0 and line["model"] == "builtin:tiny"
+    ours = lines["ours"]["steps_per_s"]
+    assert ours > 0 and lines["ours"]["ms_per_step"] > 0
+    assert lines["batched-8"]["runs"] == 8
+    assert lines["batched-8"]["vs_ours"] == pytest.approx(lines["batched-8"]["run_steps_per_s"] / ours)
+    log = next(out.glob("*.log")).read_text()
+    assert "===== batched-8" in log
+
+
+# Every variant's measure, run for real by the children's own entry point (bench.measure.measure),
+# in one device-like process that loads each model once instead of once per variant.
+MEASURE_EACH = """
+import json, sys
+from bench import measure
+print(json.dumps(measure.versions()), flush=True)
+models = {}
+for argv in json.loads(sys.argv[1]):
+    args = measure.parse_args(argv)
+    if args.model not in models:
+        models[args.model] = measure.load(args.model)
+    print(json.dumps({"variant": args.variant, **measure.measure(args, model=models[args.model])}), flush=True)
+"""
+
+
+def test_every_variant_measures_from_the_wheels_under_the_device_python(built_wheels, device_python, tmp_path):
+    site = tmp_path / "site"
+    install(sorted(built_wheels.glob("*.whl")), site)
+    plan = [v for v in VARIANTS if run.spec_available(MODELS[v.model]["cpu"])]
+    argvs = [[v.name, "--model", MODELS[v.model]["cpu"], *SMALL] for v in plan]
+    env = bench_env(tmp_path, PYTHONPATH=os.pathsep.join([str(ROOT), str(site)]), HF_HUB_OFFLINE="1",
+                    TORCH_COMPILE_DISABLE="1")
+    proc = subprocess.run([str(device_python), "-c", MEASURE_EACH, json.dumps(argvs)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    found, *results = [json.loads(text) for text in proc.stdout.splitlines() if text.startswith("{")]
+    assert found["diffusers_from"].startswith(str(site)) and found["open_clip_from"].startswith(str(site))
+    assert [r["variant"] for r in results] == [v.name for v in plan]
+
+    lines = {}
+    for variant, result in zip(plan, results):  # each as the runner writes it, its ratio included
+        line = lines[variant.name] = {**result, "status": "ok"}
+        run.add_ratio(variant, line, lines.get(variant.against))
+        assert line["model"] == MODELS[variant.model]["cpu"] and line["process_max_rss_gib"] > 0
+
+    ours = lines["ours"]["steps_per_s"]
+    assert ours > 0 and lines["ours"]["ms_per_step"] > 0 and lines["ours"]["runs"] == 1
+    assert lines["reference"]["speedup"] == pytest.approx(ours / lines["reference"]["steps_per_s"])
+    assert lines["syncs"]["note"].startswith("counted on CUDA only")
+    assert lines["low-vram"]["low_vram"] is True
+    assert lines["low-vram"]["vs_ours"] == pytest.approx(lines["low-vram"]["steps_per_s"] / ours)
+    assert lines["generation"]["images"] == 1 and lines["generation"]["images_per_s"] > 0
     assert lines["batched-8"]["runs"] == 8 and lines["batched-16"]["runs"] == 16
     assert lines["batched-16"]["vs_ours"] == pytest.approx(lines["batched-16"]["run_steps_per_s"] / ours)
-    assert lines["generation"]["images_per_s"] > 0
     assert lines["table1"]["images"] == 8 and lines["table1"]["seconds"] > 0
-    if sdxl_known:
+    if "sdxl" in lines:
+        assert lines["sdxl"]["steps_per_s"] > 0 and lines["sdxl"]["runs"] == 1
         assert lines["sdxl-reference"]["speedup"] == pytest.approx(
             lines["sdxl"]["steps_per_s"] / lines["sdxl-reference"]["steps_per_s"])
-    assert lines["syncs"]["note"].startswith("counted on CUDA only")
     for name in ("compile-reduce-overhead", "compile-default"):
+        assert lines[name]["compile"] == BY_NAME[name].params["mode"]
         assert lines[name]["first_warmup_s"] > 0 and lines[name]["second_warmup_s"] > 0
         assert lines[name]["compile_disabled_by_env"] is True
-    log = next(out.glob("*.log")).read_text()
-    assert "===== table1" in log
+        assert lines[name]["vs_ours"] == pytest.approx(lines[name]["steps_per_s"] / ours)
 
 
 def test_a_hung_variant_is_killed_at_its_limit_and_the_rest_go_on(tmp_path):
     out = tmp_path / "out"
-    env = bench_env(tmp_path, TISTUDIO_BENCH_FAIL="generation:hang,ours", PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "bench/run.py", "--out", str(out), "--only", "ours,generation,sdxl",
+    env = bench_env(tmp_path, TISTUDIO_BENCH_FAIL="ours,generation:hang,table1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "bench/run.py", "--out", str(out), "--only", "ours,generation,table1",
                            "--timeout", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     _, lines = read_lines(out)
     assert lines["generation"]["status"] == "timeout" and "timed out after 3 s" in lines["generation"]["error"]
     assert lines["generation"]["injected"] == "hang"  # figures reported before the kill survive it
     assert lines["ours"]["status"] == "error" and "failure injected" in lines["ours"]["error"]
-    assert lines["sdxl"]["status"] in ("skipped", "timeout", "ok")
+    # the variant after the hang started and ran (to its own injected failure: no 3 s spent on it)
+    assert lines["table1"]["status"] == "error" and "failure injected" in lines["table1"]["error"]
     leftovers = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmdline_mentions(p, str(tmp_path))]
     assert leftovers == [], "a killed variant left processes behind"
 
