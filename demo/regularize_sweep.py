@@ -33,17 +33,19 @@ def parse_configs(text: str) -> list[tuple[str, float]]:
     return configs
 
 
-def sweep(plan: dict[str, list[tuple[str, float]]], steps: int, images: dict[str, int], lr: float = 5e-4) -> dict:
+def sweep(plan: dict[str, list[tuple[str, float]]], steps: int, images: dict[str, int], lr: float = 5e-4,
+          home: Path | None = None) -> dict:
     """{concept: configs} -> {concept: result}.  Every run of every concept trains in one batch
     (one UNet call per step: a run's row is independent of the others), then each concept's runs
-    are measured with `images[concept]` images per set, beside its SD row."""
+    are measured with `images[concept]` images per set, beside its SD row.  The library lives in
+    `home` (default: a new temporary folder)."""
     from engine.library import Library
     from engine.models import load_model
     from engine.paths import atomic_write_json
     from engine.train import RunSlot, TrainConfig, train_many
 
     records = {c["name"]: c for c in json.loads((SAMPLES / "concepts.json").read_text())}
-    library = Library(Path(tempfile.mkdtemp(prefix="regsweep-")))
+    library = Library(home or Path(tempfile.mkdtemp(prefix="regsweep-")))
     model = load_model("builtin:demo")
     runs, slots = {}, []
     for name, configs in plan.items():

@@ -11,10 +11,6 @@ still ends where its solo run ends:
   norm         loss += w * mean over vectors of relu(|v| - tau)^2, tau = the vocabulary's median norm
   directional  the norm stays |v_init|; only the direction is learned (Directional TI): the
                gradient is projected onto the sphere's tangent, and each step ends on the sphere
-  context      loss += w * how much the word changes the text encoder's outputs at the tokens
-               after it (they read it through attention), relative to the same prompt with the
-               starting vectors (the CoRe idea, Wu et al. 2024): the word may mean something new
-               itself, but the rest of its prompt should still read as it did with the initializer
 
 Nothing here keeps state of its own: the initial rows are rebuilt the same way on resume,
 so resume stays bit-exact.
@@ -31,18 +27,16 @@ from engine.placeholder import WordLayout
 # Strengths used when none is given (--reg-weight 0, no METHOD:W), measured on builtin:demo's
 # mushroom (demo/logs/regularize-mushroom.json; README: "Keeping a word editable"): init-l2 at
 # 0.003 trades 0.017 of reconstruction for 0.027 of editability, 0.01 already gives back most of
-# what the word learned; context at 0.01 trades 0.064 for 0.054, 0.1 gives back nearly all.
-# Another model's loss has another scale: sweep it there
+# what the word learned.  Another model's loss has another scale: sweep it there
 # (`tistudio experiment regularize NAME --methods none,init-l2:0.001,init-l2:0.01`).
-DEFAULT_WEIGHTS = {"init-l2": 0.003, "norm": 1.0, "context": 0.01}
-COLUMNS = tuple(DEFAULT_WEIGHTS)  # the column of each weighted method in Regularizer.weights
+DEFAULT_WEIGHTS = {"init-l2": 0.003, "norm": 1.0}
 
 
 @dataclass
 class Regularizer:
     layout: WordLayout
     init_rows: torch.Tensor  # [K, P] fp32: where each run started
-    weights: torch.Tensor  # [K, 3]: the init-l2, norm and context strengths of each row (0: off)
+    weights: torch.Tensor  # [K, 2]: the init-l2 and norm strengths of each row (0: off)
     directional: torch.Tensor  # [K] bool
     vocab_norms: list[float]  # tau per encoder: the median norm of its token table
 
@@ -52,10 +46,11 @@ class Regularizer:
         methods = [c.regularize for c in configs]
         if all(m == "none" for m in methods):
             return None
-        weights = torch.zeros(len(configs), len(COLUMNS), device=init_rows.device)
+        weights = torch.zeros(len(configs), 2, device=init_rows.device)
         for k, c in enumerate(configs):
             if c.regularize in DEFAULT_WEIGHTS:
-                weights[k, COLUMNS.index(c.regularize)] = c.reg_weight or DEFAULT_WEIGHTS[c.regularize]
+                column = 0 if c.regularize == "init-l2" else 1
+                weights[k, column] = c.reg_weight or DEFAULT_WEIGHTS[c.regularize]
         directional = torch.tensor([m == "directional" for m in methods], device=init_rows.device)
         return cls(layout, init_rows.detach().clone(), weights, directional, vocab_norms(encoders))
 
@@ -70,28 +65,6 @@ class Regularizer:
             pull = pull + (v - v0).pow(2).sum(-1).mean(-1)
             excess = excess + torch.relu(v.norm(dim=-1) - tau).pow(2).mean(-1)
         return self.weights[:, 0] * pull + self.weights[:, 1] * excess
-
-    @property
-    def reads_context(self) -> bool:
-        """Whether any run wants the context term (its reference encoding costs a text-encoder pass)."""
-        return bool((self.weights[:, 2] > 0).any())
-
-    def context_penalty(self, word: torch.Tensor, now: dict, before: dict) -> torch.Tensor:
-        """[K] differentiable context term.  word: [B, L] bool, the word's slots in each prompt;
-        now / before: the UNet conditioning with the trained / the starting vectors.
-
-        Per prompt: |h - h0|^2 / |h0|^2 over the positions after the word (the ones that read
-        it; those before it cannot, the encoder is causal), plus SDXL's pooled embedding the
-        same way; averaged over each run's prompts."""
-        after = (word.long().cumsum(dim=1) > 0) & ~word
-        keep = after.unsqueeze(-1).float()
-        h, h0 = now["encoder_hidden_states"].float(), before["encoder_hidden_states"].float()
-        change = ((h - h0).pow(2) * keep).sum(dim=(1, 2)) / (h0.pow(2) * keep).sum(dim=(1, 2)).clamp(min=1e-12)
-        pooled = (now.get("added_cond_kwargs") or {}).get("text_embeds")
-        if pooled is not None:
-            p, p0 = pooled.float(), before["added_cond_kwargs"]["text_embeds"].float()
-            change = change + (p - p0).pow(2).sum(-1) / p0.pow(2).sum(-1).clamp(min=1e-12)
-        return self.weights[:, 2] * change.view(self.weights.shape[0], -1).mean(dim=1)
 
     # --- a change of the update (directional) ---------------------------------------------------
 

@@ -103,14 +103,13 @@ class Inversion:
         self.n = self.cfg0.vectors
         self.layout = WordLayout(tuple(model.info.text_widths), self.n)
         self.tokenizers = [copy.deepcopy(tok) for _, tok in self.encoders]
-        self.first_slot = [add_slots(tok, self.k * self.n)[0] for tok in self.tokenizers]
+        for tok in self.tokenizers:
+            add_slots(tok, self.k * self.n)
         names = slot_tokens(self.k * self.n)
         self.words = [" ".join(names[k * self.n : (k + 1) * self.n]) for k in range(self.k)]
         rows = [self._initial_row(slot) for slot in slots]
         self.vectors = torch.stack(rows).to(self.device).requires_grad_(True)  # [K, P] fp32
         self.init_rows = self.vectors.detach().clone()  # where each run started (figures, regularisers)
-        self.reading = self.vectors  # the rows the installed encoders read (the context term swaps it)
-        self.context = None  # the last context term, [K] (logged beside the other penalties)
         self.regularizer = Regularizer.build(self.layout, self.init_rows, [s.config for s in slots], self.encoders)
         self.optimizer = RowAdamW(lr=self.cfg0.lr, weight_decay=self.cfg0.weight_decay)
         scale = 2.0**16 if model.dtype == torch.float16 else 1.0
@@ -222,15 +221,11 @@ class Inversion:
         return cat(lat), cat(noise), [cat(x) for x in ids], cat(ts), cat(micro)
 
     def _loss_rows(self) -> torch.Tensor:
-        """Per-run MSE loss, [K] fp32, still on the device (no host sync).  With the context
-        regulariser, its term for this batch is left in self.context."""
+        """Per-run MSE loss, [K] fp32, still on the device (no host sync)."""
         latents, noise, ids, t, micro = self._draw()
         dtype = self.model.dtype
         noisy = self.scheduler.add_noise(latents, noise, t)
         conditioning = self.family.condition(self.encoders, ids, micro)
-        if self.regularizer is not None and self.regularizer.reads_context:
-            word = ids[0] >= self.first_slot[0]
-            self.context = self.regularizer.context_penalty(word, conditioning, self._starting_condition(ids, micro))
         pred = self.unet(noisy.to(dtype), t, **conditioning).sample
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, t)
@@ -238,15 +233,6 @@ class Inversion:
             target = noise
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         return per_sample.view(self.k, -1).mean(dim=1)
-
-    @torch.no_grad()
-    def _starting_condition(self, ids: list, micro) -> dict:
-        """The conditioning of the same prompts with each run's starting vectors."""
-        self.reading = self.init_rows
-        try:
-            return self.family.condition(self.encoders, ids, micro)
-        finally:
-            self.reading = self.vectors
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -293,7 +279,7 @@ class Inversion:
         total = None
         for _ in range(accum):
             loss = self._loss_rows()
-            objective = loss if reg is None else loss + reg.penalty(self.vectors) + _or_zero(self.context)
+            objective = loss + reg.penalty(self.vectors) if reg is not None else loss
             # Dividing by a power of two is exact; any other G rounds the same way on every resume.
             (objective * (self.state["loss_scale"] / accum)).sum().backward()
             total = loss.detach() if total is None else total + loss.detach()
@@ -310,7 +296,7 @@ class Inversion:
         unet = self.model.unet
         if self.cfg0.low_vram:
             unet.enable_gradient_checkpointing()
-        blocks = [lambda e=e: self.layout.block(self.reading, e) for e in range(len(self.encoders))]
+        blocks = [lambda e=e: self.layout.block(self.vectors, e) for e in range(len(self.encoders))]
         try:
             with installed_in_all(self.encoders, blocks):
                 yield
@@ -335,10 +321,7 @@ class Inversion:
         vram = memory_figures(self.device)
         remaining = (self.cfg0.steps - step) / steps_per_s if steps_per_s > 0 else None
         figures = vector_figures(self.layout, self.vectors.detach(), self.init_rows)
-        penalty = None
-        if self.regularizer is not None:
-            context = _or_zero(None if self.context is None else self.context.detach())
-            penalty = (self.regularizer.penalty(self.vectors.detach()) + context).tolist()
+        penalty = self.regularizer.penalty(self.vectors.detach()).tolist() if self.regularizer else None
         for k, slot in enumerate(self.slots):
             slot.reporter.emit(
                 "step", step=step, steps=self.cfg0.steps, loss=losses[k], lr=lr,
@@ -370,10 +353,6 @@ class Inversion:
             path = slot.run_dir / "previews" / f"step-{step}.png"
             atomic_write_bytes(path, buf.getvalue())
             slot.reporter.emit("preview", step=step, path=str(path), prompt=prompt.replace(word, cfg.token))
-
-
-def _or_zero(term: torch.Tensor | None) -> torch.Tensor | float:
-    return 0.0 if term is None else term
 
 
 def compiled_unet(model, mode: str):

@@ -15,8 +15,8 @@ from engine.errors import UserError
 
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
-REGULARIZERS = ("none", "init-l2", "norm", "directional", "context")
-WEIGHTED = ("init-l2", "norm", "context")  # the methods with a strength (--reg-weight, or METHOD:WEIGHT)
+REGULARIZERS = ("none", "init-l2", "norm", "directional")
+WEIGHTED = ("init-l2", "norm")  # the methods with a strength (--reg-weight, or METHOD:WEIGHT)
 MAX_VECTORS = 16  # a word of more slots than this eats the 75-token prompt
 
 
@@ -37,8 +37,8 @@ class TrainConfig:
     seed: int = 0
     vectors: int = 1  # token slots the word expands to (the paper: 1)
     init_from: str | None = None  # start from an existing embedding: a file, or NAME@RUN:STEP
-    regularize: str = "none"  # none | init-l2 | norm | directional | context (keeping the word editable)
-    reg_weight: float = 0.0  # lambda for init-l2, norm and context (0: the method's default)
+    regularize: str = "none"  # none | init-l2 | norm | directional (keeping the word editable)
+    reg_weight: float = 0.0  # lambda for init-l2 and norm (0: the method's default)
     save_every: int = 500
     keep_checkpoints: int | None = None  # keep the newest N resumable checkpoints (None: all)
     preview_every: int = 500
@@ -139,7 +139,7 @@ def parse_method(entry: str) -> tuple[str, float | None]:
     if not colon:
         return method, None
     if method not in WEIGHTED:
-        raise UserError(f"{method} takes no strength; give one only to {', '.join(WEIGHTED)}, e.g. init-l2:0.003")
+        raise UserError(f"{method} takes no strength; give one only to {' or '.join(WEIGHTED)}, e.g. init-l2:0.003")
     try:
         value = float(weight)
     except ValueError:

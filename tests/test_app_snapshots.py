@@ -165,17 +165,29 @@ def app_for(home: Path, theme: str = "tistudio-dark") -> StudioApp:
     return StudioApp(home, "builtin:tiny", engine=False, image_protocol="halfblock", theme=theme)
 
 
+async def quiet(pilot, limit: float = 10.0) -> None:
+    """Wait until the studio has nothing left to draw: no worker running (the image loaders) and no
+    change waiting for the screen's next redraw tick, seen twice in a row half a tick apart."""
+    from tistudio.screens.base import REDRAW_SECONDS
+
+    calm, waited = 0, 0.0
+    while calm < 2 and waited < limit:
+        await pilot.pause(REDRAW_SECONDS / 2)
+        waited += REDRAW_SECONDS / 2
+        busy = any(w.is_running for w in pilot.app.workers) or getattr(pilot.app.screen, "_dirty", None)
+        calm = 0 if busy else calm + 1
+
+
 def settle(*keys: str):
     async def run_before(pilot) -> None:
-        await pilot.pause(0.3)
+        await quiet(pilot)
         for key in keys:
             await pilot.press(key)
-            await pilot.pause(0.3)
-        await pilot.pause(0.7)  # the throttled redraw and the image workers
+            await quiet(pilot)
         for widget in pilot.app.screen.query("Input"):
             widget.cursor_blink = False
         await pilot.wait_for_scheduled_animations()
-        await pilot.pause(0.2)
+        await quiet(pilot)
 
     return run_before
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -12,8 +10,7 @@ from engine.formats import read_embedding
 from engine.regularize import vocab_norms
 from engine.train import QuietReporter, RunSlot, TrainConfig, train, train_many
 
-METHODS = ("none", "init-l2", "norm", "directional", "context")
-WEIGHTS = {"init-l2": 50.0, "norm": 50.0, "context": 50.0}  # strong, so 12 steps show each effect
+METHODS = ("none", "init-l2", "norm", "directional")
 
 
 def _images(image_dir):
@@ -55,7 +52,7 @@ def trained(tiny_model, tmp_path_factory):
     out = {}
     for method in METHODS:
         reporter = QuietReporter()
-        weight = WEIGHTS.get(method, 0.0)
+        weight = 50.0 if method in ("init-l2", "norm") else 0.0
         path = train(tiny_model, _cfg(regularize=method, reg_weight=weight, seed=4), root / method, images, reporter)
         out[method] = (read_embedding(path).vectors[0], [e for e in reporter.events if e["type"] == "step"])
     return out
@@ -81,32 +78,6 @@ def test_norm_penalty_keeps_the_norm_nearer_the_vocabulary(tiny_model, trained):
     assert held < free
 
 
-def _context_change(model, vector, start, prompt="a photo of a {} on the beach at night"):
-    """How far the tokens after the word move when the word is `vector` instead of `start`."""
-    from engine.placeholder import add_slots, placeholders_installed
-
-    tokenizer = copy.deepcopy(model.tokenizer)
-    slot = add_slots(tokenizer, 1)[0]
-    ids = tokenizer(prompt.format(tokenizer.convert_ids_to_tokens(slot)), padding="max_length",
-                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    after = (ids == slot).long().cumsum(1).bool() & (ids != slot)
-
-    def encode(v):
-        with torch.no_grad(), placeholders_installed(model.text_encoder, v.view(1, -1)):
-            return model.text_encoder(ids)[0][after]
-
-    return float((encode(vector) - encode(start)).pow(2).sum() / encode(start).pow(2).sum())
-
-
-def test_context_keeps_the_rest_of_the_prompt_nearer_its_start_than_none(tiny_model, trained):
-    """The context term: the tokens after the word read it less differently than they read the
-    initializer (in a prompt it never trained on), while the word itself still moved."""
-    start = _init_vector(tiny_model)
-    free, held = (_context_change(tiny_model, trained[m][0], start) for m in ("none", "context"))
-    assert held < 0.5 * free, (held, free)
-    assert not torch.allclose(trained["context"][0], start)
-
-
 def test_step_events_carry_norm_cosine_and_penalty(trained):
     for method, (_, steps) in trained.items():
         last = steps[-1]
@@ -128,7 +99,7 @@ def test_each_method_resumes_bit_for_bit(tiny_model, image_dir, tmp_path, method
 
 def test_a_sweep_mixes_methods_and_each_equals_its_solo_run(tiny_model, image_dir, tmp_path):
     images = _images(image_dir)
-    cfgs = [_cfg(regularize=m, seed=2, reg_weight=5.0 if m in WEIGHTS else 0.0) for m in METHODS]
+    cfgs = [_cfg(regularize=m, seed=2, reg_weight=5.0 if m in ("init-l2", "norm") else 0.0) for m in METHODS]
     solo = [read_embedding(train(tiny_model, c, tmp_path / f"solo-{c.regularize}", images)).vectors for c in cfgs]
     slots = [RunSlot(c, tmp_path / f"batch-{c.regularize}", images) for c in cfgs]
     batched = [read_embedding(p).vectors for p in train_many(tiny_model, slots)]

@@ -72,7 +72,7 @@ def add_commands(sub) -> None:
                    help="regularisers to compare (none is the paper's inversion); init-l2:0.003 gives one its "
                         "own strength, so one method can appear at several")
     p.add_argument("--reg-weight", type=float_arg, default=0.0,
-                   help="strength of init-l2, norm and context where METHOD:W gives none (0: each method's default)")
+                   help="strength of init-l2 and norm where METHOD:W gives none (0: each method's default)")
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
     p.add_argument("--seed", type=int, default=0, help="random seed of every run")
     _experiment_args(p)

@@ -35,11 +35,10 @@ def add_commands(sub) -> None:
     what.add_argument("--regularize", type=regularizer_list, default=["none"], metavar="METHOD[:W][,…]",
                       help="keep the word editable: none (the paper), init-l2 (pull toward the initializer), "
                            "norm (penalise a norm above the vocabulary's), "
-                           "directional (fixed norm, learn the direction), context (keep the prompt's other words "
-                           "reading it as the initializer); init-l2:0.003 gives that one its "
+                           "directional (fixed norm, learn the direction); init-l2:0.003 gives that one its "
                            "own strength; several: a sweep, one run each")
     what.add_argument("--reg-weight", type=float_arg, default=0.0,
-                      help="strength of init-l2 / norm / context where METHOD:W gives none (0: the method's default)")
+                      help="strength of init-l2 / norm where METHOD:W gives none (0: the method's default)")
     what.add_argument("--templates", metavar="FILE",
                       help="prompt templates, one per line with {} where the token goes "
                            "(default: the study's object or style templates)")

@@ -30,7 +30,7 @@ VALUES_LABEL = {"init": "Words", "seeds": "Seeds", "regularize": "Methods"}
 HINTS = {
     "init": "One run per word, trained together, then measured side by side (the paper: Building vs Tower).",
     "seeds": "One run per training seed: how much of a result is luck.",
-    "regularize": "none is the paper's method; init-l2, norm, directional and context keep the word editable. "
+    "regularize": "none is the paper's method; init-l2, norm and directional keep the word editable. "
                   "init-l2:0.003 gives one method its own weight; else the Reg. weight, or each method's default.",
     "synthesis": "The learned word in the study's new scenes (objects) or on new subjects (styles), SD beside "
                  "SD+TI with the same seeds; every image keeps its metadata.",

@@ -28,7 +28,7 @@ nearest tokens, its runs compared; shown in the concept's panel)
 **2 Train**: s start a run with the form's settings · r resume the selected
 run · c cancel it · enter on a run shows its history · f edit the form ·
 l low VRAM on/off (for cards with little memory: about half the speed) ·
-Regularize keeps the word editable (init-l2, norm, directional, context).  Beside
+Regularize keeps the word editable (init-l2, norm, directional).  Beside
 the loss: the vector's norm (the grey line: the vocabulary's median) and
 its cosine to the initializer; under 90 columns v flips it with the preview
 
