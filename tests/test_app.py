@@ -340,10 +340,10 @@ async def test_images_of_a_concept_are_added_and_removed_in_the_library(tmp_path
         await wait_for(pilot, lambda: "broken.png" in error(), 60, "the refusal")
         assert Library(home).get("imp").images == []  # nothing written
         app.screen.query_one("#add", Input).value = str(more)
-        # The refusal's text re-flows the dialog: click Apply where it is after that layout, not before.
+        # The refusal's text re-flows the dialog, so a click by position can land where Apply was a
+        # layout ago (seen under load): press the button itself, as Enter on it would.
         await wait_for(pilot, lambda: not app.screen.query_one("#ok", Button).disabled, 5, "Apply enabled again")
-        await pilot.pause()
-        await pilot.click("#ok")
+        app.screen.query_one("#ok", Button).press()
         await wait_for(pilot, lambda: not isinstance(app.screen, ImagesModal), 60, "the dialog to close")
         assert [p.name for p in Library(home).get("imp").images] == ["000.png", "001.png"]
         await wait_for(pilot, lambda: table.get_row_at(0)[5] == "2", 5, "the new count")
