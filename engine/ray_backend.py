@@ -267,7 +267,7 @@ class RaySupervisor:
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
             with contextlib.suppress(Exception):
-                queue.shutdown()
+                queue.shutdown(force=True)
             why = "it did not start in time: is a GPU free? (`ray status`)" if isinstance(
                 exc, asyncio.TimeoutError) else one_line(exc, 200)
             raise WorkerStartError(f"Ray actor: {why}") from None
@@ -367,7 +367,9 @@ class RaySupervisor:
         if worker.reader:
             worker.reader.cancel()
         with contextlib.suppress(Exception):
-            worker.queue.shutdown()
+            # force: a graceful shutdown blocks this event loop (every client) while the queue
+            # actor finishes the reader's pending get, a second or more; nobody reads it now
+            worker.queue.shutdown(force=True)
         log.info("Ray worker %d is gone: %s", worker.pid, worker.death)
         try:
             self._on_exit(worker, None, run_id)

@@ -58,3 +58,27 @@ def engine_home(monkeypatch):
     yield path
     kill_engines(path)
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def _module_home():
+    import shutil
+    import tempfile
+
+    from helpers import kill_engines
+
+    path = Path(tempfile.mkdtemp(prefix="tis-"))
+    yield path
+    kill_engines(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def shared_engine_home(_module_home, monkeypatch):
+    """As engine_home, but one home, and so one engine with its warm worker, for all the tests
+    of a module that ask for it; for tests that run in the same environment (the engine keeps
+    the one it started in) and need no fresh engine.  Its processes are killed when the module
+    ends."""
+    monkeypatch.setenv("TISTUDIO_HOME", str(_module_home))
+    monkeypatch.setenv("TISTUDIO_ENGINE_IDLE", "60")
+    return _module_home

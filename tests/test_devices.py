@@ -125,13 +125,26 @@ def test_the_smallest_group_setting_is_checked(monkeypatch):
 # Two cpu workers, torch-free jobs
 
 
-@pytest.fixture
-def two_cpus(engine_home, monkeypatch):
+def _two_cpu_workers(monkeypatch) -> None:
     monkeypatch.setenv("TISTUDIO_DEVICES", "cpu,cpu")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # what the engine gives two CPU workers on 2 cores, made sure
     monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
     monkeypatch.delenv("TISTUDIO_SWEEP_MIN_GROUP", raising=False)
+
+
+@pytest.fixture
+def two_cpus(engine_home, monkeypatch):
+    """An engine of its own with two cpu workers."""
+    _two_cpu_workers(monkeypatch)
     return engine_home
+
+
+@pytest.fixture
+def warm_two_cpus(shared_engine_home, monkeypatch):
+    """The module's one engine with two cpu workers, for the training tests that need no engine
+    of their own: its workers load the model once, not once per test."""
+    _two_cpu_workers(monkeypatch)
+    return shared_engine_home
 
 
 async def _first_step(client: EngineClient, run_id: str) -> None:
@@ -230,22 +243,33 @@ def _threads(n: int):
 
 
 def _add_concept(home: Path, image_dir: Path, name: str = "toy") -> None:
+    """The concept (once: the warm_two_cpus tests share their data directory)."""
     from engine.library import Library
     from engine.models import load_tokenizer
 
-    Library(home).add(name, image_dir, "cat", tokenizer=load_tokenizer())
+    if not (home / "concepts" / name).is_dir():
+        Library(home).add(name, image_dir, "cat", tokenizer=load_tokenizer())
+
+
+_SOLO: dict = {}  # solo runs already trained, by their settings and images: several tests compare with the same
 
 
 def _solo(model, home: Path, params: dict, where: Path):
     """The run trained alone, in this process, with one thread as each worker has."""
+    import hashlib
+
     from engine.formats import read_embedding
     from engine.library import Library
     from engine.sweeps import train_config_from
     from engine.train import train
 
     concept = Library(home).get("toy")
-    with _threads(1):
-        return read_embedding(train(model, train_config_from(dict(params), concept), where, concept.images)).vectors
+    config = train_config_from(dict(params), concept)
+    key = (repr(config), tuple(hashlib.sha256(Path(i).read_bytes()).hexdigest() for i in concept.images))
+    if key not in _SOLO:
+        with _threads(1):
+            _SOLO[key] = read_embedding(train(model, config, where, concept.images)).vectors
+    return _SOLO[key]
 
 
 def _embedding(home: Path, run_id: str):
@@ -254,22 +278,24 @@ def _embedding(home: Path, run_id: str):
     return read_embedding(jobs.load_run(jobs.find_run(home, run_id))["embedding"]).vectors
 
 
-def test_two_training_runs_side_by_side_each_end_bit_for_bit_at_their_solo_run(two_cpus, tiny_model, image_dir,
-                                                                              tmp_path):
+def test_two_training_runs_side_by_side_each_end_bit_for_bit_at_their_solo_run(warm_two_cpus, tiny_model,
+                                                                              image_dir, tmp_path):
     import torch
 
-    _add_concept(two_cpus, image_dir)
+    _add_concept(warm_two_cpus, image_dir)
     # Both workers up and their models warm first, so that the two runs start together.
-    warm = [call("submit", "train", concept="toy", params={**PARAMS, "steps": 1}, home=two_cpus) for _ in range(2)]
-    assert [call("wait", r, home=two_cpus) for r in warm] == ["done", "done"]
+    warm = [call("submit", "train", concept="toy", params={**PARAMS, "steps": 1}, home=warm_two_cpus)
+            for _ in range(2)]
+    assert [call("wait", r, home=warm_two_cpus) for r in warm] == ["done", "done"]
     params = [{**PARAMS, "seed": 1}, {**PARAMS, "seed": 2, "init": "dog"}]
-    ids = [call("submit", "train", concept="toy", params=p, home=two_cpus) for p in params]
-    assert [call("wait", r, home=two_cpus) for r in ids] == ["done", "done"]
-    assert _interleaved(*(_steps(two_cpus, r) for r in ids))  # they really ran at the same time
-    records = [jobs.load_run(jobs.find_run(two_cpus, r)) for r in ids]
+    ids = [call("submit", "train", concept="toy", params=p, home=warm_two_cpus) for p in params]
+    assert [call("wait", r, home=warm_two_cpus) for r in ids] == ["done", "done"]
+    assert _interleaved(*(_steps(warm_two_cpus, r) for r in ids))  # they really ran at the same time
+    records = [jobs.load_run(jobs.find_run(warm_two_cpus, r)) for r in ids]
     assert records[0]["device"] == records[1]["device"] == "cpu"
     for k, (run_id, p) in enumerate(zip(ids, params)):
-        assert torch.equal(_embedding(two_cpus, run_id), _solo(tiny_model, two_cpus, p, tmp_path / f"solo{k}"))
+        solo = _solo(tiny_model, warm_two_cpus, p, tmp_path / f"solo{k}")
+        assert torch.equal(_embedding(warm_two_cpus, run_id), solo)
 
 
 def _sweep_runs(home: Path, sweep_id: str) -> list[dict]:
@@ -286,25 +312,26 @@ def _assert_members_match_their_solo_runs(home: Path, model, runs: list[dict], t
         torch.testing.assert_close(_embedding(home, run["id"]), solo, rtol=1e-4, atol=1e-5)
 
 
-def test_a_sweep_of_four_split_over_two_workers_equals_its_solo_runs(two_cpus, tiny_model, image_dir, tmp_path):
-    _add_concept(two_cpus, image_dir)
+def test_a_sweep_of_four_split_over_two_workers_equals_its_solo_runs(warm_two_cpus, tiny_model, image_dir,
+                                                                     tmp_path):
+    _add_concept(warm_two_cpus, image_dir)
     sweep_id = call("submit", "sweep", concept="toy", params={**PARAMS, "seeds": [1, 2], "inits": ["cat", "dog"]},
-                    home=two_cpus)
-    assert call("wait", sweep_id, home=two_cpus) == "done"
-    runs = _sweep_runs(two_cpus, sweep_id)
+                    home=warm_two_cpus)
+    assert call("wait", sweep_id, home=warm_two_cpus) == "done"
+    runs = _sweep_runs(warm_two_cpus, sweep_id)
     assert len(runs) == 4 and {r["status"] for r in runs} == {"done"}
     # two groups of two (a whole sweep would batch all four), each batched: one UNet call per step
     logs = [jobs.EventLog(Path(r["run_dir"]) / "events.jsonl").read() for r in runs]
     assert [next(e for e in log if e["type"] == "train")["runs"] for log in logs] == [2, 2, 2, 2]
     assert all(r["device"] == "cpu" for r in runs)
-    sweep_dir = jobs.find_run(two_cpus, sweep_id)
+    sweep_dir = jobs.find_run(warm_two_cpus, sweep_id)
     record = jobs.load_run(sweep_dir)
     assert record["result"]["members"] == [r["id"] for r in runs]
     assert record["result"]["embeddings"] == [r["embedding"] for r in runs]
     parent = [e["status"] for e in jobs.EventLog(sweep_dir / "events.jsonl").read()
               if e["type"] == "status"]
     assert parent == ["queued", "running", "done"]
-    _assert_members_match_their_solo_runs(two_cpus, tiny_model, runs, tmp_path)
+    _assert_members_match_their_solo_runs(warm_two_cpus, tiny_model, runs, tmp_path)
 
 
 def test_a_split_sweep_killed_in_one_group_resumes_only_what_is_left(two_cpus, tiny_model, image_dir, tmp_path,
@@ -332,15 +359,16 @@ def test_a_split_sweep_killed_in_one_group_resumes_only_what_is_left(two_cpus, t
 
 
 
-def test_a_split_sweep_with_a_bad_member_fails_whole_and_leaves_no_run(two_cpus, image_dir):
-    _add_concept(two_cpus, image_dir)
+def test_a_split_sweep_with_a_bad_member_fails_whole_and_leaves_no_run(warm_two_cpus, image_dir):
+    _add_concept(warm_two_cpus, image_dir)
+    before = [r["id"] for r in jobs.list_runs(warm_two_cpus)]
     sweep_id = call("submit", "sweep", concept="toy", params={**PARAMS, "inits": ["cat", "photosynthesis"]},
-                    home=two_cpus)
-    assert call("wait", sweep_id, home=two_cpus) == "failed"  # the other group stopped waiting for members
-    record = jobs.load_run(jobs.find_run(two_cpus, sweep_id))
+                    home=warm_two_cpus)
+    assert call("wait", sweep_id, home=warm_two_cpus) == "failed"  # the other group stopped waiting for members
+    record = jobs.load_run(jobs.find_run(warm_two_cpus, sweep_id))
     assert "photosynthesis" in record["error"] and not record.get("members")
-    assert [r["id"] for r in jobs.list_runs(two_cpus)] == [sweep_id]  # no member was made
-    workers = call("status", device=False, home=two_cpus)["workers"]
+    assert [r["id"] for r in jobs.list_runs(warm_two_cpus)] == before + [sweep_id]  # no member was made
+    workers = call("status", device=False, home=warm_two_cpus)["workers"]
     assert [w["state"] for w in workers] == ["idle", "idle"]  # both took a group, both are free again
 
 # ---------------------------------------------------------------------------

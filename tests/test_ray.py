@@ -1,9 +1,10 @@
 """The engine on a Ray cluster (the `cluster` extra): a local cluster on this CPU machine, two
 logical GPUs, shared by every test of the module (it takes ~10 s to start).
 
-A train job through Ray ends where the local engine's ends, bit for bit; a kill -9 of the
-Ray worker mid-run is retried by Ray and resumes from its checkpoint, bit for bit; cancel
-reaches a Ray run; the engine refuses a data directory the nodes do not share.
+A train job through Ray ends where the same run trained here ends, bit for bit (the local
+engine ends there too: tests/test_runs.py); a kill -9 of the Ray worker mid-run is retried
+by Ray and resumes from its checkpoint, bit for bit; cancel reaches a Ray run; the engine
+refuses a data directory the nodes do not share.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 
 from engine import jobs
 from engine.client import EngineClient, call
-from helpers import TEST_HANDLERS, make_images
+from helpers import TEST_HANDLERS, kill_engines, make_images
 
 ray = pytest.importorskip("ray")
 
@@ -58,16 +59,21 @@ def cluster():
         _wait_for_port(port, proc, Path(temp) / "ray-start.log")
         yield address
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        # SIGKILL at once: on SIGTERM a Ray node drains for up to 30 s before it stops.
+        _kill_session(proc.pid)
+        proc.wait(timeout=30)
         log.close()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid`: `ray start` and all it started (its workers
+    run in process groups of their own)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry.name)) == sid:
+                    os.kill(int(entry.name), signal.SIGKILL)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float = 90.0) -> None:
@@ -82,19 +88,37 @@ def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout: float 
     pytest.fail(f"ray start did not listen on {port}:\n{log.read_text()[-3000:]}")
 
 
+@pytest.fixture(scope="module")
+def ray_home(cluster):
+    """The data directory of the module's engine on the cluster.  Its tests share that engine
+    (they run in the same environment): it joins the cluster once, and the actors they find
+    free are warm.  Stopped, and every engine process for it killed, when the module ends."""
+    path = Path(tempfile.mkdtemp(prefix="tis-"))  # short: the engine's socket lives in it
+    yield path
+    with contextlib.suppress(Exception):
+        call("stop", force=True, home=path, start=False)
+    kill_engines(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture
-def on_ray(cluster, engine_home, monkeypatch):
+def on_ray(cluster, ray_home, monkeypatch):
+    monkeypatch.setenv("TISTUDIO_HOME", str(ray_home))
+    monkeypatch.setenv("TISTUDIO_ENGINE_IDLE", "60")
     monkeypatch.setenv("TISTUDIO_RAY_ADDRESS", cluster)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as Ray gives each actor
     monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
-    return engine_home
+    return ray_home
 
 
 def _add_concept(home: Path) -> None:
+    """The concept "toy" (once: the module's tests share their data directory)."""
     from engine.library import Library
     from engine.models import load_tokenizer
 
+    if (home / "concepts" / "toy").is_dir():
+        return
     images = make_images(Path(tempfile.mkdtemp(prefix="imgs-", dir=home)), count=3)
     Library(home).add("toy", images, "cat", tokenizer=load_tokenizer())
 
@@ -109,25 +133,30 @@ def _events(home: Path, run_id: str) -> list[dict]:
     return jobs.EventLog(jobs.find_run(home, run_id) / "events.jsonl").read()
 
 
-_LOCAL: dict = {}  # the local engine's embedding, made once for the module's tests
+_UNINTERRUPTED: dict = {}  # the reference embedding, made once for the module's tests
 
 
-def _local_engine_embedding(home: Path, monkeypatch):
-    """The same job through a local engine on this machine (one CPU worker, one thread); the
-    same images (make_images is seeded) and params give the same embedding in any home."""
-    if "embedding" not in _LOCAL:
-        _LOCAL["embedding"] = _train_locally(home, monkeypatch)
-    return _LOCAL["embedding"]
+def _uninterrupted(model, home: Path, where: Path):
+    """The same run trained in this process, start to finish, on one thread as each actor has
+    (OMP_NUM_THREADS=1); the same images (make_images is seeded) and params give the same
+    embedding in any home."""
+    if "embedding" not in _UNINTERRUPTED:
+        import torch
 
+        from engine.formats import read_embedding
+        from engine.library import Library
+        from engine.sweeps import train_config_from
+        from engine.train import train
 
-def _train_locally(home: Path, monkeypatch):
-    monkeypatch.setenv("TISTUDIO_RAY_ADDRESS", "off")
-    monkeypatch.setenv("TISTUDIO_DEVICES", "cpu")
-    run_id = call("submit", "train", concept="toy", params=PARAMS, home=home)
-    assert call("wait", run_id, home=home) == "done"
-    assert call("status", device=False, home=home)["backend"]["kind"] == "local"
-    call("stop", home=home)
-    return _embedding(home, run_id)
+        concept = Library(home).get("toy")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            final = train(model, train_config_from(dict(PARAMS), concept), where, concept.images)
+        finally:
+            torch.set_num_threads(threads)
+        _UNINTERRUPTED["embedding"] = read_embedding(final).vectors
+    return _UNINTERRUPTED["embedding"]
 
 
 async def _follow_until_step(client: EngineClient, run_id: str, step: int) -> list[dict]:
@@ -143,7 +172,7 @@ async def _follow_until_step(client: EngineClient, run_id: str, step: int) -> li
     raise AssertionError(f"run {run_id} ended before step {step}")
 
 
-def test_a_train_job_through_ray_equals_the_local_engines_and_streams_its_events(on_ray, monkeypatch):
+def test_a_train_job_through_ray_equals_the_uninterrupted_run_and_streams_its_events(on_ray, tiny_model, tmp_path):
     import torch
 
     _add_concept(on_ray)
@@ -159,17 +188,17 @@ def test_a_train_job_through_ray_equals_the_local_engines_and_streams_its_events
         worker = next(w for w in busy["workers"] if w["job"] == run_id)
         assert worker["backend"] == "ray" and worker["node"] and worker["pid"] and worker["device"] == "cpu"
         assert await client.wait(run_id) == "done"
-        await client.stop()
+        await client.close()  # the engine serves the module's next test
         return run_id
 
     run_id = asyncio.run(go())
     record = jobs.load_run(jobs.find_run(on_ray, run_id))
     assert record["device"] == "cpu" and record["node"]  # where it ran: the Ray node's address
     assert [e["step"] for e in _events(on_ray, run_id) if e["type"] == "step"] == list(range(1, 31))
-    assert torch.equal(_embedding(on_ray, run_id), _local_engine_embedding(on_ray, monkeypatch))
+    assert torch.equal(_embedding(on_ray, run_id), _uninterrupted(tiny_model, on_ray, tmp_path / "reference"))
 
 
-def test_kill_9_of_the_ray_worker_mid_run_is_retried_and_resumes_bit_for_bit(on_ray, monkeypatch, tmp_path):
+def test_kill_9_of_the_ray_worker_mid_run_is_retried_and_resumes_bit_for_bit(on_ray, tiny_model, tmp_path):
     import torch
 
     _add_concept(on_ray)
@@ -184,7 +213,7 @@ def test_kill_9_of_the_ray_worker_mid_run_is_retried_and_resumes_bit_for_bit(on_
         assert await client.wait(run_id) == "done"  # Ray restarted the actor and ran the job again
         pids = {w["pid"] for w in (await client.status(device=False))["workers"]}
         assert pid not in pids and len(pids) == 2  # the same slot, a new process
-        await client.stop()
+        await client.close()  # the engine serves the module's next test
         return run_id
 
     run_id = asyncio.run(go())
@@ -195,7 +224,7 @@ def test_kill_9_of_the_ray_worker_mid_run_is_retried_and_resumes_bit_for_bit(on_
     assert starts[0] == 0 and starts[1] >= 10  # the retry resumed from a checkpoint, not from scratch
     record = jobs.load_run(jobs.find_run(on_ray, run_id))
     assert record["attempts"] == 2 and record["status"] == "done"
-    assert torch.equal(_embedding(on_ray, run_id), _local_engine_embedding(on_ray, monkeypatch))
+    assert torch.equal(_embedding(on_ray, run_id), _uninterrupted(tiny_model, on_ray, tmp_path / "reference"))
 
 
 def test_cancel_reaches_a_ray_run(on_ray):
@@ -215,7 +244,7 @@ def test_cancel_reaches_a_ray_run(on_ray):
         assert result["step"] < 600
         again = await client.submit("echo")  # the same warm actors go on taking jobs
         assert await client.wait(again) == "done"
-        await client.stop()
+        await client.close()  # the engine serves the module's next test
 
     asyncio.run(go())
 

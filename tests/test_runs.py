@@ -66,8 +66,8 @@ def test_kill_9_at_several_points_then_resume_ends_where_uninterrupted_ends(
 def test_detached_run_outlives_its_cli_and_a_new_client_replays_everything(engine_home, image_dir):
     _add_concept(engine_home, "toy", image_dir)
     env = {**os.environ, "TISTUDIO_HOME": str(engine_home)}
-    proc = subprocess.run([sys.executable, "-m", "tistudio.cli", "train", "toy", "--steps", "30",
-                           "--save-every", "10", "--preview-every", "0", "--detach"],
+    proc = subprocess.run([sys.executable, "-m", "tistudio.cli", "train", "toy", "--steps", "10",
+                           "--save-every", "5", "--preview-every", "0", "--detach"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     run_id = proc.stdout.strip()
@@ -78,7 +78,7 @@ def test_detached_run_outlives_its_cli_and_a_new_client_replays_everything(engin
     assert seqs == list(range(1, len(seqs) + 1))
     assert [e["status"] for e in events if e["type"] == "status"][0] == "queued"
     assert events[-1]["type"] == "status" and events[-1]["status"] == "done"
-    assert [e["step"] for e in events if e["type"] == "step"][-1] == 30
+    assert [e["step"] for e in events if e["type"] == "step"][-1] == 10
 
 
 def _collect_events(home: Path, run_id: str) -> list[dict]:

@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -34,12 +33,17 @@ def test_attach_survives_an_engine_restart_and_reports_the_run_interrupted(engin
     env = {**os.environ, "TISTUDIO_HOME": str(engine_home)}
     attach = subprocess.Popen([sys.executable, "-m", "tistudio.cli", "attach", run_id, "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    time.sleep(2.0)
+    seen = ""
+    while '"type": "step"' not in seen:  # attached, and following the run live: it is running
+        line = attach.stdout.readline()
+        assert line, f"attach ended before the run's first step: {attach.communicate()}"
+        seen += line
     if how == "kill -9":  # the attached client reconnects, which starts a fresh engine
         _kill_9_server(engine_home)
     else:
         call("stop", force=True, home=engine_home)
     out, err = attach.communicate(timeout=60)
+    out = seen + out
     assert attach.returncode == 1, err  # the run ended interrupted: not a success, not a crash
     assert "Traceback" not in err
     statuses = [line for line in out.splitlines() if '"status"' in line]
