@@ -10,26 +10,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-@pytest.hookimpl(trylast=True)  # after -k and the other deselections: only a test that will run starts it
-def pytest_collection_modifyitems(session, config, items):
-    """The demo's long measurement starts now, in the background, and its test is moved last
-    (tests/demo_measurement.py says why)."""
-    import demo_measurement
-
-    from engine import demo_model
-
-    chosen = [item for item in items if item.name == demo_measurement.TEST_NAME]
-    if chosen and demo_model.weights_present():
-        items[:] = [item for item in items if item.name != demo_measurement.TEST_NAME] + chosen
-        demo_measurement.start()
-
-
-def pytest_sessionfinish(session, exitstatus):
-    import demo_measurement
-
-    demo_measurement.stop()
-
-
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path, monkeypatch):
     """Never touch the user's real library or config from a test."""
