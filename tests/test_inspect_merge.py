@@ -28,14 +28,38 @@ def _home() -> Path:
     return Path(os.environ["TISTUDIO_HOME"])
 
 
-@pytest.fixture
-def two_runs(engine_home, capsys, image_dir):
-    assert cli(capsys, "concept", "add", "toy", "--images", str(image_dir), "--init", "cat")[0] == 0
-    for seed in (1, 2):
-        code, _, err = cli(capsys, "train", "toy", "--steps", "4", "--lr", "5e-2", "--seed", str(seed),
-                           "--save-every", "2", "--preview-every", "0")
-        assert code == 0, err
-    return sorted(r["id"] for r in json.loads(cli(capsys, "runs", "--json")[1]) if r["kind"] == "train")
+@pytest.fixture(scope="module")
+def two_runs(_module_home, tmp_path_factory):
+    """Two 4-step runs of one concept (seeds 1 and 2), trained once, by the module's engine, for
+    the module's tests (which read them and add concepts of their own)."""
+    import contextlib
+    import io
+
+    from helpers import make_images
+
+    def quiet_cli(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(argv))
+        return code, out.getvalue(), err.getvalue()
+
+    images = make_images(tmp_path_factory.mktemp("images"), count=3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TISTUDIO_HOME", str(_module_home))
+        mp.setenv("TISTUDIO_CONFIG_DIR", str(tmp_path_factory.mktemp("config")))
+        mp.setenv("TISTUDIO_MODEL", "builtin:tiny")
+        mp.setenv("TISTUDIO_ENGINE_IDLE", "60")
+        assert quiet_cli("concept", "add", "toy", "--images", str(images), "--init", "cat")[0] == 0
+        for seed in (1, 2):
+            code, _, err = quiet_cli("train", "toy", "--steps", "4", "--lr", "5e-2", "--seed", str(seed),
+                                     "--save-every", "2", "--preview-every", "0")
+            assert code == 0, err
+        return sorted(r["id"] for r in json.loads(quiet_cli("runs", "--json")[1]) if r["kind"] == "train")
+
+
+@pytest.fixture(autouse=True)
+def _in_the_module_home(shared_engine_home):
+    """Every test here talks to the module's engine and library."""
 
 
 def test_inspect_reports_norms_cosines_neighbours_and_compares_runs(two_runs, capsys, tiny_model):
