@@ -1,7 +1,7 @@
 """Which regulariser keeps a demo word editable, and at what strength?  Measured, not guessed.
 
     python -m demo.regularize_sweep --concept mushroom[,halftone] \
-        --configs none,init-l2:0.003,context:0.1,directional [--steps 2000] [--images 16]
+        --configs none,init-l2:0.003,init-l2:0.01,directional [--steps 2000] [--images 16]
 
 Trains one run per config (and concept) on builtin:demo with the engine's own inversion, all
 of them batched into one UNet call per step (engine.train.train_many), then measures each run as
@@ -84,7 +84,7 @@ def measure(model, library, name: str, runs: list[tuple[str, str, float]], image
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.regularize_sweep")
     parser.add_argument("--concept", default="mushroom", help="mushroom, halftone, or both: mushroom,halftone")
-    parser.add_argument("--configs", default="none,init-l2,norm,directional,context")
+    parser.add_argument("--configs", default="none,init-l2,norm,directional")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--images", type=int, default=16)
