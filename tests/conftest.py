@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -43,34 +44,36 @@ def image_dir(tmp_path):
     return make_images(tmp_path / "images", count=3)
 
 
-@pytest.fixture
-def engine_home(monkeypatch):
+@contextlib.contextmanager
+def _engine_dir():
     """A short home under /tmp (Unix socket paths are limited to ~108 bytes) whose engine
-    processes are all killed when the test ends, whatever happened."""
+    processes are all killed, and the folder removed, when its user is done, whatever happened."""
     import shutil
     import tempfile
 
     from helpers import kill_engines
 
     path = Path(tempfile.mkdtemp(prefix="tis-"))
-    monkeypatch.setenv("TISTUDIO_HOME", str(path))
-    monkeypatch.setenv("TISTUDIO_ENGINE_IDLE", "60")
-    yield path
-    kill_engines(path)
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        yield path
+    finally:
+        kill_engines(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def engine_home(monkeypatch):
+    """A home, and so an engine, of the test's own."""
+    with _engine_dir() as path:
+        monkeypatch.setenv("TISTUDIO_HOME", str(path))
+        monkeypatch.setenv("TISTUDIO_ENGINE_IDLE", "60")
+        yield path
 
 
 @pytest.fixture(scope="module")
 def _module_home():
-    import shutil
-    import tempfile
-
-    from helpers import kill_engines
-
-    path = Path(tempfile.mkdtemp(prefix="tis-"))
-    yield path
-    kill_engines(path)
-    shutil.rmtree(path, ignore_errors=True)
+    with _engine_dir() as path:
+        yield path
 
 
 @pytest.fixture

@@ -1,8 +1,9 @@
 """generate / eval / experiment through the CLI and the real engine (builtin:tiny, tiny CLIP).
 
-The tests share one engine (and its warm worker), and evaluations sample in 2 steps where
-the CLI's default is 25, as the studio's tests do: what is checked here is the round trip
-through the CLI and the engine; the measures themselves are tests/test_metrics.py's."""
+The tests share one engine (and its warm worker), and evaluations sample in 2 steps
+(`--sample-steps 2`; the default is the study's 25), as the studio's tests do: what is checked
+here is the round trip through the CLI and the engine; the measures themselves are
+tests/test_metrics.py's."""
 
 from __future__ import annotations
 
@@ -15,20 +16,6 @@ from PIL import Image
 from tistudio.cli import main
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(autouse=True)
-def _evaluations_sample_in_two_steps(monkeypatch):
-    from tistudio.commands import job_cmds
-
-    run_job = job_cmds.run_job
-
-    def sampled_in_two_steps(kind, concept, params, quiet=False):
-        if kind in ("eval", "experiment"):
-            params = {**params, "sample_steps": 2}
-        return run_job(kind, concept, params, quiet)
-
-    monkeypatch.setattr(job_cmds, "run_job", sampled_in_two_steps)
 
 
 def cli(capsys, *argv):
@@ -54,16 +41,19 @@ def test_train_generate_eval_experiment_end_to_end(shared_engine_home, image_dir
     sd_prompt = next(i["prompt"] for i in images if i["mode"] == "sd")
     assert "<toy>" not in sd_prompt and "cat" in sd_prompt  # SD gets the description instead
 
-    code, out, err = cli(capsys, "eval", "toy", "--images", "2", "--clip", "builtin:tiny", "--json")
+    code, out, err = cli(capsys, "eval", "toy", "--images", "2", "--clip", "builtin:tiny", "--sample-steps", "2",
+                         "--json")
     assert code == 0, err
     table = json.loads(out)
     assert [r["model"] for r in table["rows"]] == ["SD", "SD+TI"]
+    assert table["generation"]["steps"] == 2  # --sample-steps reached the measurement
     for row in table["rows"]:
         assert 0 < row["reconstruction"] <= 1 and -1 <= row["editability"] <= 1
     report = next(Path(shared_engine_home).glob("concepts/toy/runs/*/eval/*"))
     assert (report / "table.json").is_file() and (report / "table.md").is_file()
 
-    code, out, err = cli(capsys, "experiment", "steps", "toy", "--images", "1", "--clip", "builtin:tiny", "--json")
+    code, out, err = cli(capsys, "experiment", "steps", "toy", "--images", "1", "--clip", "builtin:tiny",
+                         "--sample-steps", "2", "--json")
     assert code == 0, err
     curve = json.loads(out)
     assert [p["step"] for p in curve["points"]] == [5, 10]

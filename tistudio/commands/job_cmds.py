@@ -42,7 +42,7 @@ def add_commands(sub) -> None:
     p.add_argument("--prompts", help="a file of edit prompts, one per line, {} where the token goes "
                                      "(default: the study's three; on builtin:demo, three in its world's words)")
     _clip_args(p)
-    _sample_batch_arg(p)
+    _sampling_args(p)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=evaluate)
 
@@ -82,12 +82,15 @@ def add_commands(sub) -> None:
     p.add_argument("--run", help="run id (default: the latest finished run)")
     p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
     p.add_argument("--images", type=positive_int, default=2, help="images per prompt for SD and for SD+TI")
-    _sample_batch_arg(p)
+    _sampling_args(p)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=experiment)
 
 
-def _sample_batch_arg(p) -> None:
+def _sampling_args(p) -> None:
+    """How a measurement samples its images (the study's: 25 DPM++ steps)."""
+    p.add_argument("--sample-steps", type=positive_int, default=25, metavar="N",
+                   help="sampling steps of every measured image")
     p.add_argument("--sample-batch", type=positive_int, default=None, metavar="N",
                    help="images sampled at once while measuring (memory vs speed; default: 4 at 512 px, "
                         "up to 16 on smaller images)")
@@ -102,13 +105,17 @@ def _clip_args(p) -> None:
 def _experiment_args(p) -> None:
     p.add_argument("--images", type=positive_int, default=4, help="images per prompt and column")
     _clip_args(p)
-    _sample_batch_arg(p)
+    _sampling_args(p)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=experiment)
 
 
 def _model_param() -> dict:
     return {"model": os.environ.get("TISTUDIO_MODEL") or None}
+
+
+def _sampling_params(args) -> dict:
+    return {"sample_steps": args.sample_steps, "sample_batch_size": args.sample_batch}
 
 
 def _clip_params(args) -> dict:
@@ -153,7 +160,7 @@ def _check_eval(name: str, run: str | None, step: int | None, prompts: str | Non
 
 def evaluate(args) -> int:
     _check_eval(args.name, args.run, args.step, args.prompts)
-    params = {"run": args.run, "step": args.step, "images": args.images, "sample_batch_size": args.sample_batch,
+    params = {"run": args.run, "step": args.step, "images": args.images, **_sampling_params(args),
               "prompts_file": args.prompts and os.path.abspath(args.prompts), **_clip_params(args), **_model_param()}
     result = run_job("eval", args.name, params, quiet=args.json)
     table = result["table"]
@@ -197,8 +204,7 @@ def _check_experiment(args) -> None:
 
 def experiment(args) -> int:
     _check_experiment(args)
-    params = {"kind": args.experiment, "images": args.images, "sample_batch_size": args.sample_batch,
-              **_model_param()}
+    params = {"kind": args.experiment, "images": args.images, **_sampling_params(args), **_model_param()}
     if args.experiment != "synthesis":
         params.update(_clip_params(args))
     if args.experiment == "steps":
