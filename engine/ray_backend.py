@@ -244,7 +244,7 @@ class RaySupervisor:
     def fits(self, requested: str | None) -> bool:
         return not requested or requested == "cuda"
 
-    async def ensure(self) -> RayWorker:
+    async def ensure(self, warm: bool = False) -> RayWorker:  # a Ray actor imports on its own
         async with self._starting:
             if self.worker is None:
                 self.worker = await self._spawn()

@@ -30,7 +30,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from engine import jobs, placement, protocol
+from engine import jobs, placement, protocol, zygote
 from engine.fanout import Subscriptions
 from engine.job_queue import Job, JobQueue, Task
 from engine.jobs import ACTIVE, FINAL
@@ -140,7 +140,7 @@ class Scheduler:
         job = task.job
         try:
             try:
-                worker = await slot.supervisor.ensure()
+                worker = await slot.supervisor.ensure(warm=zygote.wants_warm(job.kind))
             except WorkerStartError as exc:
                 self._task_ended(slot, task, "interrupted", f"the worker did not start ({exc}); resume this run")
                 return

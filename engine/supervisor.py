@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from engine import device_probe, devices, protocol
+from engine import device_probe, devices, protocol, zygote
 from engine.protocol import STREAM_LIMIT, JobSpec, log_path
 
 START_TIMEOUT = 60.0  # seconds for a new worker to say hello
@@ -72,8 +72,10 @@ class WorkerSupervisor:
 
     def __init__(self, home: os.PathLike | str, device: str = "auto", *, threads: int | None = None,
                  on_message: MessageCallback | None = None, on_exit: ExitCallback | None = None,
-                 start_timeout: float = START_TIMEOUT, probe_timeout: float = PROBE_TIMEOUT):
+                 start_timeout: float = START_TIMEOUT, probe_timeout: float = PROBE_TIMEOUT,
+                 spawner: zygote.WarmSpawner | None = None):
         self.home = Path(home)
+        self.spawner = spawner  # forks warm workers (engine.zygote); None: each starts on its own
         self.device = device
         self.threads = threads
         self.worker: WorkerProcess | None = None
@@ -92,11 +94,12 @@ class WorkerSupervisor:
 
     # -- starting and stopping
 
-    async def ensure(self) -> WorkerProcess:
-        """The live worker, starting one if there is none; WorkerStartError if it will not start."""
+    async def ensure(self, warm: bool = False) -> WorkerProcess:
+        """The live worker, starting one if there is none (`warm`: one that has torch imported
+        already, for a job that needs it); WorkerStartError if it will not start."""
         async with self._starting:
             if self.worker is None:
-                self.worker = await self._spawn()
+                self.worker = await self._spawn(warm)
                 self.worker.reader = asyncio.create_task(self._read(self.worker))
                 log.info("worker %d started for device %s%s", self.worker.pid, self.device,
                          f" ({self.threads} CPU thread(s))" if self.threads else "")
@@ -109,12 +112,14 @@ class WorkerSupervisor:
             return env
         return devices.worker_env(self.device, self.threads, env)
 
-    async def _spawn(self) -> WorkerProcess:
+    async def _spawn(self, warm: bool) -> WorkerProcess:
         env = self.worker_env()
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "engine.worker", "--home", str(self.home),
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            env=env, cwd=self.home, limit=STREAM_LIMIT)
+        proc = await self.spawner.spawn(env, warm=warm) if self.spawner else None
+        if proc is None:  # no zygote here (or it gave up): a worker of its own
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "engine.worker", "--home", str(self.home),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                env=env, cwd=self.home, limit=STREAM_LIMIT)
         try:
             line = await asyncio.wait_for(proc.stdout.readline(), self.start_timeout)
             protocol.Hello.from_wire(protocol.decode(line))
@@ -148,7 +153,7 @@ class WorkerSupervisor:
 
     async def start_job(self, job: JobSpec) -> WorkerProcess:
         """Hand `job` to the worker (starting one if need be); its messages follow via on_message."""
-        worker = await self.ensure()
+        worker = await self.ensure(warm=zygote.wants_warm(job.kind))
         self.in_flight = job.run_id
         await worker.send(protocol.RunJob(job))
         return worker
@@ -247,18 +252,23 @@ class LocalWorkers:
     def __init__(self, home: os.PathLike | str, device_list: list[str] | None = None):
         self.home = Path(home)
         self.devices = list(device_list) if device_list is not None else devices.engine_devices()
+        # One zygote for the box: every worker, first or restarted, forks from it already warm.
+        self.fork_off = zygote.disabled_because()
+        self.spawner = zygote.WarmSpawner(self.home, STREAM_LIMIT) if self.fork_off is None else None
 
     async def start(self) -> None:
         pass
 
     async def close(self) -> None:
-        pass
+        if self.spawner is not None:
+            await self.spawner.close()
 
     def supervisors(self, on_message, on_exit) -> list[WorkerSupervisor]:
         """A supervisor per device; the callbacks get the worker's index first."""
         threads = devices.cpu_threads(self.devices)
         return [WorkerSupervisor(self.home, device, threads=threads if device == "cpu" else None,
-                                 on_message=functools.partial(on_message, i), on_exit=functools.partial(on_exit, i))
+                                 on_message=functools.partial(on_message, i), on_exit=functools.partial(on_exit, i),
+                                 spawner=self.spawner)
                 for i, device in enumerate(self.devices)]
 
     def check_device(self, requested: str | None) -> None:
@@ -272,7 +282,8 @@ class LocalWorkers:
         return await asyncio.to_thread(device_probe.all_gpus)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "devices": list(self.devices)}
+        fork = self.spawner.describe() if self.spawner else {"zygote": None, "preloaded": False, "off": self.fork_off}
+        return {"kind": self.kind, "devices": list(self.devices), "fork": fork}
 
 
 def describe_exit(code: int | None) -> str:

@@ -85,6 +85,18 @@ def load_torch(ctx: JobContext) -> dict:
     return {"torch": torch.__version__, "pid": os.getpid()}
 
 
+def process(ctx: JobContext) -> dict:
+    """How this worker was started: its parent, whether torch was imported before the job
+    (a worker forked from a preloaded zygote has it), its threads and device (zygote tests)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    with open("/proc/self/comm") as comm:
+        name = comm.read().strip()
+    return {"pid": os.getpid(), "ppid": os.getppid(), "torch_before": torch is not None, "name": name,
+            "threads": torch.get_num_threads() if torch else None, "device": os.environ.get("TISTUDIO_DEVICE")}
+
+
 def _append(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -102,4 +114,5 @@ HANDLERS = {
     "burst": burst,
     "warm": warm,
     "torch": load_torch,
+    "process": process,
 }

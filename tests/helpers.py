@@ -22,7 +22,10 @@ def make_images(folder: Path, count: int = 3, size: int = 80, seed: int = 0) -> 
     return folder
 
 
-def engine_pids(home: Path, which: tuple[bytes, ...] = (b"engine.server", b"engine.worker")) -> list[int]:
+ENGINE_PROCESSES = (b"engine.server", b"engine.worker", b"engine.zygote")  # a forked worker has the zygote's argv
+
+
+def engine_pids(home: Path, which: tuple[bytes, ...] = ENGINE_PROCESSES) -> list[int]:
     """Live engine processes serving `home` or a home inside it (its path is unique to the test)."""
     import os
 

@@ -182,7 +182,10 @@ async def test_two_workers_run_two_jobs_at_once_and_status_lists_both(two_cpus):
         (0, "cpu", "local", "running"), (1, "cpu", "local", "running")]
     assert {w["job"] for w in workers} == {a, b} and len({w["pid"] for w in workers}) == 2
     assert all(w["memory"].get("rss", 0) > 0 and w["kind"] == "sleep" for w in workers)
-    assert status["backend"] == {"kind": "local", "devices": ["cpu", "cpu"]}
+    backend = status["backend"]
+    assert (backend["kind"], backend["devices"]) == ("local", ["cpu", "cpu"])
+    # both forked from one zygote (engine.zygote), which never imported torch for these torch-free jobs
+    assert backend["fork"]["zygote"] and not backend["fork"]["preloaded"]
     assert status["running"]["id"] == a and status["worker_pid"] == workers[0]["pid"]  # old clients' fields
     listing = await client.listing()
     assert listing["running_jobs"] == [a, b] and listing["running"] == a

@@ -99,7 +99,14 @@ def _backend(backend: dict) -> str:
     if backend.get("error"):
         return f"would refuse to start: {backend['error']}"
     found = backend.get("devices") or []
-    return f"{_plural(len(found), 'worker')} on this machine ({', '.join(found)})" if found else "on this machine"
+    where = f"{_plural(len(found), 'worker')} on this machine ({', '.join(found)})" if found else "on this machine"
+    fork = backend.get("fork") or {}
+    if fork.get("off"):
+        return f"{where}; each starts on its own ({fork['off']})"
+    if fork.get("zygote"):
+        warm = "" if fork.get("preloaded") else " (torch not preloaded yet)"
+        return f"{where}; forked warm from zygote {fork['zygote']}{warm}"
+    return where
 
 
 def status(args) -> int:
