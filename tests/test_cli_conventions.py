@@ -24,7 +24,8 @@ OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 # Options of other programs that our messages quote: the engine's own `python -m engine.server`.
 OTHER_PROGRAMS = {"engine/server.py": {"--idle", "--cancel-grace", "--home"},
                   "engine/device_probe.py": {"--query-gpu", "--format"},  # nvidia-smi's
-                  "engine/ray_backend.py": {"--head", "--num-gpus"}}  # `ray start`'s, in its advice
+                  "engine/ray_backend.py": {"--head", "--num-gpus"},  # `ray start`'s, in its advice
+                  "engine/zygote.py": {"--home", "--fd"}}  # `python -m engine.zygote`, started by the engine
 
 
 def _parsers(parser: argparse.ArgumentParser):
