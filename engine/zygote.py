@@ -80,11 +80,13 @@ def disabled_because() -> str | None:
 def preload() -> tuple[bool, str | None]:
     """Import the job code; (True, None) when workers forked now will be warm and safe, else
     (False, why)."""
+    import gc
     import importlib
 
     # If anything asks torch whether CUDA is there while importing, let it ask NVML, which
     # leaves the CUDA driver alone (a cudaGetDeviceCount here would poison every fork).
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    gc.disable()  # importing makes millions of objects and no garbage: ~20% faster without collections
     try:
         for name in PRELOAD:
             try:
@@ -97,6 +99,11 @@ def preload() -> tuple[bool, str | None]:
                 getattr(module, attr, None)
     except Exception as exc:  # noqa: BLE001 - a broken install: workers then fail as they would cold
         return False, f"preloading failed: {type(exc).__name__}: {exc}"
+    finally:
+        # What was imported lives as long as the process: keep the collector (here and in every
+        # worker forked from here) from walking it again, and from touching the pages a fork shares.
+        gc.freeze()
+        gc.enable()
     return fork_safe()
 
 
