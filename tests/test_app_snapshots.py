@@ -167,13 +167,13 @@ def app_for(home: Path, theme: str = "tistudio-dark") -> StudioApp:
 
 async def quiet(pilot, limit: float = 10.0) -> None:
     """Wait until the studio has nothing left to draw: no worker running (the image loaders) and no
-    change waiting for the screen's next redraw tick, seen twice in a row half a tick apart."""
+    change waiting for the screen's next redraw tick, seen three times in a row a fifth of a tick apart."""
     from tistudio.screens.base import REDRAW_SECONDS
 
-    calm, waited = 0, 0.0
-    while calm < 2 and waited < limit:
-        await pilot.pause(REDRAW_SECONDS / 2)
-        waited += REDRAW_SECONDS / 2
+    calm, waited, step = 0, 0.0, REDRAW_SECONDS / 5
+    while calm < 3 and waited < limit:
+        await pilot.pause(step)
+        waited += step
         busy = any(w.is_running for w in pilot.app.workers) or getattr(pilot.app.screen, "_dirty", None)
         calm = 0 if busy else calm + 1
 
