@@ -2,6 +2,8 @@
 
     python -m demo.regularize_sweep --concept mushroom[,halftone] \
         --configs none,init-l2:0.003,init-l2:0.01,directional [--steps 2000] [--images 16]
+    python -m demo.regularize_sweep --plan mushroom=none,init-l2@16 --plan halftone=none,norm@8 \
+        --out results.json [--threads 1] [--home DIR]     # each concept its own configs and images
 
 Trains one run per config (and concept) on builtin:demo with the engine's own inversion, all
 of them batched into one UNet call per step (engine.train.train_many), then measures each run as
@@ -81,6 +83,18 @@ def measure(model, library, name: str, runs: list[tuple[str, str, float]], image
     return {"concept": name, "rows": rows, "prompts": report["prompts"]}
 
 
+def parse_plan(items: list[str]) -> tuple[dict[str, list[tuple[str, float]]], dict[str, int]]:
+    """["mushroom=none,init-l2@16", ...] -> ({concept: configs}, {concept: images per set})."""
+    plan, images = {}, {}
+    for item in items:
+        name, _, rest = item.partition("=")
+        configs, _, count = rest.rpartition("@")
+        if not name or not configs or not count.isdigit():
+            raise SystemExit(f"--plan {item!r}: write CONCEPT=CONFIGS@IMAGES, e.g. mushroom=none,init-l2@16")
+        plan[name.strip()], images[name.strip()] = parse_configs(configs), int(count)
+    return plan, images
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m demo.regularize_sweep")
     parser.add_argument("--concept", default="mushroom", help="mushroom, halftone, or both: mushroom,halftone")
@@ -88,10 +102,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--images", type=int, default=16)
+    parser.add_argument("--plan", action="append", metavar="CONCEPT=CONFIGS@IMAGES",
+                        help="instead of --concept/--configs/--images: one concept's configs and images per set")
+    parser.add_argument("--out", type=Path, help="write the results here as JSON (not to demo/logs)")
+    parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own choice)")
+    parser.add_argument("--home", type=Path, help="the library to train in (default: a new temporary folder)")
     args = parser.parse_args(argv)
-    names = [n.strip() for n in args.concept.split(",")]
-    results = sweep({n: parse_configs(args.configs) for n in names}, args.steps, dict.fromkeys(names, args.images),
-                    args.lr)
+    if args.plan:
+        plan, images = parse_plan(args.plan)
+    else:
+        names = [n.strip() for n in args.concept.split(",")]
+        plan, images = {n: parse_configs(args.configs) for n in names}, dict.fromkeys(names, args.images)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    results = sweep(plan, args.steps, images, args.lr, home=args.home)
+    if args.out:
+        from engine.paths import atomic_write_json
+
+        atomic_write_json(args.out, results)
+        return 0
     LOGS.mkdir(parents=True, exist_ok=True)
     for name, result in results.items():
         print(f"{name}: {result['steps']} steps, trained in {result['train_seconds']:.0f} s")

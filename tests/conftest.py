@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The suite's torch runs on one thread (before anything loads torch's OpenMP, which reads this
+# once): the demo measurement (tests/demo_measurement.py) has the other core.  A two-thread
+# OpenMP region whose second thread shares a core with another busy process spins waiting for
+# it: tests ran up to 14 times slower that way.  On two cores one thread loses little anyway.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
@@ -85,3 +92,30 @@ def shared_engine_home(_module_home, monkeypatch):
     monkeypatch.setenv("TISTUDIO_HOME", str(_module_home))
     monkeypatch.setenv("TISTUDIO_ENGINE_IDLE", "60")
     return _module_home
+
+
+# -- the demo's measurement runs beside the rest (tests/demo_measurement.py) ------------------------
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    """The demo measurement's test goes last: by then its process has long finished."""
+    import demo_measurement
+
+    items.sort(key=lambda item: item.nodeid == demo_measurement.TEST_ID)  # stable: the rest keep their order
+
+
+def pytest_collection_finish(session):
+    import demo_measurement
+
+    from engine import demo_model
+
+    selected = any(item.nodeid == demo_measurement.TEST_ID for item in session.items)
+    if selected and len(session.items) > 1 and demo_model.weights_present() and not session.config.option.collectonly:
+        demo_measurement.start()
+
+
+def pytest_sessionfinish(session):
+    import demo_measurement
+
+    demo_measurement.stop()
