@@ -41,7 +41,7 @@ class Measurement:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, start_new_session=True,
                                          env=dict(os.environ, OMP_NUM_THREADS="1"),
-                                         preexec_fn=lambda: os.nice(NICENESS))
+                                         preexec_fn=_lower_priority_and_die_with_the_suite)
 
     def results(self, timeout: float) -> dict:
         """The sweep's results ({concept: result}); AssertionError with its log if it failed."""
@@ -54,6 +54,16 @@ class Measurement:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _lower_priority_and_die_with_the_suite() -> None:
+    os.nice(NICENESS)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: a killed pytest takes it along
+    except (OSError, AttributeError):
+        pass
 
 
 _started: Measurement | None = None
