@@ -30,6 +30,7 @@ from engine.placeholder import WordLayout
 # what the word learned.  Another model's loss has another scale: sweep it there
 # (`tistudio experiment regularize NAME --methods none,init-l2:0.001,init-l2:0.01`).
 DEFAULT_WEIGHTS = {"init-l2": 0.003, "norm": 1.0}
+COLUMNS = tuple(DEFAULT_WEIGHTS)  # the column of each weighted method in Regularizer.weights
 
 
 @dataclass
@@ -46,11 +47,10 @@ class Regularizer:
         methods = [c.regularize for c in configs]
         if all(m == "none" for m in methods):
             return None
-        weights = torch.zeros(len(configs), 2, device=init_rows.device)
+        weights = torch.zeros(len(configs), len(COLUMNS), device=init_rows.device)
         for k, c in enumerate(configs):
             if c.regularize in DEFAULT_WEIGHTS:
-                column = 0 if c.regularize == "init-l2" else 1
-                weights[k, column] = c.reg_weight or DEFAULT_WEIGHTS[c.regularize]
+                weights[k, COLUMNS.index(c.regularize)] = c.reg_weight or DEFAULT_WEIGHTS[c.regularize]
         directional = torch.tensor([m == "directional" for m in methods], device=init_rows.device)
         return cls(layout, init_rows.detach().clone(), weights, directional, vocab_norms(encoders))
 
