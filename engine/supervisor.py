@@ -253,15 +253,13 @@ class LocalWorkers:
         self.home = Path(home)
         self.devices = list(device_list) if device_list is not None else devices.engine_devices()
         # One zygote for the box: every worker, first or restarted, forks from it already warm.
-        self.fork_off = zygote.disabled_because()
-        self.spawner = zygote.WarmSpawner(self.home, STREAM_LIMIT) if self.fork_off is None else None
+        self.spawner = zygote.WarmSpawner(self.home, STREAM_LIMIT)
 
     async def start(self) -> None:
         pass
 
     async def close(self) -> None:
-        if self.spawner is not None:
-            await self.spawner.close()
+        await self.spawner.close()
 
     def supervisors(self, on_message, on_exit) -> list[WorkerSupervisor]:
         """A supervisor per device; the callbacks get the worker's index first."""
@@ -282,8 +280,7 @@ class LocalWorkers:
         return await asyncio.to_thread(device_probe.all_gpus)
 
     def describe(self) -> dict:
-        fork = self.spawner.describe() if self.spawner else {"zygote": None, "preloaded": False, "off": self.fork_off}
-        return {"kind": self.kind, "devices": list(self.devices), "fork": fork}
+        return {"kind": self.kind, "devices": list(self.devices), "fork": self.spawner.describe()}
 
 
 def describe_exit(code: int | None) -> str:

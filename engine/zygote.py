@@ -260,12 +260,13 @@ class ForkedProcess:
 
 class WarmSpawner:
     """Starts the zygote on first use and forks workers through it.  `spawn` answers None whenever
-    a worker must be started the plain way instead (the zygote would not start or preload safely)."""
+    a worker must be started the plain way instead (forking is off here, or the zygote would not
+    start or preload safely)."""
 
     def __init__(self, home: os.PathLike | str, stream_limit: int):
         self.home = str(home)
         self.stream_limit = stream_limit
-        self.broken: str | None = None  # why the engine stopped forking, once it has
+        self.broken: str | None = disabled_because()  # why the engine does not fork (here, or any more)
         self._proc: asyncio.subprocess.Process | None = None
         self._sock: socket.socket | None = None
         self._reader: asyncio.Task | None = None
@@ -295,7 +296,7 @@ class WarmSpawner:
 
     def describe(self) -> dict:
         """For `engine status`: the zygote's pid (None until the first worker), whether it has
-        preloaded, and why the engine stopped forking, once it has."""
+        preloaded, and why the engine does not fork, if it does not."""
         alive = self._sock is not None and self._proc is not None
         return {"zygote": self._proc.pid if alive else None, "preloaded": self._preloaded, "off": self.broken}
 
@@ -340,6 +341,8 @@ class WarmSpawner:
         try:
             reply = await self._request({"op": "spawn", "env": env, "home": self.home}, fds=(stdin_r, stdout_w),
                                         timeout=SPAWN_TIMEOUT)
+            if "pid" not in reply:
+                raise ZygoteError(reply.get("error") or f"no pid in {reply!r}")
         except BaseException:
             os.close(stdin_w)
             os.close(stdout_r)
@@ -347,10 +350,6 @@ class WarmSpawner:
         finally:
             os.close(stdin_r)  # the worker has its own copies now
             os.close(stdout_w)
-        if "pid" not in reply:
-            os.close(stdin_w)
-            os.close(stdout_r)
-            raise ZygoteError(reply.get("error") or f"no pid in {reply!r}")
         pid = reply["pid"]
         reader = asyncio.StreamReader(limit=self.stream_limit)
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(stdout_r, "rb", 0))
