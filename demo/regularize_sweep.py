@@ -80,7 +80,7 @@ def measure(model, library, name: str, runs: list[tuple[str, str, float]], image
     methods = ["SD"] + [m for _, m, _ in runs]
     rows = [{"label": r["label"], "method": m, "reconstruction": r["reconstruction"], "editability": r["editability"],
              "per_prompt": [p["editability"] for p in r["per_prompt"]]} for r, m in zip(report["rows"], methods)]
-    return {"concept": name, "rows": rows, "prompts": report["prompts"]}
+    return {"concept": name, "rows": rows, "prompts": report["prompts"], "clip": report["clip"]}
 
 
 def parse_plan(items: list[str]) -> tuple[dict[str, list[tuple[str, float]]], dict[str, int]]:

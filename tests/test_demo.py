@@ -186,13 +186,15 @@ def test_regularised_inversion_on_the_demo(capsys):
     expected failure with the numbers, never loosened.  The measurement runs in a process of its
     own, begun when the suite began (tests/demo_measurement.py)."""
     import demo_measurement
-    from demo_measurement import DEMO_STEPS
+    from demo_measurement import DEMO_PLAN, DEMO_STEPS
 
     results = demo_measurement.start().results(timeout=1100)  # begun when the suite began, if it runs more
+    assert set(results) == set(DEMO_PLAN)
     tables = {}
     for name, result in results.items():
         record = next(r for r in json.loads((SAMPLES / "concepts.json").read_text()) if r["name"] == name)
         assert result["prompts"] == record["edit_prompts"] and result["runs_trained_together"] == 6
+        assert result["clip"]["name"] == "builtin:demo" and result["images"] == DEMO_PLAN[name][1]
         tables[name] = {row["label"]: row for row in result["rows"]}
         with capsys.disabled():
             print(f"\n{name} ({record['property']}), {DEMO_STEPS} steps, {result['images']} images per set")
