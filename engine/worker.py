@@ -1,7 +1,8 @@
 """The worker: the process that runs jobs on one device, one at a time, and keeps models warm.
 
-The engine server starts one per device as a child (`python -m engine.worker --home DIR`,
-its device in $TISTUDIO_DEVICE: engine.devices) and talks to it in JSON lines
+The engine server has one per device, forked warm by its zygote (engine.zygote) or started
+as its own child (`python -m engine.worker --home DIR`), its device in $TISTUDIO_DEVICE
+(engine.devices), and talks to it in JSON lines
 (engine.protocol): RunJob, CancelJob and ProbeDevice on its stdin; Hello, Event,
 Progress, Finished and DeviceReport on its stdout.  On Ray the same `Worker` runs inside
 a Ray actor (engine.ray_backend), its messages going through a Ray queue instead.
