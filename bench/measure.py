@@ -117,8 +117,8 @@ class Bench:
 
 def load(spec: str):
     """The model a variant measures: on the device this machine offers, frozen weights in its dtype."""
-    from engine.gpu import frozen_dtype, pick_device
-    from engine.models import load_model
+    from engine.devices.runtime import frozen_dtype, pick_device
+    from engine.sd.models import load_model
 
     device = pick_device()
     return load_model(spec, device, frozen_dtype(device))
@@ -147,7 +147,7 @@ def synthetic_images(count: int, size: int, folder: Path):
 
 
 def inversion(b: Bench, k: int = 1, **cfg):
-    from engine.train import Inversion, RunSlot, TrainConfig
+    from engine.inversion.train import Inversion, RunSlot, TrainConfig
 
     slots = [RunSlot(TrainConfig(token=f"<b{i}>", init="cat", seed=i, steps=10**9, preview_every=0, **cfg),
                      Path(tempfile.mkdtemp(dir=b.folder)), b.paths) for i in range(k)]
@@ -212,7 +212,7 @@ def _reference_syncs(b: Bench, steps: int) -> dict:
 
 
 def generation(b: Bench) -> dict:
-    from engine.generate import sample_prompt
+    from engine.sd.generation import sample_prompt
 
     model, device, n, steps = b.model, b.device, b.args.gen_images, b.args.sample_steps
     tokenizers = [tok for _, tok in model.encoders]  # any family: the pipeline encodes the prompt
@@ -229,10 +229,10 @@ def generation(b: Bench) -> dict:
 
 def table1(b: Bench) -> dict:
     """Wall time of a Table-1 evaluation: 2 rows x (1 + 3 edit prompts) sets of images, plus CLIP."""
-    from engine.formats import write_embedding
-    from engine.jobs import create_run, set_status
-    from engine.library import Library
-    from engine.metrics import evaluate
+    from engine.inversion.metrics import evaluate
+    from engine.sd.formats import write_embedding
+    from engine.store.library import Library
+    from engine.store.runs import create_run, set_status
 
     home = b.folder / "home"
     os.environ["TISTUDIO_HOME"] = str(home)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from engine.data import OBJECT_TEMPLATES
+from engine.inversion.data import OBJECT_TEMPLATES
 
 
 class ReferenceLoop:

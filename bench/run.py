@@ -186,7 +186,7 @@ def exception_text(tail: str) -> str:
 def spec_available(spec: str) -> bool:
     """Whether the engine knows this model spec (read from configs alone, no torch)."""
     from engine.errors import UserError
-    from engine.models import model_info
+    from engine.sd.models import model_info
 
     try:
         model_info(spec)

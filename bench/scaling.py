@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def device_list(n: int) -> tuple[str, list[str]]:
     """("cuda" | "cpu", the N devices): the first N GPUs, else N CPU workers."""
-    from engine.devices import auto_devices
+    from engine.devices.pool import auto_devices
 
     found = auto_devices()
     if found[0].startswith("cuda"):
@@ -81,14 +81,14 @@ class Engine:
 
     def __enter__(self):
         os.environ.update(self.env, TISTUDIO_DEVICES=",".join(self.devices))
-        from engine.client import call
+        from engine.wire.client import call
 
         status = call("status", device=False, home=self.home)
         assert [w["device"] for w in status["workers"]] == self.devices, status["workers"]
         return self
 
     def __exit__(self, *exc):
-        from engine.client import call
+        from engine.wire.client import call
 
         call("stop", force=True, home=self.home)
 
@@ -97,7 +97,7 @@ class Engine:
         return asyncio.run(self._timed(jobs))
 
     async def _timed(self, jobs: list[tuple[str, dict]]) -> tuple[float, list[str]]:
-        from engine.client import EngineClient
+        from engine.wire.client import EngineClient
 
         client = await EngineClient(self.home).connect()
         try:
@@ -217,8 +217,8 @@ def _median(values: list[float]) -> float:
 
 def _add_concept(home: Path) -> None:
     from bench.measure import synthetic_images
-    from engine.library import Library
-    from engine.models import load_tokenizer
+    from engine.sd.models import load_tokenizer
+    from engine.store.library import Library
 
     _, _paths = synthetic_images(4, 96, home / "images")
     Library(home).add("bench", home / "images", "cat", tokenizer=load_tokenizer())
@@ -226,7 +226,7 @@ def _add_concept(home: Path) -> None:
 
 def _overlap(home: Path, ids: list[str]) -> float:
     """Seconds during which every run was running at once (from run.json's started/finished)."""
-    from engine import jobs
+    from engine.store import runs as jobs
 
     records = [jobs.load_run(jobs.find_run(home, r)) for r in ids]
     return max(0.0, min(r["finished"] for r in records) - max(r["started"] for r in records))
@@ -239,7 +239,7 @@ def slug(text: str) -> str:
 def device_name(kind: str) -> str:
     if kind != "cuda":
         return "cpu"
-    from engine.device_probe import all_gpus
+    from engine.devices.probe import all_gpus
 
     gpus = all_gpus()
     return gpus[0].name if gpus else "cuda"

@@ -2,8 +2,8 @@
 
 The lent GPU machine (see README "Performance") runs its own Python 3.12 with torch and
 transformers but no diffusers or open_clip, and reaches no package registry.  The
-benchmark path (engine.models, engine.train, engine.generate, engine.metrics,
-engine.library) needs exactly the packages in CARRIED beyond what its image holds
+benchmark path (engine.sd.models, engine.inversion.train, engine.sd.generation, engine.inversion.metrics,
+engine.store.library) needs exactly the packages in CARRIED beyond what its image holds
 (DEVICE_PACKAGES); this downloads them (no dependencies: every requirement is decided
 here, see `undecided_requirements`) into `.whl/`, which git ignores, and checks that the
 tree plus the wheels fit the 64 MiB a device call may carry.
@@ -28,12 +28,13 @@ DEVICE_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux
 
 # What the benchmark path imports that the device's image lacks, and why.
 CARRIED = {
-    "diffusers": "engine.models builds every pipeline (UNet, VAE, schedulers) from it",
-    "open-clip-torch": "engine.metrics' CLIP (Table 1); engine.tokenizer derives SD's vocabulary from its BPE file",
+    "diffusers": "engine.sd.models builds every pipeline (UNet, VAE, schedulers) from it",
+    "open-clip-torch": ("engine.inversion.metrics' CLIP (Table 1); engine.sd.tokenizer derives SD's vocabulary "
+                        "from its BPE file"),
     "ftfy": "open_clip.tokenizer imports it",
     "wcwidth": "ftfy imports it",
-    "platformdirs": "engine.paths and engine.tokenizer (data and cache folders)",
-    "tomli-w": "engine.library writes concept.toml (the Table-1 variant makes a concept)",
+    "platformdirs": "engine.store.paths and engine.sd.tokenizer (data and cache folders)",
+    "tomli-w": "engine.store.library writes concept.toml (the Table-1 variant makes a concept)",
 }
 # Declared by a carried wheel, absent on the device, and not needed there.
 NOT_CARRIED = {

@@ -3,7 +3,7 @@
     python -m demo.inversion_check [--concept mushroom] [--steps 2000] [--lr 5e-4] [--images 16]
 
 For each held-out concept (demo/samples): train one new word with the engine's
-own inversion (engine.train, its defaults), then generate with it (SD+TI) and
+own inversion (engine.inversion.train, its defaults), then generate with it (SD+TI) and
 with the concept's plain description (SD) straight through the pipeline (no
 library, no engine server; DPM++ 20 steps, CFG 5), and score both with the
 engine's metrics and the demo judge (CLIP):
@@ -37,7 +37,7 @@ PREVIEW_ROWS: dict[str, dict[str, list]] = {}
 
 def demo_model_loaded(unet_weights=None):
     """builtin:demo as the engine loads it; unet_weights: another UNet (a checkpoint while training)."""
-    from engine.models import load_model
+    from engine.sd.models import load_model
 
     model = load_model("builtin:demo")
     if unet_weights:
@@ -58,8 +58,8 @@ def generate(pipe, prompt: str, n: int, seed: int, steps: int = 20, guidance: fl
 
 def scores(pipe, clip, train_embs, word: str, prop: str, edits: list[str], n: int, seed: int):
     """The engine's reconstruction and (paper) editability, on pictures made with `word` for the concept."""
-    from engine.metrics import editability_paper_per_prompt, reconstruction
-    from engine.prompts import fill, neutral_prompt, without_placeholder
+    from engine.inversion.metrics import editability_paper_per_prompt, reconstruction
+    from engine.settings.prompts import fill, neutral_prompt, without_placeholder
 
     neutral = generate(pipe, fill(neutral_prompt(prop), word), n, seed)
     recon = reconstruction(clip.images(neutral), train_embs)
@@ -71,9 +71,9 @@ def scores(pipe, clip, train_embs, word: str, prop: str, edits: list[str], n: in
 def run_concept(record: dict, steps: int, n: int, seed: int, lr: float, out_dir: Path, unet_weights=None) -> dict:
     from PIL import Image
 
-    from engine.metrics import load_clip
-    from engine.prompts import DEMO_SPEC, edit_prompts
-    from engine.train import TrainConfig, train
+    from engine.inversion.metrics import load_clip
+    from engine.inversion.train import TrainConfig, train
+    from engine.settings.prompts import DEMO_SPEC, edit_prompts
 
     model = demo_model_loaded(unet_weights)
     clip = load_clip(DEMO_SPEC)

@@ -6,11 +6,11 @@
         --out results.json [--threads 1] [--home DIR]     # each concept its own configs and images
 
 Trains one run per config (and concept) on builtin:demo with the engine's own inversion, all
-of them batched into one UNet call per step (engine.train.train_many), then measures each run as
-`tistudio eval` does (engine.experiments.runs_experiment: the demo judge, its edit
+of them batched into one UNet call per step (engine.inversion.train.train_many), then measures each run as
+`tistudio eval` does (engine.worker.experiments.runs_experiment: the demo judge, its edit
 prompts, 16 images per set, seeds 0-15, DPM++ 25 steps, CFG 7.5), plus the SD row.
 The table goes to stdout and demo/logs/regularize-<concept>.json; what it found picks
-engine.regularize.DEFAULT_WEIGHTS and the README's table.
+engine.inversion.regularize.DEFAULT_WEIGHTS and the README's table.
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ def sweep(plan: dict[str, list[tuple[str, float]]], steps: int, images: dict[str
     (one UNet call per step: a run's row is independent of the others), then each concept's runs
     are measured with `images[concept]` images per set, beside its SD row.  The library lives in
     `home` (default: a new temporary folder)."""
-    from engine.library import Library
-    from engine.models import load_model
-    from engine.paths import atomic_write_json
-    from engine.train import RunSlot, TrainConfig, train_many
+    from engine.inversion.train import RunSlot, TrainConfig, train_many
+    from engine.sd.models import load_model
+    from engine.store.library import Library
+    from engine.store.paths import atomic_write_json
 
     records = {c["name"]: c for c in json.loads((SAMPLES / "concepts.json").read_text())}
     library = Library(home or Path(tempfile.mkdtemp(prefix="regsweep-")))
@@ -72,7 +72,7 @@ def sweep(plan: dict[str, list[tuple[str, float]]], steps: int, images: dict[str
 
 def measure(model, library, name: str, runs: list[tuple[str, str, float]], images: int) -> dict:
     """Table 1 of each run (the demo judge, the concept's edit prompts), and the SD row."""
-    from engine.experiments import runs_experiment
+    from engine.worker.experiments import runs_experiment
 
     labels = [f"{m}" + (f" w={w:g}" if w else "") for _, m, w in runs]
     report = runs_experiment(model, library, name, [r for r, _, _ in runs], labels, images=images,
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     results = sweep(plan, args.steps, images, args.lr, home=args.home)
     if args.out:
-        from engine.paths import atomic_write_json
+        from engine.store.paths import atomic_write_json
 
         atomic_write_json(args.out, results)
         return 0

@@ -2,10 +2,10 @@
 
     python -m demo.train_clip            # ~1 h on 1 CPU thread; resumes from its checkpoint
 
-open_clip's CLIP architecture from engine/demo_weights/clip_config.json, trained
+open_clip's CLIP architecture from engine/sd/demo_weights/clip_config.json, trained
 contrastively (symmetric InfoNCE, learnable temperature) on world images and
 their captions *with* the toy and style names (the judge knows more words than
-the generator).  Writes engine/demo_weights/clip.safetensors (fp16) and the loss
+the generator).  Writes engine/sd/demo_weights/clip.safetensors (fp16) and the loss
 curve and evaluations to demo/logs/clip.json.
 """
 
@@ -33,7 +33,7 @@ from demo.common import (
     save_fp16,
     to_tensor,
 )
-from engine import demo_model
+from engine.sd import demo_model
 
 
 def param_groups(model, weight_decay: float):

@@ -6,7 +6,7 @@
 
 Both stages resume from their checkpoints in the build folder
 ($TISTUDIO_DEMO_BUILD, default /tmp/tistudio-demo-build) and write fp16
-safetensors to engine/demo_weights/ plus loss curves to demo/logs/.  The UNet
+safetensors to engine/sd/demo_weights/ plus loss curves to demo/logs/.  The UNet
 is conditioned on the frozen text tower of the demo CLIP (trained first, by
 demo/train_clip.py), through transformers' CLIPTextModel exactly as the
 pipeline runs it, on the generator's captions (toys and styles never named),
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from demo import world as W
 from demo.common import BUILD, LOGS, Log, resume, roundtrip, save_checkpoint, save_fp16, to_tensor
-from engine import demo_model
+from engine.sd import demo_model
 
 POOL_SEED = 2  # the generator's training pictures (the judge's are seed 1, evaluations seed 99+)
 CHECK_SEED = 123
@@ -141,7 +141,7 @@ def _threads(build: Path, default: int) -> int:
 def train_unet(args) -> None:
     from safetensors.torch import load_file
 
-    from engine.tokenizer import load_clip_tokenizer
+    from engine.sd.tokenizer import load_clip_tokenizer
 
     torch.set_num_threads(_threads(Path(args.build), args.threads))
     torch.manual_seed(args.seed)

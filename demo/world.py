@@ -399,7 +399,7 @@ SAMPLE_SCALE = 4  # 32 px -> 128 px, NEAREST (the library refuses images under 6
 
 def edit_prompts(concept: Concept) -> list[str]:
     """Three edits in the generator's words ("{}" is the concept's token): the engine's own for builtin:demo."""
-    from engine.prompts import DEMO_EDIT
+    from engine.settings.prompts import DEMO_EDIT
 
     return list(DEMO_EDIT[concept.property])
 

@@ -31,7 +31,7 @@ def _isolated_home(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from engine.models import load_model
+    from engine.sd.models import load_model
 
     return load_model("builtin:tiny")
 
@@ -39,7 +39,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def sdxl_model():
     """builtin:sdxl-tiny: SDXL-shaped (two text encoders, 32 and 64 wide), random weights."""
-    from engine.models import load_model
+    from engine.sd.models import load_model
 
     return load_model("builtin:sdxl-tiny")
 
@@ -108,7 +108,7 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_collection_finish(session):
     import demo_measurement
 
-    from engine import demo_model
+    from engine.sd import demo_model
 
     selected = any(item.nodeid == demo_measurement.TEST_ID for item in session.items)
     if selected and len(session.items) > 1 and demo_model.weights_present() and not session.config.option.collectonly:

@@ -10,8 +10,8 @@ import os
 import time
 
 from engine.errors import UserError
-from engine.jobs import JobContext
-from engine.paths import atomic_write_json
+from engine.store.paths import atomic_write_json
+from engine.worker.context import JobContext
 
 
 def sleep(ctx: JobContext) -> dict:

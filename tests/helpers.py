@@ -22,14 +22,15 @@ def make_images(folder: Path, count: int = 3, size: int = 80, seed: int = 0) -> 
     return folder
 
 
-ENGINE_PROCESSES = (b"engine.server", b"engine.worker", b"engine.zygote")  # a forked worker has the zygote's argv
+# a forked worker has the zygote's argv
+ENGINE_PROCESSES = (b"engine.server.main", b"engine.worker.main", b"engine.server.zygote")
 
 
 def engine_pids(home: Path, which: tuple[bytes, ...] = ENGINE_PROCESSES) -> list[int]:
     """Live engine processes serving `home` or a home inside it (its path is unique to the test)."""
     import os
 
-    from engine.jobs import pid_alive
+    from engine.store.runs import pid_alive
 
     found = []
     for entry in Path("/proc").iterdir():

@@ -270,7 +270,7 @@ async def test_the_image_protocol_switches_from_the_palette_and_is_remembered(tm
 
 
 async def test_the_sample_concept_is_offered_once_on_an_empty_library(tmp_path):
-    from engine.library import Library
+    from engine.store.library import Library
     from tistudio.samples import SAMPLE_DIR
 
     shipped = sorted(SAMPLE_DIR.glob("*.png"))
@@ -290,7 +290,7 @@ async def test_the_sample_concept_is_offered_once_on_an_empty_library(tmp_path):
 
 
 async def test_rename_and_delete_ask_and_change_the_library(tmp_path):
-    from engine.library import Library
+    from engine.store.library import Library
 
     home = tmp_path / "home"
     Library(home).add("cat", make_images(tmp_path / "imgs"), "cat")
@@ -319,7 +319,7 @@ async def test_rename_and_delete_ask_and_change_the_library(tmp_path):
 
 
 async def test_images_of_a_concept_are_added_and_removed_in_the_library(tmp_path):
-    from engine.library import Library
+    from engine.store.library import Library
     from tistudio.screens.modals import ImagesModal
 
     home = tmp_path / "home"
@@ -369,8 +369,8 @@ async def test_the_train_form_rejects_bad_numbers_with_a_notification(tmp_path):
 
 
 async def test_the_train_form_offers_every_training_option(tmp_path):
-    from engine.jobs import create_run, set_status
-    from engine.library import Library
+    from engine.store.library import Library
+    from engine.store.runs import create_run, set_status
 
     home = tmp_path / "home"
     Library(home).add("cat", make_images(tmp_path / "imgs"), "cat")
@@ -452,8 +452,8 @@ async def test_the_train_form_starts_from_the_settings_files_train_table(tmp_pat
 
 
 async def test_the_generate_form_takes_size_sampler_batch_negative_and_pins(tmp_path):
-    from engine.jobs import create_run, set_status
-    from engine.library import Library
+    from engine.store.library import Library
+    from engine.store.runs import create_run, set_status
 
     home = tmp_path / "home"
     Library(home).add("cat", make_images(tmp_path / "imgs"), "cat")
@@ -636,7 +636,7 @@ def studio_home():
 def trained_run(studio_home) -> str:
     """A finished run of the sample concept (16 steps on builtin:tiny, saved at 8 and 16),
     trained once for the tests that need one, whichever of them runs first or alone."""
-    from engine.client import call
+    from engine.wire.client import call
     from tistudio.samples import SAMPLE_NAME, ensure_sample_concept
 
     ensure_sample_concept(studio_home, model="builtin:tiny")
@@ -718,7 +718,7 @@ async def test_train_streams_loss_and_reopening_shows_the_history_and_follows_li
         await wait_for(pilot, lambda: chart._key is not None and chart._key[0] >= 1, 5, "the chart to draw them")
         seen = list(track.xs)
         await pilot.press("q")  # quitting never stops a run
-    from engine.client import EngineClient
+    from engine.wire.client import EngineClient
 
     async with EngineClient(studio_home) as client:
         status = {j["id"]: j["status"] for j in await client.jobs()}[run_id]
@@ -801,7 +801,7 @@ async def test_cancel_and_resume_from_the_train_screen(studio_home):
 
 @pytest.mark.timeout(240)
 async def test_export_then_import_through_the_dialogs(studio_home, trained_run, tmp_path):
-    from engine.library import Library
+    from engine.store.library import Library
     from tistudio.screens.modals import ExportModal, ImportModal
 
     out = tmp_path / "sample-export.safetensors"

@@ -43,7 +43,7 @@ def _events(path: Path, events: list[dict]) -> None:
 def make_demo_home(home: Path) -> Path:
     """A library with the sample concept, a finished and an interrupted run, Table 1,
     a steps curve and one generation: what a user sees after an afternoon."""
-    from engine.library import Library
+    from engine.store.library import Library
     from tistudio.samples import SAMPLE_DESCRIPTION, sample_images
 
     images = sample_images()

@@ -67,7 +67,7 @@ def study_home():
 @pytest.fixture(scope="module")
 def study_run(study_home) -> str:
     """A finished 8-step run of the sample concept, saved at 4 and 8."""
-    from engine.client import call
+    from engine.wire.client import call
     from tistudio.samples import SAMPLE_NAME, ensure_sample_concept
 
     ensure_sample_concept(study_home, model="builtin:tiny")
@@ -256,8 +256,8 @@ async def test_inspect_a_word_from_the_library(study_home, study_run):
         text = str(panel.render())
         assert f"sample@{study_run} (step 4) · SD 1.x · 1 vector" in text and "vocabulary norm median" in text
         assert "cos to 'toy" in text
-        from engine.embeddings import done_runs
-        from engine.library import Library
+        from engine.store.library import Library
+        from engine.store.words import done_runs
 
         several = len(done_runs(Library(study_home).get("sample"))) > 1  # the sweeps of the tests above make more
         assert ("Runs: cosine between their words" in text) == several

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.formats import write_embedding
+from engine.sd.formats import write_embedding
 from helpers import make_images
 from tistudio.cli import main
 
@@ -154,8 +154,8 @@ def test_exports_round_trip_through_import(capsys, tmp_path, fmt, suffix):
     assert run_cli(capsys, "export", "orig", "--format", fmt, "--out", str(out_file))[0] == 0
     code, _, err = run_cli(capsys, "import", str(out_file), "--name", "again", "--token", "<again>")
     assert code == 0, err
-    from engine.generate import load_used
-    from engine.library import Library
+    from engine.sd.generation import load_used
+    from engine.store.library import Library
 
     again = load_used(Library(_home()).get("again")).vectors
     assert torch.equal(again, vec)
@@ -176,8 +176,8 @@ def test_old_1d_diffusers_file_imports(capsys, tmp_path):
     vec = _vector()[0]
     save_file({"<old>": vec}, str(tmp_path / "old.safetensors"))
     assert run_cli(capsys, "import", str(tmp_path / "old.safetensors"))[0] == 0
-    from engine.generate import load_used
-    from engine.library import Library
+    from engine.sd.generation import load_used
+    from engine.store.library import Library
 
     assert torch.equal(load_used(Library(_home()).get("old")).vectors, vec[None])
 
@@ -214,7 +214,7 @@ def test_export_without_runs_is_a_user_error(capsys, image_dir, concept, tmp_pat
 
 
 def test_model_dir_from_save_pretrained(capsys, tmp_path, tiny_model, image_dir):
-    from engine.models import load_model
+    from engine.sd.models import load_model
 
     folder = tmp_path / "pipe"
     tiny_model.pipe.save_pretrained(folder)
@@ -239,7 +239,7 @@ def test_model_spec_errors(capsys, tmp_path, image_dir):
 
 def test_family_from_checkpoint_keys():
     from engine.errors import NotSupportedError
-    from engine.models import family_from_keys
+    from engine.sd.models import family_from_keys
 
     assert family_from_keys(["cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"]) == "sd1"
     assert family_from_keys(["cond_stage_model.model.token_embedding.weight"]) == "sd2"
@@ -248,7 +248,7 @@ def test_family_from_checkpoint_keys():
 
 
 def test_builtin_specs_are_told_apart():
-    from engine.models import model_info
+    from engine.sd.models import model_info
 
     assert model_info("builtin:sd15-arch").text_width == 768
     sd2 = model_info("builtin:sd21-arch")
@@ -257,7 +257,7 @@ def test_builtin_specs_are_told_apart():
 
 def test_hub_id_resolves_from_the_local_cache_offline(tmp_path, monkeypatch, tiny_model):
     """A hub id works with HF_HUB_OFFLINE=1 when the Hugging Face cache holds it."""
-    from engine.models import load_model, model_info
+    from engine.sd.models import load_model, model_info
 
     hub = tmp_path / "hf" / "hub"
     repo = hub / "models--someone--tiny-sd"

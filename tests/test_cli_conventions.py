@@ -21,11 +21,11 @@ from tistudio.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parent.parent
 OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
-# Options of other programs that our messages quote: the engine's own `python -m engine.server`.
-OTHER_PROGRAMS = {"engine/server.py": {"--idle", "--cancel-grace", "--home"},
-                  "engine/device_probe.py": {"--query-gpu", "--format"},  # nvidia-smi's
-                  "engine/ray_backend.py": {"--head", "--num-gpus"},  # `ray start`'s, in its advice
-                  "engine/zygote.py": {"--home", "--fd"}}  # `python -m engine.zygote`, started by the engine
+# Options of other programs that our messages quote: the engine's own `python -m engine.server.main`.
+OTHER_PROGRAMS = {"engine/server/main.py": {"--idle", "--cancel-grace", "--home"},
+                  "engine/devices/probe.py": {"--query-gpu", "--format"},  # nvidia-smi's
+                  "engine/server/ray_workers.py": {"--head", "--num-gpus"},  # `ray start`'s, in its advice
+                  "engine/server/zygote.py": {"--home", "--fd"}}  # `python -m engine.server.zygote`, the engine's
 
 
 def _parsers(parser: argparse.ArgumentParser):
@@ -146,7 +146,7 @@ def test_a_bad_config_default_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 def test_the_default_model_is_the_demo_world(monkeypatch):
-    from engine.models import resolve_spec
+    from engine.sd.models import resolve_spec
 
     monkeypatch.delenv("TISTUDIO_MODEL")
     assert resolve_spec(None) == "builtin:demo"

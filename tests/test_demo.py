@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from demo import world as W
-from engine import demo_model
+from engine.sd import demo_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "demo" / "samples"
@@ -20,7 +20,7 @@ needs_weights = pytest.mark.skipif(not demo_model.weights_present(), reason="bui
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from engine.tokenizer import load_clip_tokenizer
+    from engine.sd.tokenizer import load_clip_tokenizer
 
     return load_clip_tokenizer()
 
@@ -68,7 +68,7 @@ def test_sample_library():
     assert {r["property"] for r in records} == {"object", "style"}
     from PIL import Image
 
-    from engine.tokenizer import load_clip_tokenizer
+    from engine.sd.tokenizer import load_clip_tokenizer
 
     tok = load_clip_tokenizer()
     for r in records:
@@ -87,7 +87,7 @@ def _compare_towers(clip_model, text_encoder, prompts):
     import open_clip
 
     oc_ids = open_clip.tokenizer.tokenize(prompts)
-    from engine.tokenizer import load_clip_tokenizer
+    from engine.sd.tokenizer import load_clip_tokenizer
 
     hf_ids = load_clip_tokenizer()(prompts, padding="max_length", max_length=77, return_tensors="pt").input_ids
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_bundled_text_encoder_config_matches_the_judge():
     config = json.loads((demo_model.CONFIGS / "text_encoder" / "config.json").read_text())
     expected = demo_model.text_encoder_config()
     assert {k: config[k] for k in expected} == expected
-    from engine.models import model_info
+    from engine.sd.models import model_info
 
     info = model_info("builtin:demo")
     assert (info.resolution, info.text_width, info.family) == (32, 64, "sd1")

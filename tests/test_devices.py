@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from engine import device_probe, jobs, placement
-from engine.client import EngineClient, call
-from engine.devices import check_request, cpu_threads, engine_devices, fits, worker_env
+from engine.devices import probe as device_probe
+from engine.devices.pool import check_request, cpu_threads, engine_devices, fits, worker_env
 from engine.errors import UserError
-from engine.protocol import SweepGroup
-from engine.sweeps import chunk
+from engine.server import placement
+from engine.store import runs as jobs
+from engine.store.sweeps import chunk
+from engine.wire.client import EngineClient, call
+from engine.wire.protocol import SweepGroup
 from helpers import TEST_HANDLERS
 
 pytestmark = pytest.mark.timeout(300)
@@ -184,7 +186,7 @@ async def test_two_workers_run_two_jobs_at_once_and_status_lists_both(two_cpus):
     assert all(w["memory"].get("rss", 0) > 0 and w["kind"] == "sleep" for w in workers)
     backend = status["backend"]
     assert (backend["kind"], backend["devices"]) == ("local", ["cpu", "cpu"])
-    # both forked from one zygote (engine.zygote), which never imported torch for these torch-free jobs
+    # both forked from one zygote (engine.server.zygote), which never imported torch for these torch-free jobs
     assert backend["fork"]["zygote"] and not backend["fork"]["preloaded"]
     assert status["running"]["id"] == a and status["worker_pid"] == workers[0]["pid"]  # old clients' fields
     listing = await client.listing()
@@ -247,8 +249,8 @@ def _threads(n: int):
 
 def _add_concept(home: Path, image_dir: Path, name: str = "toy") -> None:
     """The concept (once: the warm_two_cpus tests share their data directory)."""
-    from engine.library import Library
-    from engine.models import load_tokenizer
+    from engine.sd.models import load_tokenizer
+    from engine.store.library import Library
 
     if not (home / "concepts" / name).is_dir():
         Library(home).add(name, image_dir, "cat", tokenizer=load_tokenizer())
@@ -261,10 +263,10 @@ def _solo(model, home: Path, params: dict, where: Path):
     """The run trained alone, in this process, with one thread as each worker has."""
     import hashlib
 
-    from engine.formats import read_embedding
-    from engine.library import Library
-    from engine.sweeps import train_config_from
-    from engine.train import train
+    from engine.inversion.train import train
+    from engine.sd.formats import read_embedding
+    from engine.store.library import Library
+    from engine.worker.sweeps import train_config_from
 
     concept = Library(home).get("toy")
     config = train_config_from(dict(params), concept)
@@ -276,7 +278,7 @@ def _solo(model, home: Path, params: dict, where: Path):
 
 
 def _embedding(home: Path, run_id: str):
-    from engine.formats import read_embedding
+    from engine.sd.formats import read_embedding
 
     return read_embedding(jobs.load_run(jobs.find_run(home, run_id))["embedding"]).vectors
 

@@ -23,10 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from engine import jobs, server
-from engine.client import EngineClient, EngineNotRunning, call
 from engine.errors import UserError
-from engine.jobs import EventLog
+from engine.server import main as server
+from engine.store import runs as jobs
+from engine.store.runs import EventLog
+from engine.wire.client import EngineClient, EngineNotRunning, call
+from engine.worker.context import JobContext
 from helpers import TEST_HANDLERS, engine_pids
 
 pytestmark = pytest.mark.timeout(60)
@@ -123,7 +125,7 @@ async def test_engine_starts_on_demand_in_its_own_session_with_a_private_socket(
 
 
 async def test_two_engines_started_at_once_one_wins(home):
-    cmd = [sys.executable, "-m", "engine.server", "--home", str(home)]
+    cmd = [sys.executable, "-m", "engine.server.main", "--home", str(home)]
     procs = [subprocess.Popen(cmd, stderr=subprocess.DEVNULL) for _ in range(2)]
     await until(lambda: any(p.poll() is not None for p in procs), what="the loser to exit")
     loser, winner = sorted(procs, key=lambda p: p.poll() is None)
@@ -138,14 +140,14 @@ async def test_two_engines_started_at_once_one_wins(home):
 
 
 def test_clients_in_separate_processes_starting_it_at_once_share_one_engine(home):
-    code = "from engine.client import call; print(call('ping')['pid'])"
+    code = "from engine.wire.client import call; print(call('ping')['pid'])"
     procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
     pids = {int(p.communicate(timeout=30)[0]) for p in procs}
     assert len(pids) == 1
     deadline = time.monotonic() + 10
-    while len(engine_pids(home, (b"engine.server",))) > 1 and time.monotonic() < deadline:
+    while len(engine_pids(home, (b"engine.server.main",))) > 1 and time.monotonic() < deadline:
         time.sleep(0.05)  # the losers exit as soon as they see the lock taken
-    assert engine_pids(home, (b"engine.server",)) == list(pids)
+    assert engine_pids(home, (b"engine.server.main",)) == list(pids)
     call("stop")
 
 
@@ -515,7 +517,7 @@ def test_the_server_refuses_other_users(monkeypatch):
 
 def test_a_job_context_works_without_an_engine(tmp_path):
     run_dir = jobs.create_run(tmp_path, {"kind": "train"})
-    ctx = jobs.JobContext({"kind": "train", "params": {}}, run_dir.name, run_dir, tmp_path)
+    ctx = JobContext({"kind": "train", "params": {}}, run_dir.name, run_dir, tmp_path)
     ctx.emit("log", message="loading")
     ctx.set_progress(step=1, steps=10)
     ctx.set_progress(step=2)  # throttled: run.json still says 1

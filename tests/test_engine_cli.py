@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from engine import jobs
-from engine.client import call
+from engine.store import runs as jobs
+from engine.wire.client import call
 from helpers import TEST_HANDLERS, engine_pids
 from tistudio.cli import main
 

@@ -10,11 +10,13 @@ import signal
 
 import pytest
 
-from engine import device_probe, jobs, protocol
-from engine.fanout import Subscriptions, follow
-from engine.job_queue import Job, JobQueue
-from engine.ledger import StatusLedger
-from engine.supervisor import WorkerSupervisor
+from engine.devices import probe as device_probe
+from engine.server.fanout import Subscriptions, follow
+from engine.server.ledger import StatusLedger
+from engine.server.queue import Job, JobQueue
+from engine.server.supervisor import WorkerSupervisor
+from engine.store import runs as jobs
+from engine.wire import protocol
 from helpers import TEST_HANDLERS
 
 pytestmark = pytest.mark.timeout(60)
@@ -246,7 +248,7 @@ def test_the_environment_that_matters(monkeypatch):
 def test_a_full_disk_is_recognised_however_a_library_reports_it(tmp_path):
     from safetensors import SafetensorError
 
-    from engine.paths import disk_full_message, is_disk_full
+    from engine.store.paths import disk_full_message, is_disk_full
 
     assert is_disk_full(OSError(errno.ENOSPC, "No space left on device"))
     assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))

@@ -12,15 +12,16 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine import jobs
 from engine.errors import JobCancelled, UserError
-from engine.experiments import runs_experiment, steps_experiment, synthesis_prompts
-from engine.formats import read_embedding
-from engine.generate import GenerateRequest, done_runs, generate
-from engine.handlers import handle_experiment, remember_model
-from engine.library import Library
-from engine.paths import atomic_write_json, home_dir
-from engine.train import TrainConfig, train
+from engine.inversion.train import TrainConfig, train
+from engine.sd.formats import read_embedding
+from engine.sd.generation import GenerateRequest, done_runs, generate
+from engine.store import runs as jobs
+from engine.store.library import Library
+from engine.store.paths import atomic_write_json, home_dir
+from engine.worker.context import JobContext
+from engine.worker.experiments import runs_experiment, steps_experiment, synthesis_prompts
+from engine.worker.job_kinds import handle_experiment, remember_model
 
 FAST = dict(images=2, clip="builtin:tiny", sample_steps=1)
 OPTIONS = {"save_every": 1, "log_every": 1}
@@ -33,17 +34,17 @@ def library(image_dir):
     return lib
 
 
-def experiment_job(tiny_model, library, params: dict, cancelled=None) -> jobs.JobContext:
+def experiment_job(tiny_model, library, params: dict, cancelled=None) -> JobContext:
     """An `experiment` job on concept cat as the worker would run it, the tiny model already warm."""
     params = {"model": "builtin:tiny", **params}
     spec = {"kind": "experiment", "concept": "cat", "params": params}
     run_dir = jobs.create_run(library.home, spec)
-    ctx = jobs.JobContext(spec, run_dir.name, run_dir, library.home, is_cancelled=cancelled)
+    ctx = JobContext(spec, run_dir.name, run_dir, library.home, is_cancelled=cancelled)
     remember_model(ctx.cache, tiny_model, "builtin:tiny")
     return ctx
 
 
-def progress_fractions(ctx: jobs.JobContext) -> list[float]:
+def progress_fractions(ctx: JobContext) -> list[float]:
     return [e["fraction"] for e in ctx.log.read() if e["type"] == "progress"]
 
 
@@ -147,7 +148,7 @@ def test_a_resumed_experiment_job_keeps_its_members_and_report_folder(tiny_model
     with pytest.raises(JobCancelled):
         handle_experiment(ctx)
     first = jobs.load_run(ctx.run_dir)
-    resumed = jobs.JobContext(ctx.spec, ctx.run_id, ctx.run_dir, ctx.home, resumed=True)
+    resumed = JobContext(ctx.spec, ctx.run_id, ctx.run_dir, ctx.home, resumed=True)
     remember_model(resumed.cache, tiny_model, "builtin:tiny")
     result = handle_experiment(resumed)
     assert result["id"] == first["experiment"] and [r["run"] for r in result["runs"]] == first["members"]

@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 
-from engine.data import encode_images, load_images
-from engine.family import describe_widths, family, family_of_widths
-from engine.models import model_info
-from engine.placeholder import add_slots, installed_in_all
+from engine.inversion.data import encode_images, load_images
+from engine.sd.family import describe_widths, family, family_of_widths
+from engine.sd.models import model_info
+from engine.sd.placeholder import add_slots, installed_in_all
 
 EOS = 49407
 
@@ -65,7 +65,7 @@ def test_sd2_and_sdxl_second_tokenizer_pad_with_bang():
 def test_sdxl_conditioning_equals_diffusers_encode_prompt_with_a_placeholder(sdxl_model):
     """Penultimate states of both encoders concatenated, encoder 2's pooled projection — and the
     placeholder's rows reach both encoders — exactly as StableDiffusionXLPipeline.encode_prompt."""
-    from engine.generate import generation_scheduler
+    from engine.sd.generation import generation_scheduler
 
     rows = _rows(sdxl_model)
     tokenizers, installed = _with_slot(sdxl_model, rows)
@@ -89,7 +89,7 @@ def test_sdxl_conditioning_equals_diffusers_encode_prompt_with_a_placeholder(sdx
 def test_sdxl_pools_at_the_real_eos_not_at_the_placeholder(sdxl_model):
     """Placeholder ids exceed EOS; the legacy config (eos_token_id 2) would pool at argmax(ids),
     i.e. at the placeholder.  Training and generation both pool at the EOS position."""
-    from engine.generate import generation_scheduler
+    from engine.sd.generation import generation_scheduler
 
     rows = _rows(sdxl_model, seed=1)
     tokenizers, installed = _with_slot(sdxl_model, rows)

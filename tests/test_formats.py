@@ -1,4 +1,4 @@
-"""engine.formats: every producer layout in, three layouts out, hostile files refused."""
+"""engine.sd.formats: every producer layout in, three layouts out, hostile files refused."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import safetensors
 import safetensors.torch
 import torch
 
-from engine import formats
 from engine.errors import NotSupportedError, UserError
-from engine.formats import (
+from engine.sd import formats
+from engine.sd.formats import (
     FORMATS_WRITE,
     Embedding,
     check_width,

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from engine.errors import JobCancelled, UserError
-from engine.formats import embedding_sha256, write_embedding
-from engine.generate import (
+from engine.inversion.train import TrainConfig, train
+from engine.sd.formats import embedding_sha256, write_embedding
+from engine.sd.generation import (
     GenerateRequest,
     a1111_parameters,
     generate,
@@ -24,9 +25,8 @@ from engine.generate import (
     step_file,
     with_descriptions,
 )
-from engine.library import Library
-from engine.paths import atomic_write_json, home_dir
-from engine.train import TrainConfig, train
+from engine.store.library import Library
+from engine.store.paths import atomic_write_json, home_dir
 
 PROMPT = "a photo of <cat> on the beach"
 

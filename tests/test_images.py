@@ -1,4 +1,4 @@
-"""engine.images: loading, normalising, collecting and importing training images."""
+"""engine.store.images: loading, normalising, collecting and importing training images."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from engine import images
 from engine.errors import UserError
-from engine.images import collect_images, import_images, load_image
+from engine.store import images
+from engine.store.images import collect_images, import_images, load_image
 
 
 def solid(path: Path, size=(96, 80), mode="RGB", color=(200, 30, 30), **save) -> Path:

@@ -21,9 +21,25 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ["torch", "torchvision", "diffusers", "transformers", "open_clip"]
-ENGINE_PROCESS = ["engine.server", "engine.operations", "engine.scheduler", "engine.supervisor", "engine.job_queue",
-                  "engine.fanout", "engine.ledger", "engine.protocol", "engine.client", "engine.device_probe",
-                  "engine.devices", "engine.placement", "engine.sweeps", "engine.checkpoints", "engine.ray_backend"]
+# The engine's torch-free packages: the engine process (server) and everything it reads.
+TORCH_FREE = ["engine.store", "engine.settings", "engine.wire", "engine.server"]
+TORCH_FREE_MODULES = ["engine.errors", "engine.faults", "engine.devices.pool", "engine.devices.probe"]
+# Which of engine's layers each layer may import (docs/architecture.md, "Where each thing lives").
+# "root" is engine.errors and engine.faults.
+MAY_IMPORT = {
+    "root": set(),
+    "devices": {"root"},
+    "store": {"root"},
+    "settings": {"root"},
+    "wire": {"root", "store", "devices"},
+    "sd": {"root", "settings", "store", "devices"},
+    "inversion": {"root", "settings", "store", "sd", "devices"},
+    "server": {"root", "devices", "store", "settings", "wire"},
+    "worker": {"root", "devices", "store", "settings", "wire", "sd", "inversion"},
+}
+# Code of the server package that runs in another process: the zygote (it forks workers) and
+# the Ray actor (it hosts one); they import the worker inside functions, never at module level.
+HOSTS_A_WORKER = {"engine.server.zygote", "engine.server.ray_workers"}
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -61,18 +77,69 @@ def test_tistudio_never_imports_torch_or_the_model_libraries_at_module_level():
 
 def test_engine_never_imports_textual():
     found = _imported_after("engine", ["textual"])
-    assert "engine.train" in found["modules"] and "engine.server" in found["modules"]
+    assert "engine.inversion.train" in found["modules"] and "engine.server.main" in found["modules"]
     assert found["loaded"] == {}, f"textual imported by {found['loaded']}"
 
 
-def test_the_engine_process_imports_no_torch():
-    found = _imported_after(ENGINE_PROCESS, [*HEAVY, "ray"])
-    assert found["loaded"] == {}, f"imported by the engine process (package: first importer): {found['loaded']}"
+@pytest.mark.parametrize("package", TORCH_FREE)
+def test_the_torch_free_packages_import_no_torch(package):
+    """Every module of the engine process's packages (and what they import) loads without torch."""
+    found = _imported_after(package, [*HEAVY, "ray"])
+    assert len(found["modules"]) > 2
+    assert found["loaded"] == {}, f"imported by {package} (package: first importer): {found['loaded']}"
+
+
+def test_the_shared_root_modules_import_no_torch():
+    found = _imported_after(TORCH_FREE_MODULES, [*HEAVY, "ray"])
+    assert found["loaded"] == {}, f"imported (package: first importer): {found['loaded']}"
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return "root" if parts[1] in ("errors", "faults") else parts[1]
+
+
+def _engine_imports(path: Path):
+    """(imported engine module or name, at module level?) for every import in the file, functions included."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    top = set(map(id, tree.body))
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "engine":
+            names = [f"{node.module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names if a.name.split(".")[0] == "engine"]
+        for name in names:
+            yield name, id(node) in top
+
+
+def test_the_folder_tree_is_the_layering():
+    """Each subpackage imports only the layers below it (at module level or inside functions):
+    the folder tree is the process picture of docs/architecture.md."""
+    bad, seen = [], set()
+    for path in sorted((REPO / "engine").rglob("*.py")):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        if module == "engine":
+            continue
+        source = _layer(module)
+        seen.add(source)
+        for name, at_top in _engine_imports(path):
+            target = _layer(name) if name.count(".") >= 1 else "engine"
+            if target in (source, "engine"):
+                continue
+            if module in HOSTS_A_WORKER and target == "worker" and not at_top:
+                continue
+            if target not in MAY_IMPORT[source]:
+                bad.append(f"{module} imports {name} ({source} -> {target})")
+    assert seen == set(MAY_IMPORT), seen ^ set(MAY_IMPORT)
+    assert not bad, "\n".join(bad)
 
 
 def test_the_engine_package_loads_no_ray():
     found = _imported_after("engine", ["ray"])
-    assert "engine.ray_backend" in found["modules"]
+    assert "engine.server.ray_workers" in found["modules"]
     assert found["loaded"] == {}, f"ray imported by {found['loaded']}"
 
 

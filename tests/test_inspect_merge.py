@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.formats import read_embedding
+from engine.sd.formats import read_embedding
 from tistudio.cli import main
 
 pytestmark = pytest.mark.timeout(600)

@@ -46,7 +46,7 @@ def _env(home: Path) -> dict:
 
 
 def test_the_wheel_carries_the_product(installed, tmp_path):
-    code = ("import tistudio, engine, tistudio.themes as t, tistudio.samples as s, engine.demo_model as d;"
+    code = ("import tistudio, engine, tistudio.themes as t, tistudio.samples as s, engine.sd.demo_model as d;"
             "print(tistudio.__file__); print(t.shipped_dir()); print(s.DEMO_SAMPLES); print(d.WEIGHTS)")
     out = subprocess.run([str(installed / "python"), "-c", code], cwd=tmp_path, env=_env(tmp_path / "h"),
                          check=True, capture_output=True, text=True).stdout.split("\n")

@@ -1,4 +1,4 @@
-"""engine.library: concept names, tokenizer checks and the on-disk library."""
+"""engine.store.library: concept names, tokenizer checks and the on-disk library."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import tomllib
 from PIL import Image
 
-from engine import images as images_mod
-from engine import library as library_mod
 from engine.errors import UserError
-from engine.library import (
+from engine.store import images as images_mod
+from engine.store import library as library_mod
+from engine.store.library import (
     Concept,
     Library,
     check_initializer,
@@ -58,9 +58,9 @@ class FakeTokenizer:
 
 @pytest.fixture(scope="session")
 def clip_tokenizer(tmp_path_factory):
-    """The real SD tokenizer when engine.tokenizer and open_clip are available, else None."""
+    """The real SD tokenizer when engine.sd.tokenizer and open_clip are available, else None."""
     try:
-        from engine import tokenizer as tok_mod
+        from engine.sd import tokenizer as tok_mod
     except ImportError:
         return None
     old = os.environ.get("TISTUDIO_CACHE")

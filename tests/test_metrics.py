@@ -10,10 +10,7 @@ import torch
 from PIL import Image
 
 from engine.errors import UserError
-from engine.formats import write_embedding
-from engine.generate import step_file
-from engine.library import Library
-from engine.metrics import (
+from engine.inversion.metrics import (
     PAPER_TABLE,
     editability_paper,
     editability_paper_per_prompt,
@@ -22,8 +19,11 @@ from engine.metrics import (
     load_clip,
     reconstruction,
 )
-from engine.paths import atomic_write_json, home_dir
-from engine.prompts import EDIT, edit_prompts, load_prompts, synthesis_prompts, without_placeholder
+from engine.sd.formats import write_embedding
+from engine.sd.generation import step_file
+from engine.settings.prompts import EDIT, edit_prompts, load_prompts, synthesis_prompts, without_placeholder
+from engine.store.library import Library
+from engine.store.paths import atomic_write_json, home_dir
 
 R2 = 1 / math.sqrt(2)
 

@@ -12,7 +12,7 @@ from ldm_layout import pipeline_to_single_file
 from safetensors.torch import save_file
 
 from engine.errors import NotSupportedError, UserError
-from engine.models import family_from_keys, load_model, load_tokenizer, model_info
+from engine.sd.models import family_from_keys, load_model, load_tokenizer, model_info
 
 SPECS = {"sd1": "builtin:tiny", "sd2": "builtin:sd2-tiny", "sdxl": "builtin:sdxl-tiny"}
 
@@ -58,9 +58,9 @@ def test_sd2_prompts_tokenize_as_the_sd2_diffusers_tokenizer_pads_with_bang(tmp_
 
 def test_sdxl_diffusers_folder_trains_and_generates(sdxl_model, tmp_path, image_dir):
     """A folder written by diffusers' own StableDiffusionXLPipeline.save_pretrained."""
-    from engine.formats import read_embedding
-    from engine.generate import render
-    from engine.train import TrainConfig, train
+    from engine.inversion.train import TrainConfig, train
+    from engine.sd.formats import read_embedding
+    from engine.sd.generation import render
 
     assert type(sdxl_model.pipe).__name__ == "StableDiffusionXLPipeline"
     sdxl_model.pipe.save_pretrained(tmp_path / "xl")

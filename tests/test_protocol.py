@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from engine import protocol
-from engine.protocol import ProtocolError, decode, encode
+from engine.wire import protocol
+from engine.wire.protocol import ProtocolError, decode, encode
 
 JOB = protocol.JobSpec("20260101-000000-ab12", "/home/x/jobs/20260101-000000-ab12", "train", "cat",
                        {"steps": 10, "lr": 5e-4}, resumed=True, attempts=2)
@@ -67,7 +67,7 @@ def _message_classes(base=protocol.Message) -> set[type]:
 
 
 def test_every_message_type_has_an_example():
-    assert {type(m) for m in EXAMPLES} == {c for c in _message_classes() if c.__module__ == "engine.protocol"}
+    assert {type(m) for m in EXAMPLES} == {c for c in _message_classes() if c.__module__ == "engine.wire.protocol"}
 
 
 @pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import jobs
-from engine.client import EngineClient, call
+from engine.store import runs as jobs
+from engine.wire.client import EngineClient, call
 from helpers import TEST_HANDLERS, kill_engines, make_images
 
 ray = pytest.importorskip("ray")
@@ -114,8 +114,8 @@ def on_ray(cluster, ray_home, monkeypatch):
 
 def _add_concept(home: Path) -> None:
     """The concept "toy" (once: the module's tests share their data directory)."""
-    from engine.library import Library
-    from engine.models import load_tokenizer
+    from engine.sd.models import load_tokenizer
+    from engine.store.library import Library
 
     if (home / "concepts" / "toy").is_dir():
         return
@@ -124,7 +124,7 @@ def _add_concept(home: Path) -> None:
 
 
 def _embedding(home: Path, run_id: str):
-    from engine.formats import read_embedding
+    from engine.sd.formats import read_embedding
 
     return read_embedding(jobs.load_run(jobs.find_run(home, run_id))["embedding"]).vectors
 
@@ -143,10 +143,10 @@ def _uninterrupted(model, home: Path, where: Path):
     if "embedding" not in _UNINTERRUPTED:
         import torch
 
-        from engine.formats import read_embedding
-        from engine.library import Library
-        from engine.sweeps import train_config_from
-        from engine.train import train
+        from engine.inversion.train import train
+        from engine.sd.formats import read_embedding
+        from engine.store.library import Library
+        from engine.worker.sweeps import train_config_from
 
         concept = Library(home).get("toy")
         threads = torch.get_num_threads()
@@ -251,7 +251,7 @@ def test_cancel_reaches_a_ray_run(on_ray):
 
 def test_a_data_directory_the_nodes_do_not_share_is_refused(cluster, engine_home, monkeypatch, tmp_path):
     from engine.errors import UserError
-    from engine.ray_backend import check_shared_storage, gpu_nodes
+    from engine.server.ray_workers import check_shared_storage, gpu_nodes
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray.init(address=cluster, namespace="tistudio-test")
@@ -271,7 +271,7 @@ def test_a_data_directory_the_nodes_do_not_share_is_refused(cluster, engine_home
 
 def test_a_cluster_that_cannot_be_joined_is_one_clear_line(engine_home, monkeypatch):
     from engine.errors import UserError
-    from engine.ray_backend import RayWorkers
+    from engine.server.ray_workers import RayWorkers
 
     def refused(**kwargs):
         try:

@@ -1,4 +1,4 @@
-"""engine.records (a concept's runs, Table 1s and curves, read back) and engine.text.one_line."""
+"""engine.store.records (a concept's runs, Table 1s and curves, read back) and engine.errors.one_line."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.jobs import create_run, set_status
-from engine.library import Library
-from engine.records import (
+from engine.errors import one_line
+from engine.store.library import Library
+from engine.store.records import (
     compare_tables,
     curve_points,
     eval_label,
@@ -28,7 +28,7 @@ from engine.records import (
     ti_reconstruction,
     written_prompt,
 )
-from engine.text import one_line
+from engine.store.runs import create_run, set_status
 from helpers import make_images
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,7 +88,7 @@ def test_a_summary_holds_the_concept_its_runs_and_its_best_evaluation(library):
 
 
 def test_a_summary_knows_its_words_vectors_family_and_latest_inspection(library):
-    from engine.jobs import update_run
+    from engine.store.runs import update_run
 
     home, concept = library.home, library.get("cat")
     assert summarize(concept).vectors is None and summarize(concept).family is None
@@ -216,7 +216,7 @@ def test_experiment_reports_of_every_kind_are_read_oldest_first(library):
 
 
 def test_records_import_neither_torch_nor_textual():
-    code = ("import sys, engine.records, engine.text; "
+    code = ("import sys, engine.store.records, engine.errors; "
             "bad = {'torch', 'textual'} & set(sys.modules); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=60)
 
@@ -246,7 +246,7 @@ def _png(path: Path, record: dict | None = None, chunk: dict | None = None) -> P
 
 
 def test_the_gallery_finds_every_image_with_its_concept_run_and_metadata(library):
-    from engine.records import gallery, image_metadata
+    from engine.store.records import gallery, image_metadata
 
     home, concept = library.home, library.get("cat")
     word = {"concept": "cat", "run": "r1", "step": 8, "final": False, "token": "<cat>"}

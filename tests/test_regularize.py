@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from engine.errors import JobCancelled
-from engine.formats import read_embedding
-from engine.regularize import vocab_norms
-from engine.train import QuietReporter, RunSlot, TrainConfig, train, train_many
+from engine.inversion.regularize import vocab_norms
+from engine.inversion.train import QuietReporter, RunSlot, TrainConfig, train, train_many
+from engine.sd.formats import read_embedding
 
 METHODS = ("none", "init-l2", "norm", "directional")
 
@@ -108,7 +108,7 @@ def test_a_sweep_mixes_methods_and_each_equals_its_solo_run(tiny_model, image_di
 
 
 def test_sdxl_directional_keeps_both_encoders_norms(sdxl_model, image_dir, tmp_path):
-    from engine.placeholder import WordLayout
+    from engine.sd.placeholder import WordLayout
 
     reporter = QuietReporter()
     cfg = _cfg(regularize="directional", vectors=2, init="red teapot", steps=6)
@@ -125,7 +125,7 @@ def test_sdxl_directional_keeps_both_encoders_norms(sdxl_model, image_dir, tmp_p
 def test_a_method_may_carry_its_own_strength_in_a_sweep():
     """--regularize none,init-l2:0.003,init-l2:0.01: one member per entry, each with its strength."""
     from engine.errors import UserError
-    from engine.train_config import sweep_members
+    from engine.settings.train import sweep_members
 
     members = sweep_members({"steps": 5, "reg_weight": 2.0, "regularizes": ["none", "init-l2:0.003", "norm"]})
     assert [(m["regularize"], m["reg_weight"]) for m in members] == [("none", 2.0), ("init-l2", 0.003), ("norm", 2.0)]

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.client import call
-from engine.formats import read_embedding
-from engine.library import Library
+from engine.sd.formats import read_embedding
+from engine.store.library import Library
+from engine.wire.client import call
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,15 +22,15 @@ PARAMS = {"steps": 20, "save_every": 5, "preview_every": 0, "log_every": 5, "see
 
 
 def _add_concept(home: Path, name: str, image_dir: Path) -> None:
-    from engine.models import load_tokenizer
+    from engine.sd.models import load_tokenizer
 
     Library(home).add(name, image_dir, "cat", tokenizer=load_tokenizer())
 
 
 def _uninterrupted(tiny_model, home: Path, name: str, tmp_path: Path) -> torch.Tensor:
     """The reference: the same config trained in-process, start to finish."""
-    from engine.sweeps import train_config_from
-    from engine.train import train
+    from engine.inversion.train import train
+    from engine.worker.sweeps import train_config_from
 
     concept = Library(home).get(name)
     config = train_config_from(dict(PARAMS), concept)
@@ -84,7 +84,7 @@ def test_detached_run_outlives_its_cli_and_a_new_client_replays_everything(engin
 def _collect_events(home: Path, run_id: str) -> list[dict]:
     import asyncio
 
-    from engine.client import EngineClient
+    from engine.wire.client import EngineClient
 
     async def go():
         client = EngineClient(home)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine import jobs
-from engine.experiments import steps_experiment
-from engine.handlers import handle_experiment, remember_model
-from engine.library import Library
-from engine.metrics import default_clip, evaluate
-from engine.paths import atomic_write_json, home_dir
-from engine.train import TrainConfig, train
+from engine.inversion.metrics import default_clip, evaluate
+from engine.inversion.train import TrainConfig, train
+from engine.store import runs as jobs
+from engine.store.library import Library
+from engine.store.paths import atomic_write_json, home_dir
+from engine.worker.context import JobContext
+from engine.worker.experiments import steps_experiment
+from engine.worker.job_kinds import handle_experiment, remember_model
 
 FAST = {"images": 1, "clip": "builtin:tiny", "sample_steps": 1}
 
@@ -47,7 +48,7 @@ def test_seed_ablation_on_sdxl_trains_runs_together(sdxl_model, image_dir):
               "log_every": 1, "vectors": 2, "model": "builtin:sdxl-tiny", **FAST}
     spec = {"kind": "experiment", "concept": "cat", "params": params}
     run_dir = jobs.create_run(lib.home, spec)
-    ctx = jobs.JobContext(spec, run_dir.name, run_dir, lib.home)
+    ctx = JobContext(spec, run_dir.name, run_dir, lib.home)
     remember_model(ctx.cache, sdxl_model, "builtin:sdxl-tiny")
     result = handle_experiment(ctx)
     assert [r["seed"] for r in result["runs"]] == [0, 1]

@@ -8,10 +8,10 @@ import safetensors.torch
 import torch
 
 from engine.errors import UserError
-from engine.formats import read_embedding, write_embedding, write_embedding_files
-from engine.importing import import_embedding
-from engine.library import Library
-from engine.paths import home_dir
+from engine.inversion.importing import import_embedding
+from engine.sd.formats import read_embedding, write_embedding, write_embedding_files
+from engine.store.library import Library
+from engine.store.paths import home_dir
 
 TOKEN = "<my-cat>"
 
@@ -96,11 +96,11 @@ def test_import_sdxl_file_into_an_sdxl_model(xl_library, tmp_path):
     result = import_embedding(xl_library, path, name="cat")
     assert result.vectors == 2 and result.family == "sdxl"
     assert result.notes and "clip_l_out" in result.notes[0] and "clip_g_out" in result.notes[1]
-    from engine.generate import load_used
+    from engine.sd.generation import load_used
 
     used = load_used(xl_library.get("cat"))
     assert torch.equal(used.vectors, blocks[0]) and torch.equal(used.vectors_2, blocks[1])
-    from engine.embeddings import read_record, run_vectors
+    from engine.store.words import read_record, run_vectors
 
     record = read_record(xl_library.get("cat").runs_dir / result.run)
     assert run_vectors(record) == 2 and record["params"]["family"] == "sdxl"

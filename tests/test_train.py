@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import checkpoints
 from engine.errors import JobCancelled, UserError
-from engine.formats import read_embedding
-from engine.train import QuietReporter, RunSlot, TrainConfig, train, train_many
+from engine.inversion.train import QuietReporter, RunSlot, TrainConfig, train, train_many
+from engine.sd.formats import read_embedding
+from engine.store import checkpoints
 
 
 def _images(image_dir):
@@ -134,7 +134,7 @@ def test_an_unknown_prediction_type_is_refused_before_training(tiny_model, image
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 def test_nan_loss_stops_and_keeps_last_good_embedding(tiny_model, image_dir, tmp_path, monkeypatch):
-    from engine import train as train_mod
+    from engine.inversion import train as train_mod
 
     images = _images(image_dir)
     real = train_mod.Inversion._loss_rows
@@ -227,10 +227,11 @@ def test_grad_accum_resumes_bit_exact_and_reports_the_effective_batch(tiny_model
 
 
 def test_effective_batch_in_the_run_record(tiny_model, image_dir):
-    from engine.handlers import handle_train
-    from engine.jobs import JobContext, create_run, load_run
-    from engine.library import Library
-    from engine.paths import home_dir
+    from engine.store.library import Library
+    from engine.store.paths import home_dir
+    from engine.store.runs import create_run, load_run
+    from engine.worker.context import JobContext
+    from engine.worker.job_kinds import handle_train
 
     home = home_dir()
     Library(home).add("toy", image_dir, "cat")
@@ -262,8 +263,8 @@ def test_keep_checkpoints_prunes_the_oldest_and_resume_is_unaffected(tiny_model,
 
 
 def test_init_from_a_file_in_any_layout(tiny_model, image_dir, tmp_path):
-    from engine.formats import write_embedding
-    from engine.train import Inversion
+    from engine.inversion.train import Inversion
+    from engine.sd.formats import write_embedding
 
     start = torch.randn(2, 32, generator=torch.Generator().manual_seed(3))
     source = write_embedding(tmp_path / "from-a1111.pt", start, "other", "a1111")
@@ -275,9 +276,9 @@ def test_init_from_a_file_in_any_layout(tiny_model, image_dir, tmp_path):
 
 
 def test_init_from_a_library_run_and_step(tiny_model, image_dir, tmp_path):
-    from engine.library import Library
-    from engine.paths import atomic_write_json, home_dir
-    from engine.train import Inversion
+    from engine.inversion.train import Inversion
+    from engine.store.library import Library
+    from engine.store.paths import atomic_write_json, home_dir
 
     library = Library(home_dir())
     concept = library.add("toy", image_dir, "cat")
@@ -292,8 +293,8 @@ def test_init_from_a_library_run_and_step(tiny_model, image_dir, tmp_path):
 
 
 def test_init_from_must_fit_family_and_vectors(tiny_model, sdxl_model, image_dir, tmp_path):
-    from engine.formats import write_embedding
-    from engine.train import Inversion
+    from engine.inversion.train import Inversion
+    from engine.sd.formats import write_embedding
 
     images = _images(image_dir)
     one = write_embedding(tmp_path / "one.safetensors", torch.randn(1, 32), "<a>")

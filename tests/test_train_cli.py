@@ -87,7 +87,7 @@ def test_eval_of_an_untrained_concept_names_options_eval_has(capsys, toy):
 def test_eval_of_a_concept_without_images_says_how_to_add_them(capsys, tmp_path):
     import torch
 
-    from engine.formats import write_embedding
+    from engine.sd.formats import write_embedding
 
     path = write_embedding(tmp_path / "e.safetensors", torch.zeros(1, 32), "<imp>", "diffusers")
     assert cli(capsys, "import", str(path), "--name", "imp")[0] == 0

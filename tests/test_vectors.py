@@ -11,19 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import checkpoints
 from engine.errors import JobCancelled, UserError
-from engine.formats import read_embedding, write_embedding
-from engine.generate import (
-    GenerateRequest,
-    generate,
-    generation_scheduler,
-    render,
-    resolve_embeddings,
-)
-from engine.library import Library, initializer_ids
-from engine.paths import atomic_write_json, home_dir
-from engine.train import (
+from engine.inversion.train import (
     Inversion,
     QuietReporter,
     RunSlot,
@@ -31,6 +20,17 @@ from engine.train import (
     train,
     train_many,
 )
+from engine.sd.formats import read_embedding, write_embedding
+from engine.sd.generation import (
+    GenerateRequest,
+    generate,
+    generation_scheduler,
+    render,
+    resolve_embeddings,
+)
+from engine.store import checkpoints
+from engine.store.library import Library, initializer_ids
+from engine.store.paths import atomic_write_json, home_dir
 
 PROMPT = "a photo of <cat> on the beach"
 

@@ -1,4 +1,4 @@
-"""Warm workers (engine.zygote): every worker after the first torch job is forked from a zygote that
+"""Warm workers (engine.server.zygote): every worker after the first torch job is forked from a zygote that
 has imported torch once, in its own device's environment; a dead zygote is replaced; with
 TISTUDIO_WORKER_FORK=0 each worker starts the plain way."""
 
@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from engine import jobs
-from engine.client import call
-from engine.devices import cpu_threads
+from engine.devices.pool import cpu_threads
+from engine.store import runs as jobs
+from engine.wire.client import call
 from helpers import TEST_HANDLERS
 
 pytestmark = pytest.mark.timeout(300)
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.timeout(300)
 @pytest.fixture
 def cpu_pair(engine_home, monkeypatch):
     """An engine of its own with two cpu workers and no OMP_NUM_THREADS of the user's: the
-    engine picks each worker's threads (engine.devices.cpu_threads)."""
+    engine picks each worker's threads (engine.devices.pool.cpu_threads)."""
     monkeypatch.setenv("TISTUDIO_DEVICES", "cpu,cpu")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("TISTUDIO_WORKER_FORK", raising=False)
@@ -52,8 +52,8 @@ def _parent(pid: int) -> int:
 
 
 def test_a_worker_after_the_first_torch_job_is_forked_warm_in_its_own_environment(cpu_pair, image_dir):
-    from engine.library import Library
-    from engine.models import load_tokenizer
+    from engine.sd.models import load_tokenizer
+    from engine.store.library import Library
 
     Library(cpu_pair).add("toy", image_dir, "cat", tokenizer=load_tokenizer())
     first = call("submit", "train", concept="toy", params={"steps": 2, "preview_every": 0}, home=cpu_pair)

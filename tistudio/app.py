@@ -27,9 +27,9 @@ from textual.binding import Binding
 from textual.screen import ModalScreen, Screen
 from textual.signal import Signal
 
-from engine.jobs import FINAL
-from engine.paths import home_dir
-from engine.text import one_line
+from engine.errors import one_line
+from engine.store.paths import home_dir
+from engine.store.runs import FINAL
 from tistudio.config import DEFAULT_THEME, PROTOCOLS, Config
 from tistudio.engine_bridge import EngineBridge
 from tistudio.messages import (
@@ -89,7 +89,7 @@ class StudioApp(App):
         studio reads the data directory alone; snapshot tests use it).  `clip`/`eval_images`:
         what evaluations use (None: the engine's defaults; tests: builtin:tiny, 2); `eval_params` go into every
         evaluation and experiment job as they are (e.g. {"sample_steps": 2}).  `theme` overrides the config's theme."""
-        from engine.models import resolve_spec
+        from engine.sd.models import resolve_spec
 
         super().__init__()
         self.home = home_dir(home)
@@ -158,7 +158,7 @@ class StudioApp(App):
 
     @work(thread=True, group="tokenizer", exit_on_error=False)
     def _load_tokenizer(self) -> None:
-        from engine.models import load_tokenizer, model_info
+        from engine.sd.models import load_tokenizer, model_info
 
         try:  # the family first: its configs alone say it (no torch), and the status bar shows it
             self._from_thread(self._family_known, model_info(self.model).family_label)

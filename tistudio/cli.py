@@ -141,8 +141,7 @@ def _settle_globals(args) -> None:
 
 
 def _run(handler, args) -> int:
-    from engine.errors import EngineError, UserError
-    from engine.text import one_line
+    from engine.errors import EngineError, UserError, one_line
 
     try:
         return handler(args) or 0
@@ -171,7 +170,7 @@ def _run(handler, args) -> int:
 
 def _internal(exc: BaseException) -> int:
     """An internal failure: one line, plus where to look."""
-    from engine.text import one_line
+    from engine.errors import one_line
 
     if os.environ.get("TISTUDIO_DEBUG"):
         raise exc

@@ -1,4 +1,4 @@
-"""Settings: `config.toml` in the XDG config dir (`engine.paths.config_dir()`).
+"""Settings: `config.toml` in the XDG config dir (`engine.store.paths.config_dir()`).
 
     theme = "tistudio-dark"        # a theme name (themes/*.toml or Textual's own)
     image_protocol = "auto"        # auto | kitty | sixel | halfblock
@@ -34,7 +34,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10
     import tomli as tomllib
 
-from engine.paths import atomic_write_text, config_dir
+from engine.store.paths import atomic_write_text, config_dir
 
 PROTOCOLS = ("auto", "kitty", "sixel", "halfblock")
 PROTOCOL_ENV = "TISTUDIO_IMAGE_PROTOCOL"

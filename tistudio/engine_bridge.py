@@ -18,7 +18,7 @@
 * Offline (`enabled=False`, used by snapshot tests) the bridge never connects:
   it reads run records and event logs from the data directory instead.
 
-Imports no torch: engine.client, engine.jobs and engine.errors are torch-free.
+Imports no torch: engine.wire.client, engine.store.runs and engine.errors are torch-free.
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from engine.errors import EngineError, UserError
-from engine.text import one_line
+from engine.errors import EngineError, UserError, one_line
 from tistudio.messages import (
     BridgeNotice,
     CliCommand,
@@ -94,7 +93,7 @@ class EngineBridge:
         self.client = self._poller = None
 
     async def _main(self) -> None:
-        from engine.client import EngineClient
+        from engine.wire.client import EngineClient
 
         backoff, failed_once = 1.0, False
         while not self._stopping:
@@ -157,7 +156,7 @@ class EngineBridge:
             self._poke.set()
 
     async def _offline_snapshot(self) -> None:
-        from engine.jobs import list_runs
+        from engine.store.runs import list_runs
 
         try:
             jobs = await asyncio.to_thread(list_runs, self.home)
@@ -206,7 +205,7 @@ class EngineBridge:
                 self._ended.add(run_id)
 
     def _read_log(self, run_id: str) -> None:
-        from engine.jobs import EventLog, find_run
+        from engine.store.runs import EventLog, find_run
 
         job = self.app.state.job(run_id)
         try:

@@ -1,6 +1,6 @@
 """How the studio writes numbers, times and run ids for people, and makes text safe for markup.
 
-The one-line form of an error is `engine.text.one_line`, shared with the engine and the CLI.
+The one-line form of an error is `engine.errors.one_line`, shared with the engine and the CLI.
 """
 
 from __future__ import annotations

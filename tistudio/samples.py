@@ -130,7 +130,7 @@ def ensure_sample_concept(home: os.PathLike | str, tokenizer=None, model: str | 
     an ordinary failure (a read-only package folder, a clash): the studio opens anyway.
     """
     from engine.errors import UserError
-    from engine.library import Library
+    from engine.store.library import Library
 
     home = Path(home)
     marker = home / MARKER

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from engine.jobs import ACTIVE, FINAL
+from engine.store.runs import ACTIVE, FINAL
 
 MAX_LOG_LINES = 200
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from textual.color import Color, ColorParseError
 from textual.theme import Theme
 
-from engine.paths import config_dir
+from engine.store.paths import config_dir
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from engine.client import EngineClient, call
+from engine.wire.client import EngineClient, call
 from helpers import TEST_HANDLERS
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,7 +60,7 @@ def test_two_clis_and_an_async_client_submit_at_once(engine_home, test_kinds, tm
     target = tmp_path / "order.txt"
 
     def cli_submit(tag):
-        code = ("from engine.client import call; import sys; "
+        code = ("from engine.wire.client import call; import sys; "
                 f"print(call('submit', 'counter', params={{'file': {str(target)!r}, 'tag': {tag!r}, 'seconds': 0.3}}))")
         return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
 
@@ -80,7 +80,7 @@ def test_two_clis_and_an_async_client_submit_at_once(engine_home, test_kinds, tm
 
 
 def test_an_idle_engine_from_older_code_is_replaced_but_a_busy_one_is_kept(engine_home, test_kinds, monkeypatch):
-    import engine.client as client_mod
+    import engine.wire.client as client_mod
 
     real = client_mod.code_version
     first = call("ping", home=engine_home)["pid"]

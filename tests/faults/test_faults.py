@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.client import call
-from engine.formats import read_embedding
-from engine.library import Library
+from engine.sd.formats import read_embedding
+from engine.store.library import Library
+from engine.wire.client import call
 from tistudio.cli import main
 
 pytestmark = pytest.mark.timeout(600)
@@ -25,7 +25,7 @@ PARAMS = {"steps": 15, "save_every": 5, "preview_every": 0, "log_every": 5, "see
 
 @pytest.fixture
 def concept(engine_home, image_dir):
-    from engine.models import load_tokenizer
+    from engine.sd.models import load_tokenizer
 
     Library(engine_home).add("toy", image_dir, "cat", tokenizer=load_tokenizer())
     return "toy"
@@ -64,8 +64,8 @@ def assert_nothing_partial(home: Path) -> None:
 
 
 def test_kill_9_in_every_kind_of_write_then_resume_loses_nothing(engine_home, concept, faults, tiny_model, tmp_path):
-    from engine.sweeps import train_config_from
-    from engine.train import train
+    from engine.inversion.train import train
+    from engine.worker.sweeps import train_config_from
 
     c = Library(engine_home).get(concept)
     expected = read_embedding(train(tiny_model, train_config_from(dict(PARAMS), c), tmp_path / "ref",

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import jobs
-from engine.client import call
+from engine.store import runs as jobs
+from engine.wire.client import call
 from helpers import kill_engines
 from tistudio.cli import main
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.client import call
-from engine.formats import read_embedding
-from engine.library import Library
+from engine.sd.formats import read_embedding
+from engine.store.library import Library
+from engine.wire.client import call
 from faults.test_faults import assert_nothing_partial
 
 pytestmark = pytest.mark.timeout(600)
@@ -18,8 +18,8 @@ PARAMS = {"steps": 9, "save_every": 3, "preview_every": 0, "log_every": 3, "seed
 
 
 def test_sdxl_kill_9_mid_run_then_resume_is_bit_exact(engine_home, image_dir, sdxl_model, tmp_path, monkeypatch):
-    from engine.models import load_tokenizer
-    from engine.train import TrainConfig, train
+    from engine.inversion.train import TrainConfig, train
+    from engine.sd.models import load_tokenizer
 
     concept = Library(engine_home).add("toy", image_dir, "cat", tokenizer=load_tokenizer("builtin:sdxl-tiny"))
     settings = {k: v for k, v in PARAMS.items() if k != "model"}

@@ -23,7 +23,7 @@ async def test_event_loop_lag_stays_under_100ms_while_a_run_streams(engine_home,
             await pilot.pause(0.2)
         assert app.state.engine == "online"
         await pilot.press("2")
-        from engine.client import EngineClient
+        from engine.wire.client import EngineClient
 
         async with EngineClient(engine_home) as client:
             run_id = await client.submit("sleep", params={"seconds": 6, "steps": 1500})

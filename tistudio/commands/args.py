@@ -58,7 +58,7 @@ def _int(text: str) -> int:
 def regularizer_list(text: str) -> list[str]:
     """One or more regularisers, each METHOD or METHOD:WEIGHT (several: a sweep, one run each)."""
     from engine.errors import UserError
-    from engine.train_config import parse_method
+    from engine.settings.train import parse_method
 
     methods = word_list(text)
     for method in methods:

@@ -30,8 +30,8 @@ def config_path(args) -> int:
 def config_show(args) -> int:
     import os
 
-    from engine.models import DEFAULT_SPEC
-    from engine.paths import home_dir
+    from engine.sd.models import DEFAULT_SPEC
+    from engine.store.paths import home_dir
     from tistudio.commands.output import print_json
     from tistudio.config import load_config
 

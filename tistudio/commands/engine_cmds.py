@@ -1,7 +1,7 @@
 """engine start|status|stop: the background process that runs jobs.
 
 `engine status` never starts anything: with no engine running it says so and shows what
-an engine started now would see (the devices, from engine.devices and engine.device_probe,
+an engine started now would see (the devices, from engine.devices.pool and engine.devices.probe,
 which need no torch, and this shell's environment).  `engine start` starts one now, on
 this machine's devices or (--ray, or `[cluster] ray_address` in the config file) on a Ray
 cluster; any other command starts one on demand the same way.
@@ -34,12 +34,12 @@ def add_commands(sub) -> None:
 def engine_state() -> dict:
     """The engine's status answer plus "engine": "running", or, with no engine, what one
     started now would see: {"engine": "not running", "home", "device", "environment"}."""
-    from engine.client import EngineNotRunning, call
+    from engine.wire.client import EngineNotRunning, call
 
     try:
         return {"engine": "running", **call("status", device=True, start=False)}
     except EngineNotRunning:
-        from engine.device_probe import environment, probe
+        from engine.devices.probe import environment, probe
         from tistudio.commands.output import home
 
         return {"engine": "not running", "home": str(home()), "device": probe(), "environment": environment(),
@@ -48,7 +48,7 @@ def engine_state() -> dict:
 
 def _would_start() -> dict:
     """The backend and workers an engine started now would have (or why it would refuse)."""
-    from engine.devices import engine_devices, ray_address
+    from engine.devices.pool import engine_devices, ray_address
     from engine.errors import UserError
 
     address = ray_address()
@@ -67,9 +67,9 @@ def start(args) -> int:
     """Start the engine (or say that one runs, and how); --ray sets where its jobs run."""
     import os
 
-    from engine.client import EngineNotRunning, call
-    from engine.devices import RAY_ADDRESS_ENV, ray_address
+    from engine.devices.pool import RAY_ADDRESS_ENV, ray_address
     from engine.errors import UserError
+    from engine.wire.client import EngineNotRunning, call
 
     try:
         state = call("status", device=False, start=False)
@@ -206,7 +206,7 @@ def _worker(worker: dict) -> str:
 
 
 def _environment(env: dict) -> str:
-    from engine.device_probe import ENVIRONMENT
+    from engine.devices.probe import ENVIRONMENT
 
     shown = [f"{k}={env[k]}" for k in ENVIRONMENT if k in env]
     unset = [k for k in ("CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE") if k not in env]
@@ -239,7 +239,7 @@ def _plural(n: int, one: str, many: str | None = None) -> str:
 
 
 def stop(args) -> int:
-    from engine.client import EngineNotRunning, call
+    from engine.wire.client import EngineNotRunning, call
 
     try:
         call("stop", force=args.force, start=False)

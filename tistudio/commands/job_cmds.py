@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 
-from engine.samplers import SAMPLERS
-from engine.train_config import REGULARIZERS
+from engine.settings.samplers import SAMPLERS
+from engine.settings.train import REGULARIZERS
 from tistudio.commands.args import float_arg, int_list, positive_int, regularizer_list, word_list
 from tistudio.commands.output import print_json, print_table
 
@@ -123,7 +123,7 @@ def _clip_params(args) -> dict:
 
 
 def generate(args) -> int:
-    from engine.generate_request import GenerateRequest
+    from engine.settings.generate import GenerateRequest
 
     mode = "compare" if args.compare else "sd" if args.sd else "ti"
     params = {"prompt": args.prompt, "negative": args.negative, "n": args.n, "seed": args.seed, "steps": args.steps,
@@ -142,10 +142,10 @@ def generate(args) -> int:
 
 def _check_eval(name: str, run: str | None, step: int | None, prompts: str | None, option: str = "run-step") -> None:
     """What an evaluation would refuse, refused now: no images, nothing trained, no prompts file, a bad model."""
-    from engine.embeddings import choose_embedding
     from engine.errors import UserError
-    from engine.library import Library
-    from engine.models import model_info
+    from engine.sd.models import model_info
+    from engine.store.library import Library
+    from engine.store.words import choose_embedding
     from tistudio.commands.output import home
 
     concept = Library(home()).get(name)
@@ -183,15 +183,15 @@ def evaluate(args) -> int:
 
 def _check_experiment(args) -> None:
     from engine.errors import UserError
-    from engine.library import Library
+    from engine.store.library import Library
     from tistudio.commands.output import home
 
     if args.experiment == "steps":
         _check_eval(args.name, args.run, None, None, option="run")
         return
     if args.experiment == "synthesis":
-        from engine.embeddings import choose_embedding
-        from engine.library import Library
+        from engine.store.library import Library
+        from engine.store.words import choose_embedding
         from tistudio.commands.output import home
 
         choose_embedding(Library(home()).get(args.name), args.run, args.step, option="run-step")
@@ -234,8 +234,8 @@ def experiment(args) -> int:
 
 def run_job(kind: str, concept: str | None, params: dict, quiet: bool = False) -> dict:
     """Submit, follow with a progress bar (Ctrl-C cancels), and return the job's result."""
-    from engine.client import call
     from engine.errors import UserError
+    from engine.wire.client import call
     from tistudio.commands.run_cmds import _follow
 
     run_id = call("submit", kind, concept=concept, params=params)

@@ -91,13 +91,13 @@ def add_commands(sub) -> None:
 
 
 def _library():
-    from engine.library import Library
+    from engine.store.library import Library
 
     return Library(home())
 
 
 def _tokenizer():
-    from engine.models import load_tokenizer
+    from engine.sd.models import load_tokenizer
 
     return load_tokenizer()
 
@@ -121,7 +121,7 @@ def _concept_row(summary) -> dict:
 
 
 def concept_list(args) -> int:
-    from engine.records import library_summaries
+    from engine.store.records import library_summaries
 
     rows = [_concept_row(s) for s in library_summaries(home())]
     if args.json:
@@ -137,7 +137,7 @@ def concept_list(args) -> int:
 
 
 def concept_show(args) -> int:
-    from engine.records import summarize
+    from engine.store.records import summarize
 
     summary = summarize(_library().get(args.name))
     data = summary.concept.to_dict()
@@ -185,8 +185,8 @@ def concept_images_rm(args) -> int:
 
 
 def concept_inspect(args) -> int:
-    from engine.embeddings import choose_embedding
-    from engine.generate import parse_use
+    from engine.sd.generation import parse_use
+    from engine.store.words import choose_embedding
     from tistudio.commands.job_cmds import _model_param, run_job
 
     library = _library()
@@ -228,7 +228,7 @@ def inspect_text(report: dict) -> str:
 
 
 def merge_words(args) -> int:
-    from engine.merge import merge
+    from engine.inversion.merge import merge
 
     result = merge(_library(), args.sources, name=args.name, weights=args.weights, concatenate=args.concat,
                    token=args.token, description=args.description, property="style" if args.style else "object")
@@ -249,7 +249,7 @@ def concept_rename(args) -> int:
 
 
 def import_embedding(args) -> int:
-    from engine.importing import import_embedding
+    from engine.inversion.importing import import_embedding
 
     result = import_embedding(
         _library(), Path(args.file), name=args.name, token=args.token, description=args.description,
@@ -268,8 +268,8 @@ def import_embedding(args) -> int:
 
 def export_embedding(args) -> int:
     from engine.errors import UserError
-    from engine.formats import write_embedding_files
-    from engine.generate import load_used
+    from engine.sd.formats import write_embedding_files
+    from engine.sd.generation import load_used
 
     concept = _library().get(args.name)
     used = load_used(concept, args.run, args.step, option="run-step")

@@ -23,6 +23,6 @@ def print_table(title: str, columns: list[str], rows: list[list]) -> None:
 
 
 def home():
-    from engine.paths import home_dir
+    from engine.store.paths import home_dir
 
     return home_dir()

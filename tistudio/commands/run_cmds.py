@@ -50,8 +50,8 @@ def runs(args) -> int:
 
 def _run_records() -> tuple[list[dict], bool, dict]:
     """(records, whether an engine answered, its storage health)."""
-    from engine.client import EngineNotRunning, call
-    from engine.jobs import list_runs
+    from engine.store.runs import list_runs
+    from engine.wire.client import EngineNotRunning, call
     from tistudio.commands.output import home
 
     try:
@@ -62,7 +62,7 @@ def _run_records() -> tuple[list[dict], bool, dict]:
 
 
 def _listed(record: dict, engine_up: bool) -> dict:
-    from engine.jobs import ACTIVE
+    from engine.store.runs import ACTIVE
 
     row = {k: record.get(k) for k in RUN_FIELDS}
     if record.get("unsaved"):
@@ -92,7 +92,7 @@ def _status_cell(row: dict) -> str:
 
 
 def cancel(args) -> int:
-    from engine.client import call
+    from engine.wire.client import call
 
     print(f"{args.run}: {call('cancel', args.run)}")
     return 0
@@ -106,7 +106,7 @@ async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, qui
                   report: bool = False) -> int:
     """Replay and follow a run with a progress bar; Ctrl-C cancels (train) or detaches (attach).
     report: a run that ends failed or interrupted says why in one line on stderr."""
-    from engine.client import EngineClient
+    from engine.wire.client import EngineClient
     from tistudio.commands.progress import RunProgress
 
     client = EngineClient()

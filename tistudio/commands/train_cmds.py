@@ -1,7 +1,7 @@
 """train and resume: a run (or a sweep of runs) submitted to the engine and followed here.
 
 Everything a run would refuse is checked before it is submitted, by the same code the
-engine runs (engine.train_config), so a mistake exits 2 with one line and leaves
+engine runs (engine.settings.train), so a mistake exits 2 with one line and leaves
 nothing in the library.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from engine.train_config import sweep_members
+from engine.settings.train import sweep_members
 from tistudio.commands.args import (
     float_arg,
     int_list,
@@ -128,7 +128,7 @@ def _init_from(value: str | None) -> str | None:
 def _templates(path: str | None) -> list[str] | None:
     """The --templates file's lines, read by the same code as eval's --prompts."""
     from engine.errors import UserError
-    from engine.prompts import load_prompts
+    from engine.settings.prompts import load_prompts
 
     if not path:
         return None
@@ -141,9 +141,9 @@ def _templates(path: str | None) -> list[str] | None:
 def check_before_submit(name: str, params: dict) -> None:
     """Fail now, not in the queue: the concept, every member's settings, the model, the words."""
     from engine.errors import UserError
-    from engine.library import Library, initializer_ids
-    from engine.models import load_tokenizer, model_info
-    from engine.train_config import config_from_params
+    from engine.sd.models import load_tokenizer, model_info
+    from engine.settings.train import config_from_params
+    from engine.store.library import Library, initializer_ids
     from tistudio.commands.output import home
 
     concept = Library(home()).get(name)
@@ -159,7 +159,7 @@ def check_before_submit(name: str, params: dict) -> None:
     tokenizer = load_tokenizer()
     for config in configs:
         if config.init_from:
-            from engine.init_from import starting_blocks
+            from engine.inversion.init_from import starting_blocks
 
             # the file (or saved step) must fit this model and --vectors: read it now, not in the queue
             starting_blocks(config.init_from, info, config.vectors, home())
@@ -168,7 +168,7 @@ def check_before_submit(name: str, params: dict) -> None:
 
 
 def train(args) -> int:
-    from engine.client import call
+    from engine.wire.client import call
 
     params = train_params(args)
     check_before_submit(args.name, params)
@@ -196,7 +196,7 @@ def _header(args, runs: int) -> str:
 
 
 def resume(args) -> int:
-    from engine.client import call
+    from engine.wire.client import call
 
     run_id = call("submit", resume=args.run)
     return after_submit(run_id, args.detach)

@@ -10,7 +10,7 @@ from textual.containers import Container
 from textual.screen import Screen
 from textual.widgets import Footer, Input
 
-from engine.text import one_line
+from engine.errors import one_line
 from tistudio.messages import Changes, ImagesChanged, StudioChange
 from tistudio.widgets.statusbar import NavBar, StatusBar
 
@@ -75,7 +75,7 @@ class StudioScreen(Screen):
         returns the names now shown."""
         from textual.widgets import Select
 
-        from engine.library import Library
+        from engine.store.library import Library
 
         try:
             names = tuple(c.name for c in Library(self.app.home).list())

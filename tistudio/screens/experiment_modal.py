@@ -19,7 +19,7 @@ from textual.containers import Vertical
 from textual.widgets import Button, Input, Label, Static
 
 from engine.errors import UserError
-from engine.train_config import parse_method
+from engine.settings.train import parse_method
 from tistudio.screens.modals import _Dialog
 from tistudio.widgets.forms import FieldRow, parse_float, parse_int, split_list
 

@@ -2,7 +2,7 @@
 their grids — newest first, filterable by concept, run and kind; the highlighted one drawn
 inline with the record it was saved with (prompt, seed, sampler, model, the words it used).
 
-Reads the data directory through engine.records (in a thread: a library with thousands of
+Reads the data directory through engine.store.records (in a thread: a library with thousands of
 images must not stall a redraw); no engine needed.
 """
 
@@ -17,8 +17,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Label, Select, Static
 
-from engine.records import GALLERY_KINDS, GalleryImage, gallery, image_metadata
-from engine.text import one_line
+from engine.errors import one_line
+from engine.store.records import GALLERY_KINDS, GalleryImage, gallery, image_metadata
 from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged, MetricsChanged
 from tistudio.screens.base import StudioScreen
@@ -192,7 +192,7 @@ def describe_image(image: GalleryImage, meta: dict, home: Path | None = None) ->
         lines.append(escape(" · ".join(map(str, settings))))
     model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
     if model:
-        from engine.family import FAMILY_LABELS
+        from engine.sd.family import FAMILY_LABELS
 
         family = FAMILY_LABELS.get(model.get("family"), model.get("family"))
         lines.append(f"model {escape(model.get('spec', '?'))}" + (f" ({escape(family)})" if family else ""))

@@ -12,8 +12,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 
-from engine.samplers import DEFAULT_SAMPLER
-from engine.samplers import SAMPLERS as ENGINE_SAMPLERS
+from engine.settings.samplers import DEFAULT_SAMPLER
+from engine.settings.samplers import SAMPLERS as ENGINE_SAMPLERS
 from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
@@ -116,7 +116,7 @@ class GenerateScreen(StudioScreen):
         super().on_screen_resume()
 
     def _load_tokens(self) -> None:
-        from engine.records import library_summaries
+        from engine.store.records import library_summaries
 
         try:
             summaries = library_summaries(self.app.home)

@@ -2,7 +2,7 @@
 their word has; create, import, export, rename, delete, add and remove images; v inspects a
 word (an engine job: its norms against the vocabulary, its cosine to the initializer, its
 nearest tokens, and how alike the words of several runs are), shown in the concept's panel.
-Reads the library straight from disk through engine.records (no engine needed)."""
+Reads the library straight from disk through engine.store.records (no engine needed)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Static
 
-from engine.records import ConceptSummary, library_summaries
-from engine.text import one_line
+from engine.errors import one_line
+from engine.store.records import ConceptSummary, library_summaries
 from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
@@ -39,7 +39,7 @@ def _word_line(row: ConceptSummary) -> str:
     """`1 vector, made for SD 1.x; ` (empty before the concept has a word)."""
     if not row.vectors:
         return ""
-    from engine.family import FAMILY_LABELS
+    from engine.sd.family import FAMILY_LABELS
 
     family = FAMILY_LABELS.get(row.family, row.family) if row.family else None
     return f"its word: {row.vectors} vector{'s' if row.vectors != 1 else ''}" + (f" for {family}" if family else "") \
@@ -278,7 +278,7 @@ class LibraryScreen(StudioScreen):
         if row is None or self._busy(row.name):
             return
         from engine.errors import UserError
-        from engine.library import Library, validate_name
+        from engine.store.library import Library, validate_name
 
         def check(value: str) -> str | None:
             try:
@@ -308,7 +308,7 @@ class LibraryScreen(StudioScreen):
         if row is None or self._busy(row.name):
             return
         from engine.errors import UserError
-        from engine.library import Library
+        from engine.store.library import Library
 
         def done(yes: bool) -> None:
             if not yes:
@@ -367,7 +367,7 @@ class LibraryScreen(StudioScreen):
         if not row.word_runs:
             self.notify(f"{row.name} has no word yet; train it first (t).", severity="warning")
             return
-        from engine.records import parse_pin
+        from engine.store.records import parse_pin
         from tistudio.widgets.forms import PinSuggester
 
         pins = row.pins()

@@ -10,7 +10,7 @@
 
 e evaluates the picked word, x runs the steps experiment over its run's checkpoints, i/s/r
 run the initializer-word, seed and regulariser sweeps, y the section-5 synthesis batches;
-v cycles the views.  Everything shown is read from disk through engine.records (and from
+v cycles the views.  Everything shown is read from disk through engine.store.records (and from
 the jobs' results while the disk has nothing newer).
 """
 
@@ -24,7 +24,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Label, Select, Static, TabbedContent, TabPane, Tabs
 
-from engine.records import (
+from engine.store.records import (
     curve_points,
     eval_label,
     eval_tables,
@@ -177,7 +177,7 @@ class MetricsScreen(StudioScreen):
         """The run picker offers the concept's saved words: NAME@RUN (final) and NAME@RUN:STEP."""
         path = self._concept_dir(self.concept())
         try:
-            from engine.library import Library
+            from engine.store.library import Library
 
             pins = tuple(summarize(Library(self.app.home).get(self.concept())).pins()) if path else ()
         except Exception:  # noqa: BLE001 - a damaged library must not break drawing
@@ -278,7 +278,7 @@ class MetricsScreen(StudioScreen):
                               + (f" · CLIP {escape(_clip_name(table))}" if _clip_name(table) else ""))
 
     def _token(self, name: str | None) -> str | None:
-        from engine.library import Library
+        from engine.store.library import Library
 
         try:
             return Library(self.app.home).get(name).token if name else None
@@ -333,7 +333,7 @@ class MetricsScreen(StudioScreen):
     def _concept_dir(self, name: str | None):
         """The concept's folder in the library, or None (no name, or it is gone meanwhile)."""
         from engine.errors import UserError
-        from engine.library import Library
+        from engine.store.library import Library
 
         if not name:
             return None
@@ -394,7 +394,7 @@ class MetricsScreen(StudioScreen):
         self._ask("synthesis")
 
     def _ask(self, kind: str) -> None:
-        from engine.library import Library
+        from engine.store.library import Library
         from tistudio.screens.experiment_modal import ExperimentModal
 
         name = self.concept()

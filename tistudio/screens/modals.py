@@ -221,7 +221,7 @@ class NewConceptModal(_Dialog[str | None]):
 
     @on(Input.Changed, "#name")
     def _name_changed(self, event: Input.Changed) -> None:
-        from engine.library import default_token
+        from engine.store.library import default_token
 
         name = event.value.strip()
         self.query_one("#token-hint", Static).update(
@@ -245,7 +245,7 @@ class NewConceptModal(_Dialog[str | None]):
             label.update("checking… (the tokenizer is loading)")
             return True
         from engine.errors import UserError
-        from engine.library import check_initializer
+        from engine.store.library import check_initializer
 
         try:
             token_id = check_initializer(tokenizer, word)
@@ -288,7 +288,7 @@ class NewConceptModal(_Dialog[str | None]):
     @work(thread=True, exclusive=True, group="new-concept")
     def _add(self, form: NewConceptForm) -> None:
         from engine.errors import UserError
-        from engine.library import Library
+        from engine.store.library import Library
 
         try:
             concept = Library(self.home).add(
@@ -315,7 +315,7 @@ class ImagesModal(_Dialog[ImagesEdited | None]):
         self.home, self.concept, self.images = home, concept, images
 
     def compose(self) -> ComposeResult:
-        from engine.images import IMAGE_EXTENSIONS
+        from engine.store.images import IMAGE_EXTENSIONS
 
         with Vertical(id="dialog"):
             yield Label(f"Images of {self.concept}", id="dialog-title")
@@ -346,7 +346,7 @@ class ImagesModal(_Dialog[ImagesEdited | None]):
     @work(thread=True, exclusive=True, group="images")
     def _apply(self, add: list[Path], remove: list[str]) -> None:
         from engine.errors import UserError
-        from engine.library import Library
+        from engine.store.library import Library
 
         library = Library(self.home)
         added: list[Path] = []

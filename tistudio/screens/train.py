@@ -337,7 +337,7 @@ def run_facts(header: dict, job: dict, penalty: float | None = None) -> list[str
     """What a run trains and how, for its stats line: the model family, the vectors of its word,
     the effective batch, the regularizer (with its latest penalty), low VRAM.  The run's header
     event says it; a run from before headers falls back to its params."""
-    from engine.family import FAMILY_LABELS
+    from engine.sd.family import FAMILY_LABELS
 
     params = job.get("params") if isinstance(job.get("params"), dict) else {}
     facts = {**params, **header}

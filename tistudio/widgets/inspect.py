@@ -1,5 +1,5 @@
 """The Library's word inspector panel: what a learned word looks like beside the words the
-model already knows, from an `inspect` job's result (engine.inspector).
+model already knows, from an `inspect` job's result (engine.inversion.inspector).
 
 Per text encoder: the vocabulary's norm distribution; per vector: its norm against it (a
 word grown far past the vocabulary's is the "too strong" word that ignores the rest of a
@@ -21,7 +21,7 @@ def _f(value, fmt: str = "{:.2f}") -> str:
 
 def inspect_text(result: dict) -> str:
     """The inspector's report as Textual markup, a few lines per vector."""
-    from engine.family import FAMILY_LABELS
+    from engine.sd.family import FAMILY_LABELS
 
     which = "final" if result.get("final") else f"step {result.get('step')}"
     vectors = result.get("vectors")

@@ -5,7 +5,7 @@
     StudyView     pick an experiment report (steps, init, seeds, regularize, synthesis): its
                   table and its grid (prompts × runs) inline
 
-Both are handed what engine.records read from disk (and the jobs' results) by the screen;
+Both are handed what engine.store.records read from disk (and the jobs' results) by the screen;
 they keep the user's picks across redraws and draw only when something changed.
 """
 
@@ -18,7 +18,7 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Label, Select, Static
 
-from engine.records import ExperimentReport, compare_tables, eval_label
+from engine.store.records import ExperimentReport, compare_tables, eval_label
 from tistudio.formatting import escape
 from tistudio.widgets.images import ImagePreview
 

@@ -19,7 +19,7 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Checkbox, Input, Select, Static
 
-from engine.train_config import REGULARIZERS
+from engine.settings.train import REGULARIZERS
 from tistudio.widgets.forms import (
     FieldRow,
     PathSuggester,
@@ -126,7 +126,7 @@ class TrainForm(VerticalScroll):
         return self.query_one(f"#{key}", Input).value.strip()
 
     def _pins(self) -> list[str]:
-        from engine.records import library_summaries
+        from engine.store.records import library_summaries
 
         try:
             return [pin for summary in library_summaries(self.app.home) for pin in summary.pins()]
@@ -213,7 +213,7 @@ class TrainForm(VerticalScroll):
 def read_templates(path_text: str) -> list[str]:
     """A templates file: one prompt per line with one {} where the token goes (# comments skipped)."""
     from engine.errors import UserError
-    from engine.prompts import load_prompts
+    from engine.settings.prompts import load_prompts
 
     try:
         templates = load_prompts(Path(path_text).expanduser())

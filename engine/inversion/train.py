@@ -1,0 +1,404 @@
+"""The inversion: learn one new word's vectors, everything else frozen.
+
+Read `Inversion.run` top to bottom: it is the whole training loop.  K runs
+(K >= 1) train together: row k of every batch belongs to run k, with its own
+token slots, vectors, optimizer state and random streams, so a batched run ends
+where its solo run would.
+
+A word is N vectors (`--vectors`) in each text encoder the model family names
+(engine.sd.family: one for SD 1.x/2.x, two for SDXL).  Run k's whole word is row k
+of the trained matrix `vectors` [K, P] (engine.sd.placeholder.WordLayout), so one
+optimizer row is one run, however many vectors and encoders it has.
+
+What must stay true (see docs/architecture.md):
+  * only the placeholder vectors (fp32) are optimized; UNet, VAE, text encoders
+    and every row of the token tables are frozen, bit for bit;
+  * loss = MSE(UNet prediction, noise or velocity) at a random training timestep
+    on a cached latent of a random image/flip, under a random prompt template;
+  * a run killed anywhere resumes from its last checkpoint and ends exactly where
+    an uninterrupted run with the same seed ends (all RNG state is checkpointed);
+  * with --grad-accum G, one optimizer step averages G micro-batches, each drawn
+    from the run's own stream, so resume stays exact at any step boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from engine.devices.runtime import memory_figures
+from engine.errors import JobCancelled, UserError
+from engine.faults import maybe_fault
+from engine.inversion.data import (
+    default_preview_prompt,
+    encode_images,
+    load_images,
+    templates_for,
+)
+from engine.inversion.optim import RowAdamW
+from engine.inversion.regularize import Regularizer, vector_figures, vocab_norms
+from engine.sd.placeholder import (
+    WordLayout,
+    add_slots,
+    initial_vectors,
+    installed_in_all,
+    slot_tokens,
+)
+from engine.settings.train import COMPILE_MODES, LR_SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
+from engine.store import checkpoints
+from engine.store.paths import atomic_write_bytes
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the loss knows how to target
+
+
+class Reporter(Protocol):
+    def emit(self, type: str, **fields) -> None: ...
+    def cancelled(self) -> bool: ...
+
+
+class QuietReporter:
+    """For scripts and tests: collects events, never cancels."""
+
+    def __init__(self):
+        self.events: list[dict] = []
+
+    def emit(self, type: str, **fields) -> None:
+        self.events.append({"type": type, **fields})
+
+    def cancelled(self) -> bool:
+        return False
+
+
+@dataclass
+class RunSlot:
+    """One of the K runs trained together."""
+
+    config: TrainConfig
+    run_dir: Path
+    images: list[Path]
+    reporter: Reporter = field(default_factory=QuietReporter)
+    home: Path | None = None  # the library, for --init-from NAME@RUN:STEP (default: the run's own)
+
+
+class Inversion:
+    def __init__(self, model, slots: list[RunSlot]):
+        self.model = model
+        self.slots = slots
+        self.k = len(slots)
+        self.device = model.device
+        for slot in slots:
+            slot.config.validate()
+        self._check_compatible()
+        self.cfg0 = slots[0].config
+        self.family = model.family
+        self.encoders = model.encoders
+        self.n = self.cfg0.vectors
+        self.layout = WordLayout(tuple(model.info.text_widths), self.n)
+        self.tokenizers = [copy.deepcopy(tok) for _, tok in self.encoders]
+        for tok in self.tokenizers:
+            add_slots(tok, self.k * self.n)
+        names = slot_tokens(self.k * self.n)
+        self.words = [" ".join(names[k * self.n : (k + 1) * self.n]) for k in range(self.k)]
+        rows = [self._initial_row(slot) for slot in slots]
+        self.vectors = torch.stack(rows).to(self.device).requires_grad_(True)  # [K, P] fp32
+        self.init_rows = self.vectors.detach().clone()  # where each run started (figures, regularisers)
+        self.regularizer = Regularizer.build(self.layout, self.init_rows, [s.config for s in slots], self.encoders)
+        self.optimizer = RowAdamW(lr=self.cfg0.lr, weight_decay=self.cfg0.weight_decay)
+        scale = 2.0**16 if model.dtype == torch.float16 else 1.0
+        self.state = self.optimizer.init_state(self.vectors.detach(), loss_scale=scale)
+        self.scheduler = model.noise_scheduler()
+        _check_prediction_type(self.scheduler.config.prediction_type)
+        self.resolution = self.cfg0.resolution or model.info.resolution
+        self.prompt_ids = [self._tokenize_templates(k) for k in range(self.k)]
+        self.latents = [
+            encode_images(model.vae, load_images(s.images), self.resolution, s.config.center_crop) for s in slots
+        ]
+        self.generators = [torch.Generator().manual_seed(s.config.seed) for s in slots]
+        self.start_step = 0
+        self.unet = compiled_unet(model, self.cfg0.compile)
+
+    # --- setup -------------------------------------------------------------------------------
+
+    def _check_compatible(self) -> None:
+        """Batched runs share one step counter and schedule; only seed, init word and data differ."""
+        shared = ("steps", "lr", "batch_size", "grad_accum", "weight_decay", "lr_schedule", "warmup_steps",
+                  "resolution", "vectors")
+        first = self.slots[0].config
+        for slot in self.slots[1:]:
+            for name in shared:
+                if getattr(slot.config, name) != getattr(first, name):
+                    raise UserError(f"batched runs must share --{name.replace('_', '-')}; run them separately")
+
+    def _initial_row(self, slot: RunSlot) -> torch.Tensor:
+        """Run k's starting word as one row: the initializer's rows, or an existing embedding."""
+        cfg = slot.config
+        if cfg.init_from:
+            from engine.inversion.init_from import starting_blocks
+
+            blocks = starting_blocks(cfg.init_from, self.model.info, self.n, slot.home or _library_home(slot.run_dir))
+        else:
+            blocks = [initial_vectors(encoder, _init_ids(tok, cfg.init, self.n))
+                      for (encoder, _), tok in zip(self.encoders, self.tokenizers)]
+        return self.layout.join([b.float().cpu() for b in blocks])
+
+    def _tokenize_templates(self, k: int) -> list[torch.Tensor]:
+        """Run k's prompt templates with its word, tokenized once per encoder: [T, 77] each."""
+        cfg = self.slots[k].config
+        prompts = [t.format(self.words[k]) for t in (cfg.templates or templates_for(cfg.property))]
+        return [ids.to(self.device) for ids in self.family.tokenize(self.tokenizers, prompts)]
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def resume(self) -> int:
+        """Load each run's latest checkpoint; all K must be at the same step."""
+        found = [checkpoints.latest(s.run_dir) for s in self.slots]
+        if all(f is None for f in found):
+            return 0
+        steps = {f.step if f else 0 for f in found}
+        if len(steps) != 1:
+            raise UserError("batched runs have checkpoints at different steps; resume them one by one")
+        for k, ckpt in enumerate(found):
+            checkpoints.restore_row(ckpt, k, self.vectors, self.state, self.generators[k])
+        self.start_step = steps.pop()
+        return self.start_step
+
+    def _checkpoint(self, step: int) -> None:
+        for k, slot in enumerate(self.slots):
+            path = checkpoints.save_row(slot.run_dir, step, k, self.vectors, self.state, self.generators[k],
+                                        layout=self.layout)
+            slot.reporter.emit("checkpoint", step=step, path=str(path))
+            if slot.config.keep_checkpoints:
+                checkpoints.prune(slot.run_dir, slot.config.keep_checkpoints)
+
+    def _save_embedding(self, step: int, final: bool = False) -> None:
+        from engine.sd.formats import run_format, write_embedding
+
+        for k, slot in enumerate(self.slots):
+            row = self.vectors.detach()[k].float().cpu()
+            if not torch.isfinite(row).all():
+                raise FloatingPointError("the embedding is not finite")
+            blocks = self.layout.split(row)
+            name = "learned_embeds.safetensors" if final else f"embeddings/learned_embeds-steps-{step}.safetensors"
+            path = write_embedding(slot.run_dir / name, blocks, slot.config.token, run_format(blocks), step=step)
+            slot.reporter.emit("embedding", step=step, path=str(path), final=final)
+
+    # --- one step ----------------------------------------------------------------------------
+
+    def _draw(self) -> tuple:
+        """Each run draws its own image, flip, template, timestep and noise from its own stream."""
+        b = self.cfg0.batch_size
+        cache0 = self.latents[0]
+        latent_shape = cache0.mean.shape[2:]
+        lat, noise, ids, ts, micro = [], [], [[] for _ in self.encoders], [], []
+        for k, slot in enumerate(self.slots):
+            g, cfg, cache = self.generators[k], slot.config, self.latents[k]
+            index = torch.randint(0, cache.num_images, (b,), generator=g)
+            flip = (torch.rand((b,), generator=g) < cfg.flip_p).long()
+            template = torch.randint(0, self.prompt_ids[k][0].shape[0], (b,), generator=g)
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=g)
+            if cfg.fixed_timestep is not None:
+                t.fill_(cfg.fixed_timestep)
+            posterior_noise = torch.randn((b, *latent_shape), generator=g)
+            n = torch.randn((b, *latent_shape), generator=g)
+            if cfg.fixed_noise:
+                posterior_noise.zero_()
+                n = torch.randn((b, *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
+            lat.append(cache.sample(index, flip, posterior_noise.to(cache.mean.device)))
+            noise.append(n)
+            for e, encoder_ids in enumerate(self.prompt_ids[k]):
+                ids[e].append(encoder_ids[template.to(self.device)])
+            ts.append(t)
+            micro.append(cache.micro[index])
+        cat = lambda xs: torch.cat(xs).to(self.device)  # noqa: E731
+        return cat(lat), cat(noise), [cat(x) for x in ids], cat(ts), cat(micro)
+
+    def _loss_rows(self) -> torch.Tensor:
+        """Per-run MSE loss, [K] fp32, still on the device (no host sync)."""
+        latents, noise, ids, t, micro = self._draw()
+        dtype = self.model.dtype
+        noisy = self.scheduler.add_noise(latents, noise, t)
+        conditioning = self.family.condition(self.encoders, ids, micro)
+        pred = self.unet(noisy.to(dtype), t, **conditioning).sample
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, t)
+        else:
+            target = noise
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        return per_sample.view(self.k, -1).mean(dim=1)
+
+    # --- the loop ----------------------------------------------------------------------------
+
+    def run(self) -> list[Path]:
+        cfg = self.cfg0
+        self._status("running", step=self.start_step, steps=cfg.steps)
+        self._header()
+        loss_sum = torch.zeros(self.k, device=self.device)
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        logged, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
+        self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
+        with self.installed():
+            for step in range(self.start_step, cfg.steps):
+                if any(s.reporter.cancelled() for s in self.slots):
+                    self._checkpoint(step)
+                    raise JobCancelled(f"cancelled at step {step}")
+                loss = self.train_step(step)
+                if maybe_fault("loss", step + 1) == "nan":
+                    loss = loss * float("nan")
+                loss_sum += loss
+                bad |= ~torch.isfinite(loss.detach()).all()
+                logged += 1
+                done = step + 1
+                maybe_fault("step", done)
+                if done % cfg.log_every == 0 or done == cfg.steps:
+                    if bool(bad):  # the one host sync per logging interval
+                        raise FloatingPointError(f"loss became NaN/inf by step {done}")
+                    now = time.perf_counter()
+                    self._log(done, loss_sum / logged, logged / (now - t_log), now - t_start, cfg.lr_at(step))
+                    loss_sum.zero_()
+                    logged, t_log = 0, now
+                if done % cfg.save_every == 0 or done == cfg.steps:
+                    self._save_embedding(done)
+                    self._checkpoint(done)
+                if cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
+                    self._preview(done)
+        self._save_embedding(cfg.steps, final=True)
+        return [s.run_dir / "learned_embeds.safetensors" for s in self.slots]
+
+    def train_step(self, step: int) -> torch.Tensor:
+        """Forward and backward over --grad-accum micro-batches, then one AdamW update of the
+        vectors; returns the [K] loss averaged over the micro-batches (no sync)."""
+        accum, reg = self.cfg0.grad_accum, self.regularizer
+        total = None
+        for _ in range(accum):
+            loss = self._loss_rows()
+            objective = loss + reg.penalty(self.vectors) if reg is not None else loss
+            # Dividing by a power of two is exact; any other G rounds the same way on every resume.
+            (objective * (self.state["loss_scale"] / accum)).sum().backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        grad = self.vectors.grad if reg is None else reg.project(self.vectors.detach(), self.vectors.grad)
+        self.optimizer.step(self.vectors.data, grad, self.state, self.cfg0.lr_at(step))
+        if reg is not None:
+            reg.renormalize(self.vectors.data)
+        self.vectors.grad = None
+        return total / accum
+
+    @contextlib.contextmanager
+    def installed(self):
+        """The placeholder rows (and low-VRAM checkpointing) on the shared model, for the run only."""
+        unet = self.model.unet
+        if self.cfg0.low_vram:
+            unet.enable_gradient_checkpointing()
+        blocks = [lambda e=e: self.layout.block(self.vectors, e) for e in range(len(self.encoders))]
+        try:
+            with installed_in_all(self.encoders, blocks):
+                yield
+        finally:
+            if self.cfg0.low_vram:
+                unet.disable_gradient_checkpointing()
+
+    def _header(self) -> None:
+        """The run's header event: what is trained, and how (clients show it above the loss)."""
+        cfg = self.cfg0
+        for slot in self.slots:
+            slot.reporter.emit(
+                "train", step=self.start_step, steps=cfg.steps, family=self.model.info.family,
+                vectors=self.n, widths=list(self.layout.widths), batch_size=cfg.batch_size,
+                grad_accum=cfg.grad_accum, effective_batch=cfg.effective_batch(), resolution=self.resolution,
+                runs=self.k, init_from=slot.config.init_from, regularize=slot.config.regularize,
+                reg_weight=slot.config.reg_weight, vocab_norms=vocab_norms(self.encoders),
+            )
+
+    def _log(self, step: int, loss: torch.Tensor, steps_per_s: float, elapsed: float, lr: float) -> None:
+        losses = loss.tolist()
+        vram = memory_figures(self.device)
+        remaining = (self.cfg0.steps - step) / steps_per_s if steps_per_s > 0 else None
+        figures = vector_figures(self.layout, self.vectors.detach(), self.init_rows)
+        penalty = self.regularizer.penalty(self.vectors.detach()).tolist() if self.regularizer else None
+        for k, slot in enumerate(self.slots):
+            slot.reporter.emit(
+                "step", step=step, steps=self.cfg0.steps, loss=losses[k], lr=lr,
+                steps_per_s=steps_per_s, elapsed=elapsed, eta=remaining,
+                loss_scale=float(self.state["loss_scale"][k]), skipped=int(self.state["skipped"][k]),
+                **figures[k], **({"reg": penalty[k]} if penalty else {}), **vram,
+            )
+
+    def _status(self, status: str, **extra) -> None:
+        for slot in self.slots:
+            slot.reporter.emit("status", status=status, **extra)
+
+    @torch.no_grad()
+    def _preview(self, step: int) -> None:
+        """One image per run from a fixed prompt and seed; never touches the training RNG."""
+        from engine.sd.generation import sample_prompt
+
+        for k, slot in enumerate(self.slots):
+            cfg = slot.config
+            word = self.words[k]
+            prompt = (cfg.preview_prompt or default_preview_prompt(cfg.property, "{token}")).replace(
+                "{token}", word
+            ).replace(cfg.token, word)
+            image = sample_prompt(
+                self.model, prompt, self.tokenizers, seeds=[cfg.preview_seed], steps=cfg.preview_steps, guidance=7.5
+            )[0]
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            path = slot.run_dir / "previews" / f"step-{step}.png"
+            atomic_write_bytes(path, buf.getvalue())
+            slot.reporter.emit("preview", step=step, path=str(path), prompt=prompt.replace(word, cfg.token))
+
+
+def compiled_unet(model, mode: str):
+    """The UNet, or a torch.compile'd wrapper kept on the warm model so later runs skip the warm-up."""
+    if mode == "off":
+        return model.unet
+    cache = model.__dict__.setdefault("_compiled", {})
+    if mode not in cache:
+        cache[mode] = torch.compile(model.unet, mode=None if mode == "default" else mode)
+    return cache[mode]
+
+
+def _init_ids(tokenizer, init: str, n: int) -> list[int]:
+    """The initializer's token ids, one per vector (engine.store.library.initializer_ids: one rule everywhere)."""
+    from engine.store.library import initializer_ids
+
+    return initializer_ids(tokenizer, init, n)
+
+
+def _library_home(run_dir: Path) -> Path:
+    """The library a run directory belongs to (<home>/concepts/<name>/runs/<id>), else $TISTUDIO_HOME."""
+    run_dir = Path(run_dir).resolve()
+    if len(run_dir.parents) > 3 and run_dir.parent.name == "runs" and run_dir.parents[2].name == "concepts":
+        return run_dir.parents[3]
+    from engine.store.paths import home_dir
+
+    return home_dir()
+
+
+def _check_prediction_type(prediction_type: str) -> None:
+    """The loss targets the noise (epsilon) or the velocity (v_prediction); refuse anything else."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise UserError(f"this model's scheduler predicts {prediction_type!r}; only {' and '.join(PREDICTION_TYPES)} "
+                        "models can be trained (check prediction_type in its scheduler config)")
+
+
+
+
+def train(model, config: TrainConfig, run_dir: Path, images: list[Path], reporter: Reporter | None = None,
+          resume: bool = True) -> Path:
+    """Train one run to the end (resuming from its checkpoints when present)."""
+    return train_many(model, [RunSlot(config, Path(run_dir), list(images), reporter or QuietReporter())], resume)[0]
+
+
+def train_many(model, slots: list[RunSlot], resume: bool = True) -> list[Path]:
+    inversion = Inversion(model, slots)
+    if resume:
+        inversion.resume()
+    return inversion.run()

@@ -1,0 +1,110 @@
+"""The real CLIP tokenizer, built offline from open_clip's bundled BPE merges.
+
+SD's tokenizer is OpenAI CLIP's BPE.  open_clip ships those merges as
+`bpe_simple_vocab_16e6.txt.gz`; from them we derive the `vocab.json` and
+`merges.txt` that `transformers.CLIPTokenizer` reads, in the same order CLIP
+builds its vocabulary, so ids match SD's (`<|startoftext|>` = 49406).
+The files are derived once and cached.
+
+Two paddings exist in the wild: SD 1.x (and SDXL's first tokenizer) pad with
+`<|endoftext|>`; SD 2.x and SDXL's second tokenizer pad with `!` (id 0), as
+OpenCLIP did.  Padded positions reach the UNet, so the choice matters.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import os
+from pathlib import Path
+
+import platformdirs
+
+from engine.store.paths import atomic_write_text
+
+VOCAB_SIZE = 49408
+EOS = "<|endoftext|>"
+PAD_BANG = "!"  # OpenCLIP's padding (SD 2.x, SDXL's tokenizer_2): id 0
+_MERGE_COUNT = 49152 - 256 - 2
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte -> printable unicode table (same as GPT-2's)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _bpe_path() -> Path:
+    # find the data file without importing open_clip (which imports torch)
+    import importlib.util
+
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("open_clip_torch is not installed; it ships the CLIP vocabulary we need")
+    return Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def derive_tokenizer_files(out_dir: Path, pad: str = EOS) -> Path:
+    """Write vocab.json, merges.txt and tokenizer configs for CLIPTokenizer into out_dir."""
+    lines = gzip.open(_bpe_path()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : _MERGE_COUNT + 1]]
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [v + "</w>" for v in base] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == VOCAB_SIZE, len(vocab)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "vocab.json", json.dumps({t: i for i, t in enumerate(vocab)}))
+    atomic_write_text(
+        out_dir / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n"
+    )
+    config = {
+        "model_max_length": 77,
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": pad,
+        "do_lower_case": True,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
+    atomic_write_text(
+        out_dir / "special_tokens_map.json",
+        json.dumps({k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}),
+    )
+    return out_dir
+
+
+def tokenizer_dir(pad: str = EOS) -> Path:
+    """The cached folder of derived tokenizer files padding with `pad` (created on first use)."""
+    if pad not in (EOS, PAD_BANG):
+        raise ValueError(f"unknown CLIP padding {pad!r}")
+    root = Path(os.environ.get("TISTUDIO_CACHE") or platformdirs.user_cache_dir("tistudio"))
+    out = root / ("clip-tokenizer-v1" if pad == EOS else "clip-tokenizer-v1-pad-bang")
+    if not (out / "special_tokens_map.json").exists():
+        derive_tokenizer_files(out, pad)
+    return out
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_tokenizer(pad: str):
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(tokenizer_dir(pad)))
+
+
+def load_clip_tokenizer(pad: str = EOS):
+    """A fresh copy of SD's CLIP tokenizer (callers may add tokens to it).
+
+    pad: EOS for SD 1.x and SDXL's first encoder, PAD_BANG for SD 2.x and SDXL's second."""
+    import copy
+
+    return copy.deepcopy(_cached_tokenizer(pad))

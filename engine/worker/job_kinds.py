@@ -1,0 +1,232 @@
+"""Job kinds the worker can run.  Each handler turns a job spec into work.
+
+A handler gets a `JobContext` (engine/store/runs.py): its params, run directory,
+`emit` for events, `cancelled()` and a `cache` that outlives the job, where
+the loaded model stays warm for the next job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from engine.errors import UserError
+
+
+def warm_model(ctx, spec: str | None, precision: str = "auto", device: str | None = None):
+    """The model for this job, reusing the one already loaded when it matches."""
+    from engine.sd.models import load_model
+
+    key, dev, dtype = _model_key(spec, precision, device)
+    cached = ctx.cache.get("model")
+    if cached is None or cached[0] != key:
+        ctx.cache.pop("model", None)  # one model at a time: give its memory back first
+        ctx.emit("log", message=f"loading model {key[0]} on {dev} ({str(dtype).replace('torch.', '')})")
+        ctx.cache["model"] = (key, load_model(key[0], dev, dtype))
+    return ctx.cache["model"][1]
+
+
+def remember_model(cache: dict, model, spec: str | None, precision: str = "auto", device: str | None = None) -> None:
+    """Put a model already loaded from `spec` into a worker cache, as warm_model would
+    (tests and notebooks reuse one model across jobs this way)."""
+    cache["model"] = (_model_key(spec, precision, device)[0], model)
+
+
+def _model_key(spec: str | None, precision: str, device: str | None):
+    """(spec, device, dtype) as the cache knows a model, plus the device and dtype themselves."""
+    from engine.devices.runtime import frozen_dtype, pick_device
+    from engine.sd.models import resolve_spec
+
+    dev = pick_device(device)
+    dtype = frozen_dtype(dev, precision)
+    return (resolve_spec(spec), str(dev), str(dtype)), dev, dtype
+
+
+def handle_train(ctx) -> dict:
+    from engine.inversion.train import train
+    from engine.worker.sweeps import ContextReporter, train_config_from
+
+    params = ctx.params
+    concept = _trainable_concept(ctx)
+    config = train_config_from(params, concept)
+    config.validate()
+    model = warm_model(ctx, params.get("model"), params.get("precision", "auto"), params.get("device"))
+    ctx.set_progress(step=0, steps=config.steps, model=model.info.identity(), config=_asdict(config),
+                     effective_batch=config.effective_batch())
+    with _friendly_failures():
+        final = train(model, config, ctx.run_dir, concept.images, ContextReporter(ctx), resume=True)
+    return {"embedding": str(final)}
+
+
+@contextlib.contextmanager
+def _friendly_failures():
+    """Turn the failures a user can act on into one-line messages that say what to do
+    (a full disk is the worker's: it says so for every job kind)."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UserError("out of GPU memory; try --low-vram, a smaller --batch-size, "
+                        "or close other GPU programs") from None
+    except FloatingPointError as exc:
+        raise UserError(f"{exc}; the last good checkpoint is kept — "
+                        "resume with a lower --lr or --precision fp32") from None
+
+
+def _asdict(config) -> dict:
+    from dataclasses import asdict
+
+    return asdict(config)
+
+
+def handle_sweep(ctx) -> dict:
+    """K runs of one concept (seeds x initializer words) batched into one UNet call per step."""
+    from engine.worker.sweeps import train_sweep
+
+    params = ctx.params
+    concept = _trainable_concept(ctx)
+    model = warm_model(ctx, params.get("model"), params.get("precision", "auto"), params.get("device"))
+    ctx.set_progress(step=0, model=model.info.identity())
+
+    def mirror(fields: dict) -> None:  # the sweep's own log and progress follow its first member
+        ctx.emit("step", **fields)
+        ctx.set_progress(step=fields["step"], steps=fields["steps"])
+
+    with _friendly_failures():
+        members, finals = train_sweep(ctx, model, concept, params, on_step=mirror)
+    return {"members": [m.run_id for m in members], "embeddings": [str(f) for f in finals]}
+
+
+def _trainable_concept(ctx):
+    from engine.store.library import Library
+
+    concept = Library(ctx.home).get(ctx.spec["concept"])
+    if not concept.images:
+        raise UserError(f"concept {concept.name!r} has no training images; add images to it first")
+    return concept
+
+
+# --- generation, evaluation, experiments ---------------------------------------------------------
+
+
+class _Progress:
+    """progress(message, fraction) -> throttled `progress` events and run.json progress."""
+
+    def __init__(self, ctx, every: float = 0.5):
+        import time
+
+        self.ctx, self.every, self.clock, self.last = ctx, every, time.monotonic, 0.0
+
+    def __call__(self, message: str, fraction: float) -> None:
+        now = self.clock()
+        if now - self.last >= self.every or fraction >= 1.0:
+            self.last = now
+            self.ctx.emit("progress", message=message, fraction=round(float(fraction), 4))
+            self.ctx.set_progress(step=int(1000 * fraction), steps=1000)
+
+
+def _sampling(params: dict) -> dict:
+    # An experiment's params also hold its runs' training settings, batch_size among them:
+    # the sampling batch has its own key.
+    keys = {"sample_steps": "sample_steps", "guidance": "guidance", "batch_size": "sample_batch_size"}
+    return {ours: params[theirs] for ours, theirs in keys.items() if params.get(theirs) is not None}
+
+
+def _clip(params: dict) -> tuple[str, str | None]:
+    from engine.inversion.metrics import default_clip
+
+    return params.get("clip") or default_clip(params.get("model")), params.get("clip_weights")
+
+
+def handle_generate(ctx) -> dict:
+    from engine.sd.generation import GenerateRequest, generate
+    from engine.store.library import Library
+
+    p = ctx.params
+    request = GenerateRequest.from_params(p)
+    request.validate()
+    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    with _friendly_failures():
+        images = generate(model, Library(ctx.home), request, _Progress(ctx), ctx.cancelled)
+    for image in images:
+        ctx.emit("image", **{k: image[k] for k in ("path", "mode", "seed", "prompt")})
+    return {"images": [{k: i[k] for k in ("path", "prompt", "seed", "mode")} for i in images]}
+
+
+def handle_eval(ctx) -> dict:
+    from engine.inversion.metrics import evaluate
+    from engine.store.library import Library
+
+    p = ctx.params
+    clip, clip_weights = _clip(p)
+    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    with _friendly_failures():
+        table = evaluate(model, Library(ctx.home), ctx.spec["concept"], run_id=p.get("run"), step=p.get("step"),
+                         images=int(p.get("images", 16)), prompts_file=p.get("prompts_file"), clip=clip,
+                         clip_weights=clip_weights, seed=int(p.get("seed", 0)), progress=_Progress(ctx),
+                         cancelled=ctx.cancelled, **_sampling(p))
+    ctx.emit("table", rows=table["rows"], dir=table["dir"])
+    return {"table": {k: v for k, v in table.items() if k not in ("images",)}, "report_dir": table["dir"]}
+
+
+def handle_experiment(ctx) -> dict:
+    """The paper's section 4: steps (one run's checkpoints); init words, seeds or regularisers (a sweep, then
+    a report); and section 5's synthesis batches."""
+    from engine.store.library import Library
+    from engine.worker import experiments
+
+    p = ctx.params
+    kind = p.get("kind")
+    if kind not in ("steps", "synthesis", *experiments.SWEEP_AXES):
+        raise UserError(f"unknown experiment {kind!r}; choose steps, init, seeds, regularize or synthesis")
+    clip, clip_weights = _clip(p)
+    common = dict(images=int(p.get("images", 2 if kind == "synthesis" else 4)), clip=clip, clip_weights=clip_weights,
+                  progress=_Progress(ctx), cancelled=ctx.cancelled, **_sampling(p))
+    if p.get("prompts"):
+        common["prompts"] = list(p["prompts"])
+    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    library = Library(ctx.home)
+    with _friendly_failures():
+        if kind == "steps":
+            report = experiments.steps_experiment(model, library, ctx.spec["concept"], run_id=p.get("run"),
+                                                  at=p.get("at"), **common)
+        elif kind == "synthesis":
+            settings = {k: v for k, v in common.items() if k not in ("clip", "clip_weights")}
+            report = experiments.synthesis_experiment(model, library, ctx.spec["concept"], run_id=p.get("run"),
+                                                      step=p.get("step"), **settings)
+        else:
+            train = {k: v for k, v in p.items() if k in _train_keys()}
+            report = experiments.sweep_experiment(ctx, model, library, kind, p.get("values") or [], train, **common)
+    return {k: v for k, v in report.items() if k not in ("images",)}
+
+
+def _train_keys() -> set[str]:
+    """The params of an experiment job that are training settings (the rest are for measuring)."""
+    from dataclasses import fields
+
+    from engine.inversion.train import TrainConfig
+
+    return {f.name for f in fields(TrainConfig)} - {"token", "property"} | {"model", "precision", "device"}
+
+
+def handle_inspect(ctx) -> dict:
+    """The vector inspector (engine.inversion.inspector): norms, cosines, nearest tokens; runs compared."""
+    from engine.inversion.inspector import inspect_word
+    from engine.store.library import Library
+
+    p = ctx.params
+    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    step = p.get("step")
+    return inspect_word(model, Library(ctx.home), ctx.spec["concept"], run=p.get("run"),
+                        step=None if step is None else int(step), top=int(p.get("top", 10)))
+
+
+HANDLERS = {
+    "train": handle_train,
+    "sweep": handle_sweep,
+    "generate": handle_generate,
+    "eval": handle_eval,
+    "experiment": handle_experiment,
+    "inspect": handle_inspect,
+}
+
