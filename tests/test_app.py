@@ -405,9 +405,17 @@ async def test_the_train_form_offers_every_training_option(tmp_path):
         fill_train_form(screen, reg_weight="0.25")
         assert screen.params()["reg_weight"] == 0.25
         fill_train_form(screen, reg_weight="-1")
-        with pytest.raises(ValueError, match="Reg. weight"):
-            screen.params()
+        await pilot.pause()
+        with pytest.raises(ValueError, match="^--reg-weight must be 0 or a positive number$") as refused:
+            screen.params()  # the engine's own words (engine.settings.jobs), about the form's field
+        assert refused.value.field == "reg_weight"
+        screen.action_start()  # Start (s): refused on the field itself, nothing submitted
+        await pilot.pause()
+        field = screen.query_one("#reg_weight", Input)
+        assert field.has_class("-refused") and field.tooltip == str(refused.value) and screen.focused is field
         fill_train_form(screen, reg_weight="")
+        await pilot.pause()
+        assert not field.has_class("-refused")
         assert "8 (2×4)" in str(screen.query_one("#effective-batch", Static).render())
         params = screen.params()
         assert {k: params[k] for k in ("batch_size", "grad_accum", "weight_decay", "vectors", "keep_checkpoints",
@@ -421,8 +429,9 @@ async def test_the_train_form_offers_every_training_option(tmp_path):
                "templates": str(tmp_path / "missing.txt"), "vectors": "0", "keep_checkpoints": "0"}
         for key, value in bad.items():
             fill_train_form(screen, **{key: value})
-            with pytest.raises(ValueError):
+            with pytest.raises(ValueError) as refused:
                 screen.params()
+            assert getattr(refused.value, "field", key) == key, (key, refused.value)
             fill_train_form(screen, **{key: ""} if key in ("init_from", "resolution", "templates",
                                                            "keep_checkpoints") else {key: "1"})
         templates.write_text("a photo of {} and {}\n")

@@ -22,7 +22,9 @@ from engine.server.fanout import Subscriptions, follow, send, send_events
 from engine.server.ledger import StatusLedger
 from engine.server.queue import Job, JobQueue
 from engine.server.scheduler import DEVICE_NOTES, Scheduler
+from engine.settings.jobs import CHECKS, about_a_concept, check_job
 from engine.store import runs as jobs
+from engine.store.library import Library
 from engine.store.paths import disk_full_message, is_disk_full
 from engine.store.runs import EventLog
 from engine.wire import protocol
@@ -101,7 +103,7 @@ class Operations:
 
     def _new_job(self, req: protocol.Submit) -> Job:
         spec = {"kind": req.kind, "concept": req.concept, "params": req.params or {}}
-        self.scheduler.check_device(_requested_device(spec["params"]))  # before anything is written
+        self._check(req.kind, req.concept, spec["params"])  # the door: before anything is written
         run_dir = jobs.create_run(self.home, spec)
         try:
             EventLog(run_dir / "events.jsonl").append({"type": "status", "status": "queued"})
@@ -117,13 +119,21 @@ class Operations:
         run_dir = jobs.find_run(self.home, run_id)
         record = jobs.load_run(run_dir)
         merged = {**(record.get("params") or {}), **(params or {})}
-        self.scheduler.check_device(_requested_device(merged))
+        self._check(record["kind"], record.get("concept"), merged, resumed=True)
         self.ledger.retry()  # how it ended last time goes to disk first, if it is still in memory
         jobs.set_status(run_dir, "queued", resume=True, params=merged, finished=None, pid=None)
         self.ledger.forget(run_id)
         return Job(run_id, run_dir, record["kind"], record.get("concept"), merged,
                    step=record.get("step") or 0, steps=record.get("steps"),
                    attempts=record.get("attempts") or 0, resumed=True)
+
+    def _check(self, kind: str, concept: str | None, params: dict, resumed: bool = False) -> None:
+        """Every request's settings, checked with the code the CLI and the studio use
+        (engine.settings.jobs), and its device against the workers there are."""
+        about = about_a_concept(kind, concept)
+        found = Library(self.home).get(concept) if about and kind in CHECKS else None
+        check_job(kind, params, found, resumed=resumed)
+        self.scheduler.check_device(_requested_device(params))
 
     async def cancel(self, req: protocol.Cancel) -> protocol.CancelAnswer:
         job = self.queue.get(req.run_id)

@@ -111,7 +111,9 @@ def _experiment_args(p) -> None:
 
 
 def _model_param() -> dict:
-    return {"model": os.environ.get("TISTUDIO_MODEL") or None}
+    from engine.settings.model import model_params
+
+    return model_params()  # the spec and its qualifiers (--prediction-type, --model-resolution)
 
 
 def _sampling_params(args) -> dict:
@@ -123,14 +125,11 @@ def _clip_params(args) -> dict:
 
 
 def generate(args) -> int:
-    from engine.settings.generate import GenerateRequest
-
     mode = "compare" if args.compare else "sd" if args.sd else "ti"
     params = {"prompt": args.prompt, "negative": args.negative, "n": args.n, "seed": args.seed, "steps": args.steps,
               "guidance": args.guidance, "mode": mode, "uses": args.use, "sampler": args.sampler,
               "width": args.width, "height": args.height, "batch_size": args.batch_size,
               "out_dir": args.out and os.path.abspath(args.out), **_model_param()}
-    GenerateRequest.from_params(params).validate()  # the engine's own checks, before anything is queued
     result = run_job("generate", None, params, quiet=args.json)
     if args.json:
         print_json(result["images"])
@@ -235,9 +234,13 @@ def experiment(args) -> int:
 def run_job(kind: str, concept: str | None, params: dict, quiet: bool = False) -> dict:
     """Submit, follow with a progress bar (Ctrl-C cancels), and return the job's result."""
     from engine.errors import UserError
+    from engine.settings.jobs import check_job
+    from engine.store.library import Library
     from engine.wire.client import call
+    from tistudio.commands.output import home
     from tistudio.commands.run_cmds import _follow
 
+    check_job(kind, params, Library(home()).get(concept) if concept else None)  # the engine's door, here first
     run_id = call("submit", kind, concept=concept, params=params)
     code = asyncio.run(_follow(run_id, cancel_on_interrupt=True, quiet=quiet))
     record = next((j for j in call("jobs") if j["id"] == run_id), {})

@@ -7,8 +7,6 @@ nothing in the library.
 
 from __future__ import annotations
 
-import re
-
 from engine.settings.train import sweep_members
 from tistudio.commands.args import (
     float_arg,
@@ -18,8 +16,6 @@ from tistudio.commands.args import (
     regularizer_list,
     word_list,
 )
-
-DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
 
 def add_commands(sub) -> None:
@@ -90,7 +86,7 @@ def add_commands(sub) -> None:
 
 def train_params(args) -> dict:
     """The job params for `args`, as the engine reads them (TrainConfig fields + where to run)."""
-    import os
+    from engine.settings.model import model_params
 
     params = {
         "steps": args.steps, "lr": args.lr, "seed": args.seed, "batch_size": args.batch_size,
@@ -100,7 +96,7 @@ def train_params(args) -> dict:
         "keep_checkpoints": args.keep_checkpoints, "preview_every": args.preview_every,
         "preview_steps": args.preview_steps, "log_every": args.log_every, "resolution": args.resolution,
         "center_crop": args.center_crop, "flip_p": args.flip, "low_vram": args.low_vram, "compile": args.compile,
-        "precision": args.precision, "device": args.device, "model": os.environ.get("TISTUDIO_MODEL") or None,
+        "precision": args.precision, "device": args.device, **model_params(),
     }
     methods = args.regularize if len(args.regularize) > 1 else None
     optional = {"init": args.init, "seeds": args.seeds, "inits": args.inits, "regularizes": methods,
@@ -138,23 +134,18 @@ def _templates(path: str | None) -> list[str] | None:
         raise UserError(f"--templates: {exc}") from None
 
 
-def check_before_submit(name: str, params: dict) -> None:
-    """Fail now, not in the queue: the concept, every member's settings, the model, the words."""
-    from engine.errors import UserError
+def check_before_submit(name: str, kind: str, params: dict) -> None:
+    """Fail now, not in the queue: the engine's own door (engine.settings.jobs: the concept, every
+    member's settings, the device), then what needs the model here: the model, the words."""
     from engine.sd.models import load_tokenizer, model_info
+    from engine.settings.jobs import check_job
     from engine.settings.train import config_from_params
     from engine.store.library import Library, initializer_ids
     from tistudio.commands.output import home
 
     concept = Library(home()).get(name)
-    if not concept.images:
-        raise UserError(f"concept {concept.name!r} has no training images (it was imported); add some with "
-                        f"`tistudio concept images add {concept.name} FILE...`")
-    if params.get("device") and not DEVICE.match(params["device"]):
-        raise UserError(f"--device {params['device']!r} is not a device; give cpu, cuda or cuda:N")
+    check_job(kind, params, concept)
     configs = [config_from_params(member, concept) for member in sweep_members(params)]
-    for config in configs:
-        config.validate()
     info = model_info()  # a bad --model fails here, with its own message
     tokenizer = load_tokenizer()
     for config in configs:
@@ -171,13 +162,13 @@ def train(args) -> int:
     from engine.wire.client import call
 
     params = train_params(args)
-    check_before_submit(args.name, params)
     members = sweep_members(params)
     kind = "sweep" if len(members) > 1 else "train"
     if kind == "train":  # a "sweep" of one is a plain run
         params = {k: v for k, v in members[0].items() if v is not None or k == "init"}
         if params.get("init") is None:
             params.pop("init")
+    check_before_submit(args.name, kind, params)
     run_id = call("submit", kind, concept=args.name, params=params)
     if not args.detach:
         print(_header(args, len(members)))

@@ -90,6 +90,30 @@ class StudioScreen(Screen):
             select.value = names[0]
         return names
 
+    def refuse_form(self, exc: ValueError, title: str) -> None:
+        """A form value the engine refuses: its message as a notification and on the field it is
+        about (marked invalid, focused, the message as its tooltip, until the next edit)."""
+        for widget in self.query(".-refused"):
+            widget.remove_class("-refused")
+            widget.tooltip = None
+        field = getattr(exc, "field", None)
+        if field and self.query(f"#{field}"):
+            widget = self.query_one(f"#{field}")
+            widget.add_class("-refused")
+            widget.tooltip = str(exc)
+            self.set_focus(widget)
+            if hasattr(widget, "scroll_visible"):
+                widget.scroll_visible(animate=False)
+        self.notify(str(exc), severity="error", title=title)
+
+    def clear_refused(self, widget) -> None:
+        if widget.has_class("-refused"):
+            widget.remove_class("-refused")
+            widget.tooltip = None
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        self.clear_refused(event.input)
+
     def action_leave_field(self) -> None:
         """Escape in a text field gives the keys (1-5, letters) back to the screen."""
         if isinstance(self.focused, Input):

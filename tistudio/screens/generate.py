@@ -12,14 +12,18 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widgets import Button, Input, Label, Select, Static
 
+from engine.errors import UserError
+from engine.settings.jobs import check_job
 from engine.settings.samplers import DEFAULT_SAMPLER
 from engine.settings.samplers import SAMPLERS as ENGINE_SAMPLERS
 from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
 from tistudio.widgets.forms import (
+    FieldError,
     PinSuggester,
     TokenSuggester,
+    field_for,
     parse_float,
     parse_int,
     parse_optional_int,
@@ -201,28 +205,30 @@ class GenerateScreen(StudioScreen):
         prompt = get("prompt").strip() or self.query_one("#prompt", Input).placeholder
         if not prompt:
             raise ValueError("Write a prompt first.")
-        n = parse_int(get("count"), "N", 1)
+        n = parse_int(get("count"), "N")
         if n > MAX_IMAGES:
-            raise ValueError(f"N must be at most {MAX_IMAGES}")
+            raise FieldError(f"N must be at most {MAX_IMAGES}", "count")
         params = {
             "prompt": prompt,
             "negative": get("negative").strip(),
             "n": n,
             "seed": parse_int(get("seed"), "Seed"),
-            "steps": parse_int(get("steps"), "Steps", 1),
+            "steps": parse_int(get("steps"), "Steps"),
             "guidance": parse_float(get("guidance"), "CFG"),
             "mode": self.query_one("#mode", Select).value,
             "sampler": self.query_one("#sampler", Select).value,
-            "batch_size": parse_int(get("batch_size"), "Batch", 1),
+            "batch_size": parse_int(get("batch_size"), "Batch"),
             "uses": self._uses(get("uses")),
             "model": self.app.model,
         }
         for key, name in (("width", "Width"), ("height", "Height")):
-            size = parse_optional_int(get(key), name, 8)
-            if size is not None and size % 8:
-                raise ValueError(f"{name} must be a multiple of 8 (the VAE's factor), e.g. 512")
+            size = parse_optional_int(get(key), name)
             if size is not None:
                 params[key] = size
+        try:
+            check_job("generate", params)  # the engine's door, with its words
+        except UserError as exc:
+            raise FieldError(str(exc), field_for(str(exc), self, {"n": "count"})) from None
         return params
 
     def _uses(self, text: str) -> list[str]:
@@ -242,7 +248,7 @@ class GenerateScreen(StudioScreen):
         try:
             params = self.params()
         except ValueError as exc:
-            self.notify(str(exc), severity="error", title="Generate")
+            self.refuse_form(exc, "Generate")
             return
         if not self.query_one("#prompt", Input).value.strip():
             self.query_one("#prompt", Input).value = params["prompt"]

@@ -280,7 +280,7 @@ class TrainScreen(StudioScreen):
         try:
             params = self.params()
         except ValueError as exc:
-            self.notify(str(exc), severity="error", title="Train")
+            self.refuse_form(exc, "Train")
             return
         self.pinned = False
         self.app.bridge.submit("train", concept, params, origin=self.MODE)

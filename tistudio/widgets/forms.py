@@ -169,3 +169,24 @@ def shorten_path(path: str | Path, home: Path | None = None) -> str:
         return "~/" + str(p.relative_to(Path.home()))
     except ValueError:
         return str(p)
+
+
+class FieldError(ValueError):
+    """A form value the engine would refuse: its message, and the id of the field it is about (or None)."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def field_for(message: str, form: Widget, aliases: dict[str, str] | None = None) -> str | None:
+    """The field an engine message is about: the first `--option` it names (the CLI's spelling),
+    as the form's field id (`--batch-size` → batch_size, or as `aliases` maps it; `--flip` has no
+    field in the New-run form)."""
+    import re
+
+    for option in re.findall(r"(?<![\w-])-{1,2}([a-z][a-z-]*)", message):
+        name = (aliases or {}).get(option, option.replace("-", "_"))
+        if form.query(f"#{name}"):
+            return name
+    return None

@@ -19,11 +19,15 @@ from textual.app import ComposeResult
 from textual.containers import VerticalScroll
 from textual.widgets import Checkbox, Input, Select, Static
 
+from engine.errors import UserError
+from engine.settings.jobs import check_job
 from engine.settings.train import REGULARIZERS
 from tistudio.widgets.forms import (
+    FieldError,
     FieldRow,
     PathSuggester,
     PinSuggester,
+    field_for,
     parse_float,
     parse_int,
     parse_optional_int,
@@ -152,35 +156,45 @@ class TrainForm(VerticalScroll):
         return box.value
 
     def params(self, home: Path, model: str | None) -> dict:
-        """The form as job params for `model`; ValueError naming the field that is wrong."""
+        """The form as job params for `model`, checked by the engine's own door
+        (engine.settings.jobs); FieldError naming the field that is wrong, with the engine's words."""
+        params = self._read()
+        params["model"] = model
+        try:
+            check_job("train", params)
+        except UserError as exc:
+            raise FieldError(str(exc), field_for(str(exc), self)) from None
+        return params
+
+    def _read(self) -> dict:
+        """The fields as typed values (whether they are good values is the engine's question)."""
         text = self._text
         params = {
-            "steps": parse_int(text("steps"), "Steps", 1),
-            "lr": parse_float(text("lr"), "Learning rate", positive=True),
+            "steps": parse_int(text("steps"), "Steps"),
+            "lr": parse_float(text("lr"), "Learning rate"),
             "seed": parse_int(text("seed"), "Seed"),
-            "batch_size": parse_int(text("batch_size"), "Batch size", 1),
-            "grad_accum": parse_int(text("grad_accum"), "Grad accum", 1),
+            "batch_size": parse_int(text("batch_size"), "Batch size"),
+            "grad_accum": parse_int(text("grad_accum"), "Grad accum"),
             "low_vram": self.query_one("#low_vram", Checkbox).value,
-            "vectors": parse_int(text("vectors"), "Vectors", 1),
-            "log_every": parse_int(text("log_every"), "Log every", 1),
-            "save_every": parse_int(text("save_every"), "Save every", 1),
-            "preview_every": parse_int(text("preview_every"), "Preview every", 0),
+            "vectors": parse_int(text("vectors"), "Vectors"),
+            "log_every": parse_int(text("log_every"), "Log every"),
+            "save_every": parse_int(text("save_every"), "Save every"),
+            "preview_every": parse_int(text("preview_every"), "Preview every"),
             "lr_schedule": self.query_one("#lr_schedule", Select).value,
             "regularize": self.query_one("#regularize", Select).value,
-            "reg_weight": parse_float(text("reg_weight"), "Reg. weight", minimum=0.0) if text("reg_weight") else 0.0,
-            "warmup_steps": parse_int(text("warmup_steps"), "Warmup steps", 0),
-            "weight_decay": parse_float(text("weight_decay"), "Weight decay", minimum=0.0),
+            "reg_weight": parse_float(text("reg_weight"), "Reg. weight") if text("reg_weight") else 0.0,
+            "warmup_steps": parse_int(text("warmup_steps"), "Warmup steps"),
+            "weight_decay": parse_float(text("weight_decay"), "Weight decay"),
             "precision": self.query_one("#precision", Select).value,
             "compile": self.query_one("#compile", Select).value,
-            "model": model,
             **self.hidden_params,
         }
         optional = {
             "init": text("init") or None,
             "init_from": self._init_from(text("init_from")),
-            "keep_checkpoints": parse_optional_int(text("keep_checkpoints"), "Keep checkpoints", 1),
+            "keep_checkpoints": parse_optional_int(text("keep_checkpoints"), "Keep checkpoints"),
             "preview_prompt": text("preview_prompt") or None,
-            "resolution": self._resolution(text("resolution")),
+            "resolution": parse_optional_int(text("resolution"), "Resolution"),
             "templates": read_templates(text("templates")) if text("templates") else None,
             "device": text("device") or None,
         }
@@ -202,24 +216,13 @@ class TrainForm(VerticalScroll):
             raise ValueError(f"Init from: {value} is not a file; give an embedding file or NAME@RUN:STEP")
         return str(path.resolve())
 
-    @staticmethod
-    def _resolution(value: str) -> int | None:
-        resolution = parse_optional_int(value, "Resolution", 8)
-        if resolution is not None and resolution % 8:
-            raise ValueError("Resolution must be a multiple of 8 (the VAE's factor), e.g. 512")
-        return resolution
-
 
 def read_templates(path_text: str) -> list[str]:
-    """A templates file: one prompt per line with one {} where the token goes (# comments skipped)."""
-    from engine.errors import UserError
+    """A templates file: one prompt per line with one {} where the token goes (# comments skipped;
+    each line's {} is the engine's check)."""
     from engine.settings.prompts import load_prompts
 
     try:
-        templates = load_prompts(Path(path_text).expanduser())
+        return load_prompts(Path(path_text).expanduser())
     except UserError as exc:
-        raise ValueError(f"Templates: {exc}") from None
-    for number, template in enumerate(templates, 1):
-        if template.count("{}") != 1:
-            raise ValueError(f"Templates: line {number} ({template[:40]!r}) must hold exactly one {{}} for the token")
-    return templates
+        raise FieldError(f"Templates: {exc}", "templates") from None
