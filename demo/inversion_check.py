@@ -71,7 +71,7 @@ def scores(pipe, clip, train_embs, word: str, prop: str, edits: list[str], n: in
 def run_concept(record: dict, steps: int, n: int, seed: int, lr: float, out_dir: Path, unet_weights=None) -> dict:
     from PIL import Image
 
-    from engine.inversion.metrics import load_clip
+    from engine.inversion.judge import load_clip
     from engine.inversion.train import TrainConfig, train
     from engine.settings.prompts import DEMO_SPEC, edit_prompts
 

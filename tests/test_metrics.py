@@ -10,13 +10,13 @@ import torch
 from PIL import Image
 
 from engine.errors import UserError
+from engine.inversion.judge import load_clip
 from engine.inversion.metrics import (
     PAPER_TABLE,
     editability_paper,
     editability_paper_per_prompt,
     editability_per_image,
     evaluate,
-    load_clip,
     reconstruction,
 )
 from engine.sd.formats import write_embedding

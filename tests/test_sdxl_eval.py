@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from engine.inversion.metrics import default_clip, evaluate
+from engine.inversion.judge import default_clip
+from engine.inversion.metrics import evaluate
 from engine.inversion.train import TrainConfig, train
 from engine.store import runs as jobs
 from engine.store.library import Library

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import UserError
+from engine.inversion.judge import JudgeSpec, judge, prepare_judge
 from engine.sd.generation import (
     SAMPLER,
     GenerateRequest,
@@ -37,166 +38,6 @@ from engine.store.paths import atomic_write_json, atomic_write_text
 
 PAPER_TABLE = {"SD": (0.5622, 0.2639), "SD+TI": (0.8077, 0.1611)}  # reconstruction, editability
 NOTES = "placeholder removed from edit prompts before CLIP text encoding"
-BUILTIN_TINY = "builtin:tiny"
-TINY_SPECS = ("builtin:tiny", "builtin:sd2-tiny", "builtin:sdxl-tiny")
-
-# A small CLIP with the real tokenizer (vocab 49408, context 77): random weights, seconds on a CPU.
-TINY_CLIP = dict(
-    embed_dim=32,
-    vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=16),
-    text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=4, layers=2),
-)
-
-
-# --- CLIP -----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Clip:
-    model: torch.nn.Module
-    preprocess: object  # PIL image -> [3, S, S] tensor
-    tokenizer: object  # list[str] -> [N, 77] ids
-    name: str
-    weights: str | None
-    device: torch.device
-
-    @torch.no_grad()
-    def images(self, images: list) -> torch.Tensor:
-        """Unit-length image embeddings, [N, D] float32 on the CPU."""
-        out = []
-        for start in range(0, len(images), 32):
-            batch = torch.stack([self.preprocess(im.convert("RGB")) for im in images[start : start + 32]])
-            out.append(self.model.encode_image(batch.to(self.device)).float())
-        return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu()
-
-    @torch.no_grad()
-    def texts(self, texts: list[str]) -> torch.Tensor:
-        """Unit-length text embeddings, [N, D] float32 on the CPU."""
-        ids = self.tokenizer(list(texts)).to(self.device)
-        return torch.nn.functional.normalize(self.model.encode_text(ids).float(), dim=-1).cpu()
-
-    def describe(self) -> dict:
-        return {"name": self.name, "weights": self.weights}
-
-
-def load_clip(name: str = "ViT-B-32", weights: os.PathLike | str | None = None, device="cpu") -> Clip:
-    """An open_clip model with its preprocessing and tokenizer; never downloads anything."""
-    import open_clip
-
-    device = torch.device(device)
-    if name == BUILTIN_TINY:
-        model, image_size = _tiny_clip(), TINY_CLIP["vision_cfg"]["image_size"]
-        preprocess = open_clip.image_transform(image_size, is_train=False)
-        tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the real CLIP BPE, bundled with open_clip
-        if weights is not None:
-            _load_weights(model, name, Path(weights).expanduser())
-    elif name == "builtin:demo":  # the demo world's own CLIP (engine/sd/demo_weights)
-        from engine.sd.demo_model import load_demo_clip
-
-        model, preprocess, tokenizer = load_demo_clip(device)
-    elif ":" in name and weights is None:  # e.g. ViT-B-32:openai — open_clip's own pretrained tags
-        model, preprocess, tokenizer = _pretrained_clip(name)
-    else:
-        if name not in open_clip.list_models():
-            raise UserError(f"unknown CLIP model {name!r}; use an open_clip name such as ViT-B-32 or ViT-L-14")
-        if weights is None:
-            raise UserError(
-                f"CLIP {name} needs its weights and nothing is downloaded here; pass --clip-weights PATH "
-                f"(an open_clip checkpoint) or --clip {BUILTIN_TINY} for a smoke test"
-            )
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
-        _load_weights(model, name, Path(weights).expanduser())
-        try:
-            tokenizer = open_clip.get_tokenizer(name)
-        except Exception as exc:  # noqa: BLE001 - hub-backed tokenizers would need a download
-            raise UserError(
-                f"CLIP {name}'s tokenizer is not available offline ({type(exc).__name__}); use a CLIP ViT model"
-            ) from None
-    model.to(device).eval().requires_grad_(False)
-    return Clip(model, preprocess, tokenizer, name, None if weights is None else str(weights), device)
-
-
-def default_clip(model_spec: str | None) -> str:
-    """The CLIP that fits the model: a built-in world's own CLIP, else OpenAI's ViT-B/32 (the TI paper's)."""
-    from engine.sd.models import resolve_spec
-
-    spec = resolve_spec(model_spec)
-    if spec in TINY_SPECS:  # random-weight test models: a random CLIP measures them as well as any
-        return BUILTIN_TINY
-    if spec == "builtin:demo":
-        return "builtin:demo"
-    return "ViT-B-32:openai"
-
-
-def _pretrained_clip(name: str):
-    """open_clip's pretrained weights by tag (downloads once into the HF cache; works offline when cached)."""
-    import open_clip
-
-    arch, _, tag = name.partition(":")
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=tag)
-        return model, preprocess, open_clip.get_tokenizer(arch)
-    except Exception as exc:  # noqa: BLE001 - unknown tag, no network, not cached: all mean "not available"
-        raise UserError(
-            f"CLIP {name} could not be loaded ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-            "pass --clip-weights PATH to a local open_clip checkpoint"
-        ) from None
-
-
-def _tiny_clip():
-    from open_clip.model import CLIP
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the same random CLIP on every call and machine
-        return CLIP(**TINY_CLIP)
-
-
-def _checkpoint_file(path: Path) -> Path:
-    if path.is_dir():
-        for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.safetensors", "model.safetensors",
-                     "open_clip_pytorch_model.bin", "pytorch_model.bin"):
-            if (path / name).is_file():
-                return path / name
-        raise UserError(f"{path} holds no open_clip checkpoint (open_clip_model.safetensors …); give the file")
-    if not path.is_file():
-        raise UserError(f"CLIP weights {path} not found; check --clip-weights")
-    return path
-
-
-def _read_state_dict(path: Path) -> dict:
-    """safetensors, or a pickle opened with weights_only=True (a pickle can run code otherwise)."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            data = load_file(str(path))
-        else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a damaged or foreign file: say so, not why
-        raise UserError(
-            f"{path} could not be loaded safely as CLIP weights; give a .safetensors open_clip checkpoint"
-        ) from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not data:
-        raise UserError(f"{path} holds no state dict; give an open_clip checkpoint")
-    return {k.removeprefix("module."): v for k, v in data.items()}
-
-
-def _load_weights(model, name: str, path: Path) -> None:
-    from open_clip import factory
-
-    state = _read_state_dict(_checkpoint_file(path))
-    state = factory.convert_state_dict(model, state)  # third-party layouts -> open_clip's
-    factory.resize_pos_embed(state, model)
-    try:
-        result = model.load_state_dict(state, strict=False)
-        problem = f"{len(result.missing_keys)} missing, {len(result.unexpected_keys)} unexpected keys"
-        ok = not result.missing_keys and not result.unexpected_keys
-    except RuntimeError:  # shapes differ: weights of another architecture
-        problem, ok = "tensor shapes differ", False
-    if not ok:
-        raise UserError(f"{path} does not fit CLIP {name} ({problem}); give weights made for {name}")
 
 
 # --- the scores -------------------------------------------------------------------------------------
@@ -246,36 +87,44 @@ def editability_per_image(image_embs_per_prompt, text_embs) -> float:
 # --- measuring one row (SD, or SD with one embedding) -----------------------------------------------
 
 
+def training_paths(concept) -> list:
+    """The concept's training images (checked before any work: a concept without images cannot be measured)."""
+    if not concept.images:
+        raise UserError(f"concept {concept.name!r} has no training images; add some before measuring")
+    return list(concept.images)
+
+
 def training_images(concept) -> list:
     from engine.store.images import load_image
 
-    paths = concept.images
-    if not paths:
-        raise UserError(f"concept {concept.name!r} has no training images; add some before measuring")
-    return [load_image(p).convert("RGB") for p in paths]
+    return [load_image(p).convert("RGB") for p in training_paths(concept)]
 
 
-def _load_pngs(results: list[dict]) -> list:
-    from PIL import Image
-
-    images = []
-    for r in results:
-        with Image.open(r["path"]) as im:
-            images.append(im.convert("RGB"))
-    return images
+GENERATING = 0.95  # the share of a measurement's progress bar that generation takes; the judge has the rest
 
 
-def measure(model, library, concept, ref: str | None, prompts: list[str], clip: Clip, train_embs: torch.Tensor, *,
-            out_dir: Path, images: int, seed: int, sample_steps: int = 25, guidance: float = 7.5,
-            batch_size: int | None = None, progress=None, cancelled=None) -> dict:
-    """Generate the reconstruction set and one set per edit prompt, then score them.
+@dataclass
+class ImageSets:
+    """One row's images on disk, not yet judged: the reconstruction set, then one set per edit prompt."""
+
+    paths: list[list[str]]
+    rendered: list[str]  # each set's prompt as sent to the model
+    first_images: list  # each set's first image (PIL), for grids
+
+
+def generate_sets(model, library, concept, ref: str | None, prompts: list[str], *, out_dir: Path, images: int,
+                  seed: int, sample_steps: int = 25, guidance: float = 7.5, batch_size: int | None = None,
+                  progress=None, cancelled=None) -> ImageSets:
+    """Generate the reconstruction set and one set per edit prompt.
 
     ref None: SD alone (description for the token); else the --use string of the embedding.
     Every set uses the same seeds, so the SD and SD+TI rows are paired image for image.
     """
+    from PIL import Image
+
     mode = "sd" if ref is None else "ti"
     templates = [neutral_prompt(concept.property)] + list(prompts)
-    sets = []
+    sets = ImageSets([], [], [])
     for i, template in enumerate(templates):
         request = GenerateRequest(
             prompt=fill(template, concept.token), n=images, seed=seed, steps=sample_steps, guidance=guidance,
@@ -284,9 +133,16 @@ def measure(model, library, concept, ref: str | None, prompts: list[str], clip: 
         )
         set_progress = sub_progress(progress, i / len(templates), 1 / len(templates))
         results = generate(model, library, request, set_progress, cancelled)
-        sets.append((results, _load_pngs(results)))
-    embs = [clip.images(pils) for _, pils in sets]
-    texts = clip.texts([without_placeholder(t) for t in prompts])
+        sets.paths.append([r["path"] for r in results])
+        sets.rendered.append(results[0]["prompt"])
+        with Image.open(results[0]["path"]) as first:
+            sets.first_images.append(first.convert("RGB"))
+    return sets
+
+
+def judge_sets(clip, sets: ImageSets, texts: torch.Tensor, train_embs: torch.Tensor) -> dict:
+    """One row's scores: its images embedded by the judge against the prompts' text embeddings."""
+    embs = [clip.images(paths) for paths in sets.paths]
     paper = editability_paper_per_prompt(embs[1:], texts)
     per_image = editability_per_image_per_prompt(embs[1:], texts)
     return {
@@ -294,9 +150,32 @@ def measure(model, library, concept, ref: str | None, prompts: list[str], clip: 
         "editability": sum(paper) / len(paper),
         "editability_per_image": sum(per_image) / len(per_image),
         "per_prompt": [{"editability": p, "editability_per_image": q} for p, q in zip(paper, per_image)],
-        "rendered": [results[0]["prompt"] for results, _ in sets],  # as sent to the model
-        "first_images": [pils[0] for _, pils in sets],  # one per prompt, for grids
+        "rendered": sets.rendered,
+        "first_images": sets.first_images,
     }
+
+
+def measure_rows(model, library, concept, refs: list[str | None], prompts: list[str], spec: JudgeSpec,
+                 out_dirs: list[Path], *, images: int, seed: int, sample_steps: int = 25, guidance: float = 7.5,
+                 batch_size: int | None = None, progress=None, cancelled=None) -> tuple[list[dict], dict]:
+    """Every row's images first (one row per --use string in `refs`, None for SD alone), then the
+    judge: built, every set embedded, freed, so it never shares the device with generation.
+    Returns the rows' scores and the judge's description."""
+    generating = sub_progress(progress, 0.0, GENERATING)
+    sets = [
+        generate_sets(model, library, concept, ref, prompts, out_dir=out_dir, images=images, seed=seed,
+                      sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
+                      progress=sub_progress(generating, k / len(refs), 1 / len(refs)), cancelled=cancelled)
+        for k, (ref, out_dir) in enumerate(zip(refs, out_dirs))
+    ]
+    if progress:
+        progress("scoring with CLIP", GENERATING)
+    with judge(spec, model.device) as clip:
+        train_embs = clip.images(training_images(concept))
+        texts = clip.texts([without_placeholder(t) for t in prompts])
+        rows = [judge_sets(clip, row, texts, train_embs) for row in sets]
+        described = clip.describe()
+    return rows, described
 
 
 def scores_only(row: dict) -> dict:
@@ -326,18 +205,16 @@ def evaluate(model, library, concept_name: str, run_id: str | None = None, step:
     concept = library.get(concept_name)
     used = load_used(concept, run_id, step, option="run-step")  # the run and step exist, before any work
     prompts = load_prompts(prompts_file) if prompts_file else edit_prompts(concept.property, model.info.spec)
-    clip_model = load_clip(clip, clip_weights, model.device)
-    train_embs = clip_model.images(training_images(concept))
+    training_paths(concept)
+    spec = prepare_judge(clip, clip_weights)  # a judge that cannot load is refused before any image
     eval_id = timestamp_id()
     eval_dir = concept.runs_dir / used.run / "eval" / eval_id
-    rows = {}
-    for k, (label, ref) in enumerate((("SD", None), ("SD+TI", used.ref))):
-        rows[label] = measure(
-            model, library, concept, ref, prompts, clip_model, train_embs,
-            out_dir=eval_dir / "images" / ("sd" if ref is None else "ti"), images=images, seed=seed,
-            sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
-            progress=sub_progress(progress, k / 2, 1 / 2), cancelled=cancelled,
-        )
+    measured, described = measure_rows(
+        model, library, concept, [None, used.ref], prompts, spec, [eval_dir / "images" / m for m in ("sd", "ti")],
+        images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
+        progress=progress, cancelled=cancelled,
+    )
+    rows = dict(zip(("SD", "SD+TI"), measured))
     table = {
         "id": eval_id,
         "rows": [{"model": label, **scores_only(row)} for label, row in rows.items()],
@@ -353,7 +230,7 @@ def evaluate(model, library, concept_name: str, run_id: str | None = None, step:
         "seeds": list(range(seed, seed + images)),
         "images_per_set": images,
         "train_images": len(concept.images),
-        "clip": clip_model.describe(),
+        "clip": described,
         "model": model.info.identity(),
         "generation": {"steps": sample_steps, "guidance": guidance, "sampler": SAMPLER},
         "concept": concept.name,
@@ -406,8 +283,15 @@ def table_markdown(table: dict) -> str:
         f"- SD row: the description \"{table['description']}\" stands where the token would.",
         f"- Seeds {seeds[0]}–{seeds[-1]} for every set; {table['generation']['sampler']}, "
         f"{table['generation']['steps']} steps, CFG {table['generation']['guidance']:g}.",
-        f"- CLIP {table['clip']['name']}" + (f" ({table['clip']['weights']})" if table["clip"]["weights"] else "")
-        + f"; model {table['model']['spec']} ({table['model']['fingerprint']}).",
+        f"- {judge_line(table['clip'])}; model {table['model']['spec']} ({table['model']['fingerprint']}).",
         "",
     ]
     return "\n".join(lines)
+
+
+def judge_line(clip: dict) -> str:
+    """The judge as a report says it: name, weights, activation and why (older tables lack the last two)."""
+    text = f"CLIP {clip['name']}" + (f" ({clip['weights']})" if clip.get("weights") else "")
+    if clip.get("activation"):
+        text += f", {clip['activation']}" + (f": {clip['activation_from']}" if clip.get("activation_from") else "")
+    return text

@@ -21,13 +21,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.inversion.judge import prepare_judge
 from engine.inversion.metrics import (
     NOTES,
     check_templates,
-    load_clip,
-    measure,
+    judge_line,
+    measure_rows,
     scores_only,
-    training_images,
+    training_paths,
 )
 from engine.sd.generation import (
     GenerateRequest,
@@ -51,28 +52,26 @@ def _experiment_dir(concept, kind: str) -> tuple[str, Path]:
 
 
 def _setup(model, library, name, prompts, clip, clip_weights, images):
-    """What every experiment needs before its first image: concept, prompts, CLIP, training embeddings."""
+    """What every experiment checks before its first step or image: concept, prompts, training
+    images, and a judge that will load (only checked: it is built after the last image)."""
     if images < 1:
         raise UserError("--images must be at least 1")
     concept = library.get(name)
     prompts = check_templates(prompts) if prompts is not None else edit_prompts(concept.property, model.info.spec)
-    clip_model = load_clip(clip, clip_weights, model.device)
-    train_embs = clip_model.images(training_images(concept))
-    return concept, prompts, clip_model, train_embs
+    training_paths(concept)
+    return concept, prompts, prepare_judge(clip, clip_weights)
 
 
-def _measure_columns(model, library, concept, refs: list[str], prompts, clip_model, train_embs, exp_dir: Path,
+def _measure_columns(model, library, concept, refs: list[str | None], prompts, judge_spec, exp_dir: Path,
                      names: list[str], images: int, seed: int, sample_steps: int, guidance: float,
-                     batch_size: int, progress, cancelled) -> list[dict]:
-    """Measure each embedding (a --use string); one result per column of the grid."""
-    columns = []
-    for k, (ref, folder) in enumerate(zip(refs, names)):
-        columns.append(measure(
-            model, library, concept, ref, prompts, clip_model, train_embs, out_dir=exp_dir / "images" / folder,
-            images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
-            progress=sub_progress(progress, k / len(refs), 1 / len(refs)), cancelled=cancelled,
-        ))
-    return columns
+                     batch_size: int, progress, cancelled) -> tuple[list[dict], dict]:
+    """Measure each embedding (a --use string; None: SD alone); one result per column of the
+    grid, and the judge's description."""
+    return measure_rows(
+        model, library, concept, refs, prompts, judge_spec, [exp_dir / "images" / folder for folder in names],
+        images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
+        progress=progress, cancelled=cancelled,
+    )
 
 
 def _grid(columns: list[dict], col_labels: list[str], templates: list[str], token: str):
@@ -83,10 +82,10 @@ def _grid(columns: list[dict], col_labels: list[str], templates: list[str], toke
                      col_labels=col_labels)
 
 
-def _common(concept, model, clip_model, prompts, images, seed, sample_steps, guidance) -> dict:
+def _common(concept, model, clip: dict, prompts, images, seed, sample_steps, guidance) -> dict:
     return {
         "concept": concept.name, "token": concept.token, "model": model.info.identity(),
-        "clip": clip_model.describe(), "neutral_prompt": neutral_prompt(concept.property), "prompts": prompts,
+        "clip": clip, "neutral_prompt": neutral_prompt(concept.property), "prompts": prompts,
         "seeds": list(range(seed, seed + images)), "images_per_set": images,
         "generation": {"steps": sample_steps, "guidance": guidance}, "notes": NOTES,
     }
@@ -115,15 +114,15 @@ def steps_experiment(model, library, name: str, run_id: str | None = None, at: l
     if missing or not steps:
         raise UserError(f"run {run_id} has no embedding at step(s) {', '.join(map(str, missing)) or 'any'}; "
                         f"saved: {', '.join(map(str, saved)) or 'none'}")
-    concept, prompts, clip_model, train_embs = _setup(model, library, name, prompts, clip, clip_weights, images)
+    concept, prompts, judge_spec = _setup(model, library, name, prompts, clip, clip_weights, images)
     exp_id, exp_dir = _experiment_dir(concept, "steps")
-    columns = _measure_columns(
-        model, library, concept, [f"{concept.name}@{run_id}:{s}" for s in steps], prompts, clip_model, train_embs,
+    columns, judged_by = _measure_columns(
+        model, library, concept, [f"{concept.name}@{run_id}:{s}" for s in steps], prompts, judge_spec,
         exp_dir, [f"step-{s}" for s in steps], images, seed, sample_steps, guidance, batch_size, progress, cancelled,
     )
     points = [{"step": s, **scores_only(c), "per_prompt": c["per_prompt"]} for s, c in zip(steps, columns)]
     curve = {"id": exp_id, "kind": "steps", "run": run_id, "steps": steps, "points": points,
-             **_common(concept, model, clip_model, prompts, images, seed, sample_steps, guidance)}
+             **_common(concept, model, judged_by, prompts, images, seed, sample_steps, guidance)}
     return _write_report(exp_dir, concept, prompts, columns, [f"step {s}" for s in steps], curve,
                          "curve", "curve.txt", curve_text(points), progress)
 
@@ -201,8 +200,7 @@ def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict |
     fixed = {"token", "property", SWEEP_AXES[kind], SWEEP_FIXES[kind]} & set(train or {})
     if fixed:
         raise UserError(f"train options cannot set {', '.join(sorted(fixed))}: the experiment sets them")
-    concept, prompts, clip_model, train_embs = _setup(model, library, ctx.spec["concept"], prompts, clip,
-                                                      clip_weights, images)
+    concept, prompts, judge_spec = _setup(model, library, ctx.spec["concept"], prompts, clip, clip_weights, images)
     # A resumed job keeps its report folder (and its members, found by train_sweep).
     exp_id = load_run(ctx.run_dir).get("experiment") or f"{kind}-{timestamp_id()}"
     ctx.set_progress(experiment=exp_id)
@@ -219,8 +217,8 @@ def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict |
     members, _ = train_sweep(ctx, model, concept, params, on_step=on_step,
                              extra=[{"experiment": exp_id, "label": label} for label in labels])
     return _report_runs(
-        model, library, concept, kind, exp_id, exp_dir, [m.run_id for m in members], labels, prompts, clip_model,
-        train_embs, images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
+        model, library, concept, kind, exp_id, exp_dir, [m.run_id for m in members], labels, prompts, judge_spec,
+        images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
         progress=sub_progress(progress, 0.6, 0.4), cancelled=cancelled, baseline=kind == "regularize",
     )
 
@@ -239,10 +237,10 @@ def runs_experiment(model, library, name: str, run_ids: list[str], labels: list[
         raise UserError(f"{len(labels)} labels for {len(run_ids)} runs; give one label per run")
     for run_id in run_ids:
         load_used(concept, run_id)  # each must be a finished run of this concept
-    concept, prompts, clip_model, train_embs = _setup(model, library, name, prompts, clip, clip_weights, images)
+    concept, prompts, judge_spec = _setup(model, library, name, prompts, clip, clip_weights, images)
     exp_id, exp_dir = _experiment_dir(concept, "runs")
     return _report_runs(
-        model, library, concept, "runs", exp_id, exp_dir, list(run_ids), labels, prompts, clip_model, train_embs,
+        model, library, concept, "runs", exp_id, exp_dir, list(run_ids), labels, prompts, judge_spec,
         images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
         progress=progress, cancelled=cancelled, baseline=baseline,
     )
@@ -259,13 +257,13 @@ def _run_spec(concept, run_id: str) -> dict:
 
 
 def _report_runs(model, library, concept, kind: str, exp_id: str, exp_dir: Path, run_ids: list[str],
-                 labels: list[str], prompts, clip_model, train_embs, *, images, seed, sample_steps, guidance,
+                 labels: list[str], prompts, judge_spec, *, images, seed, sample_steps, guidance,
                  batch_size, progress, cancelled, baseline: bool = False) -> dict:
     """Measure each run (and, with `baseline`, plain SD first: the same prompts and seeds with the
     concept's description), then write grid.png (prompts x columns), table.json and table.md."""
     refs = ([None] if baseline else []) + [f"{concept.name}@{r}" for r in run_ids]
-    columns = _measure_columns(
-        model, library, concept, refs, prompts, clip_model, train_embs, exp_dir,
+    columns, judged_by = _measure_columns(
+        model, library, concept, refs, prompts, judge_spec, exp_dir,
         (["sd"] if baseline else []) + [f"run-{r}" for r in run_ids], images, seed, sample_steps, guidance,
         batch_size, progress, cancelled,
     )
@@ -281,7 +279,7 @@ def _report_runs(model, library, concept, kind: str, exp_id: str, exp_dir: Path,
     rows += [{"model": "SD+TI", **run} for run in runs]
     train = {k: v for k, v in specs[0].items() if k not in ("init", "seed", "token", "regularize", "reg_weight")}
     table = {"id": exp_id, "kind": kind, "rows": rows, "runs": runs, "train": train,
-             **_common(concept, model, clip_model, prompts, images, seed, sample_steps, guidance)}
+             **_common(concept, model, judged_by, prompts, images, seed, sample_steps, guidance)}
     return _write_report(exp_dir, concept, prompts, ([sd] if sd else []) + columns,
                          (["SD"] if sd else []) + labels, table, "table", "table.md", sweep_markdown(table), progress)
 
@@ -305,7 +303,8 @@ def sweep_markdown(table: dict) -> str:
     lines += [
         f"- {table['images_per_set']} images per prompt, seeds {table['seeds'][0]}–{table['seeds'][-1]}; "
         f"grid.png: rows are prompts, columns runs.",
-        f"- Note: {table['notes']}.", "",
+        f"- Note: {table['notes']}.",
+        f"- Judge: {judge_line(table['clip'])}.", "",
     ]
     return "\n".join(lines)
 

@@ -133,7 +133,7 @@ def _sampling(params: dict) -> dict:
 
 
 def _clip(params: dict) -> tuple[str, str | None]:
-    from engine.inversion.metrics import default_clip
+    from engine.inversion.judge import default_clip
 
     return params.get("clip") or default_clip(params.get("model")), params.get("clip_weights")
 
