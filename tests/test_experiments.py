@@ -116,7 +116,7 @@ def test_init_experiment_trains_one_run_per_word(tiny_model, library):
     seen = progress_fractions(ctx)
     assert seen == sorted(seen) and seen[-1] == 1.0
     # The runs are ordinary finished runs: generation finds them.
-    assert {r[0] for r in done_runs(concept)} == {r["run"] for r in result["runs"]}
+    assert {r.id for r in done_runs(concept)} == {r["run"] for r in result["runs"]}
     assert generate(tiny_model, library, GenerateRequest("a photo of <cat>", steps=1))
 
 

@@ -167,3 +167,18 @@ print("RAY" if "ray" in sys.modules else "NO-RAY")
         shutil.rmtree(home, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "NO-RAY"
+
+
+def test_the_studio_touches_the_library_only_through_its_service():
+    """Screens, dialogs and widgets read and change the concept library through the App's one
+    service (tistudio/library_service.py); none of them constructs engine.store.library.Library."""
+    import ast
+
+    found = []
+    for path in sorted((REPO / "tistudio").rglob("*.py")):
+        if path.name == "library_service.py" or "commands" in path.parts or path.name in ("cli.py", "samples.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Library":
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not found, f"Library constructed outside the studio's library service: {found}"

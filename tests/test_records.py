@@ -71,9 +71,9 @@ def test_a_summary_holds_the_concept_its_runs_and_its_best_evaluation(library):
     summary = summarize(concept)
     assert summary.name == "cat" and summary.concept == concept
     assert summary.images == concept.images and len(summary.images) == 3
-    assert [r["id"] for r in summary.runs] == [first.name, imported.name, failed.name]
-    assert [r["id"] for r in summary.train_runs] == [first.name, failed.name]
-    assert [r["id"] for r in summary.done_train_runs] == [first.name]
+    assert [r.id for r in summary.runs] == [first.name, imported.name, failed.name]
+    assert [r.id for r in summary.train_runs] == [first.name, failed.name]
+    assert [r.id for r in summary.done_train_runs] == [first.name]
     assert summary.best_reconstruction == pytest.approx(0.8)
     assert [s.name for s in library_summaries(home)] == ["cat"]
     assert latest_done_run(concept.path) == first.name  # the import is not a training run
@@ -101,15 +101,15 @@ def test_a_summary_knows_its_words_vectors_family_and_latest_inspection(library)
     update_run(failed, params={"vectors": 5})
     evaluation = _run(home, "cat", "done", kind="eval")  # measures a word, holds none
     summary = summarize(concept)
-    assert [r["id"] for r in summary.word_runs] == [trained.name, imported.name, failed.name]
-    assert evaluation.name not in [r["id"] for r in summary.word_runs]
+    assert [r.id for r in summary.word_runs] == [trained.name, imported.name, failed.name]
+    assert evaluation.name not in [r.id for r in summary.word_runs]
     assert (summary.vectors, summary.family) == (3, "sdxl")
     assert summary.latest_inspection() is None
     for n in (1, 2):
         inspection = _run(home, "cat", "done", kind="inspect")
         update_run(inspection, result={"run": trained.name, "n": n})
     _run(home, "cat", "failed", kind="inspect")
-    assert summarize(concept).latest_inspection()["result"]["n"] == 2
+    assert summarize(concept).latest_inspection().result["n"] == 2
 
 
 def test_tables_and_curves_are_read_in_order_and_damaged_ones_skipped(library):

@@ -205,13 +205,14 @@ class EngineBridge:
                 self._ended.add(run_id)
 
     def _read_log(self, run_id: str) -> None:
-        from engine.store.runs import EventLog, find_run
+        from engine.store.events import EventLog, events_path
+        from engine.store.runs import find_run
 
         job = self.app.state.job(run_id)
         try:
             run_dir = Path(job["run_dir"]) if job and job.get("run_dir") else find_run(self.home, run_id)
             track = self.app.state.track(run_id)
-            events = EventLog(run_dir / "events.jsonl").read(track.last_seq)
+            events = EventLog(events_path(run_dir)).read(track.last_seq)
         except (UserError, OSError) as exc:
             self._notice(one_line(exc))
             return

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from engine.errors import UserError
-from engine.store.words import done_runs, run_vectors
+from engine.store.words import FINAL_NAME, done_runs, read_record, run_vectors
 
 TOP = 10
 
@@ -29,7 +29,7 @@ def inspect_word(model, library, name: str, run: str | None = None, step: int | 
     if tuple(b.shape[1] for b in blocks) != tuple(model.info.text_widths):
         raise UserError(f"{concept.name}@{used.run} was made for widths {[b.shape[1] for b in blocks]}, "
                         f"but the model has {list(model.info.text_widths)}; inspect it with the model it fits")
-    record = (concept.runs_dir / used.run / "run.json")
+    record = read_record(concept.runs_dir / used.run) or {}
     init_words = _init_tokens(model, concept, record, len(blocks[0]))
     encoders = []
     for e, ((encoder, tokenizer), block) in enumerate(zip(model.encoders, blocks)):
@@ -69,15 +69,10 @@ def _encoder_report(e: int, table: torch.Tensor, tokenizer, block: torch.Tensor,
             "vectors": vectors}
 
 
-def _init_tokens(model, concept, record_path, n: int) -> list[list[int] | None]:
+def _init_tokens(model, concept, record: dict, n: int) -> list[list[int] | None]:
     """Per encoder, the token id each vector started from; None where the run started from a file."""
     from engine.store.library import initializer_ids
-    from engine.store.paths import read_json
 
-    try:
-        record = read_json(record_path)
-    except (OSError, ValueError):
-        record = {}
     params = {**(record.get("params") or {}), **(record.get("config") or {})}
     if params.get("init_from") or concept.init == "*" or record.get("kind") in ("import", "merge"):
         return [None] * len(model.encoders)
@@ -98,15 +93,14 @@ def compare_runs(concept) -> dict:
     finished runs of one shape: 1.0 means the runs found the same word."""
     from engine.sd.formats import read_embedding
 
-    runs = [(run_id, run_dir, record) for run_id, run_dir, record in done_runs(concept)]
     words, ids, labels = [], [], []
-    for run_id, run_dir, record in runs:
-        emb = read_embedding(run_dir / "learned_embeds.safetensors")
+    for run in done_runs(concept):
+        emb = read_embedding(run.dir / FINAL_NAME)
         words.append([b.float() for b in emb.blocks])
-        ids.append(run_id)
-        params = record.get("params") or {}
-        labels.append(record.get("label") or f"seed {params.get('seed', '?')}, init {params.get('init', '?')}"
-                      f", {run_vectors(record)} vector(s)")
+        ids.append(run.id)
+        params = run.params
+        labels.append(run.get("label") or f"seed {params.get('seed', '?')}, init {params.get('init', '?')}"
+                      f", {run_vectors(run.record)} vector(s)")
     cosine = [[_word_cosine(a, b) for b in words] for a in words]
     return {"ids": ids, "labels": labels, "cosine": cosine}
 

@@ -66,7 +66,7 @@ from engine.server.scheduler import DEFAULT_CANCEL_GRACE, Scheduler
 from engine.server.supervisor import LocalWorkers
 from engine.store import runs as jobs
 from engine.store.paths import atomic_write_text, ensure_private_dir, home_dir
-from engine.store.runs import ACTIVE
+from engine.store.runs import Run
 from engine.wire import protocol
 from engine.wire.protocol import CANNOT_START, STREAM_LIMIT, engine_dir, pid_path, socket_address, socket_path
 
@@ -148,13 +148,13 @@ class EngineServer:
 
     def _recover(self) -> None:
         """Mark runs that a dead engine left queued or running as interrupted."""
-        for run in jobs.list_runs(self.home):
-            if run.get("status") not in ACTIVE:
+        for run in Run.all(self.home):
+            if not run.is_active:
                 continue
             _reap_orphan(run.get("pid"), self.home)
-            what = "running" if run["status"] == "running" else "queued"
-            status = self.ledger.recover(run["run_dir"], f"the engine stopped while this job was {what}; resume it")
-            log.warning("run %s was %s when the engine died; now %s", run["id"], what, status)
+            what = run.status
+            status = self.ledger.recover(run.dir, f"the engine stopped while this job was {what}; resume it")
+            log.warning("run %s was %s when the engine died; now %s", run.id, what, status)
 
     async def _idle_watch(self) -> None:
         tick = min(1.0, max(0.05, self.idle_seconds / 10))

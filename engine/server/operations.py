@@ -24,9 +24,9 @@ from engine.server.queue import Job, JobQueue
 from engine.server.scheduler import DEVICE_NOTES, Scheduler
 from engine.settings.jobs import CHECKS, about_a_concept, check_job
 from engine.store import runs as jobs
+from engine.store.events import EventLog, events_path
 from engine.store.library import Library
 from engine.store.paths import disk_full_message, is_disk_full
-from engine.store.runs import EventLog
 from engine.wire import protocol
 
 log = logging.getLogger("tistudio.engine")
@@ -106,7 +106,7 @@ class Operations:
         self._check(req.kind, req.concept, spec["params"])  # the door: before anything is written
         run_dir = jobs.create_run(self.home, spec)
         try:
-            EventLog(run_dir / "events.jsonl").append({"type": "status", "status": "queued"})
+            EventLog(events_path(run_dir)).append({"type": "status", "status": "queued"})
         except OSError:
             shutil.rmtree(run_dir, ignore_errors=True)  # refused whole: no half-made run left behind
             raise
@@ -175,7 +175,7 @@ class Operations:
         if job is None:  # a member of a running sweep follows its parent's life
             job = self.queue.get(record.get("parent") or "")
         with self.subscriptions.listen(req.run_id) as queue:
-            events = await asyncio.to_thread(EventLog(run_dir / "events.jsonl").read, req.after_seq)
+            events = await asyncio.to_thread(EventLog(events_path(run_dir)).read, req.after_seq)
             last = req.after_seq
             if events:
                 await send_events(writer, events)

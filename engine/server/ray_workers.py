@@ -72,8 +72,9 @@ def _ray():
 def actor_env(env=os.environ) -> dict[str, str]:
     """The variables every actor and probe task runs with: the engine's TISTUDIO_* and the
     ones that change what a worker does (engine.devices.probe.ENVIRONMENT), but the device."""
-    return {k: v for k, v in device_probe.environment(env).items()
-            if k not in NOT_PASSED and k != "CUDA_VISIBLE_DEVICES"}
+    passed = {k: v for k, v in device_probe.environment(env).items()
+              if k not in NOT_PASSED and k != "CUDA_VISIBLE_DEVICES"}
+    return {device_probe.ORDER_ENV: device_probe.BUS_ORDER, **passed}  # CUDA numbers GPUs as nvidia-smi does
 
 
 class RayWorkers:
@@ -425,9 +426,7 @@ def _actor_class():
             self.worker.cancel(run_id)
 
         def probe(self) -> dict:
-            from engine.worker.main import device_info
-
-            found = device_info() or device_probe.probe()
+            found = self.worker.device_report() or device_probe.probe()
             with contextlib.suppress(OSError, ValueError, IndexError):
                 pages = int(Path("/proc/self/statm").read_text().split()[1])
                 found["rss"] = pages * os.sysconf("SC_PAGE_SIZE")
@@ -460,9 +459,9 @@ def _retried(spec: protocol.JobSpec, worker) -> protocol.JobSpec:
 
 
 def _note(spec: protocol.JobSpec, message: str) -> dict:
-    from engine.store.runs import EventLog
+    from engine.store.events import EventLog, events_path
 
-    log_file = EventLog(Path(spec.run_dir) / "events.jsonl")
+    log_file = EventLog(events_path(spec.run_dir))
     try:
         return log_file.append({"type": "log", "message": message})
     finally:

@@ -30,7 +30,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from engine.store.words import FINAL_NAME, checkpoint_steps, concept_runs, run_vectors
+from engine.store.runs import Run
+from engine.store.words import FINAL_NAME, checkpoint_steps, run_vectors
 
 if TYPE_CHECKING:  # engine.store.library brings numpy and Pillow: the studio imports this module before its first draw
     from engine.store.library import Concept
@@ -234,15 +235,15 @@ def ti_reconstruction(table: dict) -> float | None:
     return None
 
 
-def is_train_run(run: dict) -> bool:
+def is_train_run(run: Run | dict) -> bool:
     """A run that trained the word (not an imported embedding); old records have no kind."""
     return run.get("kind", TRAIN) == TRAIN
 
 
 def latest_done_run(concept_dir: os.PathLike | str) -> str | None:
     """The id of the concept's newest finished training run, or None."""
-    runs = [r for r in concept_runs(Path(concept_dir)) if r.get("status") == "done" and is_train_run(r)]
-    return runs[-1]["id"] if runs else None
+    runs = [r for r in Run.of_concept(concept_dir) if r.done and is_train_run(r)]
+    return runs[-1].id if runs else None
 
 
 @dataclass
@@ -251,36 +252,36 @@ class ConceptSummary:
 
     concept: Concept
     images: list[Path] = field(default_factory=list)  # its training images when it was read
-    runs: list[dict] = field(default_factory=list)  # every run.json (+ run_dir), oldest first
+    runs: list[Run] = field(default_factory=list)  # every run, oldest first
 
     @property
     def name(self) -> str:
         return self.concept.name
 
     @property
-    def train_runs(self) -> list[dict]:
+    def train_runs(self) -> list[Run]:
         return [r for r in self.runs if is_train_run(r)]
 
     @property
-    def done_train_runs(self) -> list[dict]:
-        return [r for r in self.train_runs if r.get("status") == "done"]
+    def done_train_runs(self) -> list[Run]:
+        return [r for r in self.train_runs if r.done]
 
     @property
-    def word_runs(self) -> list[dict]:
+    def word_runs(self) -> list[Run]:
         """The runs that hold a word of this concept (trained, imported, merged), oldest first."""
-        return [r for r in self.runs if r.get("kind", TRAIN) in WORD_KINDS]
+        return [r for r in self.runs if r.kind in WORD_KINDS]
 
-    def _word_run(self) -> dict | None:
+    def _word_run(self) -> Run | None:
         """The run whose word the concept uses by default: the newest finished one, else the newest."""
         runs = self.word_runs
-        done = [r for r in runs if r.get("status") == "done"]
+        done = [r for r in runs if r.done]
         return (done or runs or [None])[-1]
 
     @property
     def vectors(self) -> int | None:
         """How many vectors the concept's word has (None before any run)."""
         run = self._word_run()
-        return run_vectors(run) if run else None
+        return run_vectors(run.record) if run else None
 
     @property
     def family(self) -> str | None:
@@ -289,13 +290,11 @@ class ConceptSummary:
         if run is None:
             return None
         model = run.get("model") if isinstance(run.get("model"), dict) else {}
-        params = run.get("params") if isinstance(run.get("params"), dict) else {}
-        return model.get("family") or params.get("family")
+        return model.get("family") or run.params.get("family")
 
-    def latest_inspection(self) -> dict | None:
-        """The newest finished `inspect` job's record (its `result` is the inspector's report)."""
-        found = [r for r in self.runs if r.get("kind") == INSPECT and r.get("status") == "done"
-                 and isinstance(r.get("result"), dict)]
+    def latest_inspection(self) -> Run | None:
+        """The newest finished `inspect` job (its `result` is the inspector's report)."""
+        found = [r for r in self.runs if r.kind == INSPECT and r.done and r.result is not None]
         return found[-1] if found else None
 
     def pins(self) -> list[str]:
@@ -303,10 +302,9 @@ class ConceptSummary:
         `NAME@RUN:STEP` for each checkpoint, `NAME@RUN` for a finished run's final one."""
         pins = []
         for run in self.runs:
-            run_dir = Path(run["run_dir"])
-            prefix = f"{self.name}@{run_dir.name}"
-            pins += [f"{prefix}:{step}" for step in checkpoint_steps(run_dir)]
-            if run.get("status") == "done" and (run_dir / FINAL_NAME).is_file():
+            prefix = f"{self.name}@{run.dir.name}"
+            pins += [f"{prefix}:{step}" for step in checkpoint_steps(run.dir)]
+            if run.done and (run.dir / FINAL_NAME).is_file():
                 pins.append(prefix)
         return pins
 
@@ -318,7 +316,7 @@ class ConceptSummary:
 
 
 def summarize(concept: Concept) -> ConceptSummary:
-    return ConceptSummary(concept, concept.images, concept_runs(concept.path))
+    return ConceptSummary(concept, concept.images, Run.of_concept(concept.path))
 
 
 def library_summaries(home: os.PathLike | str) -> list[ConceptSummary]:

@@ -11,20 +11,21 @@ worker died, the worker while the run is running.  Nothing here imports torch.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import secrets
 import shutil
-import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engine.errors import UserError
+from engine.store.events import EVENTS_FILE, EventLog, events_path, parse_lines  # noqa: F401 (re-exported)
 from engine.store.paths import atomic_write_json, ensure_private_dir, read_json
 
+RECORD_FILE = "run.json"
 ACTIVE = frozenset({"queued", "running"})
 FINAL = frozenset({"done", "failed", "cancelled", "interrupted"})
 STATUSES = ACTIVE | FINAL
@@ -32,149 +33,6 @@ STATUSES = ACTIVE | FINAL
 # Keys of run.json that only the job machinery may set (never a handler's set_progress).
 RESERVED_FIELDS = frozenset({"id", "kind", "concept", "params", "status", "pid", "created", "started", "finished"})
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-# ---------------------------------------------------------------------------
-# The event log
-
-
-class EventLog:
-    """An append-only JSON-lines file whose records carry a `seq` numbered from 1.
-
-    Each record is written by a single `os.write` on an O_APPEND descriptor, so a
-    reader sees whole lines or nothing; a trailing partial line (a writer killed
-    mid-write, a full disk) is ignored by `read` and fenced off by the next append.
-    A write the disk cut short raises OSError(ENOSPC) and does not use up its seq.
-    One writer at a time: the seq counter is taken from the file when the first
-    append of this instance happens, so a resumed run continues its numbering.
-    """
-
-    def __init__(self, path: os.PathLike | str):
-        self.path = Path(path)
-        self._fd: int | None = None
-        self._seq: int | None = None
-        self._fence = False  # our last write was cut short: start the next on a fresh line
-        self._lock = threading.Lock()  # handlers may emit from their own threads
-
-    def append(self, event: dict) -> dict:
-        """Write `event` with `seq` and `t` filled in; return the record as written."""
-        with self._lock:
-            if self._fd is None:
-                self._open()
-            if self._fence:
-                _write_all(self._fd, b"\n")
-                self._fence = False
-            record = {"seq": self._seq + 1, "t": round(time.time(), 3), **_without(event, ("seq", "t"))}
-            line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
-            try:
-                _write_all(self._fd, line)
-            except OSError:
-                self._fence = True  # part of the line may be on disk; readers skip it once fenced
-                raise
-            self._seq += 1
-            return record
-
-    def read(self, after_seq: int = 0) -> list[dict]:
-        """All complete records with seq > after_seq, in order."""
-        try:
-            data = self.path.read_bytes()
-        except FileNotFoundError:
-            return []
-        records = parse_lines(data)
-        if after_seq:
-            records = [r for r in records if r.get("seq", 0) > after_seq]
-        return records
-
-    def last_seq(self) -> int:
-        if self._seq is not None:
-            return self._seq
-        return _scan_last_seq(self.path)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-                self._seq = None
-
-    def _open(self) -> None:
-        ensure_private_dir(self.path.parent)
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        try:
-            if os.fstat(fd).st_size and _last_byte(self.path) != b"\n":
-                _write_all(fd, b"\n")  # fence off a partial line so our first record parses
-            self._seq = _scan_last_seq(self.path)
-        except BaseException:
-            os.close(fd)
-            raise
-        self._fd = fd
-
-    def __del__(self):  # pragma: no cover - best effort
-        if self._fd is not None:
-            os.close(self._fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """One os.write; a short one (the disk filled mid-line) is an error, not a silent truncation."""
-    if os.write(fd, data) != len(data):
-        raise OSError(errno.ENOSPC, "No space left on device (a short write)")
-
-
-def parse_lines(data: bytes) -> list[dict]:
-    """Parse complete JSON lines; drop a trailing partial line and any unreadable line."""
-    end = data.rfind(b"\n")
-    if end < 0:
-        return []
-    body = data[:end]
-    # JSON strings never hold a raw newline, so the lines form a JSON array once joined
-    # with commas: one C-level parse instead of 100k Python-level ones.
-    try:
-        records = json.loads(b"[" + body.replace(b"\n", b",") + b"]")
-    except ValueError:
-        records = []
-        for line in body.split(b"\n"):
-            try:
-                records.append(json.loads(line))
-            except ValueError:
-                continue
-    return [r for r in records if isinstance(r, dict)]
-
-
-def _scan_last_seq(path: Path) -> int:
-    """The seq of the last complete record, reading the file from its end."""
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        return 0
-    chunk = 64 * 1024
-    with open(path, "rb") as fh:
-        while True:
-            start = max(0, size - chunk)
-            fh.seek(start)
-            data = fh.read(size - start)
-            lines = data.split(b"\n")
-            if start > 0:
-                lines = lines[1:]  # the first piece may be the tail of a longer line
-            for line in reversed(lines):
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("seq"), int):
-                    return record["seq"]
-            if start == 0:
-                return 0
-            chunk *= 4
-
-
-def _last_byte(path: Path) -> bytes:
-    with open(path, "rb") as fh:
-        fh.seek(-1, os.SEEK_END)
-        return fh.read(1)
-
-
-def _without(d: dict, keys: tuple[str, ...]) -> dict:
-    return {k: v for k, v in d.items() if k not in keys}
 
 
 # ---------------------------------------------------------------------------
@@ -197,7 +55,7 @@ def create_run(home: Path, spec: dict) -> Path:
     ensure_private_dir(parent)
     run_dir = _claim_run_dir(home, parent)
     try:
-        atomic_write_json(run_dir / "run.json", _new_record(run_dir.name, kind, concept, params))
+        atomic_write_json(run_dir / RECORD_FILE, _new_record(run_dir.name, kind, concept, params))
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # a full disk must not leave a run without a record
         raise
@@ -297,14 +155,15 @@ def _versions() -> dict:
 
 
 def load_run(run_dir: os.PathLike | str) -> dict:
-    return read_json(Path(run_dir) / "run.json")
+    """A run's record (its run.json) as a dict; OSError/ValueError when missing or unreadable."""
+    return read_json(Path(run_dir) / RECORD_FILE)
 
 
 def update_run(run_dir: os.PathLike | str, **fields: Any) -> dict:
     """Merge `fields` into run.json (atomic rewrite) and return the new record."""
     record = load_run(run_dir)
     record.update(fields)
-    atomic_write_json(Path(run_dir) / "run.json", record)
+    atomic_write_json(Path(run_dir) / RECORD_FILE, record)
     return record
 
 
@@ -319,7 +178,7 @@ def set_status(run_dir: os.PathLike | str, status: str, log: EventLog | None = N
         raise ValueError(f"unknown status {status!r}")
     run_dir = Path(run_dir)
     own_log = log is None
-    log = log or EventLog(run_dir / "events.jsonl")
+    log = log or EventLog(events_path(run_dir))
     event = {"type": "status", "status": status}
     if error:
         event["error"] = error
@@ -356,20 +215,9 @@ def _run_dir_candidates(home: Path, run_id: str) -> list[Path]:
 
 
 def list_runs(home: os.PathLike | str) -> list[dict]:
-    """Every readable run under home (oldest first), each with its `run_dir` added."""
-    home = Path(home)
-    paths = list((home / "jobs").glob("*/run.json")) + list((home / "concepts").glob("*/runs/*/run.json"))
-    runs = []
-    for path in paths:
-        try:
-            record = read_json(path)
-        except (OSError, ValueError):
-            continue  # a run being created, or one damaged by hand: not ours to judge here
-        if isinstance(record, dict) and "id" in record:
-            record["run_dir"] = str(path.parent)
-            runs.append(record)
-    runs.sort(key=lambda r: (r.get("created") or 0, r["id"]))
-    return runs
+    """Every readable run under home as plain records (`Run.as_dict`), oldest first: what the
+    engine's `jobs` answer carries."""
+    return [run.as_dict() for run in Run.all(home)]
 
 
 # ---------------------------------------------------------------------------
@@ -403,7 +251,7 @@ def member_ids(run_dir: os.PathLike | str) -> list[str]:
 
 def last_status_event(run_dir: os.PathLike | str) -> dict | None:
     """The run's last status event, if any."""
-    for event in reversed(EventLog(Path(run_dir) / "events.jsonl").read()):
+    for event in reversed(EventLog(events_path(run_dir)).read()):
         if event.get("type") == "status":
             return event
     return None
@@ -443,3 +291,162 @@ def recover_run(run_dir: os.PathLike | str, reason: str) -> str:
         return logged
     settle_run(run_dir, "interrupted", error=reason)
     return "interrupted"
+
+
+# ---------------------------------------------------------------------------
+# The Run type
+
+
+@dataclass
+class Run:
+    """One run directory: its record (`run.json`) and its event log (`events.jsonl`).
+
+    The store's one lister (`Run.all`, `Run.of_concept`: oldest first, by creation time then
+    id), and the typed face of a record: the fields every reader asks for are attributes;
+    `record` keeps everything run.json holds (a job kind's own fields: `result`, `config`,
+    `members` …), `get` reads one of them."""
+
+    dir: Path
+    record: dict = field(default_factory=dict)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, run_dir: os.PathLike | str) -> "Run":
+        """The run at `run_dir`; OSError/ValueError when its record is missing or unreadable."""
+        record = load_run(run_dir)
+        if not isinstance(record, dict):
+            raise ValueError(f"{Path(run_dir) / RECORD_FILE} is not a run record")
+        return cls(Path(run_dir), record)
+
+    @classmethod
+    def find(cls, home: os.PathLike | str, run_id: str) -> "Run":
+        """Run `run_id`, wherever it lives under `home`; UserError when there is none."""
+        return cls.load(find_run(home, run_id))
+
+    @classmethod
+    def all(cls, home: os.PathLike | str) -> list["Run"]:
+        """Every readable run under `home`: concept jobs and jobs about no concept, oldest first."""
+        home = Path(home)
+        return cls._gather(list((home / "jobs").glob(f"*/{RECORD_FILE}"))
+                           + list((home / "concepts").glob(f"*/runs/*/{RECORD_FILE}")))
+
+    @classmethod
+    def of_concept(cls, concept_dir: os.PathLike | str) -> list["Run"]:
+        """Every readable run of one concept, oldest first."""
+        return cls._gather(list((Path(concept_dir) / "runs").glob(f"*/{RECORD_FILE}")))
+
+    @classmethod
+    def _gather(cls, paths: list[Path]) -> list["Run"]:
+        runs = []
+        for path in paths:
+            try:
+                run = cls.load(path.parent)
+            except (OSError, ValueError):
+                continue  # a run being created, or one damaged by hand: not ours to judge here
+            if "id" in run.record:
+                runs.append(run)
+        runs.sort(key=lambda run: (run.created, run.id))
+        return runs
+
+    # --- what every reader asks ------------------------------------------------------------
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.record.get(key, default)
+
+    @property
+    def id(self) -> str:
+        return str(self.record.get("id") or self.dir.name)
+
+    @property
+    def kind(self) -> str:
+        return self.record.get("kind") or "train"  # the oldest records have no kind: they trained
+
+    @property
+    def concept(self) -> str | None:
+        return self.record.get("concept")
+
+    @property
+    def params(self) -> dict:
+        params = self.record.get("params")
+        return params if isinstance(params, dict) else {}
+
+    @property
+    def status(self) -> str | None:
+        return self.record.get("status")
+
+    @property
+    def step(self) -> int:
+        return self.record.get("step") or 0
+
+    @property
+    def steps(self) -> int | None:
+        return self.record.get("steps")
+
+    @property
+    def created(self) -> float:
+        """Seconds since the epoch (an ISO date in the oldest records)."""
+        return created_time(self.record)
+
+    @property
+    def error(self) -> str | None:
+        return self.record.get("error")
+
+    @property
+    def result(self) -> dict | None:
+        result = self.record.get("result")
+        return result if isinstance(result, dict) else None
+
+    @property
+    def members(self) -> list[str]:
+        return list(self.record.get("members") or [])
+
+    @property
+    def parent(self) -> str | None:
+        return self.record.get("parent")
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in ACTIVE
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    # --- its files ---------------------------------------------------------------------------
+
+    @property
+    def events_path(self) -> Path:
+        return events_path(self.dir)
+
+    def log(self) -> EventLog:
+        return EventLog(self.events_path)
+
+    def events(self, after_seq: int = 0) -> list[dict]:
+        return self.log().read(after_seq)
+
+    def update(self, **fields: Any) -> "Run":
+        """Merge `fields` into run.json (an atomic rewrite of what is on disk now)."""
+        self.record = update_run(self.dir, **fields)
+        return self
+
+    def as_dict(self) -> dict:
+        """The record with its `run_dir`: what the wire and `--json` carry."""
+        return {**self.record, "run_dir": str(self.dir)}
+
+
+def created_time(record: dict) -> float:
+    """A record's creation time in seconds (numbers; an ISO date in the oldest records; else 0)."""
+    import datetime as dt
+
+    value = record.get("created")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    try:
+        return dt.datetime.fromisoformat(str(value)).timestamp()
+    except ValueError:
+        return 0.0

@@ -6,13 +6,12 @@ to type when the pick is impossible; reading its vectors is `engine.sd.generatio
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import UserError
-from engine.store.paths import read_json
+from engine.store.runs import Run
 
 FINAL_NAME = "learned_embeds.safetensors"
 _STEP_FILE = re.compile(r"learned_embeds-steps-(\d+)\.safetensors")
@@ -22,41 +21,14 @@ SAFE_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 def read_record(run_dir: Path) -> dict | None:
     """A run's run.json, or None when it is missing or damaged."""
     try:
-        record = read_json(Path(run_dir) / "run.json")
+        return Run.load(run_dir).record
     except (OSError, ValueError):
         return None
-    return record if isinstance(record, dict) else None
 
 
-def created_time(record: dict) -> float:
-    value = record.get("created")
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return dt.datetime.fromisoformat(str(value)).timestamp()
-    except ValueError:
-        return 0.0
-
-
-def concept_runs(concept_dir: Path) -> list[dict]:
-    """Every run of a concept (oldest first): its run.json plus `run_dir`."""
-    runs = []
-    for path in (Path(concept_dir) / "runs").glob("*/run.json"):
-        record = read_record(path.parent)
-        if record is not None:
-            record["run_dir"] = str(path.parent)
-            runs.append(record)
-    runs.sort(key=lambda r: (created_time(r), r.get("id", "")))
-    return runs
-
-
-def done_runs(concept) -> list[tuple[str, Path, dict]]:
-    """A concept's finished runs that have a final embedding, as (id, dir, run.json), oldest first."""
-    return [
-        (Path(r["run_dir"]).name, Path(r["run_dir"]), r)
-        for r in concept_runs(concept.path)
-        if r.get("status") == "done" and (Path(r["run_dir"]) / FINAL_NAME).is_file()
-    ]
+def done_runs(concept) -> list[Run]:
+    """A concept's finished runs that have a final embedding, oldest first."""
+    return [run for run in Run.of_concept(concept.path) if run.done and (run.dir / FINAL_NAME).is_file()]
 
 
 def run_vectors(record: dict) -> int:
@@ -120,7 +92,7 @@ def choose_embedding(concept, run: str | None = None, step: int | None = None,
         if not runs:
             raise UserError(f"concept {concept.name!r} ({concept.token}) has no finished training run; train it "
                             f"first (`tistudio train {concept.name}`) or pick a run with {pick()}")
-        run, run_dir, record = runs[-1]
+        run, run_dir, record = runs[-1].id, runs[-1].dir, runs[-1].record
     else:
         run_dir = concept.runs_dir / run
         record = read_record(run_dir) if SAFE_RUN.match(run) else None

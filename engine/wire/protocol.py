@@ -41,6 +41,8 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Iterator, Union
 
+from engine.store.events import json_line
+
 PROTOCOL = 1
 STREAM_LIMIT = 64 * 1024 * 1024  # the longest line either side accepts (a batch of replayed events)
 EVENTS_PER_BATCH = 1000  # events per EventBatch line when replaying a log
@@ -99,7 +101,7 @@ def socket_address(path: Path) -> Iterator[str]:
 def encode(message: "Message | dict") -> bytes:
     """One message as one JSON line."""
     obj = message.to_wire() if isinstance(message, Message) else message
-    return (json.dumps(obj, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+    return json_line(obj)
 
 
 def decode(line: bytes | str) -> dict:
@@ -325,6 +327,9 @@ class StatusAnswer(Message):
                                  measure: a CPU), "probe", "ray")
         torch, gpus, note, error   present when the probe says them: torch's version (an
                                  idle worker that loaded it), GPUs visible, what is off
+        held         dict        present when an idle worker said it: what it keeps between
+                                 jobs, {"model": spec, "dtype": "float16" …, "compiled_unet":
+                                 {"mode", "batch", "resolution", "low_vram"} (only when held)}
 
     The older single-device fields stay for old clients: `running` is the first running job's
     summary (None when idle), `worker_pid` the first worker's pid, `device` the first

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from engine.errors import JobCancelled
-from engine.store.runs import RESERVED_FIELDS, EventLog, update_run
+from engine.store.events import EventLog, events_path
+from engine.store.runs import RESERVED_FIELDS, update_run
 from engine.wire import protocol
 
 
@@ -39,7 +40,7 @@ class JobContext:
 
     def __post_init__(self):
         self.run_dir, self.home = Path(self.run_dir), Path(self.home)
-        self.log = self.log or EventLog(self.run_dir / "events.jsonl")
+        self.log = self.log or EventLog(events_path(self.run_dir))
         self._step: int | None = None
         self._steps: int | None = None
         self._sent_at = 0.0

@@ -36,12 +36,13 @@ from engine.sd.generation import (
     done_runs,
     load_used,
     make_grid,
+    read_record,
     save_png,
     sub_progress,
     timestamp_id,
 )
 from engine.settings.prompts import edit_prompts, fill, neutral_prompt, synthesis_prompts
-from engine.store.paths import atomic_write_json, atomic_write_text, ensure_private_dir, read_json
+from engine.store.paths import atomic_write_json, atomic_write_text, ensure_private_dir
 from engine.store.runs import load_run
 from engine.worker.sweeps import train_sweep
 
@@ -104,9 +105,9 @@ def steps_experiment(model, library, name: str, run_id: str | None = None, at: l
         runs = done_runs(concept)
         if not runs:
             raise UserError(f"concept {name!r} has no finished run; train it first or pass the run id")
-        run_id = runs[-1][0]
+        run_id = runs[-1].id
     run_dir = concept.runs_dir / run_id
-    if not (run_dir / "run.json").is_file():
+    if read_record(run_dir) is None:
         raise UserError(f"concept {name!r} has no run {run_id!r}; `tistudio runs` lists them")
     saved = checkpoint_steps(run_dir)
     steps = sorted(set(at)) if at else saved
@@ -248,10 +249,7 @@ def runs_experiment(model, library, name: str, run_ids: list[str], labels: list[
 
 def _run_spec(concept, run_id: str) -> dict:
     """The training settings a run recorded (ours write `spec`, jobs write `params`)."""
-    try:
-        record = read_json(concept.runs_dir / run_id / "run.json")
-    except (OSError, ValueError):
-        return {}
+    record = read_record(concept.runs_dir / run_id) or {}
     spec = record.get("spec") or record.get("params") or {}
     return spec if isinstance(spec, dict) else {}
 

@@ -7,9 +7,10 @@ file, `nohup`, a pipe): plain lines, one every $TISTUDIO_PROGRESS_EVERY steps
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+
+from engine.store.events import json_line
 
 DEFAULT_PLAIN_EVERY = 100
 
@@ -49,7 +50,7 @@ class RunProgress:
 
     def update(self, event: dict) -> None:
         if self.raw:
-            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.write(json_line(event).decode("utf-8"))
             sys.stdout.flush()
         kind = event.get("type")
         if kind == "status" and event.get("status") == self.status and not event.get("error"):
@@ -71,7 +72,8 @@ class RunProgress:
             self._progress.update(self._task, completed=round(1000 * fraction), total=1000,
                                   count=f"{100 * fraction:.0f}%", detail=str(event.get("message", ""))[:40])
         elif kind in ("preview", "log", "result"):
-            self._say(f"{kind}: {event.get('path') or event.get('message') or ''}")
+            label = "warning" if event.get("level") == "warning" else kind  # e.g. a model read by a guess
+            self._say(f"{label}: {event.get('path') or event.get('message') or ''}")
 
     def _plain_line(self, event: dict) -> None:
         if event.get("type") == "step":

@@ -75,12 +75,7 @@ class StudioScreen(Screen):
         returns the names now shown."""
         from textual.widgets import Select
 
-        from engine.store.library import Library
-
-        try:
-            names = tuple(c.name for c in Library(self.app.home).list())
-        except Exception:  # noqa: BLE001 - a damaged library must not break drawing
-            names = ()
+        names = self.app.library.names()
         if names != shown:
             select.set_options([(n, n) for n in names])
         wanted = self.app.selected_concept

@@ -120,10 +120,9 @@ class GenerateScreen(StudioScreen):
         super().on_screen_resume()
 
     def _load_tokens(self) -> None:
-        from engine.store.records import library_summaries
 
         try:
-            summaries = library_summaries(self.app.home)
+            summaries = self.app.library.summaries()
         except Exception:  # noqa: BLE001 - a damaged library must not break drawing
             summaries = []
         concepts = [s.concept for s in summaries]
@@ -219,7 +218,7 @@ class GenerateScreen(StudioScreen):
             "sampler": self.query_one("#sampler", Select).value,
             "batch_size": parse_int(get("batch_size"), "Batch"),
             "uses": self._uses(get("uses")),
-            "model": self.app.model,
+            **self.app.model_params(),
         }
         for key, name in (("width", "Width"), ("height", "Height")):
             size = parse_optional_int(get(key), name)

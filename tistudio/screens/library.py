@@ -15,7 +15,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Static
 
 from engine.errors import one_line
-from engine.store.records import ConceptSummary, library_summaries
+from engine.store.records import ConceptSummary
 from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
@@ -100,7 +100,7 @@ class LibraryScreen(StudioScreen):
 
     def reload(self) -> None:
         try:
-            rows = library_summaries(self.app.home)
+            rows = self.app.library.summaries()
         except Exception as exc:  # noqa: BLE001 - a damaged library must not take the studio down
             self.notify(f"cannot read the library: {one_line(exc)}", severity="error")
             rows = []
@@ -156,7 +156,7 @@ class LibraryScreen(StudioScreen):
         runs_text = self.query_one("#detail-runs", Static)
         inspection = self._inspection(row)
         key = (row.name, tuple(row.images),
-               tuple((r.get("id"), r.get("status"), r.get("step")) for r in row.runs),
+               tuple((r.id, r.status, r.step) for r in row.runs),
                row.concept.description, row.best_reconstruction, inspection) if row else None
         if key == self._shown:
             return
@@ -188,8 +188,7 @@ class LibraryScreen(StudioScreen):
             best = f"best SD+TI reconstruction {row.best_reconstruction:.3f}" if row.best_reconstruction is not None \
                 else "not evaluated yet (4 Metrics, e)"
             runs_text.update(f"{len(runs)} training run{'s' if len(runs) != 1 else ''}; latest "
-                             f"{last.get('id')} {last.get('status')} at step {last.get('step') or 0}"
-                             f"/{last.get('steps') or '?'}\n{word}{best}")
+                             f"{last.id} {last.status} at step {last.step}/{last.steps or '?'}\n{word}{best}")
         elif row.word_runs:
             runs_text.update(f"{word}Press v to inspect it.")
         else:
@@ -205,7 +204,8 @@ class LibraryScreen(StudioScreen):
         if active:
             return active[-1]["id"], f"[dim]Inspecting the word ({active[-1]['id']}: {active[-1].get('status')})…[/dim]"
         done = [j for j in jobs if j.get("status") == "done" and isinstance(j.get("result"), dict)]
-        record = done[-1] if done else row.latest_inspection()
+        latest = row.latest_inspection()
+        record = done[-1] if done else latest.as_dict() if latest else None
         if record is None:
             failed = [j for j in jobs if j.get("status") == "failed"]
             if failed:
@@ -244,9 +244,8 @@ class LibraryScreen(StudioScreen):
             if name:
                 self.app.selected_concept = name
                 self.notify(f"Concept {name} created.", title="Library")
-                self.app.library_changed()
 
-        self.app.push_screen(NewConceptModal(self.app.home), done)
+        self.app.push_screen(NewConceptModal(self.app.library), done)
 
     def action_import_embedding(self) -> None:
         def done(request: ImportRequest | None) -> None:
@@ -264,7 +263,7 @@ class LibraryScreen(StudioScreen):
         if not row.done_train_runs:
             self.notify(f"{row.name} has no finished run to export; train it first (t).", severity="warning")
             return
-        runs = [(f"{r['id']} ({r.get('steps') or '?'} steps)", r["id"]) for r in row.done_train_runs]
+        runs = [(f"{r.id} ({r.steps or '?'} steps)", r.id) for r in row.done_train_runs]
         out = str(Path.cwd() / f"{row.name}.safetensors")
 
         def done(request: ExportRequest | None) -> None:
@@ -278,7 +277,7 @@ class LibraryScreen(StudioScreen):
         if row is None or self._busy(row.name):
             return
         from engine.errors import UserError
-        from engine.store.library import Library, validate_name
+        from engine.store.library import validate_name
 
         def check(value: str) -> str | None:
             try:
@@ -291,13 +290,12 @@ class LibraryScreen(StudioScreen):
             if not new or new == row.name:
                 return
             try:
-                renamed = Library(self.app.home).rename(row.name, new, tokenizer=self.app.tokenizer)
+                renamed = self.app.library.rename(row.name, new)
             except (UserError, OSError) as exc:
                 self.notify(one_line(exc), severity="error", title="Rename")
                 return
             self.app.selected_concept = renamed.name
             self.notify(f"{row.name} is now {renamed.name} ({renamed.token}).", title="Library")
-            self.app.library_changed()
 
         self.app.push_screen(TextModal(f"Rename {row.name}", "New name", row.name, "Rename", check,
                                        hint="Its images and runs come along; a default token follows the name."),
@@ -308,18 +306,16 @@ class LibraryScreen(StudioScreen):
         if row is None or self._busy(row.name):
             return
         from engine.errors import UserError
-        from engine.store.library import Library
 
         def done(yes: bool) -> None:
             if not yes:
                 return
             try:
-                Library(self.app.home).delete(row.name)
+                self.app.library.delete(row.name)
             except (UserError, OSError) as exc:
                 self.notify(one_line(exc), severity="error", title="Delete")
                 return
             self.notify(f"Deleted {row.name}.", title="Library")
-            self.app.library_changed()
 
         runs = len(row.train_runs)
         self.app.push_screen(ConfirmModal(
@@ -339,9 +335,8 @@ class LibraryScreen(StudioScreen):
             parts = [f"{len(edited.added)} added" if edited.added else "",
                      f"{len(edited.removed)} removed" if edited.removed else ""]
             self.notify(f"Images of {row.name}: {', '.join(p for p in parts if p)}.", title="Library")
-            self.app.library_changed()
 
-        self.app.push_screen(ImagesModal(self.app.home, row.name, row.images), done)
+        self.app.push_screen(ImagesModal(self.app.library, row.name, row.images), done)
 
     def action_train_concept(self) -> None:
         row = self._need()
@@ -381,8 +376,8 @@ class LibraryScreen(StudioScreen):
             if not value:
                 return
             _, run, step = parse_pin(value)
-            self.app.bridge.submit("inspect", row.name, {"run": run, "step": step, "top": 10, "model": self.app.model},
-                                   origin=self.MODE)
+            params = {"run": run, "step": step, "top": 10, **self.app.model_params()}
+            self.app.bridge.submit("inspect", row.name, params, origin=self.MODE)
 
         self.app.push_screen(TextModal(f"Inspect {row.name}'s word", "Word", row.name, "Inspect", check,
                                        hint="Norms against the vocabulary, cosine to the initializer, the nearest "

@@ -33,7 +33,6 @@ from engine.store.records import (
     parse_pin,
     report_of_result,
     steps_curves,
-    summarize,
     written_prompt,
 )
 from tistudio.formatting import escape
@@ -177,9 +176,7 @@ class MetricsScreen(StudioScreen):
         """The run picker offers the concept's saved words: NAME@RUN (final) and NAME@RUN:STEP."""
         path = self._concept_dir(self.concept())
         try:
-            from engine.store.library import Library
-
-            pins = tuple(summarize(Library(self.app.home).get(self.concept())).pins()) if path else ()
+            pins = tuple(self.app.library.summary(self.concept()).pins()) if path else ()
         except Exception:  # noqa: BLE001 - a damaged library must not break drawing
             pins = ()
         if pins == self._pins:
@@ -278,10 +275,8 @@ class MetricsScreen(StudioScreen):
                               + (f" · CLIP {escape(_clip_name(table))}" if _clip_name(table) else ""))
 
     def _token(self, name: str | None) -> str | None:
-        from engine.store.library import Library
-
         try:
-            return Library(self.app.home).get(name).token if name else None
+            return self.app.library.get(name).token if name else None
         except Exception:  # noqa: BLE001 - only a label
             return None
 
@@ -333,18 +328,17 @@ class MetricsScreen(StudioScreen):
     def _concept_dir(self, name: str | None):
         """The concept's folder in the library, or None (no name, or it is gone meanwhile)."""
         from engine.errors import UserError
-        from engine.store.library import Library
 
         if not name:
             return None
         try:
-            return Library(self.app.home).get(name).path
+            return self.app.library.get(name).path
         except (UserError, OSError):
             return None
 
     def _measuring(self) -> dict:
         """How every evaluation and experiment measures: the model, CLIP, images per set."""
-        params = {"model": self.app.model, **self.app.eval_params}
+        params = {**self.app.model_params(), **self.app.eval_params}
         if self.app.clip:
             params["clip"] = self.app.clip
         if self.app.eval_images:
@@ -394,7 +388,6 @@ class MetricsScreen(StudioScreen):
         self._ask("synthesis")
 
     def _ask(self, kind: str) -> None:
-        from engine.store.library import Library
         from tistudio.screens.experiment_modal import ExperimentModal
 
         name = self.concept()
@@ -402,7 +395,7 @@ class MetricsScreen(StudioScreen):
             self.notify("Choose a concept first.", severity="warning")
             return
         try:
-            concept = Library(self.app.home).get(name)
+            concept = self.app.library.get(name)
         except Exception as exc:  # noqa: BLE001
             self.notify(str(exc), severity="error")
             return

@@ -189,9 +189,9 @@ class NewConceptModal(_Dialog[str | None]):
 
     Dismisses with the new concept's name once the library has it."""
 
-    def __init__(self, home: Path, folder: str = ""):
+    def __init__(self, library, folder: str = ""):
         super().__init__()
-        self.home = home
+        self.library = library  # tistudio.library_service.LibraryService: the one that writes
         self._folder = folder
 
     def compose(self) -> ComposeResult:
@@ -288,12 +288,10 @@ class NewConceptModal(_Dialog[str | None]):
     @work(thread=True, exclusive=True, group="new-concept")
     def _add(self, form: NewConceptForm) -> None:
         from engine.errors import UserError
-        from engine.store.library import Library
 
         try:
-            concept = Library(self.home).add(
-                form.name, form.folder, form.init, property=form.property, description=form.description,
-                tokenizer=getattr(self.app, "tokenizer", None))
+            concept = self.library.add(form.name, form.folder, form.init, property=form.property,
+                                       description=form.description)
         except (UserError, OSError) as exc:
             self.app.call_from_thread(self._failed, str(exc))
             return
@@ -310,9 +308,9 @@ class ImagesModal(_Dialog[ImagesEdited | None]):
     The library decodes every new image before writing any, and removes all ticked
     images or none; a refusal stays in the dialog.  Dismisses with `ImagesEdited`."""
 
-    def __init__(self, home: Path, concept: str, images: list[Path]):
+    def __init__(self, library, concept: str, images: list[Path]):
         super().__init__()
-        self.home, self.concept, self.images = home, concept, images
+        self.library, self.concept, self.images = library, concept, images  # library: tistudio.library_service
 
     def compose(self) -> ComposeResult:
         from engine.store.images import IMAGE_EXTENSIONS
@@ -346,18 +344,11 @@ class ImagesModal(_Dialog[ImagesEdited | None]):
     @work(thread=True, exclusive=True, group="images")
     def _apply(self, add: list[Path], remove: list[str]) -> None:
         from engine.errors import UserError
-        from engine.store.library import Library
 
-        library = Library(self.home)
-        added: list[Path] = []
-        try:
-            if add:
-                added = library.add_images(self.concept, add)
-            removed = library.remove_images(self.concept, remove) if remove else []
+        try:  # what was added stays (the error counts it); the removal is all or none
+            added, removed = self.library.edit_images(self.concept, add, remove)
         except (UserError, OSError) as exc:
-            # what was added stays (and is listed); the removal is all or none
-            message = str(exc) + (f" ({len(added)} image(s) were added)" if added else "")
-            self.app.call_from_thread(self._failed, message)
+            self.app.call_from_thread(self._failed, str(exc))
             return
         self.app.call_from_thread(self.dismiss, ImagesEdited(tuple(added), tuple(removed)))
 

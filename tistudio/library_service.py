@@ -1,0 +1,88 @@
+"""The studio's one door to the concept library on disk, owned by the App (`app.library`).
+
+Screens and dialogs read concepts through it and ask it to change them (add, rename, delete,
+add or remove images); they never construct `engine.store.library.Library` themselves.  Every
+change it makes is announced once, through `on_change` (the App publishes `LibraryChanged`),
+from whichever thread made it.  Embedding import and export are engine work: the dialogs hand
+back requests (`ImportRequest`, `ExportRequest`) and the App runs `tistudio` for them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+from engine.store.library import Concept, Library
+from engine.store.records import ConceptSummary, library_summaries, summarize
+
+
+class LibraryService:
+    def __init__(self, home: os.PathLike | str, tokenizer: Callable[[], object | None] = lambda: None,
+                 on_change: Callable[[], None] = lambda: None):
+        self.home = Path(home)
+        self._tokenizer = tokenizer  # the model's tokenizer once loaded (the one-token initializer check)
+        self._on_change = on_change
+
+    @property
+    def _library(self) -> Library:
+        return Library(self.home)
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def names(self) -> tuple[str, ...]:
+        """Every concept's name, sorted as the library lists them; () when it cannot be read."""
+        try:
+            return tuple(c.name for c in self._library.list())
+        except (OSError, ValueError):
+            return ()
+
+    def get(self, name: str) -> Concept:
+        """The concept called `name`; UserError naming what exists when there is none."""
+        return self._library.get(name)
+
+    def summaries(self) -> list[ConceptSummary]:
+        """Every concept with its images and runs, by name (engine.store.records)."""
+        return library_summaries(self.home)
+
+    def summary(self, name: str) -> ConceptSummary:
+        """The concept with its images and runs, read once (engine.store.records)."""
+        return summarize(self.get(name))
+
+    # --- changing --------------------------------------------------------------------------------
+
+    def add(self, name: str, folder: Path, init: str, *, property: str = "object",
+            description: str | None = None) -> Concept:
+        concept = self._library.add(name, folder, init, property=property, description=description,
+                                    tokenizer=self._tokenizer())
+        self._on_change()
+        return concept
+
+    def rename(self, name: str, new: str) -> Concept:
+        concept = self._library.rename(name, new, tokenizer=self._tokenizer())
+        self._on_change()
+        return concept
+
+    def delete(self, name: str) -> None:
+        self._library.delete(name)
+        self._on_change()
+
+    def edit_images(self, name: str, add: Iterable[Path] = (), remove: Iterable[str] = ()) -> tuple[list, list]:
+        """Add image files or folders, then remove stored images by file name: (added, removed).
+        Every new image is decoded before any is written; the removal is all or none.  When the
+        removal is refused after images were added, the error says how many were."""
+        from engine.errors import UserError
+
+        add, remove = list(add), list(remove)
+        library, added = self._library, []
+        try:
+            if add:
+                added = library.add_images(name, add)
+            removed = library.remove_images(name, remove) if remove else []
+        except UserError as exc:
+            if added:
+                self._on_change()
+                raise UserError(f"{exc} ({len(added)} image(s) were added)") from None
+            raise
+        self._on_change()
+        return added, removed
