@@ -16,6 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 # OpenMP region whose second thread shares a core with another busy process spins waiting for
 # it: tests ran up to 14 times slower that way.  On two cores one thread loses little anyway.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Every engine a test starts (through a client, a CLI, the studio) stops when this pytest is gone,
+# killed or not: its jobs end interrupted and its workers go with it (engine.server.main).
+os.environ["TISTUDIO_ENGINE_OWNER"] = str(os.getpid())
 
 
 @pytest.fixture(autouse=True)

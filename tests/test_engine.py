@@ -531,3 +531,22 @@ def test_a_job_context_works_without_an_engine(tmp_path):
         ctx.set_progress(status="done")
     assert [e["type"] for e in EventLog(run_dir / "events.jsonl").read()] == ["log"]
     assert json.loads((run_dir / "run.json").read_text())["status"] == "queued"
+
+
+async def test_an_engine_stops_when_its_owner_process_is_gone(home, monkeypatch):
+    """$TISTUDIO_ENGINE_OWNER (the test suite sets it to pytest's pid): when that process dies,
+    killed or not, the engine it started stops too, its running job interrupted and resumable."""
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        monkeypatch.setenv("TISTUDIO_ENGINE_OWNER", str(owner.pid))
+        client = await connect(home)
+        run_id = await client.submit("sleep", params={"seconds": 60})
+        await first_event(client, run_id, lambda e: e.get("status") == "running")
+        pids = engine_pids(home)
+        assert pids
+        owner.kill()
+        owner.wait()
+        await until(lambda: not any(jobs.pid_alive(pid) for pid in pids), 10, "the engine and its worker to go")
+        assert run_record(home, run_id)["status"] == "interrupted"
+    finally:
+        owner.kill()

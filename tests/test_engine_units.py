@@ -7,6 +7,7 @@ import asyncio
 import errno
 import os
 import signal
+import time
 
 import pytest
 
@@ -257,3 +258,24 @@ def test_a_full_disk_is_recognised_however_a_library_reports_it(tmp_path):
     message = disk_full_message(tmp_path, "resume it")
     assert message.startswith(f"the disk is full ({tmp_path} has ") and message.endswith("then resume it")
     assert "\n" not in message
+
+
+async def test_a_job_never_goes_to_a_worker_that_died_before_the_engine_noticed(worker_home):
+    """The race: a job handed over in the instant between a worker's death and its reader seeing
+    stdout close went to the dead worker and ended interrupted.  Now the supervisor asks the
+    system whether its worker is alive before it hands a job over."""
+    exits: list[tuple[int, str | None]] = []
+    supervisor = WorkerSupervisor(worker_home, on_exit=lambda w, code, run_id: exits.append((w.pid, run_id)))
+    first = await supervisor.ensure()
+    os.kill(first.pid, signal.SIGKILL)
+    deadline = asyncio.get_running_loop().time() + 5
+    while jobs.pid_alive(first.pid):  # blocking waits: the event loop, and so the reader, does not run
+        assert asyncio.get_running_loop().time() < deadline
+        time.sleep(0.01)
+    assert supervisor.worker is first  # the engine has not noticed yet
+    run_dir = jobs.create_run(worker_home, {"kind": "echo", "params": {"message": "hi"}})
+    worker = await supervisor.start_job(protocol.JobSpec(run_dir.name, str(run_dir), "echo",
+                                                         params={"message": "hi"}))
+    assert worker.pid != first.pid and exits == [(first.pid, None)]
+    await _until(lambda: jobs.load_run(run_dir)["status"] == "done")
+    await supervisor.stop()

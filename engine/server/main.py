@@ -74,6 +74,13 @@ DEFAULT_IDLE = 30 * 60.0
 RETRY_WRITES_SECONDS = 2.0  # how often refused writes are tried again
 
 log = logging.getLogger("tistudio.engine")
+OWNER_ENV = "TISTUDIO_ENGINE_OWNER"  # a pid: the engine stops when that process is gone
+OWNER_POLL_SECONDS = 0.5
+
+
+def _owner_pid() -> int | None:
+    value = os.environ.get(OWNER_ENV, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 class EngineServer:
@@ -113,6 +120,9 @@ class EngineServer:
                  self.operations.version, os.getpid(), self.idle_seconds, self.scheduler.pool.describe())
         tasks = [asyncio.create_task(self.scheduler.run()), asyncio.create_task(self._idle_watch()),
                  asyncio.create_task(self._retry_writes())]
+        owner = _owner_pid()
+        if owner:
+            tasks.append(asyncio.create_task(self._owner_watch(owner)))
         await self._stop.wait()
         await self._teardown(tasks)
         log.info("engine stopped: %s", self._stop_reason)
@@ -166,6 +176,14 @@ class EngineServer:
             elif now - self._last_busy >= self.idle_seconds:
                 self.request_stop(f"idle for {self.idle_seconds:g}s")
                 return
+
+    async def _owner_watch(self, pid: int) -> None:
+        """An engine started on behalf of one process ($TISTUDIO_ENGINE_OWNER: a test suite, a
+        script) stops when that process is gone, whatever it was doing: its jobs end
+        interrupted (resumable), as with `engine stop --force`."""
+        while jobs.pid_alive(pid):
+            await asyncio.sleep(OWNER_POLL_SECONDS)
+        self.request_stop(f"its owner, process {pid}, is gone")
 
     async def _retry_writes(self) -> None:
         while True:

@@ -25,6 +25,7 @@ from typing import Callable
 from engine.devices import pool as devices
 from engine.devices import probe as device_probe
 from engine.server import zygote
+from engine.store.runs import pid_alive
 from engine.wire import protocol
 from engine.wire.protocol import STREAM_LIMIT, JobSpec, log_path
 
@@ -56,6 +57,11 @@ class WorkerProcess:
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             self.proc.kill()
+
+    def alive(self) -> bool:
+        """Whether the process is still there (a zombie is not), asked of the system now rather
+        than learnt from its stdout closing, which the reader task hears only later."""
+        return pid_alive(self.pid)
 
 
 MessageCallback = Callable[[WorkerProcess, protocol.Message], None]
@@ -101,6 +107,8 @@ class WorkerSupervisor:
         """The live worker, starting one if there is none (`warm`: one that has torch imported
         already, for a job that needs it); WorkerStartError if it will not start."""
         async with self._starting:
+            if self.worker is not None and not self.worker.alive():
+                await self._bury(self.worker)  # died since we last heard from it: no job goes to it
             if self.worker is None:
                 self.worker = await self._spawn(warm)
                 self.worker.reader = asyncio.create_task(self._read(self.worker))
@@ -108,11 +116,20 @@ class WorkerSupervisor:
                          f" ({self.threads} CPU thread(s))" if self.threads else "")
             return self.worker
 
+    async def _bury(self, dead: WorkerProcess) -> None:
+        """A worker found dead before its reader noticed: let the reader see the end of its
+        output and report the exit (on_exit settles what it was running), then forget it."""
+        if dead.reader is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(dead.reader), STOP_TIMEOUT)
+        if self.worker is dead:  # the reader did not finish in time: forget it ourselves
+            self.worker = None
+
     def worker_env(self) -> dict[str, str]:
         """The environment a worker of this supervisor runs in."""
         env = dict(os.environ, TISTUDIO_ENGINE_PID=str(os.getpid()))
         if self.device == "auto":
-            return env
+            return devices.in_bus_order(env)
         return devices.worker_env(self.device, self.threads, env)
 
     async def _spawn(self, warm: bool) -> WorkerProcess:
