@@ -140,9 +140,9 @@ def test_nan_loss_stops_and_keeps_last_good_embedding(tiny_model, image_dir, tmp
     real = train_mod.Inversion._loss_rows
     calls = {"n": 0}
 
-    def poisoned(self):
+    def poisoned(self, batch):
         calls["n"] += 1
-        loss = real(self)
+        loss = real(self, batch)
         return loss * float("nan") if calls["n"] > 12 else loss
 
     monkeypatch.setattr(train_mod.Inversion, "_loss_rows", poisoned)

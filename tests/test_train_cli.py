@@ -31,6 +31,13 @@ def _runs(home: Path) -> list[Path]:
     return sorted(home.glob("concepts/*/runs/*")) + sorted(home.glob("jobs/*"))
 
 
+def _event(home: Path, run_id: str, kind: str) -> dict:
+    """The first event of type `kind` in the run's log (JSON lines)."""
+    [run_dir] = [r for r in _runs(Path(home)) if r.name == run_id]
+    lines = (run_dir / "events.jsonl").read_text().splitlines()
+    return next(e for e in map(json.loads, lines) if e.get("type") == kind)
+
+
 @pytest.fixture
 def toy(capsys, image_dir):
     assert cli(capsys, "concept", "add", "toy", "--images", str(image_dir), "--init", "cat")[0] == 0
@@ -127,7 +134,7 @@ def test_train_options_reach_the_run_record(engine_home, capsys, image_dir, tmp_
     code, out, err = cli(capsys, "train", "toy", "--steps", "4", "--save-every", "2", "--preview-every", "0",
                          "--low-vram", "--weight-decay", "0", "--resolution", "32", "--templates", str(templates),
                          "--device", "cpu", "--lr-schedule", "cosine", "--warmup-steps", "1",
-                         "--regularize", "init-l2:0.25")
+                         "--regularize", "init-l2:0.25", "--deterministic")
     assert code == 0, err
     assert "training toy: 4 steps" in out
     [run] = json.loads(cli(capsys, "runs", "--json")[1])
@@ -139,3 +146,6 @@ def test_train_options_reach_the_run_record(engine_home, capsys, image_dir, tmp_
     assert config["templates"] == ["a photo of {}", "a rendering of {}"]
     assert config["lr_schedule"] == "cosine" and config["warmup_steps"] == 1
     assert config["regularize"] == "init-l2" and config["reg_weight"] == 0.25
+    assert params["deterministic"] is True and config["deterministic"] is True
+    header = _event(engine_home, run["id"], "train")  # the job ran under torch's deterministic algorithms
+    assert header["deterministic"] is True and header["cublas_workspace_config"] == ":4096:8"

@@ -49,8 +49,17 @@ def frozen_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     return torch.float16
 
 
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start `vram_peak` (memory_figures) afresh: the allocator's peak counts from the process's
+    start otherwise, so a warm worker's second job would report its first job's peak.  A
+    no-op on a CPU, and before CUDA has started (nothing to reset; and starting CUDA here
+    would cost a torch-free job its context)."""
+    if str(device).startswith("cuda") and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats(torch.device(device))
+
+
 def memory_figures(device: torch.device) -> dict:
-    """VRAM in bytes (allocated, reserved, peak, device total); empty on CPU."""
+    """VRAM in bytes (allocated, reserved, peak since the job began, device total); empty on CPU."""
     if device.type != "cuda":
         return {}
     free, total = torch.cuda.mem_get_info(device)

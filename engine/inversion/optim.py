@@ -5,6 +5,10 @@ the host every step (a sync that stalls a launch-bound GPU loop), and a
 skipped step must skip per run when K runs share a batch.  AdamW is
 elementwise, so treating each row with its own step count and skip mask
 makes K rows exactly K independent optimizers.
+
+Loss scaling is on for a row while its `scaling` flag is: the run's dtype decides it
+(fp16 needs it; fp32 and bf16 do not), never the scale's value, so a run resumed in
+another precision than it started in scales as its new dtype needs (`use_scaling`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+FP16_SCALE = 2.0**16  # the first loss scale of an fp16 run (GradScaler's default too)
 
 
 @dataclass
@@ -21,13 +27,15 @@ class RowAdamW:
     eps: float = 1e-8
     weight_decay: float = 1e-2
 
-    def init_state(self, params: torch.Tensor, loss_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    def init_state(self, params: torch.Tensor, scaling: bool = False) -> dict[str, torch.Tensor]:
+        """Fresh state for every row of `params`; `scaling`: dynamic loss scaling (fp16)."""
         rows = params.shape[0]
         return {
             "exp_avg": torch.zeros_like(params),
             "exp_avg_sq": torch.zeros_like(params),
             "step": torch.zeros(rows, device=params.device, dtype=torch.float32),
-            "loss_scale": torch.full((rows,), float(loss_scale), device=params.device),
+            "loss_scale": torch.full((rows,), FP16_SCALE if scaling else 1.0, device=params.device),
+            "scaling": torch.full((rows,), scaling, dtype=torch.bool, device=params.device),
             "good_steps": torch.zeros(rows, device=params.device, dtype=torch.float32),
             "skipped": torch.zeros(rows, device=params.device, dtype=torch.float32),
         }
@@ -54,9 +62,23 @@ class RowAdamW:
         self._update_scale(state, ok)
 
     @staticmethod
+    def use_scaling(state: dict, scaling: bool) -> None:
+        """Make every row scale (or not) as this run's dtype needs, after a resume.  A row
+        restored from a run in another precision starts over: 2**16 in fp16 (a run begun in
+        fp32 or bf16, or on a CPU, saved a scale of 1), 1 otherwise; a row that agrees keeps
+        its scale and good-step count, so a resume in the same dtype stays exact."""
+        wanted = torch.full_like(state["scaling"], scaling)
+        changed = state["scaling"] != wanted
+        fresh = torch.full_like(state["loss_scale"], FP16_SCALE if scaling else 1.0)
+        state["loss_scale"] = torch.where(changed, fresh, state["loss_scale"])
+        state["good_steps"] = torch.where(changed, torch.zeros_like(state["good_steps"]), state["good_steps"])
+        state["scaling"] = wanted
+
+    @staticmethod
     def _update_scale(state: dict, ok: torch.Tensor) -> None:
-        """Dynamic loss scaling (fp16 only; a scale of 1 stays 1): halve on overflow, double after 2000 good steps."""
-        dynamic = state["loss_scale"] != 1.0
+        """Dynamic loss scaling, on rows whose `scaling` flag is set (fp16): halve on overflow
+        (never below 2), double after 2000 good steps.  Other rows keep a scale of 1."""
+        dynamic = state["scaling"]
         good = torch.where(ok, state["good_steps"] + 1, torch.zeros_like(state["good_steps"]))
         grow = dynamic & (good >= 2000)
         scale = torch.where(dynamic & ~ok, (state["loss_scale"] * 0.5).clamp(min=2.0), state["loss_scale"])

@@ -34,7 +34,8 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from engine.devices.runtime import memory_figures
+from engine.devices.determinism import deterministic
+from engine.devices.runtime import memory_figures, reset_peak_memory
 from engine.errors import JobCancelled, UserError
 from engine.faults import maybe_fault
 from engine.inversion.data import (
@@ -45,6 +46,7 @@ from engine.inversion.data import (
 )
 from engine.inversion.optim import RowAdamW
 from engine.inversion.regularize import Regularizer, vector_figures, vocab_norms
+from engine.inversion.staging import Staging
 from engine.sd.placeholder import (
     WordLayout,
     add_slots,
@@ -88,6 +90,17 @@ class RunSlot:
     home: Path | None = None  # the library, for --init-from NAME@RUN:STEP (default: the run's own)
 
 
+@dataclass
+class Batch:
+    """One micro-batch on the device: K runs' rows, run k's `batch_size` rows k-th."""
+
+    latents: torch.Tensor  # scaled latents, sampled from the cached posteriors
+    noise: torch.Tensor
+    ids: list[torch.Tensor]  # prompt token ids, one tensor per text encoder
+    timesteps: torch.Tensor  # int64
+    micro: torch.Tensor  # SDXL's size conditioning (add_time_ids); other families ignore it
+
+
 class Inversion:
     def __init__(self, model, slots: list[RunSlot]):
         self.model = model
@@ -112,8 +125,8 @@ class Inversion:
         self.init_rows = self.vectors.detach().clone()  # where each run started (figures, regularisers)
         self.regularizer = Regularizer.build(self.layout, self.init_rows, [s.config for s in slots], self.encoders)
         self.optimizer = RowAdamW(lr=self.cfg0.lr, weight_decay=self.cfg0.weight_decay)
-        scale = 2.0**16 if model.dtype == torch.float16 else 1.0
-        self.state = self.optimizer.init_state(self.vectors.detach(), loss_scale=scale)
+        self.loss_scaling = model.dtype == torch.float16  # fp16 gradients underflow unscaled; bf16's do not
+        self.state = self.optimizer.init_state(self.vectors.detach(), scaling=self.loss_scaling)
         self.scheduler = model.noise_scheduler()
         _check_prediction_type(self.scheduler.config.prediction_type)
         self.resolution = self.cfg0.resolution or model.info.resolution
@@ -124,13 +137,14 @@ class Inversion:
         self.generators = [torch.Generator().manual_seed(s.config.seed) for s in slots]
         self.start_step = 0
         self.unet = compiled_unet(model, self.cfg0.compile)
+        self.determinism = {"deterministic": False}  # what --deterministic did (train_many sets it)
 
     # --- setup -------------------------------------------------------------------------------
 
     def _check_compatible(self) -> None:
         """Batched runs share one step counter and schedule; only seed, init word and data differ."""
         shared = ("steps", "lr", "batch_size", "grad_accum", "weight_decay", "lr_schedule", "warmup_steps",
-                  "resolution", "vectors")
+                  "resolution", "vectors", "deterministic")
         first = self.slots[0].config
         for slot in self.slots[1:]:
             for name in shared:
@@ -167,6 +181,7 @@ class Inversion:
             raise UserError("batched runs have checkpoints at different steps; resume them one by one")
         for k, ckpt in enumerate(found):
             checkpoints.restore_row(ckpt, k, self.vectors, self.state, self.generators[k])
+        self.optimizer.use_scaling(self.state, self.loss_scaling)  # this run's dtype decides, not the checkpoint's
         self.start_step = steps.pop()
         return self.start_step
 
@@ -192,40 +207,58 @@ class Inversion:
 
     # --- one step ----------------------------------------------------------------------------
 
-    def _draw(self) -> tuple:
-        """Each run draws its own image, flip, template, timestep and noise from its own stream."""
-        b = self.cfg0.batch_size
-        cache0 = self.latents[0]
-        latent_shape = cache0.mean.shape[2:]
-        lat, noise, ids, ts, micro = [], [], [[] for _ in self.encoders], [], []
-        for k, slot in enumerate(self.slots):
-            g, cfg, cache = self.generators[k], slot.config, self.latents[k]
-            index = torch.randint(0, cache.num_images, (b,), generator=g)
-            flip = (torch.rand((b,), generator=g) < cfg.flip_p).long()
-            template = torch.randint(0, self.prompt_ids[k][0].shape[0], (b,), generator=g)
-            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=g)
-            if cfg.fixed_timestep is not None:
-                t.fill_(cfg.fixed_timestep)
-            posterior_noise = torch.randn((b, *latent_shape), generator=g)
-            n = torch.randn((b, *latent_shape), generator=g)
-            if cfg.fixed_noise:
-                posterior_noise.zero_()
-                n = torch.randn((b, *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
-            lat.append(cache.sample(index, flip, posterior_noise.to(cache.mean.device)))
-            noise.append(n)
-            for e, encoder_ids in enumerate(self.prompt_ids[k]):
-                ids[e].append(encoder_ids[template.to(self.device)])
-            ts.append(t)
-            micro.append(cache.micro[index])
-        cat = lambda xs: torch.cat(xs).to(self.device)  # noqa: E731
-        return cat(lat), cat(noise), [cat(x) for x in ids], cat(ts), cat(micro)
+    def _draw(self, micro_batches: int = 1) -> list[Batch]:
+        """One optimizer step's micro-batches.  Each run draws its own image, flip, template,
+        timestep and noise from its own stream on the host (micro-batch by micro-batch, as
+        ever, so resumes and batches stay exact); all of it reaches the device in one copy."""
+        staging = Staging()
+        drawn = [[self._draw_run(k, staging) for k in range(self.k)] for _ in range(micro_batches)]
+        parts = staging.unpack(self._upload(staging.pack(pin=self.device.type == "cuda")))
+        return [self._assemble(runs, parts) for runs in drawn]
 
-    def _loss_rows(self) -> torch.Tensor:
+    def _draw_run(self, k: int, staging: Staging) -> dict[str, int]:
+        """Run k's draws for one micro-batch, staged on the host; returns where each one is."""
+        b, g, cfg, cache = self.cfg0.batch_size, self.generators[k], self.slots[k].config, self.latents[k]
+        latent_shape = self.latents[0].mean.shape[2:]
+        index = torch.randint(0, cache.num_images, (b,), generator=g)
+        flip = (torch.rand((b,), generator=g) < cfg.flip_p).long()
+        template = torch.randint(0, self.prompt_ids[k][0].shape[0], (b,), generator=g)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=g)
+        if cfg.fixed_timestep is not None:
+            t.fill_(cfg.fixed_timestep)
+        posterior_noise = torch.randn((b, *latent_shape), generator=g)
+        n = torch.randn((b, *latent_shape), generator=g)
+        if cfg.fixed_noise:
+            posterior_noise.zero_()
+            n = torch.randn((b, *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
+        drawn = {"index": index, "flip": flip, "template": template, "t": t, "posterior_noise": posterior_noise,
+                 "noise": n, "micro": cache.micro[index]}  # the size conditioning lives on the host
+        return {name: staging.add(value) for name, value in drawn.items()}
+
+    def _assemble(self, runs: list[dict[str, int]], parts: list[torch.Tensor]) -> Batch:
+        """One micro-batch on the device from the uploaded draws: row block k is run k's."""
+        lat, noise, ids, ts, micro = [], [], [[] for _ in self.encoders], [], []
+        for k, run in enumerate(runs):
+            index, flip, template = parts[run["index"]], parts[run["flip"]], parts[run["template"]]
+            lat.append(self.latents[k].sample(index, flip, parts[run["posterior_noise"]]))
+            noise.append(parts[run["noise"]])
+            for e, encoder_ids in enumerate(self.prompt_ids[k]):
+                ids[e].append(encoder_ids[template])
+            ts.append(parts[run["t"]])
+            micro.append(parts[run["micro"]])
+        return Batch(torch.cat(lat), torch.cat(noise), [torch.cat(x) for x in ids], torch.cat(ts), torch.cat(micro))
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """The step's one host-to-device copy.  From pinned memory, `non_blocking` returns at
+        once: the GPU copies while the host goes on (the architecture's rule: no host sync)."""
+        return host.to(self.device, non_blocking=True)
+
+    def _loss_rows(self, batch: Batch) -> torch.Tensor:
         """Per-run MSE loss, [K] fp32, still on the device (no host sync)."""
-        latents, noise, ids, t, micro = self._draw()
+        latents, noise, t = batch.latents, batch.noise, batch.timesteps
         dtype = self.model.dtype
         noisy = self.scheduler.add_noise(latents, noise, t)
-        conditioning = self.family.condition(self.encoders, ids, micro)
+        conditioning = self.family.condition(self.encoders, batch.ids, batch.micro)
         pred = self.unet(noisy.to(dtype), t, **conditioning).sample
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, t)
@@ -239,6 +272,7 @@ class Inversion:
     def run(self) -> list[Path]:
         cfg = self.cfg0
         self._status("running", step=self.start_step, steps=cfg.steps)
+        reset_peak_memory(self.device)  # the step events' vram_peak is this training's
         self._header()
         loss_sum = torch.zeros(self.k, device=self.device)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -277,8 +311,8 @@ class Inversion:
         vectors; returns the [K] loss averaged over the micro-batches (no sync)."""
         accum, reg = self.cfg0.grad_accum, self.regularizer
         total = None
-        for _ in range(accum):
-            loss = self._loss_rows()
+        for batch in self._draw(accum):
+            loss = self._loss_rows(batch)
             objective = loss + reg.penalty(self.vectors) if reg is not None else loss
             # Dividing by a power of two is exact; any other G rounds the same way on every resume.
             (objective * (self.state["loss_scale"] / accum)).sum().backward()
@@ -313,7 +347,7 @@ class Inversion:
                 vectors=self.n, widths=list(self.layout.widths), batch_size=cfg.batch_size,
                 grad_accum=cfg.grad_accum, effective_batch=cfg.effective_batch(), resolution=self.resolution,
                 runs=self.k, init_from=slot.config.init_from, regularize=slot.config.regularize,
-                reg_weight=slot.config.reg_weight, vocab_norms=vocab_norms(self.encoders),
+                reg_weight=slot.config.reg_weight, vocab_norms=vocab_norms(self.encoders), **self.determinism,
             )
 
     def _log(self, step: int, loss: torch.Tensor, steps_per_s: float, elapsed: float, lr: float) -> None:
@@ -398,7 +432,11 @@ def train(model, config: TrainConfig, run_dir: Path, images: list[Path], reporte
 
 
 def train_many(model, slots: list[RunSlot], resume: bool = True) -> list[Path]:
-    inversion = Inversion(model, slots)
-    if resume:
-        inversion.resume()
-    return inversion.run()
+    """Train K runs together (see Inversion); with --deterministic, torch's deterministic
+    algorithms from the latent cache's encoding to the last step, and as they were after."""
+    with deterministic(slots[0].config.deterministic) as determinism:
+        inversion = Inversion(model, slots)
+        inversion.determinism = determinism
+        if resume:
+            inversion.resume()
+        return inversion.run()

@@ -52,6 +52,7 @@ class TrainConfig:
     templates: list[str] | None = None  # custom prompt templates with "{}" for the token
     low_vram: bool = False  # gradient checkpointing through the UNet: less memory, ~2x slower
     compile: str = "off"  # off | default | reduce-overhead (CUDA graphs): torch.compile the UNet
+    deterministic: bool = False  # torch's deterministic algorithms: bit for bit on CUDA too, slower
     fixed_timestep: int | None = None  # tests: overfit one timestep
     fixed_noise: bool = False  # tests: one fixed noise sample
 
@@ -95,6 +96,8 @@ class TrainConfig:
                "--resolution must be a multiple of 8, e.g. 512")
         yield _finite(self.flip_p) and 0.0 <= self.flip_p <= 1.0, "--flip must be between 0 and 1"
         yield self.compile in COMPILE_MODES, f"--compile must be one of {', '.join(COMPILE_MODES)}"
+        yield (isinstance(self.deterministic, bool),
+               "--deterministic is on or off: give the flag, or true/false in the settings file")
         yield (self.templates is None or (len(self.templates) > 0 and all(
             isinstance(t, str) and t.count("{}") == 1 for t in self.templates)),
             "each prompt template (--templates) must contain exactly one {} where the token goes")

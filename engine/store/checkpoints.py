@@ -35,7 +35,10 @@ if TYPE_CHECKING:
 
 STATE_FILE = "state.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-ROW_KEYS = ("exp_avg", "exp_avg_sq", "step", "loss_scale", "good_steps", "skipped")
+# The optimizer's per-row state (engine.inversion.optim).  `scaling` (whether the run scaled
+# its loss) is there from format 3 on; a format-2 checkpoint scaled while its scale was not 1.
+ROW_KEYS = ("exp_avg", "exp_avg_sq", "step", "loss_scale", "good_steps", "skipped", "scaling")
+FORMAT = 3
 
 
 @dataclass
@@ -90,7 +93,7 @@ def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: d
     try:
         save_file(tensors, str(tmp / STATE_FILE), metadata={"step": str(step)})
         maybe_fault("checkpoint.mid_write", step)
-        meta = {"step": step, "format": 2}
+        meta = {"step": step, "format": FORMAT}
         if layout is not None:
             meta.update(vectors=layout.n, widths=list(layout.widths))
         (tmp / "meta.json").write_text(json.dumps(meta))
@@ -118,6 +121,8 @@ def restore_row(ckpt: Checkpoint, row: int, vectors: torch.Tensor, state: dict, 
             f"checkpoint {ckpt.path} holds a word of {saved[0]} floats but this run trains {wanted[0]} "
             f"({_described(ckpt)}); resume with the --vectors and model it was started with"
         )
+    if "scaling" not in tensors:  # format 2: the rule it was trained by
+        tensors["scaling"] = tensors["loss_scale"] != 1.0
     with torch.no_grad():
         vectors[row : row + 1].copy_(tensors["vector"].to(vectors.device))
         for key in ROW_KEYS:

@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 
 from engine import faults
+from engine.devices import determinism
 from engine.errors import JobCancelled, UserError, one_line
 from engine.store.paths import atomic_write_text, disk_full_message, home_dir, is_disk_full
 from engine.store.runs import EventLog, set_status
@@ -49,6 +50,7 @@ class Worker:
         self.cache: dict = {}  # survives between jobs: this is where warm models live
         # Where its jobs run, recorded in their run.json: {"device": "cuda:1"} (and "node" on Ray).
         self.placement = placement if placement is not None else {"device": own_device()}
+        determinism.prepare_process()  # before any job starts CUDA, so any job may ask for --deterministic
 
     # -- talking to the server
 
@@ -102,6 +104,7 @@ class Worker:
         record, and no group its final status, which the server writes once all have ended)."""
         run_id, run_dir, group = job.run_id, Path(job.run_dir), job.group
         lead = group is None or group.index == 0
+        _reset_peak_memory(self.placement.get("device"))  # the job's own vram_peak
         log = EventLog(run_dir / "events.jsonl")
         ctx = JobContext(
             spec={"kind": job.kind, "concept": job.concept, "params": job.params, "run_id": run_id,
@@ -228,6 +231,15 @@ def own_device() -> str:
     from engine.devices.probe import probe
 
     return os.environ.get("TISTUDIO_DEVICE") or probe().get("device", "cpu")
+
+
+def _reset_peak_memory(device: str | None) -> None:
+    """The allocator's peak, counted from this job's start (engine.devices.runtime.reset_peak_memory).
+    Only once a job has loaded torch: before that there is no peak, and this worker stays torch-free."""
+    if device and "torch" in sys.modules:
+        from engine.devices.runtime import reset_peak_memory
+
+        reset_peak_memory(device)
 
 
 def _free_memory() -> None:

@@ -58,12 +58,14 @@ def add_commands(sub) -> None:
     p.add_argument("name")
     p.add_argument("--words", type=word_list, required=True, help="e.g. fish,dragon")
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
+    _deterministic_arg(p)
     p.add_argument("--seed", type=int, default=0, help="random seed of every run")
     _experiment_args(p)
     p = exp.add_parser("seeds", help="one run per seed (trained together), grid and table")
     p.add_argument("name")
     p.add_argument("--seeds", type=int_list, required=True, help="e.g. 1,2")
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
+    _deterministic_arg(p)
     _experiment_args(p)
     p = exp.add_parser("regularize", help="one run per way of keeping the word editable (trained together): "
                                           "Table 1 for each, with the SD row, and a grid")
@@ -74,6 +76,7 @@ def add_commands(sub) -> None:
     p.add_argument("--reg-weight", type=float_arg, default=0.0,
                    help="strength of init-l2 and norm where METHOD:W gives none (0: each method's default)")
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
+    _deterministic_arg(p)
     p.add_argument("--seed", type=int, default=0, help="random seed of every run")
     _experiment_args(p)
     p = exp.add_parser("synthesis", help="the study's section 5: the word in new scenes (objects) or on new "
@@ -85,6 +88,11 @@ def add_commands(sub) -> None:
     _sampling_args(p)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=experiment)
+
+
+def _deterministic_arg(p) -> None:
+    p.add_argument("--deterministic", action="store_true",
+                   help="train with torch's deterministic algorithms (the same bits on every CUDA run; slower)")
 
 
 def _sampling_args(p) -> None:
@@ -218,6 +226,8 @@ def experiment(args) -> int:
                       preview_every=0, save_every=args.steps)
     else:
         params.update(values=args.seeds, steps=args.steps, preview_every=0, save_every=args.steps)
+    if getattr(args, "deterministic", False):  # the experiments that train
+        params["deterministic"] = True
     result = run_job("experiment", args.name, params, quiet=args.json)
     if args.json:
         print_json(result)

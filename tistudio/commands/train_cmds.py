@@ -71,6 +71,9 @@ def add_commands(sub) -> None:
                     help="torch.compile the UNet (reduce-overhead: CUDA graphs; a slow first warm-up)")
     hw.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                     help="frozen weights' dtype (auto: fp16 on CUDA, fp32 on CPU)")
+    hw.add_argument("--deterministic", action="store_true",
+                    help="torch's deterministic algorithms: a resumed run ends bit for bit where an "
+                         "uninterrupted one does on CUDA too (on a CPU it always does); slower")
     hw.add_argument("--device", help="cpu, cuda or cuda:N (default: $TISTUDIO_DEVICE, else CUDA when present)")
     p.add_argument("--detach", action="store_true", help="print the run id and return at once")
     p.set_defaults(func=train)
@@ -96,7 +99,7 @@ def train_params(args) -> dict:
         "keep_checkpoints": args.keep_checkpoints, "preview_every": args.preview_every,
         "preview_steps": args.preview_steps, "log_every": args.log_every, "resolution": args.resolution,
         "center_crop": args.center_crop, "flip_p": args.flip, "low_vram": args.low_vram, "compile": args.compile,
-        "precision": args.precision, "device": args.device, **model_params(),
+        "deterministic": args.deterministic, "precision": args.precision, "device": args.device, **model_params(),
     }
     methods = args.regularize if len(args.regularize) > 1 else None
     optional = {"init": args.init, "seeds": args.seeds, "inits": args.inits, "regularizes": methods,
@@ -181,6 +184,7 @@ def _header(args, runs: int) -> str:
     what = f"{runs} runs trained together, " if runs > 1 else ""
     extras = [x for x in ("low-vram" if args.low_vram else "",
                           f"compile {args.compile}" if args.compile != "off" else "",
+                          "deterministic" if args.deterministic else "",
                           f"{args.vectors} vectors" if args.vectors > 1 else "") if x]
     return (f"training {args.name}: {what}{args.steps} steps, lr {args.lr:g}, {batch_text}"
             + (f", {', '.join(extras)}" if extras else ""))

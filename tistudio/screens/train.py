@@ -368,4 +368,6 @@ def run_facts(header: dict, job: dict, penalty: float | None = None) -> list[str
         parts.append(f"from {start if '@' in start else Path(start).name}")
     if params.get("low_vram"):
         parts.append("low VRAM")
+    if facts.get("deterministic"):
+        parts.append("deterministic")
     return parts

@@ -3,7 +3,8 @@
 The study's settings come first (steps, lr, seed, batch); the options for a small
 card or an unusual run follow (grad accumulation with the effective batch it gives,
 low VRAM, init from an existing embedding, several vectors, a regularizer that keeps
-the word editable, checkpoint pruning, compile, resolution, prompt templates, device).
+the word editable, checkpoint pruning, compile, deterministic algorithms, resolution, prompt
+templates, device).
 An empty optional field is left out of the params, so the engine's default applies.
 
 The settings file's `[train]` table (the one `tistudio train` reads) gives the fields
@@ -41,6 +42,7 @@ COMPILE_MODES = ("off", "default", "reduce-overhead")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 SELECTS = {"lr_schedule": LR_SCHEDULES, "precision": PRECISIONS, "compile": COMPILE_MODES, "regularize": REGULARIZERS}
+CHECKBOXES = ("low_vram", "deterministic")  # on/off settings: true or false in the settings file
 # `tistudio train` options the form has no field for, as the job params they become
 HIDDEN_PARAMS = {"center_crop": "center_crop", "flip": "flip_p", "preview_steps": "preview_steps"}
 SWEEP_ONLY = ("seeds", "inits", "detach")  # CLI-only: the form trains one run
@@ -85,6 +87,7 @@ class TrainForm(VerticalScroll):
                                            compact=True))
         yield FieldRow("Compile", Select(_choices(COMPILE_MODES), value="off", allow_blank=False, id="compile",
                                          compact=True))
+        yield FieldRow("Deterministic", Checkbox("", id="deterministic", compact=True))
         yield field("Resolution", "resolution", "(model's)", integer=True)
         yield field("Templates", "templates", "(the study's)", suggester=PathSuggester())
         yield field("Device", "device", "(auto)")
@@ -111,11 +114,11 @@ class TrainForm(VerticalScroll):
                     problems.append(f"{key} = {value!r} is not one of {', '.join(SELECTS[name])}")
                     continue
                 self.query_one(f"#{name}", Select).value = value
-            elif name == "low_vram":
+            elif name in CHECKBOXES:
                 if not isinstance(value, bool):
                     problems.append(f"{key} must be true or false")
                     continue
-                self.query_one("#low_vram", Checkbox).value = value
+                self.query_one(f"#{name}", Checkbox).value = value
             elif name in HIDDEN_PARAMS:
                 self.hidden_params[HIDDEN_PARAMS[name]] = value
             elif name in SWEEP_ONLY:
@@ -187,6 +190,7 @@ class TrainForm(VerticalScroll):
             "weight_decay": parse_float(text("weight_decay"), "Weight decay"),
             "precision": self.query_one("#precision", Select).value,
             "compile": self.query_one("#compile", Select).value,
+            "deterministic": self.query_one("#deterministic", Checkbox).value,
             **self.hidden_params,
         }
         optional = {
