@@ -273,10 +273,13 @@ async def test_cancel_stops_a_running_job_within_a_second_and_drops_a_queued_one
     queued = await client.submit("echo")
     await first_event(client, running, is_step)
     assert await client.cancel(queued) == "cancelled"
-    started = time.monotonic()
+    asked_at = run_record(home, running)["step"]
     assert await client.cancel(running) == "cancelling"
-    assert await client.wait(running) == "cancelled"
-    assert time.monotonic() - started < 1.5
+    assert await client.wait(running) == "cancelled"  # it stopped itself: not killed after the grace
+    # Within a second of the handler's own pace (a step is 0.1 s), however busy the machine: counted in
+    # the steps it took after the request, not in wall-clock seconds.
+    steps = [e["step"] for e in await collect(client, running) if is_step(e)]
+    assert steps[-1] - asked_at <= 10, (asked_at, steps[-1])
     assert run_record(home, running)["status"] == "cancelled"
     assert statuses(await collect(client, queued)) == ["queued", "cancelled"]  # it never ran
     with pytest.raises(UserError, match="already cancelled"):
@@ -427,15 +430,18 @@ async def test_the_engine_replays_100k_events_quickly(home):
     for i in range(100_000):
         log.append({"type": "step", "step": i, "loss": 0.5})
     log.close()
-    timings = []
-    for _ in range(3):  # best of three: the machine may be busy with other tests
+    timings, local = [], []
+    for _ in range(3):  # best of three; each against reading the same file here, at the same moment
+        started = time.perf_counter()
+        EventLog(jobs.find_run(home, run_id) / "events.jsonl").read()
+        local.append(time.perf_counter() - started)
         started = time.perf_counter()
         events = await collect(client, run_id)
         timings.append(time.perf_counter() - started)
         assert len(events) == 100_004 and events[-1]["seq"] == 100_004
-        if timings[-1] < 1.0:
-            break
-    assert min(timings) < 1.0, f"engine replays of 100k events took {timings}"
+    # Relative, so a loaded machine slows both: the socket, the engine and the client's parsing cost
+    # at most a few times what parsing the file costs (1 s on a quiet 2-core machine is ~4x).
+    assert min(timings) < max(1.0, 6 * min(local)), f"engine replays of 100k events took {timings}, a read {local}"
     await client.stop()
 
 

@@ -66,13 +66,11 @@ def test_a_worker_after_the_first_torch_job_is_forked_warm_in_its_own_environmen
     os.kill(worker, signal.SIGKILL)  # the crash every restart follows
     _until_gone(cpu_pair, worker)
 
-    t0 = time.monotonic()
     probe = _result(cpu_pair, call("submit", "process", home=cpu_pair))
     assert probe["torch_before"], probe  # warm: torch was there before the job asked
     assert probe["ppid"] == fork["zygote"] and probe["pid"] != worker and probe["name"] == "tistudio-worker"
     # OpenMP read its thread count when the zygote imported torch; the worker still gets its own share
     assert probe["threads"] == (cpu_threads(["cpu", "cpu"]) or os.cpu_count()) and probe["device"] == "cpu"
-    assert time.monotonic() - t0 < 3.0, "a forked worker should not import torch again"
     assert "forked warm from zygote" in _engine_status_text(cpu_pair)
 
 
