@@ -269,13 +269,34 @@ def random_clip_weights(name: str, path: Path) -> Path:
 
 
 def compiled(b: Bench, mode: str) -> dict:
-    """torch.compile'd steps: the first warm-up compiles; a second run on the warm model reuses it."""
+    """torch.compile'd steps: the first warm-up compiles; a second run on the warm model reuses it.
+    Memory reserved before, while the warm model holds the compiled UNet after its runs, and
+    once it is released (engine/inversion/compiled.py: its CUDA graphs' pool must go with it)."""
+    from engine.inversion.compiled import release_compiled
+
+    before = reserved_gib(b.device)
     first = train_step(b, compile=mode)
     b.partial(first_warmup_s=first["warmup_s"], first_steps_per_s=first["steps_per_s"])
     second = train_step(b, compile=mode)
+    held = reserved_gib(b.device)
+    release_compiled(b.model)
     disabled = os.environ.get("TORCH_COMPILE_DISABLE", "") not in ("", "0")
     return {**second, "first_warmup_s": first["warmup_s"], "second_warmup_s": second["warmup_s"],
-            "compile_disabled_by_env": disabled}
+            "compile_disabled_by_env": disabled, "reserved_before_gib": before, "reserved_held_gib": held,
+            "reserved_released_gib": reserved_gib(b.device)}
+
+
+def reserved_gib(device) -> float | None:
+    """What torch's allocator keeps on the device once garbage and its free cache are gone."""
+    import gc
+
+    import torch
+
+    if device.type != "cuda":
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return torch.cuda.memory_reserved(device) / GIB
 
 
 MEASURES = {f.__name__: f for f in (train_step, reference, syncs, generation, table1, compiled)}

@@ -38,6 +38,7 @@ from engine.devices.determinism import deterministic
 from engine.devices.runtime import memory_figures, reset_peak_memory
 from engine.errors import JobCancelled, UserError
 from engine.faults import maybe_fault
+from engine.inversion.compiled import compiled_unet
 from engine.inversion.data import (
     default_preview_prompt,
     encode_images,
@@ -136,7 +137,8 @@ class Inversion:
         ]
         self.generators = [torch.Generator().manual_seed(s.config.seed) for s in slots]
         self.start_step = 0
-        self.unet = compiled_unet(model, self.cfg0.compile)
+        self.unet = compiled_unet(model, self.cfg0.compile, batch=self.k * self.cfg0.batch_size,
+                                  resolution=self.resolution, low_vram=self.cfg0.low_vram)
         self.determinism = {"deterministic": False}  # what --deterministic did (train_many sets it)
 
     # --- setup -------------------------------------------------------------------------------
@@ -387,16 +389,6 @@ class Inversion:
             path = slot.run_dir / "previews" / f"step-{step}.png"
             atomic_write_bytes(path, buf.getvalue())
             slot.reporter.emit("preview", step=step, path=str(path), prompt=prompt.replace(word, cfg.token))
-
-
-def compiled_unet(model, mode: str):
-    """The UNet, or a torch.compile'd wrapper kept on the warm model so later runs skip the warm-up."""
-    if mode == "off":
-        return model.unet
-    cache = model.__dict__.setdefault("_compiled", {})
-    if mode not in cache:
-        cache[mode] = torch.compile(model.unet, mode=None if mode == "default" else mode)
-    return cache[mode]
 
 
 def _init_ids(tokenizer, init: str, n: int) -> list[int]:

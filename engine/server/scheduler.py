@@ -367,6 +367,7 @@ class Scheduler:
             "step": (step or {}).get("step"), "steps": (step or {}).get("steps"),
             "steps_per_s": (step or {}).get("steps_per_s"), "name": info.get("name"), "memory": memory,
             "source": info.get("source"), **{k: info[k] for k in DEVICE_NOTES if info.get(k) is not None},
+            **({"held": info["held"]} if info.get("held") else {}),  # an idle worker's warm model, compiled UNet
         }
 
 

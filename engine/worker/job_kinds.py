@@ -19,7 +19,7 @@ def warm_model(ctx, spec: str | None, precision: str = "auto", device: str | Non
     key, dev, dtype = _model_key(spec, precision, device)
     cached = ctx.cache.get("model")
     if cached is None or cached[0] != key:
-        ctx.cache.pop("model", None)  # one model at a time: give its memory back first
+        drop_model(ctx.cache)  # one model at a time: give its memory back first
         ctx.emit("log", message=f"loading model {key[0]} on {dev} ({str(dtype).replace('torch.', '')})")
         ctx.cache["model"] = (key, load_model(key[0], dev, dtype))
     return ctx.cache["model"][1]
@@ -95,6 +95,30 @@ def handle_sweep(ctx) -> dict:
     with _friendly_failures():
         members, finals = train_sweep(ctx, model, concept, params, on_step=mirror)
     return {"members": [m.run_id for m in members], "embeddings": [str(f) for f in finals]}
+
+
+def drop_model(cache: dict) -> None:
+    """Let the warm model go, with the compiled UNet it holds (whose compiled code and CUDA
+    graphs would otherwise keep its memory)."""
+    cached = cache.pop("model", None)
+    if cached is not None:
+        from engine.inversion.compiled import release_compiled
+
+        release_compiled(cached[1])
+
+
+def held(cache: dict) -> dict:
+    """What a worker keeps between jobs, for `engine status`: its warm model and, when a job
+    compiled one, the compiled UNet ({"mode", "batch", "resolution", "low_vram"})."""
+    cached = cache.get("model")
+    if cached is None:
+        return {}
+    from engine.inversion.compiled import compiled_held
+
+    model = cached[1]
+    found = {"model": model.info.spec, "dtype": str(model.dtype).replace("torch.", "")}
+    compiled = compiled_held(model)
+    return {**found, "compiled_unet": compiled} if compiled else found
 
 
 def _trainable_concept(ctx):

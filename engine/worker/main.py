@@ -95,7 +95,17 @@ class Worker:
             if isinstance(msg, protocol.RunJob):
                 self.run_job(msg.job)
             elif isinstance(msg, protocol.ProbeDevice):
-                self.send(protocol.DeviceReport(device_info()))
+                self.send(protocol.DeviceReport(self.device_report()))
+
+    def device_report(self) -> dict | None:
+        """device_info(), and what this worker keeps between jobs (`held`: its warm model, a
+        compiled UNet), which `engine status` shows."""
+        info = device_info()
+        if info is None or not self.cache:  # nothing is held before a job has loaded torch
+            return info
+        from engine.worker.job_kinds import held
+
+        return {**info, "held": held(self.cache)}
 
     # -- running one job
 

@@ -200,9 +200,21 @@ def _worker(worker: dict) -> str:
                      else f"device {fmt_bytes(memory['vram_total'])}")
     if memory.get("rss"):
         parts.append(f"RSS {fmt_bytes(memory['rss'])}")
+    if worker.get("held"):
+        parts.append(_held(worker["held"]))
     if worker.get("pid"):
         parts.append(f"pid {worker['pid']}")
     return " · ".join(parts)
+
+
+def _held(held: dict) -> str:
+    """What an idle worker keeps between jobs: its warm model, and a compiled UNet with what it was compiled for."""
+    text = f"holds {held.get('model')} ({held.get('dtype')})" if held.get("model") else "holds nothing"
+    compiled = held.get("compiled_unet")
+    if compiled:
+        text += (f" + compiled UNet ({compiled.get('mode')}, batch {compiled.get('batch')}, "
+                 f"{compiled.get('resolution')} px{', low VRAM' if compiled.get('low_vram') else ''})")
+    return text
 
 
 def _environment(env: dict) -> str:
