@@ -71,9 +71,70 @@ def test_cpu_workers_sharing_a_box_split_its_cores():
     assert cpu_threads(["cpu", "cpu", "cpu"], cores=8) == 2
     assert cpu_threads(["cpu"] * 4, cores=2) == 1  # never below one
     assert cpu_threads(["cuda:0", "cpu"], cores=8) is None
-    assert worker_env("cpu", 1, {"PATH": "/bin"}) == {"PATH": "/bin", "TISTUDIO_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    bus = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}  # every worker numbers GPUs as nvidia-smi does
+    assert worker_env("cpu", 1, {"PATH": "/bin"}) == {"PATH": "/bin", "TISTUDIO_DEVICE": "cpu", "OMP_NUM_THREADS": "1",
+                                                      **bus}
     assert worker_env("cpu", 1, {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"  # the user's choice wins
-    assert worker_env("cuda:2", None, {}) == {"TISTUDIO_DEVICE": "cuda:2"}
+    assert worker_env("cuda:2", None, {}) == {"TISTUDIO_DEVICE": "cuda:2", **bus}
+
+
+# nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.used --format=csv,noheader,nounits, and -L:
+# an A100 in MIG mode with two MIG devices (the second in the pre-R470 UUID form) beside one that is not.
+MIG_TABLE = ("0, GPU-5c89852c-d268, NVIDIA A100-SXM4-40GB, 40960, 87\n"
+             "1, GPU-7d11aa00-0001, NVIDIA A100-SXM4-40GB, 40960, 0\n")
+MIG_LIST = """GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5c89852c-d268)
+  MIG 3g.20gb     Device  0: (UUID: MIG-b5e8d4a1-0000-5000-8000-00000000000a)
+  MIG 2g.10gb     Device  1: (UUID: MIG-GPU-5c89852c-d268/2/0)
+GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-7d11aa00-0001)
+"""
+# A mixed box: bus order (nvidia-smi's) puts the slower card first; CUDA's default would not.
+MIXED_TABLE = "0, GPU-aaaa, NVIDIA GeForce RTX 3060, 12288, 300\n1, GPU-bbbb, NVIDIA RTX A6000, 49140, 0\n"
+
+
+def test_a_mig_device_in_cuda_visible_devices_is_found_and_is_one_device(monkeypatch):
+    gpus = device_probe.parse_gpus(MIG_TABLE, MIG_LIST)
+    assert [(g.uuid, len(g.migs)) for g in gpus] == [("GPU-5c89852c-d268", 2), ("GPU-7d11aa00-0001", 0)]
+    second = "MIG-GPU-5c89852c-d268/2/0"
+    [shown] = device_probe.visible(gpus, second)
+    assert (shown.uuid, shown.name) == (second, "NVIDIA A100-SXM4-40GB MIG 2g.10gb")
+    # CUDA enumerates one MIG device per process; a GPU in MIG mode stands for its first
+    first = "MIG-b5e8d4a1-0000-5000-8000-00000000000a"
+    assert [d.uuid for d in device_probe.visible(gpus, f"MIG-b5e8,{second}")] == [first]
+    assert [d.uuid for d in device_probe.visible(gpus, None)] == [first, "GPU-7d11aa00-0001"]
+    monkeypatch.setattr(device_probe, "all_gpus", lambda: gpus)
+    monkeypatch.setattr(device_probe, "torch_has_cuda", lambda: True)
+    assert engine_devices({"CUDA_VISIBLE_DEVICES": second}) == ["cuda:0"]  # was: no GPU matched, so the CPU
+    found = device_probe.probe({"CUDA_VISIBLE_DEVICES": "MIG-b5e8d4a1-0000-5000-8000-00000000000a"})
+    assert (found["device"], found["name"]) == ("cuda:0", "NVIDIA A100-SXM4-40GB MIG 3g.20gb")
+
+
+def test_nvidia_smi_is_asked_for_the_gpus_and_the_mig_devices(tmp_path, monkeypatch):
+    """A stand-in nvidia-smi on PATH answers both questions as the real one does."""
+    smi = tmp_path / "nvidia-smi"
+    (tmp_path / "table").write_text(MIG_TABLE)
+    (tmp_path / "list").write_text(MIG_LIST)
+    smi.write_text(f'#!/bin/sh\nif [ "$1" = "-L" ]; then cat {tmp_path}/list; else cat {tmp_path}/table; fi\n')
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    gpus = device_probe.all_gpus()
+    assert [(g.index, g.name, g.total, [m.uuid for m in g.migs]) for g in gpus] == [
+        (0, "NVIDIA A100-SXM4-40GB", 40960 * 2**20,
+         ["MIG-b5e8d4a1-0000-5000-8000-00000000000a", "MIG-GPU-5c89852c-d268/2/0"]),
+        (1, "NVIDIA A100-SXM4-40GB", 40960 * 2**20, [])]
+
+
+def test_on_a_mixed_box_workers_number_gpus_as_nvidia_smi_does():
+    from engine.server.ray_workers import actor_env
+
+    gpus = device_probe.parse_gpus(MIXED_TABLE)
+    env = worker_env("cuda:1", None, {})
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID" and actor_env({})["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    found = device_probe.probe(env, gpus)
+    assert (found["name"], found["vram_total"], found.get("note")) == ("NVIDIA RTX A6000", 49140 * 2**20, None)
+    # the user's own order wins, and the probe says what that means for the names it shows
+    env = worker_env("cuda:1", None, {"CUDA_DEVICE_ORDER": "FASTEST_FIRST"})
+    assert env["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+    assert "CUDA_DEVICE_ORDER=FASTEST_FIRST" in device_probe.probe(env, gpus)["note"]
 
 
 def test_sweep_members_split_into_balanced_groups_and_resume_by_checkpoint_step():

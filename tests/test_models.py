@@ -147,3 +147,69 @@ def test_single_file_without_a_fitting_bundled_config_is_refused(tmp_path):
               str(path))
     with pytest.raises(UserError, match="text width 48, which no bundled config fits"):
         model_info(str(path))
+
+
+# stabilityai/stable-diffusion-xl-base-1.0's listing (abridged only where folders repeat): ~37 GB in all.
+SDXL_BASE_FILES = [
+    ".gitattributes", "LICENSE.md", "README.md", "01.png", "model_index.json",
+    "sd_xl_base_1.0.safetensors", "sd_xl_base_1.0_0.9vae.safetensors", "sd_xl_offset_example-lora_1.0.safetensors",
+    "scheduler/scheduler_config.json",
+    *[f"{enc}/{name}" for enc in ("text_encoder", "text_encoder_2") for name in (
+        "config.json", "flax_model.msgpack", "model.fp16.safetensors", "model.onnx", "model.safetensors",
+        "openvino_model.bin", "openvino_model.xml")],
+    *[f"{tok}/{name}" for tok in ("tokenizer", "tokenizer_2") for name in (
+        "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")],
+    "unet/config.json", "unet/diffusion_flax_model.msgpack", "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.safetensors", "unet/model.onnx", "unet/model.onnx_data", "unet/openvino_model.bin",
+    *[f"{vae}/{name}" for vae in ("vae", "vae_1_0") for name in (
+        "config.json", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors")],
+    "vae_decoder/config.json", "vae_decoder/model.onnx", "vae_encoder/openvino_model.bin",
+]
+
+
+def test_a_hub_download_fetches_what_the_pipeline_loads_in_one_precision_and_format():
+    from engine.sd.models import hub_files
+
+    configs = ["model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+               "text_encoder_2/config.json", *[f"{tok}/{name}" for tok in ("tokenizer", "tokenizer_2") for name in (
+                   "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")],
+               "unet/config.json", "vae/config.json"]
+    assert sorted(hub_files(SDXL_BASE_FILES)) == sorted(configs)  # the CLI and the studio: configs alone
+    weights = ["text_encoder/model.safetensors", "text_encoder_2/model.safetensors",
+               "unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"]
+    assert sorted(hub_files(SDXL_BASE_FILES, weights=True)) == sorted(configs + weights)
+    # An SD 1.x repo of .bin twins, a .bin-only component, a sharded UNet; no safety checker, no root .ckpt.
+    sd1 = ["model_index.json", "v1-5-pruned.ckpt", "v1-5-pruned-emaonly.safetensors",
+           "safety_checker/config.json", "safety_checker/model.safetensors",
+           "feature_extractor/preprocessor_config.json",
+           "text_encoder/config.json", "text_encoder/pytorch_model.bin", "text_encoder/pytorch_model.fp16.bin",
+           "unet/config.json", "unet/diffusion_pytorch_model.safetensors.index.json",
+           "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+           "unet/diffusion_pytorch_model-00002-of-00002.safetensors", "unet/diffusion_pytorch_model.bin",
+           "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+           "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+           "vae/config.json", "vae/diffusion_pytorch_model.bin", "vae/diffusion_pytorch_model.safetensors"]
+    assert sorted(hub_files(sd1, weights=True)) == sorted([
+        "model_index.json", "text_encoder/config.json", "text_encoder/pytorch_model.bin", "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors", "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors"])
+
+
+def test_online_the_hub_snapshot_asks_for_the_chosen_files_only(monkeypatch):
+    """No network: the listing and the download are stand-ins; what is asked for is the point."""
+    import huggingface_hub
+
+    from engine.sd.models import _hub_snapshot
+
+    asked = []
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo_id: SDXL_BASE_FILES)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda repo_id, **kw: asked.append(kw) or "/snapshots/x")
+    assert str(_hub_snapshot("stabilityai/stable-diffusion-xl-base-1.0", weights=True)) == "/snapshots/x"
+    [kwargs] = asked
+    assert "unet/diffusion_pytorch_model.safetensors" in kwargs["allow_patterns"]
+    assert not [f for f in kwargs["allow_patterns"] if "fp16" in f or f.endswith((".bin", ".ckpt", ".onnx"))
+                or f.startswith("sd_xl")]

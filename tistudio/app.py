@@ -94,6 +94,7 @@ class StudioApp(App):
         super().__init__()
         self.home = home_dir(home)
         self.model = resolve_spec(model)
+        self.model_options, self._options_problem = _model_options()
         self.config = config or Config.load()
         self.image_protocol = image_protocol or self.config.effective_protocol()
         self.clip = clip  # None: the engine's default CLIP for the model
@@ -107,6 +108,7 @@ class StudioApp(App):
                                    **({"poll_seconds": poll_seconds} if poll_seconds else {}))
         self.tokenizer = None
         self.model_family: str | None = None  # "SD 1.x", "SDXL" … once the model's configs are read
+        self.model_reading = ""  # how the model predicts and why, e.g. "v_prediction, 768 px (guessed)"
         self.selected_concept: str | None = None
         self.prompt_hint: str | None = None
         self.watched: set[str] = set()  # runs a screen shows: followed until complete
@@ -147,7 +149,8 @@ class StudioApp(App):
                 f"theme {wanted!r} was not found in {', '.join(str(d) for d in theme_dirs())} or Textual's own; "
                 f"using {self.theme} (ctrl+p lists the themes; pick one to remember it)")
         self.theme_changed_signal.subscribe(self, self._theme_changed)
-        for problem in self._theme_problems + ([self.config.problem] if self.config.problem else []):
+        problems = [self.config.problem, self._options_problem]
+        for problem in self._theme_problems + [p for p in problems if p]:
             self.notify(problem, severity="warning", title="Settings")
         self.bridge.start()
         self._load_tokenizer()
@@ -158,12 +161,9 @@ class StudioApp(App):
 
     @work(thread=True, group="tokenizer", exit_on_error=False)
     def _load_tokenizer(self) -> None:
-        from engine.sd.models import load_tokenizer, model_info
+        from engine.sd.models import load_tokenizer
 
-        try:  # the family first: its configs alone say it (no torch), and the status bar shows it
-            self._from_thread(self._family_known, model_info(self.model).family_label)
-        except Exception:  # noqa: BLE001 - a model the engine cannot read fails there, with its reason
-            pass
+        self._read_model_info()
         try:
             tokenizer = load_tokenizer(self.model)
         except Exception as exc:  # noqa: BLE001 - the live check is a help, not a requirement
@@ -173,14 +173,42 @@ class StudioApp(App):
             return
         self._from_thread(self._tokenizer_ready, tokenizer)
 
+    def _read_model_info(self) -> None:
+        """The family and how the model predicts, from its configs alone (no torch): the status
+        bar shows the family; a guessed SD 2.x prediction type is said once, as a warning."""
+        from engine.sd.models import model_info
+
+        try:
+            info = model_info(self.model, self.model_options)
+        except Exception:  # noqa: BLE001 - a model the engine cannot read fails there, with its reason
+            return
+        reading = f"{info.prediction_type}, {info.resolution} px ({PREDICTION_SOURCES.get(info.prediction_source)})"
+        self._from_thread(self._family_known, info.family_label, reading, info.note)
+
+    def model_params(self) -> dict:
+        """The job params naming the model: its spec and what qualifies it (engine.settings.model)."""
+        return {"model": self.model, **self.model_options.params()}
+
+    @work(thread=True, group="model-info", exit_on_error=False)
+    def set_prediction_type(self, prediction_type: str | None) -> None:
+        """Read the model as predicting `prediction_type` (None: as its files say) for the jobs
+        this studio submits from now on (the palette's Model commands; not remembered)."""
+        from engine.settings.model import ModelOptions
+
+        self.model_options = ModelOptions(prediction_type, self.model_options.resolution)
+        self._read_model_info()
+        self._from_thread(self.notify, f"Model read as: {self.model_reading}", title="Model")
+
     def _from_thread(self, callback, *args, **kwargs) -> None:
         try:
             self.call_from_thread(callback, *args, **kwargs)
         except RuntimeError:
             pass  # the app has gone meanwhile
 
-    def _family_known(self, label: str) -> None:
-        self.model_family = label
+    def _family_known(self, label: str, reading: str = "", note: str = "") -> None:
+        self.model_family, self.model_reading = label, reading
+        if note:
+            self.notify(note, severity="warning", title="Model")
         self.changed.publish(StatusChanged())
 
     def _tokenizer_ready(self, tokenizer) -> None:
@@ -321,6 +349,7 @@ class StudioApp(App):
         return [
             f"data home: {self.home}",
             f"model: {self.model}" + (f" ({self.model_family})" if self.model_family else ""),
+            *([f"model predicts: {self.model_reading}  — ctrl+p Model: to change"] if self.model_reading else []),
             f"settings: {config_path()}",
             f"themes: {', '.join(str(d) for d in theme_dirs())}",
             f"images: {self.image_protocol}" + (f" (using {resolved})" if resolved != self.image_protocol else "")
@@ -417,7 +446,27 @@ class StudioApp(App):
         for protocol in PROTOCOLS:
             yield SystemCommand(f"Images: {protocol}", "Draw images with this protocol (remembered)",
                                 lambda p=protocol: self.set_image_protocol(p))
+        for choice, what in (("epsilon", "an SD 2.x-base file (512 px)"), ("v_prediction", "SD 2.x at 768 px"),
+                             (None, "as the model's own files say")):
+            yield SystemCommand(f"Model: prediction type {choice or 'from the model'}",
+                                f"Read the model as {what}, for the jobs started from now on (this session)",
+                                lambda c=choice: self.set_prediction_type(c))
         yield SystemCommand("Help", "Keys and settings", self.action_help)
+
+PREDICTION_SOURCES = {"config": "its config", "flag": "as asked", "global_step": "from the file's global_step",
+                      "guess": "guessed"}
+
+
+def _model_options():
+    """What qualifies the studio's model ($TISTUDIO_PREDICTION_TYPE/$TISTUDIO_MODEL_RESOLUTION, set
+    from --prediction-type, --model-resolution or the config file), and a problem to show, or None."""
+    from engine.errors import UserError
+    from engine.settings.model import ModelOptions
+
+    try:
+        return ModelOptions.from_env(), None
+    except UserError as exc:
+        return ModelOptions(), f"{exc}; reading the model as its files say"
 
 
 def run_app(home: os.PathLike | str | None = None, model: str | None = None) -> int:

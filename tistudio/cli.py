@@ -15,6 +15,7 @@ import argparse
 import os
 import sys
 
+from engine.settings.model import PREDICTION_TYPES
 from tistudio.commands import (
     config_cmds,
     engine_cmds,
@@ -24,6 +25,7 @@ from tistudio.commands import (
     studio_cmds,
     train_cmds,
 )
+from tistudio.commands.args import positive_int
 
 COMMAND_MODULES = (library_cmds, train_cmds, run_cmds, job_cmds, engine_cmds, config_cmds, studio_cmds)
 
@@ -63,6 +65,15 @@ def _add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
     parser.add_argument("--model", default=default, metavar="SPEC",
                         help="model spec: builtin:demo, builtin:tiny, a diffusers folder, a .safetensors/.ckpt, "
                              "a hub id (else $TISTUDIO_MODEL, the config file's model, builtin:demo)")
+    # They qualify --model where its weights cannot say (an SD 2.x single file: 768 px v-prediction,
+    # or 512 px epsilon); engine.settings.model.  Not --resolution: train/generate have their own.
+    parser.add_argument("--prediction-type", default=default, choices=PREDICTION_TYPES,
+                        help="what the model predicts, for an SD 2.x single file: epsilon (2.x-base, 512 px) or "
+                             "v_prediction (768 px) (else $TISTUDIO_PREDICTION_TYPE, the config file's "
+                             "prediction_type, the file's own sign or the guess v_prediction)")
+    parser.add_argument("--model-resolution", default=default, type=positive_int, metavar="PX",
+                        help="the model's own resolution in pixels, e.g. 512 for a 2.x-base file (else "
+                             "$TISTUDIO_MODEL_RESOLUTION, the config file's model_resolution, the model's config)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _autocomplete(parser)
     args = parser.parse_args(argv)
-    _settle_globals(args)
+    try:
+        _settle_globals(args)
+    except _config_errors() as exc:  # a bad model_resolution in the config file, say
+        print(f"tistudio: error: {exc}", file=sys.stderr)
+        return 2
     if args.version:
         from tistudio.commands.about import version_report
 
@@ -136,8 +151,27 @@ def _settle_globals(args) -> None:
     model = args.model or os.environ.get("TISTUDIO_MODEL") or config.model
     if model:
         os.environ["TISTUDIO_MODEL"] = model
+    _settle_model_options(args, config)
     if config.ray_address and "TISTUDIO_RAY_ADDRESS" not in os.environ:
         os.environ["TISTUDIO_RAY_ADDRESS"] = config.ray_address  # an engine started from here runs on Ray
+
+
+def _settle_model_options(args, config) -> None:
+    """--prediction-type/--model-resolution, else the environment's, else the config file's
+    prediction_type/model_resolution, into the environment beside $TISTUDIO_MODEL.  The config
+    file's qualify the config file's model: another --model or $TISTUDIO_MODEL leaves them out."""
+    from engine.settings.model import PREDICTION_ENV, RESOLUTION_ENV, ModelOptions, prediction_type, resolution
+
+    for env, value in ((PREDICTION_ENV, args.prediction_type), (RESOLUTION_ENV, args.model_resolution)):
+        if value is not None:
+            os.environ[env] = str(value)
+    from_file = ModelOptions(prediction_type(config.prediction_type, f"{config.path}: prediction_type"),
+                             resolution(config.model_resolution, f"{config.path}: model_resolution"))
+    if os.environ.get("TISTUDIO_MODEL") == config.model:
+        for env, value in from_file.env().items():
+            if not os.environ.get(env):
+                os.environ[env] = value
+    ModelOptions.from_env()  # $TISTUDIO_PREDICTION_TYPE/$TISTUDIO_MODEL_RESOLUTION set by hand: checked now
 
 
 def _run(handler, args) -> int:

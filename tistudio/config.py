@@ -3,6 +3,8 @@
     theme = "tistudio-dark"        # a theme name (themes/*.toml or Textual's own)
     image_protocol = "auto"        # auto | kitty | sixel | halfblock
     model = "builtin:demo"         # the default model spec (--model and $TISTUDIO_MODEL win)
+    prediction_type = "epsilon"    # what that model predicts, where its weights cannot say (an SD 2.x
+    model_resolution = 512         # single file); they qualify this model only (engine.settings.model)
     home = "~/tistudio-data"       # the data directory (--home and $TISTUDIO_HOME win)
 
     [train]                        # defaults for `tistudio train` and the studio's New-run form
@@ -61,6 +63,8 @@ class Config:
     theme: str = DEFAULT_THEME
     image_protocol: str = "auto"
     model: str | None = None
+    prediction_type: str | None = None  # qualify `model`, as written (checked where used: tistudio.cli)
+    model_resolution: int | str | None = None
     home: str | None = None
     commands: dict = field(default_factory=dict)  # {"train": {...}, "generate": {...}}: option defaults
     ray_address: str | None = None  # [cluster] ray_address: run the engine's jobs on this Ray cluster
@@ -91,6 +95,9 @@ class Config:
         for key in ("model", "home"):
             if isinstance(data.get(key), str) and data[key].strip():
                 setattr(config, key, data[key].strip())
+        for key in ("prediction_type", "model_resolution"):  # kept as written: the CLI checks them
+            value = data.get(key)
+            setattr(config, key, value.strip() if isinstance(value, str) else value)
         config.commands = {k: v for k, v in data.items() if k in COMMAND_TABLES and isinstance(v, dict)}
         cluster = data.get("cluster")
         if isinstance(cluster, dict) and "ray_address" in cluster:

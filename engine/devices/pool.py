@@ -14,6 +14,10 @@ makes it torch's current CUDA device, so library code that says "cuda" lands on 
 CPU workers sharing a box split its cores: each gets $OMP_NUM_THREADS = cores / CPU workers
 (at least 1), unless OMP_NUM_THREADS is set already, so two CPU workers really run side by
 side instead of fighting over every core.
+
+Every worker runs with CUDA_DEVICE_ORDER=PCI_BUS_ID unless the user set an order: CUDA then
+numbers GPUs as nvidia-smi does (by bus, not fastest first), so on a box of mixed models
+`cuda:1` is the GPU whose name and memory engine.devices.probe reads for it.
 """
 
 from __future__ import annotations
@@ -93,6 +97,14 @@ def check_request(requested: str | None, devices: list[str], where: str = "this 
                         f"(set ${DEVICES_ENV} before the engine starts, or drop --device)")
 
 
+def in_bus_order(base: Mapping[str, str]) -> dict[str, str]:
+    """`base` with CUDA_DEVICE_ORDER=PCI_BUS_ID, unless it names an order already (the user's wins)."""
+    env = dict(base)
+    if not env.get(device_probe.ORDER_ENV):
+        env[device_probe.ORDER_ENV] = device_probe.BUS_ORDER
+    return env
+
+
 def cpu_threads(devices: list[str], cores: int | None = None) -> int | None:
     """Threads per CPU worker when several share the box (cores / CPU workers, at least 1);
     None with one CPU worker or none (torch's default: every core)."""
@@ -105,7 +117,7 @@ def cpu_threads(devices: list[str], cores: int | None = None) -> int | None:
 def worker_env(device: str, threads: int | None = None,
                base: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The environment of the worker for `device` (see the module's docstring)."""
-    env = dict(base)
+    env = in_bus_order(base)
     env["TISTUDIO_DEVICE"] = device
     if threads and "OMP_NUM_THREADS" not in base:
         env["OMP_NUM_THREADS"] = str(threads)

@@ -7,8 +7,16 @@ torch has it and a GPU is visible, else the CPU) from what can be read cheaply:
 
 * the environment ($TISTUDIO_DEVICE, $CUDA_VISIBLE_DEVICES);
 * whether the installed torch is a CUDA (or ROCm) build: its library folder, not an import;
-* the GPUs `nvidia-smi` lists (name, memory in use and in all), in CUDA's order, else the
-  driver's /proc entries (names only).
+* the GPUs `nvidia-smi` lists (name, memory in use and in all), and the MIG devices it lists
+  under them (`nvidia-smi -L`: `--query-gpu` leaves them out), else the driver's /proc
+  entries (names only).
+
+nvidia-smi numbers GPUs in PCI bus order; CUDA by default numbers them fastest first, so on a
+box of mixed models `cuda:0` may be nvidia-smi's GPU 1.  The engine starts its workers with
+CUDA_DEVICE_ORDER=PCI_BUS_ID (engine.devices.pool.worker_env) unless the user set an order, and
+this module reads a missing order as that one: then CUDA's numbers are nvidia-smi's, and a name
+or a memory figure belongs to the GPU the worker really uses.  (Mapping by UUID instead would
+need CUDA itself, or NVML, in the engine: the order costs nothing.)
 
 A worker that is idle and has loaded torch answers with torch's own figures instead
 (engine.server.supervisor asks it first).  The result has "source" saying where it came from.
@@ -21,15 +29,17 @@ import os
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
 # Variables besides TISTUDIO_* that change what a worker does.
-ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "HF_HUB_CACHE",
-               "PYTORCH_CUDA_ALLOC_CONF")
+ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME",
+               "HF_HUB_CACHE", "PYTORCH_CUDA_ALLOC_CONF")
 NVIDIA_SMI_TIMEOUT = 5.0
 MIB = 2**20
+ORDER_ENV = "CUDA_DEVICE_ORDER"
+BUS_ORDER = "PCI_BUS_ID"  # nvidia-smi's order; the engine's workers run with it
 
 
 def environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -41,12 +51,13 @@ def environment(env: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 @dataclass
 class Gpu:
-    index: int  # as nvidia-smi numbers it (not CUDA's, once CUDA_VISIBLE_DEVICES reorders)
-    uuid: str
+    index: int  # as nvidia-smi numbers it (not CUDA's, once CUDA_VISIBLE_DEVICES reorders); a MIG device: its GPU's
+    uuid: str  # GPU-… (a MIG device: MIG-…)
     name: str
     total: int | None = None  # bytes
     used: int | None = None
     source: str = "nvidia-smi"
+    migs: list["Gpu"] = field(default_factory=list)  # the MIG devices of a GPU in MIG mode, as nvidia-smi -L lists them
 
 
 def probe(env: Mapping[str, str] = os.environ, gpus: list[Gpu] | None = None) -> dict:
@@ -64,7 +75,9 @@ def probe(env: Mapping[str, str] = os.environ, gpus: list[Gpu] | None = None) ->
         if index >= len(gpus):
             return {"device": requested, "source": "TISTUDIO_DEVICE",
                     "note": f"only {len(gpus)} GPU(s) are visible; the worker will refuse {requested}"}
-        return _describe(index, gpus[index], len(gpus))
+        found = _describe(index, gpus[index], len(gpus))
+        note = _order_note(gpus, env)
+        return {**found, "note": note} if note else found
     info = {"device": "cpu", "source": "probe"}
     if requested:
         info["note"] = f"TISTUDIO_DEVICE={requested} but CUDA is not available; the worker will refuse it"
@@ -109,22 +122,63 @@ _BUILT_FOR = re.compile(r"""^(?:cuda|hip)\b[^=\n]*=\s*['"]\d""", re.MULTILINE)
 
 
 def all_gpus() -> list[Gpu]:
-    """Every NVIDIA GPU on the machine, in nvidia-smi's order; [] when there are none."""
+    """Every NVIDIA GPU on the machine, in nvidia-smi's order, with its MIG devices; [] when there are none."""
     smi = shutil.which("nvidia-smi")
     if smi:
         try:
-            out = subprocess.run(
-                [smi, "--query-gpu=index,uuid,name,memory.total,memory.used", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT, check=True).stdout
-            return [_parse_smi(line) for line in out.splitlines() if line.strip()]
-        except (OSError, subprocess.SubprocessError, ValueError):
-            pass  # a broken driver: fall back to what the driver's /proc entries say
+            table = _run(smi, "--query-gpu=index,uuid,name,memory.total,memory.used", "--format=csv,noheader,nounits")
+        except (OSError, subprocess.SubprocessError):
+            table = None  # a broken driver: fall back to what the driver's /proc entries say
+        if table is not None:
+            try:
+                listing = _run(smi, "-L")
+            except (OSError, subprocess.SubprocessError):
+                listing = ""  # no MIG devices known: a MIG UUID then matches nothing, as before
+            try:
+                return parse_gpus(table, listing)
+            except ValueError:
+                pass
     return _driver_gpus()
+
+
+def _run(smi: str, *args: str) -> str:
+    return subprocess.run([smi, *args], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT,
+                          check=True).stdout
+
+
+def parse_gpus(table: str, listing: str = "") -> list[Gpu]:
+    """The GPUs of `nvidia-smi --query-gpu=index,uuid,name,memory.total,memory.used
+    --format=csv,noheader,nounits` (`table`), each with the MIG devices `nvidia-smi -L`
+    (`listing`) shows under it."""
+    gpus = [_parse_smi(line) for line in table.splitlines() if line.strip()]
+    migs = _parse_migs(listing)
+    for gpu in gpus:
+        gpu.migs = [Gpu(gpu.index, uuid, f"{gpu.name} MIG {profile}") for profile, uuid in migs.get(gpu.uuid, [])]
+    return gpus
 
 
 def _parse_smi(line: str) -> Gpu:
     index, uuid, name, total, used = (part.strip() for part in line.split(","))
     return Gpu(int(index), uuid, name, _mib(total), _mib(used))
+
+
+# nvidia-smi -L:
+#   GPU 0: NVIDIA A100-SXM4-40GB (UUID: GPU-5c89852c-d268-c3f3-1b07-005d5ae1dc3f)
+#     MIG 3g.20gb     Device  0: (UUID: MIG-b5e8d4a1-…)          (R470 on; older: MIG-GPU-<uuid>/<gi>/<ci>)
+_GPU_LINE = re.compile(r"^GPU \d+: .*\(UUID: (GPU-[^)\s]+)\)")
+_MIG_LINE = re.compile(r"^\s+MIG (\S+)\s+Device\s+\d+: \(UUID: (MIG-[^)\s]+)\)")
+
+
+def _parse_migs(listing: str) -> dict[str, list[tuple[str, str]]]:
+    """{GPU uuid: [(MIG profile, MIG uuid), …]} from `nvidia-smi -L`."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    parent = None
+    for line in listing.splitlines():
+        if gpu := _GPU_LINE.match(line):
+            parent = gpu.group(1)
+        elif (mig := _MIG_LINE.match(line)) and parent:
+            found.setdefault(parent, []).append((mig.group(1), mig.group(2)))
+    return found
 
 
 def _mib(text: str) -> int | None:
@@ -147,20 +201,44 @@ def _driver_gpus() -> list[Gpu]:
 
 
 def visible(gpus: list[Gpu], cuda_visible_devices: str | None) -> list[Gpu]:
-    """The GPUs CUDA shows a process, in CUDA's order (cuda:0 first).  Like CUDA, an entry
-    that names no GPU ends the list; "" or "-1" hides them all."""
-    if cuda_visible_devices is None:
-        return list(gpus)
-    shown = []
-    for entry in (e.strip() for e in cuda_visible_devices.split(",")):
-        match = next((g for g in gpus if _names(entry, g)), None)
-        if match is None or match in shown:
+    """The devices CUDA shows a process, in CUDA's order (cuda:0 first), CUDA_DEVICE_ORDER being
+    PCI_BUS_ID (the workers').  Like CUDA, an entry that names no device ends the list; "" or
+    "-1" hides them all.  An entry may name a MIG device by its MIG- UUID; a GPU in MIG mode
+    stands for its first MIG device; and a process sees one MIG device at most (CUDA 11 and 12
+    enumerate a single MIG instance, NVIDIA's MIG user guide), so later ones are left out."""
+    entries = [g.index for g in gpus] if cuda_visible_devices is None else \
+        [e.strip() for e in cuda_visible_devices.split(",")]
+    shown: list[Gpu] = []
+    for entry in entries:
+        match = _named(entry, gpus)
+        device = match.migs[0] if match is not None and match.migs else match
+        if device is None or device in shown:
             break
-        shown.append(match)
+        if not (_is_mig(device) and any(_is_mig(d) for d in shown)):  # one MIG device per process
+            shown.append(device)
     return shown
 
 
-def _names(entry: str, gpu: Gpu) -> bool:
-    if entry.isdigit():
-        return int(entry) == gpu.index
-    return bool(entry) and bool(gpu.uuid) and gpu.uuid.startswith(entry)
+def _named(entry: str | int, gpus: list[Gpu]) -> Gpu | None:
+    """The GPU or MIG device a CUDA_VISIBLE_DEVICES entry names: an nvidia-smi index (bus order),
+    or a UUID or a unique start of one (GPU-… or MIG-…)."""
+    if isinstance(entry, int) or entry.isdigit():
+        return next((g for g in gpus if g.index == int(entry)), None)
+    if not entry:
+        return None
+    devices = [d for g in gpus for d in (g, *g.migs)]
+    return next((d for d in devices if d.uuid and d.uuid.startswith(entry)), None)
+
+
+def _is_mig(device: Gpu) -> bool:
+    return device.uuid.startswith("MIG-")
+
+
+def _order_note(gpus: list[Gpu], env: Mapping[str, str]) -> str | None:
+    """A warning when CUDA numbers GPUs another way than nvidia-smi and the models differ: the
+    names and memory shown may then be another GPU's."""
+    order = env.get(ORDER_ENV) or BUS_ORDER
+    if order == BUS_ORDER or len({g.name for g in gpus}) < 2:
+        return None
+    return (f"{ORDER_ENV}={order}: CUDA numbers these GPUs fastest first, nvidia-smi by bus; names and memory "
+            f"shown may be another GPU's (unset it, or set {BUS_ORDER})")

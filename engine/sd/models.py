@@ -10,6 +10,7 @@ A spec is one of:
   builtin:sdxl-arch   SDXL base 1.0's real shapes (1024 px) with random weights (benchmarks)
   DIR                 a diffusers folder (model_index.json), as written by save_pretrained
   FILE.safetensors / FILE.ckpt   a single SD 1.x/2.x/SDXL checkpoint, loaded offline from bundled configs
+                      (SD 2.x: 768 px v-prediction, or 512 px epsilon: see `sd2_prediction`)
   owner/name          a hub id, from the local Hugging Face cache (HF_HUB_OFFLINE=1 works)
 
 Everything is returned as a diffusers pipeline (`StableDiffusionPipeline` with
@@ -28,12 +29,14 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.errors import NotSupportedError, UserError
+from engine.settings.model import ModelOptions
 
 CONFIGS = Path(__file__).parent / "configs"
 # spec -> (bundled config folder, family)
@@ -53,6 +56,12 @@ SUPPORTED = "SD 1.x, SD 2.x and SDXL base models are"
 # Bundled configs a single-file checkpoint may fit: (family, text width) -> folder.
 SINGLE_FILE_CONFIGS = {("sd1", 768): "sd15", ("sd1", 32): "tiny", ("sd2", 1024): "sd21", ("sd2", 32): "sd2-tiny",
                        ("sdxl", 768): "sdxl", ("sdxl", 32): "sdxl-tiny"}
+# An SD 2.x config (768 px, v-prediction) -> its 512-px epsilon sibling, for a 2.x-base file.
+# sd2-base holds stabilityai/stable-diffusion-2-1-base's values: sample_size 64, epsilon, and no
+# attention upcast (only the 768-px v model needs it).  A config without a sibling (the tiny
+# one) keeps its folder; the prediction type is then set on its scheduler (`_set_prediction`).
+SD2_BASE_CONFIGS = {"sd21": "sd2-base"}
+SD2_BASE_STEP = 875000  # the global_step of SD 2.0-base's .ckpt: diffusers' one sign of an epsilon 2.x file
 # The token-embedding key of encoder 1 in each family's original (single-file) layout.
 SINGLE_FILE_TEXT_KEY = {
     "sd1": "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
@@ -73,6 +82,12 @@ class ModelInfo:
     resolution: int
     location: str = ""
     text_widths: tuple[int, ...] = ()  # every text encoder's width, in pipeline order (SDXL: 768, 1280)
+    # How prediction_type was decided: "config" (the model's own scheduler config), "flag"
+    # (--prediction-type or --model-resolution), "global_step" (an SD 2.x .ckpt's), "guess".
+    prediction_source: str = "config"
+    note: str = ""  # one line to show when the model loads (a guess the user should know about)
+    config: str = ""  # the bundled config folder a single file is loaded with
+    options: ModelOptions = ModelOptions()  # what qualified the spec (part of its identity)
 
     def __post_init__(self):
         self.text_widths = tuple(self.text_widths) or (self.text_width,)
@@ -91,6 +106,7 @@ class ModelInfo:
             "text_width": self.text_width,
             "text_widths": list(self.text_widths),
             "prediction_type": self.prediction_type,
+            "prediction_source": self.prediction_source,
             "resolution": self.resolution,
             "fingerprint": fingerprint(self),
         }
@@ -134,8 +150,23 @@ def resolve_spec(spec: str | None) -> str:
 # --- reading specs without loading weights -------------------------------------------------
 
 
-def model_info(spec: str | None = None) -> ModelInfo:
-    spec = resolve_spec(spec)
+def resolve_options(spec: str | None, options: ModelOptions | None) -> ModelOptions:
+    """The qualifiers of a spec: the ones given, else, for the spec from the environment
+    ($TISTUDIO_MODEL, `spec` None), the environment's.  An explicit spec never takes the
+    environment's: the qualifiers travel with the spec they qualify (engine.settings.model)."""
+    if options is not None and (options.prediction_type or options.resolution):
+        return options
+    return ModelOptions.from_env() if spec is None else ModelOptions()
+
+
+def model_info(spec: str | None = None, options: ModelOptions | None = None) -> ModelInfo:
+    """What `spec` is, qualified by `options` (--prediction-type, --model-resolution)."""
+    options = resolve_options(spec, options)
+    info = _spec_info(resolve_spec(spec), options)
+    return _qualified(info, options)
+
+
+def _spec_info(spec: str, options: ModelOptions) -> ModelInfo:
     if spec.startswith("builtin:"):
         if spec not in BUILTIN_SPECS:
             raise UserError(f"unknown built-in model {spec!r}; choose one of {', '.join(BUILTIN_SPECS)}")
@@ -148,7 +179,7 @@ def model_info(spec: str | None = None) -> ModelInfo:
                             "point --model at a diffusers pipeline folder")
         return _info_from_config_dir(spec, "diffusers", path)
     if path.is_file():
-        return _single_file_info(spec, path)
+        return _single_file_info(spec, path, options)
     if path.suffix in (".safetensors", ".ckpt") or spec.startswith((".", "/", "~")):
         raise UserError(f"model file {spec} not found; check the path given to --model")
     if spec.count("/") == 1:
@@ -156,6 +187,17 @@ def model_info(spec: str | None = None) -> ModelInfo:
     raise UserError(
         f"model {spec!r} not understood; give builtin:tiny, a diffusers folder, a .safetensors/.ckpt file or a hub id"
     )
+
+
+def _qualified(info: ModelInfo, options: ModelOptions) -> ModelInfo:
+    """`info` with the user's qualifiers laid over what the configs say (any kind of spec: a
+    diffusers folder whose scheduler config is wrong is fixed the same way)."""
+    info.options = options
+    if options.prediction_type and options.prediction_type != info.prediction_type:
+        info.prediction_type, info.prediction_source, info.note = options.prediction_type, "flag", ""
+    if options.resolution:
+        info.resolution = options.resolution
+    return info
 
 
 def _read_json(path: Path, what: str = "the model") -> dict:
@@ -233,22 +275,54 @@ def _pads_with_bang(root: Path) -> bool:
     return False
 
 
-HUB_CONFIGS = ["*.json", "*.txt"]  # what reading a spec needs: configs and tokenizer files
-HUB_WEIGHTS = ["*.safetensors", "*.bin"]  # fetched by the worker, which loads them
+# What a pipeline load reads from a hub repo: model_index.json and these folders (no safety
+# checker, no feature extractor: we pass None for both).  Everything else in a repo (the root
+# single-file checkpoints, fp16 variants, .bin twins of .safetensors files, onnx, openvino,
+# flax, a second VAE) is left on the hub: SDXL base is ~7 GB of fp32 safetensors, not ~37 GB.
+HUB_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+HUB_CONFIG_ENDINGS = (".json", ".txt", ".model")  # configs and tokenizer files
+# diffusers' own names for a component's (non-variant) weights, whole or sharded, and the shard index.
+_HUB_WEIGHTS = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)$")
+_HUB_INDEX = re.compile(r"^(diffusion_pytorch_model|model|pytorch_model)\.(safetensors|bin)\.index\.json$")
+
+
+def hub_files(files: list[str], weights: bool = False) -> list[str]:
+    """The files of a hub repo (its listing, `files`) that loading it as a diffusers pipeline
+    needs: configs and tokenizers, and with `weights` each component's weights in one format,
+    .safetensors, or .bin for a component that has no .safetensors (as diffusers picks them)."""
+    chosen = [f for f in files if f == "model_index.json"]
+    by_part: dict[str, list[str]] = {}
+    for path in files:
+        part, _, name = path.partition("/")
+        if part in HUB_PARTS and name and "/" not in name:
+            by_part.setdefault(part, []).append(name)
+    for part, names in by_part.items():
+        chosen += [f"{part}/{n}" for n in names if n.endswith(HUB_CONFIG_ENDINGS) and ".index." not in n]
+        if weights:
+            chosen += [f"{part}/{n}" for n in _weights_in_one_format(names)]
+    return chosen
+
+
+def _weights_in_one_format(names: list[str]) -> list[str]:
+    for ext in ("safetensors", "bin"):
+        found = [n for n in names if (_HUB_WEIGHTS.match(n) or _HUB_INDEX.match(n)) and f".{ext}" in n]
+        if any(_HUB_WEIGHTS.match(n) for n in found):
+            return found
+    return []
 
 
 def _hub_snapshot(repo_id: str, weights: bool = False) -> Path:
-    """The local snapshot of a hub model: its configs only (the CLI, the studio), or with weights (the worker)."""
-    from huggingface_hub import snapshot_download
+    """The local snapshot of a hub model: its configs only (the CLI, the studio), or with weights
+    (the worker).  Online, the repo's listing decides what to fetch (`hub_files`); offline
+    (HF_HUB_OFFLINE=1) the cached snapshot is used as it is."""
+    from huggingface_hub import HfApi, snapshot_download
 
     offline = os.environ.get("HF_HUB_OFFLINE") == "1"
     try:
-        path = snapshot_download(
-            repo_id,
-            local_files_only=offline,
-            allow_patterns=HUB_CONFIGS + (HUB_WEIGHTS if weights else []),
-            ignore_patterns=["*ema*", "*.ckpt", "*fp32*", "safety_checker/*", "*.msgpack", "*.onnx"],
-        )
+        if offline:
+            path = snapshot_download(repo_id, local_files_only=True)
+        else:
+            path = snapshot_download(repo_id, allow_patterns=hub_files(HfApi().list_repo_files(repo_id), weights))
     except Exception as exc:  # noqa: BLE001 - hub errors are many; all mean "not available here"
         hint = "it is not in the local Hugging Face cache" if offline else f"{type(exc).__name__}"
         raise UserError(f"model {repo_id!r} could not be resolved ({hint}); "
@@ -256,16 +330,19 @@ def _hub_snapshot(repo_id: str, weights: bool = False) -> Path:
     return Path(path)
 
 
-def _single_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """Every tensor's name and shape, without reading the weights."""
+def _single_file_shapes(path: Path) -> tuple[dict[str, tuple[int, ...]], int | None]:
+    """Every tensor's name and shape, without reading the weights, and the file's training
+    step (a .ckpt's top-level `global_step`; a .safetensors file's metadata, rarely there)."""
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
         try:
             with safe_open(str(path), framework="pt") as fh:
-                return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+                shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+                step = (fh.metadata() or {}).get("global_step")
         except Exception:  # noqa: BLE001 - any failure means the file is not a checkpoint we can read
             raise UserError(f"{path} is not a readable .safetensors checkpoint; is the file complete?") from None
+        return shapes, _step(step)
     if path.suffix == ".ckpt":
         import torch
 
@@ -273,9 +350,19 @@ def _single_file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception:  # noqa: BLE001 - any failure means it cannot be loaded safely
             raise UserError(f"{path} could not be loaded safely (weights_only); convert it to .safetensors") from None
-        data = data.get("state_dict", data) if isinstance(data, dict) else {}
-        return {k: tuple(v.shape) for k, v in data.items() if hasattr(v, "shape")}
+        data = data if isinstance(data, dict) else {}
+        step = data.get("global_step")
+        data = data.get("state_dict", data)
+        return {k: tuple(v.shape) for k, v in data.items() if hasattr(v, "shape")}, _step(step)
     raise UserError(f"{path}: unknown checkpoint type; use a .safetensors or .ckpt file")
+
+
+def _step(value) -> int | None:
+    """A global_step as stored (an int, a 0-d tensor, or text in safetensors metadata), or None."""
+    try:
+        return int(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def family_from_keys(keys) -> str:
@@ -301,22 +388,48 @@ def family_from_keys(keys) -> str:
     raise NotSupportedError(f"this checkpoint is not a Stable Diffusion model; {SUPPORTED} supported")
 
 
-def _single_file_info(spec: str, path: Path) -> ModelInfo:
-    shapes = _single_file_shapes(path)
+def _single_file_info(spec: str, path: Path, options: ModelOptions) -> ModelInfo:
+    shapes, step = _single_file_shapes(path)
     family = family_from_keys(shapes)
     width = (shapes.get(SINGLE_FILE_TEXT_KEY[family]) or (0, 0))[-1]
     folder = SINGLE_FILE_CONFIGS.get((family, width))
     if folder is None:
         raise UserError(f"{path}: a {family} checkpoint with text width {width}, which no bundled config fits; "
                         "convert it to a diffusers folder and pass that folder")
+    prediction, source = sd2_prediction(step, options) if family == "sd2" else (None, "config")
+    if prediction == "epsilon":
+        folder = SD2_BASE_CONFIGS.get(folder, folder)
     info = _info_from_config_dir(spec, "single_file", CONFIGS / folder, family)
-    info.location = str(path)
+    info.location, info.config = str(path), folder
+    if prediction:
+        info.prediction_type, info.prediction_source = prediction, source
+    if source == "guess":
+        found = "no global_step" if step is None else f"global_step {step}, not 2.0-base's {SD2_BASE_STEP}"
+        info.note = (f"{path.name}: an SD 2.x file whose weights do not say how it predicts ({found}); "
+                     f"taken as v-prediction at {info.resolution} px. For a 2.x-base (512 px) file pass "
+                     "--prediction-type epsilon; --prediction-type v_prediction silences this")
     return info
+
+
+def sd2_prediction(global_step: int | None, options: ModelOptions) -> tuple[str, str]:
+    """(prediction type, how it was decided) for an SD 2.x single file.  The user's flags first
+    (--model-resolution 512 or 768 also says which model it is); else diffusers' own rule: epsilon
+    only for SD 2.0-base's global_step, v-prediction otherwise (a guess: 2.1-base files and most
+    fine-tunes carry no such step, and .safetensors files none at all)."""
+    if options.prediction_type:
+        return options.prediction_type, "flag"
+    if options.resolution in (512, 768):
+        return ("epsilon" if options.resolution == 512 else "v_prediction"), "flag"
+    if global_step == SD2_BASE_STEP:
+        return "epsilon", "global_step"
+    return "v_prediction", "guess"
 
 
 def fingerprint(info: ModelInfo) -> str:
     """A short identity for metadata: config hash for built-ins, file sizes/mtimes otherwise."""
     h = hashlib.sha256(f"{info.kind}|{info.spec}|{BUILTIN_SEED}".encode())
+    if info.options.prediction_type or info.options.resolution:  # a qualified spec is another model
+        h.update(f"|{info.options.prediction_type}|{info.options.resolution}".encode())
     if info.kind != "builtin" and info.location:
         root = Path(info.location)
         files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
@@ -331,7 +444,7 @@ def fingerprint(info: ModelInfo) -> str:
 
 def load_tokenizer(spec: str | None = None):
     """The model's (first) tokenizer alone (cheap: no weights)."""
-    info = model_info(spec)
+    info = model_info(spec, ModelOptions())  # the qualifiers change no tokenizer
     if info.kind in ("builtin", "single_file"):
         from engine.sd.family import family
 
@@ -341,13 +454,14 @@ def load_tokenizer(spec: str | None = None):
     return CLIPTokenizer.from_pretrained(info.location, subfolder="tokenizer")
 
 
-def load_model(spec: str | None = None, device="cpu", dtype=None) -> LoadedModel:
+def load_model(spec: str | None = None, device="cpu", dtype=None, options: ModelOptions | None = None) -> LoadedModel:
+    """The model `spec` names, qualified by `options` (see model_info), on `device` in `dtype`."""
     import torch
 
     from engine.sd.family import pool_at_eos
 
     dtype = dtype or torch.float32
-    info = model_info(spec)
+    info = model_info(spec, options)
     loader = {"builtin": _build_builtin, "diffusers": _load_dir, "hub": _load_dir, "single_file": _load_single_file}
     from diffusers.utils import logging as diffusers_logging
 
@@ -356,6 +470,7 @@ def load_model(spec: str | None = None, device="cpu", dtype=None) -> LoadedModel
     if info.kind == "hub":  # reading the spec fetched configs only; the weights come now, in the worker
         _hub_snapshot(info.spec, weights=True)
     pipe = loader[info.kind](info)
+    _set_prediction(pipe, info.prediction_type)
     pipe.set_progress_bar_config(disable=True)
     device = torch.device(device)
     pipe.to(device=device, dtype=dtype)
@@ -366,6 +481,13 @@ def load_model(spec: str | None = None, device="cpu", dtype=None) -> LoadedModel
     for encoder, tokenizer in model.encoders:
         pool_at_eos(encoder, tokenizer)
     return model
+
+
+def _set_prediction(pipe, prediction_type: str) -> None:
+    """Make the pipeline's scheduler predict what the model was decided to (a flag, or an SD 2.x
+    file's sibling config missing); training's target and sampling both read it from there."""
+    if pipe.scheduler.config.get("prediction_type") != prediction_type:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction_type)
 
 
 def _pipeline_class(family: str):
@@ -439,9 +561,8 @@ def single_file_config_dir(folder: str, family_name: str) -> Path:
 
 
 def _load_single_file(info: ModelInfo):
-    family = family_from_keys(_single_file_shapes(Path(info.location)))
-    width = info.text_width
-    config = single_file_config_dir(SINGLE_FILE_CONFIGS[(family, width)], family)
+    family = info.family
+    config = single_file_config_dir(info.config, family)
     try:
         return _pipeline_class(family).from_single_file(
             info.location, config=str(config), local_files_only=True, **_pipeline_kwargs(family)

@@ -113,7 +113,8 @@ class TrainConfig:
 
 
 # Job params that are not TrainConfig fields: where and how the run executes.
-RUNTIME_PARAMS = ("model", "precision", "device", "seeds", "inits", "regularizes")
+RUNTIME_PARAMS = ("model", "prediction_type", "model_resolution", "precision", "device", "seeds", "inits",
+                  "regularizes")
 
 
 def config_from_params(params: dict, concept, strict: bool = True) -> TrainConfig:

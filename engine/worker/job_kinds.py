@@ -12,33 +12,49 @@ import contextlib
 from engine.errors import UserError
 
 
-def warm_model(ctx, spec: str | None, precision: str = "auto", device: str | None = None):
-    """The model for this job, reusing the one already loaded when it matches."""
+def job_model(ctx, params: dict):
+    """The model a job's params name (model, prediction_type, model_resolution, precision, device)."""
+    from engine.settings.model import ModelOptions
+
+    return warm_model(ctx, params.get("model"), params.get("precision", "auto"), params.get("device"),
+                      ModelOptions.from_params(params))
+
+
+def warm_model(ctx, spec: str | None, precision: str = "auto", device: str | None = None, options=None):
+    """The model for this job, reusing the one already loaded when it matches.  A note about
+    how the model was read (an SD 2.x file's guessed prediction type) goes to the job's log
+    as a warning, every time the model serves a job."""
     from engine.sd.models import load_model
 
-    key, dev, dtype = _model_key(spec, precision, device)
+    key, dev, dtype, options = _model_key(spec, precision, device, options)
     cached = ctx.cache.get("model")
     if cached is None or cached[0] != key:
         drop_model(ctx.cache)  # one model at a time: give its memory back first
         ctx.emit("log", message=f"loading model {key[0]} on {dev} ({str(dtype).replace('torch.', '')})")
-        ctx.cache["model"] = (key, load_model(key[0], dev, dtype))
-    return ctx.cache["model"][1]
+        ctx.cache["model"] = (key, load_model(key[0], dev, dtype, options))
+    model = ctx.cache["model"][1]
+    if model.info.note:
+        ctx.emit("log", message=model.info.note, level="warning")
+    return model
 
 
-def remember_model(cache: dict, model, spec: str | None, precision: str = "auto", device: str | None = None) -> None:
+def remember_model(cache: dict, model, spec: str | None, precision: str = "auto", device: str | None = None,
+                   options=None) -> None:
     """Put a model already loaded from `spec` into a worker cache, as warm_model would
     (tests and notebooks reuse one model across jobs this way)."""
-    cache["model"] = (_model_key(spec, precision, device)[0], model)
+    cache["model"] = (_model_key(spec, precision, device, options)[0], model)
 
 
-def _model_key(spec: str | None, precision: str, device: str | None):
-    """(spec, device, dtype) as the cache knows a model, plus the device and dtype themselves."""
+def _model_key(spec: str | None, precision: str, device: str | None, options=None):
+    """(spec, its qualifiers, device, dtype) as the cache knows a model, plus the device, the
+    dtype and the qualifiers themselves (a spec read as epsilon is another model than as v)."""
     from engine.devices.runtime import frozen_dtype, pick_device
-    from engine.sd.models import resolve_spec
+    from engine.sd.models import resolve_options, resolve_spec
 
     dev = pick_device(device)
     dtype = frozen_dtype(dev, precision)
-    return (resolve_spec(spec), str(dev), str(dtype)), dev, dtype
+    options = resolve_options(spec, options)
+    return (resolve_spec(spec), options, str(dev), str(dtype)), dev, dtype, options
 
 
 def handle_train(ctx) -> dict:
@@ -49,7 +65,7 @@ def handle_train(ctx) -> dict:
     concept = _trainable_concept(ctx)
     config = train_config_from(params, concept)
     config.validate()
-    model = warm_model(ctx, params.get("model"), params.get("precision", "auto"), params.get("device"))
+    model = job_model(ctx, params)
     ctx.set_progress(step=0, steps=config.steps, model=model.info.identity(), config=_asdict(config),
                      effective_batch=config.effective_batch())
     with _friendly_failures():
@@ -85,7 +101,7 @@ def handle_sweep(ctx) -> dict:
 
     params = ctx.params
     concept = _trainable_concept(ctx)
-    model = warm_model(ctx, params.get("model"), params.get("precision", "auto"), params.get("device"))
+    model = job_model(ctx, params)
     ctx.set_progress(step=0, model=model.info.identity())
 
     def mirror(fields: dict) -> None:  # the sweep's own log and progress follow its first member
@@ -169,7 +185,7 @@ def handle_generate(ctx) -> dict:
     p = ctx.params
     request = GenerateRequest.from_params(p)
     request.validate()
-    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    model = job_model(ctx, p)
     with _friendly_failures():
         images = generate(model, Library(ctx.home), request, _Progress(ctx), ctx.cancelled)
     for image in images:
@@ -183,7 +199,7 @@ def handle_eval(ctx) -> dict:
 
     p = ctx.params
     clip, clip_weights = _clip(p)
-    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    model = job_model(ctx, p)
     with _friendly_failures():
         table = evaluate(model, Library(ctx.home), ctx.spec["concept"], run_id=p.get("run"), step=p.get("step"),
                          images=int(p.get("images", 16)), prompts_file=p.get("prompts_file"), clip=clip,
@@ -208,7 +224,7 @@ def handle_experiment(ctx) -> dict:
                   progress=_Progress(ctx), cancelled=ctx.cancelled, **_sampling(p))
     if p.get("prompts"):
         common["prompts"] = list(p["prompts"])
-    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    model = job_model(ctx, p)
     library = Library(ctx.home)
     with _friendly_failures():
         if kind == "steps":
@@ -230,7 +246,8 @@ def _train_keys() -> set[str]:
 
     from engine.inversion.train import TrainConfig
 
-    return {f.name for f in fields(TrainConfig)} - {"token", "property"} | {"model", "precision", "device"}
+    return {f.name for f in fields(TrainConfig)} - {"token", "property"} | {"model", "precision", "device",
+                                                                           "prediction_type", "model_resolution"}
 
 
 def handle_inspect(ctx) -> dict:
@@ -239,7 +256,7 @@ def handle_inspect(ctx) -> dict:
     from engine.store.library import Library
 
     p = ctx.params
-    model = warm_model(ctx, p.get("model"), p.get("precision", "auto"), p.get("device"))
+    model = job_model(ctx, p)
     step = p.get("step")
     return inspect_word(model, Library(ctx.home), ctx.spec["concept"], run=p.get("run"),
                         step=None if step is None else int(step), top=int(p.get("top", 10)))

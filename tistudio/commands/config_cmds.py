@@ -31,6 +31,7 @@ def config_show(args) -> int:
     import os
 
     from engine.sd.models import DEFAULT_SPEC
+    from engine.settings.model import ModelOptions
     from engine.store.paths import home_dir
     from tistudio.commands.output import print_json
     from tistudio.config import load_config
@@ -40,6 +41,7 @@ def config_show(args) -> int:
         "config_file": str(config.path),
         "home": str(home_dir()),
         "model": os.environ.get("TISTUDIO_MODEL") or DEFAULT_SPEC,
+        **ModelOptions.from_env().params(),  # what qualifies the model, when set
         "theme": config.theme,
         "image_protocol": config.effective_protocol(),
         "devices": os.environ.get("TISTUDIO_DEVICES") or "auto",
