@@ -270,7 +270,7 @@ class TrainScreen(StudioScreen):
 
     def params(self) -> dict:
         """The form as job params; ValueError naming the field that is wrong."""
-        return self.query_one(TrainForm).params(self.app.home, self.app.model)
+        return {**self.query_one(TrainForm).params(self.app.home, self.app.model), **self.app.model_params()}
 
     def action_start(self) -> None:
         concept = self.query_one("#concept", Select).value
