@@ -54,3 +54,25 @@ def kill_engines(home: Path) -> None:
     for pid in engine_pids(home):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def recomputed_scores(images_dir: Path, train_images: list[Path], prompts: list[str], clip_name: str = "builtin:tiny"):
+    """Table 1's numbers recomputed from the images an evaluation saved under `images_dir`
+    (reconstruction/*.png, edit-1/*.png …) with the judge it names: (reconstruction, editability,
+    editability per image).  A score test checks the engine's numbers against these."""
+    from PIL import Image
+
+    from engine.inversion.judge import load_clip
+    from engine.inversion.metrics import editability_paper, editability_per_image, reconstruction
+    from engine.settings.prompts import without_placeholder
+
+    clip = load_clip(clip_name)
+
+    def embs(folder: Path):
+        return clip.images([Image.open(p).convert("RGB") for p in sorted(folder.glob("*.png"))])
+
+    train = clip.images([Image.open(p).convert("RGB") for p in train_images])
+    texts = clip.texts([without_placeholder(p) for p in prompts])
+    sets = [embs(images_dir / f"edit-{i}") for i in range(1, len(prompts) + 1)]
+    return (reconstruction(embs(images_dir / "reconstruction"), train), editability_paper(sets, texts),
+            editability_per_image(sets, texts))

@@ -22,6 +22,7 @@ from engine.store.paths import atomic_write_json, home_dir
 from engine.worker.context import JobContext
 from engine.worker.experiments import runs_experiment, steps_experiment, synthesis_prompts
 from engine.worker.job_kinds import handle_experiment, remember_model
+from helpers import recomputed_scores
 
 FAST = dict(images=2, clip="builtin:tiny", sample_steps=1)
 OPTIONS = {"save_every": 1, "log_every": 1}
@@ -64,7 +65,11 @@ def test_steps_experiment_reports_every_checkpoint(tiny_model, library):
     curve = json.loads((exp_dir / "curve.json").read_text())
     assert curve["run"] == "r1" and curve["steps"] == [1, 2, 3]
     assert [p["step"] for p in curve["points"]] == [1, 2, 3]
-    assert all(len(p["per_prompt"]) == 1 and -1 <= p["reconstruction"] <= 1 for p in curve["points"])
+    for point in curve["points"]:  # each checkpoint's numbers follow from its saved images
+        recon, edit, per_image = recomputed_scores(exp_dir / "images" / f"step-{point['step']}", concept.images,
+                                                   ["a {} in space"])
+        assert len(point["per_prompt"]) == 1 and point["reconstruction"] == pytest.approx(recon, abs=1e-6)
+        assert (point["editability"], point["editability_per_image"]) == pytest.approx((edit, per_image), abs=1e-6)
     text = (exp_dir / "curve.txt").read_text()
     assert "reconstruction" in text and "editability" in text and "\x1b[" not in text
     with Image.open(exp_dir / "grid.png") as grid:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from engine.inversion.judge import default_clip
 from engine.inversion.metrics import evaluate
 from engine.inversion.train import TrainConfig, train
@@ -14,6 +16,7 @@ from engine.store.paths import atomic_write_json, home_dir
 from engine.worker.context import JobContext
 from engine.worker.experiments import steps_experiment
 from engine.worker.job_kinds import handle_experiment, remember_model
+from helpers import recomputed_scores
 
 FAST = {"images": 1, "clip": "builtin:tiny", "sample_steps": 1}
 
@@ -37,7 +40,12 @@ def test_table_1_on_sdxl(sdxl_model, image_dir):
     assert table["model"]["family"] == "sdxl" and table["model"]["text_widths"] == [32, 64]
     assert table["rendered"]["SD+TI"][0] == "a photo of <cat>"
     assert table["rendered"]["SD"][0] == "a photo of a small grey cat"
-    assert all(-1 <= r["reconstruction"] <= 1 and -1 <= r["editability"] <= 1 for r in table["rows"])
+    eval_dir = Path(table["dir"])
+    for row, folder in zip(table["rows"], ("sd", "ti")):  # the numbers follow from the saved images
+        recon, edit, per_image = recomputed_scores(eval_dir / "images" / folder, concept.images, table["prompts"])
+        assert row["reconstruction"] == pytest.approx(recon, abs=1e-6)
+        assert row["editability"] == pytest.approx(edit, abs=1e-6)
+        assert row["editability_per_image"] == pytest.approx(per_image, abs=1e-6)
     steps = steps_experiment(sdxl_model, lib, "cat", run_id="r1", prompts=["a {} in space"], **FAST)
     assert [p["step"] for p in steps["points"]] == [1, 2]
     assert default_clip("builtin:sdxl-tiny") == "builtin:tiny"
