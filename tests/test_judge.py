@@ -61,6 +61,8 @@ def test_local_weights_take_the_activation_from_the_tag_or_their_folder(tmp_path
         resolve_clip("ViT-B-32:nope")
     with pytest.raises(UserError, match="unknown CLIP model 'ViT-Nope'"):
         resolve_clip("ViT-Nope:openai")
+    with pytest.raises(UserError, match="unknown built-in CLIP 'builtin:sd2-tiny'; choose builtin:tiny"):
+        resolve_clip("builtin:sd2-tiny")
 
 
 def test_weights_that_do_not_fit_are_refused_before_anything_is_built(tmp_path, monkeypatch):

@@ -88,6 +88,8 @@ def resolve_clip(name: str, weights: os.PathLike | str | None = None) -> JudgeSp
         if name == BUILTIN_DEMO and path is not None:
             raise UserError(f"{BUILTIN_DEMO} is the demo world's own CLIP; drop --clip-weights")
         return JudgeSpec(name, name, weights=path, activation_from="the built-in CLIP's config")
+    if name.startswith("builtin:"):
+        raise UserError(f"unknown built-in CLIP {name!r}; choose {BUILTIN_TINY} or {BUILTIN_DEMO}")
     arch, _, tag = name.partition(":")
     if arch not in open_clip.list_models():
         raise UserError(f"unknown CLIP model {arch!r}; use an open_clip name such as ViT-B-32 or ViT-L-14")
