@@ -32,6 +32,7 @@ from engine.store.paths import home_dir
 from engine.store.runs import FINAL
 from tistudio.config import DEFAULT_THEME, PROTOCOLS, Config
 from tistudio.engine_bridge import EngineBridge
+from tistudio.library_service import LibraryService
 from tistudio.messages import (
     BridgeNotice,
     CommandFinished,
@@ -107,6 +108,8 @@ class StudioApp(App):
         self.bridge = EngineBridge(self, self.home, enabled=engine,
                                    **({"poll_seconds": poll_seconds} if poll_seconds else {}))
         self.tokenizer = None
+        # the studio's one door to the library on disk: screens and dialogs change it only through this
+        self.library = LibraryService(self.home, lambda: self.tokenizer, self._library_written)
         self.model_family: str | None = None  # "SD 1.x", "SDXL" … once the model's configs are read
         self.model_reading = ""  # how the model predicts and why, e.g. "v_prediction, 768 px (guessed)"
         self.selected_concept: str | None = None
@@ -333,6 +336,15 @@ class StudioApp(App):
             return
         self.bridge.follow(run_id)
 
+    def _library_written(self) -> None:
+        """The library service changed the disk: publish it on the App's thread, from any thread."""
+        import threading
+
+        if threading.get_ident() == self._thread_id:
+            self.library_changed()
+        else:
+            self._from_thread(self.library_changed)
+
     def library_changed(self) -> None:
         self.changed.publish(LibraryChanged())
         self.bridge.poll_now()
@@ -452,6 +464,7 @@ class StudioApp(App):
                                 f"Read the model as {what}, for the jobs started from now on (this session)",
                                 lambda c=choice: self.set_prediction_type(c))
         yield SystemCommand("Help", "Keys and settings", self.action_help)
+
 
 PREDICTION_SOURCES = {"config": "its config", "flag": "as asked", "global_step": "from the file's global_step",
                       "guess": "guessed"}
