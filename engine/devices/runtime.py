@@ -72,6 +72,16 @@ def memory_figures(device: torch.device) -> dict:
     }
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes this process can still allocate on a CUDA device: the device's free memory plus what
+    torch's allocator holds unused (reserved, not allocated).  None on a CPU: no limit worth
+    modelling there (engine.sd.vae keeps its sizes)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
 def device_info(device: torch.device | None = None) -> dict:
     device = device or pick_device()
     info = {"device": str(device), "torch": torch.__version__}

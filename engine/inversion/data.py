@@ -8,18 +8,20 @@ still samples a fresh latent exactly as the reference does, for free.
 It also keeps each image's SDXL size conditioning (`add_time_ids`: original
 height and width, crop top and left, target height and width), which SD 1.x/2.x
 simply do not read.  SDXL's VAE overflows in fp16 (its config says
-`force_upcast`), so the cache is then encoded with the VAE in fp32, once.
+`force_upcast`), so the cache is then encoded with the VAE in fp32, once, as many images at a
+time as the free memory allows (engine.sd.vae).
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from engine.sd.vae import ENCODE_CHUNK, VaePlan, vae_kept, working_dtype
 
 # The prompt templates of the original Textual Inversion code (and diffusers' example).
 OBJECT_TEMPLATES = (
@@ -104,14 +106,21 @@ class LatentCache:
 
 
 @torch.no_grad()
-def encode_images(vae, images: list[Image.Image], resolution: int, center_crop: bool = False) -> LatentCache:
-    """Encode every image and its mirror once; keep the posterior (not a sample)."""
+def encode_images(vae, images: list[Image.Image], resolution: int, center_crop: bool = False,
+                  plan: VaePlan | None = None) -> LatentCache:
+    """Encode every image and its mirror once; keep the posterior (not a sample).
+
+    `plan.encode_chunk` images at a time (engine.sd.vae: from the free memory; default 8), in
+    tiles when it says so.  An fp16 VAE whose config says `force_upcast` (SDXL's) encodes in
+    fp32 and is cast back afterwards, whatever happens: fp16 -> fp32 -> fp16 is exact, so the
+    shared VAE ends bit for bit as it was."""
     pixels = torch.stack([preprocess(im, resolution, center_crop) for im in images])
     pixels = torch.stack([pixels, pixels.flip(-1)], dim=1)  # [N, 2, 3, R, R]
     means, stds = [], []
-    with _vae_in_fp32_if_needed(vae):
+    with vae_kept(vae, plan, encoding=True):
+        vae.to(working_dtype(vae))
         flat = pixels.flatten(0, 1).to(vae.device, vae.dtype)
-        for chunk in flat.split(8):
+        for chunk in flat.split(plan.encode_chunk if plan else ENCODE_CHUNK):
             dist = vae.encode(chunk).latent_dist
             means.append(dist.mean.float())
             stds.append(dist.std.float())
@@ -122,20 +131,6 @@ def encode_images(vae, images: list[Image.Image], resolution: int, center_crop: 
         scaling_factor=float(vae.config.scaling_factor),
         micro=torch.tensor([size_conditioning(im, resolution, center_crop) for im in images], dtype=torch.float32),
     )
-
-
-@contextlib.contextmanager
-def _vae_in_fp32_if_needed(vae):
-    """SDXL's VAE overflows in fp16 (config `force_upcast`): encode in fp32, then cast back.
-    fp16 -> fp32 -> fp16 is exact, so the shared VAE ends bit for bit as it was."""
-    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-    if upcast:
-        vae.to(torch.float32)
-    try:
-        yield
-    finally:
-        if upcast:
-            vae.to(torch.float16)
 
 
 def load_images(paths: list[Path]) -> list[Image.Image]:

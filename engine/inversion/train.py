@@ -55,6 +55,7 @@ from engine.sd.placeholder import (
     installed_in_all,
     slot_tokens,
 )
+from engine.sd.vae import plan_for
 from engine.settings.train import COMPILE_MODES, LR_SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
 from engine.store import checkpoints
 from engine.store.paths import atomic_write_bytes
@@ -132,8 +133,12 @@ class Inversion:
         _check_prediction_type(self.scheduler.config.prediction_type)
         self.resolution = self.cfg0.resolution or model.info.resolution
         self.prompt_ids = [self._tokenize_templates(k) for k in range(self.k)]
+        # How many images the VAE encodes at once, from the free memory (SDXL's fp32 VAE at 1024 px
+        # needs ~3 GiB an image); the header event says what was chosen.
+        self.vae_plan = plan_for(model, self.resolution, self.resolution, batch=1)
         self.latents = [
-            encode_images(model.vae, load_images(s.images), self.resolution, s.config.center_crop) for s in slots
+            encode_images(model.vae, load_images(s.images), self.resolution, s.config.center_crop, self.vae_plan)
+            for s in slots
         ]
         self.generators = [torch.Generator().manual_seed(s.config.seed) for s in slots]
         self.start_step = 0
@@ -349,7 +354,8 @@ class Inversion:
                 vectors=self.n, widths=list(self.layout.widths), batch_size=cfg.batch_size,
                 grad_accum=cfg.grad_accum, effective_batch=cfg.effective_batch(), resolution=self.resolution,
                 runs=self.k, init_from=slot.config.init_from, regularize=slot.config.regularize,
-                reg_weight=slot.config.reg_weight, vocab_norms=vocab_norms(self.encoders), **self.determinism,
+                reg_weight=slot.config.reg_weight, vocab_norms=vocab_norms(self.encoders),
+                vae=self.vae_plan.describe(), **self.determinism,
             )
 
     def _log(self, step: int, loss: torch.Tensor, steps_per_s: float, elapsed: float, lr: float) -> None:

@@ -35,6 +35,7 @@ import torch
 from engine.errors import JobCancelled, UserError
 from engine.sd.formats import Embedding, check_fits, embedding_sha256, read_embedding
 from engine.sd.placeholder import installed_in_all
+from engine.sd.vae import VaePlan, plan_for, vae_kept
 from engine.settings.generate import MODES, GenerateRequest  # noqa: F401 (re-exported)
 from engine.settings.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 from engine.store.paths import atomic_write_bytes, atomic_write_json, ensure_private_dir
@@ -80,10 +81,12 @@ def sample_prompt(model, prompt: str, tokenizers: list, seeds: list[int], steps:
     previews, where the tokenizers know the run's slot tokens and the rows are installed."""
     pipe = _pipeline_with(model, generation_scheduler(model), tokenizers)
     size = resolution or model.info.resolution
-    return pipe(
-        prompt=[prompt] * len(seeds), negative_prompt=[negative_prompt] * len(seeds), num_inference_steps=steps,
-        guidance_scale=guidance, generator=_generators(seeds), height=size, width=size, output_type="pil",
-    ).images
+    with vae_kept(model.vae, plan_for(model, size, size, len(seeds))):
+        return pipe(
+            prompt=[prompt] * len(seeds), negative_prompt=_negatives(negative_prompt, len(seeds)),
+            num_inference_steps=steps, guidance_scale=guidance, generator=_generators(seeds), height=size,
+            width=size, output_type="pil",
+        ).images
 
 
 @torch.no_grad()
@@ -94,11 +97,19 @@ def sample_images(model, prompt_embeds: torch.Tensor, seeds: list[int], steps: i
     if prompt_embeds.shape[0] == 1 and len(seeds) > 1:
         prompt_embeds = prompt_embeds.expand(len(seeds), -1, -1)
     size = resolution or model.info.resolution
-    return pipe(
-        prompt_embeds=prompt_embeds.to(model.dtype), negative_prompt=[negative_prompt] * len(seeds),
-        num_inference_steps=steps, guidance_scale=guidance, generator=_generators(seeds), height=size, width=size,
-        output_type="pil",
-    ).images
+    with vae_kept(model.vae, plan_for(model, size, size, len(seeds))):
+        return pipe(
+            prompt_embeds=prompt_embeds.to(model.dtype), negative_prompt=_negatives(negative_prompt, len(seeds)),
+            num_inference_steps=steps, guidance_scale=guidance, generator=_generators(seeds), height=size,
+            width=size, output_type="pil",
+        ).images
+
+
+def _negatives(negative: str, n: int) -> list[str] | None:
+    """None for no negative prompt, as diffusers' own default: SDXL then conditions on zeros
+    (`force_zeros_for_empty_prompt`), where "" would encode the empty string; SD 1.x/2.x
+    encode "" either way."""
+    return [negative] * n if negative else None
 
 
 # --- which learned words a prompt uses ----------------------------------------------------------
@@ -279,14 +290,17 @@ def default_batch(width: int, height: int) -> int:
 def render(model, prompt: str, seeds: list[int], *, negative: str = "", steps: int = 25, guidance: float = 7.5,
            resolution: int | None = None, batch_size: int | None = None, used: list[UsedEmbedding] = (),
            output_type: str = "pil", progress: Progress | None = None, cancelled: Cancelled | None = None,
-           sampler: str | None = None, width: int | None = None, height: int | None = None) -> list:
+           sampler: str | None = None, width: int | None = None, height: int | None = None,
+           vae_plan: VaePlan | None = None) -> list:
     """One image per seed, `batch_size` at a time (default: `default_batch`); `used` words are
-    live only inside this call."""
+    live only inside this call.  The VAE decodes as `vae_plan` says (default: engine.sd.vae's
+    plan for the memory free now), and ends the call as it began, whatever happens."""
     tokenizers, tables = _tokenizers_with(model, list(used))
     pipe = _pipeline_with(model, generation_scheduler(model, sampler), tokenizers)
     size = resolution or model.info.resolution
     width, height = width or size, height or size
     batch_size = batch_size or default_batch(width, height)
+    vae_plan = vae_plan or plan_for(model, width, height, batch_size)
     total, images = len(seeds) * steps, []
 
     def on_step(_pipe, i, _t, kwargs):
@@ -296,13 +310,13 @@ def render(model, prompt: str, seeds: list[int], *, negative: str = "", steps: i
             progress("sampling", (len(images) * steps + (i + 1) * len(chunk)) / total)
         return kwargs
 
-    with _installed(model, tables):
+    with _installed(model, tables), vae_kept(model.vae, vae_plan):
         for start in range(0, len(seeds), batch_size):
             if cancelled and cancelled():
                 raise JobCancelled("generation cancelled")
             chunk = seeds[start : start + batch_size]
             out = pipe(
-                prompt=prompt, negative_prompt=negative, num_images_per_prompt=len(chunk),
+                prompt=prompt, negative_prompt=negative or None, num_images_per_prompt=len(chunk),
                 num_inference_steps=steps, guidance_scale=guidance, generator=_generators(chunk),
                 height=height, width=width, output_type=output_type, callback_on_step_end=on_step,
             )
@@ -337,15 +351,16 @@ def new_output_dir(home: Path, prompt: str) -> Path:
 
 def image_record(model, *, mode: str, prompt: str, negative: str, seed: int, steps: int, guidance: float,
                  size: int, used: list[UsedEmbedding], batch_size: int = 1, sampler: str | None = None,
-                 width: int | None = None, height: int | None = None) -> dict:
-    """Everything needed to make the image again (batch size too: batched kernels may round differently)."""
+                 width: int | None = None, height: int | None = None, vae: dict | None = None) -> dict:
+    """Everything needed to make the image again (batch size too: batched kernels may round
+    differently; and `vae`, how the VAE decoded it: engine.sd.vae.VaePlan.decoding)."""
     chosen = get_sampler(sampler)
     return {
         "prompt": prompt, "negative_prompt": negative, "seed": seed, "steps": steps, "guidance": guidance,
         "batch_size": batch_size, "sampler": chosen.label, "sampler_name": chosen.name,
         "scheduler": chosen.describe(), "generator": GENERATOR, "width": width or size, "height": height or size,
         "mode": mode, "model": model.info.identity(), "dtype": str(model.dtype).replace("torch.", ""),
-        "embeddings": [u.to_dict() for u in used],
+        "embeddings": [u.to_dict() for u in used], **({"vae": vae} if vae else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -415,14 +430,16 @@ def generate(model, library, request: GenerateRequest, progress: Progress | None
             jobs.append((mode, request.prompt, request.negative, used))
     out_dir = Path(request.out_dir) if request.out_dir else new_output_dir(library.home, request.prompt)
     size = request.resolution or model.info.resolution
-    b = request.batch_size or default_batch(request.width or size, request.height or size)
+    width, height = request.width or size, request.height or size
+    b = request.batch_size or default_batch(width, height)
+    vae_plan = plan_for(model, width, height, b)  # one plan for the whole request, in every record
     results, rendered = [], {}
     for k, (mode, prompt, negative, used) in enumerate(jobs):
         images = render(
             model, prompt, request.seeds, negative=negative, steps=request.steps, guidance=request.guidance,
             resolution=size, batch_size=b, used=used,
             progress=sub_progress(progress, k / len(jobs), 1 / len(jobs)), cancelled=cancelled,
-            sampler=request.sampler, width=request.width, height=request.height,
+            sampler=request.sampler, width=request.width, height=request.height, vae_plan=vae_plan,
         )
         rendered[mode] = images
         for i, (seed, image) in enumerate(zip(request.seeds, images)):
@@ -430,7 +447,7 @@ def generate(model, library, request: GenerateRequest, progress: Progress | None
             record = image_record(model, mode=mode, prompt=prompt, negative=negative, seed=seed,
                                   steps=request.steps, guidance=request.guidance, size=size, used=used,
                                   batch_size=batch, sampler=request.sampler, width=request.width,
-                                  height=request.height)
+                                  height=request.height, vae=vae_plan.decoding())
             path = write_image(out_dir / f"{mode}-{seed:04d}.png", image, record)
             results.append({"path": str(path), "json": str(path.with_suffix(".json")), "prompt": prompt,
                             "seed": seed, "mode": mode})
