@@ -21,7 +21,6 @@ from collections import deque
 from pathlib import Path
 from typing import Iterable
 
-from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import ModalScreen, Screen
@@ -30,7 +29,7 @@ from textual.signal import Signal
 from engine.errors import one_line
 from engine.store.paths import home_dir
 from engine.store.runs import FINAL
-from tistudio.config import DEFAULT_THEME, PROTOCOLS, Config
+from tistudio.config import DEFAULT_THEME, Config
 from tistudio.engine_bridge import EngineBridge
 from tistudio.library_service import LibraryService
 from tistudio.messages import (
@@ -49,8 +48,8 @@ from tistudio.messages import (
     RunSubmitted,
     StatusChanged,
     StudioChange,
-    TokenizerReady,
 )
+from tistudio.model_reading import ModelReading, model_options
 from tistudio.screens.gallery import GalleryScreen
 from tistudio.screens.generate import GenerateScreen
 from tistudio.screens.help import HelpScreen
@@ -60,11 +59,8 @@ from tistudio.screens.train import TrainScreen
 from tistudio.state import StudioState
 from tistudio.themes import load_themes, theme_dirs
 
-SCREEN_NAMES = {"library": "Library", "train": "Train", "generate": "Generate", "metrics": "Metrics",
-                "gallery": "Gallery"}
 
-
-class StudioApp(App):
+class StudioApp(ModelReading, App):
     CSS_PATH = Path(__file__).parent / "studio.tcss"  # absolute: subclasses elsewhere find it too
     TITLE = "tistudio"
     MODES = {"library": LibraryScreen, "train": TrainScreen, "generate": GenerateScreen, "metrics": MetricsScreen,
@@ -95,7 +91,7 @@ class StudioApp(App):
         super().__init__()
         self.home = home_dir(home)
         self.model = resolve_spec(model)
-        self.model_options, self._options_problem = _model_options()
+        self.model_options, self._options_problem = model_options()
         self.config = config or Config.load()
         self.image_protocol = image_protocol or self.config.effective_protocol()
         self.clip = clip  # None: the engine's default CLIP for the model
@@ -162,61 +158,11 @@ class StudioApp(App):
     def _first_screen(self) -> None:
         self.first_screen_at = time.monotonic()
 
-    @work(thread=True, group="tokenizer", exit_on_error=False)
-    def _load_tokenizer(self) -> None:
-        from engine.sd.models import load_tokenizer
-
-        self._read_model_info()
-        try:
-            tokenizer = load_tokenizer(self.model)
-        except Exception as exc:  # noqa: BLE001 - the live check is a help, not a requirement
-            message = f"cannot load the tokenizer of {self.model} ({one_line(exc, 160)}); initializers are checked " \
-                      "when the concept is created"
-            self._from_thread(self.notify, message, severity="warning")
-            return
-        self._from_thread(self._tokenizer_ready, tokenizer)
-
-    def _read_model_info(self) -> None:
-        """The family and how the model predicts, from its configs alone (no torch): the status
-        bar shows the family; a guessed SD 2.x prediction type is said once, as a warning."""
-        from engine.sd.models import model_info
-
-        try:
-            info = model_info(self.model, self.model_options)
-        except Exception:  # noqa: BLE001 - a model the engine cannot read fails there, with its reason
-            return
-        reading = f"{info.prediction_type}, {info.resolution} px ({PREDICTION_SOURCES.get(info.prediction_source)})"
-        self._from_thread(self._family_known, info.family_label, reading, info.note)
-
-    def model_params(self) -> dict:
-        """The job params naming the model: its spec and what qualifies it (engine.settings.model)."""
-        return {"model": self.model, **self.model_options.params()}
-
-    @work(thread=True, group="model-info", exit_on_error=False)
-    def set_prediction_type(self, prediction_type: str | None) -> None:
-        """Read the model as predicting `prediction_type` (None: as its files say) for the jobs
-        this studio submits from now on (the palette's Model commands; not remembered)."""
-        from engine.settings.model import ModelOptions
-
-        self.model_options = ModelOptions(prediction_type, self.model_options.resolution)
-        self._read_model_info()
-        self._from_thread(self.notify, f"Model read as: {self.model_reading}", title="Model")
-
     def _from_thread(self, callback, *args, **kwargs) -> None:
         try:
             self.call_from_thread(callback, *args, **kwargs)
         except RuntimeError:
             pass  # the app has gone meanwhile
-
-    def _family_known(self, label: str, reading: str = "", note: str = "") -> None:
-        self.model_family, self.model_reading = label, reading
-        if note:
-            self.notify(note, severity="warning", title="Model")
-        self.changed.publish(StatusChanged())
-
-    def _tokenizer_ready(self, tokenizer) -> None:
-        self.tokenizer = tokenizer
-        self.changed.publish(TokenizerReady())
 
     def _theme_changed(self, theme) -> None:
         if self.config.theme != theme.name:
@@ -351,23 +297,9 @@ class StudioApp(App):
         self.bridge.refresh_offline()
 
     def describe_settings(self) -> list[str]:
-        from tistudio.config import config_path
-        from tistudio.widgets.images import resolved_protocol
+        from tistudio.palette import describe_settings
 
-        try:
-            resolved = resolved_protocol(self.image_protocol)
-        except Exception:  # noqa: BLE001
-            resolved = self.image_protocol
-        return [
-            f"data home: {self.home}",
-            f"model: {self.model}" + (f" ({self.model_family})" if self.model_family else ""),
-            *([f"model predicts: {self.model_reading}  — ctrl+p Model: to change"] if self.model_reading else []),
-            f"settings: {config_path()}",
-            f"themes: {', '.join(str(d) for d in theme_dirs())}",
-            f"images: {self.image_protocol}" + (f" (using {resolved})" if resolved != self.image_protocol else "")
-            + "  — set TISTUDIO_IMAGE_PROTOCOL=auto|kitty|sixel|halfblock or image_protocol in the settings file",
-            f"engine: {self.state.engine} {self.state.engine_detail}".rstrip(),
-        ]
+        return describe_settings(self)
 
     # -- actions
 
@@ -411,75 +343,14 @@ class StudioApp(App):
             self.notify(f"Images now use {protocol}.", title="Images")
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        from tistudio.palette import system_commands
+
         yield from super().get_system_commands(screen)
-        for key, (mode, name) in enumerate(SCREEN_NAMES.items(), start=1):
-            yield SystemCommand(f"Screen: {name}", f"Show the {name} screen (key {key})",
-                                lambda m=mode: self.action_show_screen(m))
-        actions = [
-            ("Library: new concept", "Create a concept from a folder of images", "library", "new_concept"),
-            ("Library: import embedding", "Import an embedding file as a concept", "library", "import_embedding"),
-            ("Library: export concept", "Write the selected concept's embedding for other tools", "library",
-             "export_concept"),
-            ("Library: rename concept", "Rename the selected concept", "library", "rename_concept"),
-            ("Library: concept images", "Add or remove the selected concept's training images", "library",
-             "edit_images"),
-            ("Library: delete concept", "Delete the selected concept (asks first)", "library", "delete_concept"),
-            ("Library: inspect word", "The word's norms against the vocabulary, cosine to its initializer, nearest "
-             "tokens, and its runs compared", "library", "inspect_word"),
-            ("Train: start run", "Start a training run with the form's settings", "train", "start"),
-            ("Train: resume run", "Resume the selected failed, cancelled or interrupted run", "train", "resume"),
-            ("Train: cancel run", "Cancel the selected (or the running) run", "train", "cancel_run"),
-            ("Generate: generate images", "Generate with the prompt and settings on the Generate screen",
-             "generate", "generate"),
-            ("Generate: edit prompt", "Move to the prompt field", "generate", "edit_prompt"),
-            ("Metrics: evaluate concept", "Table 1 for the picked word (the latest finished run by default)",
-             "metrics", "evaluate"),
-            ("Metrics: steps experiment", "Reconstruction and editability over the run's checkpoints", "metrics",
-             "steps_experiment"),
-            ("Metrics: initializer-word experiment", "One run per initializer word, side by side (section 4.2)",
-             "metrics", "init_experiment"),
-            ("Metrics: seed experiment", "One run per training seed, side by side (section 4.3)", "metrics",
-             "seeds_experiment"),
-            ("Metrics: regulariser experiment", "One run per regulariser: Table 1 for each method", "metrics",
-             "regularize_experiment"),
-            ("Metrics: synthesis batches", "The picked word in the study's new scenes or styles (section 5)",
-             "metrics", "synthesis"),
-            ("Gallery: refresh", "Read every generated, evaluation and experiment image again", "gallery",
-             "reload"),
-            ("Metrics: next view", "Table 1, Compare (two evaluations with Δ), Study (every experiment)", "metrics",
-             "next_view"),
-        ]
-        for title, help_text, mode, action in actions:
-            yield SystemCommand(title, help_text, lambda m=mode, a=action: self._screen_action(m, a))
-        for name in sorted(self.available_themes):
-            if name.startswith("tistudio"):
-                yield SystemCommand(f"Theme: {name}", "Switch to this theme (remembered)",
-                                    lambda n=name: setattr(self, "theme", n))
-        for protocol in PROTOCOLS:
-            yield SystemCommand(f"Images: {protocol}", "Draw images with this protocol (remembered)",
-                                lambda p=protocol: self.set_image_protocol(p))
-        for choice, what in (("epsilon", "an SD 2.x-base file (512 px)"), ("v_prediction", "SD 2.x at 768 px"),
-                             (None, "as the model's own files say")):
-            yield SystemCommand(f"Model: prediction type {choice or 'from the model'}",
-                                f"Read the model as {what}, for the jobs started from now on (this session)",
-                                lambda c=choice: self.set_prediction_type(c))
-        yield SystemCommand("Help", "Keys and settings", self.action_help)
+        yield from system_commands(self)
 
-
-PREDICTION_SOURCES = {"config": "its config", "flag": "as asked", "global_step": "from the file's global_step",
-                      "guess": "guessed"}
-
-
-def _model_options():
-    """What qualifies the studio's model ($TISTUDIO_PREDICTION_TYPE/$TISTUDIO_MODEL_RESOLUTION, set
-    from --prediction-type, --model-resolution or the config file), and a problem to show, or None."""
-    from engine.errors import UserError
-    from engine.settings.model import ModelOptions
-
-    try:
-        return ModelOptions.from_env(), None
-    except UserError as exc:
-        return ModelOptions(), f"{exc}; reading the model as its files say"
+    async def screen_action(self, mode: str, action: str) -> None:
+        """Run `action` on the `mode` screen, showing it first (the palette's actions)."""
+        await self._screen_action(mode, action)
 
 
 def run_app(home: os.PathLike | str | None = None, model: str | None = None) -> int:
