@@ -211,6 +211,103 @@ def _reference_syncs(b: Bench, steps: int) -> dict:
     return count_syncs(loop.step, steps)
 
 
+def sync_error(b: Bench) -> dict:
+    """One training step of ours under CUDA's sync debug mode "error": any host sync raises, naming
+    itself (ok: none did).  A CPU has no syncs to catch: it reports the step's host-to-device
+    uploads instead (one, issue 23 item 5), counted through Inversion._upload."""
+    import torch
+
+    inv = inversion(b)
+    counter = iter(range(10**9))
+    uploads = []
+    upload = inv._upload
+    inv._upload = lambda host: uploads.append(host.numel()) or upload(host)
+    with inv.installed():
+        for _ in range(max(1, b.args.warmup)):  # the first steps may sync for one-off set-up
+            inv.train_step(next(counter))
+        sync(b.device)
+        uploads.clear()
+        if b.device.type != "cuda":
+            inv.train_step(next(counter))
+            return {"ok": None, "uploads_per_step": len(uploads), "upload_floats": sum(uploads),
+                    "note": "sync debug mode is CUDA's; on a CPU, the step's host-to-device uploads"}
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            inv.train_step(next(counter))
+            error = None
+        except RuntimeError as exc:  # the synchronising call, with its traceback in the log
+            error = " ".join(str(exc).split())[:300]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return {"ok": error is None, "error_in_step": error, "uploads_per_step": len(uploads),
+            "upload_floats": sum(uploads)}
+
+
+def resume_fp16(b: Bench) -> dict:
+    """Two resumes (issue 23 items 6 and 13).  A run begun in fp32 and resumed in fp16: the loss
+    scale it trains with afterwards (2**16: scaling on).  A run cut and resumed in the model's
+    own dtype against the uninterrupted run: without --deterministic within
+    engine.devices.determinism.CUDA_TOLERANCE on CUDA (equal on a CPU), with it equal."""
+    import torch
+
+    fp32, fp16 = _with_dtype(b.model, torch.float32), _with_dtype(b.model, torch.float16)
+    scale = _scale_after_resume(b, fp32, fp16)
+    del fp32, fp16
+    steps = max(2, min(b.args.steps, 6))  # a few steps on each side of the cut (--steps 2: one)
+    plain = _resume_against_uninterrupted(b, False, steps)
+    try:
+        exact = _resume_against_uninterrupted(b, True, steps)
+    except RuntimeError as exc:  # an op with no deterministic kernel names itself
+        exact = {"error": " ".join(str(exc).split())[:300]}
+    return {**scale, "resume": plain, "resume_deterministic": exact}
+
+
+def _with_dtype(model, dtype):
+    """`model` with its weights in `dtype`: itself, or a copy (the bench's own model stays as it is)."""
+    import copy
+    import dataclasses
+
+    if model.dtype == dtype:
+        return model
+    return dataclasses.replace(model, pipe=copy.deepcopy(model.pipe).to(dtype=dtype), dtype=dtype)
+
+
+def _bench_run(b: Bench, model, run_dir: Path, steps: int, **cfg):
+    """Train (or resume) one run of ours to `steps`; returns its reporter's events and final vector."""
+    from engine.inversion.train import QuietReporter, TrainConfig, train
+    from engine.sd.formats import read_embedding
+
+    reporter = QuietReporter()
+    config = TrainConfig(token="<b>", init="cat", seed=1, steps=steps, save_every=1, log_every=1,
+                         preview_every=0, **cfg)
+    final = train(model, config, run_dir, b.paths, reporter)
+    return reporter.events, read_embedding(final).vectors
+
+
+def _scale_after_resume(b: Bench, fp32, fp16) -> dict:
+    run_dir = Path(tempfile.mkdtemp(dir=b.folder))
+    _bench_run(b, fp32, run_dir, steps=1)
+    events, _ = _bench_run(b, fp16, run_dir, steps=2)
+    step = [e for e in events if e["type"] == "step"][-1]
+    return {"started_in": "fp32", "resumed_in": "fp16", "loss_scale_after_resume": step["loss_scale"],
+            "skipped_after_resume": step["skipped"], "loss_after_resume": step["loss"]}
+
+
+def _resume_against_uninterrupted(b: Bench, deterministic: bool, steps: int) -> dict:
+    import torch
+
+    from engine.devices.determinism import CUDA_TOLERANCE
+
+    whole, cut = Path(tempfile.mkdtemp(dir=b.folder)), Path(tempfile.mkdtemp(dir=b.folder))
+    _, uninterrupted = _bench_run(b, b.model, whole, steps, deterministic=deterministic)
+    _bench_run(b, b.model, cut, steps // 2, deterministic=deterministic)
+    _, resumed = _bench_run(b, b.model, cut, steps, deterministic=deterministic)
+    within = torch.allclose(resumed, uninterrupted, **CUDA_TOLERANCE)
+    return {"equal": bool(torch.equal(resumed, uninterrupted)), "within_tolerance": bool(within),
+            "max_abs_diff": float((resumed - uninterrupted).abs().max()), "tolerance": CUDA_TOLERANCE,
+            "steps": steps, "cut_at": steps // 2}
+
+
 def generation(b: Bench) -> dict:
     from engine.sd.generation import sample_prompt
 
@@ -299,7 +396,8 @@ def reserved_gib(device) -> float | None:
     return torch.cuda.memory_reserved(device) / GIB
 
 
-MEASURES = {f.__name__: f for f in (train_step, reference, syncs, generation, table1, compiled)}
+MEASURES = {f.__name__: f for f in (train_step, reference, syncs, sync_error, resume_fp16, generation, table1,
+                                    compiled)}
 
 
 # --- the process -------------------------------------------------------------------------------
@@ -377,6 +475,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.devices.determinism import prepare_process
+
+    prepare_process()  # as a worker does before any CUDA call: cuBLAS as production runs it
     args = parse_args(argv)
     if args.probe:
         print(json.dumps(probe()))

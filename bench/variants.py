@@ -25,7 +25,7 @@ CUDA_BUDGET_S = 465
 @dataclass(frozen=True)
 class Variant:
     name: str
-    measure: str  # a function of bench/measure.py: train_step | reference | syncs | generation | table1 | compiled
+    measure: str  # a function of bench/measure.py (its MEASURES): train_step, reference, syncs, compiled …
     what: str
     timeout_s: int  # its limit on a GPU (the budget may cut it shorter)
     cpu_timeout_s: int = 300
@@ -39,6 +39,9 @@ VARIANTS = (
     Variant("ours", "train_step", "our training step, batch 1", 90),
     Variant("reference", "reference", "the diffusers example's step (bench/reference.py)", 120, ratio="speedup"),
     Variant("syncs", "syncs", "host synchronisations per step, ours and the reference", 90),
+    Variant("sync-error", "sync_error", "one step of ours under sync debug mode 'error' (ok: nothing synced)", 60),
+    Variant("resume-fp16", "resume_fp16", "fp32 -> fp16 resume: the loss scale; a resume vs the uninterrupted run, "
+            "with and without --deterministic", 120),
     Variant("low-vram", "train_step", "ours with gradient checkpointing (--low-vram)", 90,
             params={"low_vram": True}, ratio="vs_ours"),
     Variant("generation", "generation", "images/s: 25 DPM-Solver++ steps with CFG", 90),

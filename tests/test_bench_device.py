@@ -165,6 +165,10 @@ def test_every_variant_measures_from_the_wheels_under_the_device_python(built_wh
     assert ours > 0 and lines["ours"]["ms_per_step"] > 0 and lines["ours"]["runs"] == 1
     assert lines["reference"]["speedup"] == pytest.approx(ours / lines["reference"]["steps_per_s"])
     assert lines["syncs"]["note"].startswith("counted on CUDA only")
+    assert lines["sync-error"]["ok"] is None and lines["sync-error"]["uploads_per_step"] == 1  # on a CPU: uploads
+    scale = lines["resume-fp16"]
+    assert scale["loss_scale_after_resume"] == 2.0**16 and scale["skipped_after_resume"] == 0
+    assert scale["resume"]["equal"] and scale["resume_deterministic"]["equal"]  # a CPU resumes bit for bit
     assert lines["low-vram"]["low_vram"] is True
     assert lines["low-vram"]["vs_ours"] == pytest.approx(lines["low-vram"]["steps_per_s"] / ours)
     assert lines["generation"]["images"] == 1 and lines["generation"]["images_per_s"] > 0
