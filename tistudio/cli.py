@@ -167,7 +167,7 @@ def _settle_model_options(args, config) -> None:
             os.environ[env] = str(value)
     from_file = ModelOptions(prediction_type(config.prediction_type, f"{config.path}: prediction_type"),
                              resolution(config.model_resolution, f"{config.path}: model_resolution"))
-    if os.environ.get("TISTUDIO_MODEL") == config.model:
+    if config.model and os.environ.get("TISTUDIO_MODEL") == config.model:
         for env, value in from_file.env().items():
             if not os.environ.get(env):
                 os.environ[env] = value
