@@ -15,10 +15,14 @@ What must stay true (see docs/architecture.md):
     and every row of the token tables are frozen, bit for bit;
   * loss = MSE(UNet prediction, noise or velocity) at a random training timestep
     on a cached latent of a random image/flip, under a random prompt template;
-  * a run killed anywhere resumes from its last checkpoint and ends exactly where
-    an uninterrupted run with the same seed ends (all RNG state is checkpointed);
+  * a run killed anywhere resumes from its last checkpoint and ends where an
+    uninterrupted run with the same seed ends (all RNG state is checkpointed): bit
+    for bit on a CPU, and on CUDA with --deterministic; without it within
+    engine.devices.determinism.CUDA_TOLERANCE;
   * with --grad-accum G, one optimizer step averages G micro-batches, each drawn
-    from the run's own stream, so resume stays exact at any step boundary.
+    from the run's own stream, so resume stays exact at any step boundary;
+  * a step's draws reach the device in one non-blocking copy (`_draw`, `_upload`):
+    the step never waits on the host.
 """
 
 from __future__ import annotations

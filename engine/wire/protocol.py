@@ -321,7 +321,8 @@ class StatusAnswer(Message):
         memory       dict        bytes, each key present when known: vram_total,
                                  vram_used_device (the whole device, every process),
                                  vram_allocated, vram_reserved, vram_peak (this worker's
-                                 torch); rss (the worker process's resident memory, Linux)
+                                 torch; the peak since its job began); rss (the worker
+                                 process's resident memory, Linux)
         source       str | None  where the device figures came from ("worker": its torch,
                                  "nvidia-smi", "driver", "engine" (assigned, nothing to
                                  measure: a CPU), "probe", "ray")
