@@ -21,25 +21,23 @@ import json
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
-from textual.widgets import DataTable, Label, Select, Static, TabbedContent, TabPane, Tabs
+from textual.containers import Horizontal
+from textual.widgets import Label, Select, Static, TabbedContent, TabPane, Tabs
 
 from engine.store.records import (
     curve_points,
-    eval_label,
     eval_tables,
     experiment_reports,
     latest_done_run,
     parse_pin,
     report_of_result,
     steps_curves,
-    written_prompt,
 )
 from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged, MetricsChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
-from tistudio.widgets.charts import CurveChart
-from tistudio.widgets.study import CompareView, StudyView, num, signed
+from tistudio.widgets.study import CompareView, StudyView
+from tistudio.widgets.table1 import Table1View, table_for, with_job_results
 
 METRIC_JOBS = ("eval", "experiment")
 LATEST = "latest"  # the run picker's first choice: the concept's latest finished run, final word
@@ -94,33 +92,12 @@ class MetricsScreen(StudioScreen):
                          compact=True)
         with TabbedContent(id="metrics-views", initial="view-table"):
             with TabPane("Table 1", id="view-table"):
-                with Horizontal(id="metrics-body"):
-                    with Vertical(id="metrics-tables"):
-                        table1 = DataTable(id="table1", cursor_type="row", zebra_stripes=False)
-                        table1.border_title = "Table 1"
-                        yield table1
-                        detail = DataTable(id="per-prompt", cursor_type="row", zebra_stripes=True)
-                        detail.border_title = "Editability per prompt"
-                        yield detail
-                    yield CurveChart(id="curve")
+                yield Table1View(id="metrics-body")
             with TabPane("Compare", id="view-compare"):
                 yield CompareView(id="compare-view")
             with TabPane("Study", id="view-study"):
                 yield StudyView(id="study-view")
         yield Static("", id="metrics-jobs")
-
-    def on_mount(self) -> None:
-        t1 = self.query_one("#table1", DataTable)
-        t1.add_column("Model", key="model")
-        t1.add_column("Reconstruction", key="rec")
-        t1.add_column("Editability", key="edit")
-        t1.add_column("Edit./image", key="edit_img")
-        pp = self.query_one("#per-prompt", DataTable)
-        pp.add_column("Prompt", key="prompt")
-        pp.add_column("SD", key="sd")
-        pp.add_column("SD+TI", key="ti")
-        pp.add_column("Δ", key="diff")
-        super().on_mount()
 
     def concept(self) -> str | None:
         value = self.query_one("#metrics-concept", Select).value
@@ -197,9 +174,9 @@ class MetricsScreen(StudioScreen):
         tables, curves, reports = [], [], []
         if path is not None:
             tables, curves, reports = eval_tables(path), steps_curves(path), experiment_reports(path)
-            tables, reports = self._with_job_results(tables, reports)
+            tables, reports = with_job_results(tables, reports, self._metric_jobs())
         run, step = self.picked()
-        table = self._table_for(tables, run, step)
+        table = table_for(tables, run, step)
         chosen_curves = [c for c in curves if run is None or c.get("run") == run]
         curve = chosen_curves[-1] if chosen_curves else None
         if curve is None and run is None:
@@ -214,65 +191,9 @@ class MetricsScreen(StudioScreen):
             return
         self._drawn = key
         self.table, self.curve = table, curve
-        self._draw_table(name, table, run, step)
-        self.query_one("#curve", CurveChart).set_points(curve_points(curve) if curve else [])
-
-    def _with_job_results(self, tables: list[dict], reports: list) -> tuple[list[dict], list]:
-        """Add what finished jobs returned that the disk does not hold (yet, or any more)."""
-        dirs = {str(t.get("dir")) for t in tables}
-        ids = {r.id for r in reports}
-        for job in self._metric_jobs():
-            result = job.get("result") if isinstance(job.get("result"), dict) else {}
-            if job.get("kind") == "eval" and isinstance(result.get("table"), dict):
-                table = {"dir": result.get("report_dir"), **result["table"]}
-                if str(table.get("dir")) not in dirs:
-                    tables.append(table)
-            elif job.get("kind") == "experiment":
-                report = report_of_result(result)
-                if report is not None and report.id not in ids:
-                    reports.append(report)
-                    ids.add(report.id)
-        return tables, reports
-
-    @staticmethod
-    def _table_for(tables: list[dict], run: str | None, step: int | None) -> dict | None:
-        """The newest Table 1 of the picked word (any, for the latest run)."""
-        if run is None:
-            return tables[-1] if tables else None
-        for table in reversed(tables):
-            final = table.get("final", True)
-            if table.get("run") == run and ((step is None and final) or (step is not None and not final
-                                                                          and table.get("step") == step)):
-                return table
-        return None
-
-    def _draw_table(self, name: str | None, table: dict | None, run: str | None, step: int | None) -> None:
-        t1 = self.query_one("#table1", DataTable)
-        pp = self.query_one("#per-prompt", DataTable)
-        t1.clear()
-        pp.clear()
-        if not table:  # Table 1's border says which evaluation it shows, or how to make one
-            pick = f"{name}@{run}" + (f":{step}" if step is not None else "") if run else None
-            t1.border_subtitle = (f"no evaluation of {pick} yet: press e to evaluate it" if pick else
-                                  "no evaluation yet: press e to evaluate" if name else "no concept: create one on 1")
-            return
-        rows = {r.get("model"): r for r in table.get("rows", []) if isinstance(r, dict)}
-        sd, ti = rows.get("SD", {}), rows.get("SD+TI", {})
-        for label, row in (("SD", sd), ("SD+TI", ti)):
-            t1.add_row(label, num(row.get("reconstruction")), num(row.get("editability")),
-                       num(row.get("editability_per_image")), key=label)
-        t1.add_row("Δ (TI − SD)", _diff(sd.get("reconstruction"), ti.get("reconstruction")),
-                   _diff(sd.get("editability"), ti.get("editability")),
-                   _diff(sd.get("editability_per_image"), ti.get("editability_per_image")), key="diff")
-        token = table.get("token") or self._token(name)
-        for i, p in enumerate(table.get("per_prompt", [])):
-            if not isinstance(p, dict):
-                continue
-            a = (p.get("SD") or {}).get("editability")
-            b = (p.get("SD+TI") or {}).get("editability")
-            pp.add_row(written_prompt(p, token) or f"prompt {i + 1}", num(a), num(b), _diff(a, b), key=str(i))
-        t1.border_subtitle = (escape(eval_label(table)) + f" · {table.get('images_per_set', '?')} images/set"
-                              + (f" · CLIP {escape(_clip_name(table))}" if _clip_name(table) else ""))
+        view = self.query_one(Table1View)
+        view.show(name, table, run, step, (table or {}).get("token") or self._token(name))
+        view.set_curve(curve_points(curve) if curve else [])
 
     def _token(self, name: str | None) -> str | None:
         try:
@@ -424,11 +345,3 @@ class MetricsScreen(StudioScreen):
     def action_choose_run(self) -> None:
         self.query_one("#metrics-run", Select).focus()
 
-
-def _diff(a, b) -> str:
-    return signed(b - a) if isinstance(a, (int, float)) and isinstance(b, (int, float)) else "–"
-
-
-def _clip_name(table: dict) -> str | None:
-    clip = table.get("clip")
-    return clip.get("name") if isinstance(clip, dict) else clip

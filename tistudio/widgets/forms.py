@@ -180,9 +180,9 @@ class FieldError(ValueError):
 
 
 def field_for(message: str, form: Widget, aliases: dict[str, str] | None = None) -> str | None:
-    """The field an engine message is about: the first `--option` it names (the CLI's spelling),
-    as the form's field id (`--batch-size` → batch_size, or as `aliases` maps it; `--flip` has no
-    field in the New-run form)."""
+    """The field an engine message is about: the first command-line option it names (the CLI's
+    spelling, e.g. --batch-size), as the form's field id (batch_size, or as `aliases` maps it;
+    --flip has no field in the New-run form)."""
     import re
 
     for option in re.findall(r"(?<![\w-])-{1,2}([a-z][a-z-]*)", message):
