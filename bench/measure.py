@@ -396,8 +396,118 @@ def reserved_gib(device) -> float | None:
     return torch.cuda.memory_reserved(device) / GIB
 
 
+def sdxl_decode_error(b: Bench) -> dict:
+    """An OOM injected into the VAE decode of an fp16 SDXL model (diffusers has upcast the VAE to
+    fp32 by then), then a second generation (issue 23 item 3): the VAE must be fp16 again and the
+    second must work.  On a CPU the model is fp32: an fp16 copy of it is used, at 32 px."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from engine.sd.generation import render
+
+    model = b.model
+    if model.dtype != torch.float16:
+        model = dataclasses.replace(model, pipe=copy.deepcopy(model.pipe).to(dtype=torch.float16),
+                                    dtype=torch.float16)
+    vae, seen = model.vae, []
+
+    def failing(*args, **kwargs):
+        seen.append(str(vae.dtype))
+        del vae.decode  # the class's own decode again, for the second generation
+        raise torch.OutOfMemoryError("injected: out of memory during the VAE decode (bench sdxl-decode-error)")
+
+    generate = lambda: render(model, "a photo of a cat", [0], steps=2, resolution=32, output_type="np")  # noqa: E731
+    vae.decode = failing
+    try:
+        generate()
+        first = "no error"
+    except torch.OutOfMemoryError as exc:
+        first = str(exc)
+    after = sorted({str(p.dtype) for p in vae.parameters()})
+    try:
+        second_ok, second_error = len(generate()) == 1, None
+    except Exception as exc:  # noqa: BLE001 - the figure to report is what went wrong
+        second_ok, second_error = False, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+    print(f"sdxl-decode-error: VAE {after} after the error; second generation "
+          f"{'worked' if second_ok else 'failed: ' + str(second_error)}", flush=True)
+    return {"first_error": first, "vae_dtype_in_failed_decode": seen[0] if seen else None,
+            "vae_dtype_after": after, "vae_back_in_fp16": after == ["torch.float16"],
+            "second_ok": second_ok, "second_error": second_error}
+
+
+def sdxl_vae_memory(b: Bench) -> dict:
+    """Peak memory of SDXL's VAE encoding the latent cache and decoding a batch with engine.sd.vae's
+    sizes (issue 23 item 4), beside its estimate: per image, with the plan for the memory free now,
+    and with the plan for a 24 GB card (its free memory simulated: 24 GiB less the context and
+    what the model holds).  On a CPU: the sizes only (nothing limits them there)."""
+    import dataclasses
+
+    import torch
+
+    from engine.inversion.data import encode_images
+    from engine.sd.generation import default_batch
+    from engine.sd.vae import activation_bytes, plan_for, plan_vae, working_dtype
+
+    model, device, size = b.model, b.device, b.model.info.resolution
+    batch = default_batch(size, size)
+    dtype_bytes = working_dtype(model.vae).itemsize
+    now = plan_for(model, size, size, batch)
+    encode, decode = activation_bytes(size, size, dtype_bytes)
+    result = {"resolution": size, "vae_dtype": str(working_dtype(model.vae)).replace("torch.", ""),
+              "estimate_per_image_gib": {"encode": encode / GIB, "decode": decode / GIB}, "plan": now.describe()}
+    if device.type != "cuda":
+        return {**result, "ran": _vae_peaks(b, now, encode_images),  # the code path, at the model's own size
+                "note": "sizes only on a CPU: no free-memory limit"}
+    one = dataclasses.replace(plan_vae(size, size, dtype_bytes, None, 1), encode_chunk=1)  # one image at a time
+    single = _vae_peaks(b, one, encode_images)
+    card = 24 * GIB - int(0.5 * GIB) - torch.cuda.memory_allocated(device)  # the CUDA context: ~0.5 GiB
+    small = plan_vae(size, size, dtype_bytes, card, batch)
+    on_card = _vae_peaks(b, small, encode_images)
+    return {**result,
+            "measured_per_image_gib": {"encode": single["encode_gib"], "decode": single["decode_gib"]},
+            "measured_over_estimate": {"encode": single["encode_gib"] * GIB / encode,
+                                       "decode": single["decode_gib"] * GIB / decode},
+            "with_plan_now": _vae_peaks(b, now, encode_images),
+            "card_24gb": {"plan": small.describe(), **on_card,
+                          "fits": on_card["peak_total_gib"] <= (24 * GIB - 0.5 * GIB) / GIB}}
+
+
+def _vae_peaks(b: Bench, plan, encode_images) -> dict:
+    """Encode 2 x len(images) images (the latent cache: each and its mirror) in the plan's chunks,
+    then decode a batch as the SDXL pipeline does (upcast, slicing and tiling as planned):
+    the activations' peaks over what was allocated before, and the process's peak."""
+    import torch
+
+    from engine.sd.vae import vae_kept, working_dtype
+
+    vae, device, size = b.model.vae, b.device, b.model.info.resolution
+    sync(device)
+    reset_peak(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    encode_images(vae, b.images, size, plan=plan)
+    sync(device)
+    encode_peak = peak_gib(device)
+    reset_peak(device)
+    with torch.no_grad(), vae_kept(vae, plan):
+        vae.to(working_dtype(vae))
+        latents = torch.randn(plan.batch, vae.config.latent_channels, size // 8, size // 8, device=device,
+                              dtype=vae.dtype)
+        vae.decode(latents)
+    sync(device)
+    decode_peak = peak_gib(device)
+    found = {"encoded_images": 2 * len(b.images), "encode_chunk": plan.encode_chunk, "decoded_images": plan.batch,
+             "decode_batch": plan.decode_batch, "slicing": plan.slicing, "tiling": plan.tiling}
+    if device.type != "cuda":
+        return found
+    return {**found, "encode_gib": encode_peak - base / GIB, "decode_gib": decode_peak - base / GIB,
+            "peak_total_gib": max(encode_peak, decode_peak),
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
+
+
 MEASURES = {f.__name__: f for f in (train_step, reference, syncs, sync_error, resume_fp16, generation, table1,
-                                    compiled)}
+                                    compiled, sdxl_decode_error, sdxl_vae_memory)}
 
 
 # --- the process -------------------------------------------------------------------------------

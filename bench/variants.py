@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 MODELS = {
     "main": {"cuda": "builtin:sd15-arch", "cpu": "builtin:tiny"},
     "sdxl": {"cuda": "builtin:sdxl-arch", "cpu": "builtin:sdxl-tiny"},
+    "sdxl-tiny": {"cuda": "builtin:sdxl-tiny", "cpu": "builtin:sdxl-tiny"},  # a mechanism, not a speed
 }
 
 # The whole run's default time budget on a GPU: the device tool lends 15 minutes in all,
@@ -45,6 +46,8 @@ VARIANTS = (
     Variant("low-vram", "train_step", "ours with gradient checkpointing (--low-vram)", 90,
             params={"low_vram": True}, ratio="vs_ours"),
     Variant("generation", "generation", "images/s: 25 DPM-Solver++ steps with CFG", 90),
+    Variant("sdxl-decode-error", "sdxl_decode_error", "an OOM injected into an fp16 SDXL decode, then a second "
+            "generation: the VAE's dtype after, and whether the second worked", 60, model="sdxl-tiny"),
     Variant("batched-8", "train_step", "a sweep of 8 runs sharing each UNet call", 120, params={"k": 8},
             ratio="vs_ours"),
     Variant("batched-16", "train_step", "a sweep of 16 runs sharing each UNet call", 150, params={"k": 16},
@@ -53,6 +56,8 @@ VARIANTS = (
     Variant("sdxl", "train_step", "our training step at SDXL's shapes", 180, cpu_timeout_s=300, model="sdxl"),
     Variant("sdxl-reference", "reference", "diffusers' textual_inversion_sdxl.py step (bench/reference_sdxl.py)",
             180, cpu_timeout_s=300, model="sdxl", ratio="speedup", against="sdxl"),
+    Variant("sdxl-vae-memory", "sdxl_vae_memory", "peak memory of SDXL's VAE encoding and decoding at 1024 px "
+            "with engine.sd.vae's sizes, beside its estimate (a CPU: the sizes only)", 150, model="sdxl"),
     Variant("compile-reduce-overhead", "compiled", "torch.compile mode reduce-overhead (CUDA graphs)", 200,
             cpu_timeout_s=600, params={"mode": "reduce-overhead"}, ratio="vs_ours"),
     Variant("compile-default", "compiled", "torch.compile default mode", 200, cpu_timeout_s=600,

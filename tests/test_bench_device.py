@@ -179,6 +179,12 @@ def test_every_variant_measures_from_the_wheels_under_the_device_python(built_wh
         assert lines["sdxl"]["steps_per_s"] > 0 and lines["sdxl"]["runs"] == 1
         assert lines["sdxl-reference"]["speedup"] == pytest.approx(
             lines["sdxl"]["steps_per_s"] / lines["sdxl-reference"]["steps_per_s"])
+        decode_error = lines["sdxl-decode-error"]  # an fp16 copy on a CPU: diffusers upcasts its VAE
+        assert decode_error["vae_dtype_in_failed_decode"] == "torch.float32" and decode_error["vae_back_in_fp16"]
+        assert decode_error["second_ok"] is True
+        vae = lines["sdxl-vae-memory"]  # sizes only on a CPU: today's
+        assert vae["plan"]["encode_chunk"] == 8 and vae["plan"]["free_bytes"] is None
+        assert vae["ran"]["encoded_images"] == 8 and vae["ran"]["decode_batch"] == vae["plan"]["batch"]
     for name in ("compile-reduce-overhead", "compile-default"):
         assert lines[name]["compile"] == BY_NAME[name].params["mode"]
         assert lines[name]["first_warmup_s"] > 0 and lines[name]["second_warmup_s"] > 0
