@@ -11,12 +11,11 @@ from pathlib import Path
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, VerticalScroll
-from textual.widgets import DataTable, Static
+from textual.containers import Horizontal
+from textual.widgets import DataTable
 
 from engine.errors import one_line
 from engine.store.records import ConceptSummary
-from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
 from tistudio.screens.modals import (
@@ -30,20 +29,7 @@ from tistudio.screens.modals import (
     NewConceptModal,
     TextModal,
 )
-from tistudio.widgets.images import ImagePreview
-
-MAX_THUMBS = 8
-
-
-def _word_line(row: ConceptSummary) -> str:
-    """`1 vector, made for SD 1.x; ` (empty before the concept has a word)."""
-    if not row.vectors:
-        return ""
-    from engine.sd.family import FAMILY_LABELS
-
-    family = FAMILY_LABELS.get(row.family, row.family) if row.family else None
-    return f"its word: {row.vectors} vector{'s' if row.vectors != 1 else ''}" + (f" for {family}" if family else "") \
-        + "; "
+from tistudio.widgets.concept_panel import ConceptPanel, inspection
 
 
 class LibraryScreen(StudioScreen):
@@ -66,7 +52,6 @@ class LibraryScreen(StudioScreen):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.rows: list[ConceptSummary] = []
-        self._shown: object = object()  # what the detail pane shows (nothing yet)
         self._asked: set[str] = set()  # inspect jobs this screen submitted: scrolled into view
 
     def compose_body(self) -> ComposeResult:
@@ -74,12 +59,7 @@ class LibraryScreen(StudioScreen):
             table = DataTable(id="concepts", cursor_type="row", zebra_stripes=True)
             table.border_title = "Concepts"
             yield table
-            with VerticalScroll(id="concept-detail") as detail:
-                detail.border_title = "Concept"
-                yield Static("", id="detail-text")
-                yield Horizontal(id="thumbs")
-                yield Static("", id="detail-runs")
-                yield Static("", id="inspect")
+            yield ConceptPanel(id="concept-detail")
 
     def on_mount(self) -> None:
         table = self.query_one("#concepts", DataTable)
@@ -152,76 +132,7 @@ class LibraryScreen(StudioScreen):
 
     def show_detail(self) -> None:
         row = self.selected()
-        text = self.query_one("#detail-text", Static)
-        runs_text = self.query_one("#detail-runs", Static)
-        inspection = self._inspection(row)
-        key = (row.name, tuple(row.images),
-               tuple((r.id, r.status, r.step) for r in row.runs),
-               row.concept.description, row.best_reconstruction, inspection) if row else None
-        if key == self._shown:
-            return
-        self._shown = key
-        panel = self.query_one("#inspect", Static)
-        panel.update(inspection[1] if inspection else "")
-        if inspection and inspection[0] in self._asked:  # what the user asked for: bring it into view
-            self.call_after_refresh(self.query_one("#concept-detail").scroll_to_widget, panel, top=True,
-                                    animate=False)
-        thumbs = self.query_one("#thumbs", Horizontal)
-        thumbs.remove_children()
-        if row is None:
-            text.update("No concepts yet.  Press n to create one from a folder of 3-5 images,\n"
-                        "or i to import an embedding file.")
-            runs_text.update("")
-            return
-        concept, runs = row.concept, row.train_runs
-        self.query_one("#concept-detail").border_title = concept.name
-        text.update(
-            f"[b]{concept.token}[/b]  initializer [b]{concept.init}[/b]  ({concept.property})\n"
-            f"[dim]{escape(concept.description)}[/dim]\n"
-            + (f"{len(row.images)} training image{'s' if len(row.images) != 1 else ''} in "
-               f"[dim]{escape(self._short(concept.path / 'images'))}[/dim]" if row.images else
-               "No training images yet: press e to add some."))
-        thumbs.mount_all([ImagePreview(p, p.name, classes="thumb") for p in row.images[:MAX_THUMBS]])
-        word = _word_line(row)
-        if runs:
-            last = runs[-1]
-            best = f"best SD+TI reconstruction {row.best_reconstruction:.3f}" if row.best_reconstruction is not None \
-                else "not evaluated yet (4 Metrics, e)"
-            runs_text.update(f"{len(runs)} training run{'s' if len(runs) != 1 else ''}; latest "
-                             f"{last.id} {last.status} at step {last.step}/{last.steps or '?'}\n{word}{best}")
-        elif row.word_runs:
-            runs_text.update(f"{word}Press v to inspect it.")
-        else:
-            runs_text.update("Not trained yet: press t to train it.")
-
-    def _inspection(self, row: ConceptSummary | None) -> tuple[str, str] | None:
-        """(job id, panel text) for the selected concept's word inspector: its newest finished
-        inspection, or a line saying one is under way."""
-        if row is None:
-            return None
-        jobs = [j for j in self.app.state.jobs if j.get("kind") == "inspect" and j.get("concept") == row.name]
-        active = [j for j in jobs if j.get("status") in ("queued", "running")]
-        if active:
-            return active[-1]["id"], f"[dim]Inspecting the word ({active[-1]['id']}: {active[-1].get('status')})…[/dim]"
-        done = [j for j in jobs if j.get("status") == "done" and isinstance(j.get("result"), dict)]
-        latest = row.latest_inspection()
-        record = done[-1] if done else latest.as_dict() if latest else None
-        if record is None:
-            failed = [j for j in jobs if j.get("status") == "failed"]
-            if failed:
-                return failed[-1]["id"], f"[red]Inspection failed: {escape(failed[-1].get('error') or '')}[/red]"
-            return None
-        from tistudio.widgets.inspect import inspect_text
-
-        try:
-            return record["id"], "\n" + inspect_text(record["result"])
-        except Exception as exc:  # noqa: BLE001 - a result of another shape must not break the library
-            return record["id"], f"[red]cannot show the inspection: {escape(one_line(exc))}[/red]"
-
-    def _short(self, path: Path) -> str:
-        from tistudio.widgets.forms import shorten_path
-
-        return shorten_path(path, self.app.home)
+        self.query_one(ConceptPanel).show(row, inspection(row, self.app.state.jobs), self._asked, self.app.home)
 
     # -- actions
 
