@@ -444,7 +444,8 @@ async def test_the_train_form_offers_every_training_option(tmp_path):
 async def test_the_train_form_starts_from_the_settings_files_train_table(tmp_path):
     config = Config(commands={"train": {"steps": 1500, "low-vram": True, "regularize": "init-l2", "reg_weight": 0.5,
                                         "lr-schedule": "cosine", "batch_size": 2, "grad-accum": 3, "flip": 0.0,
-                                        "center-crop": True, "seeds": [1, 2], "compile": "sometimes"}},
+                                        "center-crop": True, "seeds": [1, 2], "compile": "sometimes",
+                                        "deterministic": True}},
                     path=tmp_path / "config.toml")
     app = offline_app(tmp_path / "home", config=config)
     async with app.run_test(size=SIZE) as pilot:
@@ -455,6 +456,7 @@ async def test_the_train_form_starts_from_the_settings_files_train_table(tmp_pat
                                        "grad_accum", "flip_p", "center_crop", "compile")} == {
             "steps": 1500, "low_vram": True, "regularize": "init-l2", "reg_weight": 0.5, "lr_schedule": "cosine",
             "batch_size": 2, "grad_accum": 3, "flip_p": 0.0, "center_crop": True, "compile": "off"}
+        assert params["deterministic"] is True  # a checkbox, like Low VRAM
         assert "seeds" not in params
         assert "6 (2×3)" in str(app.screen.query_one("#effective-batch", Static).render())
         warning = next(m for m in _notes(app) if "[train]" in m)
