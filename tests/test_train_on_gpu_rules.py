@@ -344,7 +344,8 @@ def test_deterministic_is_restored_after_a_failure_and_refuses_a_nondeterministi
     with pytest.raises(RuntimeError, match="boom"):
         train(tiny_model, _cfg(steps=2, deterministic=True), tmp_path / "run", _images(image_dir))
     assert not torch.are_deterministic_algorithms_enabled()
-    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")  # on a machine with CUDA: refused before any work
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(UserError, match="--deterministic needs CUBLAS_WORKSPACE_CONFIG=:4096:8"):
         train(tiny_model, _cfg(steps=2, deterministic=True), tmp_path / "run2", _images(image_dir))
     assert not torch.are_deterministic_algorithms_enabled()
@@ -375,3 +376,20 @@ def test_the_worker_gives_cublas_its_deterministic_workspace_before_any_job(tmp_
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own value is kept
     worker_main.Worker(tmp_path, io.BytesIO(), placement={"device": "cpu"})
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_a_script_that_started_cuda_first_is_told_the_cublas_setting_came_late(monkeypatch):
+    """Outside a worker (a notebook) nobody set the variable before CUDA started: it is set now,
+    and the header says it may not count."""
+    from engine.devices.determinism import deterministic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with deterministic(True) as fields:
+        assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert "before CUBLAS_WORKSPACE_CONFIG was set" in fields["deterministic_note"]
+    with deterministic(True) as fields:  # now it was set before: nothing to say
+        pass
+    assert "deterministic_note" not in fields

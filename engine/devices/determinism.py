@@ -56,7 +56,7 @@ def _cublas_setting(torch) -> dict:
     from engine.errors import UserError
 
     value = os.environ.get(CUBLAS_ENV)
-    if value is not None and value not in DETERMINISTIC_CUBLAS_VALUES:
+    if value is not None and value not in DETERMINISTIC_CUBLAS_VALUES and torch.cuda.is_available():
         raise UserError(f"--deterministic needs {CUBLAS_ENV}={CUBLAS_DETERMINISTIC} (or :16:8), but it is {value!r}; "
                         f"unset it (or set it to {CUBLAS_DETERMINISTIC}) and restart the engine "
                         "(`tistudio engine stop`)")
@@ -64,6 +64,6 @@ def _cublas_setting(torch) -> dict:
     if value is None:
         os.environ[CUBLAS_ENV] = CUBLAS_DETERMINISTIC
         if torch.cuda.is_initialized():
-            fields["note"] = (f"CUDA had started in this process before {CUBLAS_ENV} was set; set it before "
-                              "the process starts for cuBLAS results that repeat")
+            fields["deterministic_note"] = (f"CUDA had started in this process before {CUBLAS_ENV} was set; "
+                                            "set it before the process starts for cuBLAS results that repeat")
     return fields
