@@ -492,7 +492,7 @@ def _vae_peaks(b: Bench, plan, encode_images) -> dict:
     reset_peak(device)
     with torch.no_grad(), vae_kept(vae, plan):
         vae.to(working_dtype(vae))
-        latents = torch.randn(plan.batch, vae.config.latent_channels, size // 8, size // 8, device=device,
+        latents = torch.randn(plan.batch, vae.config.latent_channels, size // 8, size // 8, device=vae.device,
                               dtype=vae.dtype)
         vae.decode(latents)
     sync(device)
