@@ -12,7 +12,8 @@ Layouts recognised on read (by their keys):
                   SDXL: two such files, ``learned_embeds.safetensors`` (768) and
                   ``learned_embeds_2.safetensors`` (1280), given as either file or their folder
 * a1111           ``{"string_to_param": {"*": [n, dim]}, "name": ..., "step": ...}``
-                  as .pt, or the same dict in a PNG ``sd-ti-embedding`` text chunk
+                  as .pt, or the same dict in an A1111 PNG card: its ``sd-ti-embedding`` text
+                  chunk, else the copy hidden in its pixels (engine.sd.png_card)
 * textual_inversion  the original repo: like a1111 but with no ``name``
 * kohya           ``{"emb_params": [n, dim]}`` (also invoke-training)
 * onetrainer      ``{"emp_params": [n, dim]}`` (sic), optionally ``emp_params_out`` (ignored)
@@ -46,6 +47,8 @@ import torch
 
 from engine.errors import NotSupportedError, UserError
 from engine.sd.family import describe_widths, family_of_widths
+from engine.sd.png_card import A1111_TOKEN_ID, find_hidden  # A1111's "*" id: written, ignored on load
+from engine.sd.png_card import CHUNK as PNG_CHUNK
 from engine.store.paths import atomic_path
 
 FORMATS_READ = ("diffusers", "a1111", "kohya", "onetrainer", "textual_inversion", "sdxl")
@@ -63,10 +66,6 @@ MAX_WIDTH = 4096
 # The largest legal embedding is 75 x 4096 x fp64 = 2.4 MB; 64 MiB leaves room
 # for pickle overhead while refusing model checkpoints before loading them.
 MAX_FILE_BYTES = 64 * 1024 * 1024
-
-# A1111 always writes this id (CLIP's id for "*") and ignores it on load.
-A1111_TOKEN_ID = 265
-PNG_CHUNK = "sd-ti-embedding"
 
 _SUPPORTED = (
     "supported: diffusers ({token: tensor}; SDXL: learned_embeds + learned_embeds_2), A1111 .pt/.png, "
@@ -305,21 +304,25 @@ def _pickle_error(path: Path, exc: Exception) -> UserError:
 
 
 def _load_png(path: Path) -> tuple[Any, dict]:
-    """A1111 embedding images: base64 JSON in a text chunk (pixel-hidden data is not read)."""
+    """A1111 embedding cards (engine.sd.png_card): the base64 JSON of the text chunk, else, as
+    A1111 does, the copy hidden in the pixels (a site that strips text chunks leaves it)."""
     from PIL import Image  # imported lazily: only PNG embeddings need it
 
     try:
         with Image.open(path) as img:
             img.load()
             text = getattr(img, "text", {}).get(PNG_CHUNK)
+            hidden = find_hidden(img, object_hook=_decode_png_tensor) if text is None else None
     except OSError:
         raise
     except Exception as exc:
         raise UserError(f"{path}: not a readable PNG image; re-download it") from exc
+    if hidden is not None:
+        return hidden, {}
     if text is None:
         raise UserError(
-            f"{path}: PNG has no '{PNG_CHUNK}' text chunk (embeddings hidden in the pixels "
-            f"are not supported); use the .pt or .safetensors file instead"
+            f"{path}: PNG holds no embedding: neither a '{PNG_CHUNK}' text chunk nor A1111's copy in "
+            f"its pixels; use the .pt or .safetensors file instead"
         )
     try:
         return json.loads(base64.b64decode(text), object_hook=_decode_png_tensor), {}

@@ -83,8 +83,10 @@ def add_commands(sub) -> None:
     p.add_argument("name")
     p.add_argument("--run", help="run id (default: the latest finished run)")
     p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
-    p.add_argument("--format", default="diffusers", choices=("diffusers", "a1111", "kohya", "comfy"),
-                   help="diffusers (SDXL: two files, X and X_2), a1111, kohya, comfy (SDXL: clip_l + clip_g)")
+    p.add_argument("--format", default="diffusers", choices=("diffusers", "a1111", "kohya", "comfy", "a1111-png"),
+                   help="diffusers (SDXL: two files, X and X_2), a1111, kohya, comfy (SDXL: clip_l + clip_g), "
+                        "a1111-png (A1111's PNG card: the run's latest preview, else the first training image, "
+                        "with the embedding in its text chunk and its pixels)")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=export_embedding)
@@ -278,7 +280,13 @@ def export_embedding(args) -> int:
         raise UserError(f"{out} already exists; choose another --out or add --force to overwrite")
     if out.is_dir():
         raise UserError(f"{out} is a folder; give a file name for --out")
-    written = ", ".join(map(str, write_embedding_files(out, used.blocks, concept.token, args.format, step=used.step)))
+    if args.format == "a1111-png":
+        from engine.sd.png_card import write_word_card
+
+        written = str(write_word_card(out, concept, used))
+    else:
+        written = ", ".join(map(str, write_embedding_files(out, used.blocks, concept.token, args.format,
+                                                           step=used.step)))
     print(f"wrote {written} ({args.format}, token {concept.token}, run {used.run}"
           f"{'' if used.final else f', step {used.step}'})")
     return 0

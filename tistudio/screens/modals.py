@@ -394,7 +394,8 @@ class ExportModal(_Dialog[ExportRequest | None]):
     """Write a concept's embedding for other tools: `dismiss(ExportRequest)`."""
 
     FORMATS = [("diffusers (.safetensors)", "diffusers"), ("A1111 (.pt/.safetensors)", "a1111"),
-               ("kohya (.safetensors)", "kohya"), ("ComfyUI (.safetensors)", "comfy")]
+               ("kohya (.safetensors)", "kohya"), ("ComfyUI (.safetensors)", "comfy"),
+               ("A1111 PNG card (.png)", "a1111-png")]
 
     def __init__(self, concept: str, runs: list[tuple[str, str]], default_out: str):
         super().__init__()
@@ -414,6 +415,15 @@ class ExportModal(_Dialog[ExportRequest | None]):
 
     def on_mount(self) -> None:
         self.query_one("#out", Input).focus()
+
+    @on(Select.Changed, "#format")
+    def _format_changed(self, event: Select.Changed) -> None:
+        """A card is a .png, the other formats are not: the file name follows the format."""
+        out = self.query_one("#out", Input)
+        path = Path(out.value.strip())
+        card = event.value == "a1111-png"
+        if out.value.strip() and (path.suffix.lower() == ".png") != card:
+            out.value = str(path.with_suffix(".png" if card else ".safetensors"))
 
     @on(Input.Submitted)
     @on(Button.Pressed, "#ok")
