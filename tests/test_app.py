@@ -582,7 +582,7 @@ def test_a_run_track_keeps_the_header_and_the_vectors_figures_and_a_resume_repla
 
 
 def test_the_run_facts_come_from_the_header_and_else_the_params():
-    from tistudio.screens.train import run_facts
+    from tistudio.widgets.run_view import run_facts
 
     header = {"family": "sd1", "vectors": 1, "batch_size": 1, "grad_accum": 4, "effective_batch": 4,
               "regularize": "init-l2", "reg_weight": 0.5, "init_from": "/x/y/start.safetensors"}

@@ -84,7 +84,7 @@ def test_one_compiled_unet_per_shape_and_mode_freed_when_replaced_or_dropped(tin
 
 
 def test_engine_status_says_what_an_idle_worker_holds(tiny_model, image_dir, tmp_path, watch):
-    from engine.server.scheduler import Scheduler
+    from engine.server.scheduler import describe_worker
     from engine.worker.main import Worker
     from tistudio.commands.engine_cmds import _worker
 
@@ -99,7 +99,7 @@ def test_engine_status_says_what_an_idle_worker_holds(tiny_model, image_dir, tmp
     # The scheduler passes it on in `workers`, and the CLI prints it.
     slot = SimpleNamespace(index=0, device="cpu", task=None, last_step=None, supervisor=SimpleNamespace(
         pid=42, backend="local", node=None, memory=lambda: {}))
-    described = Scheduler._describe(None, slot, {**report, "source": "worker"})
+    described = describe_worker(slot, {**report, "source": "worker"})
     assert described["held"] == report["held"] and described["state"] == "idle"
     line = _worker(described)
     assert "holds builtin:tiny (float32) + compiled UNet (reduce-overhead, batch 1, 64 px)" in line

@@ -345,31 +345,34 @@ class Scheduler:
         gpus = await self.pool.gpus() if probe else None
         infos = await asyncio.gather(*(slot.supervisor.probe_device(gpus) if probe else _last(slot)
                                        for slot in self.slots))
-        return [self._describe(slot, info or {}) for slot, info in zip(self.slots, infos)]
-
-    def _describe(self, slot: Slot, info: dict) -> dict:
-        supervisor, task = slot.supervisor, slot.task
-        job = task.job if task else None
-        if task is not None:
-            state = "running" if task.worker is not None else "starting"
-        else:
-            state = "idle" if supervisor.pid else "none"
-        step = slot.last_step if task is not None else None
-        memory = {k: v for k, v in info.items() if k.startswith("vram_")}
-        memory.update({k: v for k, v in (step or {}).items() if k.startswith("vram_") and v is not None})
-        memory.update(supervisor.memory())
-        return {
-            "worker": slot.index, "device": info.get("device") or slot.device, "backend": supervisor.backend,
-            "node": supervisor.node, "pid": supervisor.pid, "state": state,
-            "job": job.run_id if job else None, "kind": job.kind if job else None,
-            "concept": job.concept if job else None,
-            "members": task.members if task is not None and task.group is not None else None,
-            "step": (step or {}).get("step"), "steps": (step or {}).get("steps"),
-            "steps_per_s": (step or {}).get("steps_per_s"), "name": info.get("name"), "memory": memory,
-            "source": info.get("source"), **{k: info[k] for k in DEVICE_NOTES if info.get(k) is not None},
-            **({"held": info["held"]} if info.get("held") else {}),  # an idle worker's warm model, compiled UNet
-        }
+        return [describe_worker(slot, info or {}) for slot, info in zip(self.slots, infos)]
 
 
 async def _last(slot: Slot) -> dict:
     return slot.supervisor.last_device or {"device": slot.device}
+
+
+def describe_worker(slot: Slot, info: dict) -> dict:
+    """One worker as `engine status` shows it (engine.wire.protocol.StatusAnswer, `workers`): its device,
+    state, job, latest step and memory, from its slot and what its device answered (`info`)."""
+    supervisor, task = slot.supervisor, slot.task
+    job = task.job if task else None
+    if task is not None:
+        state = "running" if task.worker is not None else "starting"
+    else:
+        state = "idle" if supervisor.pid else "none"
+    step = slot.last_step if task is not None else None
+    memory = {k: v for k, v in info.items() if k.startswith("vram_")}
+    memory.update({k: v for k, v in (step or {}).items() if k.startswith("vram_") and v is not None})
+    memory.update(supervisor.memory())
+    return {
+        "worker": slot.index, "device": info.get("device") or slot.device, "backend": supervisor.backend,
+        "node": supervisor.node, "pid": supervisor.pid, "state": state,
+        "job": job.run_id if job else None, "kind": job.kind if job else None,
+        "concept": job.concept if job else None,
+        "members": task.members if task is not None and task.group is not None else None,
+        "step": (step or {}).get("step"), "steps": (step or {}).get("steps"),
+        "steps_per_s": (step or {}).get("steps_per_s"), "name": info.get("name"), "memory": memory,
+        "source": info.get("source"), **{k: info[k] for k in DEVICE_NOTES if info.get(k) is not None},
+        **({"held": info["held"]} if info.get("held") else {}),  # an idle worker's warm model, compiled UNet
+    }

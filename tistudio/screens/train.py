@@ -6,25 +6,21 @@ studio opened shows its whole history and then follows live."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Button, DataTable, Input, ProgressBar, Select, Static
+from textual.widgets import Button, DataTable, Input, Select, Static
 
-from tistudio.formatting import device_memory, engine_workers, escape, fmt_duration, short_when
+from tistudio.formatting import device_memory, engine_workers, escape, short_when
 from tistudio.messages import Changes, EngineChanged, JobsChanged, LibraryChanged, RunSubmitted, StatusChanged
 from tistudio.screens.base import StudioScreen
 from tistudio.state import is_active
-from tistudio.widgets.charts import LossChart, VectorChart, VramChart
-from tistudio.widgets.images import ImagePreview
+from tistudio.widgets.run_view import STATUS_MARK, RunView
 from tistudio.widgets.train_form import TrainForm
 
 RESUMABLE = ("failed", "cancelled", "interrupted")
 COMPACT_WIDTH = 90  # below this many columns the vector chart and the preview share one place (v flips)
-STATUS_MARK = {"running": "▶", "queued": "…", "done": "✓", "failed": "✗", "cancelled": "■", "interrupted": "⚠"}
 
 
 class TrainScreen(StudioScreen):
@@ -47,6 +43,7 @@ class TrainScreen(StudioScreen):
         self._drawn: tuple | None = None
         self._runs_sig: tuple | None = None
         self._concepts: tuple = ()
+        self.run_view = RunView(self)  # draws the run into the live column's widgets
         self.preview_beside_loss = False  # compact layout: the preview, not the vector chart, beside the loss
 
     def compose_body(self) -> ComposeResult:
@@ -59,18 +56,7 @@ class TrainScreen(StudioScreen):
                     yield Button("Resume", id="resume", compact=True)
                     yield Button("Cancel", id="cancel", variant="error", compact=True)
             with Vertical(id="train-live"):
-                yield Static("", id="run-title")
-                with Horizontal(id="run-progress"):
-                    yield ProgressBar(total=1, show_eta=False, id="progress")
-                    yield Static("", id="run-step")
-                yield Static("", id="run-stats")
-                with Horizontal(id="train-charts"):
-                    yield LossChart(id="loss")
-                    yield VectorChart(id="vector")
-                    yield ImagePreview(None, "", empty="no preview yet", id="preview")
-                vram = VramChart(id="vram")
-                yield vram
-                yield Static("VRAM: no figures yet (reported on CUDA devices)", id="vram-note")
+                yield from RunView.compose()
                 yield Static("", id="vram-devices")
                 runs = DataTable(id="runs", cursor_type="row", zebra_stripes=True)
                 runs.border_title = "Queue and past runs"
@@ -174,84 +160,21 @@ class TrainScreen(StudioScreen):
 
     def _draw_run(self) -> None:
         state = self.app.state
-        run_id = self.run_id
-        job = state.job(run_id) or {}
-        track = state.tracks.get(run_id) if run_id else None
-        key = (run_id, track.version if track else None, job.get("status"), self.app.theme)
+        job = state.job(self.run_id) or {}
+        track = state.tracks.get(self.run_id) if self.run_id else None
+        key = (self.run_id, track.version if track else None, job.get("status"), self.app.theme)
         if key == self._drawn:
             return
         self._drawn = key
-        title = self.query_one("#run-title", Static)
-        stats = self.query_one("#run-stats", Static)
-        bar = self.query_one("#progress", ProgressBar)
-        if not run_id:
-            title.update("No runs yet: press s to start one.")
-            stats.update("")
-            self.query_one("#run-step", Static).update("")
-            bar.update(total=1, progress=0)
-            self.query_one("#loss", LossChart).set_data([], [])
-            self.query_one("#vector", VectorChart).set_data([], [], [], None)
-            self.query_one("#vram", VramChart).set_data([], [], [], None)
-            self._show_vram(False)
-            self.run_worker(self.query_one("#preview", ImagePreview).set_image(None, ""), group="preview")
-            return
-        status = (track.status if track and track.status else None) or job.get("status") or "?"
-        steps = (track.steps if track else None) or job.get("steps")
-        step = (track.step if track and track.xs else None) or job.get("step") or 0
-        mark = STATUS_MARK.get(status, "")
-        error = (track.error if track else None) or job.get("error")
-        title.update(f"[b]{job.get('concept') or (track.concept if track else '') or ''}[/b] · {run_id} · "
-                     f"{mark} {status}" + (f" — [red]{escape(error)}[/red]" if error and status != "done" else ""))
-        bar.update(total=steps or 1, progress=min(step, steps) if steps else 0)
-        self.query_one("#run-step", Static).update(f"{step}/{steps or '?'}")
-        parts = []
-        if track and track.steps_per_s and status == "running":
-            parts.append(f"{track.steps_per_s:.2f} it/s")
-            parts.append(f"ETA {fmt_duration(track.eta)}")
-        elif track and track.elapsed is not None:
-            parts.append(f"took {fmt_duration(track.elapsed)}" if status == "done" else
-                         f"{fmt_duration(track.elapsed)} in")
-        if track and track.loss:
-            smooth = track.smoothed_loss()
-            parts.append(f"loss {track.loss[-1]:.4f}" + (f" (smoothed {smooth:.4f})" if smooth is not None else ""))
-        if track and track.lr is not None:
-            parts.append(f"lr {track.lr:.2g}")
-        parts += run_facts(track.header if track else {}, job, track.reg[-1] if track and track.reg else None)
-        stats.update(" · ".join(parts))
-        if track:
-            self.query_one("#loss", LossChart).set_data(track.xs, track.loss)
-            vocab = track.header.get("vocab_norms") or [None]
-            self.query_one("#vector", VectorChart).set_data(track.vec_steps, track.norm, track.cos_init,
-                                                             vocab[0], track.norms, track.cos_inits)
-            self.query_one("#vram", VramChart).set_data(track.vram_steps, track.vram_allocated,
-                                                         track.vram_reserved, track.vram_total)
-            preview = track.previews[-1] if track.previews else None
-        else:
-            preview = None
-        self._show_vram(bool(track and track.vram_steps))
-        image = self.query_one("#preview", ImagePreview)
-        if preview:
-            self.run_worker(image.set_image(preview["path"], f"step {preview.get('step')}"), group="preview")
-        else:
-            self.run_worker(image.set_image(None, ""), group="preview")
+        device = ((state.status or {}).get("device") or {}).get("device")
+        self.run_view.show(self.run_id, job, track, device)
 
     def on_resize(self) -> None:
         self._place_vector_and_preview()
 
     def _place_vector_and_preview(self) -> None:
-        """Wide enough: loss, vector and preview side by side.  Compact: loss and one of the two."""
         compact = 0 < self.size.width < COMPACT_WIDTH
-        self.query_one("#vector", VectorChart).display = not (compact and self.preview_beside_loss)
-        self.query_one("#preview", ImagePreview).display = not compact or self.preview_beside_loss
-
-    def _show_vram(self, has_data: bool) -> None:
-        self.query_one("#vram", VramChart).display = has_data
-        note = self.query_one("#vram-note", Static)
-        note.display = not has_data
-        if not has_data:
-            device = ((self.app.state.status or {}).get("device") or {}).get("device")
-            note.update(f"VRAM: not reported on {device}" if device and not device.startswith("cuda")
-                        else "VRAM: no figures yet (reported on CUDA devices)")
+        self.run_view.place(compact, self.preview_beside_loss)
 
     # -- user → engine
 
@@ -331,43 +254,3 @@ class TrainScreen(StudioScreen):
     @on(Button.Pressed, "#cancel")
     def _cancel_pressed(self) -> None:
         self.action_cancel_run()
-
-
-def run_facts(header: dict, job: dict, penalty: float | None = None) -> list[str]:
-    """What a run trains and how, for its stats line: the model family, the vectors of its word,
-    the effective batch, the regularizer (with its latest penalty), low VRAM.  The run's header
-    event says it; a run from before headers falls back to its params."""
-    from engine.sd.family import FAMILY_LABELS
-
-    params = job.get("params") if isinstance(job.get("params"), dict) else {}
-    facts = {**params, **header}
-    parts = []
-    family = header.get("family") or ((job.get("model") or {}).get("family") if isinstance(job.get("model"), dict)
-                                       else None)
-    if family:
-        parts.append(FAMILY_LABELS.get(family, str(family)))
-    vectors = facts.get("vectors")
-    if isinstance(vectors, int) and (header or vectors > 1):
-        parts.append(f"{vectors} vector{'s' if vectors != 1 else ''}")
-    batch, accum = facts.get("batch_size", 1), facts.get("grad_accum", 1)
-    if isinstance(batch, int) and isinstance(accum, int):
-        effective = facts.get("effective_batch") or batch * accum
-        if accum > 1:
-            parts.append(f"batch {batch}×{accum} = {effective}")
-        elif header:
-            parts.append(f"batch {effective}")
-    method = facts.get("regularize")
-    if method and method != "none":
-        weight = facts.get("reg_weight")
-        parts.append(f"reg {method}" + (f" λ {weight:g}" if isinstance(weight, (int, float)) and weight else "")
-                     + (f" (penalty {penalty:.3g})" if penalty is not None else ""))
-    elif header:
-        parts.append("reg none")
-    if facts.get("init_from"):
-        start = str(facts["init_from"])
-        parts.append(f"from {start if '@' in start else Path(start).name}")
-    if params.get("low_vram"):
-        parts.append("low VRAM")
-    if facts.get("deterministic"):
-        parts.append("deterministic")
-    return parts
