@@ -182,3 +182,16 @@ def test_the_studio_touches_the_library_only_through_its_service():
             if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "Library":
                 found.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not found, f"Library constructed outside the studio's library service: {found}"
+
+
+def test_no_class_is_a_room_too_big_to_read_alone():
+    """No class of the engine or the studio runs past 300 lines: a newcomer reads one in a sitting
+    (split a screen by view, a loop by concern)."""
+    import ast
+
+    big = []
+    for path in sorted([*(REPO / "engine").rglob("*.py"), *(REPO / "tistudio").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300:
+                big.append(f"{path.relative_to(REPO)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not big, big
