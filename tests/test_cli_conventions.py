@@ -25,7 +25,9 @@ OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 OTHER_PROGRAMS = {"engine/server/main.py": {"--idle", "--cancel-grace", "--home"},
                   "engine/devices/probe.py": {"--query-gpu", "--format"},  # nvidia-smi's
                   "engine/server/ray_workers.py": {"--head", "--num-gpus"},  # `ray start`'s, in its advice
-                  "engine/server/zygote.py": {"--home", "--fd"}}  # `python -m engine.server.zygote`, the engine's
+                  "engine/server/zygote.py": {"--home", "--fd"},  # `python -m engine.server.zygote`, the engine's
+                  "engine/store/tensorboard.py": {"--logdir"},  # `tensorboard --logdir DIR`, in its advice
+                  "tistudio/commands/run_cmds.py": {"--logdir"}}
 
 
 def _parsers(parser: argparse.ArgumentParser):

@@ -134,10 +134,16 @@ def test_train_options_reach_the_run_record(engine_home, capsys, image_dir, tmp_
     code, out, err = cli(capsys, "train", "toy", "--steps", "4", "--save-every", "2", "--preview-every", "0",
                          "--low-vram", "--weight-decay", "0", "--resolution", "32", "--templates", str(templates),
                          "--device", "cpu", "--lr-schedule", "cosine", "--warmup-steps", "1",
-                         "--regularize", "init-l2:0.25", "--deterministic")
+                         "--regularize", "init-l2:0.25", "--deterministic", "--log-every", "2",
+                         "--tensorboard", str(tmp_path / "tb"))
     assert code == 0, err
     assert "training toy: 4 steps" in out
     [run] = json.loads(cli(capsys, "runs", "--json")[1])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(tmp_path / "tb" / run["id"]))  # TensorBoard's own reader: the run's steps
+    board.Reload()
+    assert [s.step for s in board.Scalars("train/loss")] == [2, 4] and board.Scalars("train/reg")
     record = json.loads((Path(engine_home) / "concepts" / "toy" / "runs" / run["id"] / "run.json").read_text())
     assert record["status"] == "done"
     params, config = record["params"], record["config"]

@@ -1,4 +1,5 @@
-"""runs, cancel, attach: jobs in the engine, followed from the terminal."""
+"""runs, cancel, attach: jobs in the engine, followed from the terminal; runs export: a run's history as
+TensorBoard logs."""
 
 from __future__ import annotations
 
@@ -11,9 +12,17 @@ RUN_FIELDS = ("id", "concept", "kind", "status", "step", "steps", "device", "nod
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("runs", help="list runs and jobs")
+    p = sub.add_parser("runs", help="list runs and jobs; `runs export` writes a run's history for other tools")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=runs)
+    export = p.add_subparsers(dest="runs_action", metavar="ACTION").add_parser(
+        "export", help="write a run's loss, learning rate, vector norm, probes and previews as TensorBoard logs")
+    export.add_argument("run", help="the run id (`tistudio runs` lists them); a sweep: each of its member runs")
+    export.add_argument("--tensorboard", metavar="DIR", required=True,
+                        help="write TensorBoard event files to DIR/<run id>/ (replacing what an earlier export "
+                             "wrote there); `tensorboard --logdir DIR` compares runs. Needs "
+                             "pip install 'tistudio[tensorboard]'")
+    export.set_defaults(func=export_run)
 
     p = sub.add_parser("cancel", help="cancel a queued or running job (training leaves a resumable checkpoint)")
     p.add_argument("run")
@@ -22,7 +31,18 @@ def add_commands(sub) -> None:
     p = sub.add_parser("attach", help="replay a run's history and follow it live")
     p.add_argument("run")
     p.add_argument("--json", action="store_true", help="print raw events as JSON lines")
+    add_tensorboard_option(p)
     p.set_defaults(func=attach)
+
+
+def add_tensorboard_option(parser) -> None:
+    """--tensorboard DIR on a command that follows a run (train, resume, attach)."""
+    parser.add_argument("--tensorboard", metavar="DIR",
+                        help="write the run's loss, learning rate, vector norm, probes and previews to "
+                             "DIR/<run id>/ as TensorBoard logs while this command follows it (the whole run "
+                             "again once it ends); a run not followed (--detach, a closed terminal): "
+                             "`tistudio attach RUN --tensorboard DIR` or `tistudio runs export RUN "
+                             "--tensorboard DIR`. Needs pip install 'tistudio[tensorboard]'")
 
 
 def runs(args) -> int:
@@ -91,6 +111,16 @@ def _status_cell(row: dict) -> str:
     return row["status"]
 
 
+def export_run(args) -> int:
+    from engine.store.tensorboard import export_run
+    from tistudio.commands.output import home
+
+    for folder in export_run(home(), args.run, args.tensorboard):
+        print(f"wrote {folder}")
+    print(f"see them with: tensorboard --logdir {args.tensorboard}")
+    return 0
+
+
 def cancel(args) -> int:
     from engine.wire.client import call
 
@@ -99,22 +129,25 @@ def cancel(args) -> int:
 
 
 def attach(args) -> int:
-    return asyncio.run(_follow(args.run, cancel_on_interrupt=False, raw=args.json, report=True))
+    return asyncio.run(_follow(args.run, cancel_on_interrupt=False, raw=args.json, report=True,
+                               tensorboard=args.tensorboard))
 
 
 async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, quiet: bool = False,
-                  report: bool = False) -> int:
+                  report: bool = False, tensorboard: str | None = None) -> int:
     """Replay and follow a run with a progress bar; Ctrl-C cancels (train) or detaches (attach).
-    report: a run that ends failed or interrupted says why in one line on stderr."""
+    report: a run that ends failed or interrupted says why in one line on stderr.
+    tensorboard: a folder the run's figures go to as TensorBoard logs, as they arrive."""
     from engine.wire.client import EngineClient
     from tistudio.commands.progress import RunProgress
 
+    board = _board(tensorboard, run_id)
     client = EngineClient()
     await client.connect()
     view = RunProgress(run_id, raw=raw, quiet=quiet)
     try:
         with view:
-            await _stream(client, run_id, view)
+            await _stream(client, run_id, view, board)
     except (KeyboardInterrupt, asyncio.CancelledError):
         if not cancel_on_interrupt:
             print(f"detached; the run goes on (`tistudio attach {run_id}` to follow it again)")
@@ -125,13 +158,27 @@ async def _follow(run_id: str, cancel_on_interrupt: bool, raw: bool = False, qui
         return 130
     finally:
         await client.close()
+        if board is not None:
+            for folder in board.close(view.status):
+                view.note(f"TensorBoard: {folder}")
     if report and view.status in ("failed", "interrupted"):
         print(f"tistudio: error: run {run_id} {view.status}: {view.error or 'see `tistudio runs`'}", file=sys.stderr)
     return view.exit_code()
 
 
-async def _stream(client, run_id: str, view, retries: int = 3) -> None:
-    """Feed the view; if the engine restarts under us, reconnect and go on from the last seq."""
+def _board(folder: str | None, run_id: str):
+    """The LiveBoard writing a followed run's TensorBoard logs to `folder`, or None."""
+    if not folder:
+        return None
+    from engine.store.tensorboard import LiveBoard
+    from tistudio.commands.output import home
+
+    return LiveBoard(folder, run_id, home())
+
+
+async def _stream(client, run_id: str, view, board=None, retries: int = 3) -> None:
+    """Feed the view (and the TensorBoard board); if the engine restarts under us, reconnect and
+    go on from the last seq."""
     from engine.errors import EngineError
 
     last_seq = 0
@@ -140,6 +187,8 @@ async def _stream(client, run_id: str, view, retries: int = 3) -> None:
             async for event in client.events(run_id, after_seq=last_seq):
                 last_seq = event.get("seq", last_seq)
                 view.update(event)
+                if board is not None:
+                    board.add(event)
             return
         except EngineError:
             if attempt == retries:

@@ -16,6 +16,7 @@ from tistudio.commands.args import (
     regularizer_list,
     word_list,
 )
+from tistudio.commands.run_cmds import add_tensorboard_option
 
 
 def add_commands(sub) -> None:
@@ -64,6 +65,7 @@ def add_commands(sub) -> None:
     out.add_argument("--preview-prompt", help="prompt for previews; {token} or the token stands for the concept")
     out.add_argument("--preview-steps", type=positive_int, default=25, help="sampling steps of a preview")
     out.add_argument("--log-every", type=positive_int, default=10, help="a loss line every N steps")
+    add_tensorboard_option(out)
     hw = p.add_argument_group("hardware")
     hw.add_argument("--low-vram", action="store_true",
                     help="gradient checkpointing through the UNet: fits 8 GB cards, about 2x slower")
@@ -81,6 +83,7 @@ def add_commands(sub) -> None:
     p = sub.add_parser("resume", help="continue a cancelled, failed or interrupted run from its last checkpoint")
     p.add_argument("run", help="the run id (`tistudio runs` lists them)")
     p.add_argument("--detach", action="store_true", help="print the run id and return at once")
+    add_tensorboard_option(p)
     p.set_defaults(func=resume)
 
 
@@ -171,11 +174,12 @@ def train(args) -> int:
         params = {k: v for k, v in members[0].items() if v is not None or k == "init"}
         if params.get("init") is None:
             params.pop("init")
+    check_tensorboard(args)
     check_before_submit(args.name, kind, params)
     run_id = call("submit", kind, concept=args.name, params=params)
     if not args.detach:
         print(_header(args, len(members)))
-    return after_submit(run_id, args.detach)
+    return after_submit(run_id, args.detach, args.tensorboard)
 
 
 def _header(args, runs: int) -> str:
@@ -193,11 +197,28 @@ def _header(args, runs: int) -> str:
 def resume(args) -> int:
     from engine.wire.client import call
 
+    check_tensorboard(args)
     run_id = call("submit", resume=args.run)
-    return after_submit(run_id, args.detach)
+    return after_submit(run_id, args.detach, args.tensorboard)
 
 
-def after_submit(run_id: str, detach: bool) -> int:
+def check_tensorboard(args) -> None:
+    """--tensorboard is written by this command as it follows the run: refuse it with --detach
+    (saying what does it then), and without the tensorboard package, before anything is submitted."""
+    from engine.errors import UserError
+
+    if not args.tensorboard:
+        return
+    if args.detach:
+        raise UserError("--tensorboard writes the logs while this command follows the run, which --detach does "
+                        "not; follow it with `tistudio attach RUN --tensorboard DIR`, or write them later with "
+                        "`tistudio runs export RUN --tensorboard DIR`")
+    from engine.store.tensorboard import require_tensorboard
+
+    require_tensorboard(args.tensorboard)
+
+
+def after_submit(run_id: str, detach: bool, tensorboard: str | None = None) -> int:
     import asyncio
 
     from tistudio.commands.run_cmds import _follow
@@ -206,5 +227,5 @@ def after_submit(run_id: str, detach: bool) -> int:
         print(run_id)
         return 0
     print(f"run {run_id} (Ctrl-C cancels it, resumable; it keeps running if the terminal closes)")
-    return asyncio.run(_follow(run_id, cancel_on_interrupt=True, report=True))
+    return asyncio.run(_follow(run_id, cancel_on_interrupt=True, report=True, tensorboard=tensorboard))
 
