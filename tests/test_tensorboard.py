@@ -103,6 +103,16 @@ def test_export_writes_loss_lr_vector_probes_and_previews_that_tensorboard_reads
     assert len(board(out / run_id).Scalars("train/loss")) == 3
 
 
+def test_a_moved_data_directory_still_finds_its_previews(tmp_path, capsys):
+    """A preview's recorded path is where the run was written (another mount, another node)."""
+    run_id = make_run([step(10, 0.5), {"type": "preview", "step": 10, "path": "/elsewhere/previews/step-10.png"}])
+    (home_dir() / "jobs" / run_id / "previews").mkdir()
+    (home_dir() / "jobs" / run_id / "previews" / "step-10.png").write_bytes(png((0, 0, 255)))
+    assert main(["runs", "export", run_id, "--tensorboard", str(tmp_path / "tb")]) == 0, capsys.readouterr().err
+    [image] = board(tmp_path / "tb" / run_id).Images("preview")
+    assert image.encoded_image_string == png((0, 0, 255))
+
+
 def test_sdxl_runs_log_both_text_encoders(tmp_path, capsys):
     event = {**step(10, 0.5), "norms": [0.6, 1.6], "cos_inits": [0.9, 0.95]}
     run_id = make_run([event])

@@ -72,8 +72,9 @@ class Record:
     size: tuple[int, int] = (0, 0)  # (width, height) of `png`
 
 
-def records(event: dict) -> list[Record]:
-    """The TensorBoard records one run event gives (none for events that carry no figure)."""
+def records(event: dict, run_dir: Path | None = None) -> list[Record]:
+    """The TensorBoard records one run event gives (none for events that carry no figure).
+    run_dir: where to look for a preview whose recorded path is gone (a data directory moved)."""
     kind, step = event.get("type"), event.get("step")
     if not isinstance(step, int) or isinstance(step, bool):
         return []
@@ -84,7 +85,7 @@ def records(event: dict) -> list[Record]:
         return [Record(f"probe/{key}", step, wall, float(value)) for key, value in event.items()
                 if key not in _PROBE_SKIP and _number(value)]
     if kind == "preview":
-        image = _preview(event.get("path"))
+        image = _preview(event.get("path"), run_dir)
         return [Record("preview", step, wall, png=image[0], size=image[1])] if image else []
     return []
 
@@ -103,15 +104,20 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _preview(path) -> tuple[bytes, tuple[int, int]] | None:
+def _preview(path, run_dir: Path | None) -> tuple[bytes, tuple[int, int]] | None:
     """A preview's PNG bytes and size; None when it is gone (a run folder copied without them)."""
     from PIL import Image
 
+    if not isinstance(path, str):
+        return None
+    found = Path(path)
+    if not found.is_file() and run_dir is not None:
+        found = Path(run_dir) / "previews" / found.name
     try:
-        data = Path(path).read_bytes()
-        with Image.open(Path(path)) as image:
+        data = found.read_bytes()
+        with Image.open(found) as image:
             return data, image.size
-    except (OSError, TypeError, ValueError):
+    except (OSError, ValueError):
         return None
 
 
@@ -144,12 +150,12 @@ class _EventFile:
         self._writer.close()
 
 
-def settled(events: list[dict]) -> list[Record]:
+def settled(events: list[dict], run_dir: Path | None = None) -> list[Record]:
     """A whole log's records: one per tag and step, the last one logged (a resumed run logs again
     the steps after its checkpoint; the resumed values are the run's), in step order."""
     latest: dict[tuple[str, int], Record] = {}
     for event in events:
-        for record in records(event):
+        for record in records(event, run_dir):
             latest[(record.tag, record.step)] = record
     return sorted(latest.values(), key=lambda r: (r.step, r.tag))
 
@@ -167,7 +173,7 @@ def export_run(home: os.PathLike | str, run_id: str, root: os.PathLike | str) ->
         raise UserError(f"run {run_id} ({run.kind}) has no training steps to export; "
                         "give a train or sweep run (`tistudio runs` lists them)")
     root = _checked_root(root)
-    return [_replace(root / r.id, settled(events)) for r, events in trained]
+    return [_replace(root / r.id, settled(events, r.dir)) for r, events in trained]
 
 
 def _checked_root(root: os.PathLike | str) -> Path:
