@@ -62,14 +62,14 @@ def _writer_class():
 
 @dataclass(frozen=True)
 class Record:
-    """One TensorBoard value: a scalar (`value`) or a PNG image (`png`, with its size)."""
+    """One TensorBoard value: a scalar (`value`), or a PNG image (`image`: read when written, so a
+    long run's previews are not all held at once)."""
 
     tag: str
     step: int
     wall_time: float
     value: float | None = None
-    png: bytes | None = None
-    size: tuple[int, int] = (0, 0)  # (width, height) of `png`
+    image: Path | None = None
 
 
 def records(event: dict, run_dir: Path | None = None) -> list[Record]:
@@ -86,7 +86,7 @@ def records(event: dict, run_dir: Path | None = None) -> list[Record]:
                 if key not in _PROBE_SKIP and _number(value)]
     if kind == "preview":
         image = _preview(event.get("path"), run_dir)
-        return [Record("preview", step, wall, png=image[0], size=image[1])] if image else []
+        return [Record("preview", step, wall, image=image)] if image else []
     return []
 
 
@@ -104,19 +104,24 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _preview(path, run_dir: Path | None) -> tuple[bytes, tuple[int, int]] | None:
-    """A preview's PNG bytes and size; None when it is gone (a run folder copied without them)."""
-    from PIL import Image
-
+def _preview(path, run_dir: Path | None) -> Path | None:
+    """Where a preview's PNG is; None when it is gone (a run folder copied without them)."""
     if not isinstance(path, str):
         return None
     found = Path(path)
     if not found.is_file() and run_dir is not None:
         found = Path(run_dir) / "previews" / found.name
+    return found if found.is_file() else None
+
+
+def _png(path: Path) -> tuple[bytes, int, int, int] | None:
+    """A PNG's bytes, width, height and channels; None when it cannot be read."""
+    from PIL import Image
+
     try:
-        data = found.read_bytes()
-        with Image.open(found) as image:
-            return data, image.size
+        data = path.read_bytes()
+        with Image.open(path) as image:
+            return data, image.width, image.height, len(image.getbands())
     except (OSError, ValueError):
         return None
 
@@ -134,9 +139,12 @@ class _EventFile:
         self._writer = _writer_class()(str(folder), flush_secs=flush_secs)
 
     def write(self, record: Record) -> None:
-        if record.png is not None:
-            width, height = record.size
-            image = self._summary.Image(height=height, width=width, colorspace=3, encoded_image_string=record.png)
+        if record.image is not None:
+            found = _png(record.image)
+            if found is None:
+                return  # removed since its event was read
+            data, width, height, channels = found
+            image = self._summary.Image(height=height, width=width, colorspace=channels, encoded_image_string=data)
             value = self._summary.Value(tag=record.tag, image=image)
         else:
             value = self._summary.Value(tag=record.tag, simple_value=record.value)
