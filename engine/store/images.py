@@ -36,6 +36,12 @@ def load_image(path: os.PathLike | str) -> Image.Image:
     Raises UserError naming the file if it is not an image, is corrupt or
     truncated, is absurdly large, or is too small to train on.
     """
+    return load_image_and_alpha(path)[0]
+
+
+def load_image_and_alpha(path: os.PathLike | str) -> tuple[Image.Image, Image.Image | None]:
+    """As `load_image`, with the image's transparency as an 8-bit "L" mask (255: opaque), or None
+    when it has none or is opaque everywhere.  kohya's alpha masks: the alpha says what to train."""
     path = Path(path)
     try:
         # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that; a
@@ -47,6 +53,7 @@ def load_image(path: os.PathLike | str) -> Image.Image:
                 img.load()  # decode now, so a truncated file fails here and not mid-training
                 img = ImageOps.exif_transpose(img)
                 rgb = _to_rgb(img)
+                alpha = _alpha(img)
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -62,7 +69,7 @@ def load_image(path: os.PathLike | str) -> Image.Image:
     except Exception as exc:  # noqa: BLE001 - codecs raise OSError, SyntaxError, ValueError, struct.error ...
         raise UserError(f"{path} is corrupt or truncated ({one_line(exc, 120)}); re-export it or remove it") from None
     _check_min_size(path, rgb.size)
-    return rgb
+    return rgb, alpha
 
 
 def _check_pixel_count(path: Path, size: tuple[int, int]) -> None:
@@ -94,6 +101,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(white, rgba).convert("RGB")
     # convert() always returns a copy, so the result outlives the open file.
     return img.convert("RGB")
+
+
+def _alpha(img: Image.Image) -> Image.Image | None:
+    """The alpha channel as "L", or None if the image has none or hides nothing."""
+    if not _has_alpha(img) or img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return None
+    alpha = img.convert("RGBA").getchannel("A")
+    return None if alpha.getextrema()[0] == 255 else alpha
 
 
 def _has_alpha(img: Image.Image) -> bool:

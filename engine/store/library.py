@@ -1,7 +1,8 @@
 """The concept library: one directory per concept under $TISTUDIO_HOME/concepts.
 
     concepts/<name>/concept.toml   name, token, init, property, description, created
-    concepts/<name>/images/        NNN.png training images
+    concepts/<name>/images/        NNN.png training images (NNN.txt: a caption)
+    concepts/<name>/masks/         NNN.png loss masks (engine.store.annotations)
     concepts/<name>/runs/<run-id>/ written by the training code
 
 Images are added and removed later with `add_images` / `remove_images` (an imported
@@ -30,6 +31,7 @@ from typing import Any, Iterable
 import tomli_w
 
 from engine.errors import UserError
+from engine.store import annotations as _annotations
 from engine.store import images as _images
 from engine.store.paths import atomic_write_text, ensure_private_dir
 
@@ -375,8 +377,12 @@ class Library:
         property: str = "object",  # the concept field's name, though it shadows the builtin
         description: str | None = None,
         tokenizer=None,
+        masks: os.PathLike | str | None = None,
+        caption_ext: str = _annotations.CAPTION_SUFFIX,
     ) -> Concept:
-        """Create a concept; every check (including decoding every image) runs before any write."""
+        """Create a concept; every check (including decoding every image, caption and mask) runs
+        before any write.  Captions come from files beside the images (`caption_ext`), masks from
+        the folder `masks` or the images' transparency (engine.store.annotations)."""
         name = validate_name(name)
         property = validate_property(property)
         init = validate_init_word(init)
@@ -388,21 +394,22 @@ class Library:
         if tokenizer is not None:
             check_new_token(tokenizer, token, self._taken_tokens())
         image_paths = _images.collect_images(images) if images is not None else []
-        _images.validate_images(image_paths)
+        sources = _annotations.gather(image_paths, caption_ext=caption_ext, masks=masks)
+        _annotations.validate(sources)
 
         final = self._dir(name)
         concept = Concept(name, token, init, property, init if description is None else description, _now_iso(), final)
-        self._build_and_move(concept, image_paths)
+        self._build_and_move(concept, sources)
         return concept
 
-    def _build_and_move(self, concept: Concept, image_paths: list[Path]) -> None:
+    def _build_and_move(self, concept: Concept, sources: list[_annotations.ImageSource]) -> None:
         # Built under a dot-name that list() ignores, then renamed: a crash
         # leaves only a hidden .tmp-* directory, never a half-made concept.
         staging = self.root / f".tmp-{concept.name}-{secrets.token_hex(4)}"
         staging.mkdir(mode=0o700)
         try:
             os.chmod(staging, 0o700)
-            _images.write_images(image_paths, staging / "images")
+            _annotations.write(sources, staging)
             ensure_private_dir(staging / "images")  # even with no images, so the layout is uniform
             _write_toml(Concept(**{**concept.__dict__, "path": staging}))
             self._check_name_free(concept.name)  # someone may have added it meanwhile
@@ -451,10 +458,14 @@ class Library:
         os.rename(directory, trash)
         shutil.rmtree(trash, ignore_errors=True)
 
-    def add_images(self, name: str, sources: Iterable[os.PathLike | str]) -> list[Path]:
+    def add_images(self, name: str, sources: Iterable[os.PathLike | str], *, caption: str | None = None,
+                   caption_ext: str = _annotations.CAPTION_SUFFIX,
+                   masks: os.PathLike | str | None = None) -> list[Path]:
         """Add training images to a concept (e.g. one imported with none): each source is an image
-        file or a folder of them.  Every image is decoded before the first is written, and a failed
-        write removes what this call wrote; returns the stored files (NNN.png, after those there)."""
+        file or a folder of them, with its caption (`caption` for all of them, else a caption file
+        beside each) and mask (as for `add`).  Every image, caption and mask is checked before the
+        first is written, and a failed write removes what this call wrote; returns the stored
+        files (NNN.png, after those there)."""
         concept = self.get(name)
         paths: list[Path] = []
         for source in sources:
@@ -467,14 +478,25 @@ class Library:
                 raise UserError(f"{path} does not exist; give an image file or a folder of images")
         if not paths:
             raise UserError(f"no images given for {concept.name!r}; give image files or a folder of images")
-        _images.validate_images(paths)
-        return _images.write_images(paths, concept.path / "images")
+        annotated = _annotations.gather(paths, caption_ext=caption_ext, masks=masks, caption=caption)
+        _annotations.validate(annotated)
+        return _annotations.write(annotated, concept.path)
+
+    def set_caption(self, name: str, image: str, caption: str | None) -> str | None:
+        """Give a stored image (`003.png`) a caption, or remove it (None or blank); returns it."""
+        concept = self.get(name)
+        found = {p.name: p for p in concept.images}.get(Path(image).name)
+        if found is None:
+            have = ", ".join(p.name for p in concept.images) or "none"
+            raise UserError(f"{concept.name!r} has no training image {str(image)!r} (it has: {have})")
+        return _annotations.set_caption(found, caption)
 
     def remove_images(self, name: str, images: Iterable[os.PathLike | str]) -> list[Path]:
-        """Remove training images from a concept, by stored name (`003.png`) or path; all or none.
+        """Remove training images from a concept, by stored name (`003.png`) or path; all or none
+        (each with its caption and mask).
 
-        Each is first moved to a hidden trash folder beside them (a rename: one step each); if
-        one cannot be moved, those already moved go back, so the concept keeps all its images."""
+        Each file is first moved to a hidden trash folder beside them (a rename: one step each);
+        if one cannot be moved, those already moved go back, so the concept keeps all its images."""
         concept = self.get(name)
         stored = {p.name: p for p in concept.images}
         targets: list[Path] = []
@@ -489,15 +511,18 @@ class Library:
             raise UserError(f"no images given to remove from {concept.name!r}")
         trash = concept.path / f".trash-images-{secrets.token_hex(4)}"
         trash.mkdir(mode=0o700)
-        moved: list[Path] = []
+        moved: list[tuple[Path, Path]] = []  # (where it was, where it is in the trash)
         try:
             for target in targets:
-                os.rename(target, trash / target.name)
-                moved.append(target)
+                # the image last: a crash midway leaves it whole, at worst without its caption or mask
+                for number, path in enumerate([*_annotations.companions(target), target]):
+                    aside = trash / f"{number}-{path.name}"
+                    os.rename(path, aside)
+                    moved.append((path, aside))
         except BaseException:
-            for target in reversed(moved):
+            for path, aside in reversed(moved):
                 with contextlib.suppress(OSError):
-                    os.rename(trash / target.name, target)
+                    os.rename(aside, path)
             with contextlib.suppress(OSError):
                 trash.rmdir()  # only when everything went back
             raise
