@@ -97,6 +97,39 @@ def shared_engine_home(_module_home, monkeypatch):
     return _module_home
 
 
+# -- the studio's tests against the real engine share one (tests/studio.py)
+
+
+@pytest.fixture(scope="session")
+def studio_home():
+    import shutil
+    import tempfile
+
+    from helpers import kill_engines
+
+    path = Path(tempfile.mkdtemp(prefix="tis-app-"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TISTUDIO_ENGINE_IDLE", "120")
+        yield path
+    kill_engines(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def trained_run(studio_home) -> str:
+    """A finished run of the sample concept (16 steps on builtin:tiny, saved at 8 and 16),
+    trained once for the tests that need one, whichever of them runs first or alone."""
+    from engine.wire.client import call
+    from tistudio.samples import SAMPLE_NAME, ensure_sample_concept
+
+    ensure_sample_concept(studio_home, model="builtin:tiny")
+    params = {"steps": 16, "log_every": 2, "save_every": 8, "preview_every": 0, "seed": 3, "model": "builtin:tiny"}
+    run_id = call("submit", "train", concept=SAMPLE_NAME, params=params, home=studio_home)
+    status = call("wait", run_id, home=studio_home)
+    assert status == "done", f"the fixture's training run {run_id} ended {status}"
+    return run_id
+
+
 # -- the demo's measurement runs beside the rest (tests/demo_measurement.py) ------------------------
 
 

@@ -5,10 +5,10 @@ generation with sidecars, an evaluation image, an experiment grid)."""
 from __future__ import annotations
 
 import pytest
-from test_app import wait_for
 from test_app_snapshots import RUN, app_for, make_demo_home
 from textual.widgets import DataTable, Select, Static
 
+from studio import wait_for
 from tistudio.screens.gallery import ALL, GalleryScreen
 
 pytestmark = pytest.mark.filterwarnings("ignore:Image.Image.getdata:DeprecationWarning")

@@ -230,3 +230,76 @@ def test_help(snap_compare, demo_home, monkeypatch):
 
 def test_new_concept_form(snap_compare, demo_home):
     assert snap_compare(app_for(demo_home), terminal_size=(80, 24), run_before=settle("n"))
+
+
+# -- with the engine online and a run streaming ---------------------------------------------------
+
+LIVE = "20260101-050000-f00d"
+
+
+def _live_run(home: Path) -> dict:
+    """A run the engine is training now: 120 of 2000 steps logged (its events stream in below)."""
+    run_dir = home / "concepts" / "sample" / "runs" / LIVE
+    events = [{"type": "status", "status": "queued"}, {"type": "status", "status": "running"},
+              {"type": "train", "step": 0, "steps": 2000, "family": "sd1", "vectors": 2, "widths": [768],
+               "batch_size": 1, "grad_accum": 4, "effective_batch": 4, "resolution": 512, "runs": 1,
+               "init_from": None, "regularize": "init-l2", "reg_weight": 0.003, "vocab_norms": [0.385]}]
+    for s in range(10, 121, 10):
+        events.append({"type": "step", "step": s, "steps": 2000, "loss": 0.12 + 0.2 * math.exp(-s / 40),
+                       "lr": 5e-4, "steps_per_s": 11.5, "elapsed": s / 11.5, "eta": (2000 - s) / 11.5,
+                       "vram_allocated": 2.4 * GIB, "vram_reserved": 3.1 * GIB, "vram_peak": 2.7 * GIB,
+                       "vram_total": 80.0 * GIB, "norm": 0.4 + 0.001 * s, "cos_init": 1 - 0.002 * s,
+                       "norms": [0.4 + 0.001 * s] * 2, "cos_inits": [1 - 0.002 * s] * 2, "reg": 0.0002 * s})
+    _events(run_dir / "events.jsonl", events)
+    record = {"id": LIVE, "kind": "train", "concept": "sample", "status": "running", "step": 120, "steps": 2000,
+              "params": {"steps": 2000, "vectors": 2, "grad_accum": 4, "regularize": "init-l2"},
+              "created": T0 + 18000, "device": "cuda:0", "pid": 4321, "error": None, "result": None}
+    _write_json(run_dir / "run.json", record)
+    return {**record, "run_dir": str(run_dir)}
+
+
+def _engine_status() -> dict:
+    """What `engine status` answers while the run trains on the first of two GPUs."""
+    memory = {"vram_total": 80 * GIB, "vram_used_device": 4.0 * GIB, "vram_allocated": 2.4 * GIB,
+              "vram_reserved": 3.1 * GIB, "vram_peak": 2.7 * GIB}
+    workers = [{"worker": 0, "device": "cuda:0", "backend": "local", "node": None, "pid": 4321, "state": "running",
+                "job": LIVE, "kind": "train", "concept": "sample", "members": None, "step": 120, "steps": 2000,
+                "steps_per_s": 11.5, "name": "NVIDIA H100 80GB HBM3", "memory": memory, "source": "worker"},
+               {"worker": 1, "device": "cuda:1", "backend": "local", "node": None, "pid": None, "state": "none",
+                "job": None, "kind": None, "concept": None, "members": None, "step": None, "steps": None,
+                "steps_per_s": None, "name": "NVIDIA H100 80GB HBM3",
+                "memory": {"vram_total": 80 * GIB, "vram_used_device": 0.5 * GIB}, "source": "nvidia-smi"}]
+    return {"pid": 4242, "version": "0.1.0", "queue": 0, "queued": [], "workers": workers,
+            "device": {"device": "cuda:0", "name": "NVIDIA H100 80GB HBM3", **memory},
+            "backend": {"kind": "local", "devices": ["cuda:0", "cuda:1"]}}
+
+
+def online_and_streaming(*keys: str):
+    """As the bridge reports a live engine: online, its status and runs, then the run's next steps."""
+    async def run_before(pilot) -> None:
+        from engine.store.runs import list_runs
+        from tistudio.messages import EngineSnapshot, EngineStateChanged, RunEvents
+
+        app = pilot.app
+        await quiet(pilot)
+        app.post_message(EngineStateChanged("online", "pid 4242, 2 workers"))
+        app.post_message(EngineSnapshot(_engine_status(), list_runs(app.home)))
+        await quiet(pilot)
+        more = [{"seq": 16 + i, "t": T0 + 18100 + i, "type": "step", "step": 130 + 10 * i, "steps": 2000,
+                 "loss": 0.13 - 0.002 * i, "lr": 5e-4, "steps_per_s": 11.6, "elapsed": (130 + 10 * i) / 11.6,
+                 "eta": (1870 - 10 * i) / 11.6, "vram_allocated": 2.4 * GIB, "vram_reserved": 3.1 * GIB,
+                 "vram_total": 80.0 * GIB, "norm": 0.53 + 0.001 * i, "cos_init": 0.74 - 0.002 * i}
+                for i in range(3)]
+        app.post_message(RunEvents(LIVE, more))
+        await quiet(pilot)
+        await settle(*keys)(pilot)
+
+    return run_before
+
+
+@pytest.mark.parametrize("screen,size", [("train", (100, 30)), ("library", (80, 24))], ids=["train", "library"])
+def test_engine_online_with_a_run_streaming(snap_compare, demo_home, screen, size):
+    """The studio as it is most of the time: the engine online on two GPUs, one training a run
+    whose steps keep arriving (the status bar, the workers' VRAM, the live run on Train)."""
+    _live_run(demo_home)
+    assert snap_compare(app_for(demo_home), terminal_size=size, run_before=online_and_streaming(SCREENS[screen]))

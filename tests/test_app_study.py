@@ -13,10 +13,10 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from test_app import engine_app, online, wait_for
 from textual.widgets import DataTable, Input, Select
 
 from helpers import kill_engines
+from studio import engine_app, online, wait_for
 from tistudio.screens.experiment_modal import ExperimentModal, experiment_params
 from tistudio.screens.gallery import GalleryScreen
 from tistudio.screens.metrics import MetricsScreen
