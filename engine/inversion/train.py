@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,13 +42,10 @@ from engine.devices.runtime import memory_figures, reset_peak_memory
 from engine.errors import JobCancelled, UserError
 from engine.faults import maybe_fault
 from engine.inversion.compiled import compiled_unet
-from engine.inversion.data import (
-    default_preview_prompt,
-    encode_images,
-    load_images,
-    templates_for,
-)
+from engine.inversion.data import encode_images, load_images, templates_for
+from engine.inversion.monitor import Monitor
 from engine.inversion.optim import RowAdamW
+from engine.inversion.probes import preview
 from engine.inversion.regularize import Regularizer, vector_figures, vocab_norms
 from engine.inversion.staging import Staging
 from engine.sd.placeholder import (
@@ -62,7 +58,6 @@ from engine.sd.placeholder import (
 from engine.sd.vae import plan_for
 from engine.settings.train import COMPILE_MODES, LR_SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
 from engine.store import checkpoints
-from engine.store.paths import atomic_write_bytes
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")  # what the loss knows how to target
 
@@ -94,6 +89,7 @@ class RunSlot:
     images: list[Path]
     reporter: Reporter = field(default_factory=QuietReporter)
     home: Path | None = None  # the library, for --init-from NAME@RUN:STEP (default: the run's own)
+    description: str | None = None  # the concept's description: the probes' SD row (default: the initializer)
 
 
 @dataclass
@@ -149,13 +145,14 @@ class Inversion:
         self.unet = compiled_unet(model, self.cfg0.compile, batch=self.k * self.cfg0.batch_size,
                                   resolution=self.resolution, low_vram=self.cfg0.low_vram)
         self.determinism = {"deterministic": False}  # what --deterministic did (train_many sets it)
+        self.stopped: set[int] = set()  # runs that met a --stop-when rule (engine.inversion.monitor)
 
     # --- setup -------------------------------------------------------------------------------
 
     def _check_compatible(self) -> None:
         """Batched runs share one step counter and schedule; only seed, init word and data differ."""
         shared = ("steps", "lr", "batch_size", "grad_accum", "weight_decay", "lr_schedule", "warmup_steps",
-                  "resolution", "vectors", "deterministic")
+                  "resolution", "vectors", "deterministic", "dloss_every", "probe_every")
         first = self.slots[0].config
         for slot in self.slots[1:]:
             for name in shared:
@@ -196,18 +193,22 @@ class Inversion:
         self.start_step = steps.pop()
         return self.start_step
 
+    def live(self) -> list[tuple[int, RunSlot]]:
+        """The runs still training (a batched run that met its --stop-when has ended; the others go on)."""
+        return [(k, slot) for k, slot in enumerate(self.slots) if k not in self.stopped]
+
     def _checkpoint(self, step: int) -> None:
-        for k, slot in enumerate(self.slots):
+        for k, slot in self.live():
             path = checkpoints.save_row(slot.run_dir, step, k, self.vectors, self.state, self.generators[k],
                                         layout=self.layout)
             slot.reporter.emit("checkpoint", step=step, path=str(path))
             if slot.config.keep_checkpoints:
                 checkpoints.prune(slot.run_dir, slot.config.keep_checkpoints)
 
-    def _save_embedding(self, step: int, final: bool = False) -> None:
+    def _save_embedding(self, step: int, final: bool = False, only: list[int] | None = None) -> None:
         from engine.sd.formats import run_format, write_embedding
 
-        for k, slot in enumerate(self.slots):
+        for k, slot in self.live() if only is None else [(k, self.slots[k]) for k in only]:
             row = self.vectors.detach()[k].float().cpu()
             if not torch.isfinite(row).all():
                 raise FloatingPointError("the embedding is not finite")
@@ -289,8 +290,10 @@ class Inversion:
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         logged, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(self.device)
+        monitor = Monitor(self)  # the deterministic loss, probes, warnings, --stop-when, the best step
         with self.installed():
-            for step in range(self.start_step, cfg.steps):
+            end = self.start_step if monitor.begin() else cfg.steps
+            for step in range(self.start_step, end):
                 if any(s.reporter.cancelled() for s in self.slots):
                     self._checkpoint(step)
                     raise JobCancelled(f"cancelled at step {step}")
@@ -309,12 +312,14 @@ class Inversion:
                     self._log(done, loss_sum / logged, logged / (now - t_log), now - t_start, cfg.lr_at(step))
                     loss_sum.zero_()
                     logged, t_log = 0, now
-                if done % cfg.save_every == 0 or done == cfg.steps:
+                if monitor.after_step(done) or done % cfg.save_every == 0 or done == cfg.steps:
                     self._save_embedding(done)
                     self._checkpoint(done)
                 if cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
-                    self._preview(done)
-        self._save_embedding(cfg.steps, final=True)
+                    preview(self, done)
+                if monitor.settle(done):  # every run has stopped (its rule, or the last step)
+                    break
+            monitor.settle(cfg.steps)  # a run resumed at its last step: its final embedding
         return [s.run_dir / "learned_embeds.safetensors" for s in self.slots]
 
     def train_step(self, step: int) -> torch.Tensor:
@@ -368,7 +373,7 @@ class Inversion:
         remaining = (self.cfg0.steps - step) / steps_per_s if steps_per_s > 0 else None
         figures = vector_figures(self.layout, self.vectors.detach(), self.init_rows)
         penalty = self.regularizer.penalty(self.vectors.detach()).tolist() if self.regularizer else None
-        for k, slot in enumerate(self.slots):
+        for k, slot in self.live():
             slot.reporter.emit(
                 "step", step=step, steps=self.cfg0.steps, loss=losses[k], lr=lr,
                 steps_per_s=steps_per_s, elapsed=elapsed, eta=remaining,
@@ -379,26 +384,6 @@ class Inversion:
     def _status(self, status: str, **extra) -> None:
         for slot in self.slots:
             slot.reporter.emit("status", status=status, **extra)
-
-    @torch.no_grad()
-    def _preview(self, step: int) -> None:
-        """One image per run from a fixed prompt and seed; never touches the training RNG."""
-        from engine.sd.generation import sample_prompt
-
-        for k, slot in enumerate(self.slots):
-            cfg = slot.config
-            word = self.words[k]
-            prompt = (cfg.preview_prompt or default_preview_prompt(cfg.property, "{token}")).replace(
-                "{token}", word
-            ).replace(cfg.token, word)
-            image = sample_prompt(
-                self.model, prompt, self.tokenizers, seeds=[cfg.preview_seed], steps=cfg.preview_steps, guidance=7.5
-            )[0]
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            path = slot.run_dir / "previews" / f"step-{step}.png"
-            atomic_write_bytes(path, buf.getvalue())
-            slot.reporter.emit("preview", step=step, path=str(path), prompt=prompt.replace(word, cfg.token))
 
 
 def _init_ids(tokenizer, init: str, n: int) -> list[int]:
@@ -428,9 +413,10 @@ def _check_prediction_type(prediction_type: str) -> None:
 
 
 def train(model, config: TrainConfig, run_dir: Path, images: list[Path], reporter: Reporter | None = None,
-          resume: bool = True) -> Path:
-    """Train one run to the end (resuming from its checkpoints when present)."""
-    return train_many(model, [RunSlot(config, Path(run_dir), list(images), reporter or QuietReporter())], resume)[0]
+          resume: bool = True, description: str | None = None) -> Path:
+    """Train one run to the end, or to its --stop-when (resuming from its checkpoints when present)."""
+    slot = RunSlot(config, Path(run_dir), list(images), reporter or QuietReporter(), description=description)
+    return train_many(model, [slot], resume)[0]
 
 
 def train_many(model, slots: list[RunSlot], resume: bool = True) -> list[Path]:

@@ -40,11 +40,13 @@ from engine.settings.generate import MODES, GenerateRequest  # noqa: F401 (re-ex
 from engine.settings.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
 from engine.store.paths import atomic_write_bytes, atomic_write_json, ensure_private_dir
 from engine.store.words import (  # noqa: F401 (re-exported for callers of engine.sd.generation)
+    BEST,
     FINAL_NAME,
     SAFE_RUN,
     checkpoint_steps,
     choose_embedding,
     done_runs,
+    parse_step,
     read_record,
     step_file,
 )
@@ -87,6 +89,23 @@ def sample_prompt(model, prompt: str, tokenizers: list, seeds: list[int], steps:
             num_inference_steps=steps, guidance_scale=guidance, generator=_generators(seeds), height=size,
             width=size, output_type="pil",
         ).images
+
+
+@torch.no_grad()
+def sample_prompts(model, pairs: list[tuple[str, int]], tokenizers: list, steps: int = 25, guidance: float = 7.5):
+    """One image per (prompt, seed) pair, several prompts in one pipeline call (`default_batch` at a
+    time): the training probes' images, each from its seed's own noise as in `sample_prompt`."""
+    pipe = _pipeline_with(model, generation_scheduler(model), tokenizers)
+    size, images = model.info.resolution, []
+    chunk = default_batch(size, size)
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start : start + chunk]
+        with vae_kept(model.vae, plan_for(model, size, size, len(part))):
+            images += pipe(
+                prompt=[p for p, _ in part], num_inference_steps=steps, guidance_scale=guidance,
+                generator=_generators([s for _, s in part]), height=size, width=size, output_type="pil",
+            ).images
+    return images
 
 
 @torch.no_grad()
@@ -151,8 +170,9 @@ class UsedEmbedding:
 _USE = re.compile(r"^(?P<name>.+?)(?:@(?P<run>[^@:]*))?(?::(?P<step>[^@:]*))?$")
 
 
-def parse_use(spec: str, library=None) -> tuple[str, str | None, int | None]:
-    """`NAME[@RUN][:STEP]` -> (name, run or None, step or None)."""
+def parse_use(spec: str, library=None) -> tuple[str, str | None, int | str | None]:
+    """`NAME[@RUN][:STEP]` -> (name, run or None, step or None); STEP may be `best` (the run's best
+    probed step, engine.store.words.BEST)."""
     if not isinstance(spec, str) or not spec.strip():
         raise UserError("--use is empty; write NAME, NAME@RUN or NAME@RUN:STEP")
     spec = spec.strip()
@@ -162,9 +182,10 @@ def parse_use(spec: str, library=None) -> tuple[str, str | None, int | None]:
     name, run, step = match.group("name"), match.group("run"), match.group("step")
     if run is not None and not SAFE_RUN.match(run):
         raise UserError(f"--use {spec}: {run!r} is not a run id; write NAME@RUN:STEP (see `tistudio runs`)")
-    if step is not None and not step.isdigit():
-        raise UserError(f"--use {spec}: step {step!r} is not a number; write NAME@RUN:STEP, e.g. {name}@RUN:500")
-    return name, run, None if step is None else int(step)
+    if step is not None and not step.isdigit() and step.lower() != BEST:
+        raise UserError(f"--use {spec}: step {step!r} is not a number; write NAME@RUN:STEP, e.g. {name}@RUN:500, "
+                        f"or {name}@RUN:best")
+    return name, run, None if step is None else parse_step(step)
 
 
 def token_spans(text: str, concepts) -> list[tuple[int, int, object]]:
@@ -222,8 +243,8 @@ def resolve_embeddings(library, prompt: str, uses: list[str]) -> list[UsedEmbedd
     return [load_used(c, *picked.get(c.name, (None, None))) for c in found]
 
 
-def load_used(concept, run: str | None = None, step: int | None = None, option: str = "use") -> UsedEmbedding:
-    """The vectors of `concept` from run `run` (latest finished) at `step` (final)."""
+def load_used(concept, run: str | None = None, step: int | str | None = None, option: str = "use") -> UsedEmbedding:
+    """The vectors of `concept` from run `run` (latest finished) at `step` (final; `best`: its best probed step)."""
     choice = choose_embedding(concept, run, step, option)
     emb = read_embedding(choice.path)
     return UsedEmbedding(

@@ -122,7 +122,7 @@ def _experiment(params: dict, concept, resumed: bool) -> None:
 
 def _inspect(params: dict, concept, resumed: bool) -> None:
     _known_keys(params, {"run", "step", "top", *WHERE}, "inspection", resumed)
-    _whole(params.get("step"), 0, "--step", optional=True)
+    _saved_step(params.get("step"))
     _whole(params.get("top", 10), 1, "--top")
 
 
@@ -158,7 +158,7 @@ def _known_keys(params: dict, known: set[str], what: str, resumed: bool) -> None
 def _measuring(params: dict) -> None:
     """What evaluation and the experiments measure with: images per set, sampling, the judge."""
     _whole(params.get("images", 16), 1, "--images")
-    _whole(params.get("step"), 0, "--step", optional=True)
+    _saved_step(params.get("step"))
     _whole(params.get("seed", 0), 0, "--seed")
     _whole(params.get("sample_steps", 25), 1, "--sample-steps")
     _whole(params.get("sample_batch_size"), 1, "--sample-batch", optional=True)
@@ -185,6 +185,12 @@ def _lists(params: dict, keys) -> None:
     for key in keys:
         if params.get(key) is not None and not isinstance(params[key], list):
             raise UserError(f"{key} must be a list, e.g. [1, 2, 3]")
+
+
+def _saved_step(value) -> None:
+    """--step: a saved step's number, `best` (the run's best probed step), or none (the final embedding)."""
+    if value != "best":  # engine.store.words.BEST (the store is a layer this one does not import)
+        _whole(value, 0, "--step", optional=True)
 
 
 def _whole(value, least: int, option: str, optional: bool = False) -> None:

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from engine.errors import UserError
+from engine.settings.stopping import checks as stopping_checks
 
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
@@ -55,6 +56,14 @@ class TrainConfig:
     deterministic: bool = False  # torch's deterministic algorithms: bit for bit on CUDA too, slower
     fixed_timestep: int | None = None  # tests: overfit one timestep
     fixed_noise: bool = False  # tests: one fixed noise sample
+    # Knowing when the word is learned (engine.settings.stopping, engine.inversion.monitor):
+    probe_every: int = 500  # measure reconstruction/editability every N steps (0: off); SD's row once at the start
+    probe_images: int = 4  # probe images for the neutral prompt
+    probe_edit_images: int = 1  # probe images per edit prompt
+    probe_steps: int = 25  # sampling steps of a probe image (Table 1's)
+    dloss_every: int = 25  # the training objective on one fixed batch every N steps (0: off)
+    stop_when: str | None = None  # plateau[:STEPS], recon:X, diverged (comma-separated); None: run every step
+    best_by: str = "tradeoff"  # tradeoff | recon | edit | balanced: which probed step is the run's best
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
@@ -101,6 +110,7 @@ class TrainConfig:
         yield (self.templates is None or (len(self.templates) > 0 and all(
             isinstance(t, str) and t.count("{}") == 1 for t in self.templates)),
             "each prompt template (--templates) must contain exactly one {} where the token goes")
+        yield from stopping_checks(self)
 
     def lr_at(self, step: int) -> float:
         warm = self.warmup_steps if self.lr_schedule in ("warmup", "cosine") else 0

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.store.runs import Run
-from engine.store.words import FINAL_NAME, checkpoint_steps, run_vectors
+from engine.store.words import BEST, FINAL_NAME, checkpoint_steps, run_vectors
 
 if TYPE_CHECKING:  # engine.store.library brings numpy and Pillow: the studio imports this module before its first draw
     from engine.store.library import Concept
@@ -219,11 +219,12 @@ def report_of_result(result: dict | None) -> ExperimentReport | None:
     return ExperimentReport(name, _report_kind(name, result), result, folder)
 
 
-def parse_pin(pin: str) -> tuple[str, str | None, int | None]:
-    """`NAME@RUN:STEP` -> (NAME, RUN, STEP); `NAME@RUN` -> (NAME, RUN, None); `NAME` -> (NAME, None, None)."""
+def parse_pin(pin: str) -> tuple[str, str | None, int | str | None]:
+    """`NAME@RUN:STEP` -> (NAME, RUN, STEP); `NAME@RUN` -> (NAME, RUN, None); `NAME` -> (NAME, None, None).
+    STEP `best` stays "best" (the run's best probed step: engine.store.words.choose_embedding)."""
     name, _, rest = pin.partition("@")
     run, _, step = rest.partition(":")
-    return name, run or None, int(step) if step.isdigit() else None
+    return name, run or None, int(step) if step.isdigit() else (BEST if step.lower() == BEST else None)
 
 
 def ti_reconstruction(table: dict) -> float | None:
@@ -299,11 +300,16 @@ class ConceptSummary:
 
     def pins(self) -> list[str]:
         """Every saved embedding as the string that picks it (generate's `uses`, train's `init_from`):
-        `NAME@RUN:STEP` for each checkpoint, `NAME@RUN` for a finished run's final one."""
+        `NAME@RUN:STEP` for each checkpoint, `NAME@RUN:best` for a run whose probes named a best
+        step, `NAME@RUN` for a finished run's final one."""
         pins = []
         for run in self.runs:
             prefix = f"{self.name}@{run.dir.name}"
-            pins += [f"{prefix}:{step}" for step in checkpoint_steps(run.dir)]
+            steps = checkpoint_steps(run.dir)
+            pins += [f"{prefix}:{step}" for step in steps]
+            best = run.get("best")
+            if isinstance(best, dict) and best.get("step") in steps:
+                pins.append(f"{prefix}:{BEST}")
             if run.done and (run.dir / FINAL_NAME).is_file():
                 pins.append(prefix)
         return pins

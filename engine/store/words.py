@@ -16,6 +16,17 @@ from engine.store.runs import Run
 FINAL_NAME = "learned_embeds.safetensors"
 _STEP_FILE = re.compile(r"learned_embeds-steps-(\d+)\.safetensors")
 SAFE_RUN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+BEST = "best"  # NAME@RUN:best, --step best: the run's best probed step (its record's `best`)
+
+
+def parse_step(text: str, option: str = "--step") -> int | str:
+    """A saved step as typed: a whole number, or `best`."""
+    text = str(text).strip()
+    if text.isdigit():
+        return int(text)
+    if text.lower() == BEST:
+        return BEST
+    raise UserError(f"{option} {text!r}: give a saved step's number, e.g. 500, or best")
 
 
 def read_record(run_dir: Path) -> dict | None:
@@ -75,9 +86,10 @@ class EmbeddingChoice:
     final: bool
 
 
-def choose_embedding(concept, run: str | None = None, step: int | None = None,
+def choose_embedding(concept, run: str | None = None, step: int | str | None = None,
                      option: str = "use") -> EmbeddingChoice:
-    """Run `run` (default: the latest finished) at `step` (default: its final embedding).
+    """Run `run` (default: the latest finished) at `step` (default: its final embedding; `best`:
+    its best probed step, as its record names it).
 
     `option` is how the asking command names a pick in its messages: "use" for
     `--use NAME@RUN:STEP` (generate), "run-step" for `--run RUN --step N` (eval, export),
@@ -105,8 +117,20 @@ def choose_embedding(concept, run: str | None = None, step: int | None = None,
             raise UserError(f"run {run} of {concept.name!r} has not finished (status {record.get('status')}); "
                             f"pick a saved step with {pick(run)} (steps: {steps})")
         return EmbeddingChoice(run, run_dir, record, path, final_step(record), True)
+    if step == BEST:
+        step = best_step(record, run, concept.name, pick(run))
     path = step_file(run_dir, step)
     if not path.is_file():
         steps = ", ".join(map(str, checkpoint_steps(run_dir))) or "none"
         raise UserError(f"run {run} of {concept.name!r} has no embedding at step {step}; steps saved: {steps}")
     return EmbeddingChoice(run, run_dir, record, path, step, False)
+
+
+def best_step(record: dict, run: str, concept: str, pick: str = "NAME@RUN:STEP") -> int:
+    """The step a run's record names as its best (engine.inversion.stopping.choose_best), or a
+    one-line error saying why it has none and what to pick instead."""
+    best = record.get("best")
+    if isinstance(best, dict) and isinstance(best.get("step"), int):
+        return best["step"]
+    raise UserError(f"run {run} of {concept!r} has no best step: it has no probes (trained with --probe-every 0, "
+                    f"or before its first probe); pick a saved step with {pick}")

@@ -207,8 +207,9 @@ def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict |
     ctx.set_progress(experiment=exp_id)
     exp_dir = ensure_private_dir(concept.path / "experiments" / exp_id)
     labels = [f"{SWEEP_LABELS[kind]} {v}" for v in values]
-    # Previews are off by default: the grid shows every run side by side anyway.
-    params = {"preview_every": 0, **(train or {}), SWEEP_AXES[kind]: values}
+    # Previews and probes are off by default: the grid shows every run side by side, and the
+    # experiment measures its runs itself.
+    params = {"preview_every": 0, "probe_every": 0, **(train or {}), SWEEP_AXES[kind]: values}
     training = sub_progress(progress, 0.0, 0.6)
 
     def on_step(fields: dict) -> None:

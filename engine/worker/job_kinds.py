@@ -69,7 +69,8 @@ def handle_train(ctx) -> dict:
     ctx.set_progress(step=0, steps=config.steps, model=model.info.identity(), config=_asdict(config),
                      effective_batch=config.effective_batch())
     with _friendly_failures():
-        final = train(model, config, ctx.run_dir, concept.images, ContextReporter(ctx), resume=True)
+        final = train(model, config, ctx.run_dir, concept.images, ContextReporter(ctx), resume=True,
+                      description=concept.description)
     return {"embedding": str(final)}
 
 

@@ -43,6 +43,7 @@ class ContextReporter:
     def __init__(self, ctx: JobContext, on_step: Callable[[dict], None] | None = None):
         self.ctx = ctx
         self.on_step = on_step
+        self.warnings: list[dict] = []  # this run's warning events, for run.json
 
     def emit(self, type: str, **fields) -> None:
         if type == "status":  # the worker (or the sweep) owns the run's status
@@ -54,6 +55,16 @@ class ContextReporter:
                 self.on_step({"run": self.ctx.run_id, **fields})
         elif type == "embedding" and fields.get("final"):
             self.ctx.set_progress(embedding=fields["path"])
+        elif type == "stopped":  # where and why it stopped (a rule, or its last step): run.json says it
+            self.ctx.set_progress(step=fields["step"], stopped={k: fields.get(k) for k in ("step", "rule", "why")})
+        elif type == "best":  # the run's best probed step so far: what NAME@RUN:best resolves to
+            self.ctx.set_progress(best=fields.get("best"))
+        elif type == "watch":  # a (resumed) run's start: all three as its replayed history left them
+            self.warnings = list((fields.get("warned") or {}).values())
+            self.ctx.set_progress(best=fields.get("best"), stopped=fields.get("stopped"), warnings=self.warnings)
+        elif type == "warning":  # a word that is not learning says so, in the record too (`tistudio runs`)
+            self.warnings.append({k: fields.get(k) for k in ("step", "kind", "message")})
+            self.ctx.set_progress(warnings=self.warnings)
 
     def cancelled(self) -> bool:
         return self.ctx.cancelled()
@@ -151,7 +162,7 @@ def train_members(model, concept, members: list[JobContext], on_step=None) -> li
         config = train_config_from(member.params, concept)
         config.validate()
         reporter = ContextReporter(member, on_step=on_step if k == 0 else None)
-        slots.append(RunSlot(config, member.run_dir, concept.images, reporter))
+        slots.append(RunSlot(config, member.run_dir, concept.images, reporter, description=concept.description))
     try:
         finals = train_many(model, slots, resume=True)
     except BaseException as exc:

@@ -76,3 +76,26 @@ def float_list(text: str) -> list[float]:
 
 def _none_given():
     raise argparse.ArgumentTypeError("give at least one number")
+
+
+def saved_step(text: str) -> int | str:
+    """--step: a saved step's number, or `best` (the run's best probed step)."""
+    from engine.errors import UserError
+    from engine.store.words import parse_step
+
+    try:
+        return parse_step(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix(f"--step {text!r}: ")) from None
+
+
+def stop_rules(text: str) -> str:
+    """--stop-when: checked by the engine's own parser (engine.settings.stopping)."""
+    from engine.errors import UserError
+    from engine.settings.stopping import parse_stop_when
+
+    try:
+        parse_stop_when(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

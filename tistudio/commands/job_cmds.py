@@ -7,7 +7,7 @@ import os
 
 from engine.settings.samplers import SAMPLERS
 from engine.settings.train import REGULARIZERS
-from tistudio.commands.args import float_arg, int_list, positive_int, regularizer_list, word_list
+from tistudio.commands.args import float_arg, int_list, positive_int, regularizer_list, saved_step, word_list
 from tistudio.commands.output import print_json, print_table
 
 
@@ -37,7 +37,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("eval", help="the paper's Table 1: SD vs SD+TI reconstruction and editability")
     p.add_argument("name")
     p.add_argument("--run", help="run id (default: the latest finished run)")
-    p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
+    p.add_argument("--step", type=saved_step,
+                   help="a saved step, or best (the run's best probed step); default: the final embedding")
     p.add_argument("--images", type=positive_int, default=16, help="images per set (the paper's 16)")
     p.add_argument("--prompts", help="a file of edit prompts, one per line, {} where the token goes "
                                      "(default: the study's three; on builtin:demo, three in its world's words)")
@@ -83,7 +84,8 @@ def add_commands(sub) -> None:
                                          "subjects (styles), SD and SD+TI side by side, every image with its metadata")
     p.add_argument("name")
     p.add_argument("--run", help="run id (default: the latest finished run)")
-    p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
+    p.add_argument("--step", type=saved_step,
+                   help="a saved step, or best (the run's best probed step); default: the final embedding")
     p.add_argument("--images", type=positive_int, default=2, help="images per prompt for SD and for SD+TI")
     _sampling_args(p)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tistudio.commands.args import float_list, positive_int
+from tistudio.commands.args import float_list, positive_int, saved_step
 from tistudio.commands.output import home, print_json, print_table
 
 
@@ -82,7 +82,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("export", help="write a concept's embedding for other tools")
     p.add_argument("name")
     p.add_argument("--run", help="run id (default: the latest finished run)")
-    p.add_argument("--step", type=int, help="a saved step (default: the final embedding)")
+    p.add_argument("--step", type=saved_step,
+                   help="a saved step, or best (the run's best probed step); default: the final embedding")
     p.add_argument("--format", default="diffusers", choices=("diffusers", "a1111", "kohya", "comfy", "a1111-png"),
                    help="diffusers (SDXL: two files, X and X_2), a1111, kohya, comfy (SDXL: clip_l + clip_g), "
                         "a1111-png (A1111's PNG card: the run's latest preview, else the first training image, "

@@ -30,6 +30,8 @@ class RunProgress:
         self.plain = not raw and not self.console.is_terminal
         self._plain_every = _plain_every()
         self._last_plain: float = -1
+        self.dloss: float | None = None  # the latest deterministic loss, shown beside the loss
+        self.sd: dict | None = None  # the SD row's probe: each probe line compares with it
 
     def __enter__(self):
         if not self.raw and not self.plain:
@@ -65,12 +67,15 @@ class RunProgress:
             steps = event.get("steps")
             self._progress.update(
                 self._task, completed=event["step"], total=steps, count=f"{event['step']}/{steps} steps",
-                detail=f"loss {event['loss']:.4f} · {event.get('steps_per_s', 0):.1f} steps/s{_vector(event)}",
+                detail=f"loss {event['loss']:.4f}{self._dloss()} · {event.get('steps_per_s', 0):.1f} steps/s"
+                       f"{_vector(event)}",
             )
         elif kind == "progress" and self._progress:  # jobs without steps (generate, eval): a fraction
             fraction = event["fraction"]
             self._progress.update(self._task, completed=round(1000 * fraction), total=1000,
                                   count=f"{100 * fraction:.0f}%", detail=str(event.get("message", ""))[:40])
+        elif kind in WATCHING:
+            self._watching(kind, event)
         elif kind in ("preview", "log", "result"):
             label = "warning" if event.get("level") == "warning" else kind  # e.g. a model read by a guess
             self._say(f"{label}: {event.get('path') or event.get('message') or ''}")
@@ -79,7 +84,7 @@ class RunProgress:
         if event.get("type") == "step":
             mark, steps = event["step"], event.get("steps")
             due = mark == steps or mark // self._plain_every > self._last_plain // self._plain_every
-            text = (f"{self.run_id} step {mark}/{steps} loss {event['loss']:.4f} "
+            text = (f"{self.run_id} step {mark}/{steps} loss {event['loss']:.4f}{self._dloss()} "
                     f"{event.get('steps_per_s', 0):.1f} steps/s" + _vector(event) + _eta(event.get("eta")))
         else:
             mark = round(100 * event["fraction"])
@@ -88,6 +93,28 @@ class RunProgress:
         if due or self._last_plain < 0:
             self._last_plain = mark
             self._say(text)
+
+    def _watching(self, kind: str, event: dict) -> None:
+        """Knowing when the word is learned: probes, warnings, the best step, where the run stopped."""
+        if kind == "dloss" and isinstance(event.get("dloss"), (int, float)):
+            self.dloss = float(event["dloss"])
+        elif kind == "probe" and event.get("row") == "SD":
+            self.sd = event
+            self._say(f"probe SD (the description): {_scores(event)}")
+        elif kind == "probe":
+            sd = self.sd or {}
+            versus = f" (SD {sd['reconstruction']:.3f} / {sd['editability']:.3f})" if _scores(sd) != "?" else ""
+            self._say(f"probe step {event.get('step')}: {_scores(event)}{versus}")
+        elif kind == "best" and isinstance(event.get("best"), dict):
+            best = event["best"]
+            self._say(f"best step so far: {best.get('step')} ({best.get('rule')}: {best.get('why')})")
+        elif kind == "warning":
+            self._say(f"warning: {event.get('message')}")
+        elif kind == "stopped":
+            self._say(f"stopped at step {event.get('step')} ({event.get('rule')}): {event.get('why')}")
+
+    def _dloss(self) -> str:
+        return f" · dloss {self.dloss:.4f}" if self.dloss is not None else ""
 
     def note(self, text: str) -> None:
         self._say(text)
@@ -104,6 +131,16 @@ class RunProgress:
         if self.status == "cancelled":
             return 130
         return 1
+
+
+WATCHING = ("dloss", "probe", "best", "warning", "stopped")
+
+
+def _scores(event: dict) -> str:
+    recon, edit = event.get("reconstruction"), event.get("editability")
+    if not isinstance(recon, (int, float)) or not isinstance(edit, (int, float)):
+        return "?"
+    return f"reconstruction {recon:.3f} · editability {edit:.3f}"
 
 
 def _plain_every() -> int:

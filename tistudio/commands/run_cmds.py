@@ -8,7 +8,8 @@ import sys
 
 from tistudio.commands.output import print_json, print_table
 
-RUN_FIELDS = ("id", "concept", "kind", "status", "step", "steps", "device", "node", "pid", "embedding")
+RUN_FIELDS = ("id", "concept", "kind", "status", "step", "steps", "device", "node", "pid", "embedding", "best",
+              "stopped", "warnings")
 
 
 def add_commands(sub) -> None:
@@ -59,9 +60,12 @@ def runs(args) -> int:
     if not jobs:
         print("no runs yet; start one with `tistudio train NAME`")
         return 0
-    print_table("runs", ["id", "concept", "kind", "status", "step", "device", "pid"],
+    print_table("runs", ["id", "concept", "kind", "status", "step", "best", "stopped", "device", "pid"],
                 [[j["id"], j["concept"], j["kind"], _status_cell(j), f"{j['step']}/{j['steps'] or '?'}",
-                  _device_cell(j), j["pid"]] for j in jobs])
+                  _best_cell(j), _stopped_cell(j), _device_cell(j), j["pid"]] for j in jobs])
+    for j in jobs:
+        for warning in j.get("warnings") or []:
+            print(f"warning: {j['id']} at step {warning.get('step')}: {warning.get('message')}")
     if any(j.get("stale") for j in jobs):
         print("* no engine is running: the engine that ran these stopped; they show as interrupted "
               "once one starts, and `tistudio resume RUN` continues them")
@@ -101,6 +105,20 @@ def _device_cell(row: dict) -> str | None:
     if device and row.get("node"):
         device += f" @ {row['node']}"
     return device
+
+
+def _best_cell(row: dict) -> str | None:
+    """The run's best probed step (what NAME@RUN:best picks) and its rule."""
+    best = row.get("best")
+    return f"{best['step']} ({best.get('rule')})" if isinstance(best, dict) and "step" in best else None
+
+
+def _stopped_cell(row: dict) -> str | None:
+    """Why the run stopped: a --stop-when rule at its step, or its last step ("steps")."""
+    stopped = row.get("stopped")
+    if not isinstance(stopped, dict):
+        return None
+    return "steps" if stopped.get("rule") == "steps" else f"{stopped.get('rule')} @ {stopped.get('step')}"
 
 
 def _status_cell(row: dict) -> str:

@@ -14,6 +14,7 @@ from tistudio.commands.args import (
     non_negative_int,
     positive_int,
     regularizer_list,
+    stop_rules,
     word_list,
 )
 from tistudio.commands.run_cmds import add_tensorboard_option
@@ -66,6 +67,24 @@ def add_commands(sub) -> None:
     out.add_argument("--preview-steps", type=positive_int, default=25, help="sampling steps of a preview")
     out.add_argument("--log-every", type=positive_int, default=10, help="a loss line every N steps")
     add_tensorboard_option(out)
+    watch = p.add_argument_group("knowing when it is learned (probes, the deterministic loss, stopping)")
+    watch.add_argument("--probe-every", type=non_negative_int, default=500,
+                       help="measure reconstruction and editability every N steps on a small fixed probe set "
+                            "(the SD row once, at the start; 0: off)")
+    watch.add_argument("--probe-images", type=positive_int, default=4, help="probe images of the neutral prompt")
+    watch.add_argument("--probe-edit-images", type=positive_int, default=1, help="probe images per edit prompt")
+    watch.add_argument("--probe-steps", type=positive_int, default=25, help="sampling steps of a probe image")
+    watch.add_argument("--dloss-every", type=non_negative_int, default=25,
+                       help="the training loss on one fixed batch (images, prompts, noise, timesteps) every N "
+                            "steps: a smooth curve that tracks quality (0: off)")
+    watch.add_argument("--stop-when", type=stop_rules, metavar="RULE[,RULE]",
+                       help="end the run early: plateau[:STEPS] (the deterministic loss has flattened: DVAR's rule, "
+                            "window 300 steps), recon:X (a probe's reconstruction reaches X), diverged (the word's "
+                            "norm or its deterministic loss runs away)")
+    watch.add_argument("--best-by", choices=("tradeoff", "recon", "edit", "balanced"), default="tradeoff",
+                       help="which probed step is the run's best (NAME@RUN:best): tradeoff (the highest "
+                            "reconstruction keeping editability within 40%% of SD's), recon, edit, or balanced "
+                            "(reconstruction + editability)")
     hw = p.add_argument_group("hardware")
     hw.add_argument("--low-vram", action="store_true",
                     help="gradient checkpointing through the UNet: fits 8 GB cards, about 2x slower")
@@ -102,11 +121,14 @@ def train_params(args) -> dict:
         "keep_checkpoints": args.keep_checkpoints, "preview_every": args.preview_every,
         "preview_steps": args.preview_steps, "log_every": args.log_every, "resolution": args.resolution,
         "center_crop": args.center_crop, "flip_p": args.flip, "low_vram": args.low_vram, "compile": args.compile,
-        "deterministic": args.deterministic, "precision": args.precision, "device": args.device, **model_params(),
+        "deterministic": args.deterministic, "precision": args.precision, "device": args.device,
+        "probe_every": args.probe_every, "probe_images": args.probe_images,
+        "probe_edit_images": args.probe_edit_images, "probe_steps": args.probe_steps,
+        "dloss_every": args.dloss_every, "best_by": args.best_by, **model_params(),
     }
     methods = args.regularize if len(args.regularize) > 1 else None
     optional = {"init": args.init, "seeds": args.seeds, "inits": args.inits, "regularizes": methods,
-                "preview_prompt": args.preview_prompt,
+                "preview_prompt": args.preview_prompt, "stop_when": args.stop_when,
                 "init_from": _init_from(args.init_from), "templates": _templates(args.templates)}
     params.update({k: v for k, v in optional.items() if v})
     return params
