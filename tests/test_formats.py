@@ -387,13 +387,19 @@ def test_diffusers_pair_of_different_words_refused(tmp_path):
     refused(UserError, read_embedding, tmp_path / "other", match="nor a folder holding diffusers' SDXL pair")
 
 
-def test_kohya_xti_recognised_and_refused(tmp_path):
+def test_kohya_xti_is_read_as_a_per_layer_word_in_kohyas_order(tmp_path):
+    """kohya's loader concatenates the 16 layers in key order (IN01 … MID … OUT11): so do we."""
     path = tmp_path / "xti.safetensors"
     keys = ["IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05", "OUT06", "OUT07",
             "OUT08", "OUT09", "OUT10", "OUT11"]
-    safetensors.torch.save_file({k: vecs(1, 768, seed=i) for i, k in enumerate(keys)}, str(path))
-    message = refused(NotSupportedError, read_embedding, path, match="XTI")
-    assert "16 per-layer" in message and "UNet" in message
+    data = {k: vecs(2, 768, seed=i) for i, k in enumerate(keys)}
+    safetensors.torch.save_file(data, str(path))
+    emb = read_embedding(path)
+    assert (emb.format, emb.layers, emb.num_vectors, emb.family) == ("kohya-xti", tuple(keys), 2, "sd1")
+    assert torch.equal(emb.vectors, torch.cat([data[k] for k in keys]))
+    data["MID"] = vecs(3, 768)
+    safetensors.torch.save_file(data, str(path))
+    refused(UserError, read_embedding, path, match="layers differ in shape")
 
 
 @pytest.mark.parametrize("fmt", ["a1111", "kohya", "comfy"])
@@ -604,4 +610,4 @@ def test_embedding_sha256_is_stable_and_dtype_independent():
 
 
 def test_formats_write_constant():
-    assert FORMATS_WRITE == ("diffusers", "a1111", "kohya", "comfy")
+    assert FORMATS_WRITE == ("diffusers", "a1111", "kohya", "comfy", "kohya-xti")

@@ -3,7 +3,8 @@
 The imported vectors become a finished run of kind "import", so everything that
 looks for "the concept's latest finished run" (generate, export, eval) finds it.
 The file must fit the active model's family (its widths: 768 SD 1.x, 1024 SD 2.x,
-768 + 1280 SDXL); one that does not is refused before anything is written.
+768 + 1280 SDXL), and a per-layer word (kohya XTI) the model's UNet cross-attention layers;
+one that does not is refused before anything is written.
 """
 
 from __future__ import annotations
@@ -61,10 +62,11 @@ def add_embedding_concept(library, emb, kind: str, params: dict, *, name: str, t
     concept = library.add(name, None, IMPORT_INIT, token=token, property=property,
                           description=description or name, tokenizer=load_tokenizer())
     try:
-        run_dir = create_run(library.home, {"kind": kind, "concept": concept.name,
-                                            "params": {**params, "vectors": emb.num_vectors, "family": info.family}})
-        final = write_embedding(run_dir / FINAL_NAME, emb.blocks, concept.token, run_format(emb.blocks),
-                                step=emb.step)
+        per_layer = {"per_layer": True, "layers": list(emb.layers)} if emb.layers else {}
+        run_dir = create_run(library.home, {"kind": kind, "concept": concept.name, "params": {
+            **params, "vectors": emb.num_vectors, "family": info.family, **per_layer}})
+        final = write_embedding(run_dir / FINAL_NAME, emb.blocks, concept.token, run_format(emb.blocks, emb.layers),
+                                step=emb.step, layers=emb.layers)
         set_status(run_dir, "done", embedding=str(final), step=emb.step or 0, steps=emb.step or 0)
     except BaseException:
         library.delete(concept.name)

@@ -15,8 +15,10 @@ from engine.errors import UserError
 from engine.sd.formats import Embedding, check_fits, read_embedding
 
 
-def starting_blocks(spec: str, info, vectors: int, home: Path) -> list:
-    """The [vectors, width] block per text encoder that the run starts from."""
+def starting_blocks(spec: str, info, vectors: int, home: Path, layers=()) -> list:
+    """The [vectors, width] block per text encoder that the run starts from; for a per-layer run
+    (`layers`: its layer keys) [L*vectors, width]: a per-layer word as it is, a plain word in
+    every layer."""
     emb = load_init_from(spec, home)
     check_fits(emb, info)
     if emb.num_vectors != vectors:
@@ -24,6 +26,11 @@ def starting_blocks(spec: str, info, vectors: int, home: Path) -> list:
             f"--init-from {spec} holds {emb.num_vectors} vector(s) per encoder but --vectors is {vectors}; "
             f"pass --vectors {emb.num_vectors}"
         )
+    if emb.layers and not layers:
+        raise UserError(f"--init-from {spec} is a per-layer word ({len(emb.layers)} layers); add --per-layer, "
+                        "or start from a plain word")
+    if layers and not emb.layers:
+        return [b.repeat(len(layers), 1) for b in emb.blocks]
     return list(emb.blocks)
 
 
@@ -41,5 +48,5 @@ def load_init_from(spec: str, home: Path) -> Embedding:
         name, run, step = parse_use(spec, library)
         used = load_used(library.get(name), run, step)
         return Embedding(used.vectors, used.token, "diffusers", step=used.step, meta={"path": str(used.path)},
-                         vectors_2=used.vectors_2)
+                         vectors_2=used.vectors_2, layers=used.layers)
     raise UserError(f"--init-from {spec}: no such file, and not NAME@RUN:STEP of a library concept; check it")

@@ -3,7 +3,8 @@
 Per text encoder and per vector: its norm against the vocabulary's norm distribution (a word
 grown far past it is the "too strong" word users complain of), its cosine to the
 initializer it started from, and the nearest vocabulary tokens.  For a concept with several
-runs, the cosines between their words: do different seeds find the same word?
+runs, the cosines between their words: do different seeds find the same word?  A per-layer
+word (P+ / XTI) is shown layer by layer: each vector says which UNet layer it conditions.
 """
 
 from __future__ import annotations
@@ -30,25 +31,28 @@ def inspect_word(model, library, name: str, run: str | None = None, step: int | 
         raise UserError(f"{concept.name}@{used.run} was made for widths {[b.shape[1] for b in blocks]}, "
                         f"but the model has {list(model.info.text_widths)}; inspect it with the model it fits")
     record = read_record(concept.runs_dir / used.run) or {}
-    init_words = _init_tokens(model, concept, record, len(blocks[0]))
+    n = int(blocks[0].shape[0]) // max(1, len(used.layers))
+    init_words = _init_tokens(model, concept, record, n)
     encoders = []
     for e, ((encoder, tokenizer), block) in enumerate(zip(model.encoders, blocks)):
         table = encoder.get_input_embeddings().weight.detach().float().cpu()
-        encoders.append(_encoder_report(e, table, tokenizer, block.float().cpu(), init_words[e], top))
+        encoders.append(_encoder_report(e, table, tokenizer, block.float().cpu(), init_words[e], top, used.layers))
     return {
         "concept": concept.name, "token": concept.token, "run": used.run, "step": used.step, "final": used.final,
-        "family": model.info.family, "vectors": int(blocks[0].shape[0]), "encoders": encoders,
+        "family": model.info.family, "vectors": n, "layers": list(used.layers), "encoders": encoders,
         "runs": compare_runs(concept),
     }
 
 
 def _encoder_report(e: int, table: torch.Tensor, tokenizer, block: torch.Tensor, init_ids: list[int] | None,
-                    top: int) -> dict:
+                    top: int, layers=()) -> dict:
+    """Each vector of the block ([n, width]; a per-layer word's [L*n, width], layer-major)."""
     norms = table.norm(dim=-1)
     unit_table = table / norms.clamp(min=1e-12).unsqueeze(1)
     median = float(norms.median())
-    vectors = []
-    for j, v in enumerate(block):
+    vectors, n = [], block.shape[0] // max(1, len(layers))
+    for i, v in enumerate(block):
+        j = i % n
         norm = float(v.norm())
         cos = unit_table @ (v / v.norm().clamp(min=1e-12))
         best = torch.topk(cos, top)
@@ -59,6 +63,8 @@ def _encoder_report(e: int, table: torch.Tensor, tokenizer, block: torch.Tensor,
                         for c, i in zip(best.values, best.indices)],
             "init_token": None, "cos_init": None,
         }
+        if layers:
+            item["layer"] = layers[i // n]
         if init_ids is not None:
             item["init_token"] = _token_text(tokenizer, init_ids[j])
             item["cos_init"] = float(cos[init_ids[j]])

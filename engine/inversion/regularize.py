@@ -11,6 +11,11 @@ still ends where its solo run ends:
   norm         loss += w * mean over vectors of relu(|v| - tau)^2, tau = the vocabulary's median norm
   directional  the norm stays |v_init|; only the direction is learned (Directional TI): the
                gradient is projected onto the sphere's tangent, and each step ends on the sphere
+  cross        (--init-mode cross) loss += w * mean over vectors of |v - v_init|, NOT squared, with
+               v_init the cross-initialised start (Pang et al. 2024, their code: pairwise_distance,
+               eps 1e-6, w 1e-5); it adds to any of the above
+
+A per-layer word's L x N vectors are all "its vectors" here: each term averages over them.
 
 Nothing here keeps state of its own: the initial rows are rebuilt the same way on resume,
 so resume stays bit-exact.
@@ -30,14 +35,14 @@ from engine.sd.placeholder import WordLayout
 # what the word learned.  Another model's loss has another scale: sweep it there
 # (`tistudio experiment regularize NAME --methods none,init-l2:0.001,init-l2:0.01`).
 DEFAULT_WEIGHTS = {"init-l2": 0.003, "norm": 1.0}
-COLUMNS = tuple(DEFAULT_WEIGHTS)  # the column of each weighted method in Regularizer.weights
+COLUMNS = (*DEFAULT_WEIGHTS, "cross")  # the column of each weighted term in Regularizer.weights
 
 
 @dataclass
 class Regularizer:
     layout: WordLayout
     init_rows: torch.Tensor  # [K, P] fp32: where each run started
-    weights: torch.Tensor  # [K, 2]: the init-l2 and norm strengths of each row (0: off)
+    weights: torch.Tensor  # [K, 3]: the init-l2, norm and cross strengths of each row (0: off)
     directional: torch.Tensor  # [K] bool
     vocab_norms: list[float]  # tau per encoder: the median norm of its token table
 
@@ -45,26 +50,31 @@ class Regularizer:
     def build(cls, layout: WordLayout, init_rows: torch.Tensor, configs, encoders) -> "Regularizer | None":
         """The regulariser of K runs, or None when every run is the paper's plain inversion."""
         methods = [c.regularize for c in configs]
-        if all(m == "none" for m in methods):
+        cross = [c.init_mode == "cross" and c.cross_weight > 0 for c in configs]
+        if all(m == "none" for m in methods) and not any(cross):
             return None
         weights = torch.zeros(len(configs), len(COLUMNS), device=init_rows.device)
         for k, c in enumerate(configs):
             if c.regularize in DEFAULT_WEIGHTS:
                 weights[k, COLUMNS.index(c.regularize)] = c.reg_weight or DEFAULT_WEIGHTS[c.regularize]
+            if cross[k]:
+                weights[k, COLUMNS.index("cross")] = c.cross_weight
         directional = torch.tensor([m == "directional" for m in methods], device=init_rows.device)
         return cls(layout, init_rows.detach().clone(), weights, directional, vocab_norms(encoders))
 
     # --- a term of the loss -------------------------------------------------------------------
 
     def penalty(self, rows: torch.Tensor) -> torch.Tensor:
-        """[K] differentiable penalty (init-l2 and norm rows; 0 elsewhere)."""
+        """[K] differentiable penalty (init-l2, norm and cross rows; 0 elsewhere)."""
         pull = torch.zeros(rows.shape[0], device=rows.device)
-        excess = torch.zeros_like(pull)
+        excess, distance = torch.zeros_like(pull), torch.zeros_like(pull)
         for e, tau in enumerate(self.vocab_norms):
             v, v0 = self._vectors(rows, e), self._vectors(self.init_rows, e)
             pull = pull + (v - v0).pow(2).sum(-1).mean(-1)
             excess = excess + torch.relu(v.norm(dim=-1) - tau).pow(2).mean(-1)
-        return self.weights[:, 0] * pull + self.weights[:, 1] * excess
+            # Pang et al.'s term as their code has it: the distance itself (eps keeps its gradient finite at 0).
+            distance = distance + torch.nn.functional.pairwise_distance(v, v0, p=2, eps=1e-6).mean(-1)
+        return self.weights[:, 0] * pull + self.weights[:, 1] * excess + self.weights[:, 2] * distance
 
     # --- a change of the update (directional) ---------------------------------------------------
 
@@ -91,8 +101,8 @@ class Regularizer:
     # --- views ------------------------------------------------------------------------------
 
     def _vectors(self, rows: torch.Tensor, e: int) -> torch.Tensor:
-        """[K, P] -> encoder e's vectors as [K, n, width]."""
-        return self.layout.block(rows, e).view(rows.shape[0], self.layout.n, -1)
+        """[K, P] -> encoder e's vectors as [K, L*n, width] (a plain word: L = 1)."""
+        return self.layout.block(rows, e).view(rows.shape[0], self.layout.rows, -1)
 
     def _rows(self, parts: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([p.reshape(p.shape[0], -1) for p in parts], dim=1)

@@ -108,6 +108,12 @@ class Family:
         (text_encoder, _), = encoders
         return {"encoder_hidden_states": text_encoder(ids[0])[0]}
 
+    def token_states(self, encoders, ids: list) -> list:
+        """Per encoder, [B, 77, width]: each token's state as the UNet reads it (SD 1.x/2.x: the
+        last hidden state, after the final layer norm).  Cross-initialisation starts a word here."""
+        (text_encoder, _), = encoders
+        return [text_encoder(ids[0])[0]]
+
     # --- generation
 
     def pipeline(self, model, scheduler, tokenizers):
@@ -122,6 +128,15 @@ class Family:
 
     def _pipeline_options(self, pipe) -> dict:
         return {}
+
+    # --- per-layer words (P+ / XTI)
+
+    def cross_layers(self, unet_config) -> tuple:
+        """The UNet's cross-attention layers a per-layer word has one vector set for, in the
+        order the UNet runs them (engine.sd.layers; SD 1.x/2.x: 16).  UserError if unmappable."""
+        from engine.sd.layers import cross_attention_layers
+
+        return cross_attention_layers(unet_config)
 
 
 @dataclass(frozen=True)
@@ -161,6 +176,19 @@ class SDXL(Family):
             "added_cond_kwargs": {"text_embeds": pooled,
                                   "time_ids": micro.to(device=hidden.device, dtype=hidden.dtype)},
         }
+
+    def cross_layers(self, unet_config) -> tuple:
+        """Refused: SDXL's 70 cross-attention layers sit 1, 2 or 10 to an attention block, and
+        P+ defines one condition per layer of SD 1.x's UNet only (70 words, 11 or one per
+        resolution would each be our invention); SDXL also conditions on two encoders."""
+        from engine.errors import UserError
+
+        raise UserError("SDXL's 70 cross-attention layers (stacked 2 and 10 deep) have no agreed per-layer "
+                        "mapping (P+ and kohya's XTI define SD 1.x's 16)")
+
+    def token_states(self, encoders, ids: list) -> list:
+        """Each encoder's penultimate hidden state: what SDXL's UNet reads of it (no final norm)."""
+        return [encoder(x, output_hidden_states=True).hidden_states[-2] for (encoder, _), x in zip(encoders, ids)]
 
     def _pipeline_options(self, pipe) -> dict:
         return {"force_zeros_for_empty_prompt": pipe.config.force_zeros_for_empty_prompt, "add_watermarker": False}

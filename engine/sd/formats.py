@@ -20,9 +20,14 @@ Layouts recognised on read (by their keys):
 * sdxl            ``{"clip_l": [n, 768], "clip_g": [n, 1280]}`` (kohya, A1111, ComfyUI;
                   OneTrainer adds ``clip_l_out``/``clip_g_out``, ignored)
 
-kohya XTI (16 per-layer keys IN01…OUT11) and SD3/Flux embeddings (``t5``) are
-recognised only to be refused with a clear message.  The widths say the
-family: 768 is SD 1.x, 1024 SD 2.x, 768 + 1280 SDXL (engine.sd.family).
+* kohya-xti       kohya's XTI (P+) per-layer word: ``{"IN01": [n, dim], …, "OUT11": [n, dim]}``, one
+                  vector set per UNet cross-attention layer (engine.sd.layers; SD 1.x/2.x: 16)
+
+A per-layer word is kept as one [L*n, dim] block, layer-major (kohya's own concatenation),
+with `Embedding.layers` naming the layers; it fits only a model whose UNet has those layers,
+and only kohya-xti holds it (diffusers and A1111 files have no place for layers).  SD3/Flux
+embeddings (``t5``) are recognised only to be refused with a clear message.  The widths say
+the family: 768 is SD 1.x, 1024 SD 2.x, 768 + 1280 SDXL (engine.sd.family).
 """
 
 from __future__ import annotations
@@ -47,17 +52,16 @@ import torch
 
 from engine.errors import NotSupportedError, UserError
 from engine.sd.family import describe_widths, family_of_widths
+from engine.sd.layers import describe_layers, is_layer_key, layer_order
 from engine.sd.png_card import A1111_TOKEN_ID, find_hidden  # A1111's "*" id: written, ignored on load
 from engine.sd.png_card import CHUNK as PNG_CHUNK
 from engine.store.paths import atomic_path
 
-FORMATS_READ = ("diffusers", "a1111", "kohya", "onetrainer", "textual_inversion", "sdxl")
-FORMATS_WRITE = ("diffusers", "a1111", "kohya", "comfy")
+FORMATS_READ = ("diffusers", "a1111", "kohya", "onetrainer", "textual_inversion", "sdxl", "kohya-xti")
+FORMATS_WRITE = ("diffusers", "a1111", "kohya", "comfy", "kohya-xti")
+PER_LAYER_FORMAT = "kohya-xti"  # the one layout that holds a per-layer word
 SDXL_KEYS = ("clip_l", "clip_g")  # encoder 1 (CLIP ViT-L, 768), encoder 2 (OpenCLIP bigG, 1280)
 DIFFUSERS_SDXL_FILES = ("learned_embeds.safetensors", "learned_embeds_2.safetensors")
-# kohya's XTI (P+): one vector set per UNet cross-attention layer.
-XTI_KEYS = frozenset(["IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "MID", "OUT03", "OUT04", "OUT05",
-                      "OUT06", "OUT07", "OUT08", "OUT09", "OUT10", "OUT11"])
 
 # CLIP's context is 77 tokens including BOS/EOS, so a prompt can never hold
 # more than 75 vectors of one embedding; anything bigger is not an embedding.
@@ -74,7 +78,7 @@ _SUPPORTED = (
 )
 _PICKLE_SUFFIXES = (".bin", ".pt", ".ckpt")
 _WRITE_SUFFIXES = {"diffusers": (".safetensors", ".bin"), "a1111": (".pt",), "kohya": (".safetensors",),
-                   "comfy": (".safetensors",)}
+                   "comfy": (".safetensors",), "kohya-xti": (".safetensors",)}
 # SDXL's two blocks fit no .pt layout: every tool reads them from clip_l/clip_g safetensors.
 _WRITE_SUFFIXES_SDXL = {"diffusers": (".safetensors", ".bin"), "a1111": (".safetensors",),
                         "kohya": (".safetensors",), "comfy": (".safetensors",)}
@@ -96,6 +100,7 @@ class Embedding:
     step: int | None = None
     meta: dict = field(default_factory=dict)  # "path", file metadata, A1111 extras, "ignored" keys
     vectors_2: torch.Tensor | None = None  # SDXL: encoder 2's (clip_g) block, [n, 1280]
+    layers: tuple[str, ...] = ()  # a per-layer word's layers (vectors is then [L*n, dim], layer-major)
 
     @property
     def blocks(self) -> tuple[torch.Tensor, ...]:
@@ -112,7 +117,8 @@ class Embedding:
 
     @property
     def num_vectors(self) -> int:
-        return int(self.vectors.shape[0])
+        """Vectors per encoder (a per-layer word: per layer)."""
+        return int(self.vectors.shape[0]) // max(1, len(self.layers))
 
     @property
     def family(self) -> str | None:
@@ -145,6 +151,8 @@ def _read_one(path: Path) -> Embedding:
     _check_file(path)
     data, file_meta = _load(path)
     fmt, tensors, token, step, meta = _parse_layout(data, path)
+    if fmt == PER_LAYER_FORMAT:
+        return _per_layer_embedding(tensors, path, meta)
     blocks = [_validated_vectors(t, path) for t in tensors]
     if len(blocks) == 2 and blocks[0].shape[0] != blocks[1].shape[0]:
         raise UserError(f"{path}: clip_l has {blocks[0].shape[0]} vectors but clip_g {blocks[1].shape[0]}; "
@@ -348,11 +356,9 @@ def _parse_layout(data: Any, path: Path) -> tuple[str, tuple, str | None, int | 
     if "string_to_param" in data:
         fmt, tensor, token, step, meta = _parse_a1111(data, path)
         return fmt, (tensor,), token, step, meta
-    if len(keys) > 1 and set(keys) <= XTI_KEYS:
-        raise NotSupportedError(
-            f"{path}: a kohya XTI (P+) embedding: {len(keys)} per-layer vector sets ({_key_list(sorted(keys), 3)}) "
-            "that need a hook in every UNet cross-attention layer; only plain embeddings are supported"
-        )
+    if len(keys) > 1 and all(is_layer_key(k) for k in keys):
+        ordered = sorted(keys, key=layer_order)
+        return PER_LAYER_FORMAT, tuple(data[k] for k in ordered), None, None, {"layers": ordered}
     if set(SDXL_KEYS) <= set(keys) and "t5" not in keys:
         ignored = [k for k in ("clip_l_out", "clip_g_out") if k in data]
         _refuse_extra_keys(data, [*SDXL_KEYS, *ignored], path)
@@ -427,6 +433,23 @@ def _key_list(keys: list, limit: int = 8) -> str:
     return ", ".join(shown) + more
 
 
+def _per_layer_embedding(tensors: tuple, path: Path, meta: dict) -> Embedding:
+    """kohya XTI: each layer's [n, dim] checked, all of one shape, kept as one [L*n, dim] block."""
+    layers = tuple(meta.pop("layers"))
+    blocks = [_validated_vectors(t, f"{path} [{key}]") for t, key in zip(tensors, layers)]
+    if len({tuple(b.shape) for b in blocks}) != 1:
+        shapes = ", ".join(f"{key} {b.shape[0]}x{b.shape[1]}" for key, b in zip(layers, blocks))
+        raise UserError(f"{path}: a per-layer (XTI) word whose layers differ in shape ({shapes}); re-export it")
+    return Embedding(vectors=torch.cat(blocks).contiguous(), token=None, format=PER_LAYER_FORMAT,
+                     meta={"path": str(path), **meta}, layers=layers)
+
+
+def layer_blocks(vectors: torch.Tensor, layers) -> torch.Tensor:
+    """A per-layer word's [L*n, dim] block as [L, n, dim] (a plain word: [1, n, dim])."""
+    count = max(1, len(layers))
+    return vectors.reshape(count, vectors.shape[0] // count, vectors.shape[1])
+
+
 # --------------------------------------------------------------------------- validate
 
 
@@ -488,8 +511,14 @@ def check_width(emb: Embedding, model_widths, model_name: str = "the active mode
 
 
 def check_fits(emb: Embedding, info) -> None:
-    """check_width against a ModelInfo (engine.sd.models)."""
+    """check_width against a ModelInfo (engine.sd.models); a per-layer word must also have the
+    model's cross-attention layers, one for one."""
     check_width(emb, info.text_widths, info.spec, info.family)
+    if emb.layers and tuple(emb.layers) != tuple(info.layers):
+        source = emb.meta.get("path") or emb.token or "the embedding"
+        model = describe_layers(info.layers) if info.layers else f"none to map ({info.layers_refused})"
+        raise UserError(f"{source}: a per-layer (XTI) word of {describe_layers(emb.layers)} does not fit {info.spec}, "
+                        f"whose UNet has cross-attention {model}; use a word made for this model's UNet")
 
 
 def embedding_sha256(vectors) -> str:
@@ -515,6 +544,7 @@ def write_embedding(
     *,
     step: int | None = None,
     model_name: str | None = None,
+    layers=(),
 ) -> Path:
     """Write atomically in `fmt`; return the (first) final path.
 
@@ -524,17 +554,20 @@ def write_embedding(
     SD 1.x/2.x); a known but wrong one is refused, because the reader picks its
     loader by extension.  diffusers on SDXL writes two files: ``X`` and ``X_2``.
     """
-    return write_embedding_files(path, vectors, token, fmt, step=step, model_name=model_name)[0]
+    return write_embedding_files(path, vectors, token, fmt, step=step, model_name=model_name, layers=layers)[0]
 
 
 def write_embedding_files(path: os.PathLike | str, vectors, token: str, fmt: str = "diffusers", *,
-                          step: int | None = None, model_name: str | None = None) -> list[Path]:
-    """write_embedding, returning every file written (two for diffusers on SDXL)."""
+                          step: int | None = None, model_name: str | None = None, layers=()) -> list[Path]:
+    """write_embedding, returning every file written (two for diffusers on SDXL).  `layers`: the
+    layers of a per-layer word (its block is [L*n, dim]), which only kohya-xti holds."""
     if fmt not in FORMATS_WRITE:
         raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS_WRITE)}")
     if not isinstance(token, str) or not token.strip():
         raise UserError("the embedding token is empty; give a token name")
     blocks = [vectors] if isinstance(vectors, torch.Tensor) else list(vectors)
+    if layers or fmt == PER_LAYER_FORMAT:
+        return [_write_per_layer(Path(path), blocks, tuple(layers), fmt)]
     if len(blocks) not in (1, 2):
         raise UserError(f"an embedding has one block per text encoder (1 or 2), not {len(blocks)}")
     final = _target_path(Path(path), fmt, sdxl=len(blocks) == 2)
@@ -561,10 +594,31 @@ def _target_path(path: Path, fmt: str, sdxl: bool = False) -> Path:
     return path.with_name(path.name + allowed[0])
 
 
-def run_format(blocks) -> str:
-    """How a run keeps its embeddings: diffusers' {token: [n, d]} (SD 1.x/2.x), or one
-    clip_l + clip_g file (SDXL), which every SDXL tool reads."""
+def run_format(blocks, layers=()) -> str:
+    """How a run keeps its embeddings: diffusers' {token: [n, d]} (SD 1.x/2.x), one clip_l +
+    clip_g file (SDXL), which every SDXL tool reads, or kohya's XTI layout (a per-layer word)."""
+    if layers:
+        return PER_LAYER_FORMAT
     return "diffusers" if len(list(blocks)) == 1 else "kohya"
+
+
+def _write_per_layer(path: Path, blocks: list, layers: tuple[str, ...], fmt: str) -> Path:
+    """kohya's XTI file: {layer: [n, dim]} for every layer, no metadata (kohya writes none)."""
+    if not layers:
+        raise UserError(f"{fmt} holds per-layer words (P+ / XTI) and this word has one vector set; "
+                        "export it with --format kohya (or diffusers, a1111)")
+    if fmt != PER_LAYER_FORMAT:
+        raise UserError(f"{fmt} files hold one vector set, not this word's {describe_layers(layers)}; "
+                        f"export it with --format {PER_LAYER_FORMAT}")
+    if len(blocks) != 1:
+        raise UserError("per-layer words are SD 1.x/2.x words of one text encoder; this one has "
+                        f"{len(blocks)} blocks")
+    final = _target_path(path, fmt)
+    per_layer = layer_blocks(blocks[0], layers)
+    tensors = {key: _validated_vectors(per_layer[i], f"{final} [{key}]") for i, key in enumerate(layers)}
+    with atomic_path(final) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp))
+    return final
 
 
 def second_file(path: Path) -> Path:

@@ -13,6 +13,11 @@ The pipeline is the model family's (engine.sd.family): `StableDiffusionPipeline`
 for SD 1.x/2.x, `StableDiffusionXLPipeline` for SDXL, whose two encoders each
 get their block of every learned word.
 
+A per-layer word (P+ / XTI) has a vector set per UNet cross-attention layer: the prompt is
+encoded once per layer with that layer's rows live, and engine.sd.per_layer's hook hands
+each cross-attention layer its own encoding while the pipeline samples (`_render_layers`);
+a plain word in the same prompt is the same in every layer.
+
 Every image is a PNG carrying an A1111-style `parameters` text chunk plus the
 full record (JSON) in a `tistudio` chunk and in a sidecar `<name>.json`.
 """
@@ -33,7 +38,8 @@ from typing import Callable
 import torch
 
 from engine.errors import JobCancelled, UserError
-from engine.sd.formats import Embedding, check_fits, embedding_sha256, read_embedding
+from engine.sd.formats import Embedding, check_fits, embedding_sha256, layer_blocks, read_embedding
+from engine.sd.per_layer import sample_per_layer
 from engine.sd.placeholder import installed_in_all
 from engine.sd.vae import VaePlan, plan_for, vae_kept
 from engine.settings.generate import MODES, GenerateRequest  # noqa: F401 (re-exported)
@@ -148,6 +154,7 @@ class UsedEmbedding:
     description: str
     vectors: torch.Tensor = field(repr=False)  # encoder 1's [n, width] block
     vectors_2: torch.Tensor | None = field(default=None, repr=False)  # SDXL: encoder 2's block
+    layers: tuple[str, ...] = ()  # a per-layer word's layers (vectors: [L*n, width], layer-major)
 
     @property
     def blocks(self) -> tuple[torch.Tensor, ...]:
@@ -158,7 +165,8 @@ class UsedEmbedding:
         return {
             "concept": self.concept, "token": self.token, "run": self.run, "step": self.step,
             "final": self.final, "path": str(self.path), "sha256": self.sha256, "description": self.description,
-            "vectors": int(self.vectors.shape[0]),
+            "vectors": int(self.vectors.shape[0]) // max(1, len(self.layers)),
+            **({"layers": len(self.layers)} if self.layers else {}),
         }
 
     @property
@@ -250,7 +258,7 @@ def load_used(concept, run: str | None = None, step: int | str | None = None, op
     return UsedEmbedding(
         concept=concept.name, token=concept.token, run=choice.run, step=choice.step, final=choice.final,
         path=choice.path, sha256=embedding_sha256(emb.blocks), description=concept.description, vectors=emb.vectors,
-        vectors_2=emb.vectors_2,
+        vectors_2=emb.vectors_2, layers=emb.layers,
     )
 
 
@@ -258,7 +266,8 @@ def load_used(concept, run: str | None = None, step: int | str | None = None, op
 
 
 def _tokenizers_with(model, used: list[UsedEmbedding]) -> tuple[list, list[torch.Tensor] | None]:
-    """Per text encoder: a tokenizer copy that knows the tokens, and their rows in id order.
+    """Per text encoder: a tokenizer copy that knows the tokens, and their rows in id order
+    ([R, width]; when a word is per-layer, [L, R, width]: a plain word's rows in every layer).
 
     Token names follow diffusers: an n-vector embedding is `tok`, `tok_1` ... `tok_{n-1}`,
     and the pipeline's `maybe_convert_prompt` expands `tok` in prompts to all of them.
@@ -268,17 +277,18 @@ def _tokenizers_with(model, used: list[UsedEmbedding]) -> tuple[list, list[torch
     if not used:
         return [tok for _, tok in encoders], None
     for u in used:
-        check_fits(Embedding(u.vectors, u.token, "diffusers", meta={"path": str(u.path)}, vectors_2=u.vectors_2),
-                   model.info)
+        check_fits(Embedding(u.vectors, u.token, "diffusers", meta={"path": str(u.path)}, vectors_2=u.vectors_2,
+                             layers=u.layers), model.info)
+    count = max(len(u.layers) for u in used) or 1
     tokenizers, tables = [], []
     for e, (_, original) in enumerate(encoders):
         tokenizer = copy.deepcopy(original)
         base, taken = len(tokenizer), set(tokenizer.get_vocab())
         rows: list[torch.Tensor] = []
         for u in used:
-            block = u.blocks[e]
-            names = [u.token] + [f"{u.token}_{i}" for i in range(1, block.shape[0])]
-            for name, row in zip(names, block):
+            block = layer_blocks(u.blocks[e], u.layers).expand(count, -1, -1)  # [L, n, width]
+            names = [u.token] + [f"{u.token}_{i}" for i in range(1, block.shape[1])]
+            for name, row in zip(names, block.unbind(1)):
                 if name in taken:
                     raise UserError(
                         f"token {name} is already a word of this model; give concept {u.concept!r} another token"
@@ -289,7 +299,7 @@ def _tokenizers_with(model, used: list[UsedEmbedding]) -> tuple[list, list[torch
                     raise RuntimeError(f"token {name} did not get the next free id")
                 rows.append(row)
         tokenizers.append(tokenizer)
-        tables.append(torch.stack(rows))
+        tables.append(torch.stack(rows, dim=1) if count > 1 else torch.stack(rows)[:, 0])
     return tokenizers, tables
 
 
@@ -331,18 +341,67 @@ def render(model, prompt: str, seeds: list[int], *, negative: str = "", steps: i
             progress("sampling", (len(images) * steps + (i + 1) * len(chunk)) / total)
         return kwargs
 
-    with _installed(model, tables), vae_kept(model.vae, vae_plan):
+    per_layer = tables is not None and tables[0].dim() == 3
+    with (contextlib.nullcontext() if per_layer else _installed(model, tables)), vae_kept(model.vae, vae_plan), \
+            _layer_hook(model, per_layer) as hook:
+        embeds = _layer_embeds(model, pipe, tables, prompt, negative, guidance) if per_layer else None
         for start in range(0, len(seeds), batch_size):
             if cancelled and cancelled():
                 raise JobCancelled("generation cancelled")
             chunk = seeds[start : start + batch_size]
-            out = pipe(
-                prompt=prompt, negative_prompt=negative or None, num_images_per_prompt=len(chunk),
-                num_inference_steps=steps, guidance_scale=guidance, generator=_generators(chunk),
-                height=height, width=width, output_type=output_type, callback_on_step_end=on_step,
-            )
+            call = dict(num_inference_steps=steps, guidance_scale=guidance, generator=_generators(chunk),
+                        height=height, width=width, output_type=output_type, callback_on_step_end=on_step)
+            if per_layer:
+                out = sample_per_layer(pipe, hook, *embeds, len(chunk), **call)
+            else:
+                out = pipe(prompt=prompt, negative_prompt=negative or None, num_images_per_prompt=len(chunk), **call)
             images.extend(list(out.images))
     return images
+
+
+@contextlib.contextmanager
+def _layer_hook(model, per_layer: bool):
+    """engine.sd.per_layer's hook on the UNet's cross-attention layers, for a per-layer word."""
+    if not per_layer:
+        yield None
+        return
+    from engine.sd.per_layer import LayerStates, unet_layers
+
+    with LayerStates(model.unet, unet_layers(model)).installed() as hook:
+        yield hook
+
+
+def _layer_embeds(model, pipe, tables: list[torch.Tensor], prompt: str, negative: str, guidance: float):
+    """The prompt encoded once per layer, each time with that layer's rows ([L, R, width] per
+    encoder) live: ([L, 1, 77, D], and the negative's with guidance, else None)."""
+    current = [0]
+    rows = [lambda e=e: tables[e][current[0]].to(model.device) for e in range(len(tables))]
+    cond, uncond = [], []
+    with installed_in_all(model.encoders, rows):
+        for layer in range(tables[0].shape[0]):
+            current[0] = layer
+            positive, negative_embeds = pipe.encode_prompt(prompt, model.device, 1, guidance > 1,
+                                                           negative_prompt=negative or None)
+            cond.append(positive)
+            uncond.append(negative_embeds)
+    return torch.stack(cond), (torch.stack(uncond) if guidance > 1 else None)
+
+
+@torch.no_grad()
+def sample_layer_prompts(model, prompts: list[str], tokenizers: list, hook, seeds: list[int], steps: int = 25,
+                         guidance: float = 7.5, negative_prompt: str = "", resolution: int | None = None):
+    """`sample_prompt` for a per-layer word being trained: prompts[l] holds layer l's slot word
+    (their rows are installed, and `hook` on the UNet, by the training run)."""
+    pipe = _pipeline_with(model, generation_scheduler(model), tokenizers)
+    size = resolution or model.info.resolution
+    pairs = [pipe.encode_prompt(p, model.device, 1, guidance > 1, negative_prompt=negative_prompt or None)
+             for p in prompts]
+    cond = torch.stack([c for c, _ in pairs])
+    uncond = torch.stack([u for _, u in pairs]) if guidance > 1 else None
+    with vae_kept(model.vae, plan_for(model, size, size, len(seeds))):
+        return sample_per_layer(pipe, hook, cond, uncond, len(seeds), num_inference_steps=steps,
+                                guidance_scale=guidance, generator=_generators(seeds), height=size, width=size,
+                                output_type="pil").images
 
 
 # --- requests, files and metadata ------------------------------------------------------------------

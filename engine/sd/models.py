@@ -88,6 +88,10 @@ class ModelInfo:
     note: str = ""  # one line to show when the model loads (a guess the user should know about)
     config: str = ""  # the bundled config folder a single file is loaded with
     options: ModelOptions = ModelOptions()  # what qualified the spec (part of its identity)
+    # The UNet's cross-attention layers a per-layer word (--per-layer, kohya XTI) has, by kohya's
+    # keys (engine.sd.layers; SD 1.x/2.x: IN01 … OUT11); empty, with the reason, when unmappable.
+    layers: tuple[str, ...] = ()
+    layers_refused: str = ""
 
     def __post_init__(self):
         self.text_widths = tuple(self.text_widths) or (self.text_width,)
@@ -97,6 +101,14 @@ class ModelInfo:
         from engine.sd.family import FAMILY_LABELS
 
         return FAMILY_LABELS.get(self.family, self.family)
+
+    def require_layers(self, what: str = "--per-layer") -> tuple[str, ...]:
+        """The layer keys, or a one-line UserError saying why this model has none."""
+        if not self.layers:
+            raise UserError(f"{what}: {self.spec} ({self.family_label}) cannot take per-layer words: "
+                            f"{self.layers_refused or 'its UNet has no cross-attention layer'}; "
+                            "train it without --per-layer")
+        return self.layers
 
     def identity(self) -> dict:
         return {
@@ -251,6 +263,7 @@ def _info_from_config_dir(spec: str, kind: str, root: Path, family: str | None =
             raise NotSupportedError(f"{spec} is not an SD 1.x/2.x or SDXL pipeline; {SUPPORTED}")
         family = family or ("sd2" if widths[0] == 1024 or _pads_with_bang(root) else "sd1")
     scale = 2 ** (len(vae.get("block_out_channels", [0])) - 1)
+    layers, refused = _cross_layers(family, unet)
     return ModelInfo(
         spec=spec,
         kind=kind,
@@ -260,7 +273,19 @@ def _info_from_config_dir(spec: str, kind: str, root: Path, family: str | None =
         prediction_type=sched.get("prediction_type", "epsilon"),
         resolution=int(unet.get("sample_size", 64)) * scale,
         location=str(root),
+        layers=layers,
+        layers_refused=refused,
     )
+
+
+def _cross_layers(family_name: str, unet: dict) -> tuple[tuple[str, ...], str]:
+    """The UNet's per-layer keys as its family maps them, or () and why not."""
+    from engine.sd.family import family
+
+    try:
+        return tuple(layer.key for layer in family(family_name).cross_layers(unet)), ""
+    except UserError as exc:
+        return (), str(exc)
 
 
 def _pads_with_bang(root: Path) -> bool:

@@ -13,6 +13,12 @@ a [K, P] matrix (`WordLayout`): its N vectors for encoder 1, then its N
 vectors for encoder 2.  The optimizer treats a row as one run (one step count,
 one overflow skip), and each encoder reads its [K*N, width] block of that
 matrix at every forward.
+
+A per-layer word (P+ / XTI, `layers` > 1) holds N vectors per UNet cross-attention layer:
+within an encoder's span, layer l's N vectors follow layer l-1's, so encoder e's block is
+[K*L*N, width] with run k's layer l vector j at row (k*L + l)*N + j, and one run's split
+block is [L*N, width] layer-major, the order kohya's XTI files concatenate.  A plain word is
+the L = 1 case: the layout (and every checkpoint written before layers existed) is unchanged.
 """
 
 from __future__ import annotations
@@ -97,29 +103,38 @@ class WordLayout:
     """Where a word of `n` vectors per encoder sits in one flat row of P floats."""
 
     widths: tuple[int, ...]  # one per text encoder
-    n: int  # vectors per encoder
+    n: int  # vectors per encoder (per layer, for a per-layer word)
+    layers: int = 1  # UNet cross-attention layers with a vector set of their own (1: a plain word)
+
+    @property
+    def rows(self) -> int:
+        """Vectors per encoder in one run's block: layers x n."""
+        return self.layers * self.n
 
     @property
     def size(self) -> int:
-        return self.n * sum(self.widths)
+        return self.rows * sum(self.widths)
 
     def _span(self, e: int) -> tuple[int, int]:
-        start = self.n * sum(self.widths[:e])
-        return start, start + self.n * self.widths[e]
+        start = self.rows * sum(self.widths[:e])
+        return start, start + self.rows * self.widths[e]
 
     def block(self, rows: torch.Tensor, e: int) -> torch.Tensor:
-        """[K, P] -> encoder e's [K*n, width]: run k's vector j is row k*n + j (differentiable)."""
+        """[K, P] -> encoder e's [K*L*n, width]: run k's layer l vector j is row (k*L + l)*n + j
+        (differentiable)."""
         start, end = self._span(e)
         return rows[:, start:end].reshape(-1, self.widths[e])
 
     def split(self, row: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One run's row [P] -> its [n, width] block per encoder."""
-        return tuple(row[slice(*self._span(e))].reshape(self.n, w) for e, w in enumerate(self.widths))
+        """One run's row [P] -> its [L*n, width] block per encoder (layer-major)."""
+        return tuple(row[slice(*self._span(e))].reshape(self.rows, w) for e, w in enumerate(self.widths))
 
     def join(self, blocks) -> torch.Tensor:
-        """[n, width] per encoder -> one row [P]."""
+        """[L*n, width] per encoder -> one row [P]."""
         blocks = list(blocks)
         shapes = [tuple(b.shape) for b in blocks]
-        if shapes != [(self.n, w) for w in self.widths]:
-            raise ValueError(f"blocks {shapes} do not fit a word of {self.n} vectors of widths {self.widths}")
+        if shapes != [(self.rows, w) for w in self.widths]:
+            per_layer = f" in each of {self.layers} layers" if self.layers > 1 else ""
+            raise ValueError(f"blocks {shapes} do not fit a word of {self.n} vectors{per_layer} of widths "
+                             f"{self.widths}")
         return torch.cat([b.reshape(-1) for b in blocks])

@@ -106,16 +106,19 @@ def _experiment(params: dict, concept, resumed: bool) -> None:
         raise UserError(f"unknown experiment {kind!r}; choose {', '.join(EXPERIMENTS)}")
     train_keys = {f.name for f in fields(TrainConfig)} - {"token", "property"}
     known = {"kind", "values", "prompts", "at", *MEASURING, *WHERE, *train_keys}
+    if kind == "regularize":
+        known.add("seeds")  # every method at each of these training seeds
     _known_keys(params, known, f"{kind} experiment", resumed)
     _measuring(params)
-    for key in ("values", "prompts", "at"):
+    for key in ("values", "prompts", "at", "seeds"):
         if params.get(key) is not None and not isinstance(params[key], list):
             raise UserError(f"the experiment's {key} must be a list")
     if kind in SWEEP_EXPERIMENTS:
         _needs_images(concept)
         settings = {k: v for k, v in params.items() if k in train_keys}
         values = params.get("values") or []
-        _train_members(sweep_members({**settings, SWEEP_EXPERIMENTS[kind]: values}), concept, resumed)
+        seeds = {"seeds": params["seeds"]} if kind == "regularize" and params.get("seeds") else {}
+        _train_members(sweep_members({**settings, SWEEP_EXPERIMENTS[kind]: values, **seeds}), concept, resumed)
     elif kind == "steps":
         _needs_images(concept)
 

@@ -18,6 +18,11 @@ LR_SCHEDULES = ("constant", "warmup", "cosine")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 REGULARIZERS = ("none", "init-l2", "norm", "directional")
 WEIGHTED = ("init-l2", "norm")  # the methods with a strength (--reg-weight, or METHOD:WEIGHT)
+INIT_MODES = ("token", "cross")  # where a word starts: its initializer's input row, or (cross) its encoder output
+CROSS_WEIGHT = 1e-5  # Pang et al.'s L2 pull toward the cross-initialised start (their code's default)
+# A method of a sweep or of `experiment regularize`: parts joined by "+", e.g. "cross+per-layer"
+# (engine.settings.train.parse_method): a regulariser, and/or cross (its strength: cross:W), per-layer.
+METHOD_PARTS = (*REGULARIZERS, "cross", "per-layer")
 MAX_VECTORS = 16  # a word of more slots than this eats the 75-token prompt
 
 
@@ -40,6 +45,9 @@ class TrainConfig:
     init_from: str | None = None  # start from an existing embedding: a file, or NAME@RUN:STEP
     regularize: str = "none"  # none | init-l2 | norm | directional (keeping the word editable)
     reg_weight: float = 0.0  # lambda for init-l2 and norm (0: the method's default)
+    init_mode: str = "token"  # token: the initializer's rows; cross: their text-encoder output (Pang et al.)
+    cross_weight: float = CROSS_WEIGHT  # cross: loss += w * mean |v - v_cross| (not squared; 0: no pull)
+    per_layer: bool = False  # P+ / XTI: a vector set per UNet cross-attention layer (SD 1.x/2.x)
     save_every: int = 500
     keep_checkpoints: int | None = None  # keep the newest N resumable checkpoints (None: all)
     preview_every: int = 500
@@ -95,6 +103,7 @@ class TrainConfig:
                f"--vectors must be a whole number from 1 to {MAX_VECTORS}")
         yield self.regularize in REGULARIZERS, f"--regularize must be one of {', '.join(REGULARIZERS)}"
         yield _finite(self.reg_weight) and self.reg_weight >= 0, "--reg-weight must be 0 or a positive number"
+        yield from self._word_checks()
         yield _whole(self.save_every, 1), "--save-every must be a whole number of at least 1"
         yield (self.keep_checkpoints is None or _whole(self.keep_checkpoints, 1),
                "--keep-checkpoints must be a whole number of at least 1 (the latest is always kept)")
@@ -111,6 +120,17 @@ class TrainConfig:
             isinstance(t, str) and t.count("{}") == 1 for t in self.templates)),
             "each prompt template (--templates) must contain exactly one {} where the token goes")
         yield from stopping_checks(self)
+
+    def _word_checks(self):
+        """Cross-initialisation and per-layer words (engine.inversion.cross_init, engine.sd.per_layer)."""
+        yield self.init_mode in INIT_MODES, f"--init-mode must be one of {', '.join(INIT_MODES)}"
+        yield (_finite(self.cross_weight) and self.cross_weight >= 0,
+               f"--cross-weight must be 0 (no pull) or a positive number, e.g. {CROSS_WEIGHT:g}")
+        yield (not (self.init_mode == "cross" and self.init_from),
+               "--init-mode cross starts from the initializer's encoder output, --init-from from a file: drop one")
+        yield isinstance(self.per_layer, bool), "--per-layer is on or off: give the flag, or true/false"
+        yield (not (self.per_layer and self.compile != "off"),
+               "--per-layer hooks every cross-attention layer, which --compile does not follow; drop --compile")
 
     def lr_at(self, step: int) -> float:
         warm = self.warmup_steps if self.lr_schedule in ("warmup", "cosine") else 0
@@ -144,36 +164,72 @@ def config_from_params(params: dict, concept, strict: bool = True) -> TrainConfi
 SWEEP_KEYS = ("seeds", "inits", "regularizes")  # each a list: one member per combination
 
 
-def parse_method(entry: str) -> tuple[str, float | None]:
-    """A --regularize entry, METHOD or METHOD:WEIGHT ("init-l2:0.003"): the method and its
-    strength (None: --reg-weight, or the method's default)."""
-    method, colon, weight = str(entry).strip().partition(":")
-    if method not in REGULARIZERS:
-        raise UserError(f"unknown regulariser {method!r}; choose from {', '.join(REGULARIZERS)}")
-    if not colon:
-        return method, None
-    if method not in WEIGHTED:
-        raise UserError(f"{method} takes no strength; give one only to {' or '.join(WEIGHTED)}, e.g. init-l2:0.003")
+def parse_method(entry: str) -> dict:
+    """A method of a sweep (--regularize, `experiment regularize --methods`) as the settings it
+    sets.  Parts joined by "+": at most one regulariser, METHOD or METHOD:WEIGHT ("init-l2:0.003";
+    no strength: --reg-weight, or the method's default), "cross" or "cross:W" (cross-initialisation,
+    its pull W), "per-layer".  A method names no regulariser: none.  Examples: "none",
+    "init-l2:0.01", "cross", "cross+per-layer", "directional+per-layer"."""
+    settings: dict = {"regularize": "none"}
+    parts = [p.strip() for p in str(entry).split("+")]
+    named = [p.partition(":")[0] for p in parts]
+    if len([n for n in named if n in REGULARIZERS]) > 1 or len(set(named)) != len(named):
+        raise UserError(f"{entry!r}: join different parts with '+', at most one regulariser, e.g. cross+per-layer")
+    for part, name in zip(parts, named):
+        _, colon, weight = part.partition(":")
+        if name not in METHOD_PARTS:
+            raise UserError(f"unknown regulariser or method {name!r}; choose from {', '.join(METHOD_PARTS)} "
+                            "(joined with '+')")
+        if colon and name not in (*WEIGHTED, "cross"):
+            raise UserError(f"{name} takes no strength; give one only to {', '.join(WEIGHTED)} or cross, "
+                            "e.g. init-l2:0.003")
+        value = _strength(entry, weight) if colon else None
+        if name == "per-layer":
+            settings["per_layer"] = True
+        elif name == "cross":
+            settings["init_mode"] = "cross"
+            settings.update({"cross_weight": value} if value is not None else {})
+        else:
+            settings["regularize"] = name
+            settings.update({"reg_weight": value} if value is not None else {})
+    return settings
+
+
+def _strength(entry: str, weight: str) -> float:
     try:
         value = float(weight)
     except ValueError:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise UserError(f"{entry!r}: the strength after ':' must be a positive number, e.g. init-l2:0.003")
-    return method, value
+    return value
+
+
+def method_label(settings: dict) -> str:
+    """A member's method as `parse_method` reads it back: "none", "init-l2:0.01", "cross+per-layer"."""
+    parts = []
+    reg = settings.get("regularize") or "none"
+    if reg != "none" or not (settings.get("init_mode") == "cross" or settings.get("per_layer")):
+        weight = settings.get("reg_weight") or 0
+        parts.append(f"{reg}:{weight:g}" if weight and reg in WEIGHTED else reg)
+    if settings.get("init_mode") == "cross":
+        weight = settings.get("cross_weight", CROSS_WEIGHT)
+        parts.append("cross" if weight == CROSS_WEIGHT else f"cross:{weight:g}")
+    if settings.get("per_layer"):
+        parts.append("per-layer")
+    return "+".join(parts)
 
 
 def sweep_members(params: dict) -> list[dict]:
     """One params dict per run a job trains (a plain run is a sweep of one): the cartesian
-    product of `seeds` x `inits` x `regularizes` over the shared settings.  A regulariser
-    entry with its own strength (METHOD:WEIGHT) sets that member's reg_weight."""
+    product of `seeds` x `inits` x `regularizes` over the shared settings.  A method entry
+    (`parse_method`) sets that member's regulariser and strength, and turns on cross-initialisation
+    or per-layer words where it names them (the shared settings' stand otherwise)."""
     base = {k: v for k, v in params.items() if k not in SWEEP_KEYS}
     seeds = params.get("seeds") or [base.get("seed", 0)]
     inits = params.get("inits") or [base.get("init")]
     methods = [parse_method(m) for m in (params.get("regularizes") or [base.get("regularize", "none")])]
-    return [{**base, "seed": int(s), "init": i, "regularize": m,
-             **({"reg_weight": w} if w is not None else {})}
-            for s, i, (m, w) in itertools.product(seeds, inits, methods)]
+    return [{**base, "seed": int(s), "init": i, **m} for s, i, m in itertools.product(seeds, inits, methods)]
 
 
 def _finite(x) -> bool:

@@ -78,8 +78,9 @@ def _remove_partial(run_dir: Path) -> None:
 
 
 def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: dict, generator: torch.Generator,
-             layout=None) -> Path:
-    """Save run `row`'s vectors, optimizer row and RNG state as `step-N/` (atomically)."""
+             layout=None, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save run `row`'s vectors, optimizer row and RNG state as `step-N/` (atomically); `extra`:
+    more per-run matrices to keep their row of (e.g. "ema", engine.inversion.ema)."""
     from safetensors.torch import save_file
 
     root = checkpoints_dir(run_dir)
@@ -89,6 +90,8 @@ def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: d
     for key in ROW_KEYS:
         tensors[key] = state[key][row : row + 1].detach().cpu().contiguous().clone()
     tensors["rng"] = generator.get_state().clone()
+    for key, matrix in (extra or {}).items():
+        tensors[key] = matrix.detach()[row : row + 1].float().cpu().contiguous()
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step}.", dir=root))
     try:
         save_file(tensors, str(tmp / STATE_FILE), metadata={"step": str(step)})
@@ -96,6 +99,8 @@ def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: d
         meta = {"step": step, "format": FORMAT}
         if layout is not None:
             meta.update(vectors=layout.n, widths=list(layout.widths))
+            if layout.layers > 1:  # a per-layer word; older checkpoints (one vector set) have no key
+                meta["layers"] = layout.layers
         (tmp / "meta.json").write_text(json.dumps(meta))
         for name in (STATE_FILE, "meta.json"):
             with open(tmp / name, "rb") as fh:
@@ -110,7 +115,10 @@ def save_row(run_dir: Path, step: int, row: int, vectors: torch.Tensor, state: d
     return final
 
 
-def restore_row(ckpt: Checkpoint, row: int, vectors: torch.Tensor, state: dict, generator: torch.Generator) -> None:
+def restore_row(ckpt: Checkpoint, row: int, vectors: torch.Tensor, state: dict, generator: torch.Generator,
+                extra: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Restore run `row` from `ckpt`, and its row of each `extra` matrix the checkpoint holds;
+    returns the `extra` keys it does not hold (an older checkpoint: the caller starts them)."""
     import torch
     from safetensors.torch import load_file
 
@@ -119,7 +127,7 @@ def restore_row(ckpt: Checkpoint, row: int, vectors: torch.Tensor, state: dict, 
     if saved != wanted:
         raise UserError(
             f"checkpoint {ckpt.path} holds a word of {saved[0]} floats but this run trains {wanted[0]} "
-            f"({_described(ckpt)}); resume with the --vectors and model it was started with"
+            f"({_described(ckpt)}); resume with the --vectors, --per-layer and model it was started with"
         )
     if "scaling" not in tensors:  # format 2: the rule it was trained by
         tensors["scaling"] = tensors["loss_scale"] != 1.0
@@ -127,13 +135,18 @@ def restore_row(ckpt: Checkpoint, row: int, vectors: torch.Tensor, state: dict, 
         vectors[row : row + 1].copy_(tensors["vector"].to(vectors.device))
         for key in ROW_KEYS:
             state[key][row : row + 1].copy_(tensors[key].to(state[key].device))
+        for key, matrix in (extra or {}).items():
+            if key in tensors:
+                matrix[row : row + 1].copy_(tensors[key].to(matrix.device))
     generator.set_state(tensors["rng"])
+    return [key for key in (extra or {}) if key not in tensors]
 
 
 def _described(ckpt: Checkpoint) -> str:
     try:
         meta = json.loads((ckpt.path / "meta.json").read_text())
-        return f"it was saved with {meta['vectors']} vector(s) of widths {meta['widths']}"
+        layers = f" in each of {meta['layers']} layers (--per-layer)" if meta.get("layers", 1) > 1 else ""
+        return f"it was saved with {meta['vectors']} vector(s){layers} of widths {meta['widths']}"
     except (OSError, ValueError, KeyError):
         return "another word size"
 

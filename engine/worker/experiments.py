@@ -4,8 +4,10 @@
          reconstruction / editability curve over steps;
 * init   one run per initializer word (Building vs Tower, Fish vs Dragon);
 * seeds  one run per training seed;
-* regularize  one run per regulariser (none, init-l2, norm, directional), with the SD row:
-         Table 1 for each way of keeping the word editable;
+* regularize  the trade-off: one run per method (none, init-l2:W, norm, directional, cross,
+         per-layer, or parts joined with +) and, with --seeds, per training seed, with the SD row:
+         Table 1 for each, and the frontier (engine.store.frontier: each method's mean point
+         with its standard errors, SD's point, the Pareto front; frontier.png);
 * runs   finished runs side by side (e.g. the members of a sweep job);
 * synthesis  section 5: the learned word in new scenes (objects) or on new subjects (styles).
 
@@ -42,8 +44,11 @@ from engine.sd.generation import (
     timestamp_id,
 )
 from engine.settings.prompts import edit_prompts, fill, neutral_prompt, synthesis_prompts
+from engine.settings.train import method_label
+from engine.store.frontier import frontier, frontier_lines
 from engine.store.paths import atomic_write_json, atomic_write_text, ensure_private_dir
 from engine.store.runs import load_run
+from engine.worker.frontier_plot import frontier_png, frontier_text
 from engine.worker.sweeps import train_sweep
 
 
@@ -189,12 +194,13 @@ def _sweep_values(kind: str, values: list) -> list:
 def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict | None = None, *,
                      prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
                      seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int | None = None,
-                     progress=None, cancelled=None) -> dict:
+                     progress=None, cancelled=None, seeds: list[int] | None = None) -> dict:
     """One run per initializer word (kind "init", section 4.2), per training seed ("seeds",
     section 4.3) or per regulariser ("regularize"), the other settings shared (`train`),
     trained together as the members of experiment job `ctx`, then measured side by side
-    (regularize also measures the SD row, so its table is Table 1 for each method).  `seed`
-    is the sampling seed; a training seed is `train["seed"]`."""
+    (regularize also measures the SD row, so its table is Table 1 for each method, and its
+    frontier).  `seed` is the sampling seed; a training seed is `train["seed"]`, or, for
+    regularize, every method at each of `seeds` (one sweep: the members are methods x seeds)."""
     if kind not in SWEEP_AXES:
         raise UserError(f"unknown sweep experiment {kind!r}; choose {', '.join(SWEEP_AXES)}")
     values = _sweep_values(kind, values)
@@ -210,6 +216,9 @@ def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict |
     # Previews and probes are off by default: the grid shows every run side by side, and the
     # experiment measures its runs itself.
     params = {"preview_every": 0, "probe_every": 0, **(train or {}), SWEEP_AXES[kind]: values}
+    if seeds and kind == "regularize":  # sweep_members' order: seed by seed, every method at each
+        seeds = [int(s) for s in dict.fromkeys(seeds)]
+        params["seeds"], labels = seeds, [f"{v} · seed {s}" for s in seeds for v in values]
     training = sub_progress(progress, 0.0, 0.6)
 
     def on_step(fields: dict) -> None:
@@ -270,22 +279,26 @@ def _report_runs(model, library, concept, kind: str, exp_id: str, exp_dir: Path,
     specs = [_run_spec(concept, r) for r in run_ids]
     runs = [
         {"run": r, "label": label, "init": spec.get("init"), "seed": spec.get("seed"),
-         "regularize": spec.get("regularize", "none"), "reg_weight": spec.get("reg_weight", 0.0), **scores_only(c),
-         "per_prompt": c["per_prompt"]}
+         "regularize": spec.get("regularize", "none"), "reg_weight": spec.get("reg_weight", 0.0),
+         "method": method_label(spec), **scores_only(c), "per_prompt": c["per_prompt"]}
         for r, label, spec, c in zip(run_ids, labels, specs, columns)
     ]
     rows = ([{"label": "SD", "model": "SD", **scores_only(sd), "per_prompt": sd["per_prompt"]}] if sd else [])
     rows += [{"model": "SD+TI", **run} for run in runs]
-    train = {k: v for k, v in specs[0].items() if k not in ("init", "seed", "token", "regularize", "reg_weight")}
+    varied = ("init", "seed", "token", "regularize", "reg_weight", "init_mode", "cross_weight", "per_layer")
+    train = {k: v for k, v in specs[0].items() if k not in varied}
     table = {"id": exp_id, "kind": kind, "rows": rows, "runs": runs, "train": train,
              **_common(concept, model, judged_by, prompts, images, seed, sample_steps, guidance)}
+    if kind == "regularize":  # the trade-off: every method's point, SD's, and the front
+        table["frontier"] = frontier(rows)
+        frontier_png(table["frontier"], exp_dir / "frontier.png")
     return _write_report(exp_dir, concept, prompts, ([sd] if sd else []) + columns,
                          (["SD"] if sd else []) + labels, table, "table", "table.md", sweep_markdown(table), progress)
 
 
 def sweep_markdown(table: dict) -> str:
     kind = {"init": "initializer word", "seeds": "training seed", "runs": "training run",
-            "regularize": "regulariser"}[table["kind"]]
+            "regularize": "method (the trade-off)"}[table["kind"]]
     lines = [
         f"# {table['concept']} ({table['token']}): effect of the {kind}", "",
         "| Run | | Reconstruction | Editability | Editability (per image) |",
@@ -294,6 +307,10 @@ def sweep_markdown(table: dict) -> str:
     for r in table.get("rows") or table["runs"]:
         lines.append(f"| {r.get('run', '')} | {r['label']} | {r['reconstruction']:.4f} | {r['editability']:.4f} | "
                      f"{r['editability_per_image']:.4f} |")
+    if table.get("frontier"):
+        lines += ["", "## The frontier (mean ± standard error over each method's runs; ★ the Pareto front)", "",
+                  *frontier_lines(table["frontier"]), "", "```", frontier_text(table["frontier"]), "```",
+                  "frontier.png draws the same plane."]
     train = table["train"]
     lines.append("")
     if table["kind"] != "runs":

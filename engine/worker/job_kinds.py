@@ -237,7 +237,9 @@ def handle_experiment(ctx) -> dict:
                                                       step=p.get("step"), **settings)
         else:
             train = {k: v for k, v in p.items() if k in _train_keys()}
-            report = experiments.sweep_experiment(ctx, model, library, kind, p.get("values") or [], train, **common)
+            seeds = {"seeds": p["seeds"]} if kind == "regularize" and p.get("seeds") else {}  # methods x seeds
+            report = experiments.sweep_experiment(ctx, model, library, kind, p.get("values") or [], train, **common,
+                                                  **seeds)
     return {k: v for k, v in report.items() if k not in ("images",)}
 
 

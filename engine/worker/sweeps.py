@@ -11,7 +11,8 @@ A sweep may be split over several workers (engine.server.placement), one group o
 per worker, each group still batched.  A group trains only its members; a member
 already done is not trained again, and members left at different checkpoints (a
 split sweep interrupted) are trained in turn, one batch per checkpoint step, since
-runs batched together share one step counter.
+runs batched together share one step counter.  Per-layer members (P+, `per-layer` in a
+method) and plain ones are trained as two batches: their prompts are encoded differently.
 """
 
 from __future__ import annotations
@@ -55,6 +56,8 @@ class ContextReporter:
                 self.on_step({"run": self.ctx.run_id, **fields})
         elif type == "embedding" and fields.get("final"):
             self.ctx.set_progress(embedding=fields["path"])
+        elif type == "train" and "images" in fields:  # what the run trains on: its buckets, masks, captions
+            self.ctx.set_progress(data={key: fields.get(key) for key in ("images", "masked", "captioned", "buckets")})
         elif type == "stopped":  # where and why it stopped (a rule, or its last step): run.json says it
             self.ctx.set_progress(step=fields["step"], stopped={k: fields.get(k) for k in ("step", "rule", "why")})
         elif type == "best":  # the run's best probed step so far: what NAME@RUN:best resolves to
@@ -91,6 +94,8 @@ def train_sweep(ctx: JobContext, model, concept, params: dict, extra: list[dict]
         for p in member_params:
             config = train_config_from(p, concept)
             config.validate()
+            if config.per_layer:
+                model.info.require_layers()  # SDXL, an unmappable UNet: one line, before any member exists
             if not config.init_from:
                 initializer_ids(model.tokenizer, config.init, config.vectors)
         names = [d.name for d in create_members(ctx.home, concept.name, member_params, parent=ctx.run_id,
@@ -123,13 +128,19 @@ def _wait_for_members(ctx: JobContext, poll: float = 0.1) -> list[str]:
 
 
 def _batches(dirs: list[Path]) -> list[list[Path]]:
-    """The members still to train, one batch per checkpoint step they stand at (furthest first):
-    runs batched together share one step counter."""
-    by_step: dict[int, list[Path]] = {}
+    """The members still to train, one batch per checkpoint step they stand at (furthest first),
+    plain and per-layer words apart: runs batched together share one step counter and one way
+    of encoding their prompts."""
+    by_step: dict[tuple[int, bool], list[Path]] = {}
     for run_dir in dirs:
         if not is_done(run_dir):
-            by_step.setdefault(latest_step(run_dir), []).append(run_dir)
-    return [by_step[step] for step in sorted(by_step, reverse=True)]
+            per_layer = bool((load_run(run_dir).get("params") or {}).get("per_layer"))
+            by_step.setdefault((latest_step(run_dir), per_layer), []).append(run_dir)
+    batches = [by_step[key] for key in sorted(by_step, key=lambda key: (-key[0], key[1]))]
+    # --buckets: one run at a time (each draws its own image size at every step; a batch holds one)
+    if any((load_run(run_dir).get("params") or {}).get("buckets") for run_dir in dirs):
+        return [[run_dir] for batch in batches for run_dir in batch]
+    return batches
 
 
 def _member_context(ctx: JobContext, run_dir: Path) -> JobContext:

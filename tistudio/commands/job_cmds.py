@@ -6,7 +6,6 @@ import asyncio
 import os
 
 from engine.settings.samplers import SAMPLERS
-from engine.settings.train import REGULARIZERS
 from tistudio.commands.args import float_arg, int_list, positive_int, regularizer_list, saved_step, word_list
 from tistudio.commands.output import print_json, print_table
 
@@ -68,12 +67,17 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
     _deterministic_arg(p)
     _experiment_args(p)
-    p = exp.add_parser("regularize", help="one run per way of keeping the word editable (trained together): "
-                                          "Table 1 for each, with the SD row, and a grid")
+    p = exp.add_parser("regularize", help="the trade-off: one run per method (and seed), trained together; "
+                                          "Table 1 for each, with the SD row, the frontier and a grid")
     p.add_argument("name")
-    p.add_argument("--methods", type=regularizer_list, default=list(REGULARIZERS), metavar="METHOD[:W][,…]",
-                   help="regularisers to compare (none is the paper's inversion); init-l2:0.003 gives one its "
-                        "own strength, so one method can appear at several")
+    p.add_argument("--methods", type=regularizer_list, metavar="METHOD[:W][+…][,…]",
+                   help="methods to compare: none (the paper's inversion), init-l2, norm, directional, cross "
+                        "(cross-initialisation), per-layer (P+), joined with + (cross+per-layer); init-l2:0.003 "
+                        f"gives one its own strength (default: {','.join(DEFAULT_METHODS)}, and per-layer where "
+                        "the model maps its layers)")
+    p.add_argument("--seeds", type=int_list, metavar="S[,S…]",
+                   help="train every method at each of these seeds (the same seeds for all); the table gives "
+                        "each method's mean and standard error")
     p.add_argument("--reg-weight", type=float_arg, default=0.0,
                    help="strength of init-l2 and norm where METHOD:W gives none (0: each method's default)")
     p.add_argument("--steps", type=positive_int, default=2000, help="training steps of each run")
@@ -209,6 +213,20 @@ def _check_experiment(args) -> None:
     if not concept.images:
         raise UserError(f"concept {concept.name!r} has no training images; add some with "
                         f"`tistudio concept images add {concept.name} FILE...`")
+    if args.experiment == "regularize" and any("per-layer" in m for m in args.methods or []):
+        from engine.sd.models import model_info
+
+        model_info().require_layers("per-layer")  # SDXL, an unmappable UNet: one line, nothing submitted
+
+
+DEFAULT_METHODS = ("none", "init-l2", "norm", "directional", "cross")
+
+
+def default_methods() -> list[str]:
+    """Every method on the frontier: the regularisers, cross, and per-layer where the model maps its layers."""
+    from engine.sd.models import model_info
+
+    return list(DEFAULT_METHODS) + (["per-layer"] if model_info().layers else [])
 
 
 def experiment(args) -> int:
@@ -224,8 +242,10 @@ def experiment(args) -> int:
         params.update(values=args.words, steps=args.steps, seed=args.seed, preview_every=0,
                       save_every=args.steps)
     elif args.experiment == "regularize":
-        params.update(values=args.methods, reg_weight=args.reg_weight, steps=args.steps, seed=args.seed,
-                      preview_every=0, save_every=args.steps)
+        params.update(values=args.methods or default_methods(), reg_weight=args.reg_weight, steps=args.steps,
+                      seed=args.seed, preview_every=0, save_every=args.steps)
+        if args.seeds:
+            params["seeds"] = args.seeds
     else:
         params.update(values=args.seeds, steps=args.steps, preview_every=0, save_every=args.steps)
     if getattr(args, "deterministic", False):  # the experiments that train

@@ -395,7 +395,7 @@ class ExportModal(_Dialog[ExportRequest | None]):
 
     FORMATS = [("diffusers (.safetensors)", "diffusers"), ("A1111 (.pt/.safetensors)", "a1111"),
                ("kohya (.safetensors)", "kohya"), ("ComfyUI (.safetensors)", "comfy"),
-               ("A1111 PNG card (.png)", "a1111-png")]
+               ("A1111 PNG card (.png)", "a1111-png"), ("kohya XTI, per-layer words (.safetensors)", "kohya-xti")]
 
     def __init__(self, concept: str, runs: list[tuple[str, str]], default_out: str):
         super().__init__()

@@ -44,7 +44,8 @@ def _vector_lines(vector: dict) -> list[str]:
     strong = isinstance(ratio, (int, float)) and ratio > 2
     norm = (f"norm {_f(vector.get('norm'))} = {_f(ratio, '{:.1f}')}× median "
             f"({_f(vector.get('norm_percentile'), '{:.1f}')}th percentile)")
-    line = f" #{vector.get('index', 0)} " + (f"[$warning]{norm}[/]" if strong else norm)
+    layer = f" {escape(vector['layer'])}" if vector.get("layer") else ""  # a per-layer word's UNet layer
+    line = f" #{vector.get('index', 0)}{layer} " + (f"[$warning]{norm}[/]" if strong else norm)
     if vector.get("init_token") is not None:
         line += f" · cos to {escape(repr(vector['init_token']))} {_f(vector.get('cos_init'))}"
     nearest = " · ".join(f"{escape(n.get('token', '?'))} {_f(n.get('cos'))}"
