@@ -243,6 +243,76 @@ def sync_error(b: Bench) -> dict:
             "upload_floats": sum(uploads)}
 
 
+def engine_fork(b: Bench) -> dict:
+    """Warm workers on a GPU (issue 24): one real train job through the engine on this device, its
+    worker killed with kill -9 mid-run, then a second job, whose worker the zygote forks (it imported
+    torch before anything touched CUDA); then the first resumed.  Records whether the fork was used
+    and how each job ended (interrupted, done, done).  A CPU has no CUDA to be careful of: there the
+    same is tested by tests/test_zygote.py, and the variant says so without running an engine."""
+    if b.device.type != "cuda":
+        return {"ok": None, "note": "a CUDA check; on a CPU the zygote's forks are tests/test_zygote.py's"}
+    import asyncio
+    import os
+    import signal
+
+    home = Path(tempfile.mkdtemp(prefix="tis-fork-"))  # short: the engine's socket path must fit
+    os.environ.update(TISTUDIO_HOME=str(home), TISTUDIO_DEVICES=str(b.device), TISTUDIO_ENGINE_IDLE="60",
+                      TISTUDIO_ENGINE_OWNER=str(os.getpid()))
+    from engine.store.library import Library
+    from engine.wire.client import EngineClient
+
+    Library(home).add("bench", b.folder / "images", "cat")
+    params = {"model": b.args.model, "steps": 400, "save_every": 100, "preview_every": 0, "log_every": 10}
+    if _knows("probe_every"):
+        params["probe_every"] = 0  # the fork is what is measured here, not the probes
+
+    async def run() -> dict:
+        client = await EngineClient(home).connect()
+        try:
+            first = await client.submit("train", concept="bench", params=params)
+            async for event in client.events(first):  # the first worker is running its job
+                if event.get("type") == "step" and event.get("step", 0) >= 20:
+                    break
+            status = await client.status()
+            killed = next(w["pid"] for w in status["workers"] if w.get("job") == first)
+            os.kill(killed, signal.SIGKILL)
+            first_status = await client.wait(first)
+            second = await client.submit("train", concept="bench", params={**params, "steps": 20})
+            second_status = await client.wait(second)
+            status = await client.status()
+            fork = status["backend"].get("fork") or {}
+            worker = next((w["pid"] for w in status["workers"] if w.get("pid")), None)
+            resumed = await client.submit(resume=first)
+            resumed_status = await client.wait(resumed)
+            return {"fork": fork, "killed_worker": killed, "second_worker": worker,
+                    "second_worker_parent": _parent(worker), "first": first_status, "second": second_status,
+                    "first_resumed": resumed_status}
+        finally:
+            await client.stop(force=True)
+            await client.close()
+
+    found = asyncio.run(run())
+    forked = bool(found["fork"].get("zygote")) and found["second_worker_parent"] == found["fork"]["zygote"]
+    ok = forked and (found["first"], found["second"], found["first_resumed"]) == ("interrupted", "done", "done")
+    return {"ok": ok, "forked": forked, **found}
+
+
+def _knows(setting: str) -> bool:
+    """Whether this engine's TrainConfig has `setting` (the bench runs against older engines too)."""
+    from dataclasses import fields
+
+    from engine.settings.train import TrainConfig
+
+    return setting in {f.name for f in fields(TrainConfig)}
+
+
+def _parent(pid: int | None) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]) if pid else None
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def resume_fp16(b: Bench) -> dict:
     """Two resumes (issue 23 items 6 and 13).  A run begun in fp32 and resumed in fp16: the loss
     scale it trains with afterwards (2**16: scaling on).  A run cut and resumed in the model's
@@ -507,7 +577,7 @@ def _vae_peaks(b: Bench, plan, encode_images) -> dict:
 
 
 MEASURES = {f.__name__: f for f in (train_step, reference, syncs, sync_error, resume_fp16, generation, table1,
-                                    compiled, sdxl_decode_error, sdxl_vae_memory)}
+                                    compiled, sdxl_decode_error, sdxl_vae_memory, engine_fork)}
 
 
 # --- the process -------------------------------------------------------------------------------

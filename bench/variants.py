@@ -43,6 +43,8 @@ VARIANTS = (
     Variant("sync-error", "sync_error", "one step of ours under sync debug mode 'error' (ok: nothing synced)", 60),
     Variant("resume-fp16", "resume_fp16", "fp32 -> fp16 resume: the loss scale; a resume vs the uninterrupted run, "
             "with and without --deterministic", 120),
+    Variant("engine-fork", "engine_fork", "a train job through the engine on this GPU, its worker killed with "
+            "kill -9, a second job on a worker the zygote forks, the first resumed: fork used? each job's end", 120),
     Variant("low-vram", "train_step", "ours with gradient checkpointing (--low-vram)", 90,
             params={"low_vram": True}, ratio="vs_ours"),
     Variant("generation", "generation", "images/s: 25 DPM-Solver++ steps with CFG", 90),
