@@ -195,3 +195,23 @@ def test_no_class_is_a_room_too_big_to_read_alone():
             if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 300:
                 big.append(f"{path.relative_to(REPO)}:{node.name} ({node.end_lineno - node.lineno + 1} lines)")
     assert not big, big
+
+
+def test_a_run_s_files_are_named_in_one_place_each():
+    """run.json is engine.store.runs's (the Run type: its one reader, writer and lister) and events.jsonl
+    engine.store.events's: no other module of the engine or the studio spells either name in code."""
+    import ast
+
+    owners = {"run.json": "engine/store/runs.py", "events.jsonl": "engine/store/events.py"}
+    found = []
+    for path in sorted([*(REPO / "engine").rglob("*.py"), *(REPO / "tistudio").rglob("*.py")]):
+        tree = ast.parse(path.read_text())
+        docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                      and node.body and isinstance(node.body[0], ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                for name, owner in owners.items():
+                    if name in node.value and path.relative_to(REPO).as_posix() != owner:
+                        found.append(f"{path.relative_to(REPO)}:{node.lineno} spells {name}")
+    assert not found, found

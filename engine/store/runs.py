@@ -209,8 +209,8 @@ def find_run(home: os.PathLike | str, run_id: str) -> Path:
 
 
 def _run_dir_candidates(home: Path, run_id: str) -> list[Path]:
-    found = [home / "jobs" / run_id] if (home / "jobs" / run_id / "run.json").is_file() else []
-    found += [p.parent for p in (home / "concepts").glob(f"*/runs/{run_id}/run.json")]
+    found = [home / "jobs" / run_id] if (home / "jobs" / run_id / RECORD_FILE).is_file() else []
+    found += [p.parent for p in (home / "concepts").glob(f"*/runs/{run_id}/{RECORD_FILE}")]
     return found
 
 
