@@ -5,6 +5,11 @@ image is encoded by the VAE once per flip (not once per step, as the diffusers
 example does) and we keep the latent distribution's mean and std, so each step
 still samples a fresh latent exactly as the reference does, for free.
 
+With `--buckets` each image is placed in its bucket (engine.inversion.buckets: scaled to cover
+it, the excess cropped, centred) instead of squashed or cropped square, and the caller keeps
+one cache per bucket.  With masks, the cache keeps each image's mask brought down to the
+latent grid by area averaging, as kohya does (`weights`).
+
 It also keeps each image's SDXL size conditioning (`add_time_ids`: original
 height and width, crop top and left, target height and width), which SD 1.x/2.x
 simply do not read.  SDXL's VAE overflows in fp16 (its config says
@@ -19,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
+from engine.inversion.buckets import Fit
 from engine.sd.vae import ENCODE_CHUNK, VaePlan, vae_kept, working_dtype
 
 # The prompt templates of the original Textual Inversion code (and diffusers' example).
@@ -61,22 +68,44 @@ def _center_square(image: Image.Image) -> tuple[int, int, int]:
     return (image.width - side) // 2, (image.height - side) // 2, side
 
 
-def preprocess(image: Image.Image, resolution: int, center_crop: bool = False) -> torch.Tensor:
-    """RGB PIL image -> [3, R, R] float tensor in [-1, 1] (bicubic, like the reference)."""
-    image = image.convert("RGB")
+def _placed(image: Image.Image, resolution: int, center_crop: bool, fit: Fit | None) -> Image.Image:
+    """The image (or its mask) as it is trained: in its bucket, else square (cropped or squashed)."""
+    if fit is not None:
+        return image.resize(fit.resized, Image.Resampling.BICUBIC).crop(fit.box)
     if center_crop:
         left, top, side = _center_square(image)
         image = image.crop((left, top, left + side, top + side))
-    image = image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+    return image.resize((resolution, resolution), Image.Resampling.BICUBIC)
+
+
+def preprocess(image: Image.Image, resolution: int, center_crop: bool = False, fit: Fit | None = None) -> torch.Tensor:
+    """RGB PIL image -> [3, R, R] float tensor in [-1, 1] (bicubic, like the reference); with
+    `fit`, [3, height, width] of its bucket."""
+    image = _placed(image.convert("RGB"), resolution, center_crop, fit)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def size_conditioning(image: Image.Image, resolution: int, center_crop: bool = False) -> list[float]:
+def mask_weights(mask: Image.Image | None, latent_size: tuple[int, int], resolution: int,
+                 center_crop: bool = False, fit: Fit | None = None) -> torch.Tensor:
+    """An image's mask as loss weights on the latent grid, [1, h, w] in [0, 1]: placed as the
+    image is, then brought down by area averaging (kohya: `F.interpolate(mode="area")`).  No
+    mask: ones (the image counts whole)."""
+    if mask is None:
+        return torch.ones((1, *latent_size))
+    pixels = np.asarray(_placed(mask.convert("L"), resolution, center_crop, fit), dtype=np.float32) / 255.0
+    return F.interpolate(torch.from_numpy(pixels)[None, None], size=latent_size, mode="area")[0]
+
+
+def size_conditioning(image: Image.Image, resolution: int, center_crop: bool = False,
+                      fit: Fit | None = None) -> list[float]:
     """SDXL's add_time_ids for one image: (orig h, orig w, crop top, crop left, target h, target w).
 
     As diffusers' textual_inversion_sdxl.py: the source image's size, and the crop
-    offset in target pixels (0, 0 when the whole image is resized)."""
+    offset in target pixels (0, 0 when the whole image is resized); in a bucket, the bucket's
+    size and the crop of its excess (kohya's SDXL conditioning)."""
+    if fit is not None:
+        return [image.height, image.width, fit.crop[1], fit.crop[0], fit.bucket[1], fit.bucket[0]]
     top = left = 0
     if center_crop:
         crop_left, crop_top, side = _center_square(image)
@@ -87,12 +116,14 @@ def size_conditioning(image: Image.Image, resolution: int, center_crop: bool = F
 @dataclass
 class LatentCache:
     """Per image and flip: the VAE posterior's mean and std, [N, 2, C, h, w]; per image its
-    size conditioning, [N, 6] (SDXL's add_time_ids)."""
+    size conditioning, [N, 6] (SDXL's add_time_ids); with masks, per image and flip its loss
+    weights on the latent grid, [N, 2, 1, h, w]."""
 
     mean: torch.Tensor
     std: torch.Tensor
     scaling_factor: float
     micro: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
 
     @property
     def num_images(self) -> int:
@@ -104,18 +135,29 @@ class LatentCache:
         std = self.std[index, flip]
         return (mean + std * noise) * self.scaling_factor
 
+    def weights(self, index: torch.Tensor, flip: torch.Tensor) -> torch.Tensor | None:
+        """The drawn images' loss weights (mirrored with them), or None without masks."""
+        return None if self.masks is None else self.masks[index, flip]
+
+    def keep_masks(self, masks: list[torch.Tensor]) -> None:
+        """Keep the images' masks ([1, h, w] each, `mask_weights`) and their mirrors, where the latents are."""
+        stacked = torch.stack(masks)
+        self.masks = torch.stack([stacked, stacked.flip(-1)], dim=1).to(self.mean.device)
+
 
 @torch.no_grad()
 def encode_images(vae, images: list[Image.Image], resolution: int, center_crop: bool = False,
-                  plan: VaePlan | None = None) -> LatentCache:
-    """Encode every image and its mirror once; keep the posterior (not a sample).
+                  plan: VaePlan | None = None, fits: list[Fit] | None = None) -> LatentCache:
+    """Encode every image and its mirror once; keep the posterior (not a sample).  `fits`:
+    one bucket's images, each placed in it (all of one size).
 
     `plan.encode_chunk` images at a time (engine.sd.vae: from the free memory; default 8), in
     tiles when it says so.  An fp16 VAE whose config says `force_upcast` (SDXL's) encodes in
     fp32 and is cast back afterwards, whatever happens: fp16 -> fp32 -> fp16 is exact, so the
     shared VAE ends bit for bit as it was."""
-    pixels = torch.stack([preprocess(im, resolution, center_crop) for im in images])
-    pixels = torch.stack([pixels, pixels.flip(-1)], dim=1)  # [N, 2, 3, R, R]
+    fits = fits or [None] * len(images)
+    pixels = torch.stack([preprocess(im, resolution, center_crop, f) for im, f in zip(images, fits)])
+    pixels = torch.stack([pixels, pixels.flip(-1)], dim=1)  # [N, 2, 3, H, W]
     means, stds = [], []
     with vae_kept(vae, plan, encoding=True):
         vae.to(working_dtype(vae))
@@ -129,7 +171,8 @@ def encode_images(vae, images: list[Image.Image], resolution: int, center_crop: 
         mean=torch.cat(means).reshape(shape),
         std=torch.cat(stds).reshape(shape),
         scaling_factor=float(vae.config.scaling_factor),
-        micro=torch.tensor([size_conditioning(im, resolution, center_crop) for im in images], dtype=torch.float32),
+        micro=torch.tensor([size_conditioning(im, resolution, center_crop, f) for im, f in zip(images, fits)],
+                           dtype=torch.float32),
     )
 
 

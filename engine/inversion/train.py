@@ -42,7 +42,9 @@ from engine.devices.runtime import memory_figures, reset_peak_memory
 from engine.errors import JobCancelled, UserError
 from engine.faults import maybe_fault
 from engine.inversion.compiled import compiled_unet
-from engine.inversion.data import encode_images, load_images, templates_for
+from engine.inversion.data import templates_for
+from engine.inversion.dataset import build_run_data
+from engine.inversion.ema import WordEMA
 from engine.inversion.monitor import Monitor
 from engine.inversion.optim import RowAdamW
 from engine.inversion.probes import preview
@@ -101,6 +103,7 @@ class Batch:
     ids: list[torch.Tensor]  # prompt token ids, one tensor per text encoder
     timesteps: torch.Tensor  # int64
     micro: torch.Tensor  # SDXL's size conditioning (add_time_ids); other families ignore it
+    weights: torch.Tensor | None = None  # --masked-loss: per latent pixel, [B, 1, h, w]
 
 
 class Inversion:
@@ -132,14 +135,13 @@ class Inversion:
         self.scheduler = model.noise_scheduler()
         _check_prediction_type(self.scheduler.config.prediction_type)
         self.resolution = self.cfg0.resolution or model.info.resolution
-        self.prompt_ids = [self._tokenize_templates(k) for k in range(self.k)]
         # How many images the VAE encodes at once, from the free memory (SDXL's fp32 VAE at 1024 px
         # needs ~3 GiB an image); the header event says what was chosen.
         self.vae_plan = plan_for(model, self.resolution, self.resolution, batch=1)
-        self.latents = [
-            encode_images(model.vae, load_images(s.images), self.resolution, s.config.center_crop, self.vae_plan)
-            for s in slots
-        ]
+        self.data = [build_run_data(self, k) for k in range(self.k)]  # latents (per bucket), masks, prompts
+        self.latents = [d.buckets[0].cache for d in self.data]  # each run's one cache (--buckets: its first)
+        self.prompt_ids = [d.prompt_ids for d in self.data]
+        self.ema = WordEMA(self.cfg0.ema, self.vectors) if self.cfg0.ema else None  # --ema: the word saved
         self.generators = [torch.Generator().manual_seed(s.config.seed) for s in slots]
         self.start_step = 0
         self.unet = compiled_unet(model, self.cfg0.compile, batch=self.k * self.cfg0.batch_size,
@@ -155,9 +157,11 @@ class Inversion:
                   "resolution", "vectors", "deterministic", "dloss_every", "probe_every")
         first = self.slots[0].config
         for slot in self.slots[1:]:
-            for name in shared:
+            for name in (*shared, "masked_loss", "buckets", "ema"):
                 if getattr(slot.config, name) != getattr(first, name):
                     raise UserError(f"batched runs must share --{name.replace('_', '-')}; run them separately")
+        if first.buckets and self.k > 1:  # each run draws its own bucket: one image size per step each
+            raise UserError("--buckets trains one run at a time (a batch holds one image size); run them separately")
 
     def _initial_row(self, slot: RunSlot) -> torch.Tensor:
         """Run k's starting word as one row: the initializer's rows, or an existing embedding."""
@@ -171,10 +175,10 @@ class Inversion:
                       for (encoder, _), tok in zip(self.encoders, self.tokenizers)]
         return self.layout.join([b.float().cpu() for b in blocks])
 
-    def _tokenize_templates(self, k: int) -> list[torch.Tensor]:
+    def _tokenize_templates(self, k: int, templates: list[str] | None = None) -> list[torch.Tensor]:
         """Run k's prompt templates with its word, tokenized once per encoder: [T, 77] each."""
         cfg = self.slots[k].config
-        prompts = [t.format(self.words[k]) for t in (cfg.templates or templates_for(cfg.property))]
+        prompts = [t.format(self.words[k]) for t in (templates or cfg.templates or templates_for(cfg.property))]
         return [ids.to(self.device) for ids in self.family.tokenize(self.tokenizers, prompts)]
 
     # --- checkpoints -------------------------------------------------------------------------
@@ -188,7 +192,9 @@ class Inversion:
         if len(steps) != 1:
             raise UserError("batched runs have checkpoints at different steps; resume them one by one")
         for k, ckpt in enumerate(found):
-            checkpoints.restore_row(ckpt, k, self.vectors, self.state, self.generators[k])
+            missing = checkpoints.restore_row(ckpt, k, self.vectors, self.state, self.generators[k], self._extra())
+            if missing and self.ema:  # a checkpoint from before --ema was kept: the average starts here
+                self.ema.rows[k].copy_(self.vectors.detach()[k])
         self.optimizer.use_scaling(self.state, self.loss_scaling)  # this run's dtype decides, not the checkpoint's
         self.start_step = steps.pop()
         return self.start_step
@@ -200,16 +206,24 @@ class Inversion:
     def _checkpoint(self, step: int) -> None:
         for k, slot in self.live():
             path = checkpoints.save_row(slot.run_dir, step, k, self.vectors, self.state, self.generators[k],
-                                        layout=self.layout)
+                                        layout=self.layout, extra=self._extra())
             slot.reporter.emit("checkpoint", step=step, path=str(path))
             if slot.config.keep_checkpoints:
                 checkpoints.prune(slot.run_dir, slot.config.keep_checkpoints)
+
+    def _extra(self) -> dict:
+        """What a checkpoint keeps besides the vectors and the optimizer: the --ema average."""
+        return {"ema": self.ema.rows} if self.ema else {}
+
+    def word_rows(self) -> torch.Tensor:
+        """The rows a run saves and shows: the --ema average, else the vectors trained."""
+        return (self.ema.rows if self.ema else self.vectors).detach()
 
     def _save_embedding(self, step: int, final: bool = False, only: list[int] | None = None) -> None:
         from engine.sd.formats import run_format, write_embedding
 
         for k, slot in self.live() if only is None else [(k, self.slots[k]) for k in only]:
-            row = self.vectors.detach()[k].float().cpu()
+            row = self.word_rows()[k].float().cpu()
             if not torch.isfinite(row).all():
                 raise FloatingPointError("the embedding is not finite")
             blocks = self.layout.split(row)
@@ -230,35 +244,24 @@ class Inversion:
 
     def _draw_run(self, k: int, staging: Staging) -> dict[str, int]:
         """Run k's draws for one micro-batch, staged on the host; returns where each one is."""
-        b, g, cfg, cache = self.cfg0.batch_size, self.generators[k], self.slots[k].config, self.latents[k]
-        latent_shape = self.latents[0].mean.shape[2:]
-        index = torch.randint(0, cache.num_images, (b,), generator=g)
-        flip = (torch.rand((b,), generator=g) < cfg.flip_p).long()
-        template = torch.randint(0, self.prompt_ids[k][0].shape[0], (b,), generator=g)
-        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=g)
-        if cfg.fixed_timestep is not None:
-            t.fill_(cfg.fixed_timestep)
-        posterior_noise = torch.randn((b, *latent_shape), generator=g)
-        n = torch.randn((b, *latent_shape), generator=g)
-        if cfg.fixed_noise:
-            posterior_noise.zero_()
-            n = torch.randn((b, *latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
-        drawn = {"index": index, "flip": flip, "template": template, "t": t, "posterior_noise": posterior_noise,
-                 "noise": n, "micro": cache.micro[index]}  # the size conditioning lives on the host
-        return {name: staging.add(value) for name, value in drawn.items()}
+        return self.data[k].draw(self.generators[k], self.slots[k].config, self.cfg0.batch_size,
+                                 self.scheduler.config.num_train_timesteps, staging)
 
     def _assemble(self, runs: list[dict[str, int]], parts: list[torch.Tensor]) -> Batch:
         """One micro-batch on the device from the uploaded draws: row block k is run k's."""
-        lat, noise, ids, ts, micro = [], [], [[] for _ in self.encoders], [], []
+        lat, noise, ids, ts, micro, weights = [], [], [[] for _ in self.encoders], [], [], []
         for k, run in enumerate(runs):
             index, flip, template = parts[run["index"]], parts[run["flip"]], parts[run["template"]]
-            lat.append(self.latents[k].sample(index, flip, parts[run["posterior_noise"]]))
+            cache = self.data[k].cache(run)  # its bucket's
+            lat.append(cache.sample(index, flip, parts[run["posterior_noise"]]))
+            weights.append(cache.weights(index, flip))
             noise.append(parts[run["noise"]])
             for e, encoder_ids in enumerate(self.prompt_ids[k]):
                 ids[e].append(encoder_ids[template])
             ts.append(parts[run["t"]])
             micro.append(parts[run["micro"]])
-        return Batch(torch.cat(lat), torch.cat(noise), [torch.cat(x) for x in ids], torch.cat(ts), torch.cat(micro))
+        return Batch(torch.cat(lat), torch.cat(noise), [torch.cat(x) for x in ids], torch.cat(ts), torch.cat(micro),
+                     torch.cat(weights) if weights[0] is not None else None)
 
     def _upload(self, host: torch.Tensor) -> torch.Tensor:
         """The step's one host-to-device copy.  From pinned memory, `non_blocking` returns at
@@ -276,7 +279,10 @@ class Inversion:
             target = self.scheduler.get_velocity(latents, noise, t)
         else:
             target = noise
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        per_pixel = F.mse_loss(pred.float(), target.float(), reduction="none")
+        if batch.weights is not None:  # --masked-loss: kohya's plain mean of the weighted loss
+            per_pixel = per_pixel * batch.weights
+        per_sample = per_pixel.mean(dim=(1, 2, 3))
         return per_sample.view(self.k, -1).mean(dim=1)
 
     # --- the loop ----------------------------------------------------------------------------
@@ -316,7 +322,8 @@ class Inversion:
                     self._save_embedding(done)
                     self._checkpoint(done)
                 if cfg.preview_every and (done % cfg.preview_every == 0 or done == cfg.steps):
-                    preview(self, done)
+                    with self.ema.shown(self.vectors) if self.ema else contextlib.nullcontext():
+                        preview(self, done)  # the word as saved
                 if monitor.settle(done):  # every run has stopped (its rule, or the last step)
                     break
             monitor.settle(cfg.steps)  # a run resumed at its last step: its final embedding
@@ -337,6 +344,8 @@ class Inversion:
         self.optimizer.step(self.vectors.data, grad, self.state, self.cfg0.lr_at(step))
         if reg is not None:
             reg.renormalize(self.vectors.data)
+        if self.ema is not None:
+            self.ema.update(self.vectors, step)
         self.vectors.grad = None
         return total / accum
 
@@ -357,14 +366,15 @@ class Inversion:
     def _header(self) -> None:
         """The run's header event: what is trained, and how (clients show it above the loss)."""
         cfg = self.cfg0
-        for slot in self.slots:
+        for k, slot in enumerate(self.slots):
             slot.reporter.emit(
                 "train", step=self.start_step, steps=cfg.steps, family=self.model.info.family,
                 vectors=self.n, widths=list(self.layout.widths), batch_size=cfg.batch_size,
                 grad_accum=cfg.grad_accum, effective_batch=cfg.effective_batch(), resolution=self.resolution,
                 runs=self.k, init_from=slot.config.init_from, regularize=slot.config.regularize,
                 reg_weight=slot.config.reg_weight, vocab_norms=vocab_norms(self.encoders),
-                vae=self.vae_plan.describe(), **self.determinism,
+                vae=self.vae_plan.describe(), **self.determinism, **self.data[k].describe(),
+                prompts=self.data[k].prompts, masked_loss=cfg.masked_loss, ema=cfg.ema,
             )
 
     def _log(self, step: int, loss: torch.Tensor, steps_per_s: float, elapsed: float, lr: float) -> None:

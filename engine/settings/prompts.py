@@ -117,19 +117,38 @@ def synthesis_prompts(prop: str, model_spec: str | None = None) -> list[str]:
 
 def load_prompts(path: os.PathLike | str) -> list[str]:
     """One template per line, each with `{}` where the token goes; blank lines and # comments skipped."""
+    return _checked(Path(path), _lines(Path(path)))
+
+
+def load_templates(path: os.PathLike | str) -> list[str]:
+    """Training templates, one per line: ours (`{}` for the word, `{caption}` for the image's
+    caption) or A1111's (`[name]` for the word, `[filewords]` for the caption, as in its
+    textual_inversion_templates), read as ours."""
     path = Path(path)
+    lines = [line.replace(A1111_NAME, "{}").replace(A1111_FILEWORDS, "{caption}") for line in _lines(path)]
+    return _checked(path, lines, mark="{} (or A1111's [name])")
+
+
+A1111_NAME, A1111_FILEWORDS = "[name]", "[filewords]"
+
+
+def _lines(path: Path) -> list[str]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
         raise UserError(f"prompts file {path} not found; check the path") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read prompts file {path} ({type(exc).__name__}); give a UTF-8 text file") from None
+    return lines
+
+
+def _checked(path: Path, lines: list[str], mark: str = "{}") -> list[str]:
     prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     if not prompts:
         raise UserError(f"prompts file {path} holds no prompts; write one prompt per line, each with {{}}")
     for number, prompt in enumerate(prompts, 1):
         if "{}" not in prompt:
             raise UserError(
-                f"prompts file {path}: prompt {number} ({prompt[:40]!r}) has no {{}}; mark where the token goes"
+                f"prompts file {path}: prompt {number} ({prompt[:40]!r}) has no {mark}; mark where the token goes"
             )
     return prompts

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 from engine.errors import UserError
+from engine.settings.data import checks as data_checks
 from engine.settings.stopping import checks as stopping_checks
 
 LR_SCHEDULES = ("constant", "warmup", "cosine")
@@ -58,7 +59,10 @@ class TrainConfig:
     resolution: int | None = None  # None: the model's own
     center_crop: bool = False
     flip_p: float = 0.5
-    templates: list[str] | None = None  # custom prompt templates with "{}" for the token
+    templates: list[str] | None = None  # custom prompt templates with "{}" for the token ({caption}: the image's)
+    masked_loss: bool = False  # the images' masks weight the loss per latent pixel (engine.settings.data)
+    buckets: bool = False  # each image at the bucket nearest its aspect ratio, not squashed or cropped square
+    ema: float | None = None  # the saved word is a moving average of the vectors with this decay
     low_vram: bool = False  # gradient checkpointing through the UNet: less memory, ~2x slower
     compile: str = "off"  # off | default | reduce-overhead (CUDA graphs): torch.compile the UNet
     deterministic: bool = False  # torch's deterministic algorithms: bit for bit on CUDA too, slower
@@ -119,6 +123,7 @@ class TrainConfig:
         yield (self.templates is None or (len(self.templates) > 0 and all(
             isinstance(t, str) and t.count("{}") == 1 for t in self.templates)),
             "each prompt template (--templates) must contain exactly one {} where the token goes")
+        yield from data_checks(self)
         yield from stopping_checks(self)
 
     def _word_checks(self):

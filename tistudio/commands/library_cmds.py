@@ -18,6 +18,7 @@ def add_commands(sub) -> None:
     p.add_argument("--token", help="the new word (default: <NAME>)")
     p.add_argument("--style", action="store_true", help="the concept is a style, not an object")
     p.add_argument("--description", help="words the SD baseline uses instead of the token (default: the init word)")
+    _annotation_options(p)
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.set_defaults(func=concept_add)
 
@@ -40,7 +41,14 @@ def add_commands(sub) -> None:
     p = images.add_parser("add", help="copy image files (or folders of them) into the concept")
     p.add_argument("name", help="the concept")
     p.add_argument("files", nargs="+", metavar="FILE", help="image files or folders")
+    p.add_argument("--caption", help="the caption of the image(s) added (default: a caption file beside each)")
+    _annotation_options(p)
     p.set_defaults(func=concept_images_add)
+    p = images.add_parser("caption", help="set (or, with no TEXT, remove) a training image's caption")
+    p.add_argument("name", help="the concept")
+    p.add_argument("image", metavar="IMAGE", help="a stored image name, e.g. 003.png (see `concept show`)")
+    p.add_argument("text", nargs="?", default="", metavar="TEXT", help="the caption (at most 1,000 characters)")
+    p.set_defaults(func=concept_images_caption)
     p = images.add_parser("rm", help="delete training images by their stored name (see `concept show`)")
     p.add_argument("name", help="the concept")
     p.add_argument("files", nargs="+", metavar="IMAGE", help="stored image names, e.g. 003.png")
@@ -93,6 +101,16 @@ def add_commands(sub) -> None:
     p.set_defaults(func=export_embedding)
 
 
+def _annotation_options(p) -> None:
+    """Where an image's caption and mask come from (engine.store.annotations: kohya's layout)."""
+    p.add_argument("--caption-ext", default=".txt", metavar="EXT",
+                   help="captions are files beside the images with this extension (default: .txt; kohya's "
+                        "own default is .caption); the first line is the caption")
+    p.add_argument("--masks", metavar="DIR",
+                   help="a folder of loss masks named as the images (white trains, black is ignored; the R "
+                        "channel is read); without it an image's transparency is its mask (see train --masked-loss)")
+
+
 def _library():
     from engine.store.library import Library
 
@@ -109,12 +127,23 @@ def concept_add(args) -> int:
     concept = _library().add(
         args.name, Path(args.images), args.init, token=args.token,
         property="style" if args.style else "object", description=args.description, tokenizer=_tokenizer(),
+        masks=args.masks, caption_ext=args.caption_ext,
     )
     if args.json:
         print_json(concept.to_dict())
     else:
-        print(f"added {concept.name}: token {concept.token}, init {concept.init!r}, {len(concept.images)} images")
+        print(f"added {concept.name}: token {concept.token}, init {concept.init!r}, {len(concept.images)} images"
+              f"{_annotated(concept.images)}")
     return 0
+
+
+def _annotated(images) -> str:
+    """" (2 with a caption, 1 with a mask)", or "" when none has either."""
+    from engine.store.annotations import captions_of, mask_of
+
+    captions, masks = len(captions_of(images)), sum(mask_of(p) is not None for p in images)
+    parts = [f"{captions} with a caption" if captions else "", f"{masks} with a mask" if masks else ""]
+    return f" ({', '.join(p for p in parts if p)})" if captions or masks else ""
 
 
 def _concept_row(summary) -> dict:
@@ -145,6 +174,7 @@ def concept_show(args) -> int:
     summary = summarize(_library().get(args.name))
     data = summary.concept.to_dict()
     data["image_files"] = [str(p) for p in summary.images]
+    data["captions"], data["masks"] = _annotations(summary.images)
     data["runs"] = [{k: r.get(k) for k in ("id", "kind", "status", "step", "steps", "embedding")}
                     for r in summary.runs]
     if args.json:
@@ -153,10 +183,20 @@ def concept_show(args) -> int:
     for key in ("name", "token", "init", "property", "description", "created", "path"):
         print(f"{key:12} {data[key]}")
     print(f"{'images':12} {len(data['image_files'])}: {', '.join(Path(p).name for p in data['image_files'])}")
+    for name in sorted(set(data["captions"]) | set(data["masks"])):
+        mask = " [mask]" if name in data["masks"] else ""
+        print(f"{'':12} {name}{mask}  {data['captions'].get(name, '')}".rstrip())
     if data["runs"]:
         rows = [[r["id"], r["kind"], r["status"], f"{r['step']}/{r['steps']}", r["embedding"]] for r in data["runs"]]
         print_table("runs", ["id", "kind", "status", "step", "embedding"], rows)
     return 0
+
+
+def _annotations(images) -> tuple[dict, dict]:
+    """({image name: caption}, {image name: mask file}) of the images that have them."""
+    from engine.store.annotations import captions_of, mask_of
+
+    return captions_of(images), {p.name: str(mask_of(p)) for p in images if mask_of(p) is not None}
 
 
 def concept_rm(args) -> int:
@@ -173,9 +213,17 @@ def concept_rm(args) -> int:
 
 def concept_images_add(args) -> int:
     library = _library()
-    written = library.add_images(args.name, [Path(f) for f in args.files])
+    written = library.add_images(args.name, [Path(f) for f in args.files], caption=args.caption,
+                                 caption_ext=args.caption_ext, masks=args.masks)
     total = len(library.get(args.name).images)
-    print(f"added {len(written)} image(s) to {args.name}: {', '.join(p.name for p in written)} ({total} in all)")
+    print(f"added {len(written)} image(s) to {args.name}: {', '.join(p.name for p in written)} ({total} in all)"
+          f"{_annotated(written)}")
+    return 0
+
+
+def concept_images_caption(args) -> int:
+    caption = _library().set_caption(args.name, args.image, args.text)
+    print(f"{args.name} {args.image}: " + (f"caption {caption!r}" if caption else "no caption"))
     return 0
 
 

@@ -38,8 +38,9 @@ def add_commands(sub) -> None:
     what.add_argument("--reg-weight", type=float_arg, default=0.0,
                       help="strength of init-l2 / norm where METHOD:W gives none (0: the method's default)")
     what.add_argument("--templates", metavar="FILE",
-                      help="prompt templates, one per line with {} where the token goes "
-                           "(default: the study's object or style templates)")
+                      help="prompt templates, one per line with {} where the token goes and {caption} where "
+                           "the image's caption does (A1111's [name] and [filewords] read as those); default: "
+                           "the study's object or style templates, followed by the caption where images have one")
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--steps", type=positive_int, default=2000, help="optimizer steps (the study: 1500-2400)")
     opt.add_argument("--lr", type=float_arg, default=5e-4, help="learning rate (the study's)")
@@ -55,6 +56,15 @@ def add_commands(sub) -> None:
     data.add_argument("--resolution", type=positive_int, help="training resolution in pixels (default: the model's)")
     data.add_argument("--center-crop", action="store_true", help="crop images to a centred square before resizing")
     data.add_argument("--flip", type=float_arg, default=0.5, help="probability of a horizontal flip")
+    data.add_argument("--buckets", action="store_true",
+                      help="train each image at the size nearest its aspect ratio (at the model's pixel area, "
+                           "in steps of 64 px on SD), not squashed or cropped square; one run at a time")
+    data.add_argument("--masked-loss", action="store_true",
+                      help="weight the loss by each image's mask (see `concept add --masks`); an image "
+                           "without one counts whole")
+    data.add_argument("--ema", type=float_arg, metavar="DECAY",
+                      help="save a moving average of the word with this decay (0-1, e.g. 0.99) instead of its "
+                           "last value")
     sweep = p.add_argument_group("sweeps (runs trained together, one UNet call per step)")
     sweep.add_argument("--seeds", type=int_list, help="one run per seed, e.g. 1,2,3,4")
     sweep.add_argument("--inits", type=word_list, help="one run per initializer word, e.g. fish,dragon")
@@ -121,6 +131,7 @@ def train_params(args) -> dict:
         "keep_checkpoints": args.keep_checkpoints, "preview_every": args.preview_every,
         "preview_steps": args.preview_steps, "log_every": args.log_every, "resolution": args.resolution,
         "center_crop": args.center_crop, "flip_p": args.flip, "low_vram": args.low_vram, "compile": args.compile,
+        "buckets": args.buckets, "masked_loss": args.masked_loss, "ema": args.ema,
         "deterministic": args.deterministic, "precision": args.precision, "device": args.device,
         "probe_every": args.probe_every, "probe_images": args.probe_images,
         "probe_edit_images": args.probe_edit_images, "probe_steps": args.probe_steps,
@@ -150,14 +161,14 @@ def _init_from(value: str | None) -> str | None:
 
 
 def _templates(path: str | None) -> list[str] | None:
-    """The --templates file's lines, read by the same code as eval's --prompts."""
+    """The --templates file's lines (ours, or A1111's [name]/[filewords]: engine.settings.prompts)."""
     from engine.errors import UserError
-    from engine.settings.prompts import load_prompts
+    from engine.settings.prompts import load_templates
 
     if not path:
         return None
     try:
-        return load_prompts(path)
+        return load_templates(path)
     except UserError as exc:
         raise UserError(f"--templates: {exc}") from None
 
@@ -177,6 +188,10 @@ def check_before_submit(name: str, kind: str, params: dict) -> None:
     info = model_info()  # a bad --model fails here, with its own message
     tokenizer = load_tokenizer()
     for config in configs:
+        if config.buckets:  # the model's sizes: kohya's 64-px steps on SD, the model's unit on small ones
+            from engine.inversion.buckets import bucket_sizes, info_step
+
+            bucket_sizes(config.resolution or info.resolution, info_step(info))
         if config.init_from:
             from engine.inversion.init_from import starting_blocks
 
@@ -211,7 +226,9 @@ def _header(args, runs: int) -> str:
     extras = [x for x in ("low-vram" if args.low_vram else "",
                           f"compile {args.compile}" if args.compile != "off" else "",
                           "deterministic" if args.deterministic else "",
-                          f"{args.vectors} vectors" if args.vectors > 1 else "") if x]
+                          f"{args.vectors} vectors" if args.vectors > 1 else "",
+                          "buckets" if args.buckets else "", "masked loss" if args.masked_loss else "",
+                          f"ema {args.ema:g}" if args.ema else "") if x]
     return (f"training {args.name}: {what}{args.steps} steps, lr {args.lr:g}, {batch_text}"
             + (f", {', '.join(extras)}" if extras else ""))
 
