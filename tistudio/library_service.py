@@ -1,7 +1,8 @@
 """The studio's one door to the concept library on disk, owned by the App (`app.library`).
 
 Screens and dialogs read concepts through it and ask it to change them (add, rename, delete,
-add or remove images); they never construct `engine.store.library.Library` themselves.  Every
+add or remove images, caption them); they never construct `engine.store.library.Library` themselves.
+It also draws an image's mask over it for showing (`mask_overlay`, a PNG in a temp folder).  Every
 change it makes is announced once, through `on_change` (the App publishes `LibraryChanged`),
 from whichever thread made it.  Embedding import and export are engine work: the dialogs hand
 back requests (`ImportRequest`, `ExportRequest`) and the App runs `tistudio` for them.
@@ -9,7 +10,10 @@ back requests (`ImportRequest`, `ExportRequest`) and the App runs `tistudio` for
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -23,6 +27,7 @@ class LibraryService:
         self.home = Path(home)
         self._tokenizer = tokenizer  # the model's tokenizer once loaded (the one-token initializer check)
         self._on_change = on_change
+        self._overlays: Path | None = None  # where mask overlays are drawn (made when first needed)
 
     @property
     def _library(self) -> Library:
@@ -49,6 +54,32 @@ class LibraryService:
         """The concept with its images and runs, read once (engine.store.records)."""
         return summarize(self.get(name))
 
+    def captions(self, name: str) -> dict[str, str]:
+        """{stored image name: caption} of the concept's images that have one."""
+        from engine.store.annotations import captions_of
+
+        return captions_of(self.get(name).images)
+
+    def masked(self, name: str) -> set[str]:
+        """The concept's images that have a mask (by stored name)."""
+        from engine.store.annotations import mask_of
+
+        return {p.name for p in self.get(name).images if mask_of(p) is not None}
+
+    def mask_overlay(self, image: Path) -> Path | None:
+        """A stored image with what its mask ignores tinted red, as a PNG to show; None without a mask."""
+        from engine.store.annotations import mask_of, overlay
+
+        mask = mask_of(image)
+        if mask is None:
+            return None
+        if self._overlays is None:
+            self._overlays = Path(tempfile.mkdtemp(prefix="tistudio-masks-"))
+            atexit.register(shutil.rmtree, self._overlays, True)
+        path = self._overlays / f"{abs(hash(str(image.resolve())))}-{image.name}"
+        overlay(image, mask).save(path, format="PNG")
+        return path
+
     # --- changing --------------------------------------------------------------------------------
 
     def add(self, name: str, folder: Path, init: str, *, property: str = "object",
@@ -67,17 +98,25 @@ class LibraryService:
         self._library.delete(name)
         self._on_change()
 
-    def edit_images(self, name: str, add: Iterable[Path] = (), remove: Iterable[str] = ()) -> tuple[list, list]:
-        """Add image files or folders, then remove stored images by file name: (added, removed).
-        Every new image is decoded before any is written; the removal is all or none.  When the
-        removal is refused after images were added, the error says how many were."""
+    def edit_images(self, name: str, add: Iterable[Path] = (), remove: Iterable[str] = (),
+                    captions: dict[str, str | None] | None = None) -> tuple[list, list]:
+        """Add image files or folders (with the caption files beside them, kohya's layout), set the
+        `captions` given ({stored name: caption}; blank or None removes one), then remove stored
+        images by file name: (added, removed).  Every new image is decoded before any is written;
+        a caption over 1,000 characters is refused; the removal is all or none.  When a later part
+        is refused after images were added, the error says how many were."""
         from engine.errors import UserError
+        from engine.store.annotations import check_caption
 
         add, remove = list(add), list(remove)
+        for image, caption in (captions or {}).items():  # every caption checked before anything is written
+            check_caption(caption, f"the caption of {image}")
         library, added = self._library, []
         try:
             if add:
                 added = library.add_images(name, add)
+            for image, caption in (captions or {}).items():
+                library.set_caption(name, image, caption)
             removed = library.remove_images(name, remove) if remove else []
         except UserError as exc:
             if added:

@@ -244,7 +244,8 @@ class LibraryScreen(StudioScreen):
             if edited is None:
                 return
             parts = [f"{len(edited.added)} added" if edited.added else "",
-                     f"{len(edited.removed)} removed" if edited.removed else ""]
+                     f"{len(edited.removed)} removed" if edited.removed else "",
+                     f"{len(edited.captioned)} captioned" if edited.captioned else ""]
             self.notify(f"Images of {row.name}: {', '.join(p for p in parts if p)}.", title="Library")
 
         self.app.push_screen(ImagesModal(self.app.library, row.name, row.images), done)

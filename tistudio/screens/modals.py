@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -75,10 +76,12 @@ class ExportRequest:
 
 @dataclass(frozen=True)
 class ImagesEdited:
-    """What the Images dialog changed: the files it stored and the ones it removed."""
+    """What the Images dialog changed: the files it stored, the ones it removed, the images
+    whose caption it changed."""
 
     added: tuple[Path, ...] = ()
     removed: tuple[Path, ...] = ()
+    captioned: tuple[str, ...] = ()
 
 
 class _Dialog(ModalScreen[ResultT]):
@@ -303,54 +306,122 @@ class NewConceptModal(_Dialog[str | None]):
 
 
 class ImagesModal(_Dialog[ImagesEdited | None]):
-    """A concept's training images: add files or folders, tick stored ones to remove them.
+    """A concept's training images: add files or folders, tick stored ones to remove them, and
+    caption them.  The highlighted image shows on the right, with what its mask ignores tinted
+    red, and its caption in the Caption field (edits are kept per image until Apply).
 
-    The library decodes every new image before writing any, and removes all ticked
-    images or none; a refusal stays in the dialog.  Dismisses with `ImagesEdited`."""
+    The library decodes every new image before writing any, checks every caption before
+    writing one, and removes all ticked images or none; a refusal stays in the dialog.
+    Dismisses with `ImagesEdited`."""
+
+    DEFAULT_CSS = """
+    ImagesModal #images-row { height: auto; }
+    ImagesModal #remove { width: 1fr; }
+    ImagesModal #image-preview { width: 18; margin-left: 1; }
+    """
 
     def __init__(self, library, concept: str, images: list[Path]):
         super().__init__()
         self.library, self.concept, self.images = library, concept, images  # library: tistudio.library_service
+        self.stored = self._read(library.captions)  # {image name: caption}
+        self.masked = self._read(library.masked, set())
+        self.edits: dict[str, str] = {}  # captions changed here, by image name
+        self.current: str | None = images[0].name if images else None
+
+    def _read(self, what, empty=None):
+        try:
+            return what(self.concept)
+        except (OSError, ValueError):
+            return {} if empty is None else empty
 
     def compose(self) -> ComposeResult:
         from engine.store.images import IMAGE_EXTENSIONS
+        from tistudio.widgets.images import ImagePreview
 
         with Vertical(id="dialog"):
             yield Label(f"Images of {self.concept}", id="dialog-title")
             yield FieldRow("Add", Input(placeholder="image file or folder (more: comma-separated)", id="add",
                                         compact=True, suggester=PathSuggester(suffixes=tuple(IMAGE_EXTENSIONS))))
-            yield Static("Tick the images to remove (space):" if self.images else
-                         "No training images yet (an imported embedding has none).", classes="dialog-hint")
-            yield SelectionList[str](*[(p.name, p.name) for p in self.images], id="remove")
+            yield Static("Tick the images to remove (space); the highlighted one's caption is below:"
+                         if self.images else "No training images yet (an imported embedding has none).",
+                         classes="dialog-hint")
+            with Horizontal(id="images-row"):
+                yield SelectionList[str](*[(self._label(p.name), p.name) for p in self.images], id="remove")
+                yield ImagePreview(None, "", empty="no image", id="image-preview")
+            yield FieldRow("Caption", Input(self.stored.get(self.current or "", ""), id="caption", compact=True,
+                                            placeholder="(none: the templates alone)"))
             yield Static("", classes="dialog-error", id="error")
             yield self.buttons("Apply")
 
+    def _label(self, name: str) -> Text:
+        """The image's line: its name, whether it has a mask, its caption (as plain text, not markup)."""
+        caption = self.edits.get(name, self.stored.get(name, ""))
+        return Text(f"{name}{' [mask]' if name in self.masked else ''}  {caption[:40]}".rstrip())
+
     def on_mount(self) -> None:
         self.query_one("#add", Input).focus()
-        self.query_one("#remove", SelectionList).display = bool(self.images)
+        self.query_one("#images-row").display = bool(self.images)
+        self.query_one("#caption", Input).parent.display = bool(self.images)
+        if self.current:
+            self._show(self.current)
+
+    @on(SelectionList.SelectionHighlighted, "#remove")
+    def _highlighted(self, event: SelectionList.SelectionHighlighted) -> None:
+        self.current = event.selection.value
+        field = self.query_one("#caption", Input)
+        with field.prevent(Input.Changed):
+            field.value = self.edits.get(self.current, self.stored.get(self.current, ""))
+        self._show(self.current)
+
+    @work(exclusive=True, group="image-preview")
+    async def _show(self, name: str) -> None:
+        """The image (with its mask over it, when it has one) beside the list."""
+        from tistudio.widgets.images import ImagePreview
+
+        image = next(p for p in self.images if p.name == name)
+        try:
+            shown = self.library.mask_overlay(image) or image
+        except OSError:
+            shown = image
+        await self.query_one("#image-preview", ImagePreview).set_image(shown, "mask over it" if shown != image
+                                                                      else "")
+
+    @on(Input.Changed, "#caption")
+    def _caption_changed(self, event: Input.Changed) -> None:
+        if self.current is None:
+            return
+        self.edits[self.current] = event.value
+        selections = self.query_one("#remove", SelectionList)
+        index = next(i for i, p in enumerate(self.images) if p.name == self.current)
+        selections.replace_option_prompt_at_index(index, self._label(self.current))
+
+    def _changed_captions(self) -> dict[str, str]:
+        return {name: text for name, text in self.edits.items() if text.strip() != self.stored.get(name, "")}
 
     @on(Input.Submitted)
     @on(Button.Pressed, "#ok")
     def _ok(self) -> None:
         add = [Path(p).expanduser() for p in split_list(self.query_one("#add", Input).value)]
         remove = list(self.query_one("#remove", SelectionList).selected)
-        if not add and not remove:
-            self.query_one("#error", Static).update("Nothing to change: give images to add or tick some to remove.")
+        captions = self._changed_captions()
+        if not add and not remove and not captions:
+            self.query_one("#error", Static).update("Nothing to change: give images to add, tick some to remove, "
+                                                    "or edit a caption.")
             return
-        self.query_one("#error", Static).update("checking the images…" if add else "removing…")
+        self.query_one("#error", Static).update("checking the images…" if add else "saving…")
         self.query_one("#ok", Button).disabled = True
-        self._apply(add, remove)
+        self._apply(add, remove, captions)
 
     @work(thread=True, exclusive=True, group="images")
-    def _apply(self, add: list[Path], remove: list[str]) -> None:
+    def _apply(self, add: list[Path], remove: list[str], captions: dict[str, str]) -> None:
         from engine.errors import UserError
 
         try:  # what was added stays (the error counts it); the removal is all or none
-            added, removed = self.library.edit_images(self.concept, add, remove)
+            added, removed = self.library.edit_images(self.concept, add, remove, captions)
         except (UserError, OSError) as exc:
             self.app.call_from_thread(self._failed, str(exc))
             return
-        self.app.call_from_thread(self.dismiss, ImagesEdited(tuple(added), tuple(removed)))
+        self.app.call_from_thread(self.dismiss, ImagesEdited(tuple(added), tuple(removed), tuple(sorted(captions))))
 
     def _failed(self, message: str) -> None:
         self.query_one("#error", Static).update(message)

@@ -155,4 +155,24 @@ def run_facts(header: dict, job: dict, penalty: float | None = None) -> list[str
         parts.append("low VRAM")
     if facts.get("deterministic"):
         parts.append("deterministic")
+    return parts + _data_facts(facts)
+
+
+def _data_facts(facts: dict) -> list[str]:
+    """What the run trains on beyond the images (issue 26): buckets, masks, captions, EMA.  The
+    header gives the buckets made and how many images had a mask or a caption; params, the switches."""
+    parts = []
+    buckets = facts.get("buckets")
+    if isinstance(buckets, list):
+        parts.append(f"{len(buckets)} bucket{'s' if len(buckets) != 1 else ''}")
+    elif buckets is True:
+        parts.append("buckets")
+    if facts.get("masked_loss"):
+        masked = facts.get("masked")
+        parts.append(f"masked loss ({masked} mask{'s' if masked != 1 else ''})" if isinstance(masked, int)
+                     else "masked loss")
+    if isinstance(facts.get("captioned"), int) and facts["captioned"]:
+        parts.append(f"{facts['captioned']} captioned")
+    if isinstance(facts.get("ema"), (int, float)) and facts["ema"]:
+        parts.append(f"EMA {facts['ema']:g}")
     return parts

@@ -4,7 +4,7 @@ The study's settings come first (steps, lr, seed, batch); the options for a smal
 card or an unusual run follow (grad accumulation with the effective batch it gives,
 low VRAM, init from an existing embedding, several vectors, a regularizer that keeps
 the word editable, checkpoint pruning, compile, deterministic algorithms, resolution, prompt
-templates, device).
+templates, aspect-ratio buckets, masked loss, an EMA of the word, device).
 An empty optional field is left out of the params, so the engine's default applies.
 
 The settings file's `[train]` table (the one `tistudio train` reads) gives the fields
@@ -42,7 +42,7 @@ COMPILE_MODES = ("off", "default", "reduce-overhead")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "warmup", "cosine")
 SELECTS = {"lr_schedule": LR_SCHEDULES, "precision": PRECISIONS, "compile": COMPILE_MODES, "regularize": REGULARIZERS}
-CHECKBOXES = ("low_vram", "deterministic")  # on/off settings: true or false in the settings file
+CHECKBOXES = ("low_vram", "deterministic", "buckets", "masked_loss")  # on/off: true or false in the settings file
 # `tistudio train` options the form has no field for, as the job params they become
 HIDDEN_PARAMS = {"center_crop": "center_crop", "flip": "flip_p", "preview_steps": "preview_steps"}
 SWEEP_ONLY = ("seeds", "inits", "detach")  # CLI-only: the form trains one run
@@ -90,6 +90,9 @@ class TrainForm(VerticalScroll):
         yield FieldRow("Deterministic", Checkbox("", id="deterministic", compact=True))
         yield field("Resolution", "resolution", "(model's)", integer=True)
         yield field("Templates", "templates", "(the study's)", suggester=PathSuggester())
+        yield FieldRow("Buckets", Checkbox("(any aspect ratio)", id="buckets", compact=True))
+        yield FieldRow("Masked loss", Checkbox("(images' masks)", id="masked_loss", compact=True))
+        yield field("EMA decay", "ema", "(off)")
         yield field("Device", "device", "(auto)")
 
     def __init__(self, *args, **kwargs):
@@ -191,6 +194,8 @@ class TrainForm(VerticalScroll):
             "precision": self.query_one("#precision", Select).value,
             "compile": self.query_one("#compile", Select).value,
             "deterministic": self.query_one("#deterministic", Checkbox).value,
+            "buckets": self.query_one("#buckets", Checkbox).value,
+            "masked_loss": self.query_one("#masked_loss", Checkbox).value,
             **self.hidden_params,
         }
         optional = {
@@ -200,6 +205,7 @@ class TrainForm(VerticalScroll):
             "preview_prompt": text("preview_prompt") or None,
             "resolution": parse_optional_int(text("resolution"), "Resolution"),
             "templates": read_templates(text("templates")) if text("templates") else None,
+            "ema": parse_float(text("ema"), "EMA decay") if text("ema") else None,
             "device": text("device") or None,
         }
         params.update({k: v for k, v in optional.items() if v is not None})
@@ -222,11 +228,12 @@ class TrainForm(VerticalScroll):
 
 
 def read_templates(path_text: str) -> list[str]:
-    """A templates file: one prompt per line with one {} where the token goes (# comments skipped;
-    each line's {} is the engine's check)."""
-    from engine.settings.prompts import load_prompts
+    """A templates file: one prompt per line with one {} where the token goes and {caption} where
+    the image's caption does, or A1111's [name] and [filewords] (# comments skipped; each line's {}
+    is the engine's check)."""
+    from engine.settings.prompts import load_templates
 
     try:
-        return load_prompts(Path(path_text).expanduser())
+        return load_templates(Path(path_text).expanduser())
     except UserError as exc:
         raise FieldError(f"Templates: {exc}", "templates") from None
