@@ -288,3 +288,33 @@ def test_a_bucketed_masked_captioned_step_still_reaches_the_device_in_one_upload
         for step in range(3):
             inv.train_step(step)
     assert len(uploads) == 3 and watcher.moves == [] and watcher.host_indices == []
+
+
+def test_a_sweep_trains_bucketed_members_in_turn_and_run_json_records_the_data(tmp_path):
+    """The worker's side: members with --buckets are batched one per run (each draws its own
+    image size), and the header's account of the data lands in run.json."""
+    from engine.store.runs import create_run
+    from engine.worker.sweeps import ContextReporter, _batches
+
+    home = tmp_path / "home"
+    Library(home).add("ball", None, "ball")
+    plain = [create_run(home, {"kind": "train", "concept": "ball", "params": {"seed": s}}) for s in (1, 2)]
+    bucketed = [create_run(home, {"kind": "train", "concept": "ball", "params": {"seed": s, "buckets": True}})
+                for s in (1, 2)]
+    assert _batches(plain) == [plain]
+    assert _batches(bucketed) == [[bucketed[0]], [bucketed[1]]]
+
+    class Context:
+        def __init__(self):
+            self.events, self.fields = [], {}
+
+        def emit(self, type, **fields):
+            self.events.append(type)
+
+        def set_progress(self, **fields):
+            self.fields.update(fields)
+
+    ctx = Context()
+    data = {"images": 4, "masked": 1, "captioned": 2, "buckets": [{"width": 88, "height": 44, "images": 4}]}
+    ContextReporter(ctx).emit("train", step=0, steps=4, prompts=["a photo of <ball>"], **data)
+    assert ctx.events == ["train"] and ctx.fields == {"data": data}
