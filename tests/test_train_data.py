@@ -285,9 +285,9 @@ def test_a_bucketed_masked_captioned_step_still_reaches_the_device_in_one_upload
 
     inv._upload, inv._draw = upload, draw
     with inv.installed():
-        for step in range(3):
+        for step in range(2):
             inv.train_step(step)
-    assert len(uploads) == 3 and watcher.moves == [] and watcher.host_indices == []
+    assert len(uploads) == 2 and watcher.moves == [] and watcher.host_indices == []
 
 
 def test_a_sweep_trains_bucketed_members_in_turn_and_run_json_records_the_data(tmp_path):
@@ -318,3 +318,16 @@ def test_a_sweep_trains_bucketed_members_in_turn_and_run_json_records_the_data(t
     data = {"images": 4, "masked": 1, "captioned": 2, "buckets": [{"width": 88, "height": 44, "images": 4}]}
     ContextReporter(ctx).emit("train", step=0, steps=4, prompts=["a photo of <ball>"], **data)
     assert ctx.events == ["train"] and ctx.fields == {"data": data}
+
+
+def test_the_deterministic_loss_takes_a_bucketed_run(tiny_model, shapes_dir, tmp_path):
+    """Issue 25's fixed batch is the loop's own draws: with --buckets its micro-batches are of
+    several sizes, measured one by one (before, joining them failed at the run's start)."""
+    from engine.inversion.probes import DeterministicLoss
+
+    inv = Inversion(tiny_model, [RunSlot(_cfg(buckets=True, seed=3), tmp_path / "run", shapes_dir)])
+    fixed = DeterministicLoss(inv)
+    assert len({tuple(b.latents.shape) for b in fixed.batches}) > 1
+    with inv.installed():
+        first = fixed.values()
+        assert fixed.values() == first and len(first) == 1 and first[0] > 0

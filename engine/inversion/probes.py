@@ -54,7 +54,10 @@ class DeterministicLoss:
         finally:
             inversion.generators = training
         parts = staging.unpack(staging.pack(pin=False).to(inversion.device))
-        self.batch = _by_run([inversion._assemble(runs, parts) for runs in drawn], inversion.k)
+        self.batches = [inversion._assemble(runs, parts) for runs in drawn]
+        # --buckets: micro-batches of other image sizes cannot be joined; each is measured alone
+        same_size = len({tuple(b.latents.shape[1:]) for b in self.batches}) == 1
+        self.batch = _by_run(self.batches, inversion.k) if same_size else None
 
     @torch.no_grad()
     def values(self) -> list[float]:
@@ -63,6 +66,8 @@ class DeterministicLoss:
         inv = self.inv
         compiled, inv.unet = inv.unet, inv.model.unet
         try:
+            if self.batch is None:  # (one run: --buckets trains alone) the mean of equal-sized micro-batches
+                return (sum(inv._loss_rows(b) for b in self.batches) / len(self.batches)).tolist()
             return inv._loss_rows(self.batch).tolist()
         finally:
             inv.unet = compiled
