@@ -331,3 +331,30 @@ def test_the_deterministic_loss_takes_a_bucketed_run(tiny_model, shapes_dir, tmp
     with inv.installed():
         first = fixed.values()
         assert fixed.values() == first and len(first) == 1 and first[0] > 0
+
+
+def test_probes_and_previews_see_the_word_as_saved_with_ema(tiny_model, image_dir, tmp_path, monkeypatch):
+    """With --ema the saved steps are the average: the probes that choose the best step (issue
+    25) and the previews look at that word, and the vectors trained come back after."""
+    from engine.inversion import probes, train as train_mod
+
+    seen = {}
+
+    def probe(self, ks, step):
+        seen[f"probe {step}"] = self.inv.vectors.detach().clone()
+        return [{"type": "probe-seen", "step": step} for _ in ks]
+
+    def preview(inversion, step):
+        seen[f"preview {step}"] = inversion.vectors.detach().clone()
+
+    monkeypatch.setattr(probes.Prober, "judge_for", staticmethod(lambda model: "a judge"))
+    monkeypatch.setattr(probes.Prober, "probe", probe)
+    monkeypatch.setattr(train_mod, "preview", preview)
+    cfg = _cfg(steps=2, save_every=2, ema=0.5, probe_every=2, preview_every=2, dloss_every=0)
+    saved = read_embedding(train(tiny_model, cfg, tmp_path / "run", sorted(image_dir.glob("*.png")))).vectors
+    assert set(seen) == {"probe None", "probe 2", "preview 2"}  # (None: the SD row, at the start)
+    assert torch.equal(seen["probe 2"].view_as(saved), saved) and torch.equal(seen["preview 2"].view_as(saved), saved)
+    from safetensors.torch import load_file
+
+    trained = load_file(str(checkpoints.latest(tmp_path / "run").path / "state.safetensors"))["vector"]
+    assert not torch.equal(trained.view_as(saved), saved)  # the vectors trained differ from the average

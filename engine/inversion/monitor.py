@@ -22,6 +22,8 @@ rides along in the batch, unread, so the others' results stay those of their sol
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from engine.inversion.probes import DeterministicLoss, Prober, judge_or_warning
@@ -89,7 +91,9 @@ class Monitor:
         probed = bool(self.prober and done % cfg.probe_every == 0)
         if probed:
             live = [k for k, _ in self.inv.live()]
-            self._emit(self.prober.probe(live, done), live)
+            ema = self.inv.ema  # --ema: probe the word as it is saved at this step
+            with ema.shown(self.inv.vectors) if ema else contextlib.nullcontext():
+                self._emit(self.prober.probe(live, done), live)
         return probed or bool(self._stopping(done))
 
     def settle(self, done: int) -> bool:
