@@ -75,3 +75,16 @@ def test_the_train_help_names_the_data_options(capsys):
     code, out, _ = cli(capsys, "train", "--help")
     assert code == 0 and all(o in out for o in ("--buckets", "--masked-loss", "--ema DECAY", "{caption}",
                                                 "[filewords]"))
+
+
+def test_train_prints_what_the_run_trains_on_from_its_header(capsys):
+    from tistudio.commands.progress import RunProgress
+
+    header = {"type": "train", "images": 4, "masked": 1, "captioned": 2, "masked_loss": True, "ema": 0.99,
+              "buckets": [{"width": 88, "height": 44, "images": 3}, {"width": 64, "height": 64, "images": 1}],
+              "prompts": ["a photo of a <ball>, on a sofa"] * 54}
+    with RunProgress("r1") as view:
+        view.update(header)
+        view.update({"type": "train", "images": 4, "masked": 0, "captioned": 0, "buckets": None, "ema": None})
+    assert capsys.readouterr().out.splitlines() == [
+        "data: 4 images in 2 buckets (88×44: 3, 64×64: 1), 1 with a mask, 2 captioned (54 prompts), EMA 0.99"]

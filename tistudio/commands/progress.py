@@ -76,6 +76,8 @@ class RunProgress:
                                   count=f"{100 * fraction:.0f}%", detail=str(event.get("message", ""))[:40])
         elif kind in WATCHING:
             self._watching(kind, event)
+        elif kind == "train" and _data_line(event):
+            self._say(_data_line(event))
         elif kind in ("preview", "log", "result"):
             label = "warning" if event.get("level") == "warning" else kind  # e.g. a model read by a guess
             self._say(f"{label}: {event.get('path') or event.get('message') or ''}")
@@ -134,6 +136,25 @@ class RunProgress:
 
 
 WATCHING = ("dloss", "probe", "best", "warning", "stopped")
+
+
+def _data_line(event: dict) -> str:
+    """What a run trains on, from its header, when it is more than plain images (issue 26):
+    "data: 5 images in 3 buckets (64×64: 2, 88×44: 2, 44×88: 1), 2 with a mask, 4 captioned (135 prompts), EMA 0.99"."""
+    buckets, masked, captioned = event.get("buckets"), event.get("masked"), event.get("captioned")
+    if not (buckets or (event.get("masked_loss") and masked is not None) or captioned or event.get("ema")):
+        return ""
+    parts = [f"{event.get('images')} images"]
+    if isinstance(buckets, list):
+        sizes = ", ".join(f"{b['width']}×{b['height']}: {b['images']}" for b in buckets)
+        parts[0] += f" in {len(buckets)} bucket{'s' if len(buckets) != 1 else ''} ({sizes})"
+    if event.get("masked_loss"):
+        parts.append(f"{masked} with a mask")
+    if captioned:
+        parts.append(f"{captioned} captioned ({len(event.get('prompts') or [])} prompts)")
+    if event.get("ema"):
+        parts.append(f"EMA {event['ema']:g}")
+    return "data: " + ", ".join(parts)
 
 
 def _scores(event: dict) -> str:
