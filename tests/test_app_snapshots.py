@@ -303,3 +303,67 @@ def test_engine_online_with_a_run_streaming(snap_compare, demo_home, screen, siz
     whose steps keep arriving (the status bar, the workers' VRAM, the live run on Train)."""
     _live_run(demo_home)
     assert snap_compare(app_for(demo_home), terminal_size=size, run_before=online_and_streaming(SCREENS[screen]))
+
+
+# -- knowing when a word is learned (issue 25) -------------------------------------------------------
+
+WATCHED = "20260101-060000-d0e5"
+
+
+def _watched_run(home: Path) -> None:
+    """A finished run that probed itself every 250 steps and stopped on its plateau at 1250: the
+    deterministic loss under the raw one, the SD row's probe and five probes, its best step, a warning."""
+    run_dir = home / "concepts" / "sample" / "runs" / WATCHED
+    events = [{"type": "status", "status": "running"},
+              {"type": "train", "step": 0, "steps": 2000, "family": "sd1", "vectors": 1, "widths": [768],
+               "batch_size": 1, "grad_accum": 1, "effective_batch": 1, "resolution": 512, "runs": 1,
+               "init_from": None, "regularize": "none", "reg_weight": 0.0, "vocab_norms": [0.385]},
+              {"type": "watch", "step": 0, "dloss_every": 25, "probe_every": 250, "best_by": "tradeoff",
+               "stop_when": ["plateau"], "best": None, "stopped": None, "warned": {}},
+              {"type": "probe", "step": 0, "row": "SD", "reconstruction": 0.198, "editability": 0.492, "images": []}]
+    for s in range(0, 1251, 25):
+        if s and s % 50 == 0:
+            norm = 0.39 + 0.25 * (1 - math.exp(-s / 300))
+            events.append({"type": "step", "step": s, "steps": 2000, "loss": 0.09 + 0.2 * math.exp(-s / 300)
+                           + 0.05 * math.sin(s / 9), "lr": 5e-4, "steps_per_s": 9.0, "elapsed": s / 9.0,
+                           "eta": (2000 - s) / 9.0, "norm": norm, "cos_init": 1 - 0.4 * (1 - math.exp(-s / 200)),
+                           "norms": [norm], "cos_inits": [1 - 0.4 * (1 - math.exp(-s / 200))]})
+        events.append({"type": "dloss", "step": s, "dloss": 0.1 + 0.15 * math.exp(-s / 250)})
+        if s and s % 250 == 0:
+            recon, edit = 0.198 + 0.25 * (1 - math.exp(-s / 400)), 0.492 - 0.15 * (1 - math.exp(-s / 500))
+            events.append({"type": "probe", "step": s, "row": "SD+TI", "reconstruction": recon, "editability": edit,
+                           "images": []})
+    best = {"step": 1000, "rule": "tradeoff", "why": "the highest reconstruction among probes keeping editability "
+            "within 40% of the SD row's", "reconstruction": 0.198 + 0.25 * (1 - math.exp(-2.5)),
+            "editability": 0.492 - 0.15 * (1 - math.exp(-2))}
+    stopped = {"step": 1250, "rule": "plateau", "why": "the deterministic loss flattened: variance over the last 12 "
+               "values is 0.141 of the run's (< 0.15)"}
+    warning = {"step": 500, "kind": "not-learning", "message": "the last 2 probes' reconstruction is not above SD's"}
+    events += [{"type": "best", "step": 1250, "best": best}, {"type": "warning", **warning},
+               {"type": "stopped", **stopped}, {"type": "status", "status": "done"}]
+    _events(run_dir / "events.jsonl", events)
+    (run_dir / "learned_embeds.safetensors").write_bytes(b"")
+    _write_json(run_dir / "run.json", {"id": WATCHED, "kind": "train", "concept": "sample", "status": "done",
+                                       "params": {"steps": 2000, "stop_when": "plateau"}, "step": 1250, "steps": 2000,
+                                       "created": T0 + 21600, "best": best, "stopped": stopped,
+                                       "warnings": [warning], "error": None, "result": None})
+
+
+@pytest.mark.parametrize("size", [(100, 30), (160, 45)], ids=["100x30", "160x45"])
+def test_a_watched_run_on_train(snap_compare, demo_home, size):
+    """The deterministic loss over the raw loss, the trade-off path (S: SD's point, *: the best step),
+    the best step, why it stopped and its warning; the runs table's Best and Stopped columns."""
+    _watched_run(demo_home)
+    assert snap_compare(app_for(demo_home), terminal_size=size, run_before=settle("2"))
+
+
+def test_the_metrics_curve_from_a_runs_probes(snap_compare, demo_home):
+    """A run without a steps experiment: its curve over checkpoints is its probes."""
+    _watched_run(demo_home)
+
+    async def pick_the_watched_run(pilot) -> None:
+        await settle("4")(pilot)
+        pilot.app.screen.query_one("#metrics-run").value = f"sample@{WATCHED}"
+        await settle()(pilot)
+
+    assert snap_compare(app_for(demo_home), terminal_size=(100, 30), run_before=pick_the_watched_run)

@@ -62,3 +62,13 @@ def escape(text: Any) -> str:
     from textual.markup import escape as markup_escape
 
     return markup_escape(str(text))
+
+
+def watch_cells(job: dict) -> tuple[str, str]:
+    """A run's best probed step (what NAME@RUN:best picks) and why it stopped: a --stop-when rule at
+    its step, or "steps" (it ran them all); empty while unknown."""
+    best, stopped = job.get("best"), job.get("stopped")
+    best_cell = str(best["step"]) if isinstance(best, dict) and "step" in best else ""
+    if not isinstance(stopped, dict):
+        return best_cell, ""
+    return best_cell, "steps" if stopped.get("rule") == "steps" else f"{stopped.get('rule')} @ {stopped.get('step')}"

@@ -4,6 +4,8 @@
     RunTrack      one run as its events tell it (replayed history, then live): its header (what is
                   trained, how), loss, the vector's norm and cosine to its initializer, the
                   regulariser's penalty, VRAM, previews, images, logs; `apply(events)` folds more in
+    WatchTrack    a training run's knowing-when-it-is-learned events: the deterministic loss, the
+                  probes (the SD row's too), warnings, its best step and where it stopped
 
 Changed only by the App's message handlers (tistudio.app), read by the screens.
 """
@@ -54,6 +56,7 @@ class RunTrack:
     images: list[dict] = field(default_factory=list)  # generate: {path, mode, seed, prompt}
     progress: float | None = None  # 0..1 for jobs that report a fraction
     logs: list[str] = field(default_factory=list)
+    watch: "WatchTrack" = field(default_factory=lambda: WatchTrack())
     complete: bool = False  # its final status is known and its log fully read
     live: bool = False  # seen queued or running: its end happens while we watch
     version: int = 0  # bumped on every change: screens redraw when it moves
@@ -85,6 +88,9 @@ class RunTrack:
             self._step(event)
         elif kind == "train":
             self.header = {k: v for k, v in event.items() if k not in ("seq", "t", "type")}
+            self.watch.restart(event.get("step"))
+        elif kind in WATCH_EVENTS:
+            self.watch.apply(kind, event)
         elif kind == "status":
             self.status = event.get("status") or self.status
             if self.status not in FINAL:
@@ -151,6 +157,59 @@ class RunTrack:
 
         values = ema(self.loss)
         return values[-1] if values else None
+
+
+WATCH_EVENTS = ("watch", "dloss", "probe", "best", "warning", "stopped")
+
+
+@dataclass
+class WatchTrack:
+    """Knowing when the word is learned, as a run's events tell it (engine.inversion.monitor)."""
+
+    plan: dict = field(default_factory=dict)  # the `watch` event: cadences, stop rules, best rule
+    dloss_steps: list[int] = field(default_factory=list)
+    dloss: list[float] = field(default_factory=list)  # the deterministic loss
+    sd: dict | None = None  # the SD row's probe
+    probes: list[dict] = field(default_factory=list)  # the word's probes: step, reconstruction, editability, images
+    warnings: list[dict] = field(default_factory=list)  # step, kind, message
+    best: dict | None = None  # step, rule, why, reconstruction, editability
+    stopped: dict | None = None  # step, rule, why
+
+    def restart(self, step) -> None:
+        """A (resumed) attempt starts at `step`: what an earlier one logged after it never counted."""
+        if not isinstance(step, int):
+            return
+        _cut(step + 1, self.dloss_steps, self.dloss)
+        self.probes = [p for p in self.probes if p["step"] <= step]
+        self.warnings = [w for w in self.warnings if (w.get("step") or 0) <= step]
+        if self.stopped and self.stopped.get("step", 0) > step:
+            self.stopped = None
+
+    def apply(self, kind: str, event: dict) -> None:
+        step = event.get("step")
+        if kind == "watch":
+            self.plan = {k: v for k, v in event.items() if k not in ("seq", "t", "type")}
+            self.best, self.stopped = event.get("best"), event.get("stopped")
+        elif kind == "dloss" and isinstance(step, int):
+            if self.dloss_steps and step <= self.dloss_steps[-1]:
+                _cut(step, self.dloss_steps, self.dloss)
+            self.dloss_steps.append(step)
+            self.dloss.append(_number(event.get("dloss")))
+        elif kind == "probe" and event.get("row") == "SD":
+            self.sd = _probe(event)
+        elif kind == "probe":
+            self.probes = [p for p in self.probes if p["step"] < step] + [_probe(event)]
+        elif kind == "best":
+            self.best = event.get("best")
+        elif kind == "warning":
+            self.warnings.append({k: event.get(k) for k in ("step", "kind", "message")})
+        elif kind == "stopped":
+            self.stopped = {k: event.get(k) for k in ("step", "rule", "why")}
+
+
+def _probe(event: dict) -> dict:
+    return {"step": int(event["step"]), "reconstruction": float(event["reconstruction"]),
+            "editability": float(event["editability"]), "images": event.get("images") or []}
 
 
 def _number(value) -> float:

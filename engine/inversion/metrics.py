@@ -9,6 +9,9 @@ As in the study (section 6) and Gal et al.:
                   prompts (the paper's definition, our default).  The original TI code
                   averages per-image text-image cosines instead: `editability_per_image`.
 
+With `--dino`, a DINO reconstruction column beside CLIP's (engine.inversion.dino: the
+DreamBooth metric, mean pairwise cosine of DINO ViT-S/16 CLS features over the same pairs).
+
 The paper does not say how the placeholder is treated when an edit prompt is
 embedded as text; the original TI code removes it, and so do we (the report says so).
 The SD row is the same measurement with the concept's description written where
@@ -24,6 +27,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import UserError
+from engine.inversion.dino import prepare_dino
 from engine.inversion.judge import JudgeSpec, judge, prepare_judge
 from engine.sd.generation import (
     SAMPLER,
@@ -157,10 +161,11 @@ def judge_sets(clip, sets: ImageSets, texts: torch.Tensor, train_embs: torch.Ten
 
 def measure_rows(model, library, concept, refs: list[str | None], prompts: list[str], spec: JudgeSpec,
                  out_dirs: list[Path], *, images: int, seed: int, sample_steps: int = 25, guidance: float = 7.5,
-                 batch_size: int | None = None, progress=None, cancelled=None) -> tuple[list[dict], dict]:
+                 batch_size: int | None = None, progress=None, cancelled=None, dino=None) -> tuple[list[dict], dict]:
     """Every row's images first (one row per --use string in `refs`, None for SD alone), then the
-    judge: built, every set embedded, freed, so it never shares the device with generation.
-    Returns the rows' scores and the judge's description."""
+    judge: built, every set embedded, freed, so it never shares the device with generation (and
+    with `dino`, an engine.inversion.dino.DinoSpec, the DINO model after it, the same way).
+    Returns the rows' scores and the judge's description (its "dino": DINO's, when measured)."""
     generating = sub_progress(progress, 0.0, GENERATING)
     sets = [
         generate_sets(model, library, concept, ref, prompts, out_dir=out_dir, images=images, seed=seed,
@@ -175,11 +180,26 @@ def measure_rows(model, library, concept, refs: list[str | None], prompts: list[
         texts = clip.texts([without_placeholder(t) for t in prompts])
         rows = [judge_sets(clip, row, texts, train_embs) for row in sets]
         described = clip.describe()
+    if dino is not None:
+        described["dino"] = dino_reconstruction(dino, model.device, concept, sets, rows)
     return rows, described
 
 
+def dino_reconstruction(spec, device, concept, sets: list[ImageSets], rows: list[dict]) -> dict:
+    """Each row's DINO reconstruction (its reconstruction set against the training images), into
+    the row as "dino"; returns the DINO model's description."""
+    from engine.inversion.dino import dino
+
+    with dino(spec, device) as model:
+        train_embs = model.images(training_images(concept))
+        for row, images in zip(rows, sets):
+            row["dino"] = reconstruction(model.images(images.paths[0]), train_embs)
+        return model.describe()
+
+
 def scores_only(row: dict) -> dict:
-    return {k: row[k] for k in ("reconstruction", "editability", "editability_per_image")}
+    keys = ("reconstruction", "editability", "editability_per_image", "dino")
+    return {k: row[k] for k in keys if k in row}
 
 
 def check_templates(prompts: list[str]) -> list[str]:
@@ -198,7 +218,8 @@ def check_templates(prompts: list[str]) -> list[str]:
 def evaluate(model, library, concept_name: str, run_id: str | None = None, step: int | None = None,
              images: int = 16, prompts_file: os.PathLike | str | None = None, clip: str = "ViT-B-32",
              clip_weights: os.PathLike | str | None = None, seed: int = 0, progress=None, cancelled=None, *,
-             sample_steps: int = 25, guidance: float = 7.5, batch_size: int | None = None) -> dict:
+             sample_steps: int = 25, guidance: float = 7.5, batch_size: int | None = None,
+             dino: str | None = None) -> dict:
     """Table 1 for one embedding (a run's final one, or a checkpoint), kept in `<run>/eval/<id>/`."""
     if images < 1:
         raise UserError("--images must be at least 1")
@@ -207,13 +228,15 @@ def evaluate(model, library, concept_name: str, run_id: str | None = None, step:
     prompts = load_prompts(prompts_file) if prompts_file else edit_prompts(concept.property, model.info.spec)
     training_paths(concept)
     spec = prepare_judge(clip, clip_weights)  # a judge that cannot load is refused before any image
+    dino_spec = prepare_dino(dino)  # and a DINO model that is not in the cache
     eval_id = timestamp_id()
     eval_dir = concept.runs_dir / used.run / "eval" / eval_id
     measured, described = measure_rows(
         model, library, concept, [None, used.ref], prompts, spec, [eval_dir / "images" / m for m in ("sd", "ti")],
         images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
-        progress=progress, cancelled=cancelled,
+        progress=progress, cancelled=cancelled, dino=dino_spec,
     )
+    dino_described = described.pop("dino", None)
     rows = dict(zip(("SD", "SD+TI"), measured))
     table = {
         "id": eval_id,
@@ -231,6 +254,7 @@ def evaluate(model, library, concept_name: str, run_id: str | None = None, step:
         "images_per_set": images,
         "train_images": len(concept.images),
         "clip": described,
+        **({"dino": dino_described} if dino_described else {}),
         "model": model.info.identity(),
         "generation": {"steps": sample_steps, "guidance": guidance, "sampler": SAMPLER},
         "concept": concept.name,
@@ -254,15 +278,16 @@ def evaluate(model, library, concept_name: str, run_id: str | None = None, step:
 
 def table_markdown(table: dict) -> str:
     step = "final" if table["final"] else f"step {table['step']}"
+    dino = table.get("dino")
     lines = [
         f"# Table 1 — {table['concept']} ({table['token']}), run {table['run']}, {step}",
         "",
-        "| Model | Reconstruction | Editability | Editability (per image) |",
-        "| --- | ---: | ---: | ---: |",
+        "| Model | Reconstruction | Editability | Editability (per image) |" + (" DINO recon. |" if dino else ""),
+        "| --- | ---: | ---: | ---: |" + (" ---: |" if dino else ""),
     ]
     for row in table["rows"]:
         lines.append(f"| {row['model']} | {row['reconstruction']:.4f} | {row['editability']:.4f} | "
-                     f"{row['editability_per_image']:.4f} |")
+                     f"{row['editability_per_image']:.4f} |" + (f" {row['dino']:.4f} |" if dino else ""))
     lines += ["", "The study's Table 1, for reference (SD 1.x, its own concepts):", "",
               "| Model | Reconstruction | Editability |", "| --- | ---: | ---: |"]
     for label, (r, e) in PAPER_TABLE.items():
@@ -284,9 +309,16 @@ def table_markdown(table: dict) -> str:
         f"- Seeds {seeds[0]}–{seeds[-1]} for every set; {table['generation']['sampler']}, "
         f"{table['generation']['steps']} steps, CFG {table['generation']['guidance']:g}.",
         f"- {judge_line(table['clip'])}; model {table['model']['spec']} ({table['model']['fingerprint']}).",
+        *([f"- DINO reconstruction (DreamBooth's): {dino_line(dino)}, over the reconstruction set's pairs."]
+          if dino else []),
         "",
     ]
     return "\n".join(lines)
+
+
+def dino_line(dino: dict) -> str:
+    """The DINO model as a report says it."""
+    return f"{dino['name']}, {dino['feature']}; {dino['preprocess']}"
 
 
 def judge_line(clip: dict) -> str:

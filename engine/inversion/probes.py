@@ -128,14 +128,13 @@ class Prober:
 
     def generate(self, k: int, step: int | None) -> ProbeSet:
         """Run k's probe images (step None: the SD row, with the description for the word)."""
-        from engine.sd.generation import sample_prompts
         from engine.settings.prompts import fill
 
         slot, cfg = self.inv.slots[k], self.inv.slots[k].config
         word = self.inv.words[k] if step is not None else (slot.description or cfg.init)
         counts = [cfg.probe_images] + [cfg.probe_edit_images] * (len(self.prompts(k)) - 1)
         pairs = [(fill(t, word), seed) for t, n in zip(self.prompts(k), counts) for seed in range(n)]
-        images = sample_prompts(self.inv.model, pairs, self.inv.tokenizers, cfg.probe_steps, GUIDANCE)
+        images = self.inv.run_words.sample_pairs(k, pairs, cfg.probe_steps, GUIDANCE)  # a per-layer word too
         folder = slot.run_dir / PROBES_DIR / ("sd" if step is None else f"step-{step}")
         paths, it = [], iter(images)
         for i, n in enumerate(counts):
@@ -192,17 +191,14 @@ def judge_or_warning(model, needs_probes: bool) -> tuple[object | None, str | No
 @torch.no_grad()
 def preview(inversion, step: int) -> None:
     """One image per live run from a fixed prompt and seed, saved as previews/step-N.png."""
-    from engine.sd.generation import sample_prompt
-
     for k, slot in inversion.live():
         cfg = slot.config
         word = inversion.words[k]
         prompt = (cfg.preview_prompt or default_preview_prompt(cfg.property, "{token}")).replace(
             "{token}", word
         ).replace(cfg.token, word)
-        image = sample_prompt(
-            inversion.model, prompt, inversion.tokenizers, seeds=[cfg.preview_seed], steps=cfg.preview_steps,
-            guidance=7.5,
+        image = inversion.run_words.sample(  # sample_prompt, once per layer for a per-layer word
+            k, prompt, seeds=[cfg.preview_seed], steps=cfg.preview_steps, guidance=7.5,
         )[0]
         path = _save(slot.run_dir / "previews" / f"step-{step}.png", image)
         slot.reporter.emit("preview", step=step, path=path, prompt=prompt.replace(word, cfg.token))

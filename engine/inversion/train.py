@@ -28,7 +28,6 @@ What must stay true (see docs/architecture.md):
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,13 +49,8 @@ from engine.inversion.optim import RowAdamW
 from engine.inversion.probes import preview
 from engine.inversion.regularize import Regularizer, vector_figures, vocab_norms
 from engine.inversion.staging import Staging
-from engine.sd.placeholder import (
-    WordLayout,
-    add_slots,
-    initial_vectors,
-    installed_in_all,
-    slot_tokens,
-)
+from engine.inversion.words import RunWords
+from engine.sd.placeholder import WordLayout, initial_vectors
 from engine.sd.vae import plan_for
 from engine.settings.train import COMPILE_MODES, LR_SCHEDULES, TrainConfig  # noqa: F401 (re-exported)
 from engine.store import checkpoints
@@ -119,12 +113,9 @@ class Inversion:
         self.family = model.family
         self.encoders = model.encoders
         self.n = self.cfg0.vectors
-        self.layout = WordLayout(tuple(model.info.text_widths), self.n)
-        self.tokenizers = [copy.deepcopy(tok) for _, tok in self.encoders]
-        for tok in self.tokenizers:
-            add_slots(tok, self.k * self.n)
-        names = slot_tokens(self.k * self.n)
-        self.words = [" ".join(names[k * self.n : (k + 1) * self.n]) for k in range(self.k)]
+        self.layout = WordLayout(tuple(model.info.text_widths), self.n, _layer_count(model, self.cfg0))
+        self.run_words = RunWords(model, self.layout, self.device, self.k)  # slots, prompts, per-layer hook
+        self.tokenizers, self.words = self.run_words.tokenizers, [w[0] for w in self.run_words.words]
         rows = [self._initial_row(slot) for slot in slots]
         self.vectors = torch.stack(rows).to(self.device).requires_grad_(True)  # [K, P] fp32
         self.init_rows = self.vectors.detach().clone()  # where each run started (figures, regularisers)
@@ -154,7 +145,7 @@ class Inversion:
     def _check_compatible(self) -> None:
         """Batched runs share one step counter and schedule; only seed, init word and data differ."""
         shared = ("steps", "lr", "batch_size", "grad_accum", "weight_decay", "lr_schedule", "warmup_steps",
-                  "resolution", "vectors", "deterministic", "dloss_every", "probe_every")
+                  "resolution", "vectors", "deterministic", "dloss_every", "probe_every", "per_layer")
         first = self.slots[0].config
         for slot in self.slots[1:]:
             for name in (*shared, "masked_loss", "buckets", "ema"):
@@ -164,22 +155,13 @@ class Inversion:
             raise UserError("--buckets trains one run at a time (a batch holds one image size); run them separately")
 
     def _initial_row(self, slot: RunSlot) -> torch.Tensor:
-        """Run k's starting word as one row: the initializer's rows, or an existing embedding."""
-        cfg = slot.config
-        if cfg.init_from:
-            from engine.inversion.init_from import starting_blocks
-
-            blocks = starting_blocks(cfg.init_from, self.model.info, self.n, slot.home or _library_home(slot.run_dir))
-        else:
-            blocks = [initial_vectors(encoder, _init_ids(tok, cfg.init, self.n))
-                      for (encoder, _), tok in zip(self.encoders, self.tokenizers)]
-        return self.layout.join([b.float().cpu() for b in blocks])
+        """Run k's starting word as one row (`initial_row`)."""
+        return initial_row(self.model, slot, self.layout, self.tokenizers, self.run_words.layer_keys)
 
     def _tokenize_templates(self, k: int, templates: list[str] | None = None) -> list[torch.Tensor]:
-        """Run k's prompt templates with its word, tokenized once per encoder: [T, 77] each."""
+        """Run k's prompt templates with its word, tokenized once per encoder: [T, 77] (per-layer: [T, L, 77])."""
         cfg = self.slots[k].config
-        prompts = [t.format(self.words[k]) for t in (templates or cfg.templates or templates_for(cfg.property))]
-        return [ids.to(self.device) for ids in self.family.tokenize(self.tokenizers, prompts)]
+        return self.run_words.tokenize(k, templates or cfg.templates or templates_for(cfg.property))
 
     # --- checkpoints -------------------------------------------------------------------------
 
@@ -228,7 +210,9 @@ class Inversion:
                 raise FloatingPointError("the embedding is not finite")
             blocks = self.layout.split(row)
             name = "learned_embeds.safetensors" if final else f"embeddings/learned_embeds-steps-{step}.safetensors"
-            path = write_embedding(slot.run_dir / name, blocks, slot.config.token, run_format(blocks), step=step)
+            keys = self.run_words.layer_keys
+            path = write_embedding(slot.run_dir / name, blocks, slot.config.token, run_format(blocks, keys), step=step,
+                                   layers=keys)
             slot.reporter.emit("embedding", step=step, path=str(path), final=final)
 
     # --- one step ----------------------------------------------------------------------------
@@ -273,7 +257,7 @@ class Inversion:
         latents, noise, t = batch.latents, batch.noise, batch.timesteps
         dtype = self.model.dtype
         noisy = self.scheduler.add_noise(latents, noise, t)
-        conditioning = self.family.condition(self.encoders, batch.ids, batch.micro)
+        conditioning = self.run_words.condition(batch.ids, batch.micro)
         pred = self.unet(noisy.to(dtype), t, **conditioning).sample
         if self.scheduler.config.prediction_type == "v_prediction":
             target = self.scheduler.get_velocity(latents, noise, t)
@@ -355,9 +339,8 @@ class Inversion:
         unet = self.model.unet
         if self.cfg0.low_vram:
             unet.enable_gradient_checkpointing()
-        blocks = [lambda e=e: self.layout.block(self.vectors, e) for e in range(len(self.encoders))]
         try:
-            with installed_in_all(self.encoders, blocks):
+            with self.run_words.installed(self.vectors):
                 yield
         finally:
             if self.cfg0.low_vram:
@@ -373,8 +356,9 @@ class Inversion:
                 grad_accum=cfg.grad_accum, effective_batch=cfg.effective_batch(), resolution=self.resolution,
                 runs=self.k, init_from=slot.config.init_from, regularize=slot.config.regularize,
                 reg_weight=slot.config.reg_weight, vocab_norms=vocab_norms(self.encoders),
-                vae=self.vae_plan.describe(), **self.determinism, **self.data[k].describe(),
-                prompts=self.data[k].prompts, masked_loss=cfg.masked_loss, ema=cfg.ema,
+                vae=self.vae_plan.describe(), init_mode=slot.config.init_mode, layers=list(self.run_words.layer_keys),
+                **self.determinism, **self.data[k].describe(), prompts=self.data[k].prompts,
+                masked_loss=cfg.masked_loss, ema=cfg.ema,
             )
 
     def _log(self, step: int, loss: torch.Tensor, steps_per_s: float, elapsed: float, lr: float) -> None:
@@ -394,6 +378,36 @@ class Inversion:
     def _status(self, status: str, **extra) -> None:
         for slot in self.slots:
             slot.reporter.emit("status", status=status, **extra)
+
+
+def _layer_count(model, cfg: TrainConfig) -> int:
+    """How many vector sets a word has: one, or (--per-layer) one per UNet cross-attention layer."""
+    if not cfg.per_layer:
+        return 1
+    from engine.sd.per_layer import unet_layers
+
+    model.info.require_layers()  # a one-line refusal (SDXL, an unmappable UNet) before any work
+    return len(unet_layers(model))
+
+
+def initial_row(model, slot: RunSlot, layout: WordLayout, tokenizers, layer_keys=()) -> torch.Tensor:
+    """A run's starting word as one row: the initializer's rows (--init-mode token), their text
+    encoder outputs (cross, engine.inversion.cross_init), or an existing embedding (--init-from);
+    a per-layer word starts every layer from the same vectors, as kohya's XTI does."""
+    cfg, n = slot.config, layout.n
+    if cfg.init_from:
+        from engine.inversion.init_from import starting_blocks
+
+        blocks = starting_blocks(cfg.init_from, model.info, n, slot.home or _library_home(slot.run_dir), layer_keys)
+        return layout.join([b.float().cpu() for b in blocks])
+    if cfg.init_mode == "cross":
+        from engine.inversion.cross_init import cross_init_blocks
+
+        blocks = cross_init_blocks(model.family, list(zip([e for e, _ in model.encoders], tokenizers)), cfg.init, n)
+    else:
+        blocks = [initial_vectors(encoder, _init_ids(tok, cfg.init, n))
+                  for (encoder, _), tok in zip(model.encoders, tokenizers)]
+    return layout.join([b.float().cpu().repeat(layout.layers, 1) for b in blocks])
 
 
 def _init_ids(tokenizer, init: str, n: int) -> list[int]:

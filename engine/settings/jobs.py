@@ -28,7 +28,7 @@ WHERE = tuple(k for k in RUNTIME_PARAMS if k not in SWEEP_KEYS)  # model, precis
 EXPERIMENTS = ("steps", "init", "seeds", "regularize", "synthesis")
 SWEEP_EXPERIMENTS = {"init": "inits", "seeds": "seeds", "regularize": "regularizes"}  # kind -> the list it varies
 MEASURING = ("run", "step", "images", "prompts_file", "clip", "clip_weights", "seed", "sample_steps", "guidance",
-             "sample_batch_size")
+             "sample_batch_size", "dino")
 EXTRA_KINDS_ENV = "TISTUDIO_EXTRA_HANDLERS"  # the test suite's own job kinds: unchecked
 
 

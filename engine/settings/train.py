@@ -183,8 +183,8 @@ def parse_method(entry: str) -> dict:
     for part, name in zip(parts, named):
         _, colon, weight = part.partition(":")
         if name not in METHOD_PARTS:
-            raise UserError(f"unknown regulariser or method {name!r}; choose from {', '.join(METHOD_PARTS)} "
-                            "(joined with '+')")
+            raise UserError(f"unknown regulariser {name!r}; choose from {', '.join(METHOD_PARTS)} "
+                            "(parts joined with '+')")
         if colon and name not in (*WEIGHTED, "cross"):
             raise UserError(f"{name} takes no strength; give one only to {', '.join(WEIGHTED)} or cross, "
                             "e.g. init-l2:0.003")

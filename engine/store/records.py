@@ -7,6 +7,7 @@
     compare_tables(a, b)      two Table 1s side by side, each figure with its difference
     written_prompt(row, tok)  a per-prompt row's prompt as the user wrote it, token included
     steps_curves(concept_dir) every steps curve (`experiments/steps-*/curve.json`), oldest first
+    probe_curve(concept_dir, run) a run's probes as such a curve (when no steps experiment made one)
     experiment_reports(...)   every experiment report folder (steps, init, seeds, regularize,
                               synthesis, runs), oldest first, as ExperimentReport
     report_of_result(result)  the same for an experiment job's result
@@ -129,6 +130,20 @@ def written_prompt(row: dict, token: str | None) -> str:
 def steps_curves(concept_dir: os.PathLike | str) -> list[dict]:
     """Every curve the steps experiment wrote for the concept, oldest first."""
     return _read_dicts(sorted(Path(concept_dir).glob(STEPS_CURVES)))
+
+
+def probe_curve(concept_dir: os.PathLike | str, run: str | None = None) -> dict | None:
+    """Run `run`'s probes (default: the newest finished training run's) as a curve over checkpoints,
+    the way the steps experiment writes one: what the Metrics screen draws when there is none."""
+    from engine.store.history import probes
+
+    run = run or latest_done_run(concept_dir)
+    run_dir = Path(concept_dir) / "runs" / str(run)
+    if run is None or not run_dir.is_dir():
+        return None
+    points = [{"step": p["step"], "reconstruction": p.get("reconstruction"), "editability": p.get("editability")}
+              for p in probes(run_dir) if p.get("row") != "SD"]
+    return {"run": run, "source": "probes", "points": points} if points else None
 
 
 def curve_points(curve: dict) -> list[dict]:

@@ -20,13 +20,16 @@ run the way `metrics.evaluate` does.  Reports live in
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import UserError
+from engine.inversion.dino import prepare_dino
 from engine.inversion.judge import prepare_judge
 from engine.inversion.metrics import (
     NOTES,
     check_templates,
+    dino_line,
     judge_line,
     measure_rows,
     scores_only,
@@ -57,26 +60,34 @@ def _experiment_dir(concept, kind: str) -> tuple[str, Path]:
     return exp_id, ensure_private_dir(concept.path / "experiments" / exp_id)
 
 
-def _setup(model, library, name, prompts, clip, clip_weights, images):
+@dataclass(frozen=True)
+class Judges:
+    """What measures an experiment's images: the CLIP judge, and DINO beside it (--dino) or not."""
+
+    clip: object  # engine.inversion.judge.JudgeSpec
+    dino: object | None = None  # engine.inversion.dino.DinoSpec
+
+
+def _setup(model, library, name, prompts, clip, clip_weights, images, dino=None):
     """What every experiment checks before its first step or image: concept, prompts, training
-    images, and a judge that will load (only checked: it is built after the last image)."""
+    images, and a judge (and DINO model) that will load (only checked: built after the last image)."""
     if images < 1:
         raise UserError("--images must be at least 1")
     concept = library.get(name)
     prompts = check_templates(prompts) if prompts is not None else edit_prompts(concept.property, model.info.spec)
     training_paths(concept)
-    return concept, prompts, prepare_judge(clip, clip_weights)
+    return concept, prompts, Judges(prepare_judge(clip, clip_weights), prepare_dino(dino))
 
 
-def _measure_columns(model, library, concept, refs: list[str | None], prompts, judge_spec, exp_dir: Path,
+def _measure_columns(model, library, concept, refs: list[str | None], prompts, judges: Judges, exp_dir: Path,
                      names: list[str], images: int, seed: int, sample_steps: int, guidance: float,
                      batch_size: int, progress, cancelled) -> tuple[list[dict], dict]:
     """Measure each embedding (a --use string; None: SD alone); one result per column of the
-    grid, and the judge's description."""
+    grid, and the judges' description."""
     return measure_rows(
-        model, library, concept, refs, prompts, judge_spec, [exp_dir / "images" / folder for folder in names],
+        model, library, concept, refs, prompts, judges.clip, [exp_dir / "images" / folder for folder in names],
         images=images, seed=seed, sample_steps=sample_steps, guidance=guidance, batch_size=batch_size,
-        progress=progress, cancelled=cancelled,
+        progress=progress, cancelled=cancelled, dino=judges.dino,
     )
 
 
@@ -89,9 +100,12 @@ def _grid(columns: list[dict], col_labels: list[str], templates: list[str], toke
 
 
 def _common(concept, model, clip: dict, prompts, images, seed, sample_steps, guidance) -> dict:
+    clip = dict(clip)
+    dino = clip.pop("dino", None)  # measure_rows' description of DINO, when it measured
     return {
         "concept": concept.name, "token": concept.token, "model": model.info.identity(),
-        "clip": clip, "neutral_prompt": neutral_prompt(concept.property), "prompts": prompts,
+        "clip": clip, **({"dino": dino} if dino else {}), "neutral_prompt": neutral_prompt(concept.property),
+        "prompts": prompts,
         "seeds": list(range(seed, seed + images)), "images_per_set": images,
         "generation": {"steps": sample_steps, "guidance": guidance}, "notes": NOTES,
     }
@@ -103,7 +117,7 @@ def _common(concept, model, clip: dict, prompts, images, seed, sample_steps, gui
 def steps_experiment(model, library, name: str, run_id: str | None = None, at: list[int] | None = None,
                      prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32",
                      clip_weights=None, seed: int = 0, sample_steps: int = 25, guidance: float = 7.5,
-                     batch_size: int | None = None, progress=None, cancelled=None) -> dict:
+                     batch_size: int | None = None, progress=None, cancelled=None, dino: str | None = None) -> dict:
     """Reconstruction and editability at each saved checkpoint of one run (section 4.1)."""
     concept = library.get(name)
     if run_id is None:
@@ -120,7 +134,7 @@ def steps_experiment(model, library, name: str, run_id: str | None = None, at: l
     if missing or not steps:
         raise UserError(f"run {run_id} has no embedding at step(s) {', '.join(map(str, missing)) or 'any'}; "
                         f"saved: {', '.join(map(str, saved)) or 'none'}")
-    concept, prompts, judge_spec = _setup(model, library, name, prompts, clip, clip_weights, images)
+    concept, prompts, judge_spec = _setup(model, library, name, prompts, clip, clip_weights, images, dino)
     exp_id, exp_dir = _experiment_dir(concept, "steps")
     columns, judged_by = _measure_columns(
         model, library, concept, [f"{concept.name}@{run_id}:{s}" for s in steps], prompts, judge_spec,
@@ -194,7 +208,7 @@ def _sweep_values(kind: str, values: list) -> list:
 def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict | None = None, *,
                      prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
                      seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int | None = None,
-                     progress=None, cancelled=None, seeds: list[int] | None = None) -> dict:
+                     progress=None, cancelled=None, seeds: list[int] | None = None, dino: str | None = None) -> dict:
     """One run per initializer word (kind "init", section 4.2), per training seed ("seeds",
     section 4.3) or per regulariser ("regularize"), the other settings shared (`train`),
     trained together as the members of experiment job `ctx`, then measured side by side
@@ -207,7 +221,8 @@ def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict |
     fixed = {"token", "property", SWEEP_AXES[kind], SWEEP_FIXES[kind]} & set(train or {})
     if fixed:
         raise UserError(f"train options cannot set {', '.join(sorted(fixed))}: the experiment sets them")
-    concept, prompts, judge_spec = _setup(model, library, ctx.spec["concept"], prompts, clip, clip_weights, images)
+    concept, prompts, judge_spec = _setup(model, library, ctx.spec["concept"], prompts, clip, clip_weights, images,
+                                          dino)
     # A resumed job keeps its report folder (and its members, found by train_sweep).
     exp_id = load_run(ctx.run_dir).get("experiment") or f"{kind}-{timestamp_id()}"
     ctx.set_progress(experiment=exp_id)
@@ -237,7 +252,7 @@ def sweep_experiment(ctx, model, library, kind: str, values: list, train: dict |
 def runs_experiment(model, library, name: str, run_ids: list[str], labels: list[str] | None = None, *,
                     prompts: list[str] | None = None, images: int = 4, clip: str = "ViT-B-32", clip_weights=None,
                     seed: int = 0, sample_steps: int = 25, guidance: float = 7.5, batch_size: int | None = None,
-                    progress=None, cancelled=None, baseline: bool = False) -> dict:
+                    progress=None, cancelled=None, baseline: bool = False, dino: str | None = None) -> dict:
     """Finished runs of one concept side by side (e.g. the members of a sweep job): grid and table
     (with `baseline`, the SD row first)."""
     concept = library.get(name)
@@ -248,7 +263,7 @@ def runs_experiment(model, library, name: str, run_ids: list[str], labels: list[
         raise UserError(f"{len(labels)} labels for {len(run_ids)} runs; give one label per run")
     for run_id in run_ids:
         load_used(concept, run_id)  # each must be a finished run of this concept
-    concept, prompts, judge_spec = _setup(model, library, name, prompts, clip, clip_weights, images)
+    concept, prompts, judge_spec = _setup(model, library, name, prompts, clip, clip_weights, images, dino)
     exp_id, exp_dir = _experiment_dir(concept, "runs")
     return _report_runs(
         model, library, concept, "runs", exp_id, exp_dir, list(run_ids), labels, prompts, judge_spec,
@@ -298,15 +313,16 @@ def _report_runs(model, library, concept, kind: str, exp_id: str, exp_dir: Path,
 
 def sweep_markdown(table: dict) -> str:
     kind = {"init": "initializer word", "seeds": "training seed", "runs": "training run",
-            "regularize": "method (the trade-off)"}[table["kind"]]
+            "regularize": "regulariser (the trade-off: every method)"}[table["kind"]]
+    dino = table.get("dino")
     lines = [
         f"# {table['concept']} ({table['token']}): effect of the {kind}", "",
-        "| Run | | Reconstruction | Editability | Editability (per image) |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| Run | | Reconstruction | Editability | Editability (per image) |" + (" DINO recon. |" if dino else ""),
+        "| --- | --- | ---: | ---: | ---: |" + (" ---: |" if dino else ""),
     ]
     for r in table.get("rows") or table["runs"]:
         lines.append(f"| {r.get('run', '')} | {r['label']} | {r['reconstruction']:.4f} | {r['editability']:.4f} | "
-                     f"{r['editability_per_image']:.4f} |")
+                     f"{r['editability_per_image']:.4f} |" + (f" {r['dino']:.4f} |" if dino else ""))
     if table.get("frontier"):
         lines += ["", "## The frontier (mean ± standard error over each method's runs; ★ the Pareto front)", "",
                   *frontier_lines(table["frontier"]), "", "```", frontier_text(table["frontier"]), "```",
@@ -320,7 +336,8 @@ def sweep_markdown(table: dict) -> str:
         f"- {table['images_per_set']} images per prompt, seeds {table['seeds'][0]}–{table['seeds'][-1]}; "
         f"grid.png: rows are prompts, columns runs.",
         f"- Note: {table['notes']}.",
-        f"- Judge: {judge_line(table['clip'])}.", "",
+        f"- Judge: {judge_line(table['clip'])}.",
+        *([f"- DINO reconstruction (DreamBooth's): {dino_line(dino)}."] if dino else []), "",
     ]
     return "\n".join(lines)
 

@@ -1,5 +1,6 @@
-"""The frontier drawn: reconstruction (x) against editability (y), one point per method, SD's
-point, each point's standard-error bars, and the Pareto front as a line through its points.
+"""The frontier drawn: editability (x) against reconstruction (y), as the studio's trade-off charts
+draw it, one point per method, SD's point, each point's standard-error bars, and the Pareto
+front as a line through its points.
 
 `frontier_text` is a plotext chart for terminals and table.md (with the table itself in
 engine.store.frontier); `frontier_png` draws the same with PIL for frontier.png.  Both read
@@ -16,8 +17,8 @@ FRONT, POINT, SD_COLOUR, AXIS = (200, 60, 40), (40, 90, 200), (40, 150, 70), (60
 
 
 def _front_line(points: list[dict]) -> list[dict]:
-    """The front's points from left to right (a staircase: more reconstruction, less editability)."""
-    return sorted((p for p in points if p["front"]), key=lambda p: p["reconstruction"])
+    """The front's points from left to right (more editability, less reconstruction)."""
+    return sorted((p for p in points if p["front"]), key=lambda p: p["editability"])
 
 
 def frontier_text(data: dict, width: int = 78, height: int = 22) -> str:
@@ -30,13 +31,13 @@ def frontier_text(data: dict, width: int = 78, height: int = 22) -> str:
     plt.clear_figure()
     line = _front_line(points)
     if len(line) > 1:
-        plt.plot([p["reconstruction"] for p in line], [p["editability"] for p in line], label="Pareto front",
+        plt.plot([p["editability"] for p in line], [p["reconstruction"] for p in line], label="Pareto front",
                  marker="braille")
     for p in points:
-        plt.scatter([p["reconstruction"]], [p["editability"]], label=p["label"], marker="●" if p["front"] else "○")
-    plt.title("the trade-off: reconstruction vs editability (● on the front)")
-    plt.xlabel("reconstruction")
-    plt.ylabel("editability")
+        plt.scatter([p["editability"]], [p["reconstruction"]], label=p["label"], marker="●" if p["front"] else "○")
+    plt.title("the trade-off (● on the Pareto front)")
+    plt.xlabel("editability")
+    plt.ylabel("reconstruction")
     plt.plotsize(width, height)
     chart = plt.uncolorize(plt.build())
     plt.clear_figure()
@@ -65,9 +66,9 @@ def frontier_png(data: dict, path: Path) -> Path:
             else:
                 draw.line([left - 4, y, left, y], fill=AXIS)
                 draw.text((left - 40, y - 7), f"{v:.2f}", fill=AXIS, font=font)
-    draw.text((SIZE[0] // 2 - 50, SIZE[1] - 22), "reconstruction", fill=AXIS, font=font)
-    draw.text((6, top - 22), "editability", fill=AXIS, font=font)
-    line = [to_xy(p["reconstruction"], p["editability"]) for p in _front_line(points)]
+    draw.text((SIZE[0] // 2 - 40, SIZE[1] - 22), "editability", fill=AXIS, font=font)
+    draw.text((6, top - 22), "reconstruction", fill=AXIS, font=font)
+    line = [to_xy(p["editability"], p["reconstruction"]) for p in _front_line(points)]
     if len(line) > 1:
         draw.line(line, fill=FRONT, width=2)
     for p in points:
@@ -76,12 +77,12 @@ def frontier_png(data: dict, path: Path) -> Path:
 
 
 def _draw_point(draw, font, p: dict, to_xy) -> None:
-    x, y = to_xy(p["reconstruction"], p["editability"])
+    x, y = to_xy(p["editability"], p["reconstruction"])
     colour = SD_COLOUR if p.get("sd") else (FRONT if p["front"] else POINT)
-    for key, se_key in (("reconstruction", "se_reconstruction"), ("editability", "se_editability")):
+    for key, se_key in (("editability", "se_editability"), ("reconstruction", "se_reconstruction")):
         se = p.get(se_key)
         if se:
-            if key == "reconstruction":
+            if key == "editability":
                 (x0, _), (x1, _) = to_xy(p[key] - se, None), to_xy(p[key] + se, None)
                 draw.line([x0, y, x1, y], fill=colour)
             else:
@@ -101,7 +102,7 @@ def _scale(points: list[dict]):
         pad = max(0.01, (hi - lo) * 0.12)
         return lo - pad, hi + pad
 
-    (x_lo, x_hi), (y_lo, y_hi) = span("reconstruction", "se_reconstruction"), span("editability", "se_editability")
+    (x_lo, x_hi), (y_lo, y_hi) = span("editability", "se_editability"), span("reconstruction", "se_reconstruction")
     left, top, right, bottom = MARGIN
     w, h = SIZE[0] - left - right, SIZE[1] - top - bottom
 

@@ -205,7 +205,7 @@ def handle_eval(ctx) -> dict:
         table = evaluate(model, Library(ctx.home), ctx.spec["concept"], run_id=p.get("run"), step=p.get("step"),
                          images=int(p.get("images", 16)), prompts_file=p.get("prompts_file"), clip=clip,
                          clip_weights=clip_weights, seed=int(p.get("seed", 0)), progress=_Progress(ctx),
-                         cancelled=ctx.cancelled, **_sampling(p))
+                         cancelled=ctx.cancelled, dino=p.get("dino"), **_sampling(p))
     ctx.emit("table", rows=table["rows"], dir=table["dir"])
     return {"table": {k: v for k, v in table.items() if k not in ("images",)}, "report_dir": table["dir"]}
 
@@ -225,6 +225,8 @@ def handle_experiment(ctx) -> dict:
                   progress=_Progress(ctx), cancelled=ctx.cancelled, **_sampling(p))
     if p.get("prompts"):
         common["prompts"] = list(p["prompts"])
+    if p.get("dino") and kind != "synthesis":  # a DINO column beside CLIP's reconstruction
+        common["dino"] = p["dino"]
     model = job_model(ctx, p)
     library = Library(ctx.home)
     with _friendly_failures():

@@ -114,6 +114,9 @@ def _clip_args(p) -> None:
     p.add_argument("--clip", help="open_clip model (e.g. ViT-B-32:openai, ViT-L-14) or builtin:tiny/builtin:demo "
                    "(default: the model's own for built-ins, else ViT-B-32:openai)")
     p.add_argument("--clip-weights", help="a local open_clip checkpoint for --clip (offline use)")
+    p.add_argument("--dino", metavar="MODEL",
+                   help="add a DINO reconstruction column (DreamBooth's metric), e.g. facebook/dino-vits16 from "
+                        "the Hugging Face cache (`hf download facebook/dino-vits16` first)")
 
 
 def _experiment_args(p) -> None:
@@ -135,7 +138,13 @@ def _sampling_params(args) -> dict:
 
 
 def _clip_params(args) -> dict:
-    return {"clip": args.clip, "clip_weights": args.clip_weights and os.path.abspath(args.clip_weights)}
+    dino = getattr(args, "dino", None)
+    if dino:  # not in the cache: one line now, nothing submitted
+        from engine.inversion.dino import prepare_dino
+
+        prepare_dino(dino)
+    return {"clip": args.clip, "clip_weights": args.clip_weights and os.path.abspath(args.clip_weights),
+            **({"dino": dino} if dino else {})}
 
 
 def generate(args) -> int:
@@ -181,11 +190,13 @@ def evaluate(args) -> int:
         print_json(table)
         return 0
     rows = {r["model"]: r for r in table["rows"]}
+    dino = [f"{r['dino']:.4f}" for r in table["rows"]] if table.get("dino") else None
     print_table(f"Table 1 — {args.name} ({table.get('images_per_set', args.images)} images per set)",
-                ["model", "reconstruction", "editability", "editability (per image)"],
+                ["model", "reconstruction", "editability", "editability (per image)"] + (["DINO"] if dino else []),
                 [[r["model"], f"{r['reconstruction']:.4f}", f"{r['editability']:.4f}",
-                  f"{r.get('editability_per_image', float('nan')):.4f}"] for r in table["rows"]]
-                + [["paper: SD / SD+TI", "0.5622 / 0.8077", "0.2639 / 0.1611", ""]])
+                  f"{r.get('editability_per_image', float('nan')):.4f}"] + ([dino[i]] if dino else [])
+                 for i, r in enumerate(table["rows"])]
+                + [["paper: SD / SD+TI", "0.5622 / 0.8077", "0.2639 / 0.1611", ""] + ([""] if dino else [])])
     if "SD" in rows and "SD+TI" in rows:
         gain = rows["SD+TI"]["reconstruction"] - rows["SD"]["reconstruction"]
         cost = rows["SD+TI"]["editability"] - rows["SD"]["editability"]

@@ -66,7 +66,8 @@ def add_commands(sub) -> None:
     p.add_argument("new")
     p.set_defaults(func=concept_rename)
 
-    p = sub.add_parser("import", help="import an embedding file as a concept (diffusers, A1111, kohya, OneTrainer)")
+    p = sub.add_parser("import", help="import an embedding file as a concept (diffusers, A1111, kohya, OneTrainer, "
+                                      "kohya XTI per-layer words)")
     p.add_argument("file")
     p.add_argument("--name", help="concept name (default: from the file)")
     p.add_argument("--token", help="the word in prompts (default: from the file, or <NAME>)")
@@ -92,10 +93,12 @@ def add_commands(sub) -> None:
     p.add_argument("--run", help="run id (default: the latest finished run)")
     p.add_argument("--step", type=saved_step,
                    help="a saved step, or best (the run's best probed step); default: the final embedding")
-    p.add_argument("--format", default="diffusers", choices=("diffusers", "a1111", "kohya", "comfy", "a1111-png"),
+    p.add_argument("--format", default="diffusers",
+                   choices=("diffusers", "a1111", "kohya", "comfy", "a1111-png", "kohya-xti"),
                    help="diffusers (SDXL: two files, X and X_2), a1111, kohya, comfy (SDXL: clip_l + clip_g), "
                         "a1111-png (A1111's PNG card: the run's latest preview, else the first training image, "
-                        "with the embedding in its text chunk and its pixels)")
+                        "with the embedding in its text chunk and its pixels), kohya-xti (a per-layer word: "
+                        "kohya's XTI keys IN01…OUT11; the one format that holds one)")
     p.add_argument("--out", required=True, help="output file")
     p.add_argument("--force", action="store_true", help="overwrite an existing file")
     p.set_defaults(func=export_embedding)
@@ -256,7 +259,8 @@ def inspect_text(report: dict) -> str:
     """The inspector's report for people."""
     where = "final" if report["final"] else f"step {report['step']}"
     lines = [f"{report['token']}  {report['concept']}@{report['run']} ({where}), {report['family']}, "
-             f"{report['vectors']} vector(s) per text encoder"]
+             f"{report['vectors']} vector(s) per text encoder"
+             + (f" in each of {len(report['layers'])} UNet layers (per-layer)" if report.get("layers") else "")]
     for enc in report["encoders"]:
         vocab = enc["vocab"]
         lines.append(f"{enc['name']} ({enc['width']} wide): vocabulary norms median {vocab['median']:.3f}, "
@@ -264,7 +268,8 @@ def inspect_text(report: dict) -> str:
         for v in enc["vectors"]:
             init = (f"; cosine to the initializer {v['init_token']!r} {v['cos_init']:.3f}"
                     if v["init_token"] is not None else "")
-            lines.append(f"  vector {v['index']}: norm {v['norm']:.3f} ({v['norm_vs_median']:.1f}x the median, "
+            layer = f" ({v['layer']})" if v.get("layer") else ""
+            lines.append(f"  vector {v['index']}{layer}: norm {v['norm']:.3f} ({v['norm_vs_median']:.1f}x the median, "
                          f"above {v['norm_percentile']:.1f}% of the vocabulary){init}")
             lines.append("    nearest: " + ", ".join(f"{n['token']} {n['cos']:.2f}" for n in v["nearest"]))
     runs = report["runs"]
@@ -332,10 +337,13 @@ def export_embedding(args) -> int:
     if args.format == "a1111-png":
         from engine.sd.png_card import write_word_card
 
+        if used.layers:  # A1111 has no per-layer words (checked before anything is written)
+            raise UserError(f"a1111-png cards hold one vector set, not {concept.name}'s {len(used.layers)} "
+                            "per-layer sets; export it with --format kohya-xti")
         written = str(write_word_card(out, concept, used))
     else:
         written = ", ".join(map(str, write_embedding_files(out, used.blocks, concept.token, args.format,
-                                                           step=used.step)))
+                                                           step=used.step, layers=used.layers)))
     print(f"wrote {written} ({args.format}, token {concept.token}, run {used.run}"
           f"{'' if used.final else f', step {used.step}'})")
     return 0

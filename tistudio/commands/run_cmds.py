@@ -50,6 +50,7 @@ def runs(args) -> int:
     """Every run, read from disk; when an engine is running, with its live view laid over
     (step, status it holds in memory).  Never starts an engine."""
     from tistudio.commands.engine_cmds import warn_if_not_writable
+    from tistudio.formatting import watch_cells
 
     records, engine_up, storage = _run_records()
     jobs = [_listed(r, engine_up) for r in records]
@@ -62,7 +63,7 @@ def runs(args) -> int:
         return 0
     print_table("runs", ["id", "concept", "kind", "status", "step", "best", "stopped", "device", "pid"],
                 [[j["id"], j["concept"], j["kind"], _status_cell(j), f"{j['step']}/{j['steps'] or '?'}",
-                  _best_cell(j), _stopped_cell(j), _device_cell(j), j["pid"]] for j in jobs])
+                  *watch_cells(j), _device_cell(j), j["pid"]] for j in jobs])
     for j in jobs:
         for warning in j.get("warnings") or []:
             print(f"warning: {j['id']} at step {warning.get('step')}: {warning.get('message')}")
@@ -105,20 +106,6 @@ def _device_cell(row: dict) -> str | None:
     if device and row.get("node"):
         device += f" @ {row['node']}"
     return device
-
-
-def _best_cell(row: dict) -> str | None:
-    """The run's best probed step (what NAME@RUN:best picks) and its rule."""
-    best = row.get("best")
-    return f"{best['step']} ({best.get('rule')})" if isinstance(best, dict) and "step" in best else None
-
-
-def _stopped_cell(row: dict) -> str | None:
-    """Why the run stopped: a --stop-when rule at its step, or its last step ("steps")."""
-    stopped = row.get("stopped")
-    if not isinstance(stopped, dict):
-        return None
-    return "steps" if stopped.get("rule") == "steps" else f"{stopped.get('rule')} @ {stopped.get('step')}"
 
 
 def _status_cell(row: dict) -> str:

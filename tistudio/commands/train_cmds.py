@@ -7,7 +7,7 @@ nothing in the library.
 
 from __future__ import annotations
 
-from engine.settings.train import sweep_members
+from engine.settings.train import CROSS_WEIGHT, INIT_MODES, parse_method, sweep_members
 from tistudio.commands.args import (
     float_arg,
     int_list,
@@ -34,9 +34,19 @@ def add_commands(sub) -> None:
                       help="keep the word editable: none (the paper), init-l2 (pull toward the initializer), "
                            "norm (penalise a norm above the vocabulary's), "
                            "directional (fixed norm, learn the direction); init-l2:0.003 gives that one its "
-                           "own strength; several: a sweep, one run each")
+                           "own strength; cross and per-layer as below, joined with +: cross+per-layer; "
+                           "several: a sweep, one run each")
     what.add_argument("--reg-weight", type=float_arg, default=0.0,
                       help="strength of init-l2 / norm where METHOD:W gives none (0: the method's default)")
+    what.add_argument("--init-mode", choices=INIT_MODES, default="token",
+                      help="where the word starts: token (the initializer's row, the paper) or cross (the text "
+                           "encoder's output for it, with a small pull back to it: Pang et al. 2024)")
+    what.add_argument("--cross-weight", type=float_arg, default=CROSS_WEIGHT,
+                      help=f"--init-mode cross: strength of the (not squared) L2 pull to the start "
+                           f"(default {CROSS_WEIGHT:g}, the paper's; 0: none)")
+    what.add_argument("--per-layer", action="store_true",
+                      help="P+ / XTI: one vector set per UNet cross-attention layer (SD 1.x/2.x: 16), each "
+                           "layer conditioned on its own; exported with --format kohya-xti")
     what.add_argument("--templates", metavar="FILE",
                       help="prompt templates, one per line with {} where the token goes and {caption} where "
                            "the image's caption does (A1111's [name] and [filewords] read as those); default: "
@@ -137,6 +147,9 @@ def train_params(args) -> dict:
         "probe_edit_images": args.probe_edit_images, "probe_steps": args.probe_steps,
         "dloss_every": args.dloss_every, "best_by": args.best_by, **model_params(),
     }
+    params.update(init_mode=args.init_mode, cross_weight=args.cross_weight, per_layer=args.per_layer)
+    if len(args.regularize) == 1:  # one method: its parts (cross, per-layer) are this run's settings
+        params.update(parse_method(args.regularize[0]))
     methods = args.regularize if len(args.regularize) > 1 else None
     optional = {"init": args.init, "seeds": args.seeds, "inits": args.inits, "regularizes": methods,
                 "preview_prompt": args.preview_prompt, "stop_when": args.stop_when,
@@ -192,11 +205,12 @@ def check_before_submit(name: str, kind: str, params: dict) -> None:
             from engine.inversion.buckets import bucket_sizes, info_step
 
             bucket_sizes(config.resolution or info.resolution, info_step(info))
+        layers = info.require_layers() if config.per_layer else ()  # SDXL, an unmappable UNet: one line
         if config.init_from:
             from engine.inversion.init_from import starting_blocks
 
             # the file (or saved step) must fit this model and --vectors: read it now, not in the queue
-            starting_blocks(config.init_from, info, config.vectors, home())
+            starting_blocks(config.init_from, info, config.vectors, home(), layers)
         else:
             initializer_ids(tokenizer, config.init, config.vectors)
 

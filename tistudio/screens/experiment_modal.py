@@ -2,7 +2,8 @@
 
     init        one run per initializer word (section 4.2: Building vs Tower)
     seeds       one run per training seed (section 4.3)
-    regularize  one run per regulariser, with the SD row: Table 1 for each method
+    regularize  the trade-off: one run per method (and seed), with the SD row: Table 1 for each
+                method, its mean over the seeds, and the frontier
     synthesis   section 5's prompt batches: the learned word in new scenes or styles
 
 The sweeps train their runs together (one UNet call per step) and then measure each; the
@@ -25,13 +26,15 @@ from tistudio.widgets.forms import FieldRow, parse_float, parse_int, split_list
 
 SWEEPS = ("init", "seeds", "regularize")
 TITLES = {"init": "Initializer words (section 4.2)", "seeds": "Training seeds (section 4.3)",
-          "regularize": "Regularisers: Table 1 for each", "synthesis": "Synthesis batches (section 5)"}
+          "regularize": "The trade-off: every method on one frontier", "synthesis": "Synthesis batches (section 5)"}
 VALUES_LABEL = {"init": "Words", "seeds": "Seeds", "regularize": "Methods"}
 HINTS = {
     "init": "One run per word, trained together, then measured side by side (the paper: Building vs Tower).",
     "seeds": "One run per training seed: how much of a result is luck.",
-    "regularize": "none is the paper's method; init-l2, norm and directional keep the word editable. "
-                  "init-l2:0.003 gives one method its own weight; else the Reg. weight, or each method's default.",
+    "regularize": "none is the paper's method; init-l2, norm and directional keep the word editable; cross "
+                  "starts it from the encoder's output (Pang et al.), per-layer gives every UNet layer its own "
+                  "vector (P+); join parts with + (cross+per-layer). init-l2:0.003 gives one method its own weight; "
+                  "else the Reg. weight, or each method's default. Several seeds (0,1,2): each method at each.",
     "synthesis": "The learned word in the study's new scenes (objects) or on new subjects (styles), SD beside "
                  "SD+TI with the same seeds; every image keeps its metadata.",
 }
@@ -59,7 +62,10 @@ def experiment_params(kind: str, values: str = "", steps: str = "", seed: str = 
     # Only the final word is measured: save it once, and no previews (the grid shows every run).
     params = {"kind": kind, "values": list(dict.fromkeys(items)), "steps": count, "save_every": count,
               "preview_every": 0}
-    if kind != "seeds":
+    seeds = split_list(seed) if kind == "regularize" else []
+    if len(seeds) > 1:  # every method at each seed: means and standard errors on the frontier
+        params["seeds"] = list(dict.fromkeys(parse_int(s, "Seed") for s in seeds))
+    elif kind != "seeds":
         params["seed"] = parse_int(seed, "Seed")
     if kind == "regularize" and reg_weight.strip():
         params["reg_weight"] = parse_float(reg_weight, "Reg. weight", minimum=0.0)

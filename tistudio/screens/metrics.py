@@ -30,9 +30,11 @@ from engine.store.records import (
     experiment_reports,
     latest_done_run,
     parse_pin,
+    probe_curve,
     report_of_result,
     steps_curves,
 )
+from engine.store.words import BEST, read_record
 from tistudio.formatting import escape
 from tistudio.messages import Changes, JobsChanged, LibraryChanged, MetricsChanged, RunSubmitted
 from tistudio.screens.base import StudioScreen
@@ -104,11 +106,16 @@ class MetricsScreen(StudioScreen):
         return value if isinstance(value, str) else None
 
     def picked(self) -> tuple[str | None, int | None]:
-        """The run picker's choice as (run, step): (None, None) for the latest finished run."""
+        """The run picker's choice as (run, step): (None, None) for the latest finished run; NAME@RUN:best
+        as the step the run's record names its best."""
         value = self.query_one("#metrics-run", Select).value
         if not isinstance(value, str) or value == LATEST:
             return None, None
         _, run, step = parse_pin(value)
+        if step == BEST:
+            path = self._concept_dir(self.concept())
+            best = (read_record(path / "runs" / run) if path and run else None) or {}
+            step = (best.get("best") or {}).get("step")
         return run, step
 
     # -- state → screen
@@ -182,6 +189,8 @@ class MetricsScreen(StudioScreen):
         if curve is None and run is None:
             curve = next((j.get("result") for j in reversed(self._metric_jobs())
                           if isinstance(j.get("result"), dict) and curve_points(j["result"])), None)
+        if curve is None and path is not None:  # no steps experiment: the run's probes, measured while it trained
+            curve = probe_curve(path, run)
         self.query_one(CompareView).set_tables(tables)
         prefer, self._prefer_report = self._prefer_report, None
         self.query_one(StudyView).set_reports(reports, prefer)
@@ -193,7 +202,8 @@ class MetricsScreen(StudioScreen):
         self.table, self.curve = table, curve
         view = self.query_one(Table1View)
         view.show(name, table, run, step, (table or {}).get("token") or self._token(name))
-        view.set_curve(curve_points(curve) if curve else [])
+        view.set_curve(curve_points(curve) if curve else [],
+                       "the run's probes" if curve and curve.get("source") == "probes" else "")
 
     def _token(self, name: str | None) -> str | None:
         try:

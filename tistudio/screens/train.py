@@ -12,7 +12,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.widgets import Button, DataTable, Input, Select, Static
 
-from tistudio.formatting import device_memory, engine_workers, escape, short_when
+from tistudio.formatting import device_memory, engine_workers, escape, short_when, watch_cells
 from tistudio.messages import Changes, EngineChanged, JobsChanged, LibraryChanged, RunSubmitted, StatusChanged
 from tistudio.screens.base import StudioScreen
 from tistudio.state import is_active
@@ -20,6 +20,8 @@ from tistudio.widgets.run_view import STATUS_MARK, RunView
 from tistudio.widgets.train_form import TrainForm
 
 RESUMABLE = ("failed", "cancelled", "interrupted")
+RUN_COLUMNS = (("when", "Created"), ("concept", "Concept"), ("status", "Status"), ("step", "Step"), ("best", "Best"),
+               ("stopped", "Stopped"))
 COMPACT_WIDTH = 90  # below this many columns the vector chart and the preview share one place (v flips)
 
 
@@ -64,7 +66,7 @@ class TrainScreen(StudioScreen):
 
     def on_mount(self) -> None:
         runs = self.query_one("#runs", DataTable)
-        for key, label in (("when", "Created"), ("concept", "Concept"), ("status", "Status"), ("step", "Step")):
+        for key, label in RUN_COLUMNS:
             runs.add_column(label, key=key)
         super().on_mount()
 
@@ -114,7 +116,8 @@ class TrainScreen(StudioScreen):
 
     def _refresh_runs(self) -> None:
         jobs = self.train_jobs()
-        sig = tuple((j.get("id"), j.get("status"), j.get("step"), j.get("position")) for j in jobs)
+        sig = tuple((j.get("id"), j.get("status"), j.get("step"), j.get("position"), str(j.get("best")),
+                     str(j.get("stopped"))) for j in jobs)
         if sig == self._runs_sig:
             return
         same_rows = self._runs_sig is not None and tuple(s[0] for s in sig) == tuple(s[0] for s in self._runs_sig)
@@ -123,7 +126,7 @@ class TrainScreen(StudioScreen):
         rows = [(j["id"], self._cells(j)) for j in jobs]
         if same_rows:
             for run_id, cells in rows:
-                for column, value in zip(("when", "concept", "status", "step"), cells):
+                for (column, _), value in zip(RUN_COLUMNS, cells):
                     table.update_cell(run_id, column, value, update_width=True)
         else:
             at = None
@@ -145,7 +148,7 @@ class TrainScreen(StudioScreen):
             status = f"queued #{j['position']}"
         status = f"{STATUS_MARK.get(j.get('status'), '?')} {status}"
         step = f"{j.get('step') or 0}/{j.get('steps') or '?'}"
-        return (short_when(j["id"]), j.get("concept") or "", status, step)
+        return (short_when(j["id"]), j.get("concept") or "", status, step, *watch_cells(j))
 
     def _pick_run(self) -> None:
         jobs = self.train_jobs()
@@ -254,3 +257,4 @@ class TrainScreen(StudioScreen):
     @on(Button.Pressed, "#cancel")
     def _cancel_pressed(self) -> None:
         self.action_cancel_run()
+

@@ -1,4 +1,5 @@
-"""Charts drawn with plotext (textual-plotext): loss, the vector (norm, cosine to its initializer),
+"""Charts drawn with plotext (textual-plotext): loss (with the deterministic loss), the vector (norm,
+cosine to its initializer), the live trade-off (probes in the reconstruction/editability plane),
 VRAM, metric curves.
 
 Each chart keeps its own copy of the data and redraws only when `set_*` is
@@ -116,17 +117,18 @@ class _Chart(PlotextPlot):
 
 
 class LossChart(_Chart):
-    """Training loss per logged step, raw and smoothed."""
+    """Training loss per logged step, raw and smoothed; over them, when the run computes it, the
+    deterministic loss (the same objective on one fixed batch: the curve that tracks quality)."""
 
     empty_text = "waiting for the first steps"
     title = "Loss"
     series = ("raw", "smoothed")
 
-    def set_data(self, steps: list[int], loss: list[float]) -> None:
-        if self._unchanged((len(steps), steps[-1] if steps else None, self.app.theme)):
-            return
-        if not steps:
-            self._empty()
+    def set_data(self, steps: list[int], loss: list[float], dloss_steps: list[int] | None = None,
+                 dloss: list[float] | None = None) -> None:
+        dloss_steps, dloss = dloss_steps or [], dloss or []
+        key = (len(steps), steps[-1] if steps else None, len(dloss_steps), self.app.theme)
+        if self._unchanged(key):
             return
         smooth = ema(loss)
         finite = [i for i, v in enumerate(loss) if math.isfinite(v)]
@@ -134,7 +136,57 @@ class LossChart(_Chart):
             self._empty()
             return
         steps, loss, smooth = ([seq[i] for i in finite] for seq in (steps, loss, smooth))
+        points = [(x, y) for x, y in zip(dloss_steps, dloss) if math.isfinite(y)]
+        self._with_dloss = bool(points)
         self._plot_pair(*thin(steps, loss, smooth))
+        self.border_subtitle = ""
+        if points:
+            xs, ys = thin([x for x, _ in points], [y for _, y in points])
+            self.plt.plot(xs, ys, color=_rgb(DLOSS_COLOUR), marker="braille")
+            self.border_subtitle = f"deterministic {ys[-1]:.4f}"
+        self.refresh()
+
+    def _show_legend(self) -> None:
+        super()._show_legend()
+        if getattr(self, "_with_dloss", False):
+            self.border_title += f"  [{DLOSS_COLOUR}]━ deterministic[/]"
+
+
+DLOSS_COLOUR = "#4EC9B0"  # the deterministic loss, apart from the theme's raw/smoothed pair
+
+
+class TradeoffChart(_Chart):
+    """The live trade-off: the run's probes as a path in the (editability, reconstruction) plane,
+    from the SD row's point (S) to the latest probe, with the best step marked (*)."""
+
+    empty_text = "no probes yet"
+    title = "Trade-off: ↑ recon → edit"
+    series = ("probes", "S SD · * best")
+
+    def set_points(self, sd: dict | None, probes: list[dict], best: dict | None) -> None:
+        key = (tuple((p["step"], p["reconstruction"]) for p in probes), (sd or {}).get("reconstruction"),
+               (best or {}).get("step"), self.app.theme)
+        if self._unchanged(key):
+            return
+        if sd is None and not probes:
+            self._empty()
+            return
+        path_c, mark_c = self._colours()
+        self._start()
+        plt = self.plt
+        path = ([sd] if sd else []) + probes
+        plt.plot([p["editability"] for p in path], [p["reconstruction"] for p in path], color=path_c,
+                 marker="braille")
+        if sd:
+            plt.scatter([sd["editability"]], [sd["reconstruction"]], color=mark_c, marker="S")
+        picked = next((p for p in probes if best and p["step"] == best.get("step")), None)
+        if picked:
+            plt.scatter([picked["editability"]], [picked["reconstruction"]], color=mark_c, marker="*")
+        latest = probes[-1] if probes else sd
+        self.border_subtitle = (f"step {latest['step']}: {latest['reconstruction']:.3f} / "
+                                f"{latest['editability']:.3f}" if probes else "SD only")
+        if picked:
+            self.border_subtitle += f" · best {picked['step']}"
         self.refresh()
 
 

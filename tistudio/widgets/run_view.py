@@ -1,6 +1,8 @@
 """The Train screen's live view of one run: its title and progress, its figures (it/s, ETA,
-loss, lr and the run's facts), the loss chart with the vector's norm and cosine beside it, the
-latest preview, and VRAM.  Drawn from the run's events (tistudio.state.RunTrack)."""
+loss, lr and the run's facts), what its probes say (best step, warnings, why it stopped), the
+loss chart (with the deterministic loss) with the vector's norm and cosine and the live
+trade-off beside it, the latest preview, and VRAM.  Drawn from the run's events
+(tistudio.state.RunTrack)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from textual.containers import Horizontal
 from textual.widgets import ProgressBar, Static
 
 from tistudio.formatting import escape, fmt_duration
-from tistudio.widgets.charts import LossChart, VectorChart, VramChart
+from tistudio.widgets.charts import LossChart, TradeoffChart, VectorChart, VramChart
 from tistudio.widgets.images import ImagePreview
 
 STATUS_MARK = {"running": "▶", "queued": "…", "done": "✓", "failed": "✗", "cancelled": "■", "interrupted": "⚠"}
@@ -38,9 +40,11 @@ class RunView:
             yield ProgressBar(total=1, show_eta=False, id="progress")
             yield Static("", id="run-step")
         yield Static("", id="run-stats")
+        yield Static("", id="run-watch")
         with Horizontal(id="train-charts"):
             yield LossChart(id="loss")
             yield VectorChart(id="vector")
+            yield TradeoffChart(id="tradeoff")
             yield ImagePreview(None, "", empty="no preview yet", id="preview")
         yield VramChart(id="vram")
         yield Static("VRAM: no figures yet (reported on CUDA devices)", id="vram-note")
@@ -58,6 +62,7 @@ class RunView:
             self.query_one("#run-step", Static).update("")
             bar.update(total=1, progress=0)
             self.query_one("#loss", LossChart).set_data([], [])
+            self._show_watch(None)
             self.query_one("#vector", VectorChart).set_data([], [], [], None)
             self.query_one("#vram", VramChart).set_data([], [], [], None)
             self._show_vram(False)
@@ -86,8 +91,10 @@ class RunView:
             parts.append(f"lr {track.lr:.2g}")
         parts += run_facts(track.header if track else {}, job, track.reg[-1] if track and track.reg else None)
         stats.update(" · ".join(parts))
+        self._show_watch(track)
         if track:
-            self.query_one("#loss", LossChart).set_data(track.xs, track.loss)
+            self.query_one("#loss", LossChart).set_data(track.xs, track.loss, track.watch.dloss_steps,
+                                                        track.watch.dloss)
             vocab = track.header.get("vocab_norms") or [None]
             self.query_one("#vector", VectorChart).set_data(track.vec_steps, track.norm, track.cos_init,
                                                              vocab[0], track.norms, track.cos_inits)
@@ -103,6 +110,18 @@ class RunView:
         else:
             self.run_worker(image.set_image(None, ""), group="preview")
 
+    def _show_watch(self, track) -> None:
+        """What the run's probes and rules said (shown only for a run that has any): the best step,
+        why it stopped, its warnings; and the trade-off chart of its probes."""
+        watch = track.watch if track else None
+        line, chart = self.query_one("#run-watch", Static), self.query_one("#tradeoff", TradeoffChart)
+        chart.display = bool(watch and (watch.sd or watch.probes))
+        if chart.display:
+            chart.set_points(watch.sd, watch.probes, watch.best)
+        parts = watch_parts(watch) if watch else []
+        line.display = bool(parts)
+        line.update(" · ".join(parts))
+
     def place(self, compact: bool, preview_beside_loss: bool) -> None:
         """Wide enough: loss, vector and preview side by side.  Compact: loss and one of the two."""
         self.query_one("#vector", VectorChart).display = not (compact and preview_beside_loss)
@@ -116,6 +135,18 @@ class RunView:
             device = self.device
             note.update(f"VRAM: not reported on {device}" if device and not device.startswith("cuda")
                         else "VRAM: no figures yet (reported on CUDA devices)")
+
+
+def watch_parts(watch) -> list[str]:
+    """The watch line: best step (and its rule), the stop (rule, step, why), each warning."""
+    parts = []
+    if watch.best:
+        parts.append(f"best step {watch.best['step']} ({watch.best.get('rule')}: recon "
+                     f"{watch.best.get('reconstruction', 0):.3f}, edit {watch.best.get('editability', 0):.3f})")
+    if watch.stopped:
+        parts.append(f"stopped at {watch.stopped.get('step')}: {escape(watch.stopped.get('why') or '')}")
+    parts += [f"[yellow]⚠ {escape(w.get('message') or '')}[/yellow]" for w in watch.warnings]
+    return parts
 
 
 def run_facts(header: dict, job: dict, penalty: float | None = None) -> list[str]:

@@ -3,7 +3,8 @@
     CompareView   pick any two evaluations (A, B) of a concept: every score of each with B − A,
                   then each prompt's SD+TI editability (the prompt as the user wrote it)
     StudyView     pick an experiment report (steps, init, seeds, regularize, synthesis): its
-                  table and its grid (prompts × runs) inline
+                  table and its grid (prompts × runs) inline; for the trade-off (regularize),
+                  each method's mean ± standard error and the frontier chart instead of the grid
 
 Both are handed what engine.store.records read from disk (and the jobs' results) by the screen;
 they keep the user's picks across redraws and draw only when something changed.
@@ -18,8 +19,10 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Label, Select, Static
 
+from engine.store.frontier import frontier
 from engine.store.records import ExperimentReport, compare_tables, eval_label
 from tistudio.formatting import escape
+from tistudio.widgets.charts import FrontierChart
 from tistudio.widgets.images import ImagePreview
 
 
@@ -29,6 +32,13 @@ def num(value) -> str:
 
 def signed(value) -> str:
     return f"{value:+.4f}" if isinstance(value, (int, float)) else "–"
+
+
+def plus_minus(value, se) -> str:
+    """`0.425 ± 0.012` (a mean over seeds), or the number alone (one run); the report has four digits."""
+    if not isinstance(value, (int, float)):
+        return "–"
+    return f"{value:.3f}" + (f" ± {se:.3f}" if isinstance(se, (int, float)) else "")
 
 
 class CompareView(Vertical):
@@ -121,6 +131,7 @@ class StudyView(Vertical):
         with Horizontal(id="study-body"):
             yield DataTable(id="study-table", cursor_type="row", zebra_stripes=True)
             yield ImagePreview(None, "", empty="no grid", id="study-grid")
+            yield FrontierChart(id="study-frontier")
 
     def set_reports(self, reports: list[ExperimentReport], prefer: str | None = None) -> None:
         """Offer these reports (oldest first); show `prefer` (an id) if given, else keep the pick,
@@ -158,9 +169,15 @@ class StudyView(Vertical):
             info.update("Run an experiment: x steps · i initializer words · s seeds · r regularisers · "
                         "y synthesis batches")
             self.run_worker(grid.set_image(None, ""), group="study-grid")
+            grid.display, self.query_one("#study-frontier", FrontierChart).display = True, False
             return
         info.update(escape(report_facts(report)))
-        if report.kind == "synthesis":
+        tradeoff = report.kind == "regularize"
+        grid.display, self.query_one("#study-frontier", FrontierChart).display = not tradeoff, tradeoff
+        self.set_class(tradeoff, "-tradeoff")  # the table takes more width beside the chart
+        if tradeoff:
+            self._draw_frontier(report, table)
+        elif report.kind == "synthesis":
             table.add_column("Prompt", key="label")
             table.add_column("Images", key="images")
             for i, row in enumerate(report.rows):
@@ -175,6 +192,21 @@ class StudyView(Vertical):
                               num(row.get("editability_per_image")), key=str(i))
         path = report.grid
         self.run_worker(grid.set_image(path, f"{report.kind} grid" if path else ""), group="study-grid")
+
+
+    def _draw_frontier(self, report: ExperimentReport, table: DataTable) -> None:
+        """The trade-off: one row per method (its mean ± standard error over its runs; ★ on the
+        Pareto front) and the frontier chart.  Older reports get their frontier computed here."""
+        data = report.data.get("frontier") or frontier(report.rows)
+        for key, label in (("label", "Method"), ("runs", "Runs"), ("reconstruction", "Reconstruction"),
+                           ("editability", "Editability"), ("front", "Front")):
+            table.add_column(label, key=key)
+        for i, p in enumerate(data.get("points") or []):
+            table.add_row(p["label"], str(p.get("runs", 1)),
+                          plus_minus(p["reconstruction"], p.get("se_reconstruction")),
+                          plus_minus(p["editability"], p.get("se_editability")), "★" if p.get("front") else "",
+                          key=str(i))
+        self.query_one("#study-frontier", FrontierChart).set_frontier(data)
 
 
 def _signature(report: ExperimentReport) -> tuple:

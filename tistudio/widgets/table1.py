@@ -66,8 +66,10 @@ class Table1View(Horizontal):
         t1.border_subtitle = (escape(eval_label(table)) + f" · {table.get('images_per_set', '?')} images/set"
                               + (f" · CLIP {escape(_clip_name(table))}" if _clip_name(table) else ""))
 
-    def set_curve(self, points: list[dict]) -> None:
-        self.query_one("#curve", CurveChart).set_points(points)
+    def set_curve(self, points: list[dict], note: str = "") -> None:
+        chart = self.query_one("#curve", CurveChart)
+        chart.set_points(points)
+        chart.border_subtitle = note
 
 
 def with_job_results(tables: list[dict], reports: list, jobs: list[dict]) -> tuple[list[dict], list]:

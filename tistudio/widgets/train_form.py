@@ -3,7 +3,8 @@
 The study's settings come first (steps, lr, seed, batch); the options for a small
 card or an unusual run follow (grad accumulation with the effective batch it gives,
 low VRAM, init from an existing embedding, several vectors, a regularizer that keeps
-the word editable, checkpoint pruning, compile, deterministic algorithms, resolution, prompt
+the word editable, checkpoint pruning, probes, the deterministic loss, when to stop and which
+step is best, compile, deterministic algorithms, resolution, prompt
 templates, aspect-ratio buckets, masked loss, an EMA of the word, device).
 An empty optional field is left out of the params, so the engine's default applies.
 
@@ -22,6 +23,7 @@ from textual.widgets import Checkbox, Input, Select, Static
 
 from engine.errors import UserError
 from engine.settings.jobs import check_job
+from engine.settings.stopping import BEST_RULES
 from engine.settings.train import REGULARIZERS
 from tistudio.widgets.forms import (
     FieldError,
@@ -37,14 +39,17 @@ from tistudio.widgets.forms import (
 # The study's defaults (lr 5e-4, batch 1, AdamW with weight decay 1e-2; 1500-2400 steps recommended;
 # saves every 500).
 DEFAULTS = {"steps": "2000", "lr": "5e-4", "seed": "0", "batch_size": "1", "grad_accum": "1", "save_every": "500",
-            "preview_every": "500", "warmup_steps": "0", "log_every": "10", "weight_decay": "1e-2", "vectors": "1"}
+            "preview_every": "500", "warmup_steps": "0", "log_every": "10", "weight_decay": "1e-2", "vectors": "1",
+            "probe_every": "500", "dloss_every": "25"}
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 LR_SCHEDULES = ("constant", "warmup", "cosine")
-SELECTS = {"lr_schedule": LR_SCHEDULES, "precision": PRECISIONS, "compile": COMPILE_MODES, "regularize": REGULARIZERS}
+SELECTS = {"lr_schedule": LR_SCHEDULES, "precision": PRECISIONS, "compile": COMPILE_MODES, "regularize": REGULARIZERS,
+           "best_by": BEST_RULES}
 CHECKBOXES = ("low_vram", "deterministic", "buckets", "masked_loss")  # on/off: true or false in the settings file
 # `tistudio train` options the form has no field for, as the job params they become
-HIDDEN_PARAMS = {"center_crop": "center_crop", "flip": "flip_p", "preview_steps": "preview_steps"}
+HIDDEN_PARAMS = {"center_crop": "center_crop", "flip": "flip_p", "preview_steps": "preview_steps",
+                 "probe_images": "probe_images", "probe_edit_images": "probe_edit_images", "probe_steps": "probe_steps"}
 SWEEP_ONLY = ("seeds", "inits", "detach")  # CLI-only: the form trains one run
 
 
@@ -79,6 +84,11 @@ class TrainForm(VerticalScroll):
         yield field("Keep ckpts", "keep_checkpoints", "(all)", integer=True)
         yield field("Preview every", "preview_every", integer=True)
         yield field("Preview text", "preview_prompt", "(default)")
+        yield field("Probe every", "probe_every", integer=True)
+        yield field("Dloss every", "dloss_every", integer=True)
+        yield field("Stop when", "stop_when", "(never)")
+        yield FieldRow("Best by", Select(_choices(BEST_RULES), value="tradeoff", allow_blank=False, id="best_by",
+                                         compact=True))
         yield FieldRow("Schedule", Select(_choices(LR_SCHEDULES), value="constant", allow_blank=False,
                                           id="lr_schedule", compact=True))
         yield field("Warmup", "warmup_steps", integer=True)
@@ -186,6 +196,9 @@ class TrainForm(VerticalScroll):
             "log_every": parse_int(text("log_every"), "Log every"),
             "save_every": parse_int(text("save_every"), "Save every"),
             "preview_every": parse_int(text("preview_every"), "Preview every"),
+            "probe_every": parse_int(text("probe_every"), "Probe every"),
+            "dloss_every": parse_int(text("dloss_every"), "Dloss every"),
+            "best_by": self.query_one("#best_by", Select).value,
             "lr_schedule": self.query_one("#lr_schedule", Select).value,
             "regularize": self.query_one("#regularize", Select).value,
             "reg_weight": parse_float(text("reg_weight"), "Reg. weight") if text("reg_weight") else 0.0,
@@ -203,6 +216,7 @@ class TrainForm(VerticalScroll):
             "init_from": self._init_from(text("init_from")),
             "keep_checkpoints": parse_optional_int(text("keep_checkpoints"), "Keep checkpoints"),
             "preview_prompt": text("preview_prompt") or None,
+            "stop_when": text("stop_when") or None,
             "resolution": parse_optional_int(text("resolution"), "Resolution"),
             "templates": read_templates(text("templates")) if text("templates") else None,
             "ema": parse_float(text("ema"), "EMA decay") if text("ema") else None,
