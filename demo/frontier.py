@@ -14,10 +14,14 @@ For each concept it writes demo/logs/frontier-<concept>.json: every run's number
 mean and standard error (engine.store.frontier), its paired difference from `none` on the same
 seeds, and the issue's bar:
 
-* a method beats `none` by at least 0.02 in one number, more than twice that difference's
-  standard error, while losing no more than 0.01 in the other; or
-* it meets the original target: reconstruction >= 0.38 with editability >= 0.4915 (SD's);
+* on mushroom, a method beats `none` by at least 0.02 in one number, more than twice that
+  difference's standard error, while losing no more than 0.01 in the other; or it meets the
+  original target: reconstruction >= 0.38 with editability >= 0.4915 (mushroom's SD row);
 * and on halftone it loses no more than 0.02 of reconstruction against `none`.
+
+Each concept's verdict says the first part on its own numbers (`beats_none`; the target is
+mushroom's only), and halftone's says the second (`keeps_reconstruction`); mushroom's `passes`
+combines both, as the issue's bar does.
 """
 
 from __future__ import annotations
@@ -74,7 +78,7 @@ def train_all(model, library, plan: dict[str, list[dict]]) -> tuple[dict[str, li
     return runs, seconds
 
 
-def verdict(data: dict, halftone: dict | None) -> dict:
+def verdict(data: dict, concept: str, halftone: dict | None) -> dict:
     """The issue's bar for each method on this concept (see the module's docstring)."""
     out = {}
     for point in data["points"]:
@@ -85,13 +89,15 @@ def verdict(data: dict, halftone: dict | None) -> dict:
         r, e = (delta.get(k, [0.0, None, 0]) for k in ("reconstruction", "editability"))
         beats = any(d[0] >= GAIN and d[1] is not None and d[0] > 2 * d[1] and o[0] >= -LOSS
                     for d, o in ((r, e), (e, r)))
-        target = point["reconstruction"] >= TARGET[0] and point["editability"] >= TARGET[1]
+        target = concept == "mushroom" and point["reconstruction"] >= TARGET[0] and point["editability"] >= TARGET[1]
+        keeps = r[0] >= -HALFTONE_LOSS
         halftone_ok = None
         if halftone is not None:
             h = halftone["vs_none"].get(method, {}).get("reconstruction")
             halftone_ok = h is not None and h[0] >= -HALFTONE_LOSS
-        out[method] = {"beats_none": beats, "meets_target": target, "halftone_keeps_reconstruction": halftone_ok,
-                       "passes": (beats or target) and halftone_ok is not False,
+        out[method] = {"beats_none": beats, "meets_target": target, "keeps_reconstruction": keeps,
+                       "halftone_keeps_reconstruction": halftone_ok,
+                       "passes": (beats or target) and halftone_ok is True if concept == "mushroom" else None,
                        "delta_reconstruction": r[:2], "delta_editability": e[:2]}
     return out
 
@@ -147,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         halftone = results.get("halftone", {}).get("frontier") if name != "halftone" else None
         results[name].update(
-            verdict=verdict(results[name]["frontier"], halftone), steps=args.steps, lr=args.lr, images=args.images,
+            verdict=verdict(results[name]["frontier"], name, halftone), steps=args.steps, lr=args.lr,
+            images=args.images,
             seeds=seeds, methods=methods, train_seconds=trained_s, runs_trained=sum(len(r) for r in runs.values()),
             date=time.strftime("%Y-%m-%d %H:%M"), home=str(library.home))
     if args.out:
@@ -163,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(frontier_lines(result["frontier"])))
         for method, v in result["verdict"].items():
             print(f"  {method:24} passes: {v['passes']}  (beats none {v['beats_none']}, target {v['meets_target']}, "
-                  f"halftone ok {v['halftone_keeps_reconstruction']})")
+                  f"keeps reconstruction {v['keeps_reconstruction']}, halftone ok "
+                  f"{v['halftone_keeps_reconstruction']})")
     return 0
 
 
