@@ -425,6 +425,46 @@ def table1(b: Bench) -> dict:
             "peak_gib": peak_gib(b.device)}
 
 
+def watched(b: Bench, steps: int = 2000) -> dict:
+    """Ours with probes and the deterministic loss at their defaults (issue 25): a training step, one
+    deterministic loss and one probe (its images, then the judge built, used and freed) each timed
+    on their own, and the steps/s of a default `steps`-step run projected from them: the loss every
+    25 steps (and at the start), a probe every 500 and the SD row once.  The probe's judge is
+    --clip (random:ARCH: the architecture with random weights)."""
+    from engine.inversion.judge import prepare_judge
+    from engine.inversion.probes import DeterministicLoss, Prober
+    from engine.inversion.train import TrainConfig
+
+    default = TrainConfig.__dataclass_fields__["probe_steps"].default
+    inv = inversion(b, probe_steps=min(b.args.sample_steps, default))  # the default; fewer when told (tests)
+    cfg = inv.cfg0
+    clip, weights = b.args.clip, None
+    if clip.startswith("random:"):
+        clip = clip.removeprefix("random:")
+        weights = random_clip_weights(clip, b.folder / "clip.safetensors")
+    counter = iter(range(10**9))
+    with inv.installed():
+        step = timed(lambda: inv.train_step(next(counter)), b.device, b.args.warmup, b.args.steps)
+        dloss = timed(DeterministicLoss(inv).values, b.device, 1, max(2, min(b.args.steps, 10)))
+        prober = Prober(inv, prepare_judge(clip, weights))
+        prober.probe([0], None)  # the SD row: warms the sampler up (and is the start's one-off cost)
+        sync(b.device)
+        t0 = time.perf_counter()
+        prober.probe([0], 1)
+        sync(b.device)
+        probe_s = time.perf_counter() - t0
+    parts = {"train": steps * step["ms_per_step"] / 1000,
+             "dloss": (steps // cfg.dloss_every + 1) * dloss["ms_per_step"] / 1000,
+             "probes": (steps // cfg.probe_every + 1) * probe_s}
+    total = sum(parts.values())
+    return {"steps_per_s": steps / total, "ms_per_step": 1000 * total / steps, "runs": 1, "projected_steps": steps,
+            "train_steps_per_s": step["steps_per_s"], "dloss_ms": dloss["ms_per_step"], "probe_s": probe_s,
+            "probe_images": cfg.probe_images + cfg.probe_edit_images * (len(prober.prompts(0)) - 1),
+            "sample_steps": cfg.probe_steps, "clip": b.args.clip, "dloss_every": cfg.dloss_every,
+            "probe_every": cfg.probe_every, "share": {k: v / total for k, v in parts.items()},
+            "peak_gib": peak_gib(b.device)}
+
+
 def random_clip_weights(name: str, path: Path) -> Path:
     """An open_clip checkpoint of architecture `name` with random weights (nothing downloaded)."""
     import open_clip
@@ -577,7 +617,7 @@ def _vae_peaks(b: Bench, plan, encode_images) -> dict:
 
 
 MEASURES = {f.__name__: f for f in (train_step, reference, syncs, sync_error, resume_fp16, generation, table1,
-                                    compiled, sdxl_decode_error, sdxl_vae_memory, engine_fork)}
+                                    watched, compiled, sdxl_decode_error, sdxl_vae_memory, engine_fork)}
 
 
 # --- the process -------------------------------------------------------------------------------

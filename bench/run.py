@@ -255,6 +255,10 @@ def summary_line(line: dict) -> str:
     if "first_warmup_s" in line:
         parts.append(f"warm-up {line['first_warmup_s']:.1f} s then {line['second_warmup_s']:.1f} s"
                      + (" (compile disabled by TORCH_COMPILE_DISABLE)" if line.get("compile_disabled_by_env") else ""))
+    if "share" in line:  # probes: how a default run's time divides
+        parts.append(f"{line['probe_images']} probe images x {line['sample_steps']} steps: {line['probe_s']:.1f} s, "
+                     f"probes {line['share']['probes']:.0%} and deterministic loss {line['share']['dloss']:.0%} "
+                     "of a run")
     if line.get("peak_gib") is not None:
         parts.append(f"peak {line['peak_gib']:.2f} GiB")
     if "speedup" in line:

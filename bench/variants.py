@@ -55,6 +55,8 @@ VARIANTS = (
     Variant("batched-16", "train_step", "a sweep of 16 runs sharing each UNet call", 150, params={"k": 16},
             ratio="vs_ours"),
     Variant("table1", "table1", "wall time of a Table-1 evaluation (2 rows x 4 sets, CLIP scores)", 150),
+    Variant("probes", "watched", "ours with probes (every 500) and the deterministic loss (every 25) at their "
+            "defaults: a 2000-step run's steps/s, from each part's time", 150, ratio="vs_ours"),
     Variant("sdxl", "train_step", "our training step at SDXL's shapes", 180, cpu_timeout_s=300, model="sdxl"),
     Variant("sdxl-reference", "reference", "diffusers' textual_inversion_sdxl.py step (bench/reference_sdxl.py)",
             180, cpu_timeout_s=300, model="sdxl", ratio="speedup", against="sdxl"),

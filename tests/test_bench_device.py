@@ -176,6 +176,10 @@ def test_every_variant_measures_from_the_wheels_under_the_device_python(built_wh
     assert lines["batched-8"]["runs"] == 8 and lines["batched-16"]["runs"] == 16
     assert lines["batched-16"]["vs_ours"] == pytest.approx(lines["batched-16"]["run_steps_per_s"] / ours)
     assert lines["table1"]["images"] == 8 and lines["table1"]["seconds"] > 0
+    probes = lines["probes"]  # ours with probes and the deterministic loss at their defaults, projected
+    assert probes["train_steps_per_s"] > probes["steps_per_s"] > 0 and probes["probe_images"] == 7
+    assert sum(probes["share"].values()) == pytest.approx(1.0) and probes["probe_s"] > 0 and probes["dloss_ms"] > 0
+    assert probes["vs_ours"] == pytest.approx(probes["steps_per_s"] / ours)
     if "sdxl" in lines:
         assert lines["sdxl"]["steps_per_s"] > 0 and lines["sdxl"]["runs"] == 1
         assert lines["sdxl-reference"]["speedup"] == pytest.approx(
