@@ -199,12 +199,14 @@ def test_generation_with_a_per_layer_word(tiny_model, library):
     assert tiny_model.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.attn2")._forward_pre_hooks == {}
 
 
-def test_table_1_of_a_per_layer_run(tiny_model, library):
+def test_table_1_of_a_per_layer_run(tiny_model, library, tmp_path):
     from engine.inversion.metrics import evaluate
 
     concept = library.get("cat")
     _done_run(concept, "r1", torch.randn(4, 32, generator=torch.Generator().manual_seed(1)))
-    table = evaluate(tiny_model, library, "cat", "r1", images=2, prompts_file=None, clip="builtin:tiny",
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a {} on a beach\n")
+    table = evaluate(tiny_model, library, "cat", "r1", images=2, prompts_file=prompts, clip="builtin:tiny",
                      sample_steps=2)
     rows = {r["model"]: r for r in table["rows"]}
     assert set(rows) == {"SD", "SD+TI"} and rows["SD+TI"]["reconstruction"] != rows["SD"]["reconstruction"]
@@ -292,3 +294,33 @@ def _tiny_xti(tmp_path: Path) -> Path:
     path = tmp_path / "tiny-xti.safetensors"
     safetensors.torch.save_file({k: torch.randn(1, 32) for k in TINY_LAYERS}, str(path))
     return path
+
+
+# --- inspect and merge -----------------------------------------------------------------------------------
+
+
+def test_inspect_and_merge_go_layer_by_layer(tiny_model, library):
+    from engine.inversion.inspector import inspect_word
+    from engine.inversion.merge import concat, mix
+    from engine.sd.formats import Embedding
+
+    concept = library.get("cat")
+    per_layer = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
+    _done_run(concept, "r1", per_layer)
+    report = inspect_word(tiny_model, library, "cat", run="r1", top=2)
+    assert report["vectors"] == 1 and report["layers"] == list(TINY_LAYERS)
+    [encoder] = report["encoders"]
+    assert [v["layer"] for v in encoder["vectors"]] == list(TINY_LAYERS)
+    assert {v["index"] for v in encoder["vectors"]} == {0}
+    assert encoder["vectors"][2]["norm"] == pytest.approx(float(per_layer[2].norm()), rel=1e-6)
+
+    word = Embedding(per_layer, None, "kohya-xti", layers=TINY_LAYERS)
+    plain = Embedding(torch.ones(1, 32), None, "diffusers")
+    [mixed] = mix([word, plain], [0.5, 0.5])
+    assert torch.allclose(mixed, 0.5 * per_layer + 0.5)  # the plain word in every layer
+    [joined] = concat([word, plain])
+    assert joined.shape == (8, 32) and torch.equal(joined.view(4, 2, 32)[:, 0], per_layer)
+    assert torch.equal(joined.view(4, 2, 32)[:, 1], torch.ones(4, 32))
+    other = Embedding(torch.zeros(16, 32), None, "kohya-xti", layers=SD_LAYERS)
+    with pytest.raises(UserError, match="different layers"):
+        mix([word, other], [0.5, 0.5])
