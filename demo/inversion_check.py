@@ -83,7 +83,8 @@ def run_concept(record: dict, steps: int, n: int, seed: int, lr: float, out_dir:
 
     token = f"<{record['name']}>"
     config = TrainConfig(token=token, init=record["init"], property=record["property"], steps=steps, lr=lr,
-                         seed=seed, save_every=max(steps, 1), preview_every=0, log_every=50)
+                         seed=seed, save_every=max(steps, 1), preview_every=0, log_every=50,
+                         probe_every=0, dloss_every=0)  # it measures the word itself
     t = time.time()
     run_dir = out_dir / record["name"]
     embedding = train(model, config, run_dir, paths, resume=False)

@@ -56,7 +56,8 @@ def sweep(plan: dict[str, list[tuple[str, float]]], steps: int, images: dict[str
                               description=record.get("description"))
         runs[name] = [(f"r{k}-{m}-{w:g}", m, w) for k, (m, w) in enumerate(configs)]
         slots += [RunSlot(TrainConfig(token=concept.token, init=concept.init, property=concept.property, steps=steps,
-                                      lr=lr, regularize=m, reg_weight=w, save_every=steps, preview_every=0),
+                                      lr=lr, regularize=m, reg_weight=w, save_every=steps, preview_every=0,
+                                      probe_every=0, dloss_every=0),  # it measures each run itself
                           concept.runs_dir / r, concept.images) for r, m, w in runs[name]]
     t0 = time.time()
     train_many(model, slots)
