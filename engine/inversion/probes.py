@@ -165,13 +165,22 @@ class Prober:
         return scores
 
     def probe(self, ks: list[int], step: int | None) -> list[dict]:
-        """Runs ks' probe events (step None: the SD row, at step 0)."""
+        """Runs ks' probe events (step None: the SD row, at step 0: measured once for the runs of a
+        batch that share it, the same concept's description, property and images; its images are
+        kept in the first of those runs' folder)."""
         started = time.perf_counter()
-        sets = [self.generate(k, step) for k in ks]
-        scores = self.judge(sets)
+        owners = {k: self._sd_key(k) if step is None else k for k in ks}
+        measured = list(dict.fromkeys(owners.values()))
+        first = {owner: next(k for k in ks if owners[k] == owner) for owner in measured}
+        sets = [self.generate(first[owner], step) for owner in measured]
+        scores = dict(zip(measured, zip(sets, self.judge(sets))))
         seconds = (time.perf_counter() - started) / max(1, len(ks))
-        return [{"type": "probe", "step": step or 0, "row": s.row, **score, "images": s.paths,
-                 "seconds": seconds} for s, score in zip(sets, scores)]
+        return [{"type": "probe", "step": step or 0, "row": scores[owners[k]][0].row, **scores[owners[k]][1],
+                 "images": scores[owners[k]][0].paths, "seconds": seconds} for k in ks]
+
+    def _sd_key(self, k: int) -> tuple:
+        slot = self.inv.slots[k]
+        return (slot.description or slot.config.init, slot.config.property, tuple(map(str, slot.images)))
 
 
 def judge_or_warning(model, needs_probes: bool) -> tuple[object | None, str | None]:

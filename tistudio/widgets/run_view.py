@@ -26,6 +26,8 @@ class RunView:
     def __init__(self, screen):
         self.screen = screen
         self.device: str | None = None
+        self.compact = False  # too narrow for a third chart: the trade-off waits for a wider screen
+        self._probed = False  # the shown run has probes (the trade-off chart has something to draw)
 
     def query_one(self, *args):
         return self.screen.query_one(*args)
@@ -115,7 +117,8 @@ class RunView:
         why it stopped, its warnings; and the trade-off chart of its probes."""
         watch = track.watch if track else None
         line, chart = self.query_one("#run-watch", Static), self.query_one("#tradeoff", TradeoffChart)
-        chart.display = bool(watch and (watch.sd or watch.probes))
+        self._probed = bool(watch and (watch.sd or watch.probes))
+        chart.display = self._probed and not self.compact
         if chart.display:
             chart.set_points(watch.sd, watch.probes, watch.best)
         parts = watch_parts(watch) if watch else []
@@ -124,6 +127,9 @@ class RunView:
 
     def place(self, compact: bool, preview_beside_loss: bool) -> None:
         """Wide enough: loss, vector and preview side by side.  Compact: loss and one of the two."""
+        self.compact = compact
+        tradeoff = self.query_one("#tradeoff", TradeoffChart)
+        tradeoff.display = bool(self._probed) and not compact
         self.query_one("#vector", VectorChart).display = not (compact and preview_beside_loss)
         self.query_one("#preview", ImagePreview).display = not compact or preview_beside_loss
 
