@@ -14,7 +14,7 @@ from engine.settings.train import CROSS_WEIGHT, method_label, parse_method, swee
 
 def _cfg(**kw):
     base = dict(token="<thing>", init="cat", steps=8, lr=5e-2, save_every=4, preview_every=0, log_every=2,
-                init_mode="cross")
+                init_mode="cross", probe_every=0, dloss_every=0)
     base.update(kw)
     return TrainConfig(**base)
 

@@ -26,7 +26,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "engine" / "sd" / "configs"
 
 def _cfg(**kw):
     base = dict(token="<thing>", init="cat", steps=8, lr=5e-2, save_every=4, preview_every=0, log_every=2,
-                per_layer=True)
+                per_layer=True, probe_every=0, dloss_every=0)
     base.update(kw)
     return TrainConfig(**base)
 
