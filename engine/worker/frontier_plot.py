@@ -31,11 +31,14 @@ def frontier_text(data: dict, width: int = 78, height: int = 22) -> str:
     plt.clear_figure()
     line = _front_line(points)
     if len(line) > 1:
-        plt.plot([p["editability"] for p in line], [p["reconstruction"] for p in line], label="Pareto front",
+        plt.plot([p["editability"] for p in line], [p["reconstruction"] for p in line],
                  marker="braille")
-    for p in points:
-        plt.scatter([p["editability"]], [p["reconstruction"]], label=p["label"], marker="●" if p["front"] else "○")
-    plt.title("the trade-off (● on the Pareto front)")
+    middle = (min(p["editability"] for p in points) + max(p["editability"] for p in points)) / 2 if points else 0
+    for p in points:  # each point labelled beside it, toward the middle (the edges would cut it)
+        plt.scatter([p["editability"]], [p["reconstruction"]], marker="●" if p["front"] else "○")
+        plt.text(p["label"], p["editability"], p["reconstruction"],
+                 alignment="left" if p["editability"] <= middle else "right")
+    plt.title("the trade-off: the line is the Pareto front (● on it, ○ behind it)")
     plt.xlabel("editability")
     plt.ylabel("reconstruction")
     plt.plotsize(width, height)
@@ -62,10 +65,10 @@ def frontier_png(data: dict, path: Path) -> Path:
             x, y = to_xy(v if axis == "x" else None, v if axis == "y" else None)
             if axis == "x":
                 draw.line([x, SIZE[1] - bottom, x, SIZE[1] - bottom + 4], fill=AXIS)
-                draw.text((x - 14, SIZE[1] - bottom + 6), f"{v:.2f}", fill=AXIS, font=font)
+                draw.text((x - 18, SIZE[1] - bottom + 6), f"{v:.3f}", fill=AXIS, font=font)
             else:
                 draw.line([left - 4, y, left, y], fill=AXIS)
-                draw.text((left - 40, y - 7), f"{v:.2f}", fill=AXIS, font=font)
+                draw.text((left - 46, y - 7), f"{v:.3f}", fill=AXIS, font=font)
     draw.text((SIZE[0] // 2 - 40, SIZE[1] - 22), "editability", fill=AXIS, font=font)
     draw.text((6, top - 22), "reconstruction", fill=AXIS, font=font)
     line = [to_xy(p["editability"], p["reconstruction"]) for p in _front_line(points)]
@@ -99,7 +102,7 @@ def _scale(points: list[dict]):
         lows = [p[key] - (p.get(se_key) or 0) for p in points] or [0.0]
         highs = [p[key] + (p.get(se_key) or 0) for p in points] or [1.0]
         lo, hi = min(lows), max(highs)
-        pad = max(0.01, (hi - lo) * 0.12)
+        pad = max(0.005, (hi - lo) * 0.12)
         return lo - pad, hi + pad
 
     (x_lo, x_hi), (y_lo, y_hi) = span("editability", "se_editability"), span("reconstruction", "se_reconstruction")
