@@ -105,9 +105,9 @@ class ModelInfo:
     def require_layers(self, what: str = "--per-layer") -> tuple[str, ...]:
         """The layer keys, or a one-line UserError saying why this model has none."""
         if not self.layers:
+            fix = "train it without --per-layer" if what == "--per-layer" else "leave per-layer out of the methods"
             raise UserError(f"{what}: {self.spec} ({self.family_label}) cannot take per-layer words: "
-                            f"{self.layers_refused or 'its UNet has no cross-attention layer'}; "
-                            "train it without --per-layer")
+                            f"{self.layers_refused or 'its UNet has no cross-attention layer'}; {fix}")
         return self.layers
 
     def identity(self) -> dict:
