@@ -155,10 +155,7 @@ def test_probes_and_the_deterministic_loss_are_events_and_leave_the_training_as_
     assert best["step"] in (10, 20) and best["rule"] == "tradeoff"
     assert (tmp_path / "watched" / "embeddings" / f"learned_embeds-steps-{best['step']}.safetensors").is_file()
     assert _of(events, "stopped") == [{"type": "stopped", "step": 20, "rule": "steps", "why": "ran its --steps 20"}]
-    # the deterministic loss is deterministic: the same seed draws the same batch
-    again = QuietReporter()
-    train(tiny_model, _cfg(probe_every=0, steps=10), tmp_path / "again", images, again)
-    assert [e["dloss"] for e in _of(again.events, "dloss")] == [e["dloss"] for e in _of(events, "dloss")][:3]
+    # (that the same seed draws the same batch, in another process too: the kill -9 test below)
 
 
 def test_a_run_that_meets_its_rule_stops_there_and_keeps_that_step(tiny_model, image_dir, tmp_path):
@@ -232,7 +229,7 @@ def probed(tiny_model, tmp_path_factory):
     concept = Library(home).add("toy", images, "cat", tokenizer=load_tokenizer(), description="a toy cat")
     params = {k: v for k, v in FAST.items()} | {"best_by": "edit", "probe_images": 1}
     run = _job_run(home, concept, tiny_model, params)
-    bare = _job_run(home, concept, tiny_model, {**params, "probe_every": 0})
+    bare = _job_run(home, concept, tiny_model, {**params, "probe_every": 0, "dloss_every": 0, "steps": 5})
     return home, run, bare
 
 
