@@ -336,7 +336,8 @@ def test_the_deterministic_loss_takes_a_bucketed_run(tiny_model, shapes_dir, tmp
 def test_probes_and_previews_see_the_word_as_saved_with_ema(tiny_model, image_dir, tmp_path, monkeypatch):
     """With --ema the saved steps are the average: the probes that choose the best step (issue
     25) and the previews look at that word, and the vectors trained come back after."""
-    from engine.inversion import probes, train as train_mod
+    from engine.inversion import probes
+    from engine.inversion import train as train_mod
 
     seen = {}
 
