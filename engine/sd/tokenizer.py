@@ -19,8 +19,6 @@ import json
 import os
 from pathlib import Path
 
-import platformdirs
-
 from engine.store.paths import atomic_write_text
 
 VOCAB_SIZE = 49408
@@ -87,6 +85,8 @@ def tokenizer_dir(pad: str = EOS) -> Path:
     """The cached folder of derived tokenizer files padding with `pad` (created on first use)."""
     if pad not in (EOS, PAD_BANG):
         raise ValueError(f"unknown CLIP padding {pad!r}")
+    import platformdirs  # here, not at the top: reading a model's configs (model_info) needs no cache
+
     root = Path(os.environ.get("TISTUDIO_CACHE") or platformdirs.user_cache_dir("tistudio"))
     out = root / ("clip-tokenizer-v1" if pad == EOS else "clip-tokenizer-v1-pad-bang")
     if not (out / "special_tokens_map.json").exists():

@@ -16,8 +16,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-import platformdirs
-
 from engine.faults import maybe_fault
 
 APP_NAME = "tistudio"
@@ -25,6 +23,8 @@ APP_NAME = "tistudio"
 
 def home_dir(override: str | os.PathLike | None = None) -> Path:
     """The data directory: --home, else $TISTUDIO_HOME, else XDG data dir."""
+    import platformdirs  # here: a process that only reads configs (the bench runner) may lack it
+
     raw = override or os.environ.get("TISTUDIO_HOME") or platformdirs.user_data_dir(APP_NAME)
     path = Path(raw).expanduser().resolve()
     ensure_private_dir(path)
@@ -32,6 +32,8 @@ def home_dir(override: str | os.PathLike | None = None) -> Path:
 
 
 def config_dir() -> Path:
+    import platformdirs
+
     raw = os.environ.get("TISTUDIO_CONFIG_DIR") or platformdirs.user_config_dir(APP_NAME)
     return Path(raw).expanduser()
 
