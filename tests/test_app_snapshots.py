@@ -305,6 +305,31 @@ def test_engine_online_with_a_run_streaming(snap_compare, demo_home, screen, siz
     assert snap_compare(app_for(demo_home), terminal_size=size, run_before=online_and_streaming(SCREENS[screen]))
 
 
+def _tradeoff_report(home: Path) -> None:
+    """The trade-off experiment's report (`experiment regularize --seeds 0,1,2`): four methods at three
+    seeds and the SD row, its frontier written by the engine's own code (engine.store.frontier)."""
+    from engine.store.frontier import frontier
+
+    means = {"none": (0.42, 0.40), "init-l2:0.01": (0.24, 0.47), "cross": (0.41, 0.43), "per-layer": (0.45, 0.41)}
+    rows = [{"model": "SD", "label": "SD", "reconstruction": 0.1984, "editability": 0.4915,
+             "editability_per_image": 0.48}]
+    for seed in range(3):
+        for method, (recon, edit) in means.items():
+            rows.append({"model": "SD+TI", "run": f"r{seed}-{method}", "label": f"{method} · seed {seed}",
+                         "method": method, "seed": seed, "reconstruction": recon + 0.01 * (seed - 1),
+                         "editability": edit - 0.005 * (seed - 1), "editability_per_image": edit})
+    folder = home / "concepts" / "sample" / "experiments" / "regularize-20260101-050000"
+    _write_json(folder / "table.json", {"id": "regularize-20260101-050000", "kind": "regularize", "rows": rows,
+                                        "runs": rows[1:], "train": {"steps": 2000}, "images_per_set": 16,
+                                        "frontier": frontier(rows)})
+
+
+def test_frontier_in_the_study_view(snap_compare, demo_home):
+    """Every method's mean ± standard error, ★ on the Pareto front, and the frontier chart with SD's point."""
+    _tradeoff_report(demo_home)
+    assert snap_compare(app_for(demo_home), terminal_size=(100, 30), run_before=settle("4", "v", "v"))
+
+
 # -- knowing when a word is learned (issue 25) -------------------------------------------------------
 
 WATCHED = "20260101-060000-d0e5"

@@ -32,8 +32,9 @@ from pathlib import Path
 from engine import faults
 from engine.devices import determinism
 from engine.errors import JobCancelled, UserError, one_line
+from engine.store.events import EventLog, events_path
 from engine.store.paths import atomic_write_text, disk_full_message, home_dir, is_disk_full
-from engine.store.runs import EventLog, set_status
+from engine.store.runs import set_status
 from engine.wire import protocol
 from engine.worker.context import JobContext
 
@@ -115,7 +116,7 @@ class Worker:
         run_id, run_dir, group = job.run_id, Path(job.run_dir), job.group
         lead = group is None or group.index == 0
         _reset_peak_memory(self.placement.get("device"))  # the job's own vram_peak
-        log = EventLog(run_dir / "events.jsonl")
+        log = EventLog(events_path(run_dir))
         ctx = JobContext(
             spec={"kind": job.kind, "concept": job.concept, "params": job.params, "run_id": run_id,
                   "group": group.to_wire() if group else None},

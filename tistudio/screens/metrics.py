@@ -338,7 +338,7 @@ class MetricsScreen(StudioScreen):
         elif not concept.images:
             self.notify(f"{name} has no training images; add some on 1 Library (e).", severity="warning")
             return
-        values = {"init": concept.init, "seeds": "0, 1, 2", "regularize": "none, init-l2, norm, directional"}
+        values = {"init": concept.init, "seeds": "0, 1, 2", "regularize": "none, init-l2, norm, directional, cross"}
         steps = (self.app.config.commands.get("train") or {}).get("steps", 2000)
         target = f"{name}@{word['run']}" + (f":{word['step']}" if "step" in word else "") if word else ""
 

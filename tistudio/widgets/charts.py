@@ -280,3 +280,41 @@ class CurveChart(_Chart):
         self._plot_pair([p.get("step", 0) for p in points], [p.get("reconstruction", 0.0) for p in points],
                         [p.get("editability", 0.0) for p in points])
         self.refresh()
+
+
+class FrontierChart(_Chart):
+    """The trade-off experiment's frontier: every method's Table 1 (its mean over seeds) as a point
+    in the (editability, reconstruction) plane, SD's point (S), and the Pareto front as a line
+    through the points no other beats in both numbers (engine.store.frontier)."""
+
+    empty_text = "no methods measured"
+    title = "Frontier"
+    series = ("front", "methods")
+
+    def set_frontier(self, frontier: dict | None) -> None:
+        points = list((frontier or {}).get("points") or [])
+        key = (tuple((p["label"], p["reconstruction"], p["editability"]) for p in points), self.app.theme)
+        if self._unchanged(key):
+            return
+        if not points:
+            self._empty()
+            return
+        front_c, point_c = self._colours()
+        self._start()
+        plt = self.plt
+        line = sorted((p for p in points if p.get("front")), key=lambda p: p["editability"])
+        if len(line) > 1:
+            plt.plot([p["editability"] for p in line], [p["reconstruction"] for p in line], color=front_c,
+                     marker="braille")
+        middle = (min(p["editability"] for p in points) + max(p["editability"] for p in points)) / 2
+        for p in points:
+            colour = front_c if p.get("front") else point_c
+            plt.scatter([p["editability"]], [p["reconstruction"]], color=colour, marker="S" if p.get("sd") else "●")
+            if not p.get("sd"):  # the label beside the point, toward the middle (the edges cut it)
+                plt.text(p["label"], p["editability"], p["reconstruction"], color=colour,
+                         alignment="left" if p["editability"] <= middle else "right")
+        plt.xlabel("editability")
+        plt.ylabel("reconstruction")
+        front = [p["label"] for p in line if not p.get("sd")]
+        self.border_subtitle = f"front: {', '.join(front)}" if front else "SD alone is on the front"
+        self.refresh()

@@ -146,10 +146,9 @@ class TrainForm(VerticalScroll):
         return self.query_one(f"#{key}", Input).value.strip()
 
     def _pins(self) -> list[str]:
-        from engine.store.records import library_summaries
 
         try:
-            return [pin for summary in library_summaries(self.app.home) for pin in summary.pins()]
+            return [pin for summary in self.app.library.summaries() for pin in summary.pins()]
         except OSError:
             return []
 
