@@ -97,3 +97,56 @@ async def test_the_new_run_form_offers_buckets_masked_loss_ema_and_a1111_templat
             screen.params()
         assert refused.value.field == "buckets"
         assert not any("not a train option" in m for m in notes(app))
+
+
+async def test_the_new_concept_dialog_takes_a_masks_folder_and_refuses_one_that_matches_nothing(tmp_path):
+    """`concept add --masks DIR` in the studio: the New concept dialog's Masks folder."""
+    from engine.store import annotations
+    from engine.store.library import Library
+    from tistudio.screens.library import LibraryScreen
+    from tistudio.screens.modals import NewConceptModal
+
+    home = tmp_path / "home"
+    images, masks = kohya_folder(tmp_path)
+    strangers = tmp_path / "strangers"
+    strangers.mkdir()
+    Image.new("L", (8, 8), 255).save(strangers / "zzz.png")
+    app = offline_app(home, add_sample=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("n")
+        dialog = await wait_for(pilot, lambda: isinstance(app.screen, NewConceptModal) and app.screen, 5, "the dialog")
+        for key, value in {"name": "ball", "folder": str(images), "init": "ball", "masks": str(strangers)}.items():
+            dialog.query_one(f"#{key}", Input).value = value
+        dialog.query_one("#ok", Button).press()
+        error = lambda: str(dialog.query_one("#error").render())  # noqa: E731
+        await wait_for(pilot, lambda: "no mask there has an image's file name" in error(), 10, "the refusal")
+        assert not (home / "concepts" / "ball").exists()  # nothing written
+        dialog.query_one("#masks", Input).value = str(masks)
+        await wait_for(pilot, lambda: not dialog.query_one("#ok", Button).disabled, 5, "Create enabled again")
+        dialog.query_one("#ok", Button).press()
+        await wait_for(pilot, lambda: isinstance(app.screen, LibraryScreen), 20, "the dialog to close")
+    stored = Library(home).get("ball").images
+    assert [annotations.mask_of(p) is not None for p in stored] == [False, True, True]  # alpha, and the folder's
+
+
+async def test_a_run_goes_to_tensorboard_from_the_train_screen(studio_home, trained_run, tmp_path):
+    """`runs export RUN --tensorboard DIR` in the studio: key b on 2 Train, a folder, the event files."""
+    from studio import engine_app, online
+    from tistudio.screens.modals import TextModal
+
+    app = engine_app(studio_home)
+    async with app.run_test(size=SIZE) as pilot:
+        await online(app, pilot)
+        await pilot.press("2")
+        await wait_for(pilot, lambda: trained_run in [j["id"] for j in app.screen.train_jobs()], 20, "the run")
+        screen = app.screen
+        screen.run_id, screen.pinned = trained_run, True
+        a_file = tmp_path / "a-file"
+        a_file.write_text("")
+        for folder, expected in ((a_file, "a file, not a folder"), (tmp_path / "tb", "Wrote 1 run")):
+            await pilot.press("b")
+            dialog = await wait_for(pilot, lambda: isinstance(app.screen, TextModal) and app.screen, 5, "the dialog")
+            dialog.query_one("#value", Input).value = str(folder)
+            dialog.query_one("#ok", Button).press()
+            await wait_for(pilot, lambda e=expected: any(e in m for m in notes(app)), 30, f"{expected!r}")
+    assert list((tmp_path / "tb" / trained_run).glob("events.out.tfevents.*"))

@@ -80,12 +80,19 @@ class LibraryService:
         overlay(image, mask).save(path, format="PNG")
         return path
 
+    def export_tensorboard(self, run_id: str, folder: Path) -> list[Path]:
+        """Write the run's history (each member's, for a sweep) as TensorBoard logs under `folder`
+        (engine.store.tensorboard, as `tistudio runs export RUN --tensorboard DIR`); the folders written."""
+        from engine.store.tensorboard import export_run
+
+        return export_run(self.home, run_id, folder)
+
     # --- changing --------------------------------------------------------------------------------
 
     def add(self, name: str, folder: Path, init: str, *, property: str = "object",
-            description: str | None = None) -> Concept:
+            description: str | None = None, masks: Path | None = None) -> Concept:
         concept = self._library.add(name, folder, init, property=property, description=description,
-                                    tokenizer=self._tokenizer())
+                                    tokenizer=self._tokenizer(), masks=masks)
         self._on_change()
         return concept
 

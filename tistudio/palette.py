@@ -28,6 +28,8 @@ ACTIONS = [
         ("Train: start run", "Start a training run with the form's settings", "train", "start"),
         ("Train: resume run", "Resume the selected failed, cancelled or interrupted run", "train", "resume"),
         ("Train: cancel run", "Cancel the selected (or the running) run", "train", "cancel_run"),
+        ("Train: export run to TensorBoard", "Write the selected run's loss, learning rate, norm, probes and "
+         "previews as TensorBoard logs (key b)", "train", "export_tensorboard"),
         ("Generate: generate images", "Generate with the prompt and settings on the Generate screen",
          "generate", "generate"),
         ("Generate: edit prompt", "Move to the prompt field", "generate", "edit_prompt"),

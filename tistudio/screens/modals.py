@@ -34,6 +34,7 @@ class NewConceptForm:
     init: str
     property: str
     description: str | None
+    masks: Path | None = None  # a folder of loss masks named as the images (optional)
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,9 @@ class TextModal(_Dialog[str | None]):
 
 
 class NewConceptModal(_Dialog[str | None]):
-    """Create a concept: name, image folder, initializer (checked live as one token), type, description.
+    """Create a concept: name, image folder, initializer (checked live as one token), type, description,
+    and an optional folder of loss masks (as `concept add --masks`; captions beside the images are
+    always read).
 
     Dismisses with the new concept's name once the library has it."""
 
@@ -209,6 +212,8 @@ class NewConceptModal(_Dialog[str | None]):
                                          allow_blank=False, id="property", compact=True))
             yield FieldRow("Description", Input(placeholder="words SD uses instead of the token (optional)",
                                                 id="description", compact=True))
+            yield FieldRow("Masks folder", Input(placeholder="masks named as the images (optional)", id="masks",
+                                                 compact=True, suggester=PathSuggester(dirs_only=True)))
             yield Static("The token will be <name>.  Tab moves between fields.", classes="dialog-hint",
                          id="token-hint")
             yield Static("", classes="dialog-error", id="error")
@@ -264,7 +269,7 @@ class NewConceptModal(_Dialog[str | None]):
 
     @on(Input.Submitted)
     def _submitted(self, event: Input.Submitted) -> None:
-        if event.input.id == "description":
+        if event.input.id == "masks":
             self._create()
         else:
             self.focus_next()
@@ -283,7 +288,8 @@ class NewConceptModal(_Dialog[str | None]):
             error.update("Give an initializer word (one token, e.g. cat).")
             return
         form = NewConceptForm(get("name"), Path(get("folder")).expanduser(), get("init"),
-                              str(self.query_one("#property", Select).value), get("description") or None)
+                              str(self.query_one("#property", Select).value), get("description") or None,
+                              Path(get("masks")).expanduser() if get("masks") else None)
         error.update("creating…")
         self.query_one("#ok", Button).disabled = True
         self._add(form)
@@ -294,7 +300,7 @@ class NewConceptModal(_Dialog[str | None]):
 
         try:
             concept = self.library.add(form.name, form.folder, form.init, property=form.property,
-                                       description=form.description)
+                                       description=form.description, masks=form.masks)
         except (UserError, OSError) as exc:
             self.app.call_from_thread(self._failed, str(exc))
             return

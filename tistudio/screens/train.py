@@ -6,7 +6,9 @@ studio opened shows its whole history and then follows live."""
 
 from __future__ import annotations
 
-from textual import on
+from pathlib import Path
+
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -36,6 +38,7 @@ class TrainScreen(StudioScreen):
         Binding("l", "toggle_low_vram", "Low VRAM"),
         Binding("f", "edit_form", "Form", show=False),
         Binding("v", "toggle_beside_loss", "Vector/preview", show=False),
+        Binding("b", "export_tensorboard", "TensorBoard", show=False),
     ]
 
     def __init__(self, *args, **kwargs):
@@ -232,6 +235,38 @@ class TrainScreen(StudioScreen):
             self.notify("No queued or running run to cancel.", severity="warning")
             return
         self.app.bridge.cancel(job["id"])
+
+    def action_export_tensorboard(self) -> None:
+        """The selected run's loss, learning rate, norm, probes and previews as TensorBoard logs
+        (`tistudio runs export RUN --tensorboard DIR`), into a folder the dialog asks for."""
+        from tistudio.screens.modals import TextModal
+        from tistudio.widgets.forms import PathSuggester
+
+        run_id = self.run_id
+        if not run_id:
+            self.notify("Select a run in the runs table first.", severity="warning", title="TensorBoard")
+            return
+
+        def done(folder: str | None) -> None:
+            if folder:
+                self._write_tensorboard(run_id, Path(folder).expanduser())
+
+        self.app.push_screen(TextModal(f"Run {run_id} to TensorBoard", "Folder", str(self.app.home / "tensorboard"),
+                                       "Export", hint="Writes FOLDER/<run id>/ (replacing an earlier export); "
+                                       "then: tensorboard --logdir FOLDER", suggester=PathSuggester(dirs_only=True)),
+                             done)
+
+    @work(thread=True, group="tensorboard")
+    def _write_tensorboard(self, run_id: str, folder: Path) -> None:
+        from engine.errors import UserError, one_line
+
+        try:
+            written = self.app.library.export_tensorboard(run_id, folder)
+        except (UserError, OSError) as exc:
+            self.app.call_from_thread(self.notify, one_line(exc), severity="error", title="TensorBoard")
+            return
+        self.app.call_from_thread(self.notify, f"Wrote {len(written)} run{'s' * (len(written) != 1)} to {folder}; "
+                                  f"tensorboard --logdir {folder}", title="TensorBoard")
 
     def action_toggle_low_vram(self) -> None:
         """--low-vram, one key away: gradient checkpointing, for cards with little memory."""
