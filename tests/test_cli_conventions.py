@@ -27,7 +27,8 @@ OTHER_PROGRAMS = {"engine/server/main.py": {"--idle", "--cancel-grace", "--home"
                   "engine/server/ray_workers.py": {"--head", "--num-gpus"},  # `ray start`'s, in its advice
                   "engine/server/zygote.py": {"--home", "--fd"},  # `python -m engine.server.zygote`, the engine's
                   "engine/store/tensorboard.py": {"--logdir"},  # `tensorboard --logdir DIR`, in its advice
-                  "tistudio/commands/run_cmds.py": {"--logdir"}}
+                  "tistudio/commands/run_cmds.py": {"--logdir"},
+                  "tistudio/screens/train.py": {"--logdir"}}
 
 
 def _parsers(parser: argparse.ArgumentParser):
