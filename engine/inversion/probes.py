@@ -170,13 +170,14 @@ class Prober:
         kept in the first of those runs' folder)."""
         started = time.perf_counter()
         owners = {k: self._sd_key(k) if step is None else k for k in ks}
-        measured = list(dict.fromkeys(owners.values()))
-        first = {owner: next(k for k in ks if owners[k] == owner) for owner in measured}
-        sets = [self.generate(first[owner], step) for owner in measured]
-        scores = dict(zip(measured, zip(sets, self.judge(sets))))
+        first: dict = {}  # each owner's first run, whose folder keeps the images
+        for k in ks:
+            first.setdefault(owners[k], k)
+        sets = [self.generate(k, step) for k in first.values()]
+        measured = dict(zip(first, zip(sets, self.judge(sets))))  # owner -> (its set, its scores)
         seconds = (time.perf_counter() - started) / max(1, len(ks))
-        return [{"type": "probe", "step": step or 0, "row": scores[owners[k]][0].row, **scores[owners[k]][1],
-                 "images": scores[owners[k]][0].paths, "seconds": seconds} for k in ks]
+        return [{"type": "probe", "step": step or 0, "row": s.row, **score, "images": s.paths, "seconds": seconds}
+                for s, score in (measured[owners[k]] for k in ks)]
 
     def _sd_key(self, k: int) -> tuple:
         slot = self.inv.slots[k]

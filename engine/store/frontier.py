@@ -107,6 +107,21 @@ def frontier(rows: list[dict]) -> dict:
             "vs_none": {m: {k: list(v) for k, v in d.items()} for m, d in deltas.items() if d}}
 
 
+def front_line(points: list[dict]) -> list[dict]:
+    """The front's points from left to right (more editability, less reconstruction): the line a
+    chart draws through them."""
+    return sorted((p for p in points if p.get("front")), key=lambda p: p["editability"])
+
+
+def label_alignment(points: list[dict]) -> dict[str, str]:
+    """Each point's label side on a chart, toward the middle of the editability range (the edges
+    would cut it): label -> "left" or "right"."""
+    if not points:
+        return {}
+    middle = (min(p["editability"] for p in points) + max(p["editability"] for p in points)) / 2
+    return {p["label"]: "left" if p["editability"] <= middle else "right" for p in points}
+
+
 def frontier_lines(data: dict) -> list[str]:
     """The frontier as markdown table lines: mean ± standard error per method, front marked."""
     lines = ["| Method | Runs | Reconstruction | Editability | Δ vs none (recon / edit) | Front |",

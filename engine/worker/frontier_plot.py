@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine.store.frontier import front_line, label_alignment
+
 SIZE = (720, 540)
 MARGIN = (70, 30, 30, 60)  # left, top, right, bottom
 FRONT, POINT, SD_COLOUR, AXIS = (200, 60, 40), (40, 90, 200), (40, 150, 70), (60, 60, 60)
-
-
-def _front_line(points: list[dict]) -> list[dict]:
-    """The front's points from left to right (more editability, less reconstruction)."""
-    return sorted((p for p in points if p["front"]), key=lambda p: p["editability"])
 
 
 def frontier_text(data: dict, width: int = 78, height: int = 22) -> str:
@@ -29,15 +26,14 @@ def frontier_text(data: dict, width: int = 78, height: int = 22) -> str:
     except ImportError:
         return ""
     plt.clear_figure()
-    line = _front_line(points)
+    line = front_line(points)
     if len(line) > 1:
         plt.plot([p["editability"] for p in line], [p["reconstruction"] for p in line],
                  marker="braille")
-    middle = (min(p["editability"] for p in points) + max(p["editability"] for p in points)) / 2 if points else 0
-    for p in points:  # each point labelled beside it, toward the middle (the edges would cut it)
+    alignment = label_alignment(points)
+    for p in points:  # each point labelled beside it
         plt.scatter([p["editability"]], [p["reconstruction"]], marker="●" if p["front"] else "○")
-        plt.text(p["label"], p["editability"], p["reconstruction"],
-                 alignment="left" if p["editability"] <= middle else "right")
+        plt.text(p["label"], p["editability"], p["reconstruction"], alignment=alignment[p["label"]])
     plt.title("the trade-off: the line is the Pareto front (● on it, ○ behind it)")
     plt.xlabel("editability")
     plt.ylabel("reconstruction")
@@ -71,7 +67,7 @@ def frontier_png(data: dict, path: Path) -> Path:
                 draw.text((left - 46, y - 7), f"{v:.3f}", fill=AXIS, font=font)
     draw.text((SIZE[0] // 2 - 40, SIZE[1] - 22), "editability", fill=AXIS, font=font)
     draw.text((6, top - 22), "reconstruction", fill=AXIS, font=font)
-    line = [to_xy(p["editability"], p["reconstruction"]) for p in _front_line(points)]
+    line = [to_xy(p["editability"], p["reconstruction"]) for p in front_line(points)]
     if len(line) > 1:
         draw.line(line, fill=FRONT, width=2)
     for p in points:

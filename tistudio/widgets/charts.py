@@ -13,6 +13,7 @@ import math
 
 from textual_plotext import PlotextPlot
 
+from engine.store.frontier import front_line, label_alignment
 from tistudio.themes import chart_colours
 
 GIB = 1024 ** 3
@@ -302,17 +303,17 @@ class FrontierChart(_Chart):
         front_c, point_c = self._colours()
         self._start()
         plt = self.plt
-        line = sorted((p for p in points if p.get("front")), key=lambda p: p["editability"])
+        line = front_line(points)
         if len(line) > 1:
             plt.plot([p["editability"] for p in line], [p["reconstruction"] for p in line], color=front_c,
                      marker="braille")
-        middle = (min(p["editability"] for p in points) + max(p["editability"] for p in points)) / 2
+        alignment = label_alignment(points)
         for p in points:
             colour = front_c if p.get("front") else point_c
             plt.scatter([p["editability"]], [p["reconstruction"]], color=colour, marker="S" if p.get("sd") else "●")
-            if not p.get("sd"):  # the label beside the point, toward the middle (the edges cut it)
+            if not p.get("sd"):  # the label beside the point
                 plt.text(p["label"], p["editability"], p["reconstruction"], color=colour,
-                         alignment="left" if p["editability"] <= middle else "right")
+                         alignment=alignment[p["label"]])
         plt.xlabel("editability")
         plt.ylabel("reconstruction")
         front = [p["label"] for p in line if not p.get("sd")]

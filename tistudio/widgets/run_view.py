@@ -118,18 +118,22 @@ class RunView:
         watch = track.watch if track else None
         line, chart = self.query_one("#run-watch", Static), self.query_one("#tradeoff", TradeoffChart)
         self._probed = bool(watch and (watch.sd or watch.probes))
-        chart.display = self._probed and not self.compact
-        if chart.display:
+        if self._show_tradeoff():
             chart.set_points(watch.sd, watch.probes, watch.best)
         parts = watch_parts(watch) if watch else []
         line.display = bool(parts)
         line.update(" · ".join(parts))
 
+    def _show_tradeoff(self) -> bool:
+        """The trade-off chart shows when the run has probes and the screen has room for it."""
+        chart = self.query_one("#tradeoff", TradeoffChart)
+        chart.display = self._probed and not self.compact
+        return chart.display
+
     def place(self, compact: bool, preview_beside_loss: bool) -> None:
         """Wide enough: loss, vector and preview side by side.  Compact: loss and one of the two."""
         self.compact = compact
-        tradeoff = self.query_one("#tradeoff", TradeoffChart)
-        tradeoff.display = bool(self._probed) and not compact
+        self._show_tradeoff()
         self.query_one("#vector", VectorChart).display = not (compact and preview_beside_loss)
         self.query_one("#preview", ImagePreview).display = not compact or preview_beside_loss
 

@@ -146,7 +146,6 @@ class TrainForm(VerticalScroll):
         return self.query_one(f"#{key}", Input).value.strip()
 
     def _pins(self) -> list[str]:
-
         try:
             return [pin for summary in self.app.library.summaries() for pin in summary.pins()]
         except OSError:
