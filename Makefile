@@ -29,8 +29,11 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+# The suite runs on every core (pytest-xdist), a test file to a worker at a time: a file's tests
+# share its module-scoped engines and wheels.  TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= auto
 test: $(STAMP) lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # `make bench DEVICES=N`: sweep throughput through the engine on 1 and on N devices (bench/scaling.py)
 bench: $(STAMP)

@@ -48,22 +48,30 @@ def members(methods: list[str], seeds: list[int], steps: int, lr: float) -> list
                           "dloss_every": 0, "log_every": 100, "seeds": seeds, "regularizes": methods})
 
 
-def train_all(model, library, plan: dict[str, list[dict]]) -> tuple[dict[str, list[tuple[str, dict]]], float]:
-    """Train every concept's members: plain words in one batch, per-layer words in another."""
+def train_all(model, library, plan: dict[str, list[dict]]) -> tuple[dict[str, list[tuple[str, dict]]], float, int]:
+    """Train every concept's members not trained yet: plain words in one batch, per-layer words in
+    another.  Returns each concept's (run id, params), the seconds it took, and how many it trained."""
     from engine.inversion.train import RunSlot, TrainConfig, train_many
     from engine.settings.train import method_label
     from engine.store.paths import atomic_write_json
 
-    runs, groups = {}, {False: [], True: []}
+    runs, groups, new = {}, {False: [], True: []}, {}
     for name, params in plan.items():
         concept = library.get(name)
-        runs[name] = []
-        for k, p in enumerate(params):
+        runs[name], new[name] = [], []
+        done = trained_runs(concept)
+        k = sum(1 for _ in concept.runs_dir.glob("*/")) if concept.runs_dir.exists() else 0
+        for p in params:
+            if run_key(p) in done:  # trained by an earlier call on this --home: measured again, not retrained
+                runs[name].append((done[run_key(p)], {**p, "init": concept.init}))
+                continue
             run_id = f"r{k:02d}-s{p['seed']}-{method_label(p).replace(':', '_').replace('+', '_')}"
+            k += 1
             config = TrainConfig(token=concept.token, init=concept.init, property=concept.property,
                                  **{key: v for key, v in p.items() if key != "init"})
             groups[config.per_layer].append(RunSlot(config, concept.runs_dir / run_id, concept.images))
             runs[name].append((run_id, {**p, "init": concept.init}))
+            new[name].append(run_id)
     t0 = time.time()
     for slots in groups.values():
         if slots:
@@ -72,10 +80,31 @@ def train_all(model, library, plan: dict[str, list[dict]]) -> tuple[dict[str, li
     for name in plan:
         concept = library.get(name)
         for run_id, params in runs[name]:
+            if run_id not in new[name]:
+                continue
             atomic_write_json(concept.runs_dir / run_id / "run.json", {
                 "id": run_id, "kind": "train", "concept": name, "status": "done", "created": time.time(),
                 "params": params})
-    return runs, seconds
+    return runs, seconds, sum(len(ids) for ids in new.values())
+
+
+def run_key(params: dict) -> tuple:
+    """What makes two runs the same run: method, seed, steps and learning rate (CPU training is
+    deterministic whatever else trains in its batch)."""
+    from engine.settings.train import method_label
+
+    return method_label(params), params["seed"], params["steps"], params["lr"]
+
+
+def trained_runs(concept) -> dict[tuple, str]:
+    """The finished runs already in this concept's folder, by run_key: a later call with more
+    methods or seeds on the same --home trains only what is missing."""
+    found = {}
+    for path in sorted(concept.runs_dir.glob("*/run.json")) if concept.runs_dir.exists() else []:
+        record = json.loads(path.read_text())
+        if record.get("status") == "done" and (path.parent / "learned_embeds.safetensors").exists():
+            found[run_key(record["params"])] = record["id"]
+    return found
 
 
 def verdict(data: dict, concept: str, halftone: dict | None) -> dict:
@@ -143,9 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model("builtin:demo")
     for name in names:
         record = records[name]
+        if library.exists(name):  # a rerun on the same --home: its runs are reused
+            continue
         library.add(name, SAMPLES / name, record["init"], property=record["property"],
                     description=record.get("description"))
-    runs, trained_s = train_all(model, library, {n: members(methods, seeds, args.steps, args.lr) for n in names})
+    plan = {n: members(methods, seeds, args.steps, args.lr) for n in names}
+    runs, trained_s, trained_n = train_all(model, library, plan)
     results = {}
     for name in names:
         t0 = time.time()
@@ -155,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         results[name].update(
             verdict=verdict(results[name]["frontier"], name, halftone), steps=args.steps, lr=args.lr,
             images=args.images,
-            seeds=seeds, methods=methods, train_seconds=trained_s, runs_trained=sum(len(r) for r in runs.values()),
+            seeds=seeds, methods=methods, train_seconds=trained_s, runs_trained=trained_n,
+            runs_reused=sum(len(r) for r in runs.values()) - trained_n,
             date=time.strftime("%Y-%m-%d %H:%M"), home=str(library.home))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")

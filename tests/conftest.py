@@ -12,9 +12,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 # The suite's torch runs on one thread (before anything loads torch's OpenMP, which reads this
-# once): the demo measurement (tests/demo_measurement.py) has the other core.  A two-thread
-# OpenMP region whose second thread shares a core with another busy process spins waiting for
-# it: tests ran up to 14 times slower that way.  On two cores one thread loses little anyway.
+# once): `make test` runs a pytest-xdist worker per core, and the demo measurement
+# (tests/demo_measurement.py) takes what they leave.  A two-thread OpenMP region whose second
+# thread shares a core with another busy process spins waiting for it: tests ran up to 14 times
+# slower that way.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Every engine a test starts (through a client, a CLI, the studio) stops when this pytest is gone,
 # killed or not: its jobs end interrupted and its workers go with it (engine.server.main).
@@ -141,11 +142,28 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: item.nodeid == demo_measurement.TEST_ID)  # stable: the rest keep their order
 
 
+def pytest_configure(config):
+    """Under pytest-xdist the controller runs no test and collects nothing: for a whole-suite run
+    it starts the measurement itself, before its workers start, and they share it."""
+    import demo_measurement
+
+    from engine.sd import demo_model
+
+    option = config.option
+    controller = bool(getattr(option, "numprocesses", None)) and not hasattr(config, "workerinput")
+    whole_suite = set(config.args) <= {"tests", str(Path(__file__).parent)} and not (
+        option.keyword or option.markexpr or getattr(option, "deselect", None) or option.collectonly)
+    if controller and whole_suite and demo_model.weights_present():
+        demo_measurement.start()
+
+
 def pytest_collection_finish(session):
     import demo_measurement
 
     from engine.sd import demo_model
 
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller started it, or the test will
+        return
     selected = any(item.nodeid == demo_measurement.TEST_ID for item in session.items)
     if selected and len(session.items) > 1 and demo_model.weights_present() and not session.config.option.collectonly:
         demo_measurement.start()

@@ -2,10 +2,16 @@
 
 It is three minutes of CPU: six 2000-step runs trained in one batch, then eight measured
 columns (`python -m demo.regularize_sweep`, the script the README's table comes from).  The
-other tests leave a core idle more than half of the time (they wait on engines, workers and
-the studio), so conftest.py starts the measurement when the suite starts, in a process of its
-own at a lower priority and on one thread, and runs its test last; the test then only waits
-for the results and checks them.  Run alone, the test starts it and waits.
+other tests leave a core idle much of the time (they wait on engines, workers and the studio),
+so the measurement starts when the suite starts, in a process of its own at a lower priority
+and on one thread, and its test only waits for the results and checks them.  Run alone, the
+test starts it and waits.
+
+Who starts it: a plain `pytest` run, once it has collected more than that test
+(conftest.pytest_collection_finish); under pytest-xdist (`make test` runs `-n`), the
+controller, which runs no test itself, for a whole-suite run (conftest.pytest_configure).  Its
+workers find the measurement's folder in FOLDER_ENV and wait on its results file there; the
+process that started it stops it when the session ends.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,32 +35,65 @@ DEMO_STEPS = 2000  # the CLI's and the studio's default, at the default lr 5e-4:
 # README's table is the same measurement, at 16 images a set.
 DEMO_PLAN = {"mushroom": ("none,init-l2", 16), "halftone": ("none,init-l2,norm,directional", 8)}
 NICENESS = 10  # the other tests' processes come first when both want a core
+FOLDER_ENV = "TISTUDIO_TEST_DEMO_MEASUREMENT"  # the running measurement's folder, for xdist's workers
 
 
 class Measurement:
-    def __init__(self):
-        self.folder = Path(tempfile.mkdtemp(prefix="tis-demo-"))
-        self.out, self.log = self.folder / "results.json", self.folder / "sweep.log"
+    """The measurement's process, started here (`Measurement()`) or by another pytest process
+    (`Measurement(folder)`: the folder it runs in, named by FOLDER_ENV)."""
+
+    def __init__(self, folder: Path | None = None):
+        self.owner = folder is None
+        self.folder = folder or Path(tempfile.mkdtemp(prefix="tis-demo-"))
+        self.out, self.log, self.pid_file = self.folder / "results.json", self.folder / "sweep.log", self.folder / "pid"
+        self.proc = None
+        if self.owner:
+            self.proc = self._start()
+            self.pid_file.write_text(str(self.proc.pid))
+            os.environ[FOLDER_ENV] = str(self.folder)  # before xdist starts its workers: they inherit it
+
+    def _start(self) -> subprocess.Popen:
         plan = [f"--plan={name}={methods}@{images}" for name, (methods, images) in DEMO_PLAN.items()]
         argv = [sys.executable, "-m", "demo.regularize_sweep", *plan, "--steps", str(DEMO_STEPS),
                 "--threads", "1", "--out", str(self.out), "--home", str(self.folder / "home")]
         with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                         env=dict(os.environ, OMP_NUM_THREADS="1"),
-                                         preexec_fn=_lower_priority_and_die_with_the_suite)
+            return subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"),
+                                    preexec_fn=_lower_priority_and_die_with_the_suite)
 
     def results(self, timeout: float) -> dict:
         """The sweep's results ({concept: result}); AssertionError with its log if it failed."""
-        code = self.proc.wait(timeout)
+        if self.proc is not None:
+            code = self.proc.wait(timeout)
+        else:  # another process's child: its results file (written atomically) or its end
+            deadline, pid = time.monotonic() + timeout, int(self.pid_file.read_text())
+            while not self.out.exists() and _running(pid):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the demo sweep ({self.folder}) did not end in {timeout:.0f} s")
+                time.sleep(1)
+            code = 0 if self.out.exists() else "without results"
         assert code == 0 and self.out.exists(), f"the demo sweep exited {code}:\n{self.log.read_text()[-4000:]}"
         return json.loads(self.out.read_text())
 
     def stop(self) -> None:
+        if not self.owner:
+            return
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        os.environ.pop(FOLDER_ENV, None)
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether a process that is not our child still runs (a zombie, waiting for its parent to
+    reap it, has ended)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def _lower_priority_and_die_with_the_suite() -> None:
@@ -70,9 +110,11 @@ _started: Measurement | None = None
 
 
 def start() -> Measurement:
+    """The measurement this process runs or shares: the one FOLDER_ENV names, else its own."""
     global _started
     if _started is None:
-        _started = Measurement()
+        shared = os.environ.get(FOLDER_ENV)
+        _started = Measurement(Path(shared)) if shared else Measurement()
     return _started
 
 
