@@ -47,6 +47,8 @@ VARIANTS = (
             "kill -9, a second job on a worker the zygote forks, the first resumed: fork used? each job's end", 120),
     Variant("low-vram", "train_step", "ours with gradient checkpointing (--low-vram)", 90,
             params={"low_vram": True}, ratio="vs_ours"),
+    Variant("per-layer", "train_step", "ours with a word per UNet cross-attention layer (--per-layer, P+: "
+            "16 text-encoder passes a step on SD 1.5)", 120, params={"per_layer": True}, ratio="vs_ours"),
     Variant("generation", "generation", "images/s: 25 DPM-Solver++ steps with CFG", 90),
     Variant("sdxl-decode-error", "sdxl_decode_error", "an OOM injected into an fp16 SDXL decode, then a second "
             "generation: the VAE's dtype after, and whether the second worked", 60, model="sdxl-tiny"),

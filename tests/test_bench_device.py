@@ -172,6 +172,8 @@ def test_every_variant_measures_from_the_wheels_under_the_device_python(built_wh
     assert lines["engine-fork"]["ok"] is None and "test_zygote" in lines["engine-fork"]["note"]  # CUDA's check
     assert lines["low-vram"]["low_vram"] is True
     assert lines["low-vram"]["vs_ours"] == pytest.approx(lines["low-vram"]["steps_per_s"] / ours)
+    assert lines["per-layer"]["per_layer"] is True and lines["per-layer"]["steps_per_s"] > 0
+    assert lines["per-layer"]["vs_ours"] == pytest.approx(lines["per-layer"]["steps_per_s"] / ours)
     assert lines["generation"]["images"] == 1 and lines["generation"]["images_per_s"] > 0
     assert lines["batched-8"]["runs"] == 8 and lines["batched-16"]["runs"] == 16
     assert lines["batched-16"]["vs_ours"] == pytest.approx(lines["batched-16"]["run_steps_per_s"] / ours)
