@@ -71,7 +71,7 @@ def train_all(model, library, plan: dict[str, list[dict]]) -> tuple[dict[str, li
                                  **{key: v for key, v in p.items() if key != "init"})
             groups[config.per_layer].append(RunSlot(config, concept.runs_dir / run_id, concept.images))
             runs[name].append((run_id, {**p, "init": concept.init}))
-            new[name].append(run_id)
+            new[name].append(runs[name][-1])
     t0 = time.time()
     for slots in groups.values():
         if slots:
@@ -79,9 +79,7 @@ def train_all(model, library, plan: dict[str, list[dict]]) -> tuple[dict[str, li
     seconds = time.time() - t0
     for name in plan:
         concept = library.get(name)
-        for run_id, params in runs[name]:
-            if run_id not in new[name]:
-                continue
+        for run_id, params in new[name]:
             atomic_write_json(concept.runs_dir / run_id / "run.json", {
                 "id": run_id, "kind": "train", "concept": name, "status": "done", "created": time.time(),
                 "params": params})

@@ -43,11 +43,10 @@ class Measurement:
     (`Measurement(folder)`: the folder it runs in, named by FOLDER_ENV)."""
 
     def __init__(self, folder: Path | None = None):
-        self.owner = folder is None
         self.folder = folder or Path(tempfile.mkdtemp(prefix="tis-demo-"))
         self.out, self.log, self.pid_file = self.folder / "results.json", self.folder / "sweep.log", self.folder / "pid"
-        self.proc = None
-        if self.owner:
+        self.proc = None  # ours to wait on and stop, when this process started it
+        if folder is None:
             self.proc = self._start()
             self.pid_file.write_text(str(self.proc.pid))
             os.environ[FOLDER_ENV] = str(self.folder)  # before xdist starts its workers: they inherit it
@@ -77,7 +76,7 @@ class Measurement:
         return json.loads(self.out.read_text())
 
     def stop(self) -> None:
-        if not self.owner:
+        if self.proc is None:  # another process's: it stops it
             return
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
