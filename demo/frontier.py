@@ -2,7 +2,7 @@
 
     python -m demo.frontier [--concepts mushroom,halftone] [--seeds 0,1,2,3,4] \
         [--methods none,init-l2,init-l2:0.001,init-l2:0.01,norm,directional,cross,per-layer] \
-        [--steps 2000] [--images 16] [--threads 2] [--home DIR]
+        [--steps 2000] [--images 16] [--threads 2] [--home DIR] [--no-baseline]
 
 Trains every method at every seed on builtin:demo with the engine's own inversion (members made
 by engine.settings.train.sweep_members, the same seeds for every method; plain and per-layer
@@ -129,14 +129,14 @@ def verdict(data: dict, concept: str, halftone: dict | None) -> dict:
     return out
 
 
-def measure(model, library, name: str, runs: list[tuple[str, dict]], images: int) -> dict:
+def measure(model, library, name: str, runs: list[tuple[str, dict]], images: int, baseline: bool = True) -> dict:
     from engine.settings.train import method_label
     from engine.store.frontier import frontier
     from engine.worker.experiments import runs_experiment
 
     labels = [f"{method_label(p)} · seed {p['seed']}" for _, p in runs]
     report = runs_experiment(model, library, name, [r for r, _ in runs], labels, images=images, clip="builtin:demo",
-                             seed=0, sample_steps=25, guidance=7.5, baseline=True)
+                             seed=0, sample_steps=25, guidance=7.5, baseline=baseline)
     rows = [{k: r.get(k) for k in ("label", "model", "method", "seed", "reconstruction", "editability")}
             | {"per_prompt": [p["editability"] for p in r["per_prompt"]]} for r in report["rows"]]
     return {"concept": name, "rows": rows, "frontier": frontier(report["rows"]), "prompts": report["prompts"],
@@ -154,7 +154,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="torch's CPU threads (default: torch's own choice)")
     parser.add_argument("--home", type=Path, help="the library to train in (default: a new temporary folder)")
     parser.add_argument("--out", type=Path, help="write every concept's result to this one file, not demo/logs")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="measure the runs only, not the SD row beside them (it depends on no training: "
+                             "a check that the runs reproduce demo/logs compares against the SD row there)")
     args = parser.parse_args(argv)
+    if not args.baseline and not args.out:
+        parser.error("--no-baseline needs --out: the logs in demo/logs keep their SD row")
     import torch
 
     from engine.sd.models import load_model
@@ -179,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for name in names:
         t0 = time.time()
-        results[name] = {**measure(model, library, name, runs[name], args.images), "measure_seconds": time.time() - t0}
+        results[name] = {**measure(model, library, name, runs[name], args.images, args.baseline),
+                         "measure_seconds": time.time() - t0}
     for name in names:
         halftone = results.get("halftone", {}).get("frontier") if name != "halftone" else None
         results[name].update(

@@ -1,11 +1,15 @@
-"""The demo's Table 1 per regulariser (tests/test_demo.py), measured beside the rest of the suite.
+"""One cell of the demo's frontier (tests/test_demo.py), measured again beside the rest of the suite.
 
-It is three minutes of CPU: six 2000-step runs trained in one batch, then eight measured
-columns (`python -m demo.regularize_sweep`, the script the README's table comes from).  The
-other tests leave a core idle much of the time (they wait on engines, workers and the studio),
-so the measurement starts when the suite starts, in a process of its own at a lower priority
-and on one thread, and its test only waits for the results and checks them.  Run alone, the
-test starts it and waits.
+The README's table of every method over seeds comes from `python -m demo.frontier`
+(demo/logs/frontier-*.json: 70 runs, hours of CPU).  The suite re-runs one cell of it: the
+paper's inversion (`none`) at seed 1 on mushroom and halftone, trained together at the logged
+protocol (1000 steps, lr 5e-4) and measured with 16 images a set, and its test checks that the
+numbers equal the logged ones and beat the SD row.  About three CPU-minutes: the two runs, then
+two measured columns (`--no-baseline`: the SD row depends on no training; the log holds it).
+The other tests leave a core idle some of the time (they wait on engines, workers and the
+studio), so the measurement starts when the suite starts, in a process of its own at a lower
+priority and on one thread, and its test only waits for the results and checks them.  Run
+alone, the test starts it and waits.
 
 Who starts it: a plain `pytest` run, once it has collected more than that test
 (conftest.pytest_collection_finish); under pytest-xdist (`make test` runs `-n`), the
@@ -27,13 +31,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TEST_ID = "tests/test_demo.py::test_regularised_inversion_on_the_demo"
-DEMO_STEPS = 2000  # the CLI's and the studio's default, at the default lr 5e-4: what a user gets
-# What each concept trains beside the paper's inversion, and the images per prompt set it is
-# measured with: mushroom asks whether a method buys editability back, halftone that none costs a
-# style its reconstruction.  All six runs train in one batch (one UNet call a step); the
-# README's table is the same measurement, at 16 images a set.
-DEMO_PLAN = {"mushroom": ("none,init-l2", 16), "halftone": ("none,init-l2,norm,directional", 8)}
+TEST_ID = "tests/test_demo.py::test_the_papers_inversion_on_the_demo_reproduces_its_logged_frontier_cell"
+# The cell: demo/logs/frontier-<concept>.json's protocol, its `none` method at one of its seeds.
+CONCEPTS, METHOD, SEED = ("mushroom", "halftone"), "none", 1
+STEPS, LR, IMAGES = 1000, 5e-4, 16
 NICENESS = 10  # the other tests' processes come first when both want a core
 FOLDER_ENV = "TISTUDIO_TEST_DEMO_MEASUREMENT"  # the running measurement's folder, for xdist's workers
 
@@ -44,7 +45,8 @@ class Measurement:
 
     def __init__(self, folder: Path | None = None):
         self.folder = folder or Path(tempfile.mkdtemp(prefix="tis-demo-"))
-        self.out, self.log, self.pid_file = self.folder / "results.json", self.folder / "sweep.log", self.folder / "pid"
+        self.out, self.log = self.folder / "results.json", self.folder / "measurement.log"
+        self.pid_file = self.folder / "pid"
         self.proc = None  # ours to wait on and stop, when this process started it
         if folder is None:
             self.proc = self._start()
@@ -52,9 +54,9 @@ class Measurement:
             os.environ[FOLDER_ENV] = str(self.folder)  # before xdist starts its workers: they inherit it
 
     def _start(self) -> subprocess.Popen:
-        plan = [f"--plan={name}={methods}@{images}" for name, (methods, images) in DEMO_PLAN.items()]
-        argv = [sys.executable, "-m", "demo.regularize_sweep", *plan, "--steps", str(DEMO_STEPS),
-                "--threads", "1", "--out", str(self.out), "--home", str(self.folder / "home")]
+        argv = [sys.executable, "-m", "demo.frontier", "--concepts", ",".join(CONCEPTS), "--methods", METHOD,
+                "--seeds", str(SEED), "--steps", str(STEPS), "--lr", str(LR), "--images", str(IMAGES),
+                "--no-baseline", "--threads", "1", "--out", str(self.out), "--home", str(self.folder / "home")]
         with open(self.log, "wb") as log:
             return subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True,
@@ -62,17 +64,17 @@ class Measurement:
                                     preexec_fn=_lower_priority_and_die_with_the_suite)
 
     def results(self, timeout: float) -> dict:
-        """The sweep's results ({concept: result}); AssertionError with its log if it failed."""
+        """The measurement's results ({concept: result}); AssertionError with its log if it failed."""
         if self.proc is not None:
             code = self.proc.wait(timeout)
         else:  # another process's child: its results file (written atomically) or its end
             deadline, pid = time.monotonic() + timeout, int(self.pid_file.read_text())
             while not self.out.exists() and _running(pid):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"the demo sweep ({self.folder}) did not end in {timeout:.0f} s")
+                    raise TimeoutError(f"the demo measurement ({self.folder}) did not end in {timeout:.0f} s")
                 time.sleep(1)
             code = 0 if self.out.exists() else "without results"
-        assert code == 0 and self.out.exists(), f"the demo sweep exited {code}:\n{self.log.read_text()[-4000:]}"
+        assert code == 0 and self.out.exists(), f"the demo measurement exited {code}:\n{self.log.read_text()[-4000:]}"
         return json.loads(self.out.read_text())
 
     def stop(self) -> None:
