@@ -15,9 +15,10 @@ STAMP := $(VENV)/.installed
 .PHONY: install run lint test test-study bench wheels bench-device clean
 
 # pip byte-compiles what it installs on one core; compileall does it on every core (-j 0): a fresh
-# clone's install and lint went from 3:39 to 2:41 on this 2-core machine.  The .pyc files matter: where PYTHONDONTWRITEBYTECODE
-# is set (this machine sets it) no process would ever write them, and each would compile torch's
-# and diffusers' sources again.  A file that does not compile is skipped, as pip skips it.
+# clone's install and lint went from 3:39 to 2:41 on this 2-core machine.  The .pyc files matter:
+# where PYTHONDONTWRITEBYTECODE is set (this machine sets it) no process would ever write them, and
+# each would compile torch's and diffusers' sources again.  A file that does not compile is
+# skipped, as pip skips it.
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --no-compile --disable-pip-version-check $(TORCH_SPEC)
@@ -37,8 +38,8 @@ lint: $(STAMP)
 # The suite runs on every core (pytest-xdist), a test file to a worker at a time: a file's tests
 # share its module-scoped engines and wheels.  TEST_WORKERS=0 runs it in this one process.
 TEST_WORKERS ?= auto
-# Our own sources are compiled first for the same reason: every engine, zygote and CLI a test starts
-# imports them.
+# Our own sources are compiled first, for the same reason as the install's: every engine, zygote
+# and CLI a test starts imports them.
 test: $(STAMP) lint
 	$(PY) -m compileall -qq -j 0 engine tistudio demo bench > /dev/null
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
