@@ -144,12 +144,16 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_configure(config):
     """Under pytest-xdist the controller runs no test and collects nothing: for a whole-suite run
-    it starts the measurement itself, before its workers start, and they share it."""
+    it starts the measurement itself, before its workers start, and they share it.  The session's
+    one zygote (tests/shared_zygote.py) is started here too, by the controller or a plain run."""
     import demo_measurement
+    import shared_zygote
 
     from engine.sd import demo_model
 
     option = config.option
+    if not hasattr(config, "workerinput") and not option.collectonly:
+        shared_zygote.start()
     controller = bool(getattr(option, "numprocesses", None)) and not hasattr(config, "workerinput")
     whole_suite = set(config.args) <= {"tests", str(Path(__file__).parent)} and not (
         option.keyword or option.markexpr or getattr(option, "deselect", None) or option.collectonly)
@@ -173,3 +177,9 @@ def pytest_sessionfinish(session):
     import demo_measurement
 
     demo_measurement.stop()
+
+
+def pytest_unconfigure(config):
+    import shared_zygote
+
+    shared_zygote.stop()

@@ -22,7 +22,8 @@ def make_images(folder: Path, count: int = 3, size: int = 80, seed: int = 0) -> 
     return folder
 
 
-# a forked worker has the zygote's argv
+# a forked worker has the zygote's argv (the suite's shared zygote names no test's home: its
+# workers are known by their folder, which is their engine's home)
 ENGINE_PROCESSES = (b"engine.server.main", b"engine.worker.main", b"engine.server.zygote")
 
 
@@ -33,14 +34,17 @@ def engine_pids(home: Path, which: tuple[bytes, ...] = ENGINE_PROCESSES) -> list
     from engine.store.runs import pid_alive
 
     found = []
+    prefix = os.fsencode(str(home))
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
+            forked_here = (entry / "comm").read_bytes().strip() == b"tistudio-worker" \
+                and os.fsencode(os.readlink(entry / "cwd")).startswith(prefix)
         except OSError:
             continue
-        ours = any(arg.startswith(os.fsencode(str(home))) for arg in argv)
+        ours = forked_here or any(arg.startswith(prefix) for arg in argv)
         if ours and any(w in argv for w in which) and pid_alive(int(entry.name)):
             found.append(int(entry.name))
     return found

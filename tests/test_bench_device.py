@@ -69,7 +69,8 @@ def device_python(tmp_path_factory):
 
 
 def bench_env(tmp_path: Path, **extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the device sets none
+    # the device sets no PYTHONPATH, and has no zygote of the suite's (tests/shared_zygote.py)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TISTUDIO_ZYGOTE")}
     env.update(OMP_NUM_THREADS="1", TMPDIR=str(tmp_path), TISTUDIO_CACHE=str(tmp_path / "cache"), **extra)
     return env
 

@@ -25,7 +25,7 @@ OPTION = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 OTHER_PROGRAMS = {"engine/server/main.py": {"--idle", "--cancel-grace", "--home"},
                   "engine/devices/probe.py": {"--query-gpu", "--format"},  # nvidia-smi's
                   "engine/server/ray_workers.py": {"--head", "--num-gpus"},  # `ray start`'s, in its advice
-                  "engine/server/zygote.py": {"--home", "--fd"},  # `python -m engine.server.zygote`, the engine's
+                  "engine/server/zygote.py": {"--home", "--fd", "--listen"},  # `python -m engine.server.zygote`
                   "engine/store/tensorboard.py": {"--logdir"},  # `tensorboard --logdir DIR`, in its advice
                   "tistudio/commands/run_cmds.py": {"--logdir"},
                   "tistudio/screens/train.py": {"--logdir"}}

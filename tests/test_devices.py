@@ -247,7 +247,7 @@ async def test_two_workers_run_two_jobs_at_once_and_status_lists_both(two_cpus):
     assert all(w["memory"].get("rss", 0) > 0 and w["kind"] == "sleep" for w in workers)
     backend = status["backend"]
     assert (backend["kind"], backend["devices"]) == ("local", ["cpu", "cpu"])
-    # both forked from one zygote (engine.server.zygote), which never imported torch for these torch-free jobs
+    # both forked from one zygote (engine.server.zygote), never asked to import torch for these torch-free jobs
     assert backend["fork"]["zygote"] and not backend["fork"]["preloaded"]
     assert status["running"]["id"] == a and status["worker_pid"] == workers[0]["pid"]  # old clients' fields
     listing = await client.listing()

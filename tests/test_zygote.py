@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +26,7 @@ def cpu_pair(engine_home, monkeypatch):
     monkeypatch.setenv("TISTUDIO_DEVICES", "cpu,cpu")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("TISTUDIO_WORKER_FORK", raising=False)
+    monkeypatch.delenv("TISTUDIO_ZYGOTE", raising=False)  # a zygote of its own, not the suite's
     monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
     return engine_home
 
@@ -101,3 +103,49 @@ def test_with_forking_off_each_worker_starts_on_its_own(cpu_pair, monkeypatch):
     assert probe["ppid"] == server and not probe["torch_before"]
     assert _fork(cpu_pair) == {"zygote": None, "preloaded": False, "off": "TISTUDIO_WORKER_FORK=0"}
     assert "each starts on its own (TISTUDIO_WORKER_FORK=0)" in _engine_status_text(cpu_pair)
+
+
+def test_one_zygote_serves_several_engines_and_kills_only_the_workers_of_an_engine_that_goes(
+        engine_home, monkeypatch, tmp_path):
+    """The suite's own zygote (tests/shared_zygote.py, `--listen`): two engines fork their workers
+    there, already warm; killing one engine kills its worker and leaves the other's; an engine of
+    another PYTHONPATH is refused and starts its own."""
+    import shutil
+    import tempfile
+
+    from engine.store.runs import pid_alive
+    from helpers import kill_engines
+
+    assert os.environ.get("TISTUDIO_ZYGOTE"), "the suite starts one (tests/conftest.py)"
+    monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
+    monkeypatch.delenv("TISTUDIO_WORKER_FORK", raising=False)
+    other = Path(tempfile.mkdtemp(prefix="tis-"))
+    try:
+        probes = [_result(home, call("submit", "process", home=home)) for home in (engine_home, other)]
+        shared = _fork(engine_home)["zygote"]
+        assert _fork(other)["zygote"] == shared and shared not in (call("status", home=h)["pid"]
+                                                                  for h in (engine_home, other))
+        assert all(p["ppid"] == shared and p["torch_before"] and p["name"] == "tistudio-worker" for p in probes)
+        kill_engines_server(other)
+        deadline = time.monotonic() + 10
+        while pid_alive(probes[1]["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not pid_alive(probes[1]["pid"]) and pid_alive(probes[0]["pid"]) and pid_alive(shared)
+    finally:
+        kill_engines(other)
+        shutil.rmtree(other, ignore_errors=True)
+
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # what the zygote did not import with
+    third = Path(tempfile.mkdtemp(prefix="tis-"))
+    try:
+        probe = _result(third, call("submit", "process", home=third))
+        assert probe["ppid"] == call("status", home=third)["pid"]  # started the plain way
+        assert "it serves" in _fork(third)["off"]
+    finally:
+        kill_engines(third)
+        shutil.rmtree(third, ignore_errors=True)
+
+
+def kill_engines_server(home) -> None:
+    """SIGKILL the engine server of `home` only (what a crash or `kill -9` does)."""
+    os.kill(call("status", home=home)["pid"], signal.SIGKILL)

@@ -20,6 +20,14 @@ Forking is safe only while nothing in the zygote has initialised CUDA: a child o
 has cannot use the GPU.  After the preload the zygote checks that torch has not initialised CUDA and
 that the CUDA driver (libcuda) is not even loaded; if either is, it says so and the engine starts
 workers the plain way instead.  So does `TISTUDIO_WORKER_FORK=0`, and any platform but Linux.
+
+One zygote can serve several engines of one box: `python -m engine.server.zygote --listen PATH`
+preloads at once and takes an engine per connection on that Unix socket; an engine whose
+environment names it (`TISTUDIO_ZYGOTE=PATH`) connects there instead of starting its own.  Each
+worker's exit goes to the engine that asked for it, and when an engine's connection closes its
+workers are killed.  It serves only engines of its own Python, code and PYTHONPATH (what it
+preloaded); any other is told so and starts its own workers.  The test suite runs one for all
+the engines its tests start (tests/conftest.py): each would otherwise import torch again.
 """
 
 from __future__ import annotations
@@ -35,10 +43,12 @@ import random
 import select
 import signal
 import socket
+import struct
 import sys
 import traceback
 
 FORK_ENV = "TISTUDIO_WORKER_FORK"  # "0": start every worker as its own `python -m engine.worker.main`
+SHARED_ENV = "TISTUDIO_ZYGOTE"  # the socket of a zygote serving every engine of the box (`--listen`)
 log = logging.getLogger("tistudio.engine")
 RECORD = 1 << 16  # the largest message either side sends (an environment is a few KB)
 
@@ -120,50 +130,90 @@ def fork_safe() -> tuple[bool, str | None]:
     return True, None
 
 
+def identity(env: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
+    """What a forked worker inherits from its zygote rather than from its engine: the Python, the
+    engine's code and the module path.  A zygote serves only engines with the same."""
+    import engine
+
+    return {"python": sys.executable, "engine": os.path.dirname(os.path.abspath(engine.__file__)),
+            "pythonpath": env.get("PYTHONPATH", "")}
+
+
 class Zygote:
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
+    """Serves one engine over `sock`, or (`listener`) every engine that connects."""
+
+    def __init__(self, sock: socket.socket | None = None, listener: socket.socket | None = None):
+        self.conns: list[socket.socket] = [sock] if sock is not None else []
+        self.listener = listener
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         signal.set_wakeup_fd(self.wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup fd hears it
-        self.children: set[int] = set()
+        self.children: dict[int, socket.socket] = {}  # a worker's pid -> its engine's connection
+        self.preloaded: tuple[bool, str | None] | None = None
 
     def serve(self) -> None:
-        while True:
-            ready, _, _ = select.select([self.sock, self.wake_r], [], [])
+        while self.conns or self.listener is not None:
+            extra = [self.listener] if self.listener is not None else []
+            ready, _, _ = select.select([self.wake_r, *extra, *self.conns], [], [])
             if self.wake_r in ready:
                 os.read(self.wake_r, 512)
             self._reap()
-            if self.sock in ready and not self._handle():
-                return
+            if self.listener is not None and self.listener in ready:
+                with contextlib.suppress(OSError):
+                    self.conns.append(self.listener.accept()[0])
+            for conn in [c for c in ready if c in self.conns]:
+                if not self._handle(conn):
+                    self._drop(conn)
 
-    def _handle(self) -> bool:
-        """One request; False when the engine has gone (its end of the socket closed)."""
+    def _handle(self, conn: socket.socket) -> bool:
+        """One request; False when its engine has gone (its end of the socket closed)."""
         try:
-            data, fds, _, _ = socket.recv_fds(self.sock, RECORD, 2)
+            data, fds, _, _ = socket.recv_fds(conn, RECORD, 2)
         except InterruptedError:
             return True
+        except OSError:
+            return False
         if not data:
             return False
         try:
             request = json.loads(data)
             if request.get("op") == "preload":
-                ok, why = preload()
-                self._send({"preloaded": ok, "why": why})
-            elif request.get("op") == "spawn" and len(fds) == 2:
-                self._send({"pid": self._fork(request, *fds)})
-            else:
-                self._send({"error": f"bad request {request!r}"})
+                return self._send(conn, self._preload())
+            if request.get("op") == "spawn" and len(fds) == 2:
+                mismatch = self._mismatch(request)
+                return self._send(conn, {"error": mismatch} if mismatch else {"pid": self._fork(conn, request, *fds)})
+            return self._send(conn, {"error": f"bad request {request!r}"})
         finally:
             for fd in fds:
                 os.close(fd)
-        return True
 
-    def _fork(self, request: dict, stdin_fd: int, stdout_fd: int) -> int:
+    def _preload(self) -> dict:
+        if self.preloaded is None:
+            self.preloaded = preload()
+        ok, why = self.preloaded
+        return {"preloaded": ok, "why": why}
+
+    def _mismatch(self, request: dict) -> str | None:
+        """Why this zygote cannot fork a worker for that engine (a shared one: another Python,
+        code or module path than it preloaded), or None."""
+        theirs, ours = request.get("identity"), identity()
+        if self.listener is None or theirs is None or theirs == ours:
+            return None
+        return f"it serves {ours}, not {theirs}"
+
+    def _drop(self, conn: socket.socket) -> None:
+        """An engine has gone: so do the workers it asked for."""
+        self.conns.remove(conn)
+        conn.close()
+        for pid in [pid for pid, owner in self.children.items() if owner is conn]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _fork(self, conn: socket.socket, request: dict, stdin_fd: int, stdout_fd: int) -> int:
         pid = os.fork()
         if pid:
-            self.children.add(pid)
+            self.children[pid] = conn
             return pid
         code = 1
         try:
@@ -184,7 +234,8 @@ class Zygote:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in (self.wake_r, self.wake_w):
             os.close(fd)
-        self.sock.close()
+        for sock in [*self.conns, *([self.listener] if self.listener is not None else [])]:
+            sock.close()
         os.dup2(stdin_fd, 0)
         os.dup2(stdout_fd, 1)
         os.close(stdin_fd)
@@ -193,7 +244,8 @@ class Zygote:
         set_name(b"tistudio-worker")
         os.environ.clear()
         os.environ.update(request["env"])
-        # The worker dies with its parent, which is this zygote now (the zygote dies with the engine).
+        # The worker dies with its parent, which is this zygote now (the zygote dies with the engine,
+        # or, shared, kills the workers of an engine whose connection closes).
         os.environ["TISTUDIO_ENGINE_PID"] = str(os.getppid())
         os.chdir(request["home"])
         random.seed()  # not the zygote's sequence: every worker seeds what it needs anyway
@@ -210,14 +262,17 @@ class Zygote:
                 return
             if pid == 0:
                 return
-            self.children.discard(pid)
-            self._send({"exit": pid, "code": os.waitstatus_to_exitcode(status)})
+            owner = self.children.pop(pid, None)
+            if owner is not None and owner in self.conns:
+                self._send(owner, {"exit": pid, "code": os.waitstatus_to_exitcode(status)})
 
-    def _send(self, message: dict) -> None:
+    def _send(self, conn: socket.socket, message: dict) -> bool:
+        """False when the engine is gone."""
         try:
-            self.sock.send(json.dumps(message).encode())
+            conn.send(json.dumps(message).encode())
+            return True
         except OSError:
-            os._exit(0)  # the engine is gone
+            return False
 
 
 # -- the engine's side ---------------------------------------------------------------------------
@@ -275,13 +330,14 @@ class WarmSpawner:
         self._lock = asyncio.Lock()
         self._preloaded = False
         self._deaths = 0
+        self._shared_pid: int | None = None  # the zygote serving the box, when SHARED_ENV names one
 
     async def spawn(self, env: dict[str, str], *, warm: bool) -> ForkedProcess | None:
         """A worker running `engine.worker.main` with `env`, forked after the preload when `warm`."""
-        if self.broken:
-            return None
-        try:
-            async with self._lock:
+        async with self._lock:  # one at a time, the giving up included: a spawn waiting here sees it
+            if self.broken:
+                return None
+            try:
                 if self._sock is None:
                     await self._start()
                 if warm and not self._preloaded:
@@ -290,19 +346,19 @@ class WarmSpawner:
                         raise ZygoteError(reply.get("why") or "it could not preload")
                     self._preloaded = True
                 return await self._fork(env)
-        except (ZygoteError, OSError, asyncio.TimeoutError, ValueError) as exc:
-            await self._give_up(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ZygoteError) else str(exc))
-            return None
+            except (ZygoteError, OSError, asyncio.TimeoutError, ValueError) as exc:
+                await self._give_up(f"{type(exc).__name__}: {exc}" if not isinstance(exc, ZygoteError) else str(exc))
+                return None
 
     def describe(self) -> dict:
         """For `engine status`: the zygote's pid (None until the first worker), whether it has
         preloaded, and why the engine does not fork, if it does not."""
-        alive = self._sock is not None and self._proc is not None
-        return {"zygote": self._proc.pid if alive else None, "preloaded": self._preloaded, "off": self.broken}
+        pid = self._proc.pid if self._proc is not None else self._shared_pid
+        return {"zygote": pid if self._sock is not None else None, "preloaded": self._preloaded, "off": self.broken}
 
     async def close(self) -> None:
         if self._sock is not None:
-            self._sock.close()  # the zygote reads EOF and exits
+            self._sock.close()  # the zygote reads EOF and exits (a shared one kills our workers)
             self._sock = None
         if self._proc is not None:
             try:
@@ -321,6 +377,10 @@ class WarmSpawner:
     # -- inside
 
     async def _start(self) -> None:
+        shared = os.environ.get(SHARED_ENV)
+        if shared:
+            await self._connect(shared)
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._proc = await asyncio.create_subprocess_exec(
@@ -334,12 +394,27 @@ class WarmSpawner:
         self._reader = asyncio.create_task(self._read(ours))
         log.info("zygote %d started", self._proc.pid)
 
+    async def _connect(self, path: str) -> None:
+        """Use the zygote serving this box at `path` (SHARED_ENV) instead of starting one."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(path)  # a local socket: answered at once, or refused
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self._sock, self._shared_pid = sock, struct.unpack("3i", creds)[0]
+        self._reader = asyncio.create_task(self._read(sock))
+        log.info("using the zygote %d at %s", self._shared_pid, path)
+
     async def _fork(self, env: dict[str, str]) -> ForkedProcess:
         loop = asyncio.get_running_loop()
         stdin_r, stdin_w = os.pipe()
         stdout_r, stdout_w = os.pipe()
         try:
-            reply = await self._request({"op": "spawn", "env": env, "home": self.home}, fds=(stdin_r, stdout_w),
+            reply = await self._request({"op": "spawn", "env": env, "home": self.home, "identity": identity(env)},
+                                        fds=(stdin_r, stdout_w),
                                         timeout=SPAWN_TIMEOUT)
             if "pid" not in reply:
                 raise ZygoteError(reply.get("error") or f"no pid in {reply!r}")
@@ -435,15 +510,25 @@ def set_name(name: bytes) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine.server.zygote")
     parser.add_argument("--home", required=True, help="the engine's home (for ps, and the workers' folder)")
-    parser.add_argument("--fd", type=int, required=True, help="this end of the engine's socket pair")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--fd", type=int, help="this end of the engine's socket pair")
+    which.add_argument("--listen", metavar="PATH",
+                       help="serve every engine that connects to this Unix socket (theirs: TISTUDIO_ZYGOTE=PATH)")
     args = parser.parse_args(argv)
     from engine.worker.main import _die_with_parent
 
     _die_with_parent()
     set_name(b"tistudio-zygote")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine decides when we stop
-    sock = socket.socket(fileno=args.fd)
-    Zygote(sock).serve()
+    if args.fd is not None:
+        Zygote(sock=socket.socket(fileno=args.fd)).serve()
+        return 0
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(args.listen)
+    listener.listen(64)  # an engine may connect at once: it is answered once the preload is done
+    zygote = Zygote(listener=listener)
+    zygote._preload()  # at once: a shared zygote is there to be warm when the first engine asks
+    zygote.serve()
     return 0
 
 
