@@ -97,6 +97,17 @@ def process(ctx: JobContext) -> dict:
             "threads": torch.get_num_threads() if torch else None, "device": os.environ.get("TISTUDIO_DEVICE")}
 
 
+def gate(ctx: JobContext) -> dict:
+    """Hold the worker until params['file'] exists (at most `timeout` seconds): jobs submitted
+    meanwhile queue behind it, however fast the box (queueing tests)."""
+    deadline = time.monotonic() + float(ctx.params.get("timeout", 120))
+    while not os.path.exists(ctx.params["file"]):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{ctx.params['file']} never appeared")
+        time.sleep(0.02)
+    return {}
+
+
 def _append(path: str, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
@@ -115,4 +126,5 @@ HANDLERS = {
     "warm": warm,
     "torch": load_torch,
     "process": process,
+    "gate": gate,
 }

@@ -119,17 +119,22 @@ def test_nan_loss_stops_the_run_and_the_last_good_embedding_exports(engine_home,
     assert torch.isfinite(read_embedding(out).vectors).all()
 
 
-def test_many_small_generation_jobs_all_complete_once(engine_home, concept, tmp_path):
+def test_many_small_generation_jobs_all_complete_once(engine_home, concept, tmp_path, monkeypatch):
     """Load: a burst of queued generation jobs; none lost, none duplicated."""
-    count = 50
+    from helpers import TEST_HANDLERS
+
+    monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
+    count, opened = 50, tmp_path / "open"
+    gate = call("submit", "gate", params={"file": str(opened)}, home=engine_home)  # the burst queues behind it
     ids = [call("submit", "generate", params={"prompt": f"a photo of a cat number {i}", "n": 1, "steps": 1,
                                               "seed": i, "mode": "sd", "resolution": 16,
                                               "out_dir": str(tmp_path / "out" / str(i))},
                 home=engine_home) for i in range(count)]
     assert len(set(ids)) == count
-    statuses = [call("wait", i, home=engine_home) for i in ids]
-    assert statuses.count("done") == count
-    runs = {run["id"]: run for run in call("jobs", home=engine_home)}
-    assert max(runs[i]["created"] for i in ids) < runs[ids[0]]["finished"]  # a burst: all queued behind the first
+    queued = {run["id"]: run["status"] for run in call("jobs", home=engine_home)}
+    assert [queued[i] for i in ids] == ["queued"] * count
+    opened.touch()
+    statuses = [call("wait", i, home=engine_home) for i in [gate, *ids]]
+    assert statuses.count("done") == count + 1
     pngs = sorted((tmp_path / "out").rglob("*.png"))
     assert len(pngs) == count  # exactly one image per job
