@@ -641,3 +641,28 @@ def test_remove_images_by_name_or_path_all_or_none(lib, home, pics, monkeypatch)
         lib.remove_images("cat", ["000.png", "001.png"])
     monkeypatch.undo()
     assert tree(home) == before  # the one moved came back, and the trash folder is gone
+
+
+@pytest.mark.parametrize("pad", ["<|endoftext|>", "!"], ids=["sd1-pad", "sd2-pad"])
+def test_a_cloned_tokenizer_is_the_deep_copy_it_replaces_and_leaves_the_original_alone(pad):
+    """engine.sd.tokenizer.clone_tokenizer shares the BPE model instead of rebuilding it: every
+    prompt tokenizes as a deep copy's does, before and after adding words, and the words added to
+    one copy reach neither the original nor another copy."""
+    import copy
+
+    from engine.sd.tokenizer import _cached_tokenizer, clone_tokenizer
+
+    original = _cached_tokenizer(pad)
+    clone, other, reference = clone_tokenizer(original), clone_tokenizer(original), copy.deepcopy(original)
+    prompts = ["a photo of a cat", "A <sks> on the beach!!", "héllo wörld 123, <sks>_1", "x " * 90]
+
+    def ids(tok):
+        return [tok(p, padding="max_length", max_length=77, truncation=True).input_ids for p in prompts]
+
+    assert ids(clone) == ids(reference)
+    for tok in (clone, reference):
+        tok.add_tokens(["<sks>", "<sks>_1"])
+    assert ids(clone) == ids(reference) and clone.convert_tokens_to_ids("<sks>_1") == 49409
+    assert clone.decode(clone("a <sks>_1").input_ids) == reference.decode(reference("a <sks>_1").input_ids)
+    assert len(original) == len(other) == 49408 and "<sks>" not in original.get_vocab()
+    assert ids(other) == ids(copy.deepcopy(original))

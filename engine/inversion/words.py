@@ -13,11 +13,11 @@ L = 1 case of the same code.
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 
 from engine.sd.placeholder import WordLayout, add_slots, installed_in_all, slot_tokens
+from engine.sd.tokenizer import clone_tokenizer
 
 
 class RunWords:
@@ -31,7 +31,7 @@ class RunWords:
 
             self.hook = LayerStates(model.unet, unet_layers(model))
         self.device = device
-        self.tokenizers = [copy.deepcopy(tok) for _, tok in self.encoders]
+        self.tokenizers = [clone_tokenizer(tok) for _, tok in self.encoders]
         self.k = k
         self.words = self._add_slots(k)  # [run][layer] -> the slot word
 

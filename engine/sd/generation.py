@@ -25,7 +25,6 @@ full record (JSON) in a `tistudio` chunk and in a sidecar `<name>.json`.
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import json
 import re
@@ -41,6 +40,7 @@ from engine.errors import JobCancelled, UserError
 from engine.sd.formats import Embedding, check_fits, embedding_sha256, layer_blocks, read_embedding
 from engine.sd.per_layer import sample_per_layer
 from engine.sd.placeholder import installed_in_all
+from engine.sd.tokenizer import clone_tokenizer
 from engine.sd.vae import VaePlan, plan_for, vae_kept
 from engine.settings.generate import MODES, GenerateRequest  # noqa: F401 (re-exported)
 from engine.settings.samplers import DEFAULT_SAMPLER, get_sampler, make_scheduler
@@ -282,7 +282,7 @@ def _tokenizers_with(model, used: list[UsedEmbedding]) -> tuple[list, list[torch
     count = max(len(u.layers) for u in used) or 1
     tokenizers, tables = [], []
     for e, (_, original) in enumerate(encoders):
-        tokenizer = copy.deepcopy(original)
+        tokenizer = clone_tokenizer(original)
         base, taken = len(tokenizer), set(tokenizer.get_vocab())
         rows: list[torch.Tensor] = []
         for u in used:
