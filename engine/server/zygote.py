@@ -11,6 +11,7 @@ How the engine and the zygote talk: a SOCK_SEQPACKET socket pair, one JSON recor
     engine -> zygote  {"op": "spawn", "env": {...}, "home": ...} with the worker's stdin and
                       stdout pipe ends attached (SCM_RIGHTS)       reply {"pid": N} or {"error": ...}
     engine -> zygote  {"op": "preload"}                           reply {"preloaded": bool, "why": ...}
+    engine -> zygote  {"op": "ready"}                             reply {"ready": true} (a shared one, once preloaded)
     zygote -> engine  {"exit": pid, "code": c} whenever a worker it forked ends (c as Popen's returncode)
 The worker's pipes are the engine's own, so the engine reads and writes it as it does a worker it
 started itself; only its exit code comes through the zygote.  The zygote dies with the engine
@@ -180,6 +181,8 @@ class Zygote:
             request = json.loads(data)
             if request.get("op") == "preload":
                 return self._send(conn, self._preload())
+            if request.get("op") == "ready":  # answered once serving: a shared zygote preloads first
+                return self._send(conn, {"ready": True})
             if request.get("op") == "spawn" and len(fds) == 2:
                 mismatch = self._mismatch(request)
                 return self._send(conn, {"error": mismatch} if mismatch else {"pid": self._fork(conn, request, *fds)})
@@ -406,6 +409,8 @@ class WarmSpawner:
         sock.setblocking(False)
         self._sock, self._shared_pid = sock, struct.unpack("3i", creds)[0]
         self._reader = asyncio.create_task(self._read(sock))
+        # It preloads before it answers anyone: wait for that as a preload is waited for, not as a fork.
+        await self._request({"op": "ready"}, timeout=PRELOAD_TIMEOUT)
         log.info("using the zygote %d at %s", self._shared_pid, path)
 
     async def _fork(self, env: dict[str, str]) -> ForkedProcess:
