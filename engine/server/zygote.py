@@ -28,7 +28,7 @@ environment names it (`TISTUDIO_ZYGOTE=PATH`) connects there instead of starting
 worker's exit goes to the engine that asked for it, and when an engine's connection closes its
 workers are killed.  It serves only engines of its own Python, code and PYTHONPATH (what it
 preloaded); any other is told so and starts its own workers.  The test suite runs one for all
-the engines its tests start (tests/conftest.py): each would otherwise import torch again.
+the engines its tests start (tests/shared_zygote.py): each would otherwise import torch again.
 """
 
 from __future__ import annotations
@@ -200,10 +200,12 @@ class Zygote:
     def _mismatch(self, request: dict) -> str | None:
         """Why this zygote cannot fork a worker for that engine (a shared one: another Python,
         code or module path than it preloaded), or None."""
-        theirs, ours = request.get("identity"), identity()
-        if self.listener is None or theirs is None or theirs == ours:
+        if self.listener is None:
             return None
-        return f"it serves {ours}, not {theirs}"
+        if self.preloaded is not None and not self.preloaded[0]:  # forks from here would be unsafe
+            return f"it did not preload safely: {self.preloaded[1]}"
+        theirs, ours = request.get("identity"), identity()
+        return None if theirs is None or theirs == ours else f"it serves {ours}, not {theirs}"
 
     def _drop(self, conn: socket.socket) -> None:
         """An engine has gone: so do the workers it asked for."""
