@@ -153,10 +153,13 @@ class Zygote:
         self.children: dict[int, socket.socket] = {}  # a worker's pid -> its engine's connection
         self.preloaded: tuple[bool, str | None] | None = None
 
+    def sockets(self) -> list[socket.socket]:
+        """Every socket this zygote holds: the listener, if any, and each engine's connection."""
+        return [*([self.listener] if self.listener is not None else []), *self.conns]
+
     def serve(self) -> None:
         while self.conns or self.listener is not None:
-            extra = [self.listener] if self.listener is not None else []
-            ready, _, _ = select.select([self.wake_r, *extra, *self.conns], [], [])
+            ready, _, _ = select.select([self.wake_r, *self.sockets()], [], [])
             if self.wake_r in ready:
                 os.read(self.wake_r, 512)
             self._reap()
@@ -239,7 +242,7 @@ class Zygote:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for fd in (self.wake_r, self.wake_w):
             os.close(fd)
-        for sock in [*self.conns, *([self.listener] if self.listener is not None else [])]:
+        for sock in self.sockets():
             sock.close()
         os.dup2(stdin_fd, 0)
         os.dup2(stdout_fd, 1)
@@ -402,13 +405,13 @@ class WarmSpawner:
     async def _connect(self, path: str) -> None:
         """Use the zygote serving this box at `path` (SHARED_ENV) instead of starting one."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            sock.connect(path)  # a local socket: answered at once, or refused
+        sock.setblocking(False)
+        try:  # not blocking the engine's loop while the zygote's backlog is full
+            await asyncio.get_running_loop().sock_connect(sock, path)
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         except OSError:
             sock.close()
             raise
-        sock.setblocking(False)
         self._sock, self._shared_pid = sock, struct.unpack("3i", creds)[0]
         self._reader = asyncio.create_task(self._read(sock))
         # It preloads before it answers anyone: wait for that as a preload is waited for, not as a fork.
