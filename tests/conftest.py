@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -55,27 +54,12 @@ def image_dir(tmp_path):
     return make_images(tmp_path / "images", count=3)
 
 
-@contextlib.contextmanager
-def _engine_dir():
-    """A short home under /tmp (Unix socket paths are limited to ~108 bytes) whose engine
-    processes are all killed, and the folder removed, when its user is done, whatever happened."""
-    import shutil
-    import tempfile
-
-    from helpers import kill_engines
-
-    path = Path(tempfile.mkdtemp(prefix="tis-"))
-    try:
-        yield path
-    finally:
-        kill_engines(path)
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @pytest.fixture
 def engine_home(monkeypatch):
     """A home, and so an engine, of the test's own."""
-    with _engine_dir() as path:
+    from helpers import scratch_engine_home
+
+    with scratch_engine_home() as path:
         monkeypatch.setenv("TISTUDIO_HOME", str(path))
         monkeypatch.setenv("TISTUDIO_ENGINE_IDLE", "60")
         yield path
@@ -83,7 +67,9 @@ def engine_home(monkeypatch):
 
 @pytest.fixture(scope="module")
 def _module_home():
-    with _engine_dir() as path:
+    from helpers import scratch_engine_home
+
+    with scratch_engine_home() as path:
         yield path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +81,18 @@ def recomputed_scores(images_dir: Path, train_images: list[Path], prompts: list[
     sets = [embs(images_dir / f"edit-{i}") for i in range(1, len(prompts) + 1)]
     return (reconstruction(embs(images_dir / "reconstruction"), train), editability_paper(sets, texts),
             editability_per_image(sets, texts))
+
+
+@contextlib.contextmanager
+def scratch_engine_home():
+    """A short home under /tmp (Unix socket paths are limited to ~108 bytes) whose engine
+    processes are all killed, and the folder removed, when its user is done, whatever happened."""
+    import shutil
+    import tempfile
+
+    path = Path(tempfile.mkdtemp(prefix="tis-"))
+    try:
+        yield path
+    finally:
+        kill_engines(path)
+        shutil.rmtree(path, ignore_errors=True)

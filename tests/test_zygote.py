@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
@@ -110,17 +109,13 @@ def test_one_zygote_serves_several_engines_and_kills_only_the_workers_of_an_engi
     """The suite's own zygote (tests/shared_zygote.py, `--listen`): two engines fork their workers
     there, already warm; killing one engine kills its worker and leaves the other's; an engine of
     another PYTHONPATH is refused and starts its own."""
-    import shutil
-    import tempfile
-
     from engine.store.runs import pid_alive
-    from helpers import kill_engines
+    from helpers import scratch_engine_home
 
-    assert os.environ.get("TISTUDIO_ZYGOTE"), "the suite starts one (tests/conftest.py)"
+    assert os.environ.get("TISTUDIO_ZYGOTE"), "the suite starts one (tests/shared_zygote.py)"
     monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
     monkeypatch.delenv("TISTUDIO_WORKER_FORK", raising=False)
-    other = Path(tempfile.mkdtemp(prefix="tis-"))
-    try:
+    with scratch_engine_home() as other:
         probes = [_result(home, call("submit", "process", home=home)) for home in (engine_home, other)]
         shared = _fork(engine_home)["zygote"]
         assert _fork(other)["zygote"] == shared and shared not in (call("status", home=h)["pid"]
@@ -131,20 +126,12 @@ def test_one_zygote_serves_several_engines_and_kills_only_the_workers_of_an_engi
         while pid_alive(probes[1]["pid"]) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not pid_alive(probes[1]["pid"]) and pid_alive(probes[0]["pid"]) and pid_alive(shared)
-    finally:
-        kill_engines(other)
-        shutil.rmtree(other, ignore_errors=True)
 
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # what the zygote did not import with
-    third = Path(tempfile.mkdtemp(prefix="tis-"))
-    try:
+    with scratch_engine_home() as third:
         probe = _result(third, call("submit", "process", home=third))
         assert probe["ppid"] == call("status", home=third)["pid"]  # started the plain way
         assert "it serves" in _fork(third)["off"]
-    finally:
-        kill_engines(third)
-        shutil.rmtree(third, ignore_errors=True)
-
 
 def kill_engines_server(home) -> None:
     """SIGKILL the engine server of `home` only (what a crash or `kill -9` does)."""
