@@ -4,7 +4,8 @@ Each test's engine would otherwise start a zygote of its own and import torch, d
 transformers in it again: ~8 CPU-seconds, 25 times a suite.  The pytest process that runs the
 session (under pytest-xdist, the controller, before its workers start) starts this one and names
 its socket in TISTUDIO_ZYGOTE; every engine, whatever test starts it, inherits that and forks its
-workers there.  It preloads at once, and dies with this pytest.  The zygote's own tests
+workers there.  It is started as a user would start one by hand (this pytest's environment, not
+an engine's), preloads at once, and dies with this pytest.  The zygote's own tests
 (tests/test_zygote.py) give their engines zygotes of their own.
 """
 
@@ -19,7 +20,6 @@ import time
 from pathlib import Path
 
 from engine.server.zygote import SHARED_ENV
-from engine.wire.client import engine_environment
 
 _started: tuple[subprocess.Popen, Path] | None = None
 
@@ -32,7 +32,7 @@ def start() -> None:
         proc = subprocess.Popen([sys.executable, "-m", "engine.server.zygote", "--home", str(folder),
                                  "--listen", str(sock)], cwd=folder, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT,
-                                env=dict(engine_environment(), TISTUDIO_ENGINE_PID=str(os.getpid())))
+                                env=dict(os.environ, TISTUDIO_ENGINE_PID=str(os.getpid())))
     deadline = time.monotonic() + 30
     while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

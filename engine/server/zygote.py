@@ -131,13 +131,18 @@ def fork_safe() -> tuple[bool, str | None]:
     return True, None
 
 
-def identity(env: dict[str, str] | os._Environ = os.environ) -> dict[str, str]:
+def identity(env: dict[str, str] | os._Environ = os.environ) -> dict:
     """What a forked worker inherits from its zygote rather than from its engine: the Python, the
-    engine's code and the module path.  A zygote serves only engines with the same."""
+    engine's code and the module path.  A zygote serves only engines with the same.  The folder
+    above the engine package, which every engine's environment puts first on PYTHONPATH
+    (engine.wire.client.engine_environment), is the engine's code and is not counted twice: a
+    zygote started by hand, without it, serves those engines."""
     import engine
 
-    return {"python": sys.executable, "engine": os.path.dirname(os.path.abspath(engine.__file__)),
-            "pythonpath": env.get("PYTHONPATH", "")}
+    code = os.path.dirname(os.path.abspath(engine.__file__))
+    path = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {"python": sys.executable, "engine": code,
+            "pythonpath": [p for p in path if p != os.path.dirname(code)]}
 
 
 class Zygote:

@@ -126,12 +126,15 @@ class EngineClient:
     def _spawn(self) -> None:
         ensure_private_dir(engine_dir(self.home))
         logfile = _open_log(self.home)
+        env = dict(os.environ)
+        # The engine must import this very engine package, wherever we were started from.
+        package_root = str(Path(engine.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         try:
             self._spawned = subprocess.Popen(
                 [sys.executable, "-m", "engine.server.main", "--home", str(self.home)],
                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile,
-                cwd=self.home, env=engine_environment(),
-                start_new_session=True)  # not a child of the terminal's session
+                cwd=self.home, env=env, start_new_session=True)  # not a child of the terminal's session
         finally:
             logfile.close()
 
@@ -281,15 +284,6 @@ def _checked(msg: dict) -> dict:
         answer = protocol.ErrorAnswer.from_wire(msg)
         raise (UserError if answer.user else EngineError)(answer.error)
     return msg
-
-
-def engine_environment() -> dict[str, str]:
-    """The environment an engine process starts in: ours, and a module path that imports this
-    very engine package, wherever we were started from."""
-    env = dict(os.environ)
-    package_root = str(Path(engine.__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-    return env
 
 
 def _open_log(home: Path):
