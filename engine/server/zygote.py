@@ -414,9 +414,10 @@ class WarmSpawner:
         try:  # not blocking the engine's loop while the zygote's backlog is full
             await asyncio.get_running_loop().sock_connect(sock, path)
             creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise ZygoteError(f"no zygote answers at {SHARED_ENV}={path} ({exc.strerror or exc}); "
+                              f"start one with `python -m engine.server.zygote --home DIR --listen {path}`") from None
         self._sock, self._shared_pid = sock, struct.unpack("3i", creds)[0]
         self._reader = asyncio.create_task(self._read(sock))
         # It preloads before it answers anyone: wait for that as a preload is waited for, not as a fork.
