@@ -249,3 +249,27 @@ def test_changes_reach_the_screens_typed_and_once():
     assert Changes(everything=True).any(LibraryChanged)
     assert sorted(c.run_id for c in changes.of(RunChanged)) == ["a", "b"]
     assert [(c.run_id, c.origin) for c in changes.of(RunSubmitted)] == [("r1", "train")]
+
+
+def test_textual_css_is_parsed_once_per_process_and_per_theme():
+    """tistudio.css_cache: a stylesheet parsed again (a screen's first visit, another App) reuses
+    the rules, the theme's variables are part of the key, and a syntax error raises each time."""
+    from textual.css.stylesheet import Stylesheet, StylesheetError, StylesheetParseError
+
+    from tistudio import css_cache
+
+    assert css_cache.install() and css_cache.install()  # once, then already
+
+    def rules(css: str, accent: str):
+        sheet = Stylesheet(variables={"accent": accent})
+        sheet.add_source(css, read_from=("test_app.py", "css-cache"))
+        sheet.parse()
+        return sheet.rules
+
+    css = "Label { color: $accent; }"
+    first, again, other = rules(css, "red"), rules(css, "red"), rules(css, "blue")
+    assert again[0] is first[0]
+    assert "#0000FF" in other[0].css and "#FF0000" in first[0].css
+    for _ in range(2):
+        with pytest.raises((StylesheetError, StylesheetParseError)):
+            rules("Label { color: ", "red")

@@ -292,3 +292,34 @@ async def test_vram_per_device_when_the_engine_has_several_workers(tmp_path):
                                                     "vram_total": 8 * gib}}, None))
         await wait_for(pilot, lambda: not devices.display, 5, "the line gone with the workers")
         assert "device: cuda:0  │  VRAM: 1.0 GiB / 8.0 GiB" in str(bar.render())
+
+
+async def test_a_running_run_is_read_once_while_the_engine_is_away(tmp_path, monkeypatch):
+    """A run whose record says it is running, shown on Train while the engine is not connected:
+    the studio reads its log, then waits for news (it used to read it again and redraw at every
+    flush, four times a second, for as long as the engine stayed away)."""
+    import json
+
+    from engine.store.events import EventLog
+    from tistudio.messages import EngineSnapshot
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with open(run_dir / "events.jsonl", "w") as fh:
+        for seq, event in enumerate([{"type": "status", "status": "running"},
+                                     {"type": "step", "step": 10, "steps": 100, "loss": 0.2}], start=1):
+            fh.write(json.dumps({"seq": seq, "t": 1.0 + seq, **event}) + "\n")
+    job = {"id": "20260101-000000-ab12", "kind": "train", "concept": "sample", "status": "running", "step": 10,
+           "steps": 100, "run_dir": str(run_dir), "params": {"steps": 100}}
+    reads = []
+    real_read = EventLog.read
+    monkeypatch.setattr(EventLog, "read", lambda self, *a, **k: reads.append(1) or real_read(self, *a, **k))
+    app = offline_app(tmp_path / "home")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        app.post_message(EngineSnapshot({}, [job]))
+        await wait_for(pilot, lambda: app.state.tracks.get(job["id"]) and app.state.tracks[job["id"]].last_seq == 2,
+                       5, "the run's log read")
+        before = len(reads)
+        await pilot.pause(1.5)
+        assert len(reads) - before <= 1, f"the log was read {len(reads) - before} more times in 1.5 s"

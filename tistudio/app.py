@@ -87,7 +87,9 @@ class StudioApp(ModelReading, App):
         what evaluations use (None: the engine's defaults; tests: builtin:tiny, 2); `eval_params` go into every
         evaluation and experiment job as they are (e.g. {"sample_steps": 2}).  `theme` overrides the config's theme."""
         from engine.sd.models import resolve_spec
+        from tistudio import css_cache
 
+        css_cache.install()  # each screen's first visit reparses every widget's CSS otherwise
         super().__init__()
         self.home = home_dir(home)
         self.model = resolve_spec(model)
@@ -228,10 +230,14 @@ class StudioApp(ModelReading, App):
 
     def on_run_events(self, message: RunEvents) -> None:
         track = self.state.track(message.run_id)
-        was_final, was_live = track.status in FINAL, track.live
-        track.apply(message.events)
+        was_final, was_live, was_complete = track.status in FINAL, track.live, track.complete
+        changed = track.apply(message.events)
         if message.ended and track.status in FINAL:
             track.complete = True
+        if not changed and track.complete == was_complete:
+            # Nothing new (a running run's log read again while the engine is away): a redraw would
+            # have the screen watch the run again, re-reading its log at every flush for ever.
+            return
         self.changed.publish(RunChanged(message.run_id))
         if track.status in FINAL and not was_final:
             if message.run_id in self.submitted or was_live:
