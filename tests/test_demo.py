@@ -184,8 +184,8 @@ STUDY_ENV = "TISTUDIO_TEST_STUDY"
 @needs_weights
 @pytest.mark.timeout(1200)
 def test_the_papers_inversion_on_the_demo_reproduces_its_logged_frontier_cell(capsys):
-    """Train the paper's inversion on both held-out concepts as demo.frontier did (the engine's own
-    batched inversion, then each run measured as `tistudio eval` measures it with the demo judge)
+    """Train the paper's inversion on mushroom (and halftone, under `make test-study`) as demo.frontier
+    did (the engine's own batched inversion, then each run measured as `tistudio eval` measures it with the demo judge)
     and check: the numbers are demo/logs' for that seed, so the README's table over seeds is what
     this code gives; and the learned word beats the plain prompt's reconstruction, as in the paper.
     The measurement runs in a process of its own, begun when the suite began
