@@ -47,10 +47,13 @@ def install(wheels: list[Path], target: Path) -> None:
     if subprocess.run(cmd).returncode != 0:
         raise SystemExit(f"bench/device.py: pip could not install the wheels in {wheels[0].parent} "
                          f"(command: {' '.join(cmd)})")
-    # Compiled once here on every core, not by each variant's child as it imports diffusers (~2 s
-    # of CPU each, every time, where PYTHONDONTWRITEBYTECODE is set).  A file that does not compile
-    # is skipped, as pip's own compile step skips it.
-    subprocess.run([sys.executable, "-m", "compileall", "-qq", "-j", "0", str(target)], stdout=subprocess.DEVNULL)
+    # Where Python may not write bytecode (PYTHONDONTWRITEBYTECODE), every variant's child would
+    # compile what it imports of diffusers again (~2 s of CPU each, every time): compiled once
+    # here, on every core.  Elsewhere the first child to import a module writes its .pyc, for the
+    # third of these files that are ever imported.  A file that does not compile is skipped, as
+    # pip's own compile step skips it.
+    if os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        subprocess.run([sys.executable, "-m", "compileall", "-qq", "-j", "0", str(target)], stdout=subprocess.DEVNULL)
 
 
 def found_version(name: str, path: list[str]) -> str | None:

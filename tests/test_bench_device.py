@@ -91,6 +91,20 @@ def test_the_device_python_lacks_what_the_wheels_carry(device_python, tmp_path):
     assert proc.returncode == 0
 
 
+def test_the_carried_wheels_are_compiled_ahead_only_where_python_writes_no_bytecode(built_wheels, tmp_path,
+                                                                                    monkeypatch):
+    (wheel,) = built_wheels.glob("tomli_w-*.whl")
+    for setting, compiled in (("1", True), (None, False)):
+        if setting:
+            monkeypatch.setenv("PYTHONDONTWRITEBYTECODE", setting)
+        else:
+            monkeypatch.delenv("PYTHONDONTWRITEBYTECODE", raising=False)
+        site = tmp_path / f"site-{setting}"
+        install([wheel], site)
+        assert (site / "tomli_w" / "_writer.py").is_file()
+        assert bool(list(site.rglob("*.pyc"))) is compiled, setting
+
+
 def test_device_script_end_to_end_on_cpu(built_wheels, device_python, tmp_path):
     """The runner's machinery, through bench/device.py from the wheels: the environment line, a
     variant measured, a failure contained (low-vram's, injected).  Each variant measured costs a
