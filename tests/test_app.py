@@ -274,3 +274,33 @@ def test_textual_css_is_parsed_once_per_process_and_per_theme():
     for _ in range(2):
         with pytest.raises(TokenError):
             rules("Label { color: ", "red")
+
+
+async def test_the_footer_is_rebuilt_only_when_its_keys_change(tmp_path):
+    """Tab through the Train form: the footer shows each widget's keys (a text field hides the
+    screen's letter keys), and is rebuilt when they change, not at every focus move."""
+    from textual.widgets._footer import FooterKey
+
+    from tistudio.widgets.footer import StudioFooter
+
+    app = offline_app(tmp_path / "home")
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        footer = await wait_for(pilot, lambda: app.screen.query(StudioFooter).first(), 5, "2 Train's footer")
+        await pilot.pause(0.3)
+        rebuilds, recompose = [], footer.recompose
+
+        async def counted():
+            rebuilds.append(app.focused)
+            await recompose()
+
+        footer.recompose = counted
+        shown, changes = [], 0
+        for _ in range(8):
+            await pilot.press("tab")
+            await pilot.pause(0.1)
+            keys = [key.key for key in footer.query(FooterKey)]
+            changes += bool(shown) and keys != shown[-1]
+            shown.append(keys)
+        assert any("s" in keys for keys in shown) and any("s" not in keys for keys in shown)
+        assert len(rebuilds) == changes < len(shown) - 1, (rebuilds, shown)

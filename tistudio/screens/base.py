@@ -8,10 +8,11 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Container
 from textual.screen import Screen
-from textual.widgets import Footer, Input
+from textual.widgets import Input
 
 from engine.errors import one_line
 from tistudio.messages import Changes, ImagesChanged, StudioChange
+from tistudio.widgets.footer import StudioFooter
 from tistudio.widgets.statusbar import NavBar, StatusBar
 
 REDRAW_SECONDS = 0.25  # at most four redraws a second, however fast events arrive
@@ -31,7 +32,7 @@ class StudioScreen(Screen):
         with Container(id="body"):
             yield from self.compose_body()
         yield StatusBar(id="status")
-        yield Footer()
+        yield StudioFooter()
 
     def compose_body(self) -> ComposeResult:  # pragma: no cover - overridden
         yield from ()
