@@ -304,3 +304,32 @@ async def test_the_footer_is_rebuilt_only_when_its_keys_change(tmp_path):
             shown.append(keys)
         assert any("s" in keys for keys in shown) and any("s" not in keys for keys in shown)
         assert len(rebuilds) == changes < len(shown) - 1, (rebuilds, shown)
+
+
+async def test_a_poll_that_brings_nothing_new_redraws_nothing(tmp_path):
+    """An idle engine answers every poll alike: the studio publishes no change for it and the
+    status bar keeps its line (each redraw of it lays the screen out again); news still shows."""
+    import copy
+
+    from tistudio.messages import EngineSnapshot, JobsChanged, StatusChanged
+    from tistudio.widgets.statusbar import StatusBar
+
+    gib = 1024 ** 3
+    status = {"device": {"device": "cuda:0", "vram_used_device": gib, "vram_total": 8 * gib}}
+    jobs = [{"id": "20260101-000000-ab12", "kind": "train", "concept": "sample", "status": "done"}]
+    app = offline_app(tmp_path / "home")
+    async with app.run_test(size=SIZE) as pilot:
+        app.post_message(EngineSnapshot(copy.deepcopy(status), copy.deepcopy(jobs)))
+        bar = app.screen.query_one(StatusBar)
+        await wait_for(pilot, lambda: "1.0 GiB / 8.0 GiB" in str(bar.render()), 5, "the first poll shown")
+        published, updates, update = [], [], bar.update
+        app.changed.subscribe(app.screen, published.append)
+        bar.update = lambda *a, **k: updates.append(a) or update(*a, **k)
+        for _ in range(3):  # the same answer, as new objects each time
+            app.post_message(EngineSnapshot(copy.deepcopy(status), copy.deepcopy(jobs)))
+            await pilot.pause(0.1)
+        assert not [c for c in published if isinstance(c, (StatusChanged, JobsChanged))] and not updates
+        status["device"]["vram_used_device"] = 2 * gib
+        app.post_message(EngineSnapshot(copy.deepcopy(status), copy.deepcopy(jobs)))
+        await wait_for(pilot, lambda: "2.0 GiB / 8.0 GiB" in str(bar.render()), 5, "the next figure")
+        assert [type(c) for c in published] == [StatusChanged] and len(updates) == 1

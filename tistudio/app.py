@@ -190,11 +190,14 @@ class StudioApp(ModelReading, App):
                     self.bridge.follow(run_id)
 
     def on_engine_snapshot(self, message: EngineSnapshot) -> None:
-        if message.status is not None:
+        # A poll that brings what the studio already shows publishes nothing: the screens would
+        # redraw the same tables at every poll of an idle engine.
+        if message.status is not None and message.status != self.state.status:
             self.state.status = message.status
             self.changed.publish(StatusChanged())
         if message.jobs is None:
             return
+        jobs_changed = message.jobs != self.state.jobs
         before = {j.get("id"): j.get("status") for j in self.state.jobs}
         self.state.jobs = message.jobs
         finished_kinds = set()
@@ -207,7 +210,8 @@ class StudioApp(ModelReading, App):
                 self._announce(job)  # it ended before a poll saw it queued
             if new == "running" or (job.get("id") in self.watched and new not in FINAL):
                 self.watch_run(job["id"])
-        self.changed.publish(JobsChanged())
+        if jobs_changed:
+            self.changed.publish(JobsChanged())
         if finished_kinds & {"train", "eval", "experiment"} or len(before) != len(message.jobs):
             self.changed.publish(LibraryChanged())
         if finished_kinds & {"eval", "experiment"}:

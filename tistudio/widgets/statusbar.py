@@ -54,15 +54,23 @@ class StatusBar(Static):
                 text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
+    _shown: Text | None = None
+
     def on_mount(self) -> None:
         signal = getattr(self.app, "changed", None)
         if signal is not None:
             signal.subscribe(self, self._on_changed)
-        self.update(self.describe())
+        self._show(self.describe())
 
     def _on_changed(self, change: StudioChange) -> None:
         if isinstance(change, (EngineChanged, StatusChanged, JobsChanged, RunChanged)):
-            self.update(self.describe())
+            self._show(self.describe())
+
+    def _show(self, text: Text) -> None:
+        # The same line again (most polls of an engine at work) would still lay the screen out anew.
+        if text != self._shown:
+            self._shown = text
+            self.update(text)
 
     def describe(self) -> Text:
         state = self.app.state
