@@ -317,8 +317,12 @@ async def test_a_poll_that_brings_nothing_new_redraws_nothing(tmp_path):
     gib = 1024 ** 3
     status = {"device": {"device": "cuda:0", "vram_used_device": gib, "vram_total": 8 * gib}}
     jobs = [{"id": "20260101-000000-ab12", "kind": "train", "concept": "sample", "status": "done"}]
-    app = offline_app(tmp_path / "home")
+    app = offline_app(tmp_path / "home", add_sample=False)
     async with app.run_test(size=SIZE) as pilot:
+        # the offline studio's own look at the disk first (a snapshot of no status), then ours
+        await wait_for(pilot, lambda: not any(w.name == "engine-offline" for w in app.workers if w.is_running), 5,
+                       "the studio's offline snapshot")
+        await pilot.pause(0.2)
         app.post_message(EngineSnapshot(copy.deepcopy(status), copy.deepcopy(jobs)))
         bar = app.screen.query_one(StatusBar)
         await wait_for(pilot, lambda: "1.0 GiB / 8.0 GiB" in str(bar.render()), 5, "the first poll shown")

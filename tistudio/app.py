@@ -29,6 +29,7 @@ from textual.signal import Signal
 from engine.errors import one_line
 from engine.store.paths import home_dir
 from engine.store.runs import FINAL
+from tistudio import css_cache
 from tistudio.config import DEFAULT_THEME, Config
 from tistudio.engine_bridge import EngineBridge
 from tistudio.library_service import LibraryService
@@ -59,6 +60,8 @@ from tistudio.screens.train import TrainScreen
 from tistudio.state import StudioState
 from tistudio.themes import load_themes, theme_dirs
 
+css_cache.install()  # each screen's first visit would parse every widget's CSS again
+
 
 class StudioApp(ModelReading, App):
     CSS_PATH = Path(__file__).parent / "studio.tcss"  # absolute: subclasses elsewhere find it too
@@ -87,9 +90,7 @@ class StudioApp(ModelReading, App):
         what evaluations use (None: the engine's defaults; tests: builtin:tiny, 2); `eval_params` go into every
         evaluation and experiment job as they are (e.g. {"sample_steps": 2}).  `theme` overrides the config's theme."""
         from engine.sd.models import resolve_spec
-        from tistudio import css_cache
 
-        css_cache.install()  # each screen's first visit reparses every widget's CSS otherwise
         super().__init__()
         self.home = home_dir(home)
         self.model = resolve_spec(model)
@@ -190,8 +191,7 @@ class StudioApp(ModelReading, App):
                     self.bridge.follow(run_id)
 
     def on_engine_snapshot(self, message: EngineSnapshot) -> None:
-        # A poll that brings what the studio already shows publishes nothing: the screens would
-        # redraw the same tables at every poll of an idle engine.
+        # A poll alike the last publishes nothing (an idle engine's screens would redraw each time).
         if message.status is not None and message.status != self.state.status:
             self.state.status = message.status
             self.changed.publish(StatusChanged())
