@@ -311,7 +311,7 @@ async def test_a_poll_that_brings_nothing_new_redraws_nothing(tmp_path):
     status bar keeps its line (each redraw of it lays the screen out again); news still shows."""
     import copy
 
-    from tistudio.messages import EngineSnapshot, JobsChanged, StatusChanged
+    from tistudio.messages import EngineSnapshot, EngineStateChanged, JobsChanged, StatusChanged
     from tistudio.widgets.statusbar import StatusBar
 
     gib = 1024 ** 3
@@ -337,3 +337,8 @@ async def test_a_poll_that_brings_nothing_new_redraws_nothing(tmp_path):
         app.post_message(EngineSnapshot(copy.deepcopy(status), copy.deepcopy(jobs)))
         await wait_for(pilot, lambda: "2.0 GiB / 8.0 GiB" in str(bar.render()), 5, "the next figure")
         assert [type(c) for c in published] == [StatusChanged] and len(updates) == 1
+        app.post_message(EngineStateChanged("online", "pid 1"))  # the engine's mark takes the theme's colour
+        await wait_for(pilot, lambda: "engine: online" in str(bar.render()), 5, "the engine online")
+        shown = len(updates)
+        app.theme = "tistudio-light"  # no poll brings news, yet the line takes the new theme's colours
+        await wait_for(pilot, lambda: len(updates) == shown + 1, 5, "the status bar in the new theme")

@@ -60,6 +60,7 @@ class StatusBar(Static):
         signal = getattr(self.app, "changed", None)
         if signal is not None:
             signal.subscribe(self, self._on_changed)
+        self.app.theme_changed_signal.subscribe(self, lambda _theme: self._show(self.describe()))  # its colours
         self._show(self.describe())
 
     def _on_changed(self, change: StudioChange) -> None:
