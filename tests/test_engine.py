@@ -8,16 +8,13 @@ that home is killed when the test ends, whatever happened.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +26,7 @@ from engine.store import runs as jobs
 from engine.store.runs import EventLog
 from engine.wire.client import EngineClient, EngineNotRunning, call
 from engine.worker.context import JobContext
-from helpers import TEST_HANDLERS, engine_pids
+from helpers import TEST_HANDLERS, engine_pids, scratch_engine_home
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,16 +37,12 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def home(monkeypatch):
-    path = Path(tempfile.mkdtemp(prefix="tis-"))
-    monkeypatch.setenv("TISTUDIO_HOME", str(path))
-    monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
-    monkeypatch.setenv("TISTUDIO_ENGINE_IDLE", "30")
-    monkeypatch.delenv("TISTUDIO_ENGINE_CANCEL_GRACE", raising=False)
-    yield path
-    for pid in engine_pids(path):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(path, ignore_errors=True)
+    with scratch_engine_home() as path:
+        monkeypatch.setenv("TISTUDIO_HOME", str(path))
+        monkeypatch.setenv("TISTUDIO_EXTRA_HANDLERS", TEST_HANDLERS)
+        monkeypatch.setenv("TISTUDIO_ENGINE_IDLE", "30")
+        monkeypatch.delenv("TISTUDIO_ENGINE_CANCEL_GRACE", raising=False)
+        yield path
 
 
 async def connect(home: Path) -> EngineClient:

@@ -11,10 +11,8 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -154,17 +152,13 @@ print("RAY" if "ray" in sys.modules else "NO-RAY")
 """
     import os
 
-    home = Path(tempfile.mkdtemp(prefix="tis-"))  # a short home: the engine's socket path must fit
-    env = {**os.environ, "TISTUDIO_HOME": str(home), "TISTUDIO_CONFIG_DIR": str(tmp_path / "config"),
-           "TISTUDIO_RAY_ADDRESS": "off", "TISTUDIO_DEVICES": "cpu", "TISTUDIO_ENGINE_IDLE": "30"}
-    try:
+    from helpers import scratch_engine_home
+
+    with scratch_engine_home() as home:  # a short home: the engine's socket path must fit
+        env = {**os.environ, "TISTUDIO_HOME": str(home), "TISTUDIO_CONFIG_DIR": str(tmp_path / "config"),
+               "TISTUDIO_RAY_ADDRESS": "off", "TISTUDIO_DEVICES": "cpu", "TISTUDIO_ENGINE_IDLE": "30"}
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
                               timeout=240)
-    finally:
-        from helpers import kill_engines
-
-        kill_engines(home)
-        shutil.rmtree(home, ignore_errors=True)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "NO-RAY"
 

@@ -25,7 +25,7 @@ import pytest
 
 from engine.store import runs as jobs
 from engine.wire.client import EngineClient, call
-from helpers import TEST_HANDLERS, kill_engines, make_images
+from helpers import TEST_HANDLERS, make_images, scratch_engine_home
 
 ray = pytest.importorskip("ray")
 
@@ -93,12 +93,10 @@ def ray_home(cluster):
     """The data directory of the module's engine on the cluster.  Its tests share that engine
     (they run in the same environment): it joins the cluster once, and the actors they find
     free are warm.  Stopped, and every engine process for it killed, when the module ends."""
-    path = Path(tempfile.mkdtemp(prefix="tis-"))  # short: the engine's socket lives in it
-    yield path
-    with contextlib.suppress(Exception):
-        call("stop", force=True, home=path, start=False)
-    kill_engines(path)
-    shutil.rmtree(path, ignore_errors=True)
+    with scratch_engine_home() as path:  # short: the engine's socket lives in it
+        yield path
+        with contextlib.suppress(Exception):
+            call("stop", force=True, home=path, start=False)
 
 
 @pytest.fixture

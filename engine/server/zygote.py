@@ -135,7 +135,7 @@ def identity(env: dict[str, str] | os._Environ = os.environ) -> dict:
     """What a forked worker inherits from its zygote rather than from its engine: the Python, the
     engine's code and the module path.  A zygote serves only engines with the same.  The folder
     above the engine package, which every engine's environment puts first on PYTHONPATH
-    (engine.wire.client.engine_environment), is the engine's code and is not counted twice: a
+    (engine.wire.client.EngineClient._spawn), is the engine's code and is not counted twice: a
     zygote started by hand, without it, serves those engines."""
     import engine
 
